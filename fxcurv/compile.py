@@ -1,0 +1,147 @@
+"""``fxcurv.compile``: the pipeline, top to bottom.
+
+trace (model + loss -> one graph) -> normalize -> checks -> backward (Jacobian-transpose nodes)
+-> quantity extraction -> output -> cleanup (dead code, detached parameters) -> GraphModule.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch import Tensor
+
+from . import quantities as q
+from .emit import Emitter
+from .errors import CompileError, node_error
+from .passes.backward import backward
+from .passes.cleanup import finalize
+from .passes.normalize import normalize
+from .passes.per_sample import FirstOrder
+from .rules import rule_for
+from .trace import Traced, trace
+
+
+def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (), *,
+            mc_samples: int = 1) -> fx.GraphModule:
+    """Compile ``loss_fn(model(x), y)`` into one step returning loss, gradient and quantities.
+
+    Args:
+        model: an fx-traceable ``nn.Module``. Its parameters are read live by the step (an
+            in-place ``optimizer.step()`` is seen by the next call); the model is never mutated.
+            Dropout and BatchNorm behave as in the mode (train/eval) the model has *now*.
+        loss_fn: a torch loss module (``CrossEntropyLoss``, ``MSELoss``, ``BCEWithLogitsLoss``,
+            ``NLLLoss``; reduction ``mean`` or ``sum``) or a callable ``(output, target)``
+            returning a scalar, written with supported ops.
+        quantities: BackPACK savefield names (``batch_grad``, ``batch_l2``, ...); see
+            ``fxcurv.QUANTITIES``. Empty: loss and gradient only.
+        mc_samples: number of Monte-Carlo samples for ``*_mc`` quantities and ``kfac``.
+
+    Returns:
+        a ``torch.fx.GraphModule`` ``step`` with ``step(x, y) -> (loss, grad, *quantities)``;
+        ``grad`` and each quantity are dicts keyed by ``model.named_parameters()`` names
+        (trainable parameters only). ``print(step.code)`` shows the generated code and
+        ``torch.jit.script(step)`` exports it.
+
+    Raises:
+        CompileError: naming the node, op, module and quantity, when something cannot be compiled.
+    """
+    if not isinstance(mc_samples, int) or mc_samples < 1:
+        raise CompileError(f"mc_samples must be a positive int, got {mc_samples!r}.")
+    requested = q.resolve(quantities)
+    traced = trace(model, loss_fn)
+    if not traced.params:
+        raise CompileError("the model has no trainable parameters (requires_grad=True) that the "
+                           "loss depends on; there is nothing to differentiate.")
+    normalize(traced.graph)
+    emit = Emitter(traced.graph)
+    x, y = traced.inputs
+    checked_x = _emit_input_check(emit, traced)
+    with emit.naming("loss", pass_="backward"):
+        seed = torch.ones_like(emit.proxy(traced.loss))
+    emit.rename(seed, "loss_cotangent")
+    cotangents = backward(emit, {traced.loss: seed}, traced.params.values())
+    _check_supported(traced, cotangents, requested)
+    grads = _gradients(emit, traced, cotangents)
+    with emit.naming("batch_size"):
+        batch_size = checked_x.size(0)
+    emit.rename(batch_size, "batch_size")
+    first_order = FirstOrder(emit, traced.params, cotangents, batch_size, grads)
+    results = [{name: getattr(first_order, quantity.name)(name) for name in traced.params}
+               for _, quantity in requested]
+    outputs = (emit.proxy(traced.loss), grads, *results)
+    return finalize(traced, emit, outputs, [name for name, _ in requested])
+
+
+def check_inputs(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
+    """Call-time check: floating inputs in the parameters' dtype; one target per sample."""
+    if x.is_floating_point() and x.dtype != dtype:
+        raise ValueError("fxcurv: the input x has dtype {} but the model's parameters are {}; "
+                         "convert it with x.to({})".format(x.dtype, dtype, dtype))
+    if x.dim() == 0:
+        raise ValueError("fxcurv: the input x must have a batch axis 0, got a scalar")
+    if y.dim() > 0 and y.size(0) != x.size(0):
+        raise ValueError("fxcurv: the target y has {} samples along axis 0 but the input x has "
+                         "{}".format(y.size(0), x.size(0)))
+    return x
+
+
+def _emit_input_check(emit: Emitter, traced: Traced) -> Any:
+    """Insert ``check_inputs(x, y, dtype)`` first; every reader of ``x`` reads the checked one."""
+    x, y = traced.inputs
+    dtype = next(iter(traced.attrs[name] for name in traced.params)).dtype
+    with emit.graph.inserting_after(y):
+        node = emit.graph.call_function(check_inputs, (x, y, dtype))
+    node._rename("x_checked")
+    x.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+    return emit.proxy(node)
+
+
+def _gradients(emit: Emitter, traced: Traced, cotangents: dict) -> dict[str, Any]:
+    """``grad[name]``: the parameter's cotangent (zeros if the loss does not depend on it)."""
+    grads = {}
+    for name, node in traced.params.items():
+        if node in cotangents:
+            grads[name] = cotangents[node]
+        else:
+            with emit.naming(node.name):
+                grads[name] = torch.zeros_like(emit.proxy(node))
+        emit.rename(grads[name], f"{node.name}_grad")
+    return grads
+
+
+def _check_supported(traced: Traced, cotangents: dict, requested: list) -> None:
+    """Compile-time errors for unsupported op arguments and, for per-sample quantities, ops
+    that mix samples inside the model (BatchNorm in train mode, reductions over axis 0)."""
+    model_nodes = _ancestors(traced.model_output)
+    per_sample = [name for name, quantity in requested if quantity.per_sample]
+    for node in cotangents:
+        rule = rule_for(node)
+        if rule is None:
+            continue
+        bound = rule.bind(node)
+        reason = rule.unsupported(bound) if rule.unsupported else None
+        if reason:
+            raise node_error(node, reason, "Change that argument or the op.",
+                             per_sample[0] if per_sample else "grad")
+        if per_sample and node in model_nodes and rule.mixes_samples:
+            reason = rule.mixes_samples(bound)
+            if reason:
+                raise node_error(node, f"{reason}, so per-sample quantities are undefined",
+                                 _MIXING_HINT, per_sample[0])
+
+
+_MIXING_HINT = ("Per-sample quantities need every sample to pass through the model on its own: "
+                "put BatchNorm layers in eval mode (model.eval()) before compiling, avoid "
+                "reductions over the batch axis in forward, or request only 'grad'.")
+
+
+def _ancestors(node: fx.Node) -> set[fx.Node]:
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current not in seen:
+            seen.add(current)
+            stack.extend(current.all_input_nodes)
+    return seen

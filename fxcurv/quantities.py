@@ -1,0 +1,64 @@
+"""Quantity names (BackPACK's savefields), aliases, and what each one needs."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import CompileError
+
+
+@dataclass(frozen=True)
+class Quantity:
+    name: str
+    family: str          # "first_order", "ggn", "hessian", "product"
+    per_sample: bool     # needs the sample axis kept apart (undefined for BatchNorm train)
+    implemented: bool
+    doc: str
+
+
+_ALL = [
+    Quantity("batch_grad", "first_order", True, True, "per-sample gradients [N, *p.shape]"),
+    Quantity("batch_l2", "first_order", True, True, "squared norms of per-sample gradients [N]"),
+    Quantity("sum_grad_squared", "first_order", True, True, "Σ_n g_n² (p.shape)"),
+    Quantity("variance", "first_order", True, True, "Σ_n g_n²/N - (Σ_n g_n/N)² (p.shape)"),
+    Quantity("diag_ggn_exact", "ggn", True, False, "diagonal of the GGN"),
+    Quantity("diag_ggn_mc", "ggn", True, False, "Monte-Carlo diagonal of the GGN"),
+    Quantity("diag_ggn_exact_batch", "ggn", True, False, "per-sample GGN diagonals"),
+    Quantity("diag_ggn_mc_batch", "ggn", True, False, "per-sample MC GGN diagonals"),
+    Quantity("sqrt_ggn_exact", "ggn", True, False, "square-root GGN factor [C, N, *p.shape]"),
+    Quantity("sqrt_ggn_mc", "ggn", True, False, "MC square-root GGN factor [M, N, *p.shape]"),
+    Quantity("kfac", "ggn", True, False, "Kronecker factors, MC"),
+    Quantity("kflr", "ggn", True, False, "Kronecker factors, exact"),
+    Quantity("kfra", "ggn", True, False, "Kronecker factors, recursive approximation"),
+    Quantity("diag_h", "hessian", True, False, "diagonal of the Hessian"),
+    Quantity("diag_h_batch", "hessian", True, False, "per-sample Hessian diagonals"),
+    Quantity("hmp", "product", False, False, "Hessian block-vector products"),
+    Quantity("ggnmp", "product", False, False, "GGN block-vector products"),
+    Quantity("pchmp_abs", "product", False, False, "positive-curvature Hessian products (abs)"),
+    Quantity("pchmp_clip", "product", False, False, "positive-curvature Hessian products (clip)"),
+]
+QUANTITIES: dict[str, Quantity] = {q.name: q for q in _ALL}
+ALIASES = {"grad_batch": "batch_grad"}
+
+
+def resolve(names) -> list[tuple[str, Quantity]]:
+    """Validate requested names; return ``(name as requested, Quantity)`` in request order."""
+    if isinstance(names, str):
+        raise CompileError(f"quantities must be a list of names, got the string {names!r}; "
+                           f"write [{names!r}].")
+    resolved, seen = [], set()
+    for name in names:
+        canonical = ALIASES.get(name, name)
+        if canonical not in QUANTITIES:
+            valid = ", ".join(sorted(list(QUANTITIES) + list(ALIASES)))
+            raise CompileError(f"unknown quantity {name!r}. Valid quantities: {valid}.")
+        if name in seen:
+            raise CompileError(f"quantity {name!r} is requested twice.")
+        seen.add(name)
+        quantity = QUANTITIES[canonical]
+        if not quantity.implemented:
+            done = ", ".join(q.name for q in _ALL if q.implemented)
+            raise CompileError(f"quantity {name!r} is not implemented in this version of "
+                               f"fxcurv yet (see the README's support table). "
+                               f"Implemented: {done}.")
+        resolved.append((name, quantity))
+    return resolved

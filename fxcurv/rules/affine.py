@@ -1,0 +1,68 @@
+"""Affine layers. ``linear``: ``y = x Wᵀ + b`` with ``x: [N, *, I]``, ``W: [O, I]``, ``y: [N, *, O]``.
+
+Jacobian-transposes: ``x̄ = g W``, ``W̄ = Σ_{n,*} g xᵀ``, ``b̄ = Σ_{n,*} g``. Per sample the sum
+runs over the extra axes ``*`` only (positions inside a sample, e.g. a sequence).
+"""
+from __future__ import annotations
+
+from typing import List
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .helpers import merge_middle
+from .registry import Ctx, register
+
+
+def linear_weight_batch_l2(g: Tensor, x: Tensor) -> Tensor:
+    """``‖Σ_t g_nt x_ntᵀ‖²`` per sample ``[N]`` without building ``[N, O, I]`` when cheaper.
+
+    2-D input: ``‖g_n‖² ‖x_n‖²``. With T positions: the Gram form
+    ``Σ_{t,s} (g_t·g_s)(x_t·x_s)`` when ``T(O + I) < O·I``, else the explicit per-sample grad.
+    """
+    gm = merge_middle(g, 1)
+    xm = merge_middle(x, 1)
+    positions, outs, ins = gm.size(1), gm.size(2), xm.size(2)
+    if positions == 1:
+        return gm.square().sum([1, 2]) * xm.square().sum([1, 2])
+    if positions * (outs + ins) < outs * ins:
+        gram_g = torch.matmul(gm, gm.transpose(1, 2))
+        gram_x = torch.matmul(xm, xm.transpose(1, 2))
+        return (gram_g * gram_x).sum([1, 2])
+    return torch.einsum("nto,nti->noi", gm, xm).square().sum([1, 2])
+
+
+def linear_weight_sum_grad_squared(g: Tensor, x: Tensor) -> Tensor:
+    """``Σ_n (Σ_t g_nt x_ntᵀ)²`` ``[O, I]``; for 2-D input ``(g²)ᵀ (x²)`` with no ``[N, O, I]``."""
+    gm = merge_middle(g, 1)
+    xm = merge_middle(x, 1)
+    if gm.size(1) == 1:
+        return torch.matmul(gm[:, 0].square().t(), xm[:, 0].square())
+    return torch.einsum("nto,nti->noi", gm, xm).square().sum(0)
+
+
+def _weight_vjp(g, c: Ctx):
+    gm = c.call(merge_middle, g, c.lead)
+    xm = c.call(merge_middle, c.args.input, 0)
+    return torch.matmul(gm.transpose(-1, -2), xm)
+
+
+def _weight_batch(g, c: Ctx):
+    gm = c.call(merge_middle, g, c.lead + 1)
+    xm = c.call(merge_middle, c.args.input, 1)
+    return torch.einsum("...nto,nti->...noi", gm, xm)
+
+
+register(
+    [F.linear], "linear", "input, weight, bias=None",
+    doc=__doc__,
+    vjp={"input": lambda g, c: torch.matmul(g, c.args.weight),
+         "weight": _weight_vjp,
+         "bias": lambda g, c: c.call(merge_middle, g, c.lead).sum(-2)},
+    batch_grad={"weight": _weight_batch,
+                "bias": lambda g, c: c.call(merge_middle, g, c.lead + 1).sum(-2)},
+    batch_l2={"weight": lambda g, c: c.call(linear_weight_batch_l2, g, c.args.input)},
+    sum_grad_squared={"weight": lambda g, c: c.call(linear_weight_sum_grad_squared, g,
+                                                    c.args.input)},
+)

@@ -1,0 +1,100 @@
+"""Arithmetic with broadcasting and reductions: add, sub, mul, div, neg, pow, sum, mean.
+
+For a broadcasting binary op ``y = a ∘ b`` the Jacobian-transpose of operand ``a`` is the
+elementwise factor ``∂y/∂a`` times ``g``, summed over the axes that broadcasting created
+(``sum_to_shape``). A Python-scalar operand has no cotangent.
+"""
+from __future__ import annotations
+
+import operator
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+from .helpers import expand_reduced, reduced_count, sum_to_batch, sum_to_shape
+from .registry import Ctx, register
+
+
+def _is_tensor(c: Ctx, name: str) -> bool:
+    return isinstance(c.bound[name], fx.Node)
+
+
+def unbroadcast(t: Any, c: Ctx, name: str) -> Any:
+    """Reduce ``t`` to the shape of operand ``name`` (a no-op when the other is a scalar)."""
+    other = "other" if name == "input" else "input"
+    if not _is_tensor(c, other):
+        return t
+    return c.call(sum_to_shape, t, c.lead, getattr(c.args, name).shape)
+
+
+def batch_unbroadcast(t: Any, c: Ctx, name: str) -> Any:
+    """Per-sample reduction of ``t`` to a parameter operand: ``[*lead, N, *operand.shape]``."""
+    return c.call(sum_to_batch, t, c.lead, getattr(c.args, name).shape)
+
+
+def _binary(targets: list, name: str, doc: str, d_input, d_other, params="input, other"):
+    """Register ``y = input ∘ other`` from its elementwise factors ``d_input(g, c)``, ..."""
+    register(
+        targets, name, params, doc=doc,
+        vjp={"input": lambda g, c: unbroadcast(d_input(g, c), c, "input"),
+             "other": lambda g, c: unbroadcast(d_other(g, c), c, "other")},
+        batch_grad={"input": lambda g, c: batch_unbroadcast(d_input(g, c), c, "input"),
+                    "other": lambda g, c: batch_unbroadcast(d_other(g, c), c, "other")})
+
+
+_binary([operator.add, torch.add, "add"], "add",
+        "y = a + α·b;  ∂y/∂a = 1, ∂y/∂b = α.",
+        lambda g, c: g, lambda g, c: g if c.args.alpha == 1 else g * c.args.alpha,
+        params="input, other, alpha=1")
+_binary([operator.sub, torch.sub, "sub"], "sub",
+        "y = a - α·b;  ∂y/∂a = 1, ∂y/∂b = -α.",
+        lambda g, c: g, lambda g, c: -g if c.args.alpha == 1 else g * (-c.args.alpha),
+        params="input, other, alpha=1")
+_binary([operator.mul, torch.mul, "mul"], "mul",
+        "y = a·b;  ∂y/∂a = b, ∂y/∂b = a.",
+        lambda g, c: g * c.args.other, lambda g, c: g * c.args.input)
+_binary([operator.truediv, torch.div, torch.true_divide, "div",
+         "true_divide"], "div",
+        "y = a / b;  ∂y/∂a = 1/b, ∂y/∂b = -y/b.",
+        lambda g, c: g / c.args.other, lambda g, c: -g * c.out / c.args.other,
+        params="input, other, rounding_mode=None")
+_binary([operator.pow, torch.pow, "pow"], "pow",
+        "y = aᵇ;  ∂y/∂a = b·a^(b-1), ∂y/∂b = y·log a.",
+        lambda g, c: g * (c.args.other * c.args.input ** (c.args.other - 1)),
+        lambda g, c: g * (c.out * torch.log(c.args.input)), params="input, other")
+
+register([operator.neg, torch.neg, "neg"], "neg", "input", doc="y = -x;  y' = -1.",
+         vjp={"input": lambda g, c: -g})
+
+
+def _dims(dim: Any) -> Optional[list]:
+    """``dim`` of sum/mean as a list (``None``: all axes)."""
+    if dim is None:
+        return None
+    return [dim] if isinstance(dim, int) else list(dim)
+
+
+def _reduces_samples(b: dict) -> Optional[str]:
+    dims = _dims(b["dim"])
+    if dims is None or len(dims) == 0 or 0 in dims:
+        return "it reduces over the sample axis 0"
+    return None
+
+
+def _sum_vjp(g, c: Ctx):
+    return c.call(expand_reduced, g, c.lead, c.args.input.shape, _dims(c.bound["dim"]),
+                  c.bound["keepdim"])
+
+
+def _mean_vjp(g, c: Ctx):
+    count = c.call(reduced_count, c.args.input.shape, _dims(c.bound["dim"]))
+    return _sum_vjp(g, c) / count
+
+
+register([torch.sum, "sum"], "sum", "input, dim=None, keepdim=False, dtype=None",
+         doc="y = Σ_dim x;  Jᵀg broadcasts g back over the summed axes.",
+         vjp={"input": _sum_vjp}, mixes_samples=_reduces_samples)
+register([torch.mean, "mean"], "mean", "input, dim=None, keepdim=False, dtype=None",
+         doc="y = mean_dim x;  Jᵀg broadcasts g/count back over the averaged axes.",
+         vjp={"input": _mean_vjp}, mixes_samples=_reduces_samples)

@@ -1,0 +1,92 @@
+"""Elementwise activations ``y = f(x)``: the Jacobian is ``diag(f'(x))``.
+
+Each rule multiplies the cotangent by ``f'``; broadcasting from the right makes the same code
+serve any number of leading vector axes. Factors are built with ``torch.where`` on ``g`` so a
+float64 cotangent never meets a float32 constant.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .registry import register
+
+SELU_ALPHA = 1.6732632423543772848170429916717
+SELU_SCALE = 1.0507009873554804934193349852946
+
+
+def gelu_derivative(x: Tensor, approximate: str) -> Tensor:
+    """``d/dx gelu``: exact ``Φ(x) + x φ(x)``; tanh form ``0.5(1+t) + 0.5x(1-t²)·k(1+3ax²)``."""
+    if approximate == "tanh":
+        k = math.sqrt(2.0 / math.pi)
+        inner = k * (x + 0.044715 * x * x * x)
+        t = torch.tanh(inner)
+        return 0.5 * (1.0 + t) + 0.5 * x * (1.0 - t * t) * k * (1.0 + 3.0 * 0.044715 * x * x)
+    cdf = 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+    pdf = torch.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+    return cdf + x * pdf
+
+
+register([F.relu, torch.relu, "relu"], "relu", "input, inplace=False",
+         doc="y = max(x, 0);  y' = [x > 0];  y'' = 0.",
+         vjp={"input": lambda g, c: g * (c.out > 0)})
+
+register([torch.sigmoid, F.sigmoid, "sigmoid"], "sigmoid", "input",
+         doc="y = σ(x);  y' = y(1 - y);  y'' = y'(1 - 2y).",
+         vjp={"input": lambda g, c: g * (c.out * (1 - c.out))})
+
+register([torch.tanh, F.tanh, "tanh"], "tanh", "input",
+         doc="y = tanh x;  y' = 1 - y²;  y'' = -2y(1 - y²).",
+         vjp={"input": lambda g, c: g * (1 - c.out * c.out)})
+
+register([F.leaky_relu, "leaky_relu"], "leaky_relu", "input, negative_slope=0.01, inplace=False",
+         doc="y = x if x > 0 else a·x;  y' = 1 or a;  y'' = 0.",
+         vjp={"input": lambda g, c: torch.where(c.args.input > 0, g, g * c.args.negative_slope)})
+
+register([F.elu, "elu"], "elu", "input, alpha=1.0, inplace=False",
+         doc="y = x if x > 0 else α(eˣ - 1);  y' = 1 or y + α;  y'' = 0 or y + α.",
+         vjp={"input": lambda g, c: torch.where(c.args.input > 0, g, g * (c.out + c.args.alpha))})
+
+register([F.selu, torch.selu, "selu"], "selu", "input, inplace=False",
+         doc="y = s·x if x > 0 else s·α(eˣ - 1);  y' = s or y + s·α.",
+         vjp={"input": lambda g, c: torch.where(c.args.input > 0, g * SELU_SCALE,
+                                                   g * (c.out + SELU_SCALE * SELU_ALPHA))})
+
+register([F.logsigmoid], "log_sigmoid", "input",
+         doc="y = log σ(x);  y' = σ(-x);  y'' = -σ(x)σ(-x).",
+         vjp={"input": lambda g, c: g * torch.sigmoid(-c.args.input)})
+
+register([F.gelu, "gelu"], "gelu", "input, approximate='none'",
+         doc="y = x Φ(x);  y' = Φ(x) + x φ(x) (or the tanh approximation's derivative).",
+         vjp={"input": lambda g, c: g * c.call(gelu_derivative, c.args.input,
+                                                 c.args.approximate)})
+
+register([F.silu, "silu"], "silu", "input, inplace=False",
+         doc="y = x σ(x);  y' = σ(x)(1 + x(1 - σ(x))).",
+         vjp={"input": lambda g, c: g * _silu_derivative(c.args.input)})
+
+
+def _silu_derivative(x):
+    s = torch.sigmoid(x)
+    return s * (1 + x * (1 - s))
+
+
+register([F.softplus, "softplus"], "softplus", "input, beta=1.0, threshold=20.0",
+         doc="y = log(1 + e^{βx})/β (linear above threshold);  y' = σ(βx) or 1.",
+         vjp={"input": lambda g, c: torch.where(c.args.input * c.args.beta > c.args.threshold,
+                                                   g, g * torch.sigmoid(c.args.input * c.args.beta))})
+
+register([torch.exp, "exp"], "exp", "input",
+         doc="y = eˣ;  y' = y.", vjp={"input": lambda g, c: g * c.out})
+
+register([torch.log, "log"], "log", "input",
+         doc="y = log x;  y' = 1/x.", vjp={"input": lambda g, c: g / c.args.input})
+
+register([torch.sqrt, "sqrt"], "sqrt", "input",
+         doc="y = √x;  y' = 1/(2y).", vjp={"input": lambda g, c: g / (2 * c.out)})
+
+register([torch.square, "square"], "square", "input",
+         doc="y = x²;  y' = 2x.", vjp={"input": lambda g, c: g * (2 * c.args.input)})

@@ -1,0 +1,107 @@
+"""Small TorchScript-compatible helpers that generated code calls for runtime shape logic.
+
+Every function here is type-annotated and scriptable; rules emit calls to them with
+:meth:`fxcurv.rules.registry.Ctx.call`. ``lead`` is always the number of leading vector axes
+of the cotangent (a compile-time constant passed as an int).
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+from torch import Tensor
+
+
+def sum_to_shape(t: Tensor, lead: int, shape: List[int]) -> Tensor:
+    """Undo broadcasting: reduce ``t`` of shape ``[*lead, *broadcast]`` to ``[*lead, *shape]``."""
+    extra = t.dim() - lead - len(shape)
+    if extra > 0:
+        t = t.sum(list(range(lead, lead + extra)))
+    dims: List[int] = []
+    for i, size in enumerate(shape):
+        if size == 1 and t.size(lead + i) != 1:
+            dims.append(lead + i)
+    if len(dims) > 0:
+        t = t.sum(dims, keepdim=True)
+    return t
+
+
+def sum_to_batch(t: Tensor, lead: int, shape: List[int]) -> Tensor:
+    """Per-sample undo of broadcasting: ``[*lead, N, *broadcast]`` -> ``[*lead, N, *shape]``.
+
+    The operand of ``shape`` has no sample axis; sample ``n`` is axis ``lead`` of ``t``.
+    """
+    return sum_to_shape(t, lead + 1, shape)
+
+
+def merge_middle(t: Tensor, start: int) -> Tensor:
+    """``[*t.shape[:start], a, b, ..., c]`` -> ``[*t.shape[:start], a*b*..., c]``."""
+    head: List[int] = list(t.shape[:start])
+    return t.reshape(head + [-1, t.size(-1)])
+
+
+def reshape_lead(t: Tensor, lead: int, shape: List[int]) -> Tensor:
+    """Keep the first ``lead`` axes of ``t`` and reshape the rest to ``shape``."""
+    head: List[int] = list(t.shape[:lead])
+    return t.reshape(head + list(shape))
+
+
+def shift_dims(dims: List[int], lead: int, ndim: int) -> List[int]:
+    """Axis indices of an op's operand, moved behind ``lead`` leading axes."""
+    return [lead + (d % ndim) for d in dims]
+
+
+def dims_list(dim: Optional[List[int]], ndim: int) -> List[int]:
+    """The reduced axes of ``sum``/``mean`` (``None`` means all), non-negative and sorted."""
+    if dim is None or len(dim) == 0:
+        return list(range(ndim))
+    return sorted([d % ndim for d in dim])
+
+
+def expand_reduced(g: Tensor, lead: int, shape: List[int], dim: Optional[List[int]],
+                   keepdim: bool) -> Tensor:
+    """Jacobian-transpose of ``sum(x, dim, keepdim)``: broadcast ``g`` back to ``[*lead, *shape]``."""
+    ndim = len(shape)
+    if not keepdim:
+        for d in dims_list(dim, ndim):
+            g = g.unsqueeze(lead + d)
+    head: List[int] = list(g.shape[:lead])
+    return g.expand(head + list(shape))
+
+
+def reduced_count(shape: List[int], dim: Optional[List[int]]) -> int:
+    """Number of elements averaged by ``mean(x, dim)``."""
+    count = 1
+    for d in dims_list(dim, len(shape)):
+        count *= shape[d]
+    return count
+
+
+def permute_back(g: Tensor, lead: int, dims: List[int]) -> Tensor:
+    """Jacobian-transpose of ``permute(x, dims)``: apply the inverse permutation after ``lead``."""
+    ndim = len(dims)
+    inverse = [0] * ndim
+    for i, d in enumerate(dims):
+        inverse[d % ndim] = i
+    return g.permute(list(range(lead)) + [lead + i for i in inverse])
+
+
+def reverse_dims(g: Tensor, lead: int) -> Tensor:
+    """Jacobian-transpose of ``x.T`` (all axes reversed): reverse the axes after ``lead``."""
+    return g.permute(list(range(lead)) + list(range(g.dim() - 1, lead - 1, -1)))
+
+
+def split_back(g: Tensor, lead: int, dim: int, sizes: List[int]) -> List[Tensor]:
+    """Jacobian-transpose of ``cat(tensors, dim)``: split ``g`` into the pieces."""
+    axis = dim if dim < 0 else dim + lead
+    return list(torch.split(g, sizes, axis))
+
+
+def unpad(g: Tensor, pad: List[int]) -> Tensor:
+    """Jacobian-transpose of constant ``F.pad(x, pad)``: crop (or zero-pad for negative pads)."""
+    return torch.nn.functional.pad(g, [-p for p in pad])
+
+
+def movedim_last(t: Tensor, src: int) -> Tensor:
+    """Move axis ``src`` to the end."""
+    return t.movedim(src, -1)

@@ -1,0 +1,209 @@
+"""Losses and (log-)softmax. A loss ``L = reduce_n ℓ(f_n, y_n)`` has ``∂L/∂f`` computed by a
+helper (``*_grad``: the gradient of the reduced loss for ``mean``/``sum``, of each element for
+``none``), then scaled by the cotangent ``g`` of the loss value (shape ``[*lead]`` for a scalar
+loss, ``[*lead, *loss.shape]`` for ``reduction='none'``).
+
+Mean divisors follow PyTorch (and BackPACK): cross-entropy and NLL divide by the number of
+non-ignored positions ``N·d1·...`` (by the summed class weights when ``weight`` is given), MSE and
+BCE-with-logits by ``numel``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .registry import Ctx, register
+
+
+def scale_by_loss_cotangent(g: Tensor, grad: Tensor, lead: int, reduction: str,
+                            class_axis: bool) -> Tensor:
+    """``g ⊙ ∂L/∂f``: broadcast the loss cotangent ``g`` over the loss input's axes."""
+    if reduction == "none":
+        if class_axis:
+            g = g.unsqueeze(lead + 1)
+        return g * grad
+    for _ in range(grad.dim()):
+        g = g.unsqueeze(-1)
+    return g * grad
+
+
+def _class_weight(target: Tensor, weight: Optional[Tensor], like: Tensor) -> Tensor:
+    """``w[y]`` per position (ones without ``weight``), in ``like``'s dtype."""
+    if weight is None:
+        return torch.ones(target.shape, dtype=like.dtype, device=like.device)
+    return weight.to(like.dtype)[target]
+
+
+def cross_entropy_grad(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                       reduction: str, label_smoothing: float) -> Tensor:
+    """``∂L/∂x`` of ``F.cross_entropy`` for ``x: [N, C, d...]`` (class axis 1).
+
+    Class targets ``y``: ``w_y (softmax(x) - t)`` with ``t = (1-ε) onehot(y) + ε/C``, zero at
+    ignored positions; ``mean`` divides by ``Σ w_y`` over kept positions. Probability targets
+    ``t``: ``softmax(x) Σ_c w_c t_c - w ⊙ t``; ``mean`` divides by the number of positions.
+    """
+    classes = x.size(1)
+    p = torch.softmax(x, 1)
+    if target.is_floating_point():
+        t = target.to(x.dtype) * (1.0 - label_smoothing) + label_smoothing / classes
+        if weight is not None:
+            shape = [1, classes] + [1] * (x.dim() - 2)
+            t = t * weight.to(x.dtype).reshape(shape)
+        grad = p * t.sum(1, keepdim=True) - t
+        if reduction == "mean":
+            grad = grad / (x.numel() // classes)
+        return grad
+    keep = target != ignore_index
+    safe = torch.where(keep, target, torch.zeros_like(target))
+    onehot = F.one_hot(safe, classes).movedim(-1, 1).to(x.dtype)
+    t = onehot * (1.0 - label_smoothing) + label_smoothing / classes
+    w = _class_weight(safe, weight, x) * keep.to(x.dtype)
+    grad = (p - t) * w.unsqueeze(1)
+    if reduction == "mean":
+        grad = grad / w.sum()
+    return grad
+
+
+def nll_loss_grad(x: Tensor, target: Tensor, weight: Optional[Tensor], ignore_index: int,
+                  reduction: str) -> Tensor:
+    """``∂L/∂x`` of ``F.nll_loss``: ``-w_y onehot(y)``, ``mean`` divided by ``Σ w_y``."""
+    keep = target != ignore_index
+    safe = torch.where(keep, target, torch.zeros_like(target))
+    onehot = F.one_hot(safe, x.size(1)).movedim(-1, 1).to(x.dtype)
+    w = _class_weight(safe, weight, x) * keep.to(x.dtype)
+    grad = -onehot * w.unsqueeze(1)
+    if reduction == "mean":
+        grad = grad / w.sum()
+    return grad
+
+
+def mse_grad(x: Tensor, target: Tensor, reduction: str) -> Tensor:
+    """``∂L/∂x`` of ``F.mse_loss``: ``2(x - y)``, divided by ``numel`` for ``mean``."""
+    grad = 2.0 * (x - target)
+    if reduction == "mean":
+        grad = grad / x.numel()
+    return grad
+
+
+def bce_with_logits_grad(x: Tensor, target: Tensor, weight: Optional[Tensor],
+                         pos_weight: Optional[Tensor], reduction: str) -> Tensor:
+    """``∂L/∂x`` of ``F.binary_cross_entropy_with_logits``: ``σ(x)(1 - y + p·y) - p·y``
+    (``p`` = pos_weight, 1 by default) times ``weight``; ``mean`` divides by ``numel``."""
+    s = torch.sigmoid(x)
+    if pos_weight is None:
+        grad = s - target
+    else:
+        py = pos_weight * target
+        grad = s * (1.0 - target + py) - py
+    if weight is not None:
+        grad = grad * weight
+    if reduction == "mean":
+        grad = grad / x.numel()
+    return grad
+
+
+def check_same_shape(output: Tensor, target: Tensor, loss: str) -> Tensor:
+    """Raise a clear error when a regression target does not match the model output."""
+    if output.shape != target.shape:
+        raise ValueError("fxcurv: {}: target shape {} does not match the model output shape {}; "
+                         "broadcasting them would give a wrong loss".format(
+                             loss, list(target.shape), list(output.shape)))
+    return target
+
+
+register([check_same_shape], "check_same_shape", "output, target, loss",
+         doc="Call-time shape check; the identity on the target.",
+         vjp={"target": lambda g, c: g, "output": None})
+
+
+def _legacy_args(b: dict) -> Optional[str]:
+    if b.get("size_average") is not None or b.get("reduce") is not None:
+        return "the deprecated 'size_average'/'reduce' arguments are not supported"
+    if b.get("reduction") not in ("mean", "sum", "none"):
+        return f"reduction {b.get('reduction')!r} is unknown"
+    return None
+
+
+def _loss_vjp(grad_fn, *names, class_axis=True):
+    """Input cotangent ``g ⊙ grad_fn(input, target, *consts)``."""
+    def vjp(g, c: Ctx):
+        consts = [c.bound[name] if name not in ("weight", "pos_weight")
+                  else getattr(c.args, name) for name in names]
+        grad = c.call(grad_fn, c.args.input, c.args.target, *consts)
+        return c.call(scale_by_loss_cotangent, g, grad, c.lead, c.bound["reduction"], class_axis)
+    return vjp
+
+
+register([F.cross_entropy], "cross_entropy",
+         "input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, "
+         "reduction='mean', label_smoothing=0.0",
+         doc="ℓ = -log softmax(f)_y;  ∂ℓ/∂f = softmax(f) - onehot(y).",
+         vjp={"input": _loss_vjp(cross_entropy_grad, "weight", "ignore_index", "reduction",
+                                 "label_smoothing", class_axis=True)},
+         unsupported=_legacy_args)
+register([F.nll_loss], "nll_loss",
+         "input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, "
+         "reduction='mean'",
+         doc="ℓ = -f_y;  ∂ℓ/∂f = -onehot(y).",
+         vjp={"input": _loss_vjp(nll_loss_grad, "weight", "ignore_index", "reduction",
+                                 class_axis=True)},
+         unsupported=_legacy_args)
+
+
+def _target_vjp(sign_grad):
+    def vjp(g, c: Ctx):
+        return -_loss_vjp(sign_grad, "reduction", class_axis=False)(g, c)
+    return vjp
+
+
+register([F.mse_loss], "mse_loss",
+         "input, target, size_average=None, reduce=None, reduction='mean', weight=None",
+         doc="ℓ = (f - y)²;  ∂ℓ/∂f = 2(f - y) = -∂ℓ/∂y.",
+         vjp={"input": _loss_vjp(mse_grad, "reduction", class_axis=False),
+              "target": _target_vjp(mse_grad)},
+         unsupported=lambda b: _legacy_args(b) or (
+             "the 'weight' argument of mse_loss is not supported" if b["weight"] is not None
+             else None),
+         check_target=lambda c: c.call(check_same_shape, c.args.input, c.args.target,
+                                       "mse_loss"))
+register([F.binary_cross_entropy_with_logits], "binary_cross_entropy_with_logits",
+         "input, target, weight=None, size_average=None, reduce=None, reduction='mean', "
+         "pos_weight=None",
+         doc="ℓ = -[y log σ(f) + (1 - y) log(1 - σ(f))];  ∂ℓ/∂f = σ(f) - y.",
+         vjp={"input": _loss_vjp(bce_with_logits_grad, "weight", "pos_weight", "reduction",
+                                 class_axis=False)},
+         unsupported=_legacy_args,
+         check_target=lambda c: c.call(check_same_shape, c.args.input, c.args.target,
+                                       "binary_cross_entropy_with_logits"))
+
+
+def _softmax_dim(b: dict) -> Optional[str]:
+    if b["dim"] is None:
+        return "softmax needs an explicit 'dim'"
+    return None
+
+
+def _shift(dim: int, lead: int) -> int:
+    return dim + lead if dim >= 0 else dim
+
+
+def _log_softmax_vjp(g, c: Ctx):
+    dim = _shift(c.bound["dim"], c.lead)
+    return g - torch.exp(c.out) * g.sum(dim, keepdim=True)
+
+
+def _softmax_vjp(g, c: Ctx):
+    dim = _shift(c.bound["dim"], c.lead)
+    return c.out * (g - (g * c.out).sum(dim, keepdim=True))
+
+
+for _name, _vjp, _doc in [
+        ("log_softmax", _log_softmax_vjp, "y = x - logsumexp(x);  Jᵀg = g - softmax(x) Σ g."),
+        ("softmax", _softmax_vjp, "y = softmax(x);  Jᵀg = y ⊙ (g - Σ y ⊙ g).")]:
+    register([getattr(F, _name)], _name, "input, dim=None, _stacklevel=3, dtype=None",
+             doc=_doc, vjp={"input": _vjp}, unsupported=_softmax_dim)
+    register([getattr(torch, _name), _name], _name, "input, dim=None, dtype=None",
+             doc=_doc, vjp={"input": _vjp}, unsupported=_softmax_dim)

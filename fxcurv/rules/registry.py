@@ -1,0 +1,125 @@
+"""The op rule table: one :class:`OpRule` per functional op, the one place to add an op.
+
+A rule is keyed by every spelling of its op in a traced graph: the function (``F.relu``,
+``torch.relu``) and the tensor-method name (``"relu"``). Rule functions take the cotangent
+``g`` and a :class:`Ctx` and return emitted Proxies:
+
+* ``vjp[arg](g, c)``: the Jacobian-transpose product ``J_argᵀ g`` for a differentiable argument
+  (``None``: the output does not depend on that argument; an argument missing from ``vjp``
+  that depends on the parameters is an error).
+  ``g`` has ``c.lead`` leading "vector" axes before the op's output shape (0 for a gradient,
+  1 for a sqrt-GGN factor ``[C, N, ...]`` or MC samples ``[M, N, ...]``); the result has the
+  same leading axes before the argument's shape.
+* ``batch_grad[arg](g, c)``: for a parameter argument, the per-sample cotangent
+  ``[*lead, N, *arg.shape]``, where sample ``n`` is axis 0 of the op's data input.
+* ``batch_l2[arg]`` / ``sum_grad_squared[arg]``: optional cheaper formulas for
+  ``‖batch_grad[n]‖²`` ``[N]`` and ``Σ_n batch_grad[n]²`` ``arg.shape`` (gradient only, lead 0).
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Union
+
+import torch.fx as fx
+
+from ..emit import Emitter
+
+RuleFn = Callable[[Any, "Ctx"], Any]
+
+
+@dataclass
+class OpRule:
+    """Everything fxcurv knows about one op. Fields left empty mean "not supported"."""
+
+    name: str
+    signature: inspect.Signature
+    vjp: dict[str, RuleFn] = field(default_factory=dict)
+    batch_grad: dict[str, RuleFn] = field(default_factory=dict)
+    batch_l2: dict[str, RuleFn] = field(default_factory=dict)
+    sum_grad_squared: dict[str, RuleFn] = field(default_factory=dict)
+    # the output does not depend differentiably on any input (sizes, masks, fills); a
+    # predicate of the bound arguments when that depends on them (``getattr(x, "shape")``)
+    constant: Union[bool, Callable[[dict], bool]] = False
+    # reason why this call mixes samples (per-sample quantities undefined), or None
+    mixes_samples: Optional[Callable[[dict], Optional[str]]] = None
+    # reason why this call's constant arguments are unsupported, or None
+    unsupported: Optional[Callable[[dict], Optional[str]]] = None
+    # decomposition: emits the op's forward from other ops (applied by the normalize pass)
+    lower: Optional[Callable[["Ctx"], Any]] = None
+    # call-time validation: emits a check of the inputs and returns the checked ``target``
+    # (applied by the normalize pass, e.g. a regression target's shape)
+    check_target: Optional[Callable[["Ctx"], Any]] = None
+    doc: str = ""
+
+    def is_constant(self, node: fx.Node) -> bool:
+        """True if this call's output has no derivative with respect to any input."""
+        return self.constant(self.bind(node)) if callable(self.constant) else self.constant
+
+    def bind(self, node: fx.Node) -> dict[str, Any]:
+        """Map the node's args and kwargs to this op's parameter names, defaults filled."""
+        try:
+            bound = self.signature.bind(*node.args, **node.kwargs)
+        except TypeError as err:
+            raise TypeError(f"cannot match the arguments of {node.format_node()} to "
+                            f"{self.name}{self.signature}: {err}") from None
+        bound.apply_defaults()
+        return dict(bound.arguments)
+
+
+RULES: dict[Any, OpRule] = {}
+
+
+def signature(params: str) -> inspect.Signature:
+    """``signature("input, weight, bias=None")`` -> an :class:`inspect.Signature`."""
+    return inspect.signature(eval(f"lambda {params}: None"))  # noqa: S307 (trusted literals)
+
+
+def register(targets: list, name: str, params: str, **fields: Any) -> OpRule:
+    """Register one rule under every spelling in ``targets`` (functions or method names)."""
+    rule = OpRule(name=name, signature=signature(params), **fields)
+    for target in targets:
+        if target in RULES:
+            raise KeyError(f"a rule for {target!r} is registered twice")
+        RULES[target] = rule
+    return rule
+
+
+def rule_for(node: fx.Node) -> Optional[OpRule]:
+    """The rule of a ``call_function`` / ``call_method`` node, or None."""
+    if node.op in ("call_function", "call_method"):
+        try:
+            return RULES.get(node.target)
+        except TypeError:  # unhashable target
+            return None
+    return None
+
+
+class Args:
+    """Bound arguments of a node as attributes: Proxies for nodes, constants as they are."""
+
+    def __init__(self, bound: dict[str, Any], emit: Emitter):
+        for key, value in bound.items():
+            setattr(self, key, fx.node.map_arg(value, emit.proxy))
+
+
+@dataclass
+class Ctx:
+    """What a rule function sees: the forward node, its bound args and output as Proxies,
+    the number of leading vector axes, and the emitter (for helper calls)."""
+
+    node: fx.Node
+    bound: dict[str, Any]
+    args: Args
+    out: Any
+    lead: int
+    emit: Emitter
+
+    @classmethod
+    def of(cls, node: fx.Node, rule: OpRule, emit: Emitter, lead: int = 0) -> "Ctx":
+        bound = rule.bind(node)
+        return cls(node, bound, Args(bound, emit), emit.proxy(node), lead, emit)
+
+    def call(self, fn: Callable, *args: Any, **kwargs: Any) -> Any:
+        """Emit a call to a scriptable helper."""
+        return self.emit.call(fn, *args, **kwargs)

@@ -1,0 +1,154 @@
+"""Tracing: model + loss -> one ``torch.fx.Graph`` of functional ops.
+
+The tracer goes through every module (none is a leaf), so ``nn.Linear`` becomes ``F.linear``
+with its parameters as ``get_attr`` nodes, exactly as a model written with ``F.*`` would.
+Modules whose ``forward`` cannot be traced as it is (BatchNorm: Python control flow on the
+input and a buffer update) are lowered to their functional op by ``MODULE_LOWERINGS``.
+"""
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import CompileError
+
+MODEL, LOSS = "model", "loss_fn"
+
+
+def _batch_norm(m: nn.modules.batchnorm._BatchNorm, x):
+    """BatchNorm without the running-stat update: batch statistics in train mode (or without
+    running stats), running statistics in eval mode. The step never mutates the model."""
+    if m.training or not m.track_running_stats:
+        return F.batch_norm(x, None, None, m.weight, m.bias, True, 0.0, m.eps)
+    return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
+
+
+MODULE_LOWERINGS: dict[type, Callable] = {
+    nn.BatchNorm1d: _batch_norm, nn.BatchNorm2d: _batch_norm, nn.BatchNorm3d: _batch_norm,
+}
+
+
+class CurvatureTracer(fx.Tracer):
+    """Traces through every module, lowering the ones in ``MODULE_LOWERINGS``."""
+
+    def __init__(self):
+        super().__init__()
+        self.record_stack_traces = True
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return False
+
+    def call_module(self, m, forward, args, kwargs):
+        lowering = MODULE_LOWERINGS.get(type(m))
+        if lowering is not None:
+            forward = lambda *a, **k: lowering(m, *a, **k)  # noqa: E731
+        return super().call_module(m, forward, args, kwargs)
+
+
+class _ModelAndLoss(nn.Module):
+    """``(x, y) -> (loss_fn(model(x), y), model(x))``: the function that gets traced."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, x, y):
+        output = self.model(x)
+        return self.loss_fn(output, y), output
+
+
+@dataclass
+class Traced:
+    """The traced forward graph and what the passes need to know about it."""
+
+    graph: fx.Graph
+    attrs: dict[str, Any]          # get_attr target -> tensor (shared with the model)
+    params: dict[str, fx.Node]     # trainable parameter name -> its get_attr node
+    inputs: tuple[fx.Node, fx.Node]
+    model_output: fx.Node
+    loss: fx.Node
+
+
+def trace(model: nn.Module, loss_fn: Callable) -> Traced:
+    """Trace ``loss_fn(model(x), y)`` into one graph; parameter nodes named like the model's."""
+    if not isinstance(model, nn.Module):
+        raise CompileError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
+    if not callable(loss_fn):
+        raise CompileError("loss_fn must be a torch loss module or a callable "
+                           f"(output, target) -> scalar, got {type(loss_fn).__name__}.")
+    root = _ModelAndLoss(model, loss_fn)
+    try:
+        graph = CurvatureTracer().trace(root)
+    except Exception as err:  # noqa: BLE001 - re-raised with context
+        raise _trace_error(err) from err
+    loss, output = _split_output(graph)
+    attrs = _rename_attributes(graph, root)
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    params = {n.target: n for n in graph.nodes if n.op == "get_attr" and n.target in trainable}
+    params = {name: params[name] for name, _ in model.named_parameters() if name in params}
+    x, y = [n for n in graph.nodes if n.op == "placeholder"]
+    return Traced(graph, attrs, params, (x, y), output, loss)
+
+
+def _split_output(graph: fx.Graph) -> tuple[fx.Node, fx.Node]:
+    """Make the graph return the loss alone; give back the loss and model-output nodes."""
+    out_node = next(n for n in graph.nodes if n.op == "output")
+    loss, output = out_node.args[0]
+    for value, what in ((output, "the model's forward"), (loss, "loss_fn")):
+        if not isinstance(value, fx.Node):
+            raise CompileError(f"{what} must return a single tensor, got {value!r}.")
+    out_node.args = (loss,)
+    loss._rename("loss")
+    return loss, output
+
+
+def _rename_attributes(graph: fx.Graph, root: nn.Module) -> dict[str, Any]:
+    """``model.fc1.weight`` -> ``fc1.weight`` (the model's own parameter name)."""
+    attrs: dict[str, Any] = {}
+    prefix = MODEL + "."
+    for node in graph.nodes:
+        if node.op != "get_attr":
+            continue
+        value = _fetch(root, node.target)
+        if node.target.startswith(prefix):
+            node.target = node.target[len(prefix):]
+            node._rename(_readable(root.model, node.target))
+        attrs[node.target] = value
+    return attrs
+
+
+def _readable(model: nn.Module, target: str) -> str:
+    """``fc1.weight`` -> ``fc1_weight``; in a Sequential ``0.weight`` -> ``linear0_weight``."""
+    name = target.replace(".", "_")
+    if name[0].isdigit():
+        first = getattr(model, target.split(".")[0])
+        name = type(first).__name__.lower() + name
+    return name
+
+
+def _fetch(module: nn.Module, target: str) -> Any:
+    for atom in target.split("."):
+        module = getattr(module, atom)
+    return module
+
+
+def _trace_error(err: Exception) -> CompileError:
+    """Explain an fx tracing failure: where in the user's code, why, and what to change."""
+    frames = [f for f in traceback.extract_tb(err.__traceback__)
+              if "/torch/" not in f.filename and "/fxcurv/" not in f.filename]
+    where = f' at File "{frames[-1].filename}", line {frames[-1].lineno}: ' \
+            f"{frames[-1].line}" if frames else ""
+    hint = ("fx traces the forward symbolically, so Python control flow on tensor values "
+            "(if/while on a tensor, data-dependent shapes) cannot be traced. Make the branch "
+            "depend on constructor arguments, use torch.where, or move it out of forward.")
+    if not isinstance(err, fx.proxy.TraceError):
+        hint = "Check that model(x) and loss_fn(output, y) run on ordinary tensors."
+    return CompileError(f"torch.fx could not trace the model and loss{where}: "
+                        f"{type(err).__name__}: {err}. {hint}")

@@ -1,0 +1,34 @@
+"""Read-only analyses shared by the passes: which nodes depend on the parameters."""
+from __future__ import annotations
+
+from typing import Iterable
+
+import torch.fx as fx
+
+from fxcurv.rules import rule_for
+
+
+def differentiable_inputs(node: fx.Node) -> list[fx.Node]:
+    """Input nodes through which ``node`` can have a derivative (all of them without a rule)."""
+    rule = rule_for(node)
+    if rule is None:
+        return list(node.all_input_nodes)
+    if rule.is_constant(node):
+        return []
+    bound = rule.bind(node)
+    inputs: list[fx.Node] = []
+    for name, vjp in rule.vjp.items():
+        if vjp is not None:
+            fx.node.map_arg(bound.get(name), inputs.append)
+    return inputs
+
+
+def depends_on(graph: fx.Graph, sources: Iterable[fx.Node]) -> dict[fx.Node, None]:
+    """Nodes whose value depends differentiably on ``sources`` (an ordered set, graph order)."""
+    active = dict.fromkeys(sources)
+    for node in graph.nodes:
+        if node in active or node.op not in ("call_function", "call_method"):
+            continue
+        if any(arg in active for arg in differentiable_inputs(node)):
+            active[node] = None
+    return active

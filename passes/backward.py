@@ -1,0 +1,77 @@
+"""The explicit backward pass: Jacobian-transpose nodes from the rule table, in reverse order.
+
+Given seed cotangents (``∂L/∂L = 1`` at the loss for a gradient, a loss-Hessian square root at
+the model output for a sqrt-GGN factor), walk the forward nodes in reverse graph order and, for
+every node that has a cotangent, emit ``Jᵀ g`` for each argument that depends on a source
+(the parameters). Contributions to a value used several times (residual branches, a parameter
+used twice) are summed. Nothing is emitted for values that do not depend on a source, so there
+is no input cotangent and nothing below the first parameterised op.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Optional
+
+import torch.fx as fx
+
+from fxcurv.emit import Emitter
+from fxcurv.errors import node_error
+from fxcurv.rules import Ctx, rule_for
+
+from .analysis import depends_on
+
+
+def backward(emit: Emitter, seeds: dict[fx.Node, Any], sources: Iterable[fx.Node],
+             lead: int = 0, tag: str = "cotangent",
+             quantity: Optional[str] = None) -> dict[fx.Node, Any]:
+    """Emit the backward propagation of ``seeds``; return ``{node: cotangent proxy}``.
+
+    ``lead`` is the number of leading vector axes of the seeds; ``tag`` names the results
+    (``relu_1_cotangent``); ``quantity`` is named in errors.
+    """
+    sources = list(sources)
+    active = depends_on(emit.graph, sources)
+    cotangents: dict[fx.Node, Any] = dict(seeds)
+    for node in reversed(list(emit.graph.nodes)):
+        if node in cotangents and node.op in ("call_function", "call_method"):
+            with emit.naming(f"{node.name}_vjp", pass_="backward", node=node.name):
+                _propagate(node, cotangents, active, emit, lead, quantity)
+    for node, value in reversed(list(cotangents.items())):
+        if node not in seeds and node not in sources:
+            emit.rename(value, f"{node.name}_{tag}")
+    return cotangents
+
+
+def _propagate(node: fx.Node, cotangents: dict, active: dict, emit: Emitter, lead: int,
+               quantity: Optional[str]) -> None:
+    """Emit ``Jᵀ g`` of one node for each active argument and accumulate it."""
+    rule = rule_for(node)
+    if rule is None:
+        raise node_error(node, "this op has no rule in fxcurv's rule table",
+                         "Rewrite it with supported ops (see `python -m fxcurv.support` or the "
+                         "README's support table) or register a rule in fxcurv/rules/.",
+                         quantity or "grad")
+    ctx = Ctx.of(node, rule, emit, lead)
+    for name, value in ctx.bound.items():
+        inputs = value if isinstance(value, (list, tuple)) else [value]
+        wanted = [isinstance(arg, fx.Node) and arg in active for arg in inputs]
+        if not any(wanted) or (name in rule.vjp and rule.vjp[name] is None):
+            continue  # no dependence, or a rule that says "no contribution" (None)
+        vjp = rule.vjp.get(name)
+        if vjp is None:
+            raise node_error(node, f"{rule.name} has no Jacobian rule for its argument "
+                             f"'{name}', which depends on the parameters",
+                             "Make that argument a constant (e.g. .detach()) or add the rule.",
+                             quantity or "grad")
+        result = vjp(cotangents[node], ctx)
+        results = result if isinstance(value, (list, tuple)) else [result]
+        for arg, keep, contribution in zip(inputs, wanted, results):
+            if keep:
+                accumulate(cotangents, arg, contribution)
+
+
+def accumulate(cotangents: dict, node: fx.Node, contribution: Any) -> None:
+    """Add a cotangent contribution to ``node``'s running sum."""
+    if node in cotangents:
+        cotangents[node] = cotangents[node] + contribution
+    else:
+        cotangents[node] = contribution

@@ -1,0 +1,79 @@
+"""Normalisation: one canonical, functional spelling of every op before differentiation.
+
+* in-place ops (``x += y``, ``x.relu_()``, ``F.relu(x, inplace=True)``) become out-of-place,
+  and later readers of the overwritten value read the new node instead;
+* ops with a decomposition in the rule table (``rule.lower``, e.g. dropout -> mask multiply)
+  are replaced by it, so the backward reuses the forward's mask;
+* losses whose rule checks its target at call time (``rule.check_target``) get that check.
+"""
+from __future__ import annotations
+
+import operator
+
+import torch.fx as fx
+
+from fxcurv.emit import Emitter
+from fxcurv.rules import RULES, Ctx, rule_for
+
+OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub,
+                operator.imul: operator.mul, operator.itruediv: operator.truediv}
+
+
+def normalize(graph: fx.Graph) -> fx.Graph:
+    """Apply the normalisations above in graph order."""
+    for node in list(graph.nodes):
+        if _make_out_of_place(node):
+            _read_new_value(graph, node)
+    for node in list(graph.nodes):
+        rule = rule_for(node)
+        if rule is not None and rule.lower is not None:
+            _lower(graph, node, rule)
+        elif rule is not None and rule.check_target is not None:
+            _check_target(graph, node, rule)
+    graph.lint()
+    return graph
+
+
+def _make_out_of_place(node: fx.Node) -> bool:
+    """Rewrite an in-place node to its out-of-place op; True if it was in-place."""
+    if node.op == "call_function" and node.target in OUT_OF_PLACE:
+        node.target = OUT_OF_PLACE[node.target]
+        return True
+    if (node.op == "call_method" and node.target.endswith("_")
+            and not node.target.startswith("_") and node.target[:-1] in RULES):
+        node.target = node.target[:-1]
+        return True
+    if node.kwargs.get("inplace") is True:
+        node.kwargs = {**node.kwargs, "inplace": False}
+        return True
+    return False
+
+
+def _read_new_value(graph: fx.Graph, node: fx.Node) -> None:
+    """After ``node`` overwrote its first argument, later users read ``node`` instead."""
+    mutated = node.args[0] if node.args else None
+    if not isinstance(mutated, fx.Node):
+        return
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for user in list(mutated.users):
+        if user is not node and order[user] > order[node]:
+            user.replace_input_with(mutated, node)
+
+
+def _lower(graph: fx.Graph, node: fx.Node, rule) -> None:
+    """Replace ``node`` by the nodes its rule's decomposition emits."""
+    emit = Emitter(graph, before=node)
+    with emit.naming(node.name, pass_="normalize", node=node.name):
+        replacement = rule.lower(Ctx.of(node, rule, emit))
+    new = emit.as_node(replacement)
+    node.replace_all_uses_with(new)
+    graph.erase_node(node)
+
+
+def _check_target(graph: fx.Graph, node: fx.Node, rule) -> None:
+    """Insert the rule's call-time check of the target; the op then reads the checked value."""
+    emit = Emitter(graph, before=node)
+    with emit.naming(f"{node.name}_check", pass_="normalize", node=node.name):
+        checked = emit.as_node(rule.check_target(Ctx.of(node, rule, emit)))
+    target = rule.bind(node)["target"]
+    node.replace_input_with(target, checked)

@@ -1,0 +1,137 @@
+"""Rule cases: activations, arithmetic, reductions, shape ops, linear, losses, softmax."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from rule_harness import case
+
+g = torch.Generator().manual_seed(0)
+
+
+def rand(*shape, positive=False):
+    t = torch.randn(*shape, dtype=torch.float64, generator=g)
+    return t.abs() + 0.5 if positive else t
+
+
+def labels(high, *shape):
+    return torch.randint(0, high, shape, generator=g)
+
+
+ACTIVATIONS = [
+    case("relu", lambda x: F.relu(x), rand(3, 4)),
+    case("relu_method_inplace", lambda x: (x * 1).relu_(), rand(3, 4)),
+    case("torch_relu", lambda x: torch.relu(x), rand(3, 4)),
+    case("sigmoid", lambda x: torch.sigmoid(x), rand(3, 4)),
+    case("tanh", lambda x: x.tanh(), rand(3, 4)),
+    case("leaky_relu", lambda x: F.leaky_relu(x, 0.2), rand(3, 4)),
+    case("elu", lambda x: F.elu(x, alpha=0.7), rand(3, 4)),
+    case("selu", lambda x: F.selu(x), rand(3, 4)),
+    case("log_sigmoid", lambda x: F.logsigmoid(x), rand(3, 4)),
+    case("gelu", lambda x: F.gelu(x), rand(3, 4)),
+    case("gelu_tanh", lambda x: F.gelu(x, approximate="tanh"), rand(3, 4)),
+    case("silu", lambda x: F.silu(x), rand(3, 4)),
+    case("softplus", lambda x: F.softplus(x, beta=2.0, threshold=1.0), rand(3, 4)),
+    case("exp", lambda x: torch.exp(x), rand(3, 4)),
+    case("log", lambda x: torch.log(x), rand(3, 4, positive=True)),
+    case("sqrt", lambda x: x.sqrt(), rand(3, 4, positive=True)),
+    case("square", lambda x: x.square(), rand(3, 4)),
+]
+
+ARITHMETIC = [
+    case("add_broadcast", lambda x, y: x + y, rand(3, 4), rand(4)),
+    case("add_scalar", lambda x: 2.0 + x, rand(3, 4)),
+    case("iadd", lambda x, y: _iadd(x, y), rand(3, 4), rand(3, 1)),
+    case("torch_add_alpha", lambda x, y: torch.add(x, y, alpha=3), rand(3, 4), rand(1, 4)),
+    case("sub_broadcast", lambda x, y: x - y, rand(3, 4), rand(3, 1)),
+    case("rsub_scalar", lambda x: 1 - x, rand(3, 4)),
+    case("mul_broadcast", lambda x, y: x * y, rand(2, 3, 4), rand(3, 1)),
+    case("mul_self", lambda x: x * x, rand(3, 4)),
+    case("mul_scalar", lambda x: x * 3.0, rand(3, 4)),
+    case("div_broadcast", lambda x, y: x / y, rand(3, 4), rand(4, positive=True)),
+    case("rdiv_scalar", lambda x: 1.0 / x, rand(3, 4, positive=True)),
+    case("neg", lambda x: -x, rand(3, 4)),
+    case("pow_scalar", lambda x: x ** 3, rand(3, 4)),
+    case("pow_tensor", lambda x, y: x ** y, rand(3, 4, positive=True), rand(4)),
+    case("sum_all", lambda x: x.sum(), rand(3, 4)),
+    case("sum_dim", lambda x: torch.sum(x, 1), rand(3, 4, 2)),
+    case("sum_dims_keepdim", lambda x: x.sum((1, -1), keepdim=True), rand(3, 4, 2)),
+    case("mean_all", lambda x: x.mean(), rand(3, 4)),
+    case("mean_dim", lambda x: torch.mean(x, -1), rand(3, 4, 2)),
+    case("mul_param", lambda x, w: x * w, rand(3, 4, 2), rand(4, 1), params=("w",)),
+    case("add_param", lambda x, b: x + b, rand(3, 4), rand(4), params=("b",)),
+]
+
+
+def _iadd(x, y):
+    z = x * 1
+    z += y
+    return z
+
+
+SHAPES = [
+    case("flatten", lambda x: x.flatten(1), rand(3, 2, 4)),
+    case("torch_flatten", lambda x: torch.flatten(x, 1, 2), rand(3, 2, 4, 2)),
+    case("view", lambda x: x.view(x.size(0), -1), rand(3, 2, 4)),
+    case("view_tuple", lambda x: x.view((3, 8)), rand(3, 2, 4)),
+    case("reshape", lambda x: x.reshape(3, 4, 2), rand(3, 8)),
+    case("torch_reshape", lambda x: torch.reshape(x, (3, 4, 2)), rand(3, 8)),
+    case("squeeze", lambda x: x.squeeze(1), rand(3, 1, 4)),
+    case("unsqueeze", lambda x: torch.unsqueeze(x, 1), rand(3, 4)),
+    case("permute", lambda x: x.permute(0, 2, 1), rand(3, 2, 4)),
+    case("torch_permute", lambda x: torch.permute(x, (0, 2, 3, 1)), rand(3, 2, 4, 2)),
+    case("transpose", lambda x: x.transpose(1, 2), rand(3, 2, 4)),
+    case("transpose_negative", lambda x: torch.transpose(x, -1, -2), rand(3, 2, 4)),
+    case("t", lambda x: x.t(), rand(3, 4)),
+    case("contiguous", lambda x: x.transpose(1, 2).contiguous(), rand(3, 2, 4)),
+    case("matrix_T", lambda x: x.T, rand(3, 4)),
+    case("pad", lambda x: F.pad(x, (1, 2, 0, 1)), rand(3, 2, 4)),
+    case("cat", lambda x, y: torch.cat([x, y], dim=1), rand(3, 2), rand(3, 4)),
+    case("cat_negative_dim", lambda x, y: torch.cat((x, y, x), -1), rand(3, 2), rand(3, 4)),
+    case("detach", lambda x: x * x.detach(), rand(3, 4)),
+]
+
+LINEAR = [
+    case("linear", lambda x, w, b: F.linear(x, w, b), rand(4, 3), rand(2, 3), rand(2),
+         params=("w", "b")),
+    case("linear_no_bias", lambda x, w: F.linear(x, w), rand(4, 3), rand(2, 3), params=("w",)),
+    case("linear_sequence", lambda x, w, b: F.linear(x, w, b), rand(4, 5, 3), rand(2, 3),
+         rand(2), params=("w", "b")),
+]
+
+LOSSES = [
+    case("cross_entropy_mean", lambda x, y: F.cross_entropy(x, y), rand(5, 4), labels(4, 5)),
+    case("cross_entropy_sum", lambda x, y: F.cross_entropy(x, y, reduction="sum"),
+         rand(5, 4), labels(4, 5)),
+    case("cross_entropy_none", lambda x, y: F.cross_entropy(x, y, reduction="none"),
+         rand(5, 4), labels(4, 5)),
+    case("cross_entropy_spatial", lambda x, y: F.cross_entropy(x, y), rand(3, 4, 2, 2),
+         labels(4, 3, 2, 2)),
+    case("cross_entropy_ignore", lambda x, y: F.cross_entropy(x, y, ignore_index=1),
+         rand(6, 4), labels(4, 6)),
+    case("cross_entropy_weight_smoothing",
+         lambda x, y, w: F.cross_entropy(x, y, weight=w, reduction="sum"),
+         rand(5, 4), labels(4, 5), rand(4, positive=True), const=("w",)),
+    case("cross_entropy_label_smoothing",
+         lambda x, y: F.cross_entropy(x, y, label_smoothing=0.1), rand(5, 4), labels(4, 5)),
+    case("cross_entropy_probabilities", lambda x, t: F.cross_entropy(x, t),
+         rand(5, 4), torch.softmax(rand(5, 4), 1), const=("t",)),
+    case("nll_loss", lambda x, y: F.nll_loss(F.log_softmax(x, dim=1), y),
+         rand(5, 4), labels(4, 5)),
+    case("nll_loss_sum_weight", lambda x, y, w: F.nll_loss(x, y, weight=w, reduction="sum"),
+         rand(5, 4), labels(4, 5), rand(4, positive=True), const=("w",)),
+    case("mse_loss_mean", lambda x, y: F.mse_loss(x, y), rand(5, 3), rand(5, 3)),
+    case("mse_loss_sum", lambda x, y: F.mse_loss(x, y, reduction="sum"), rand(5, 3), rand(5, 3)),
+    case("bce_with_logits", lambda x, y: F.binary_cross_entropy_with_logits(x, y),
+         rand(5, 3), torch.rand(5, 3, dtype=torch.float64, generator=g), const=("y",)),
+    case("bce_with_logits_pos_weight",
+         lambda x, y, p: F.binary_cross_entropy_with_logits(x, y, pos_weight=p, reduction="sum"),
+         rand(5, 3), torch.rand(5, 3, dtype=torch.float64, generator=g), rand(3, positive=True),
+         const=("y", "p")),
+    case("log_softmax", lambda x: F.log_softmax(x, dim=1), rand(3, 4)),
+    case("log_softmax_method", lambda x: x.log_softmax(-1), rand(3, 4)),
+    case("softmax", lambda x: F.softmax(x, dim=-1), rand(3, 4)),
+    case("torch_softmax", lambda x: torch.softmax(x, 1), rand(3, 4, 2)),
+]
+
+CASES = ACTIVATIONS + ARITHMETIC + SHAPES + LINEAR + LOSSES

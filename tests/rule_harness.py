@@ -1,0 +1,132 @@
+"""Runs one op rule case through fxcurv's own passes, and computes the autograd reference.
+
+A :class:`Case` is a small function of tensors (``lambda x, w, b: F.linear(x, w, b)``) with
+float64 example inputs. The harness traces it with fxcurv's tracer, normalises it, seeds the
+output with a cotangent that has ``lead`` extra leading axes, runs the backward pass and the
+per-sample parameter rules, and returns the results next to ``torch.func`` references.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.fx as fx
+
+from fxcurv.emit import Emitter
+from fxcurv.passes.backward import backward
+from fxcurv.passes.normalize import normalize
+from fxcurv.rules import Ctx, rule_for
+from fxcurv.trace import CurvatureTracer
+
+
+@dataclass
+class Case:
+    """``fn(*inputs)``; ``params`` names the arguments that act as parameters (no sample
+    axis), the others are data with the sample axis 0."""
+
+    id: str
+    fn: Callable
+    inputs: tuple
+    params: tuple = ()
+    const: tuple = ()
+    names: list = field(init=False)
+
+    def __post_init__(self):
+        self.names = list(inspect.signature(self.fn).parameters)
+
+    def differentiable(self) -> list[str]:
+        return [n for n, t in zip(self.names, self.inputs)
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and n not in self.const]
+
+
+def case(case_id: str, fn: Callable, *inputs, params: tuple = (), const: tuple = ()) -> Case:
+    """A rule case; ``params``: inputs without a sample axis; ``const``: float inputs that are
+    not differentiated (targets, class weights)."""
+    return Case(case_id, fn, tuple(inputs), tuple(params), tuple(const))
+
+
+def build(c: Case, lead: int) -> tuple[fx.GraphModule, list, fx.Graph]:
+    """GraphModule ``(ct, *inputs) -> (vjps..., batch_grads...)`` and the rules it used."""
+    graph = CurvatureTracer().trace(c.fn)
+    normalize(graph)
+    placeholders = {n.target: n for n in graph.nodes if n.op == "placeholder"}
+    with graph.inserting_before(next(iter(graph.nodes))):
+        ct = graph.placeholder("ct")
+    out_node = next(n for n in graph.nodes if n.op == "output")
+    result = out_node.args[0]
+    emit = Emitter(graph)
+    sources = [placeholders[name] for name in c.differentiable()]
+    cts = backward(emit, {result: emit.proxy(ct)}, sources, lead=lead)
+    vjps = [cts.get(node) for node in sources]
+    batch = [_batch_grad(emit, placeholders[name], cts, lead) for name in c.params]
+    used = [rule_for(n) for n in cts if rule_for(n) is not None]
+    graph.erase_node(out_node)
+    graph.output(emit.as_node((vjps, batch)))
+    graph.lint()
+    graph._co_fields = {}  # a lambda's code name would hide the generated source from TorchScript
+    return fx.GraphModule(torch.nn.Module(), graph), used, graph
+
+
+def _batch_grad(emit: Emitter, param: fx.Node, cts: dict, lead: int):
+    total = None
+    for user in list(param.users):
+        if user not in cts:
+            continue
+        rule = rule_for(user)
+        for arg, value in rule.bind(user).items():
+            if value is param:
+                part = rule.batch_grad[arg](cts[user], Ctx.of(user, rule, emit, lead))
+                total = part if total is None else total + part
+    return total
+
+
+def cotangent(c: Case, lead: int, generator: torch.Generator) -> torch.Tensor:
+    out = c.fn(*c.inputs)
+    return torch.randn((2,) * lead + tuple(out.shape), dtype=out.dtype, generator=generator)
+
+
+def reference_vjps(c: Case, ct: torch.Tensor, lead: int) -> list[torch.Tensor]:
+    """``Jᵀ ct`` for every differentiable input by ``torch.func.vjp`` (vmapped over lead axes)."""
+    diff = c.differentiable()
+    index = [c.names.index(n) for n in diff]
+
+    def partial(*tensors):
+        args = list(c.inputs)
+        for i, t in zip(index, tensors):
+            args[i] = t
+        return c.fn(*args)
+
+    _, pullback = torch.func.vjp(partial, *[c.inputs[i] for i in index])
+    fn = pullback
+    for _ in range(lead):
+        fn = torch.func.vmap(fn)
+    return list(fn(ct))
+
+
+def reference_batch_grads(c: Case, ct: torch.Tensor, lead: int) -> list[torch.Tensor]:
+    """Per-sample parameter gradients of ``⟨ct, fn⟩``: sample ``n`` of every data input."""
+    data = [i for i, n in enumerate(c.names) if n not in c.params
+            and isinstance(c.inputs[i], torch.Tensor)]
+    samples = c.inputs[data[0]].shape[0]
+    results = []
+    for name in c.params:
+        index = c.names.index(name)
+        per_lead = []
+        for ct_lead in ct.reshape(-1, *ct.shape[lead:]):
+            per_sample = []
+            for n in range(samples):
+                args = list(c.inputs)
+                for i in data:
+                    args[i] = c.inputs[i][n:n + 1]
+                param = c.inputs[index].clone().requires_grad_(True)
+                args[index] = param
+                value = (c.fn(*args) * ct_lead[n:n + 1]).sum()
+                per_sample.append(torch.autograd.grad(value, param, allow_unused=True)[0]
+                                  if value.requires_grad else torch.zeros_like(param))
+            per_lead.append(torch.stack([p if p is not None else torch.zeros_like(param)
+                                         for p in per_sample]))
+        stacked = torch.stack(per_lead)
+        results.append(stacked.reshape(*ct.shape[:lead], *stacked.shape[1:]))
+    return results

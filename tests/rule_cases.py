@@ -1,4 +1,6 @@
 """Every rule case, by op family; ``test_rules.py`` runs them all."""
+from cases_conv import CASES as CONV
 from cases_core import CASES as CORE
+from cases_norm import CASES as NORM
 
-CASES = [*CORE]
+CASES = [*CORE, *CONV, *NORM]

@@ -1,0 +1,1 @@
+"""conv rules (filled in by the conv/pooling work)."""

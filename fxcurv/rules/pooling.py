@@ -1,0 +1,1 @@
+"""pooling rules (filled in by the conv/pooling work)."""

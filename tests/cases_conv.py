@@ -1,0 +1,2 @@
+"""Rule cases: conv family."""
+CASES = []

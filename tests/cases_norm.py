@@ -1,0 +1,2 @@
+"""Rule cases: norm family."""
+CASES = []

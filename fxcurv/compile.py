@@ -74,11 +74,22 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
     return finalize(traced, emit, outputs, [name for name, _ in requested])
 
 
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"torch.float32"`` (TorchScript prints dtypes as numbers)."""
+    names = {torch.float16: "float16", torch.bfloat16: "bfloat16", torch.float32: "float32",
+             torch.float64: "float64"}
+    for candidate, name in names.items():
+        if dtype == candidate:
+            return "torch." + name
+    return "a non-float type"
+
+
 def check_inputs(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
     """Call-time check: floating inputs in the parameters' dtype; one target per sample."""
     if x.is_floating_point() and x.dtype != dtype:
         raise ValueError("fxcurv: the input x has dtype {} but the model's parameters are {}; "
-                         "convert it with x.to({})".format(x.dtype, dtype, dtype))
+                         "convert it with x.to({})".format(dtype_name(x.dtype),
+                                                           dtype_name(dtype), dtype_name(dtype)))
     if x.dim() == 0:
         raise ValueError("fxcurv: the input x must have a batch axis 0, got a scalar")
     if y.dim() > 0 and y.size(0) != x.size(0):

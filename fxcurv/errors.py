@@ -1,6 +1,7 @@
 """Compile-time errors that say where (node, module, source line), what, and what to do."""
 from __future__ import annotations
 
+import os
 from typing import Optional
 
 import torch.fx as fx
@@ -24,27 +25,37 @@ def op_name(node: fx.Node) -> str:
 
 
 def module_path(node: fx.Node) -> Optional[str]:
-    """The qualified path and class of the innermost module the node was traced in."""
+    """The model's module the node was traced in: ``features.3 (ReLU)``."""
     stack = node.meta.get("nn_module_stack")
     if not stack:
         return None
     path, cls = list(stack.values())[-1]
     cls_name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
-    return f"{path or '<root>'} ({cls_name.rsplit('.', 1)[-1]})"
+    cls_name = cls_name.rsplit(".", 1)[-1]
+    for prefix in ("model.", "loss_fn."):
+        if path.startswith(prefix):
+            return f"{path[len(prefix):]} ({cls_name})"
+    if path in ("model", "loss_fn"):
+        return f"the {path}'s own forward ({cls_name})"
+    return f"{path} ({cls_name})"
+
+
+_LIBRARY_PATHS = (f"{os.sep}torch{os.sep}", f"{os.sep}fxcurv{os.sep}", f"{os.sep}passes{os.sep}")
 
 
 def source_line(node: fx.Node) -> Optional[str]:
-    """The last user-code frame of the node's recorded stack trace, one line."""
+    """The user's source line that created the node (the last frame outside torch/fxcurv)."""
     trace = node.stack_trace or node.meta.get("stack_trace")
     if not trace:
         return None
-    lines = [line.strip() for line in trace.strip().splitlines()]
-    frames = [i for i, line in enumerate(lines) if line.startswith("File ")]
-    if not frames:
-        return None
-    last = frames[-1]
-    code = lines[last + 1] if last + 1 < len(lines) else ""
-    return f"{lines[last]}: {code}".strip()
+    lines = trace.strip().splitlines()
+    user = None
+    for i, line in enumerate(lines):
+        text = line.strip()
+        if text.startswith("File ") and not any(p in text for p in _LIBRARY_PATHS):
+            code = lines[i + 1].strip() if i + 1 < len(lines) else ""
+            user = f"{text.split(', in ')[0]}: {code}"
+    return user
 
 
 def describe(node: fx.Node) -> str:

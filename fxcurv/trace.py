@@ -90,11 +90,26 @@ def trace(model: nn.Module, loss_fn: Callable) -> Traced:
         raise _trace_error(err) from err
     loss, output = _split_output(graph)
     attrs = _rename_attributes(graph, root)
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    params = {n.target: n for n in graph.nodes if n.op == "get_attr" and n.target in trainable}
-    params = {name: params[name] for name, _ in model.named_parameters() if name in params}
+    params = _parameter_nodes(graph, model, attrs)
     x, y = [n for n in graph.nodes if n.op == "placeholder"]
     return Traced(graph, attrs, params, (x, y), output, loss)
+
+
+def _parameter_nodes(graph: fx.Graph, model: nn.Module, attrs: dict) -> dict[str, fx.Node]:
+    """Trainable parameter name -> get_attr node, in ``named_parameters()`` order; parameters
+    the forward never reads get a node too (their gradient is zero)."""
+    found = {n.target: n for n in graph.nodes if n.op == "get_attr"}
+    params = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if name not in found:
+            with graph.inserting_before(next(n for n in graph.nodes if n.op != "placeholder")):
+                found[name] = graph.get_attr(name)
+            found[name]._rename(_readable(model, name))
+            attrs[name] = param
+        params[name] = found[name]
+    return params
 
 
 def _split_output(graph: fx.Graph) -> tuple[fx.Node, fx.Node]:

@@ -54,9 +54,10 @@ class FirstOrder:
     def _memoized(self, kind: str, name: str, build) -> Any:
         key = (kind, name)
         if key not in self._memo:
-            with self.emit.naming(f"{_snake(name)}_{kind}", pass_="per_sample", param=name):
+            label = f"{self.params[name].name}_{kind}"
+            with self.emit.naming(label, pass_="per_sample", param=name):
                 value = build()
-            self.emit.rename(value, f"{_snake(name)}_{kind}")
+            self.emit.rename(value, label)
             self._memo[key] = value
         return self._memo[key]
 
@@ -117,6 +118,3 @@ def _sum(parts: list) -> Any:
         total = total + part
     return total
 
-
-def _snake(name: str) -> str:
-    return name.replace(".", "_")

@@ -1,12 +1,244 @@
-"""Normalisation and regularisation layers: dropout (lowered to a mask multiply)."""
+"""Normalisation and regularisation layers: batch norm, layer norm, embedding, dropout.
+
+Normalisation ``y = γ ⊙ x̂ + β`` with ``x̂ = (x - μ) / σ``, ``σ = sqrt(var + eps)``:
+
+* ``batch_norm`` (``x: [N, C, *]``, ``γ, β: [C]``): statistics per channel (axis 1), from the
+  running buffers in eval mode (an affine map of ``x``), from the batch in train mode (over every
+  axis but 1, biased variance; every sample then depends on every other one).
+* ``layer_norm`` (``x: [*, *S]``, ``γ, β: S = normalized_shape``): statistics of each position
+  over the last ``len(S)`` axes.
+
+With statistics of ``x`` itself the input Jacobian-transpose is the projected form
+``x̄ = γ/σ ⊙ (g - mean(g) - x̂ ⊙ mean(g ⊙ x̂))`` (means over the normalised axes), with
+constant statistics simply ``x̄ = g ⊙ γ/σ``; always ``γ̄ = Σ g ⊙ x̂`` and ``β̄ = Σ g`` over
+every axis but the parameter's. Per sample, the sums keep the sample axis.
+"""
 from __future__ import annotations
+
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from .registry import Ctx, register
 
 
+# -- scriptable helpers (runtime shape logic) -----------------------------------------------
+def channel_view(t: Tensor, x: Tensor) -> Tensor:
+    """Per-channel ``[C]`` -> ``[C, 1, ..., 1]``, broadcastable against ``x: [N, C, *]``
+    (and against leading vector axes in front of it)."""
+    return t.reshape([-1] + [1] * (x.dim() - 2))
+
+
+def other_axes(ndim: int, keep: List[int]) -> List[int]:
+    """The axes of an ``ndim``-D tensor not in ``keep`` (negative indices count from the end)."""
+    kept = [k % ndim for k in keep]
+    return [d for d in range(ndim) if d not in kept]
+
+
+def sum_except(t: Tensor, keep: List[int]) -> Tensor:
+    """Sum ``t`` over every axis not in ``keep``; the kept axes remain, in order."""
+    dims = other_axes(t.dim(), keep)
+    return t.sum(dims) if len(dims) > 0 else t
+
+
+def mean_except(t: Tensor, keep: List[int]) -> Tensor:
+    """Mean of ``t`` over every axis not in ``keep``, reduced axes kept with size 1."""
+    dims = other_axes(t.dim(), keep)
+    return t.mean(dims, keepdim=True) if len(dims) > 0 else t
+
+
+def drop_padding(g: Tensor, indices: Tensor, num_rows: int,
+                 padding_idx: Optional[int]) -> Tensor:
+    """Zero the cotangent vectors at positions that look up ``padding_idx`` (negative: from
+    the end): PyTorch gives the padding row no gradient."""
+    if padding_idx is None:
+        return g
+    keep = indices != padding_idx % num_rows
+    return g * keep.unsqueeze(-1).to(g.dtype)
+
+
+def scatter_rows(g: Tensor, rows: Tensor, num_rows: int, lead: int) -> Tensor:
+    """``table[*l, r] = Σ_{i: rows_i = r} g[*l, i]`` for ``g: [*lead, *rows.shape, D]``;
+    returns ``[*lead, num_rows, D]``."""
+    head: List[int] = list(g.shape[:lead])
+    vectors = g.reshape(head + [-1, g.size(-1)])
+    table = torch.zeros(head + [num_rows, g.size(-1)], dtype=g.dtype, device=g.device)
+    return table.index_add(lead, rows.reshape(-1), vectors)
+
+
+def embedding_weight_vjp(g: Tensor, indices: Tensor, weight: Tensor, lead: int,
+                         padding_idx: Optional[int]) -> Tensor:
+    """``W̄[r] = Σ_{i: idx_i = r} g_i`` ``[*lead, V, D]``, zero at ``padding_idx``."""
+    g = drop_padding(g, indices, weight.size(0), padding_idx)
+    return scatter_rows(g, indices, weight.size(0), lead)
+
+
+def embedding_weight_batch_grad(g: Tensor, indices: Tensor, weight: Tensor, lead: int,
+                                padding_idx: Optional[int]) -> Tensor:
+    """Per sample ``W̄_n[r] = Σ_{t: idx_nt = r} g_nt`` ``[*lead, N, V, D]``: sample ``n``'s rows
+    go to rows ``n·V + idx`` of one ``[N·V, D]`` table."""
+    samples, rows = indices.size(0), weight.size(0)
+    g = drop_padding(g, indices, rows, padding_idx)
+    offset = torch.arange(samples, device=indices.device) * rows
+    own_rows = indices + offset.reshape([samples] + [1] * (indices.dim() - 1))
+    table = scatter_rows(g, own_rows, samples * rows, lead)
+    return table.reshape(list(g.shape[:lead]) + [samples, rows, weight.size(1)])
+
+
+# -- batch_norm ------------------------------------------------------------------------------
+BN_TRAIN_MIXES = "BatchNorm in train mode normalises with batch statistics, mixing samples"
+
+
+def _bn_keep(c: Ctx, sample: bool = False) -> list:
+    """Axes of ``g`` a per-channel sum keeps: the lead axes, the sample axis (per sample
+    only) and the channel axis."""
+    return list(range(c.lead)) + ([c.lead] if sample else []) + [c.lead + 1]
+
+
+def _bn_normalized(c: Ctx):
+    """``(x̂, 1/σ)`` with ``1/σ`` broadcastable to ``x``: running statistics in eval mode,
+    batch statistics (over every axis but 1, biased variance) in train mode."""
+    x = c.args.input
+    if c.bound["training"]:
+        mean = c.call(mean_except, x, [1])
+        var = c.call(mean_except, (x - mean).square(), [1])
+    else:
+        mean = c.call(channel_view, c.args.running_mean, x)
+        var = c.call(channel_view, c.args.running_var, x)
+    inv_std = torch.rsqrt(var + c.bound["eps"])
+    return (x - mean) * inv_std, inv_std
+
+
+def _bn_input_vjp(g, c: Ctx):
+    """Eval: ``x̄ = g γ/σ``. Train: ``x̄ = γ/σ (g - mean(g) - x̂ mean(g x̂))``, the means over
+    the sample and spatial axes of each vector in ``g``."""
+    x_hat, inv_std = _bn_normalized(c)
+    scale = inv_std
+    if c.bound["weight"] is not None:
+        scale = scale * c.call(channel_view, c.args.weight, c.args.input)
+    if not c.bound["training"]:
+        return g * scale
+    mean_g = c.call(mean_except, g, _bn_keep(c))
+    mean_g_x_hat = c.call(mean_except, g * x_hat, _bn_keep(c))
+    return scale * (g - mean_g - x_hat * mean_g_x_hat)
+
+
+def _bn_param_rule(per_sample: bool, times_x_hat: bool):
+    """``γ̄ = Σ g x̂`` (``times_x_hat``) or ``β̄ = Σ g``, summed over every axis but the
+    channel (and the sample axis when ``per_sample``: eval mode only)."""
+    def rule(g, c: Ctx):
+        if per_sample and c.bound["training"]:
+            raise ValueError(f"{BN_TRAIN_MIXES}: it has no per-sample parameter gradients")
+        values = g * _bn_normalized(c)[0] if times_x_hat else g
+        return c.call(sum_except, values, _bn_keep(c, sample=per_sample))
+    return rule
+
+
+def _bn_unsupported(b: dict) -> Optional[str]:
+    has_stats = b["running_mean"] is not None or b["running_var"] is not None
+    if b["training"] and has_stats:
+        return ("batch_norm with training=True and running statistics updates running_mean/"
+                "running_var in place, and the compiled step never mutates the model: pass "
+                "running_mean=None, running_var=None (BatchNorm modules are lowered so)")
+    if not b["training"] and (b["running_mean"] is None or b["running_var"] is None):
+        return "batch_norm with training=False needs running_mean and running_var"
+    return None
+
+
+register([F.batch_norm], "batch_norm",
+         "input, running_mean, running_var, weight=None, bias=None, training=False, "
+         "momentum=0.1, eps=1e-05",
+         doc="y = γ (x - μ)/σ + β per channel (axis 1), x: [N, C, *], γ, β: [C]. Eval: μ, σ² "
+             "running buffers, x̄ = g γ/σ. Train: batch statistics, x̄ = γ/σ (g - mean g - "
+             "x̂ mean(g x̂)). γ̄ = Σ g x̂, β̄ = Σ g over all axes but 1; per sample [N, C] "
+             "(eval only).",
+         vjp={"input": _bn_input_vjp, "running_mean": None, "running_var": None,
+              "weight": _bn_param_rule(False, True), "bias": _bn_param_rule(False, False)},
+         batch_grad={"weight": _bn_param_rule(True, True),
+                     "bias": _bn_param_rule(True, False)},
+         mixes_samples=lambda b: BN_TRAIN_MIXES if b["training"] else None,
+         unsupported=_bn_unsupported)
+
+
+# -- layer_norm ------------------------------------------------------------------------------
+def _ln_axes(c: Ctx) -> list:
+    """The normalised axes, counted from the end: ``[-len(S), ..., -1]``."""
+    return list(range(-len(c.bound["normalized_shape"]), 0))
+
+
+def _ln_keep(c: Ctx, sample: bool = False) -> list:
+    """Axes of ``g`` a parameter sum keeps: lead (and sample) axes and the normalised ones."""
+    return list(range(c.lead + int(sample))) + _ln_axes(c)
+
+
+def _ln_normalized(c: Ctx):
+    """``(x̂, 1/σ)``, statistics of each position over the normalised axes (biased variance)."""
+    axes = _ln_axes(c)
+    centered = c.args.input - c.args.input.mean(axes, keepdim=True)
+    inv_std = torch.rsqrt(centered.square().mean(axes, keepdim=True) + c.bound["eps"])
+    return centered * inv_std, inv_std
+
+
+def _ln_input_vjp(g, c: Ctx):
+    """``x̄ = 1/σ (ĝ - mean(ĝ) - x̂ mean(ĝ x̂))`` with ``ĝ = g γ``, means over normalised axes."""
+    x_hat, inv_std = _ln_normalized(c)
+    axes = _ln_axes(c)
+    g_hat = g if c.bound["weight"] is None else g * c.args.weight
+    return inv_std * (g_hat - g_hat.mean(axes, keepdim=True)
+                      - x_hat * (g_hat * x_hat).mean(axes, keepdim=True))
+
+
+def _ln_param_rule(per_sample: bool, times_x_hat: bool):
+    """``γ̄ = Σ g x̂`` (``times_x_hat``) or ``β̄ = Σ g`` over all positions (of each sample
+    when ``per_sample``)."""
+    def rule(g, c: Ctx):
+        values = g * _ln_normalized(c)[0] if times_x_hat else g
+        return c.call(sum_except, values, _ln_keep(c, sample=per_sample))
+    return rule
+
+
+register([F.layer_norm], "layer_norm", "input, normalized_shape, weight=None, bias=None, eps=1e-05",
+         doc="y = γ (x - μ)/σ + β over the last len(S) axes, x: [*, *S], γ, β: S. "
+             "x̄ = 1/σ (ĝ - mean ĝ - x̂ mean(ĝ x̂)) with ĝ = g γ; γ̄ = Σ g x̂, β̄ = Σ g over "
+             "the other axes; per sample [N, *S].",
+         vjp={"input": _ln_input_vjp,
+              "weight": _ln_param_rule(False, True), "bias": _ln_param_rule(False, False)},
+         batch_grad={"weight": _ln_param_rule(True, True),
+                     "bias": _ln_param_rule(True, False)})
+
+
+# -- embedding -------------------------------------------------------------------------------
+def _embedding_unsupported(b: dict) -> Optional[str]:
+    if b["max_norm"] is not None:
+        return ("embedding with max_norm renormalises rows of the weight in place in the "
+                "forward, and the compiled step never mutates the model: use max_norm=None "
+                "(renormalise the weight outside the step, e.g. after optimizer.step())")
+    if b["scale_grad_by_freq"]:
+        return ("embedding with scale_grad_by_freq=True scales gradients by in-batch index "
+                "counts, which is not a derivative: use scale_grad_by_freq=False")
+    if b["sparse"]:
+        return "embedding with sparse=True asks for sparse gradients: use sparse=False"
+    return None
+
+
+def _embedding_weight_rule(helper):
+    return lambda g, c: c.call(helper, g, c.args.input, c.args.weight, c.lead,
+                               c.bound["padding_idx"])
+
+
+register([F.embedding], "embedding",
+         "input, weight, padding_idx=None, max_norm=None, norm_type=2.0, "
+         "scale_grad_by_freq=False, sparse=False",
+         doc="y[i] = W[idx_i], idx: [N, *] integers, W: [V, D], y: [N, *, D]. "
+             "W̄[r] = Σ_{i: idx_i = r} g_i [V, D], zero at padding_idx; per sample [N, V, D].",
+         vjp={"input": None, "weight": _embedding_weight_rule(embedding_weight_vjp)},
+         batch_grad={"weight": _embedding_weight_rule(embedding_weight_batch_grad)},
+         unsupported=_embedding_unsupported)
+
+
+# -- dropout ---------------------------------------------------------------------------------
 def _lower_dropout(c: Ctx):
     """Train mode: ``y = x ⊙ m / (1 - p)`` with ``m ~ Bernoulli(1 - p)`` drawn once, so the
     backward multiplies by the same mask; eval mode (or p = 0): ``y = x``."""

@@ -1,0 +1,195 @@
+"""The compile contract: what the step is, returns and generates (DESIGN.md §1)."""
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxcurv
+
+FIRST_ORDER = ["batch_grad", "batch_l2", "sum_grad_squared", "variance"]
+
+
+def mlp() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3)).double()
+
+
+class FunctionalMLP(nn.Module):
+    """The same network as :func:`mlp`, written with ``F.*`` and raw parameters."""
+
+    def __init__(self, reference: nn.Sequential):
+        super().__init__()
+        self.w1 = nn.Parameter(reference[0].weight.detach().clone())
+        self.b1 = nn.Parameter(reference[0].bias.detach().clone())
+        self.w2 = nn.Parameter(reference[2].weight.detach().clone())
+        self.b2 = nn.Parameter(reference[2].bias.detach().clone())
+
+    def forward(self, x):
+        return F.linear(F.relu(F.linear(x, self.w1, self.b1)), self.w2, self.b2)
+
+
+def batch(n=6):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 5, dtype=torch.float64, generator=g), torch.randint(0, 3, (n,),
+                                                                              generator=g)
+
+
+def ops(step: fx.GraphModule) -> list:
+    return [(n.op, n.target) for n in step.graph.nodes if n.op in ("call_function",
+                                                                   "call_method")]
+
+
+def test_step_is_a_graph_module_returning_loss_grad_and_quantities_in_order():
+    model = mlp()
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["variance", "grad_batch"])
+    assert isinstance(step, fx.GraphModule)
+    loss, grad, variance, grad_batch = step(*batch())
+    names = [n for n, _ in model.named_parameters()]
+    assert loss.shape == () and list(grad) == names == list(variance) == list(grad_batch)
+    assert grad_batch["0.weight"].shape == (6, 4, 5) and variance["0.weight"].shape == (4, 5)
+
+
+def test_no_quantities_gives_loss_and_grad_only():
+    outputs = fxcurv.compile(mlp(), nn.CrossEntropyLoss())(*batch())
+    assert len(outputs) == 2
+
+
+def test_sequential_and_functional_models_compile_to_the_same_graph():
+    reference = mlp()
+    seq = fxcurv.compile(reference, nn.CrossEntropyLoss(), FIRST_ORDER)
+    fun = fxcurv.compile(FunctionalMLP(reference), nn.CrossEntropyLoss(), FIRST_ORDER)
+    assert [t for _, t in ops(seq) if t != "detach"] == [t for _, t in ops(fun) if t != "detach"]
+    for a, b in zip(seq(*batch()), fun(*batch())):
+        a = list(a.values()) if isinstance(a, dict) else [a]
+        b = list(b.values()) if isinstance(b, dict) else [b]
+        for u, v in zip(a, b):
+            torch.testing.assert_close(u, v, rtol=1e-12, atol=1e-14)
+
+
+def test_generated_code_has_readable_names():
+    code = fxcurv.compile(mlp(), nn.CrossEntropyLoss(), FIRST_ORDER).code
+    for name in ["linear0_weight", "relu_cotangent", "linear_1_cotangent", "linear0_weight_grad",
+                 "linear0_weight_batch_grad", "linear2_bias_variance", "batch_size"]:
+        assert name in code, name
+    assert "_tensor_constant" not in code
+
+
+def test_no_input_cotangent_and_nothing_below_the_first_parameterised_op():
+    class Preprocessed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(5, 3)
+
+        def forward(self, x):
+            return self.fc(torch.tanh(x * 2.0))
+
+    step = fxcurv.compile(Preprocessed().double(), nn.CrossEntropyLoss())
+    emitted = [n.name for n in step.graph.nodes if "fxcurv" in n.meta]
+    assert not any(name.startswith(("tanh", "mul", "x_")) and "vjp" in name for name in emitted)
+    assert "tanh_cotangent" not in step.code and "x_checked_cotangent" not in step.code
+
+
+def test_batch_l2_of_a_linear_layer_does_not_build_per_sample_gradients():
+    step = fxcurv.compile(mlp(), nn.CrossEntropyLoss(), ["batch_l2", "sum_grad_squared"])
+    names = [n.name for n in step.graph.nodes]
+    assert not any(name.endswith("weight_batch_grad") for name in names)
+    _, _, l2, sgs = step(*batch())
+    _, _, bg = fxcurv.compile(mlp(), nn.CrossEntropyLoss(), ["batch_grad"])(*batch())
+    for name in bg:
+        torch.testing.assert_close(l2[name], bg[name].flatten(1).square().sum(1), rtol=1e-10,
+                                   atol=1e-14)
+        torch.testing.assert_close(sgs[name], bg[name].square().sum(0), rtol=1e-10, atol=1e-14)
+
+
+def test_common_subexpressions_are_shared():
+    step = fxcurv.compile(mlp(), nn.CrossEntropyLoss(), FIRST_ORDER)
+    keys = [(n.op, n.target, str(n.args), str(n.kwargs)) for n in step.graph.nodes
+            if n.op in ("call_function", "call_method") and n.target != torch.bernoulli]
+    assert len(keys) == len(set(keys))
+
+
+def test_in_place_ops_are_made_functional():
+    class InPlace(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(5, 5), nn.Linear(5, 3)
+
+        def forward(self, x):
+            h = self.fc1(x)
+            alias = h
+            h += x                       # operator.iadd: later readers see the sum
+            h = F.relu(h, inplace=True)  # `alias` is overwritten too
+            out = self.fc2(h)
+            out.mul_(2.0)
+            return out + alias.sum(1, keepdim=True)
+
+    model = InPlace().double()
+    x, y = batch()
+    loss, grad = fxcurv.compile(model, nn.CrossEntropyLoss())(x, y)
+    reference = nn.CrossEntropyLoss()(model(x.clone()), y)
+    reference.backward()
+    torch.testing.assert_close(loss, reference.detach(), rtol=1e-12, atol=0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grad[name], p.grad, rtol=1e-10, atol=1e-14)
+
+
+def test_train_mode_dropout_reuses_its_mask_in_the_backward():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Dropout(0.4), nn.Linear(8, 3)).double().train()
+    x, y = batch()
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_grad"])
+    assert "bernoulli" in step.code
+    torch.manual_seed(3)
+    loss, grad, batch_grad = step(x, y)
+    torch.manual_seed(3)  # replay the same mask by hand, then differentiate with autograd
+    h = model[0](x)
+    keep = torch.bernoulli(torch.full_like(h, 0.6))
+    reference = nn.CrossEntropyLoss()(model[2](h * (keep / 0.6)), y)
+    reference.backward()
+    torch.testing.assert_close(loss, reference.detach(), rtol=1e-12, atol=0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grad[name], p.grad, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(batch_grad[name].sum(0), p.grad, rtol=1e-10, atol=1e-14)
+
+
+def test_eval_mode_dropout_is_removed():
+    model = nn.Sequential(nn.Linear(5, 8), nn.Dropout(0.4), nn.Linear(8, 3)).double().eval()
+    step = fxcurv.compile(model, nn.CrossEntropyLoss())
+    assert "dropout" not in step.code and "bernoulli" not in step.code
+
+
+def test_unused_parameter_gets_zeros():
+    class Unused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc, self.spare = nn.Linear(5, 3), nn.Linear(2, 2)
+
+        def forward(self, x):
+            return self.fc(x)
+
+    _, grad, bg = fxcurv.compile(Unused().double(), nn.CrossEntropyLoss(), ["batch_grad"])(
+        *batch())
+    assert torch.equal(grad["spare.weight"], torch.zeros(2, 2, dtype=torch.float64))
+    assert bg["spare.bias"].shape == (6, 2) and not bg["spare.bias"].any()
+
+
+def test_frozen_parameters_are_left_out():
+    model = mlp()
+    model[0].requires_grad_(False)
+    _, grad = fxcurv.compile(model, nn.CrossEntropyLoss())(*batch())
+    assert list(grad) == ["2.weight", "2.bias"]
+
+
+def test_post_loss_arithmetic_and_callable_loss():
+    model = mlp()
+    x, y = batch()
+
+    def loss_fn(out, target):
+        return 2.0 * F.cross_entropy(out, target) + 0.5 * (out ** 2).mean()
+
+    loss, grad = fxcurv.compile(model, loss_fn)(x, y)
+    loss_fn(model(x), y).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grad[name], p.grad, rtol=1e-10, atol=1e-14)

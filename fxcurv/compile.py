@@ -18,7 +18,8 @@ from .errors import CompileError, node_error
 from .passes.backward import backward
 from .passes.cleanup import finalize
 from .passes.normalize import normalize
-from .passes.per_sample import FirstOrder
+from .passes.curvature.sqrt_ggn import propagate_sqrt_ggn
+from .passes.per_sample import PerSample
 from .rules import rule_for
 from .trace import Traced, trace
 
@@ -67,9 +68,7 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
     with emit.naming("batch_size"):
         batch_size = checked_x.size(0)
     emit.rename(batch_size, "batch_size")
-    first_order = FirstOrder(emit, traced.params, cotangents, batch_size, grads)
-    results = [{name: getattr(first_order, quantity.name)(name) for name in traced.params}
-               for _, quantity in requested]
+    results = _extract(emit, traced, requested, cotangents, grads, batch_size, mc_samples)
     outputs = (emit.proxy(traced.loss), grads, *results)
     return finalize(traced, emit, outputs, [name for name, _ in requested])
 
@@ -82,6 +81,33 @@ def dtype_name(dtype: torch.dtype) -> str:
         if dtype == candidate:
             return "torch." + name
     return "a non-float type"
+
+
+def _extract(emit: Emitter, traced: Traced, requested: list, cotangents: dict, grads: dict,
+             batch_size: Any, mc_samples: int) -> list[dict[str, Any]]:
+    """One dict per requested quantity; each propagation is emitted once, when first needed."""
+    sources: dict[str, PerSample] = {}
+
+    def source(name: str, quantity: str) -> PerSample:
+        if name not in sources:
+            if name == "grad":
+                sources[name] = PerSample(emit, traced.params, cotangents, batch_size)
+            else:
+                kind = name.split("_", 1)[1]
+                factors, columns = propagate_sqrt_ggn(emit, traced.loss, traced.params.values(),
+                                                      kind, mc_samples, quantity)
+                sources[name] = PerSample(emit, traced.params, factors, batch_size, lead=1,
+                                          label=f"sqrt_ggn_{kind}", lead_size=columns)
+        return sources[name]
+
+    results = []
+    for label, quantity in requested:
+        per_sample = source(quantity.source, label)
+        method = getattr(per_sample, quantity.extract)
+        extra = (grads,) if quantity.extract == "variance" else ()
+        results.append({name: method(name, quantity.name, *[e[name] for e in extra])
+                        for name in traced.params})
+    return results
 
 
 def check_inputs(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:

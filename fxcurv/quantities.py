@@ -13,19 +13,31 @@ class Quantity:
     per_sample: bool     # needs the sample axis kept apart (undefined for BatchNorm train)
     implemented: bool
     doc: str
+    source: str = ""     # the propagation it reads: "grad", "ggn_exact", "ggn_mc"
+    extract: str = ""    # the passes.per_sample.PerSample method that computes it
 
 
 _ALL = [
-    Quantity("batch_grad", "first_order", True, True, "per-sample gradients [N, *p.shape]"),
-    Quantity("batch_l2", "first_order", True, True, "squared norms of per-sample gradients [N]"),
-    Quantity("sum_grad_squared", "first_order", True, True, "Σ_n g_n² (p.shape)"),
-    Quantity("variance", "first_order", True, True, "Σ_n g_n²/N - (Σ_n g_n/N)² (p.shape)"),
-    Quantity("diag_ggn_exact", "ggn", True, False, "diagonal of the GGN"),
-    Quantity("diag_ggn_mc", "ggn", True, False, "Monte-Carlo diagonal of the GGN"),
-    Quantity("diag_ggn_exact_batch", "ggn", True, False, "per-sample GGN diagonals"),
-    Quantity("diag_ggn_mc_batch", "ggn", True, False, "per-sample MC GGN diagonals"),
-    Quantity("sqrt_ggn_exact", "ggn", True, False, "square-root GGN factor [C, N, *p.shape]"),
-    Quantity("sqrt_ggn_mc", "ggn", True, False, "MC square-root GGN factor [M, N, *p.shape]"),
+    Quantity("batch_grad", "first_order", True, True, "per-sample gradients [N, *p.shape]",
+             "grad", "batch"),
+    Quantity("batch_l2", "first_order", True, True, "squared norms of per-sample gradients [N]",
+             "grad", "batch_l2"),
+    Quantity("sum_grad_squared", "first_order", True, True, "Σ_n g_n² (p.shape)",
+             "grad", "sum_squares"),
+    Quantity("variance", "first_order", True, True, "Σ_n g_n²/N - (Σ_n g_n/N)² (p.shape)",
+             "grad", "variance"),
+    Quantity("diag_ggn_exact", "ggn", True, True, "diagonal of the GGN (p.shape)",
+             "ggn_exact", "sum_squares"),
+    Quantity("diag_ggn_mc", "ggn", True, True, "Monte-Carlo diagonal of the GGN (p.shape)",
+             "ggn_mc", "sum_squares"),
+    Quantity("diag_ggn_exact_batch", "ggn", True, True, "per-sample GGN diagonals [N, *p.shape]",
+             "ggn_exact", "batch_sum_squares"),
+    Quantity("diag_ggn_mc_batch", "ggn", True, True, "per-sample MC GGN diagonals [N, *p.shape]",
+             "ggn_mc", "batch_sum_squares"),
+    Quantity("sqrt_ggn_exact", "ggn", True, True, "square-root GGN factor [C, N, *p.shape]",
+             "ggn_exact", "batch"),
+    Quantity("sqrt_ggn_mc", "ggn", True, True, "MC square-root GGN factor [M, N, *p.shape]",
+             "ggn_mc", "batch"),
     Quantity("kfac", "ggn", True, False, "Kronecker factors, MC"),
     Quantity("kflr", "ggn", True, False, "Kronecker factors, exact"),
     Quantity("kfra", "ggn", True, False, "Kronecker factors, recursive approximation"),

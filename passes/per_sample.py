@@ -1,19 +1,26 @@
-"""First-order quantities from per-op parameter rules (BackPACK's shapes and scaling).
+"""Per-sample parameter quantities from a propagated cotangent and the per-op parameter rules.
 
-With ``g_n`` the gradient of the loss contributed by sample ``n`` (the 1/N of a mean reduction
-included, so ``Σ_n g_n = grad``):
+A propagation gives every parameterised op a cotangent with ``lead`` leading vector axes: the
+gradient (``lead = 0``), or a square-root factor of the GGN (``lead = 1``: ``[C, N, ...]``
+exact, ``[M, N, ...]`` Monte-Carlo). The op's ``batch_grad`` rule turns it into per-sample
+parameter terms ``s = [*lead, N, *p.shape]`` (summed over every use of ``p``), from which:
 
-* ``batch_grad[p]``       ``[N, *p.shape]``  ``g_n``, summed over every use of ``p``;
-* ``batch_l2[p]``         ``[N]``            ``‖g_n‖²``;
-* ``sum_grad_squared[p]`` ``p.shape``        ``Σ_n g_n²``;
-* ``variance[p]``         ``p.shape``        ``Σ_n g_n² / N - (Σ_n g_n / N)²``.
+==========================  ===================  ===========================================
+method                      shape                lead 0 (gradient)      lead 1 (sqrt-GGN)
+==========================  ===================  ===========================================
+``batch(p)``                ``[*lead, N, *p]``   ``batch_grad``         ``sqrt_ggn_*``
+``sum_squares(p)``          ``p.shape``          ``sum_grad_squared``   ``diag_ggn_*``
+``batch_sum_squares(p)``    ``[N, *p]``          —                      ``diag_ggn_*_batch``
+``batch_l2(p)``             ``[N]``              ``batch_l2``           —
+``variance(p)``             ``p.shape``          ``variance``           —
+==========================  ===================  ===========================================
 
-``batch_l2`` and ``sum_grad_squared`` of a parameter with one use take the op's cheaper formula
-when it has one (a linear layer on 2-D input never builds ``[N, O, I]``).
+``sum_squares`` and ``batch_l2`` of a parameter with one use take the op's cheaper formula when
+it has one (a linear layer on 2-D input never builds ``[*lead, N, O, I]``).
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import torch
 import torch.fx as fx
@@ -24,18 +31,20 @@ from fxcurv.errors import node_error
 from fxcurv.rules import Ctx, OpRule, rule_for
 
 
-def batch_zeros(p: Tensor, n: int) -> Tensor:
-    """Per-sample gradients of a parameter that does not influence the loss."""
-    return torch.zeros([n] + list(p.shape), dtype=p.dtype, device=p.device)
+def batch_zeros(p: Tensor, lead_shape: List[int]) -> Tensor:
+    """Per-sample terms of a parameter that does not influence the loss."""
+    return torch.zeros(lead_shape + list(p.shape), dtype=p.dtype, device=p.device)
 
 
-class FirstOrder:
-    """Emits first-order quantities on demand, each intermediate at most once per parameter."""
+class PerSample:
+    """Emits per-sample parameter quantities of one propagation, each at most once."""
 
     def __init__(self, emit: Emitter, params: dict[str, fx.Node], cotangents: dict,
-                 batch_size: Any, grads: dict[str, Any]):
+                 batch_size: Any, lead: int = 0, label: str = "batch_grad",
+                 lead_size: Any = None):
         self.emit, self.params, self.cotangents = emit, params, cotangents
-        self.batch_size, self.grads = batch_size, grads
+        self.batch_size, self.lead, self.label, self.lead_size = batch_size, lead, label, \
+            lead_size
         self._memo: dict[tuple[str, str], Any] = {}
 
     def uses(self, name: str) -> list[tuple[fx.Node, OpRule, str]]:
@@ -51,13 +60,14 @@ class FirstOrder:
                     found.append((user, rule, arg))
         return found
 
-    def _memoized(self, kind: str, name: str, build) -> Any:
+    def memoized(self, kind: str, name: str, label: str, build) -> Any:
+        """Build once, inside a naming scope ``<param>_<label>``."""
         key = (kind, name)
         if key not in self._memo:
-            label = f"{self.params[name].name}_{kind}"
-            with self.emit.naming(label, pass_="per_sample", param=name):
+            full = f"{self.params[name].name}_{label}"
+            with self.emit.naming(full, pass_="per_sample", param=name):
                 value = build()
-            self.emit.rename(value, label)
+            self.emit.rename(value, full)
             self._memo[key] = value
         return self._memo[key]
 
@@ -69,18 +79,10 @@ class FirstOrder:
                 raise node_error(node, f"{rule.name} has no per-sample rule for parameter "
                                  f"'{name}' (its argument '{arg}')",
                                  "Use a supported layer for this parameter or request "
-                                 "only 'grad'.", "batch_grad")
-            contributions.append(fn(self.cotangents[node], Ctx.of(node, rule, self.emit)))
+                                 "only 'grad'.", self.label)
+            ctx = Ctx.of(node, rule, self.emit, self.lead)
+            contributions.append(fn(self.cotangents[node], ctx))
         return contributions
-
-    def batch_grad(self, name: str) -> Any:
-        def build():
-            parts = self._from_uses(name, "batch_grad")
-            if not parts:
-                return self.emit.call(batch_zeros, self.emit.proxy(self.params[name]),
-                                      self.batch_size)
-            return _sum(parts)
-        return self._memoized("batch_grad", name, build)
 
     def _shortcut(self, name: str, kind: str) -> Optional[Any]:
         """The op's cheaper formula, when the parameter has exactly one use that has one."""
@@ -89,27 +91,42 @@ class FirstOrder:
             return self._from_uses(name, kind)[0]
         return None
 
-    def batch_l2(self, name: str) -> Any:
+    def batch(self, name: str, label: Optional[str] = None) -> Any:
+        """``[*lead, N, *p.shape]``: per-sample terms, summed over the parameter's uses."""
         def build():
-            quick = self._shortcut(name, "batch_l2")
-            if quick is not None:
-                return quick
-            return self.batch_grad(name).square().flatten(1).sum(1)
-        return self._memoized("batch_l2", name, build)
+            parts = self._from_uses(name, "batch_grad")
+            if not parts:
+                lead = [self.lead_size] * self.lead
+                return self.emit.call(batch_zeros, self.emit.proxy(self.params[name]),
+                                      lead + [self.batch_size])
+            return _sum(parts)
+        return self.memoized("batch", name, label or self.label, build)
 
-    def sum_grad_squared(self, name: str) -> Any:
+    def sum_squares(self, name: str, label: str) -> Any:
         def build():
             quick = self._shortcut(name, "sum_grad_squared")
             if quick is not None:
                 return quick
-            return self.batch_grad(name).square().sum(0)
-        return self._memoized("sum_grad_squared", name, build)
+            return self.batch(name).square().sum(list(range(self.lead + 1)))
+        return self.memoized("sum_squares", name, label, build)
 
-    def variance(self, name: str) -> Any:
+    def batch_sum_squares(self, name: str, label: str) -> Any:
+        return self.memoized("batch_sum_squares", name, label,
+                             lambda: self.batch(name).square().sum(list(range(self.lead))))
+
+    def batch_l2(self, name: str, label: str) -> Any:
         def build():
-            mean_square = self.sum_grad_squared(name) / self.batch_size
-            return mean_square - (self.grads[name] / self.batch_size).square()
-        return self._memoized("variance", name, build)
+            quick = self._shortcut(name, "batch_l2")
+            if quick is not None:
+                return quick
+            return self.batch(name).square().flatten(1).sum(1)
+        return self.memoized("batch_l2", name, label, build)
+
+    def variance(self, name: str, label: str, grad: Any) -> Any:
+        def build():
+            mean_square = self.sum_squares(name, "sum_grad_squared") / self.batch_size
+            return mean_square - (grad / self.batch_size).square()
+        return self.memoized("variance", name, label, build)
 
 
 def _sum(parts: list) -> Any:
@@ -117,4 +134,3 @@ def _sum(parts: list) -> Any:
     for part in parts[1:]:
         total = total + part
     return total
-

@@ -206,11 +206,16 @@ def test_reads_parameters_live(name):
     quantities = FIRST_ORDER if case.per_sample else []
     step = fxcurv.compile(case.model, case.loss_fn, quantities)
     x, y = case.batch()
-    step(x, y)
+    loss_before = step(x, y)[0]
+    params = list(trainable(case.model).values())
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        for p in trainable(case.model).values():
-            p.add_(1.0)
-    check_against_references(case, step(x, y), x, y)
+        params[0].add_(1.0)  # as an optimizer would, in place
+        for p in params[1:]:  # every parameter moves; small steps keep the seed CNN tame
+            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+    outputs = step(x, y)
+    assert not torch.equal(outputs[0], loss_before), "the step did not see the new parameters"
+    check_against_references(case, outputs, x, y)
 
 
 @pytest.mark.parametrize("name", NAMES)

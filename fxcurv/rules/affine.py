@@ -33,13 +33,16 @@ def linear_weight_batch_l2(g: Tensor, x: Tensor) -> Tensor:
     return torch.einsum("nto,nti->noi", gm, xm).square().sum([1, 2])
 
 
-def linear_weight_sum_grad_squared(g: Tensor, x: Tensor) -> Tensor:
-    """``Σ_n (Σ_t g_nt x_ntᵀ)²`` ``[O, I]``; for 2-D input ``(g²)ᵀ (x²)`` with no ``[N, O, I]``."""
-    gm = merge_middle(g, 1)
-    xm = merge_middle(x, 1)
+def linear_weight_sum_grad_squared(g: Tensor, x: Tensor, lead: int) -> Tensor:
+    """``Σ_{lead, n} (Σ_t g_nt x_ntᵀ)²`` ``[O, I]``; for 2-D input ``Σ_n (Σ_lead g²)_n x_n²ᵀ``
+    with no ``[*lead, N, O, I]`` tensor (the GGN diagonal when ``g`` is a sqrt-GGN factor)."""
+    gm = merge_middle(g, lead + 1).flatten(0, lead)  # [lead*N, T, O] (lead axes merged)
+    xm = merge_middle(x, 1)                           # [N, T, I]
     if gm.size(1) == 1:
-        return torch.matmul(gm[:, 0].square().t(), xm[:, 0].square())
-    return torch.einsum("nto,nti->noi", gm, xm).square().sum(0)
+        g_squared = gm[:, 0].square().reshape(-1, xm.size(0), gm.size(2)).sum(0)
+        return torch.matmul(g_squared.t(), xm[:, 0].square())
+    gm = gm.reshape(-1, xm.size(0), gm.size(1), gm.size(2))
+    return torch.einsum("lnto,nti->lnoi", gm, xm).square().sum([0, 1])
 
 
 def _weight_vjp(g, c: Ctx):
@@ -64,5 +67,5 @@ register(
                 "bias": lambda g, c: c.call(merge_middle, g, c.lead + 1).sum(-2)},
     batch_l2={"weight": lambda g, c: c.call(linear_weight_batch_l2, g, c.args.input)},
     sum_grad_squared={"weight": lambda g, c: c.call(linear_weight_sum_grad_squared, g,
-                                                    c.args.input)},
+                                                    c.args.input, c.lead)},
 )

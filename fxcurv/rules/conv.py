@@ -1,1 +1,303 @@
-"""conv rules (filled in by the conv/pooling work)."""
+"""Convolutions, 1-, 2- and 3-d, with stride, padding ('same'/'valid' too), dilation, groups.
+
+``conv``: ``y[n,o,p] = b[o] + Σ_{c,k} W[o,c,k] x̃[n, G(o)·Cin/G + c, s·p + d·k]`` with
+``x: [N, Cin, *in]``, ``W: [Cout, Cin/G, *k]``, ``b: [Cout]``, ``y: [N, Cout, *out]`` and ``x̃``
+the zero-padded input. With ``U(x): [N, Cin, K, *out]`` the unfolded input (im2col, ``K = Πk``):
+``x̄ = conv_transpose(g, W)`` cropped to ``x``; ``W̄ = Σ_{n,p} g[n,o,p] U(x)[n,c,k,p]`` within
+each group; ``b̄ = Σ_{n,p} g``. Per sample the sums run over the positions ``p`` only.
+
+``conv_transpose`` is the adjoint of conv's input map, ``⟨g, convᵀ(x, W)⟩ = ⟨conv(g, W), x⟩``
+(``W: [Cin, Cout/G, *k]``): ``x̄ = conv(g, W)`` (same stride, padding, dilation, groups),
+``W̄[c,o,k] = Σ_{n,p} x[n,c,p] U(g)[n,o,k,p]``, ``b̄ = Σ_{n,p} g``.
+
+Lead axes of ``g`` are folded into the batch axis for ``x̄``, and stacked as extra output
+channels inside each group for ``W̄`` (one ``convolution_backward`` call serves all of them).
+"""
+from __future__ import annotations
+
+from typing import Any, List, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .affine import linear_weight_batch_l2
+from .registry import Ctx, register
+
+
+# -- runtime helpers (TorchScript-scriptable) ---------------------------------------------------
+def numel(sizes: List[int]) -> int:
+    """Product of ``sizes`` (1 for an empty list)."""
+    total = 1
+    for size in sizes:
+        total *= size
+    return total
+
+
+def pad_spatial(t: Tensor, pads: List[int]) -> Tensor:
+    """Zero-pad (negative: crop) the last ``len(pads) // 2`` axes of ``t`` by
+    ``pads = [before_0, after_0, before_1, after_1, ...]``, first spatial axis first."""
+    reversed_pads: List[int] = []
+    for i in range(len(pads) // 2 - 1, -1, -1):
+        reversed_pads.append(pads[2 * i])
+        reversed_pads.append(pads[2 * i + 1])
+    return F.pad(t, reversed_pads)
+
+
+def same_pads(weight: Tensor, dilation: List[int]) -> List[int]:
+    """``padding='same'``: ``d·(k - 1)`` zeros per axis, the odd one after (as torch pads)."""
+    pads: List[int] = []
+    for i in range(len(dilation)):
+        total = dilation[i] * (weight.size(2 + i) - 1)
+        pads.append(total // 2)
+        pads.append(total - total // 2)
+    return pads
+
+
+def conv_input_vjp(g: Tensor, x: Tensor, weight: Tensor, lead: int, stride: List[int],
+                   pads: List[int], dilation: List[int], groups: int) -> Tensor:
+    """``x̄ = convᵀ(g, W)`` without padding, then cropped by the input's padding and
+    zero-extended over input entries that no window reaches; lead axes join the batch."""
+    d = len(stride)
+    full = torch.convolution(g.flatten(0, lead), weight, None, stride, [0] * d, dilation, True,
+                             [0] * d, groups)
+    crop: List[int] = []
+    for i in range(d):
+        crop.append(-pads[2 * i])
+        crop.append(x.size(2 + i) + pads[2 * i] - full.size(2 + i))
+    return pad_spatial(full, crop).reshape(list(g.shape[:lead]) + list(x.shape))
+
+
+def conv_transpose_input_vjp(g: Tensor, x: Tensor, weight: Tensor, lead: int,
+                             stride: List[int], padding: List[int], dilation: List[int],
+                             groups: int) -> Tensor:
+    """``x̄ = conv(g, W)``, cropped to ``x`` (an output_padding ≥ stride adds windows past it)."""
+    d = len(stride)
+    y = torch.convolution(g.flatten(0, lead), weight, None, stride, padding, dilation, False,
+                          [0] * d, groups)
+    crop: List[int] = []
+    for i in range(d):
+        crop.append(0)
+        crop.append(x.size(2 + i) - y.size(2 + i))
+    return pad_spatial(y, crop).reshape(list(g.shape[:lead]) + list(x.shape))
+
+
+def stack_lead_channels(g: Tensor, lead: int, groups: int) -> Tensor:
+    """``[*lead, N, C, *out] -> [N, G·L·C/G, *out]``: the ``L`` lead vectors as extra output
+    channels inside each of the ``G`` groups (channel order ``(group, lead, channel)``)."""
+    head: List[int] = list(g.shape[:lead])
+    rest: List[int] = list(g.shape[lead:])
+    spatial: List[int] = rest[2:]
+    stacked = g.reshape([numel(head), rest[0], groups, rest[1] // groups] + spatial)
+    return stacked.movedim(0, 2).reshape([rest[0], -1] + spatial)
+
+
+def conv_weight_vjp(g: Tensor, x: Tensor, weight: Tensor, lead: int, stride: List[int],
+                    pads: List[int], dilation: List[int], groups: int, transposed: bool,
+                    output_padding: List[int]) -> Tensor:
+    """``W̄ = Σ_n ∂⟨g_n, conv(x_n, W)⟩/∂W`` for every lead vector of ``g``, ``[*lead, *W]``:
+    the lead vectors are stacked as output channels of a larger weight (see above)."""
+    head: List[int] = list(g.shape[:lead])
+    stacked_lead = numel(head)
+    x, padding = symmetric_padding(x, pads)
+    shape: List[int] = list(weight.shape)
+    if transposed:  # [Cin, Cout/G, *k] -> [Cin, L·Cout/G, *k]
+        split = [shape[0], stacked_lead, shape[1]] + shape[2:]
+        stacked_shape = [shape[0], stacked_lead * shape[1]] + shape[2:]
+    else:  # [Cout, Cin/G, *k] -> [G·L·Cout/G, Cin/G, *k]
+        split = [groups, stacked_lead, shape[0] // groups] + shape[1:]
+        stacked_shape = [stacked_lead * shape[0]] + shape[1:]
+    _, stacked, _ = torch.ops.aten.convolution_backward(
+        stack_lead_channels(g, lead, groups), x, weight.new_zeros(stacked_shape), None, stride,
+        padding, dilation, transposed, output_padding, groups, [False, True, False])
+    return stacked.reshape(split).movedim(1, 0).reshape(head + shape)
+
+
+def symmetric_padding(x: Tensor, pads: List[int]) -> Tuple[Tensor, List[int]]:
+    """``x`` and the symmetric padding that torch's conv kernels take; an asymmetric one
+    (``'same'`` with an even span) is applied to ``x`` explicitly."""
+    padding: List[int] = []
+    symmetric = True
+    for i in range(len(pads) // 2):
+        padding.append(pads[2 * i])
+        symmetric = symmetric and pads[2 * i] == pads[2 * i + 1]
+    if symmetric:
+        return x, padding
+    return pad_spatial(x, pads), [0] * len(padding)
+
+
+def unfold(x: Tensor, kernel: List[int], stride: List[int], pads: List[int],
+           dilation: List[int]) -> Tensor:
+    """im2col ``[N, C, *in] -> [N, C, K, *out]``: entry ``(c, k, p)`` is the padded input that
+    kernel offset ``k`` meets at output position ``p`` (sliding-window views, exact)."""
+    d = len(kernel)
+    windows = pad_spatial(x, pads)
+    for i in range(d):  # each unfold appends a window axis; keep every dilation-th entry
+        span = dilation[i] * (kernel[i] - 1) + 1
+        windows = windows.unfold(2 + i, span, stride[i]).unfold(-1, 1, dilation[i]).squeeze(-1)
+    order = [0, 1] + list(range(2 + d, 2 + 2 * d)) + list(range(2, 2 + d))
+    out: List[int] = list(windows.shape[2:2 + d])
+    return windows.permute(order).reshape([x.size(0), x.size(1), numel(kernel)] + out)
+
+
+def channel_groups(t: Tensor, lead: int, groups: int) -> Tensor:
+    """``[*lead, N, C, *spatial] -> [*lead, N, G, C/G, P]`` (positions flattened)."""
+    head: List[int] = list(t.shape[:lead + 1])
+    return t.reshape(head + [groups, t.size(lead + 1) // groups, -1])
+
+
+def conv_patches(x: Tensor, weight: Tensor, stride: List[int], pads: List[int],
+                 dilation: List[int], groups: int) -> Tensor:
+    """``U(x)`` by group, ``[N, G, Cin/G·K, P]``."""
+    cols = unfold(x, list(weight.shape[2:]), stride, pads, dilation)
+    return cols.reshape([x.size(0), groups, -1, numel(list(cols.shape[3:]))])
+
+
+def conv_transpose_patches(g: Tensor, x: Tensor, weight: Tensor, lead: int, stride: List[int],
+                           padding: List[int], dilation: List[int],
+                           groups: int) -> Tuple[Tensor, Tensor]:
+    """``U(g)`` by group ``[*lead, N, G, Cout/G·K, P]`` and ``x`` by group ``[N, G, Cin/G, P]``,
+    ``x`` zero-extended to the windows of ``U(g)`` (an output_padding ≥ stride adds some)."""
+    pads: List[int] = []
+    for p in padding:
+        pads.append(p)
+        pads.append(p)
+    cols = unfold(g.flatten(0, lead), list(weight.shape[2:]), stride, pads, dilation)
+    extend: List[int] = []
+    for i in range(len(stride)):
+        extend.append(0)
+        extend.append(cols.size(3 + i) - x.size(2 + i))
+    inputs = channel_groups(pad_spatial(x, extend), 0, groups)
+    head: List[int] = list(g.shape[:lead + 1])
+    return cols.reshape(head + [groups, -1, inputs.size(-1)]), inputs
+
+
+def per_sample_weight(left: Tensor, right: Tensor, lead: int, weight: Tensor,
+                      swap: bool) -> Tensor:
+    """``W̄_n = Σ_p left_p right_pᵀ`` per group (transposed if ``swap``), ``[*lead, N, *W]``;
+    ``left: [*lead, N, G, A, P]``, ``right: [N, G, B, P]``."""
+    outer = torch.einsum("...ngap,ngbp->...ngab", left, right)
+    if swap:
+        outer = outer.transpose(-1, -2)
+    return outer.reshape(list(left.shape[:lead + 1]) + list(weight.shape))
+
+
+def per_sample_weight_l2(left: Tensor, right: Tensor) -> Tensor:
+    """``‖W̄_n‖² = Σ_groups ‖Σ_p left_p right_pᵀ‖²`` ``[N]`` (lead 0): the Gram form of
+    :func:`linear_weight_batch_l2` when it is cheaper than building ``W̄_n``."""
+    samples, groups = left.size(0), left.size(1)
+    by_position_left = left.flatten(0, 1).transpose(1, 2)
+    by_position_right = right.flatten(0, 1).transpose(1, 2)
+    l2 = linear_weight_batch_l2(by_position_left, by_position_right)
+    return l2.reshape([samples, groups]).sum(1)
+
+
+# -- rules ---------------------------------------------------------------------------------------
+SPATIAL_DIMS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3,
+                torch.conv_transpose1d: 1, torch.conv_transpose2d: 2, torch.conv_transpose3d: 3}
+
+
+def ints(value: Any, d: int) -> list:
+    """An int or a sequence of ints (one for all axes, or one per axis) -> ``d`` ints."""
+    if isinstance(value, int):
+        return [value] * d
+    values = list(value)
+    return values * d if len(values) == 1 else values
+
+
+class Setting:
+    """A call's static stride, padding (``[before, after]`` per axis; a runtime helper call
+    for ``'same'``, which depends on the kernel size), dilation, output_padding, groups."""
+
+    def __init__(self, c: Ctx):
+        b, d = c.bound, SPATIAL_DIMS[c.node.target]
+        self.stride, self.dilation, self.groups = ints(b["stride"], d), ints(b["dilation"], d), \
+            b["groups"]
+        self.output_padding = ints(b.get("output_padding", 0), d)
+        if b["padding"] == "same":
+            self.pads = c.call(same_pads, c.args.weight, self.dilation)
+        else:
+            self.padding = [0] * d if b["padding"] == "valid" else ints(b["padding"], d)
+            self.pads = [p for p in self.padding for _ in range(2)]
+
+
+def _conv_input(g, c: Ctx):
+    s = Setting(c)
+    return c.call(conv_input_vjp, g, c.args.input, c.args.weight, c.lead, s.stride, s.pads,
+                  s.dilation, s.groups)
+
+
+def _conv_weight(g, c: Ctx):
+    s = Setting(c)
+    return c.call(conv_weight_vjp, g, c.args.input, c.args.weight, c.lead, s.stride, s.pads,
+                  s.dilation, s.groups, False, [0] * len(s.stride))
+
+
+def _conv_patches(c: Ctx):
+    s = Setting(c)
+    return c.call(conv_patches, c.args.input, c.args.weight, s.stride, s.pads, s.dilation,
+                  s.groups)
+
+
+def _conv_weight_batch(g, c: Ctx):
+    grads = c.call(channel_groups, g, c.lead, c.bound["groups"])
+    return c.call(per_sample_weight, grads, _conv_patches(c), c.lead, c.args.weight, False)
+
+
+def _conv_weight_l2(g, c: Ctx):
+    return c.call(per_sample_weight_l2, c.call(channel_groups, g, 0, c.bound["groups"]),
+                  _conv_patches(c))
+
+
+def _transpose_input(g, c: Ctx):
+    s = Setting(c)
+    return c.call(conv_transpose_input_vjp, g, c.args.input, c.args.weight, c.lead, s.stride,
+                  s.padding, s.dilation, s.groups)
+
+
+def _transpose_weight(g, c: Ctx):
+    s = Setting(c)
+    return c.call(conv_weight_vjp, g, c.args.input, c.args.weight, c.lead, s.stride, s.pads,
+                  s.dilation, s.groups, True, s.output_padding)
+
+
+def _transpose_patches(g, c: Ctx, lead: int):
+    s = Setting(c)
+    return c.call(conv_transpose_patches, g, c.args.input, c.args.weight, lead, s.stride,
+                  s.padding, s.dilation, s.groups)
+
+
+def _transpose_weight_batch(g, c: Ctx):
+    patches = _transpose_patches(g, c, c.lead)
+    return c.call(per_sample_weight, patches[0], patches[1], c.lead, c.args.weight, True)
+
+
+def _transpose_weight_l2(g, c: Ctx):
+    patches = _transpose_patches(g, c, 0)
+    return c.call(per_sample_weight_l2, patches[0], patches[1])
+
+
+def _bias_batch(g, c: Ctx):
+    """``b̄_n = Σ_p g[n, :, p]`` ``[*lead, N, C]``."""
+    return g.flatten(c.lead + 2).sum(-1)
+
+
+_RULES = {
+    "conv": dict(
+        params="input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1",
+        vjp={"input": _conv_input, "weight": _conv_weight,
+             "bias": lambda g, c: _bias_batch(g, c).sum(c.lead)},
+        batch_grad={"weight": _conv_weight_batch, "bias": _bias_batch},
+        batch_l2={"weight": _conv_weight_l2}),
+    "conv_transpose": dict(
+        params="input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, "
+               "dilation=1",
+        vjp={"input": _transpose_input, "weight": _transpose_weight,
+             "bias": lambda g, c: _bias_batch(g, c).sum(c.lead)},
+        batch_grad={"weight": _transpose_weight_batch, "bias": _bias_batch},
+        batch_l2={"weight": _transpose_weight_l2}),
+}
+
+for _target, _d in SPATIAL_DIMS.items():
+    _family = "conv_transpose" if "transpose" in _target.__name__ else "conv"
+    register([_target], f"{_family}{_d}d", doc=__doc__, **_RULES[_family])

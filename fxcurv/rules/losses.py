@@ -9,12 +9,14 @@ BCE-with-logits by ``numel``.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .registry import RULES as RULES_BY_TARGET
 from .registry import Ctx, register
 
 
@@ -207,3 +209,78 @@ for _name, _vjp, _doc in [
              doc=_doc, vjp={"input": _vjp}, unsupported=_softmax_dim)
     register([getattr(torch, _name), _name], _name, "input, dim=None, dtype=None",
              doc=_doc, vjp={"input": _vjp}, unsupported=_softmax_dim)
+
+
+# -- square roots of the loss Hessian (GGN family) -------------------------------------------
+# ``S`` with ``H = Σ_c S[c] S[c]ᵀ`` per sample, ``[C or M, *input.shape]``; mean reduction
+# multiplies by ``1/√divisor`` (CONVENTIONS.md). Class axis 1.
+
+def _mean_scale(reduction: str, divisor: int) -> float:
+    return 1.0 / math.sqrt(divisor) if reduction == "mean" else 1.0
+
+
+def cross_entropy_sqrt_hessian(x: Tensor, reduction: str) -> Tensor:
+    """``S[c, n, k, d] = √p_c (δ_kc - p_k)`` (column c of ``diag(√p) - p √pᵀ``), ``[C, *x.shape]``."""
+    classes = x.size(1)
+    p = torch.softmax(x, 1)
+    eye = torch.eye(classes, dtype=x.dtype, device=x.device)
+    eye = eye.reshape([classes, 1, classes] + [1] * (x.dim() - 2))
+    factor = p.sqrt().movedim(1, 0).unsqueeze(2) * (eye - p.unsqueeze(0))
+    return factor * _mean_scale(reduction, x.numel() // classes)
+
+
+def cross_entropy_sqrt_hessian_mc(x: Tensor, reduction: str, samples: int) -> Tensor:
+    """``S[m] = (p - onehot(ŷ_m)) / √M`` with ``ŷ_m ~ Categorical(softmax(x))`` per position."""
+    classes = x.size(1)
+    p = torch.softmax(x, 1)
+    flat = p.movedim(1, -1).reshape(-1, classes)
+    drawn = torch.multinomial(flat, samples, replacement=True).t()  # [M, positions]
+    onehot = F.one_hot(drawn, classes).to(x.dtype)                    # [M, positions, C]
+    onehot = onehot.reshape([samples] + list(p.movedim(1, -1).shape)).movedim(-1, 2)
+    factor = (p.unsqueeze(0) - onehot) / math.sqrt(samples)
+    return factor * _mean_scale(reduction, x.numel() // classes)
+
+
+def mse_sqrt_hessian(x: Tensor, reduction: str) -> Tensor:
+    """``S[c, n] = √2 e_c`` over the ``C = numel/N`` output entries of a sample, ``[C, *x.shape]``."""
+    features = x.numel() // x.size(0)
+    eye = torch.eye(features, dtype=x.dtype, device=x.device) * math.sqrt(2.0)
+    factor = eye.unsqueeze(1).expand(features, x.size(0), features)
+    return factor.reshape([features] + list(x.shape)) * _mean_scale(reduction, x.numel())
+
+
+def mse_sqrt_hessian_mc(x: Tensor, reduction: str, samples: int) -> Tensor:
+    """``S[m] = 2(x - ŷ_m)/√M`` with ``ŷ_m ~ N(x, 1/2)``, i.e. ``√2 ε/√M``, ``ε ~ N(0, I)``."""
+    noise = torch.randn([samples] + list(x.shape), dtype=x.dtype, device=x.device)
+    return noise * (math.sqrt(2.0) / math.sqrt(samples)) * _mean_scale(reduction, x.numel())
+
+
+def bce_sqrt_hessian(x: Tensor, reduction: str) -> Tensor:
+    """``S[c, n] = √(σ(x)(1-σ(x))) e_c`` over the ``C = numel/N`` outputs (C = 1: BackPACK's)."""
+    features = x.numel() // x.size(0)
+    s = torch.sigmoid(x)
+    root = (s * (1.0 - s)).sqrt().reshape(x.size(0), features)
+    eye = torch.eye(features, dtype=x.dtype, device=x.device)
+    factor = eye.unsqueeze(1) * root.unsqueeze(0)                       # [C, N, C]
+    return factor.reshape([features] + list(x.shape)) * _mean_scale(reduction, x.numel())
+
+
+def bce_sqrt_hessian_mc(x: Tensor, reduction: str, samples: int) -> Tensor:
+    """``S[m] = (σ(x) - ŷ_m)/√M`` with ``ŷ_m ~ Bernoulli(σ(x))``."""
+    s = torch.sigmoid(x)
+    drawn = torch.bernoulli(s.unsqueeze(0).expand([samples] + list(x.shape)))
+    return (s.unsqueeze(0) - drawn) / math.sqrt(samples) * _mean_scale(reduction, x.numel())
+
+
+def _sqrt_rules(exact, sampled) -> dict:
+    return {"sqrt_hessian": lambda c: c.call(exact, c.args.input, c.bound["reduction"]),
+            "sqrt_hessian_mc": lambda c, m: c.call(sampled, c.args.input, c.bound["reduction"],
+                                                   m)}
+
+
+for _target, _exact, _sampled in [
+        (F.cross_entropy, cross_entropy_sqrt_hessian, cross_entropy_sqrt_hessian_mc),
+        (F.mse_loss, mse_sqrt_hessian, mse_sqrt_hessian_mc),
+        (F.binary_cross_entropy_with_logits, bce_sqrt_hessian, bce_sqrt_hessian_mc)]:
+    for _field, _fn in _sqrt_rules(_exact, _sampled).items():
+        setattr(RULES_BY_TARGET[_target], _field, _fn)

@@ -34,7 +34,11 @@ def channel_view(t: Tensor, x: Tensor) -> Tensor:
 def other_axes(ndim: int, keep: List[int]) -> List[int]:
     """The axes of an ``ndim``-D tensor not in ``keep`` (negative indices count from the end)."""
     kept = [k % ndim for k in keep]
-    return [d for d in range(ndim) if d not in kept]
+    others: List[int] = []
+    for d in range(ndim):
+        if d not in kept:
+            others.append(d)
+    return others
 
 
 def sum_except(t: Tensor, keep: List[int]) -> Tensor:

@@ -1,1 +1,150 @@
-"""pooling rules (filled in by the conv/pooling work)."""
+"""Pooling, 1-, 2- and 3-d: max, average and adaptive average.
+
+Every pool is linear in ``x`` given the windows, so ``Jᵀ`` spreads each output's cotangent
+back over its window: ``max_pool`` routes ``g`` to the argmax of each window (recomputed from
+``x`` at run time; overlapping windows add up), ``avg_pool`` / ``adaptive_avg_pool`` give every
+window entry ``g / divisor`` (torch's own pooling backward kernels, which read only the input's
+shape). ``x: [N, C, *in]`` (or ``[C, *in]``), ``y: [N, C, *out]``; lead axes of ``g`` are
+folded into the batch axis and restored.
+"""
+from __future__ import annotations
+
+from typing import Any, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .conv import ints, numel
+from .registry import Ctx, register
+
+
+# -- runtime helpers (TorchScript-scriptable) ---------------------------------------------------
+def max_pool_argmax(x: Tensor, kernel: List[int], stride: List[int], padding: List[int],
+                    dilation: List[int], ceil_mode: bool) -> Tensor:
+    """Each window's argmax as a flat index into the input's spatial axes, ``[*batch, *out]``."""
+    d = len(kernel)
+    if d == 1:
+        return F.max_pool1d_with_indices(x, kernel, stride, padding, dilation, ceil_mode)[1]
+    if d == 2:
+        return F.max_pool2d_with_indices(x, kernel, stride, padding, dilation, ceil_mode)[1]
+    return F.max_pool3d_with_indices(x, kernel, stride, padding, dilation, ceil_mode)[1]
+
+
+def max_pool_vjp(g: Tensor, x: Tensor, lead: int, kernel: List[int], stride: List[int],
+                 padding: List[int], dilation: List[int], ceil_mode: bool) -> Tensor:
+    """``x̄[i] = Σ_{p: argmax(p) = i} g[p]``: a ``scatter_add`` over the flattened spatial axes
+    (windows may overlap), broadcast over the lead axes, ``[*lead, *x.shape]``."""
+    d = len(kernel)
+    argmax = max_pool_argmax(x, kernel, stride, padding, dilation, ceil_mode)
+    values = g.flatten(g.dim() - d)                      # [*lead, *batch, P_out]
+    index = argmax.flatten(argmax.dim() - d).expand(values.shape)
+    spatial: List[int] = list(x.shape[x.dim() - d:])
+    grad = g.new_zeros(list(values.shape[:-1]) + [numel(spatial)])
+    return grad.scatter_add(-1, index, values).reshape(list(g.shape[:lead]) + list(x.shape))
+
+
+def lead_as_batch(g: Tensor, x: Tensor, lead: int, d: int) -> Tuple[Tensor, Tensor]:
+    """``g: [*lead, *batch, *out] -> [L, B, *out]`` and ``x: [*batch, *in]`` as an expanded
+    (not copied) ``[L, B, *in]``: the 4-/5-d operands of torch's pooling backward kernels."""
+    stacked_lead = numel(list(g.shape[:lead]))
+    spatial: List[int] = list(x.shape[x.dim() - d:])
+    batch = numel(list(x.shape[:x.dim() - d]))
+    grads = g.reshape([stacked_lead, batch] + list(g.shape[g.dim() - d:]))
+    inputs = x.reshape([1, batch] + spatial).expand([stacked_lead, batch] + spatial)
+    return grads, inputs
+
+
+def avg_pool_vjp(g: Tensor, x: Tensor, lead: int, kernel: List[int], stride: List[int],
+                 padding: List[int], ceil_mode: bool, count_include_pad: bool,
+                 divisor_override: Optional[int]) -> Tensor:
+    """``x̄[i] = Σ_{p ∋ i} g[p] / divisor(p)``; 1-d pools run as 2-d pools of height 1."""
+    shape: List[int] = list(g.shape[:lead]) + list(x.shape)
+    if len(kernel) == 1:
+        g, x = g.unsqueeze(-2), x.unsqueeze(-2)
+        kernel, stride, padding = [1] + kernel, [1] + stride, [0] + padding
+    grads, inputs = lead_as_batch(g, x, lead, len(kernel))
+    if len(kernel) == 2:
+        grad = torch.ops.aten.avg_pool2d_backward(grads, inputs, kernel, stride, padding,
+                                                  ceil_mode, count_include_pad, divisor_override)
+    else:
+        grad = torch.ops.aten.avg_pool3d_backward(grads, inputs, kernel, stride, padding,
+                                                  ceil_mode, count_include_pad, divisor_override)
+    return grad.reshape(shape)
+
+
+def adaptive_avg_pool_vjp(g: Tensor, x: Tensor, lead: int, d: int) -> Tensor:
+    """``x̄[i] = Σ_{p ∋ i} g[p] / |window(p)|`` (windows from the input and output sizes)."""
+    shape: List[int] = list(g.shape[:lead]) + list(x.shape)
+    if d == 1:
+        g, x, d = g.unsqueeze(-2), x.unsqueeze(-2), 2
+    grads, inputs = lead_as_batch(g, x, lead, d)
+    if d == 2:
+        grad = torch.ops.aten._adaptive_avg_pool2d_backward(grads, inputs)
+    else:
+        grad = torch.ops.aten._adaptive_avg_pool3d_backward(grads, inputs)
+    return grad.reshape(shape)
+
+
+# -- rules ---------------------------------------------------------------------------------------
+SPATIAL_DIMS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3,
+                F.max_pool1d_with_indices: 1, F.max_pool2d_with_indices: 2,
+                F.max_pool3d_with_indices: 3,
+                F.avg_pool1d: 1, F.avg_pool2d: 2, F.avg_pool3d: 3,
+                F.adaptive_avg_pool1d: 1, F.adaptive_avg_pool2d: 2, F.adaptive_avg_pool3d: 3}
+
+
+def _window(c: Ctx) -> tuple[list, list, list]:
+    """Static kernel, stride (default: the kernel) and padding of a pooling call, ``d`` each."""
+    b, d = c.bound, SPATIAL_DIMS[c.node.target]
+    kernel = ints(b["kernel_size"], d)
+    stride = kernel if b["stride"] is None or b["stride"] == [] or b["stride"] == () \
+        else ints(b["stride"], d)
+    return kernel, stride, ints(b["padding"], d)
+
+
+def _max_pool_vjp(g, c: Ctx):
+    kernel, stride, padding = _window(c)
+    dilation = ints(c.bound["dilation"], len(kernel))
+    return c.call(max_pool_vjp, g, c.args.input, c.lead, kernel, stride, padding, dilation,
+                  c.bound["ceil_mode"])
+
+
+def _avg_pool_vjp(g, c: Ctx):
+    kernel, stride, padding = _window(c)
+    return c.call(avg_pool_vjp, g, c.args.input, c.lead, kernel, stride, padding,
+                  c.bound["ceil_mode"], c.bound["count_include_pad"],
+                  c.bound.get("divisor_override"))
+
+
+def _returns_indices(b: dict) -> Optional[str]:
+    if b["return_indices"]:
+        return ("max pooling with return_indices=True has no rule (its output is a tuple with "
+                "integer indices); pool with return_indices=False, or recompute the indices "
+                "outside the differentiated model")
+    return None
+
+
+_MAX_POOL = "input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, " \
+            "return_indices=False"
+_AVG_POOL = "input, kernel_size, stride=None, padding=0, ceil_mode=False, " \
+            "count_include_pad=True"
+
+for _d in (1, 2, 3):
+    register([getattr(F, f"max_pool{_d}d"), getattr(F, f"max_pool{_d}d_with_indices")],
+             f"max_pool{_d}d", _MAX_POOL, vjp={"input": _max_pool_vjp},
+             unsupported=_returns_indices,
+             doc="y[p] = max_{i ∈ window(p)} x[i];  x̄[i] = Σ_{p: argmax(p) = i} g[p] "
+                 "(argmax recomputed from x; overlapping windows add up).")
+    register([getattr(F, f"avg_pool{_d}d")], f"avg_pool{_d}d",
+             _AVG_POOL + (", divisor_override=None" if _d > 1 else ""),
+             vjp={"input": _avg_pool_vjp},
+             doc="y[p] = Σ_{i ∈ window(p)} x[i] / divisor(p) (the window size, clipped to the "
+                 "input unless count_include_pad, or divisor_override);  "
+                 "x̄[i] = Σ_{p ∋ i} g[p] / divisor(p).")
+    register([getattr(F, f"adaptive_avg_pool{_d}d")], f"adaptive_avg_pool{_d}d",
+             "input, output_size",
+             vjp={"input": lambda g, c: c.call(adaptive_avg_pool_vjp, g, c.args.input, c.lead,
+                                               SPATIAL_DIMS[c.node.target])},
+             doc="y[p] = mean of x over window(p) = [⌊p·in/out⌋, ⌈(p+1)·in/out⌉) per axis;  "
+                 "x̄[i] = Σ_{p ∋ i} g[p] / |window(p)|.")

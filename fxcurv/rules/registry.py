@@ -13,7 +13,8 @@ A rule is keyed by every spelling of its op in a traced graph: the function (``F
 * ``batch_grad[arg](g, c)``: for a parameter argument, the per-sample cotangent
   ``[*lead, N, *arg.shape]``, where sample ``n`` is axis 0 of the op's data input.
 * ``batch_l2[arg]`` / ``sum_grad_squared[arg]``: optional cheaper formulas for
-  ``‖batch_grad[n]‖²`` ``[N]`` and ``Σ_n batch_grad[n]²`` ``arg.shape`` (gradient only, lead 0).
+  ``‖batch_grad[n]‖²`` ``[N]`` (lead 0) and ``Σ_{lead, n} batch_grad²`` ``arg.shape`` (any lead:
+  with a sqrt-GGN factor as ``g`` this is the GGN diagonal).
 """
 from __future__ import annotations
 
@@ -47,6 +48,12 @@ class OpRule:
     unsupported: Optional[Callable[[dict], Optional[str]]] = None
     # decomposition: emits the op's forward from other ops (applied by the normalize pass)
     lower: Optional[Callable[["Ctx"], Any]] = None
+    # losses: a symmetric factor ``S`` of the loss Hessian w.r.t. ``input``, ``H = S Sᵀ``
+    # summed over the leading axis: ``sqrt_hessian(c) -> [C, *input.shape]`` exact,
+    # ``sqrt_hessian_mc(c, m) -> [m, *input.shape]`` sampled (E[S Sᵀ] = H); both carry the
+    # reduction's scaling
+    sqrt_hessian: Optional[Callable[["Ctx"], Any]] = None
+    sqrt_hessian_mc: Optional[Callable[["Ctx", int], Any]] = None
     # call-time validation: emits a check of the inputs and returns the checked ``target``
     # (applied by the normalize pass, e.g. a regression target's shape)
     check_target: Optional[Callable[["Ctx"], Any]] = None

@@ -1,0 +1,1 @@
+"""Second-order propagations: square-root GGN factors (exact and Monte-Carlo)."""

@@ -1,0 +1,181 @@
+"""First-order quantities equal BackPACK 1.7.1's, in float64, on every layer BackPACK supports
+for first order, with CrossEntropyLoss and MSELoss, reductions mean and sum.
+
+BackPACK runs on an extended deep copy of each model (``extend`` mutates modules) and stores
+``p.grad_batch``, ``p.batch_l2``, ``p.sum_grad_squared``, ``p.variance``.
+
+Notes on BackPACK 1.7.1:
+* BatchNorm1d/2d: supported for first order in eval mode (in train mode it raises
+  NotImplementedError "Encountered BatchNorm module in training mode").
+* Embedding: supported, but its weight rule builds a float32 one-hot tensor, so in float64 it
+  fails ("expected scalar type Float but found Double") unless the default dtype is float64.
+  BackPACK is therefore run with ``torch.set_default_dtype(torch.float64)``.
+"""
+from __future__ import annotations
+
+import copy
+from contextlib import contextmanager
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxcurv
+from models import seed_cnn
+
+backpack = pytest.importorskip("backpack")
+from backpack.extensions import (  # noqa: E402
+    BatchGrad,
+    BatchL2Grad,
+    SumGradSquared,
+    Variance,
+)
+
+DTYPE = torch.float64
+N = 4
+QUANTITIES = ["batch_grad", "batch_l2", "sum_grad_squared", "variance"]
+SAVEFIELDS = ["grad_batch", "batch_l2", "sum_grad_squared", "variance"]
+TOL = dict(rtol=1e-8, atol=1e-12)
+NUM_OUT = 3
+
+
+def _with_head(body: list, in_shape: tuple) -> nn.Sequential:
+    """``body`` then Flatten and a Linear to ``NUM_OUT`` outputs sized from a dummy pass."""
+    features = nn.Sequential(*body, nn.Flatten())
+    with torch.no_grad():
+        size = features(torch.zeros(1, *in_shape)).shape[1]
+    return nn.Sequential(*body, nn.Flatten(), nn.Linear(size, NUM_OUT))
+
+
+def _randomize_bn(bn: nn.Module) -> None:
+    with torch.no_grad():
+        bn.running_mean.copy_(torch.randn_like(bn.running_mean))
+        bn.running_var.copy_(torch.rand_like(bn.running_var) + 0.5)
+        bn.weight.copy_(torch.randn_like(bn.weight))
+        bn.bias.copy_(torch.randn_like(bn.bias))
+
+
+def _bn1d():
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, NUM_OUT))
+    _randomize_bn(model[1])
+    return model
+
+
+def _bn2d():
+    model = _with_head([nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU()], (2, 5, 5))
+    _randomize_bn(model[1])
+    return model
+
+
+# name -> (model builder, input shape, integer input range or None); all models end in
+# [N, NUM_OUT]. Every conv uses non-default stride / padding / dilation / groups somewhere.
+LAYERS = {
+    "linear": (lambda: nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, NUM_OUT)),
+               (5,), None),
+    "linear_nobias_sigmoid": (lambda: nn.Sequential(nn.Linear(5, 4, bias=False), nn.Sigmoid(),
+                                                    nn.Linear(4, NUM_OUT)), (5,), None),
+    "conv1d": (lambda: _with_head([nn.Conv1d(2, 4, 3, stride=2, padding=1, groups=2),
+                                   nn.ReLU(), nn.AvgPool1d(2)], (2, 8)), (2, 8), None),
+    "conv2d": (lambda: _with_head([nn.Conv2d(2, 4, 3, stride=(2, 1), padding=2, dilation=2,
+                                             groups=2), nn.Tanh(), nn.MaxPool2d(2)],
+                                  (2, 7, 6)), (2, 7, 6), None),
+    "conv2d_nobias": (lambda: _with_head([nn.Conv2d(3, 2, (2, 3), padding=(1, 0), bias=False),
+                                          nn.ReLU()], (3, 4, 5)), (3, 4, 5), None),
+    "conv3d": (lambda: _with_head([nn.Conv3d(2, 4, (2, 3, 2), stride=(1, 2, 1),
+                                             padding=(1, 0, 1), dilation=(2, 1, 1), groups=2),
+                                   nn.Sigmoid()], (2, 4, 5, 3)), (2, 4, 5, 3), None),
+    "conv_transpose1d": (lambda: _with_head([nn.ConvTranspose1d(2, 4, 3, stride=2, padding=1,
+                                                                output_padding=1, groups=2),
+                                             nn.ReLU()], (2, 4)), (2, 4), None),
+    "conv_transpose2d": (lambda: _with_head([nn.ConvTranspose2d(2, 4, (3, 2), stride=(2, 1),
+                                                                padding=(1, 0), dilation=(1, 2),
+                                                                groups=2), nn.Tanh()],
+                                            (2, 3, 4)), (2, 3, 4), None),
+    "conv_transpose3d": (lambda: _with_head([nn.ConvTranspose3d(2, 3, 2, stride=2,
+                                                                bias=False), nn.ReLU()],
+                                            (2, 2, 3, 2)), (2, 2, 3, 2), None),
+    "batchnorm1d_eval": (_bn1d, (4,), None),
+    "batchnorm2d_eval": (_bn2d, (2, 5, 5), None),
+    "embedding": (lambda: nn.Sequential(nn.Embedding(10, 4), nn.Flatten(),
+                                        nn.Linear(3 * 4, NUM_OUT)), (3,), 10),
+}
+LOSSES = {
+    "ce_mean": lambda: nn.CrossEntropyLoss(reduction="mean"),
+    "ce_sum": lambda: nn.CrossEntropyLoss(reduction="sum"),
+    "mse_mean": lambda: nn.MSELoss(reduction="mean"),
+    "mse_sum": lambda: nn.MSELoss(reduction="sum"),
+}
+
+
+def make_model(layer: str) -> nn.Module:
+    torch.manual_seed(sorted(LAYERS).index(layer))
+    build, _, _ = LAYERS[layer]
+    return build().to(DTYPE).eval()
+
+
+def make_batch(in_shape: tuple, vocab, loss: str, n: int = N, num_out: int = NUM_OUT):
+    gen = torch.Generator().manual_seed(n)
+    if vocab is None:
+        x = torch.randn(n, *in_shape, generator=gen, dtype=DTYPE)
+    else:
+        x = torch.randint(0, vocab, (n, *in_shape), generator=gen)
+    if loss.startswith("ce"):
+        y = torch.randint(0, num_out, (n,), generator=gen)
+    else:
+        y = torch.randn(n, num_out, generator=gen, dtype=DTYPE)
+    return x, y
+
+
+@contextmanager
+def default_dtype(dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+def run_backpack(model: nn.Module, loss_fn: nn.Module, x, y):
+    """Loss, grad and the four first-order quantities from BackPACK on an extended copy."""
+    model = backpack.extend(copy.deepcopy(model))
+    loss_fn = backpack.extend(copy.deepcopy(loss_fn))
+    with default_dtype(DTYPE), backpack.backpack(BatchGrad(), BatchL2Grad(), SumGradSquared(),
+                                                 Variance()):
+        loss = loss_fn(model(x), y)
+        loss.backward()
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    grads = {n: p.grad for n, p in params}
+    quantities = [{n: getattr(p, field) for n, p in params} for field in SAVEFIELDS]
+    return loss.detach(), grads, quantities
+
+
+def compare(model: nn.Module, loss_fn: nn.Module, x, y):
+    step = fxcurv.compile(model, loss_fn, QUANTITIES)
+    loss, grads, *quantities = step(x, y)
+    ref_loss, ref_grads, ref_quantities = run_backpack(model, loss_fn, x, y)
+    torch.testing.assert_close(loss, ref_loss, **TOL, msg="loss")
+    for what, actual, expected in zip(["grad"] + QUANTITIES, [grads, *quantities],
+                                      [ref_grads, *ref_quantities]):
+        assert list(actual) == list(expected), f"{what}: keys differ"
+        for key in expected:
+            assert actual[key].shape == expected[key].shape, \
+                f"{what}[{key}]: {tuple(actual[key].shape)} vs {tuple(expected[key].shape)}"
+            torch.testing.assert_close(actual[key], expected[key], **TOL,
+                                       msg=f"{what}[{key}] vs BackPACK")
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_first_order_equal_backpack(layer, loss):
+    _, in_shape, vocab = LAYERS[layer]
+    x, y = make_batch(in_shape, vocab, loss)
+    compare(make_model(layer), LOSSES[loss](), x, y)
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_seed_cnn_equal_backpack(loss):
+    torch.manual_seed(0)
+    model = seed_cnn().to(DTYPE)
+    x, y = make_batch((1, 28, 28), None, loss, n=2, num_out=10)
+    compare(model, LOSSES[loss](), x, y)

@@ -67,7 +67,11 @@ class PerSample:
             full = f"{self.params[name].name}_{label}"
             with self.emit.naming(full, pass_="per_sample", param=name):
                 value = build()
-            self.emit.rename(value, full)
+            if isinstance(value, list):
+                for i, item in enumerate(value):
+                    self.emit.rename(item, f"{full}_{i}")
+            else:
+                self.emit.rename(value, full)
             self._memo[key] = value
         return self._memo[key]
 
@@ -121,6 +125,23 @@ class PerSample:
                 return quick
             return self.batch(name).square().flatten(1).sum(1)
         return self.memoized("batch_l2", name, label, build)
+
+    def kron(self, name: str, label: str) -> Any:
+        """Kronecker factors ``[G, A]`` / ``[G]`` of a parameter with exactly one use."""
+        def build():
+            uses = self.uses(name)
+            if len(uses) != 1:
+                node = uses[0][0] if uses else self.params[name]
+                raise node_error(node, f"parameter '{name}' is used {len(uses)} times, and a sum "
+                                 "of Kronecker products is not a Kronecker product",
+                                 "Request diag_ggn_* or sqrt_ggn_* for shared parameters.", label)
+            node, rule, arg = uses[0]
+            if arg not in rule.kron:
+                raise node_error(node, f"{rule.name} has no Kronecker factorisation for its "
+                                 f"argument '{arg}' (parameter '{name}')",
+                                 "Request diag_ggn_* or sqrt_ggn_* for this parameter.", label)
+            return rule.kron[arg](self.cotangents[node], Ctx.of(node, rule, self.emit, self.lead))
+        return self.memoized("kron", name, label, build)
 
     def variance(self, name: str, label: str, grad: Any) -> Any:
         def build():

@@ -45,6 +45,19 @@ def linear_weight_sum_grad_squared(g: Tensor, x: Tensor, lead: int) -> Tensor:
     return torch.einsum("lnto,nti->lnoi", gm, xm).square().sum([0, 1])
 
 
+def output_gram(g: Tensor, lead: int) -> Tensor:
+    """``G = Σ s sᵀ`` over every leading, sample and position axis of ``g`` ``[*lead, N, *, O]``."""
+    flat = g.reshape(-1, g.size(-1))
+    return torch.matmul(flat.t(), flat)
+
+
+def input_gram(x: Tensor) -> Tensor:
+    """``A = Σ_{n,t} x_nt x_ntᵀ / (N·T)`` for ``x: [N, *, I]`` (``/N`` for 2-D input, as BackPACK;
+    sequence positions count as extra samples, the "expand" convention)."""
+    flat = x.reshape(-1, x.size(-1))
+    return torch.matmul(flat.t(), flat) / flat.size(0)
+
+
 def _weight_vjp(g, c: Ctx):
     gm = c.call(merge_middle, g, c.lead)
     xm = c.call(merge_middle, c.args.input, 0)
@@ -68,4 +81,6 @@ register(
     batch_l2={"weight": lambda g, c: c.call(linear_weight_batch_l2, g, c.args.input)},
     sum_grad_squared={"weight": lambda g, c: c.call(linear_weight_sum_grad_squared, g,
                                                     c.args.input, c.lead)},
+    kron={"weight": lambda g, c: [c.call(output_gram, g, c.lead), c.call(input_gram, c.args.input)],
+          "bias": lambda g, c: [c.call(output_gram, g, c.lead)]},
 )

@@ -125,6 +125,14 @@ def _returns_indices(b: dict) -> Optional[str]:
     return None
 
 
+def _size_none(b: dict) -> Optional[str]:
+    sizes = b["output_size"] if isinstance(b["output_size"], (list, tuple)) else []
+    if any(size is None for size in sizes):
+        return ("adaptive pooling with None in output_size (keep that input size) cannot be "
+                "compiled by TorchScript; give every output size explicitly")
+    return None
+
+
 _MAX_POOL = "input, kernel_size, stride=None, padding=0, dilation=1, ceil_mode=False, " \
             "return_indices=False"
 _AVG_POOL = "input, kernel_size, stride=None, padding=0, ceil_mode=False, " \
@@ -146,5 +154,6 @@ for _d in (1, 2, 3):
              "input, output_size",
              vjp={"input": lambda g, c: c.call(adaptive_avg_pool_vjp, g, c.args.input, c.lead,
                                                SPATIAL_DIMS[c.node.target])},
+             unsupported=_size_none,
              doc="y[p] = mean of x over window(p) = [⌊p·in/out⌋, ⌈(p+1)·in/out⌉) per axis;  "
                  "x̄[i] = Σ_{p ∋ i} g[p] / |window(p)|.")

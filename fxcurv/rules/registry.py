@@ -39,6 +39,9 @@ class OpRule:
     batch_grad: dict[str, RuleFn] = field(default_factory=dict)
     batch_l2: dict[str, RuleFn] = field(default_factory=dict)
     sum_grad_squared: dict[str, RuleFn] = field(default_factory=dict)
+    # Kronecker factors of a parameter argument from a sqrt-GGN factor ``g`` (lead 1):
+    # ``kron[arg](g, c) -> [G, A]`` (weights) or ``[G]`` (biases), BackPACK's order and scaling
+    kron: dict[str, RuleFn] = field(default_factory=dict)
     # the output does not depend differentiably on any input (sizes, masks, fills); a
     # predicate of the bound arguments when that depends on them (``getattr(x, "shape")``)
     constant: Union[bool, Callable[[dict], bool]] = False

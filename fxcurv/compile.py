@@ -56,6 +56,7 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
         raise CompileError("the model has no trainable parameters (requires_grad=True) that the "
                            "loss depends on; there is nothing to differentiate.")
     normalize(traced.graph)
+    traced.refresh()
     emit = Emitter(traced.graph)
     x, y = traced.inputs
     checked_x = _emit_input_check(emit, traced)

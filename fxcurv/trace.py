@@ -75,6 +75,14 @@ class Traced:
     model_output: fx.Node
     loss: fx.Node
 
+    def refresh(self) -> None:
+        """Re-read the loss and model-output nodes after a pass replaced them (the loss is what
+        the graph returns; a fused ``log_softmax`` output is replaced by its logits)."""
+        self.loss = next(n for n in self.graph.nodes if n.op == "output").args[0]
+        if self.model_output.graph is not self.graph or self.model_output not in set(
+                self.graph.nodes):
+            self.model_output = self.loss.args[0]
+
 
 def trace(model: nn.Module, loss_fn: Callable) -> Traced:
     """Trace ``loss_fn(model(x), y)`` into one graph; parameter nodes named like the model's."""

@@ -4,13 +4,17 @@
   and later readers of the overwritten value read the new node instead;
 * ops with a decomposition in the rule table (``rule.lower``, e.g. dropout -> mask multiply)
   are replaced by it, so the backward reuses the forward's mask;
-* losses whose rule checks its target at call time (``rule.check_target``) get that check.
+* losses whose rule checks its target at call time (``rule.check_target``) get that check;
+* ``nll_loss(log_softmax(z, dim=1), y)`` becomes ``cross_entropy(z, y)`` (the same function),
+  so the loss's Hessian is taken w.r.t. the logits ``z``: the GGN of a model ending in
+  ``LogSoftmax`` + ``NLLLoss`` is that of the logits with cross-entropy, not zero.
 """
 from __future__ import annotations
 
 import operator
 
 import torch.fx as fx
+import torch.nn.functional as F
 
 from fxcurv.emit import Emitter
 from fxcurv.rules import RULES, Ctx, rule_for
@@ -24,6 +28,8 @@ def normalize(graph: fx.Graph) -> fx.Graph:
     for node in list(graph.nodes):
         if _make_out_of_place(node):
             _read_new_value(graph, node)
+    for node in list(graph.nodes):
+        _fuse_log_softmax_nll(graph, node)
     for node in list(graph.nodes):
         rule = rule_for(node)
         if rule is not None and rule.lower is not None:
@@ -77,3 +83,26 @@ def _check_target(graph: fx.Graph, node: fx.Node, rule) -> None:
         checked = emit.as_node(rule.check_target(Ctx.of(node, rule, emit)))
     target = rule.bind(node)["target"]
     node.replace_input_with(target, checked)
+
+
+def _fuse_log_softmax_nll(graph: fx.Graph, node: fx.Node) -> None:
+    """``nll_loss(log_softmax(z, 1), y, ...)`` -> ``cross_entropy(z, y, ...)`` when the
+    log-probabilities feed nothing else."""
+    if node.op != "call_function" or node.target is not F.nll_loss:
+        return
+    nll = RULES[F.nll_loss].bind(node)
+    source = nll["input"]
+    rule = rule_for(source) if isinstance(source, fx.Node) else None
+    if rule is None or rule.name != "log_softmax" or len(source.users) != 1:
+        return
+    if rule.bind(source)["dim"] != 1 or rule.bind(source).get("dtype") is not None:
+        return
+    kwargs = {key: nll[key] for key in ("weight", "ignore_index", "reduction")}
+    with graph.inserting_before(node):
+        fused = graph.call_function(F.cross_entropy, (rule.bind(source)["input"], nll["target"]),
+                                    kwargs)
+    fused.meta = dict(node.meta)
+    node.replace_all_uses_with(fused)
+    graph.erase_node(node)
+    graph.erase_node(source)
+    fused._rename(node.name)

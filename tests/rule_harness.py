@@ -61,9 +61,10 @@ def build(c: Case, lead: int) -> tuple[fx.GraphModule, list, fx.Graph]:
     cts = backward(emit, {result: emit.proxy(ct)}, sources, lead=lead)
     vjps = [cts.get(node) for node in sources]
     batch = [_batch_grad(emit, placeholders[name], cts, lead) for name in c.params]
+    shortcuts = [_shortcuts(emit, placeholders[name], cts, lead) for name in c.params]
     used = [rule_for(n) for n in cts if rule_for(n) is not None]
     graph.erase_node(out_node)
-    graph.output(emit.as_node((vjps, batch)))
+    graph.output(emit.as_node((vjps, batch, shortcuts)))
     graph.lint()
     graph._co_fields = {}  # a lambda's code name would hide the generated source from TorchScript
     return fx.GraphModule(torch.nn.Module(), graph), used, graph
@@ -80,6 +81,21 @@ def _batch_grad(emit: Emitter, param: fx.Node, cts: dict, lead: int):
                 part = rule.batch_grad[arg](cts[user], Ctx.of(user, rule, emit, lead))
                 total = part if total is None else total + part
     return total
+
+
+def _shortcuts(emit: Emitter, param: fx.Node, cts: dict, lead: int) -> dict:
+    """The op's cheaper ``sum_grad_squared`` (any lead) and ``batch_l2`` (lead 0) formulas."""
+    users = [u for u in list(param.users) if u in cts]
+    if len(users) != 1:
+        return {}
+    user, rule = users[0], rule_for(users[0])
+    arg = next(a for a, v in rule.bind(user).items() if v is param)
+    found = {}
+    for kind in ("sum_grad_squared", "batch_l2"):
+        fn = getattr(rule, kind).get(arg)
+        if fn is not None and (kind == "sum_grad_squared" or lead == 0):
+            found[kind] = fn(cts[user], Ctx.of(user, rule, emit, lead))
+    return found
 
 
 def cotangent(c: Case, lead: int, generator: torch.Generator) -> torch.Tensor:

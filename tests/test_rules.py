@@ -28,20 +28,25 @@ def _close(actual, expected, what):
 def test_vjp_and_batch_rules(case, lead):
     module, _, _ = build(case, lead)
     ct = cotangent(case, lead, torch.Generator().manual_seed(lead))
-    vjps, batch = module(ct, *case.inputs)
+    vjps, batch, shortcuts = module(ct, *case.inputs)
     for name, actual, expected in zip(case.differentiable(), vjps,
                                       reference_vjps(case, ct, lead)):
         _close(actual, expected, f"vjp wrt {name}")
-    for name, actual, expected in zip(case.params, batch,
-                                      reference_batch_grads(case, ct, lead)):
+    references = reference_batch_grads(case, ct, lead)
+    for name, actual, expected, quick in zip(case.params, batch, references, shortcuts):
         _close(actual, expected, f"per-sample grad of {name}")
+        if "sum_grad_squared" in quick:
+            _close(quick["sum_grad_squared"], expected.square().sum(list(range(lead + 1))),
+                   f"sum_grad_squared rule of {name}")
+        if "batch_l2" in quick:
+            _close(quick["batch_l2"], expected.square().flatten(1).sum(1), f"batch_l2 of {name}")
 
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_adjoint_identity_and_torchscript(case):
     module, _, _ = build(case, 0)
     ct = cotangent(case, 0, torch.Generator().manual_seed(7))
-    vjps, _ = torch.jit.script(module)(ct, *case.inputs)
+    vjps, _, _ = torch.jit.script(module)(ct, *case.inputs)
     diff = case.differentiable()
     index = [case.names.index(n) for n in diff]
     tangents = [torch.randn_like(case.inputs[i]) for i in index]

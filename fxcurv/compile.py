@@ -15,6 +15,7 @@ from torch import Tensor
 from . import quantities as q
 from .emit import Emitter
 from .errors import CompileError, node_error
+from .passes.analysis import depends_on
 from .passes.backward import backward
 from .passes.cleanup import finalize
 from .passes.normalize import normalize
@@ -63,8 +64,8 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
     with emit.naming("loss", pass_="backward"):
         seed = torch.ones_like(emit.proxy(traced.loss))
     emit.rename(seed, "loss_cotangent")
+    _check_supported(traced, depends_on(traced.graph, traced.params.values()), requested)
     cotangents = backward(emit, {traced.loss: seed}, traced.params.values())
-    _check_supported(traced, cotangents, requested)
     grads = _gradients(emit, traced, cotangents)
     with emit.naming("batch_size"):
         batch_size = checked_x.size(0)
@@ -149,12 +150,12 @@ def _gradients(emit: Emitter, traced: Traced, cotangents: dict) -> dict[str, Any
     return grads
 
 
-def _check_supported(traced: Traced, cotangents: dict, requested: list) -> None:
+def _check_supported(traced: Traced, active: dict, requested: list) -> None:
     """Compile-time errors for unsupported op arguments and, for per-sample quantities, ops
     that mix samples inside the model (BatchNorm in train mode, reductions over axis 0)."""
     model_nodes = _ancestors(traced.model_output)
     per_sample = [name for name, quantity in requested if quantity.per_sample]
-    for node in cotangents:
+    for node in active:
         rule = rule_for(node)
         if rule is None:
             continue

@@ -1,17 +1,10 @@
-"""Convolutions, 1-, 2- and 3-d, with stride, padding ('same'/'valid' too), dilation, groups.
-
-``conv``: ``y[n,o,p] = b[o] + Σ_{c,k} W[o,c,k] x̃[n, G(o)·Cin/G + c, s·p + d·k]`` with
-``x: [N, Cin, *in]``, ``W: [Cout, Cin/G, *k]``, ``b: [Cout]``, ``y: [N, Cout, *out]`` and ``x̃``
-the zero-padded input. With ``U(x): [N, Cin, K, *out]`` the unfolded input (im2col, ``K = Πk``):
-``x̄ = conv_transpose(g, W)`` cropped to ``x``; ``W̄ = Σ_{n,p} g[n,o,p] U(x)[n,c,k,p]`` within
-each group; ``b̄ = Σ_{n,p} g``. Per sample the sums run over the positions ``p`` only.
-
-``conv_transpose`` is the adjoint of conv's input map, ``⟨g, convᵀ(x, W)⟩ = ⟨conv(g, W), x⟩``
-(``W: [Cin, Cout/G, *k]``): ``x̄ = conv(g, W)`` (same stride, padding, dilation, groups),
-``W̄[c,o,k] = Σ_{n,p} x[n,c,p] U(g)[n,o,k,p]``, ``b̄ = Σ_{n,p} g``.
+"""Convolutions and transposed convolutions, 1-, 2- and 3-d, with stride, padding (ints, tuples,
+``'same'``, ``'valid'``), dilation, output_padding and groups.
 
 Lead axes of ``g`` are folded into the batch axis for ``x̄``, and stacked as extra output
 channels inside each group for ``W̄`` (one ``convolution_backward`` call serves all of them).
+Per-sample weight gradients contract ``g`` with the unfolded input (im2col, exact
+sliding-window views); ``batch_l2`` uses the Gram form of ``linear`` when that is cheaper.
 """
 from __future__ import annotations
 
@@ -25,7 +18,7 @@ from .affine import linear_weight_batch_l2
 from .registry import Ctx, register
 
 
-# -- runtime helpers (TorchScript-scriptable) ---------------------------------------------------
+# -- runtime helpers (TorchScript-scriptable) -------------------------------------------
 def numel(sizes: List[int]) -> int:
     """Product of ``sizes`` (1 for an empty list)."""
     total = 1
@@ -107,9 +100,10 @@ def conv_weight_vjp(g: Tensor, x: Tensor, weight: Tensor, lead: int, stride: Lis
     else:  # [Cout, Cin/G, *k] -> [G·L·Cout/G, Cin/G, *k]
         split = [groups, stacked_lead, shape[0] // groups] + shape[1:]
         stacked_shape = [stacked_lead * shape[0]] + shape[1:]
+    shape_only = weight if stacked_lead == 1 else weight.new_zeros(stacked_shape)
     _, stacked, _ = torch.ops.aten.convolution_backward(
-        stack_lead_channels(g, lead, groups), x, weight.new_zeros(stacked_shape), None, stride,
-        padding, dilation, transposed, output_padding, groups, [False, True, False])
+        stack_lead_channels(g, lead, groups), x, shape_only, None, stride, padding, dilation,
+        transposed, output_padding, groups, [False, True, False])
     return stacked.reshape(split).movedim(1, 0).reshape(head + shape)
 
 
@@ -192,7 +186,7 @@ def per_sample_weight_l2(left: Tensor, right: Tensor) -> Tensor:
     return l2.reshape([samples, groups]).sum(1)
 
 
-# -- rules ---------------------------------------------------------------------------------------
+# -- rules -------------------------------------------------------------------------------
 SPATIAL_DIMS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3,
                 torch.conv_transpose1d: 1, torch.conv_transpose2d: 2, torch.conv_transpose3d: 3}
 
@@ -206,15 +200,18 @@ def ints(value: Any, d: int) -> list:
 
 
 class Setting:
-    """A call's static stride, padding (``[before, after]`` per axis; a runtime helper call
-    for ``'same'``, which depends on the kernel size), dilation, output_padding, groups."""
+    """A call's static stride, dilation, groups, output_padding and padding, ``d`` ints each;
+    ``pads``: ``[before, after]`` per axis, a runtime helper call for ``'same'`` (it depends on
+    the kernel size; ``padding`` is None then)."""
 
     def __init__(self, c: Ctx):
         b, d = c.bound, SPATIAL_DIMS[c.node.target]
-        self.stride, self.dilation, self.groups = ints(b["stride"], d), ints(b["dilation"], d), \
-            b["groups"]
+        self.stride = ints(b["stride"], d)
+        self.dilation = ints(b["dilation"], d)
+        self.groups = b["groups"]
         self.output_padding = ints(b.get("output_padding", 0), d)
         if b["padding"] == "same":
+            self.padding = None
             self.pads = c.call(same_pads, c.args.weight, self.dilation)
         else:
             self.padding = [0] * d if b["padding"] == "valid" else ints(b["padding"], d)
@@ -284,12 +281,22 @@ def _bias_batch(g, c: Ctx):
 
 _RULES = {
     "conv": dict(
+        doc="y[n,o,p] = b[o] + Σ_{c,k} W[o,c,k] x̃[n, G(o)·Cin/G + c, s·p + d·k] (x̃: x "
+            "zero-padded, G(o) the group of o);  x: [N, Cin, *in], W: [Cout, Cin/G, *k], "
+            "b: [Cout], y: [N, Cout, *out]. With U(x): [N, Cin, K, *out] the unfolded input: "
+            "x̄ = conv_transpose(g, W) cropped to x;  W̄[o,c,k] = Σ_{n,p} g[n,o,p] U(x)[n,c,k,p] "
+            "within each group (per sample: Σ_p only);  b̄ = Σ_{n,p} g[n,:,p].",
         params="input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1",
         vjp={"input": _conv_input, "weight": _conv_weight,
              "bias": lambda g, c: _bias_batch(g, c).sum(c.lead)},
         batch_grad={"weight": _conv_weight_batch, "bias": _bias_batch},
         batch_l2={"weight": _conv_weight_l2}),
     "conv_transpose": dict(
+        doc="y = convᵀ(x, W) + b, the adjoint of conv's input map: ⟨g, convᵀ(x, W)⟩ = "
+            "⟨conv(g, W), x⟩;  x: [N, Cin, *in], W: [Cin, Cout/G, *k], b: [Cout], "
+            "y: [N, Cout, *out]. x̄ = conv(g, W) (same stride, padding, dilation, groups), "
+            "cropped to x;  W̄[c,o,k] = Σ_{n,p} x[n,c,p] U(g)[n,o,k,p] within each group "
+            "(per sample: Σ_p only);  b̄ = Σ_{n,p} g[n,:,p].",
         params="input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, "
                "dilation=1",
         vjp={"input": _transpose_input, "weight": _transpose_weight,
@@ -300,4 +307,4 @@ _RULES = {
 
 for _target, _d in SPATIAL_DIMS.items():
     _family = "conv_transpose" if "transpose" in _target.__name__ else "conv"
-    register([_target], f"{_family}{_d}d", doc=__doc__, **_RULES[_family])
+    register([_target], f"{_family}{_d}d", **_RULES[_family])

@@ -9,7 +9,7 @@ folded into the batch axis and restored.
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +19,7 @@ from .conv import ints, numel
 from .registry import Ctx, register
 
 
-# -- runtime helpers (TorchScript-scriptable) ---------------------------------------------------
+# -- runtime helpers (TorchScript-scriptable) -------------------------------------------
 def max_pool_argmax(x: Tensor, kernel: List[int], stride: List[int], padding: List[int],
                     dilation: List[int], ceil_mode: bool) -> Tensor:
     """Each window's argmax as a flat index into the input's spatial axes, ``[*batch, *out]``."""
@@ -86,7 +86,7 @@ def adaptive_avg_pool_vjp(g: Tensor, x: Tensor, lead: int, d: int) -> Tensor:
     return grad.reshape(shape)
 
 
-# -- rules ---------------------------------------------------------------------------------------
+# -- rules -------------------------------------------------------------------------------
 SPATIAL_DIMS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3,
                 F.max_pool1d_with_indices: 1, F.max_pool2d_with_indices: 2,
                 F.max_pool3d_with_indices: 3,
@@ -98,8 +98,7 @@ def _window(c: Ctx) -> tuple[list, list, list]:
     """Static kernel, stride (default: the kernel) and padding of a pooling call, ``d`` each."""
     b, d = c.bound, SPATIAL_DIMS[c.node.target]
     kernel = ints(b["kernel_size"], d)
-    stride = kernel if b["stride"] is None or b["stride"] == [] or b["stride"] == () \
-        else ints(b["stride"], d)
+    stride = ints(b["stride"], d) if b["stride"] else kernel  # None or () mean the kernel
     return kernel, stride, ints(b["padding"], d)
 
 

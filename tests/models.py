@@ -231,6 +231,33 @@ class FrozenFirst(nn.Module):
         return self.trained(torch.tanh(self.frozen(x)))
 
 
+class ScaleShift(nn.Module):
+    """Raw parameters in elementwise ops: ``linear(x) * scale + shift`` (broadcast over N)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.scale = nn.Parameter(torch.randn(3))
+        self.shift = nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        return torch.tanh(self.fc(x)) * self.scale + self.shift
+
+
+class TiedEmbedding(nn.Module):
+    """Weight tying: the embedding matrix is also the output layer (two different ops use
+    one parameter). Tokens ``[N, T]`` -> logits ``[N, vocab, T]``."""
+
+    def __init__(self, vocab: int = 7, d: int = 4):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.mix = nn.Linear(d, d)
+
+    def forward(self, x):
+        h = torch.tanh(self.mix(self.emb(x)))
+        return F.linear(h, self.emb.weight).transpose(1, 2)
+
+
 def half_sum_of_squares(out: Tensor, y: Tensor) -> Tensor:
     """A plain callable loss."""
     return ((out - y) ** 2).sum() / 2
@@ -395,6 +422,15 @@ def ce_spatial_sum():
                  classification((5, 3), 4, 5))
 
 
+def scale_shift():
+    return _case("scale_shift", 21, ScaleShift, nn.MSELoss(), regression((4,), (3,)))
+
+
+def tied_embedding():
+    return _case("tied_embedding", 22, TiedEmbedding, nn.CrossEntropyLoss(),
+                 lambda n: (_classes(n, 7, 5, salt=4), _classes(n, 7, 5)))
+
+
 def frozen_first():
     return _case("frozen_first", 20, FrozenFirst, nn.MSELoss(reduction="sum"),
                  regression((4,), (3,)))
@@ -405,7 +441,7 @@ _FACTORIES = (
     conv1d_avgpool, conv3d_maxpool, conv2d_strided, conv_transpose2d, adaptive_avgpool,
     batchnorm2d_eval, batchnorm2d_train, batchnorm1d_eval, layernorm_seq, embedding_mean,
     activations_bce, activations_nll, dropout_eval, cat_branches, ce_spatial, ce_spatial_sum,
-    frozen_first)
+    frozen_first, scale_shift, tied_embedding)
 _CASES = [f() for f in _FACTORIES]
 ZOO: dict[str, Callable[[], ModelCase]] = {c.name: f for c, f in zip(_CASES, _FACTORIES)}
 SCRIPTED = [c.name for c in _CASES if "script" in c.tags]

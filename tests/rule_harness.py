@@ -123,7 +123,7 @@ def reference_vjps(c: Case, ct: torch.Tensor, lead: int) -> list[torch.Tensor]:
 
 def reference_batch_grads(c: Case, ct: torch.Tensor, lead: int) -> list[torch.Tensor]:
     """Per-sample parameter gradients of ``⟨ct, fn⟩``: sample ``n`` of every data input."""
-    data = [i for i, n in enumerate(c.names) if n not in c.params
+    data = [i for i, n in enumerate(c.names) if n not in c.params and n not in c.const
             and isinstance(c.inputs[i], torch.Tensor)]
     samples = c.inputs[data[0]].shape[0]
     results = []

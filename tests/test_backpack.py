@@ -7,17 +7,17 @@ BackPACK runs on an extended deep copy of each model (``extend`` mutates modules
 Notes on BackPACK 1.7.1:
 * BatchNorm1d/2d: supported for first order in eval mode (in train mode it raises
   NotImplementedError "Encountered BatchNorm module in training mode").
-* Embedding: supported, but its weight rule builds a float32 one-hot tensor, so in float64 it
-  fails ("expected scalar type Float but found Double") unless the default dtype is float64.
-  BackPACK is therefore run with ``torch.set_default_dtype(torch.float64)``.
-* Conv/ConvTranspose with ``groups > 1``: BackPACK's ``batch_l2`` for the weight is wrong (its
-  shortcut ``einsum("nmi,nki,nmj,nkj->n", ...)`` in ``batch_l2_grad/convnd.py`` ignores the
-  groups), it disagrees with ``‖grad_batch‖²`` of BackPACK itself. For those layers ``batch_l2``
-  is compared with BackPACK's own ``grad_batch`` squared norms; everything else with BackPACK.
-* ConvTranspose with ``output_padding``: BackPACK's weight Jacobian ignores it and crashes
-  (``shape '[4, 2, 1, 3, 8]' is invalid for input of size 168``), so the configs here use none;
-  the zoo's ``conv_transpose2d`` model (output_padding=1) is checked against torch.func in
-  ``test_models.py``.
+* Embedding: supported, but its weight rule builds its one-hot tensor with ``zeros`` in the
+  default dtype, so in float64 it fails ("expected scalar type Float but found Double") unless
+  the default dtype is float64. BackPACK is therefore run with the default dtype float64.
+* Conv/ConvTranspose with ``groups > 1``: BackPACK's ``batch_l2`` for the weight is wrong: its
+  shortcut (``batch_l2_grad/convnd.py``, ``convtransposend.py``) ignores the groups and
+  disagrees with ``‖grad_batch‖²`` of BackPACK itself. For those layers ``batch_l2`` is compared
+  with BackPACK's own ``grad_batch`` squared norms; everything else with BackPACK.
+* ConvTranspose with ``output_padding`` (any groups): BackPACK's weight Jacobian ignores it
+  and crashes (``shape '[4, 2, 1, 3, 8]' is invalid for input of size 168``), so the configs
+  here use none; the zoo's ``conv_transpose2d`` model (output_padding=1) is checked against
+  torch.func in ``test_models.py``.
 """
 from __future__ import annotations
 
@@ -45,6 +45,8 @@ QUANTITIES = ["batch_grad", "batch_l2", "sum_grad_squared", "variance"]
 SAVEFIELDS = ["grad_batch", "batch_l2", "sum_grad_squared", "variance"]
 TOL = dict(rtol=1e-8, atol=1e-12)
 NUM_OUT = 3
+# BackPACK's module hooks fire on outputs when the input does not require grad: expected.
+pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
 
 
 def _with_head(body: list, in_shape: tuple) -> nn.Sequential:

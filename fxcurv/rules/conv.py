@@ -186,6 +186,40 @@ def per_sample_weight_l2(left: Tensor, right: Tensor) -> Tensor:
     return l2.reshape([samples, groups]).sum(1)
 
 
+def conv_output_gram(g: Tensor, lead: int, groups: int) -> Tensor:
+    """``G = Σ_{lead,n} b bᵀ`` with ``b = Σ_p g[..., :, p]`` (the factor summed over output
+    positions: the bias's GGN), ``g: [*lead, N, Cout, *out]``; ``[Cout, Cout]``, or for
+    ``groups > 1`` the diagonal blocks ``[G, Cout/G, Cout/G]``."""
+    b = g.flatten(lead + 2).sum(-1)                           # [*lead, N, Cout]
+    b = b.reshape([-1, groups, b.size(-1) // groups])         # [lead·N, G, Cout/G]
+    gram = torch.einsum("mgi,mgj->gij", b, b)
+    return gram[0] if groups == 1 else gram
+
+
+def conv_input_gram(patches: Tensor, groups: int) -> Tensor:
+    """``A = Σ_n U_n U_nᵀ / N`` over all positions, ``patches = U: [N, G, Cin/G·K, P]``;
+    ``[Cin·K, Cin·K]``, or for ``groups > 1`` the diagonal blocks ``[G, Cin/G·K, Cin/G·K]``."""
+    gram = torch.einsum("ngap,ngbp->gab", patches, patches) / patches.size(0)
+    return gram[0] if groups == 1 else gram
+
+
+def conv_transpose_unfold(x: Tensor, weight: Tensor, stride: List[int], padding: List[int],
+                          dilation: List[int], output_padding: List[int],
+                          groups: int) -> Tensor:
+    """Transposed im2col by group ``[N, G, Cin/G·K, P]``: entry ``(c, k, p)`` is the input
+    ``x[n, c, i]`` that kernel offset ``k`` carries to output position ``p = s·i - pad + d·k``
+    (0 if none), so ``y[n, o, p] = Σ_{c,k} W[c, o, k] U[n, c, k, p]`` within each group. A
+    transposed convolution with a one-hot kernel ``[Cin, Cin·K, *k]`` builds it exactly."""
+    channels = x.size(1)
+    kernel: List[int] = list(weight.shape[2:])
+    size = channels * numel(kernel)
+    one_hot = torch.eye(size, dtype=x.dtype, device=x.device)
+    one_hot = one_hot.reshape([channels, numel(kernel), size]).transpose(1, 2)
+    cols = torch.convolution(x, one_hot.reshape([channels, size] + kernel), None, stride,
+                             padding, dilation, True, output_padding, 1)
+    return cols.reshape([x.size(0), groups, size // groups, -1])
+
+
 # -- rules -------------------------------------------------------------------------------
 SPATIAL_DIMS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3,
                 torch.conv_transpose1d: 1, torch.conv_transpose2d: 2, torch.conv_transpose3d: 3}
@@ -279,30 +313,64 @@ def _bias_batch(g, c: Ctx):
     return g.flatten(c.lead + 2).sum(-1)
 
 
+# Kronecker factors (KFAC / KFLR). groups == 1: BackPACK's ``[G, A]`` (2-D matrices).
+# groups > 1 (BackPACK raises): block-diagonal per group, ``G: [groups, Cout/G, Cout/G]`` and
+# ``A: [groups, Cin/G·K, Cin/G·K]``; weight block j (output channels of group j for conv,
+# input channels of group j for conv_transpose) ≈ ``G[j] ⊗ A[j]``; the bias gets ``[G]``
+# with the full ``[Cout, Cout]`` matrix, as with groups == 1.
+def _conv_kron_weight(g, c: Ctx):
+    groups = c.bound["groups"]
+    return [c.call(conv_output_gram, g, c.lead, groups),
+            c.call(conv_input_gram, _conv_patches(c), groups)]
+
+
+def _transpose_kron_weight(g, c: Ctx):
+    s = Setting(c)
+    patches = c.call(conv_transpose_unfold, c.args.input, c.args.weight, s.stride, s.padding,
+                     s.dilation, s.output_padding, s.groups)
+    return [c.call(conv_output_gram, g, c.lead, s.groups),
+            c.call(conv_input_gram, patches, s.groups)]
+
+
+def _kron_bias(g, c: Ctx):
+    return [c.call(conv_output_gram, g, c.lead, 1)]
+
+
+KRON_DOC = (" Kronecker factors (kfac/kflr, BackPACK's convention): weight [G, A] with "
+            "G = Σ_{c,n} b bᵀ, b = Σ_p s[c,n,:,p] (the factor at the output summed over "
+            "positions), A = Σ_n U_n U_nᵀ / N, U_n: [Cin·K, P] the unfolded input; bias [G]. "
+            "groups > 1: block-diagonal per group, G: [groups, Cout/G, Cout/G], "
+            "A: [groups, Cin/G·K, Cin/G·K], weight block j ≈ G[j] ⊗ A[j].")
+
+
 _RULES = {
     "conv": dict(
         doc="y[n,o,p] = b[o] + Σ_{c,k} W[o,c,k] x̃[n, G(o)·Cin/G + c, s·p + d·k] (x̃: x "
             "zero-padded, G(o) the group of o);  x: [N, Cin, *in], W: [Cout, Cin/G, *k], "
             "b: [Cout], y: [N, Cout, *out]. With U(x): [N, Cin, K, *out] the unfolded input: "
             "x̄ = conv_transpose(g, W) cropped to x;  W̄[o,c,k] = Σ_{n,p} g[n,o,p] U(x)[n,c,k,p] "
-            "within each group (per sample: Σ_p only);  b̄ = Σ_{n,p} g[n,:,p].",
+            "within each group (per sample: Σ_p only);  b̄ = Σ_{n,p} g[n,:,p]." + KRON_DOC,
         params="input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1",
         vjp={"input": _conv_input, "weight": _conv_weight,
              "bias": lambda g, c: _bias_batch(g, c).sum(c.lead)},
         batch_grad={"weight": _conv_weight_batch, "bias": _bias_batch},
-        batch_l2={"weight": _conv_weight_l2}),
+        batch_l2={"weight": _conv_weight_l2},
+        kron={"weight": _conv_kron_weight, "bias": _kron_bias}),
     "conv_transpose": dict(
         doc="y = convᵀ(x, W) + b, the adjoint of conv's input map: ⟨g, convᵀ(x, W)⟩ = "
             "⟨conv(g, W), x⟩;  x: [N, Cin, *in], W: [Cin, Cout/G, *k], b: [Cout], "
             "y: [N, Cout, *out]. x̄ = conv(g, W) (same stride, padding, dilation, groups), "
             "cropped to x;  W̄[c,o,k] = Σ_{n,p} x[n,c,p] U(g)[n,o,k,p] within each group "
-            "(per sample: Σ_p only);  b̄ = Σ_{n,p} g[n,:,p].",
+            "(per sample: Σ_p only);  b̄ = Σ_{n,p} g[n,:,p]." + KRON_DOC + " As BackPACK, the "
+            "weight factors are those of W.transpose(0, 1) ([Cout/G, Cin, *k]), with U the "
+            "transposed unfold: y[n,o,p] = Σ_{c,k} W[c,o,k] U[n,c,k,p].",
         params="input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, "
                "dilation=1",
         vjp={"input": _transpose_input, "weight": _transpose_weight,
              "bias": lambda g, c: _bias_batch(g, c).sum(c.lead)},
         batch_grad={"weight": _transpose_weight_batch, "bias": _bias_batch},
-        batch_l2={"weight": _transpose_weight_l2}),
+        batch_l2={"weight": _transpose_weight_l2},
+        kron={"weight": _transpose_kron_weight, "bias": _kron_bias}),
 }
 
 for _target, _d in SPATIAL_DIMS.items():

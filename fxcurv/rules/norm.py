@@ -91,6 +91,27 @@ def embedding_weight_batch_grad(g: Tensor, indices: Tensor, weight: Tensor, lead
     return table.reshape(list(g.shape[:lead]) + [samples, rows, weight.size(1)])
 
 
+def embedding_index_gram(indices: Tensor, weight: Tensor, padding_idx: Optional[int]) -> Tensor:
+    """``A = Σ_{n,t} e eᵀ / (N·T)`` over the one-hot rows ``e = onehot(idx_nt)``: the diagonal
+    ``[V, V]`` of index counts over the ``N·T`` lookups, zero at ``padding_idx``."""
+    rows = weight.size(0)
+    flat = indices.reshape(-1)
+    counts = torch.zeros([rows], dtype=weight.dtype, device=weight.device)
+    counts = counts.index_add(0, flat, torch.ones([flat.numel()], dtype=weight.dtype,
+                                                  device=weight.device))
+    if padding_idx is not None:
+        counts[padding_idx % rows] = 0.0
+    return torch.diag(counts / flat.numel())
+
+
+def embedding_output_gram(g: Tensor, indices: Tensor, weight: Tensor, lead: int,
+                          padding_idx: Optional[int]) -> Tensor:
+    """``G = Σ s sᵀ`` ``[D, D]`` over every leading, sample and position axis of
+    ``g: [*lead, N, *, D]``, lookups of ``padding_idx`` (no gradient) left out."""
+    flat = drop_padding(g, indices, weight.size(0), padding_idx).reshape(-1, g.size(-1))
+    return torch.matmul(flat.t(), flat)
+
+
 # -- batch_norm ------------------------------------------------------------------------------
 BN_TRAIN_MIXES = "BatchNorm in train mode normalises with batch statistics, mixing samples"
 
@@ -232,13 +253,26 @@ def _embedding_weight_rule(helper):
                                c.bound["padding_idx"])
 
 
+def _embedding_kron(g, c: Ctx):
+    """``[A, G]``: the input (one-hot) factor first, as the weight is ``[V, D]``."""
+    padding_idx = c.bound["padding_idx"]
+    return [c.call(embedding_index_gram, c.args.input, c.args.weight, padding_idx),
+            c.call(embedding_output_gram, g, c.args.input, c.args.weight, c.lead, padding_idx)]
+
+
 register([F.embedding], "embedding",
          "input, weight, padding_idx=None, max_norm=None, norm_type=2.0, "
          "scale_grad_by_freq=False, sparse=False",
          doc="y[i] = W[idx_i], idx: [N, *] integers, W: [V, D], y: [N, *, D]. "
-             "W̄[r] = Σ_{i: idx_i = r} g_i [V, D], zero at padding_idx; per sample [N, V, D].",
+             "W̄[r] = Σ_{i: idx_i = r} g_i [V, D], zero at padding_idx; per sample [N, V, D]. "
+             "Kronecker factors (kfac/kflr) in the weight's axis order, [A, G] (W ≈ A ⊗ G, "
+             "BackPACK has none): y_nt = onehot(idx_nt) W, A = Σ_{n,t} e eᵀ / (N·T) [V, V] "
+             "(diagonal: index counts / (N·T), the 'expand' convention of linear), "
+             "G = Σ s sᵀ [D, D] over the leading, sample and position axes of the factor at "
+             "the output; lookups of padding_idx are left out of both.",
          vjp={"input": None, "weight": _embedding_weight_rule(embedding_weight_vjp)},
          batch_grad={"weight": _embedding_weight_rule(embedding_weight_batch_grad)},
+         kron={"weight": _embedding_kron},
          unsupported=_embedding_unsupported)
 
 

@@ -41,8 +41,12 @@ def main() -> None:
     step = fxcurv.compile(model, loss_fn, quantities)
 
     code = step.code.strip().splitlines()
-    print(f"Generated step: {len(code)} lines of Python. The first {args.code_lines}:\n")
-    print("\n".join(code[:args.code_lines]))
+    backward_at = next(i for i, line in enumerate(code) if "loss_cotangent" in line)
+    half = args.code_lines // 2
+    print(f"Generated step: {len(code)} lines of Python. Its start (the forward):\n")
+    print("\n".join(code[:half]))
+    print("    ...\n\nand where the explicit backward begins:\n")
+    print("\n".join(code[backward_at - 1:backward_at - 1 + half]))
     print("    ...\n")
 
     loss, grad, *results = step(x, y)

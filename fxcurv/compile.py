@@ -65,7 +65,8 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
         seed = torch.ones_like(emit.proxy(traced.loss))
     emit.rename(seed, "loss_cotangent")
     _check_supported(traced, depends_on(traced.graph, traced.params.values()), requested)
-    cotangents = backward(emit, {traced.loss: seed}, traced.params.values())
+    needed_for = requested[0][0] if requested else "grad"
+    cotangents = backward(emit, {traced.loss: seed}, traced.params.values(), quantity=needed_for)
     grads = _gradients(emit, traced, cotangents)
     with emit.naming("batch_size"):
         batch_size = checked_x.size(0)

@@ -40,7 +40,7 @@ def test_op_without_rule_names_node_module_line_quantity_and_hint():
     assert "CumsumModel" in message                      # the module
     assert "hidden = torch.cumsum(self.fc(x), 1)" in message  # the user's source line
     assert "test_errors.py" in message
-    assert "quantity 'grad'" in message
+    assert "quantity 'batch_grad'" in message
     assert "register a rule" in message                  # what to do
 
 

@@ -19,8 +19,9 @@ from .passes.analysis import depends_on
 from .passes.backward import backward
 from .passes.cleanup import finalize
 from .passes.normalize import normalize
+from .passes.curvature.diag_hessian import residual_propagations
 from .passes.curvature.sqrt_ggn import propagate_sqrt_ggn
-from .passes.per_sample import PerSample
+from .passes.per_sample import PerSample, SignedSum
 from .rules import rule_for
 from .trace import Traced, trace
 
@@ -89,18 +90,12 @@ def dtype_name(dtype: torch.dtype) -> str:
 def _extract(emit: Emitter, traced: Traced, requested: list, cotangents: dict, grads: dict,
              batch_size: Any, mc_samples: int) -> list[dict[str, Any]]:
     """One dict per requested quantity; each propagation is emitted once, when first needed."""
-    sources: dict[str, PerSample] = {}
+    sources: dict[str, Any] = {}
 
-    def source(name: str, quantity: str) -> PerSample:
+    def source(name: str, quantity: str) -> Any:
         if name not in sources:
-            if name == "grad":
-                sources[name] = PerSample(emit, traced.params, cotangents, batch_size)
-            else:
-                kind = name.split("_", 1)[1]
-                factors, columns = propagate_sqrt_ggn(emit, traced.loss, traced.params.values(),
-                                                      kind, mc_samples, quantity)
-                sources[name] = PerSample(emit, traced.params, factors, batch_size, lead=1,
-                                          label=f"sqrt_ggn_{kind}", lead_size=columns)
+            sources[name] = _make_source(emit, traced, name, quantity, cotangents, batch_size,
+                                         mc_samples, source)
         return sources[name]
 
     results = []
@@ -111,6 +106,25 @@ def _extract(emit: Emitter, traced: Traced, requested: list, cotangents: dict, g
         results.append({name: method(name, quantity.name, *[e[name] for e in extra])
                         for name in traced.params})
     return results
+
+
+def _make_source(emit: Emitter, traced: Traced, name: str, quantity: str, cotangents: dict,
+                 batch_size: Any, mc_samples: int, source) -> Any:
+    """The propagation ``name`` ("grad", "ggn_exact", "ggn_mc", "hessian") as a PerSample."""
+    params = traced.params
+    if name == "grad":
+        return PerSample(emit, params, cotangents, batch_size)
+    if name == "hessian":
+        def wrap(factors, columns):
+            return PerSample(emit, params, factors, batch_size, lead=1, label="residual",
+                             lead_size=columns)
+        terms = residual_propagations(emit, traced, cotangents, quantity, wrap)
+        return SignedSum([(source("ggn_exact", quantity), 1.0)] + terms)
+    kind = name.split("_", 1)[1]
+    factors, columns = propagate_sqrt_ggn(emit, traced.loss, params.values(), kind, mc_samples,
+                                          quantity)
+    return PerSample(emit, params, factors, batch_size, lead=1, label=f"sqrt_ggn_{kind}",
+                     lead_size=columns)
 
 
 def check_inputs(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:

@@ -155,3 +155,33 @@ def _sum(parts: list) -> Any:
     for part in parts[1:]:
         total = total + part
     return total
+
+
+class SignedSum:
+    """``Σ_k sign_k · term_k`` of several propagations' squared quantities (the diagonal
+    Hessian: the GGN plus the positive and minus the negative residual parts)."""
+
+    def __init__(self, terms: list[tuple[PerSample, float]]):
+        self.terms = terms
+        self._memo: dict[tuple[str, str], Any] = {}
+
+    def _combine(self, kind: str, name: str, label: str) -> Any:
+        key = (kind, name)
+        if key not in self._memo:
+            first = self.terms[0][0]
+            parts = [(getattr(term, kind)(name, f"{label}_part"), sign)
+                     for term, sign in self.terms]
+            full = f"{first.params[name].name}_{label}"
+            with first.emit.naming(full, pass_="per_sample", param=name):
+                total = parts[0][0]
+                for value, sign in parts[1:]:
+                    total = total + value if sign > 0 else total - value
+            first.emit.rename(total, full)
+            self._memo[key] = total
+        return self._memo[key]
+
+    def sum_squares(self, name: str, label: str) -> Any:
+        return self._combine("sum_squares", name, label)
+
+    def batch_sum_squares(self, name: str, label: str) -> Any:
+        return self._combine("batch_sum_squares", name, label)

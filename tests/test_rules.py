@@ -88,3 +88,60 @@ def case_lowered_rules(case):
         if rule is not None and rule.lower is not None:
             keys.append(node.target)
     return keys
+
+
+def _single_op(case):
+    """The one op node of a case whose arguments are the case's inputs (else None)."""
+    from fxcurv.passes.normalize import normalize
+    from fxcurv.rules import rule_for
+    from fxcurv.trace import CurvatureTracer
+    graph = CurvatureTracer().trace(case.fn)
+    normalize(graph)
+    ops = [n for n in graph.nodes if n.op in ("call_function", "call_method")
+           and rule_for(n) is not None and not rule_for(n).is_constant(n)]
+    return (ops[0], rule_for(ops[0])) if len(ops) == 1 else (None, None)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_second_order_rules(case):
+    """``hessian_is_zero`` claims hold, and ``residual`` equals the diagonal of the Hessian of
+    ``⟨g, f⟩`` w.r.t. the argument (which must then be diagonal), by ``torch.func.hessian``."""
+    node, rule = _single_op(case)
+    if node is None or rule.sqrt_hessian is not None:
+        pytest.skip("not a single non-loss op")
+    from fxcurv.emit import Emitter
+    from fxcurv.rules import Ctx
+    bound = rule.bind(node)
+    out = case.fn(*case.inputs)
+    g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(3))
+    for arg, value in bound.items():
+        if getattr(value, "op", None) != "placeholder" or value.target not in case.differentiable():
+            continue
+        if sum(v is value for v in bound.values()) > 1:
+            continue  # x * x: the same input in two arguments (cross terms)
+        index = case.names.index(value.target)
+
+        def pairing(t):
+            args = list(case.inputs)
+            args[index] = t
+            return (case.fn(*args) * g).sum()
+
+        x = case.inputs[index]
+        hessian = torch.func.hessian(pairing)(x).reshape(x.numel(), x.numel())
+        if rule.zero_hessian(arg):
+            torch.testing.assert_close(hessian, torch.zeros_like(hessian), atol=1e-10, rtol=0)
+        elif arg in rule.residual:
+            torch.testing.assert_close(hessian, torch.diag(hessian.diagonal()), atol=1e-10,
+                                       rtol=0, msg="the residual rule needs a diagonal Hessian")
+            graph = node.graph
+            with graph.inserting_before(next(iter(graph.nodes))):
+                g_node = graph.placeholder("g_out")
+            emit = Emitter(graph)
+            residual = rule.residual[arg](emit.proxy(g_node), Ctx.of(node, rule, emit))
+            out_node = next(n for n in graph.nodes if n.op == "output")
+            out_node.args = (emit.as_node(residual),)
+            graph._co_fields = {}
+            module = torch.fx.GraphModule(torch.nn.Module(), graph)
+            actual = module(g, *case.inputs)
+            torch.testing.assert_close(actual.reshape(-1), hessian.diagonal(), rtol=1e-10,
+                                       atol=1e-12)

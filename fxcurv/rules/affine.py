@@ -81,6 +81,7 @@ register(
     batch_l2={"weight": lambda g, c: c.call(linear_weight_batch_l2, g, c.args.input)},
     sum_grad_squared={"weight": lambda g, c: c.call(linear_weight_sum_grad_squared, g,
                                                     c.args.input, c.lead)},
+    hessian_is_zero=True,
     kron={"weight": lambda g, c: [c.call(output_gram, g, c.lead), c.call(input_gram, c.args.input)],
           "bias": lambda g, c: [c.call(output_gram, g, c.lead)]},
 )

@@ -33,10 +33,11 @@ def batch_unbroadcast(t: Any, c: Ctx, name: str) -> Any:
     return c.call(sum_to_batch, t, c.lead, getattr(c.args, name).shape)
 
 
-def _binary(targets: list, name: str, doc: str, d_input, d_other, params="input, other"):
+def _binary(targets: list, name: str, doc: str, d_input, d_other, params="input, other",
+            **second_order):
     """Register ``y = input ∘ other`` from its elementwise factors ``d_input(g, c)``, ..."""
     register(
-        targets, name, params, doc=doc,
+        targets, name, params, doc=doc, **second_order,
         vjp={"input": lambda g, c: unbroadcast(d_input(g, c), c, "input"),
              "other": lambda g, c: unbroadcast(d_other(g, c), c, "other")},
         batch_grad={"input": lambda g, c: batch_unbroadcast(d_input(g, c), c, "input"),
@@ -46,26 +47,31 @@ def _binary(targets: list, name: str, doc: str, d_input, d_other, params="input,
 _binary([operator.add, torch.add, "add"], "add",
         "y = a + α·b;  ∂y/∂a = 1, ∂y/∂b = α.",
         lambda g, c: g, lambda g, c: g if c.args.alpha == 1 else g * c.args.alpha,
-        params="input, other, alpha=1")
+        params="input, other, alpha=1", hessian_is_zero=True, jointly_affine=True)
 _binary([operator.sub, torch.sub, "sub"], "sub",
         "y = a - α·b;  ∂y/∂a = 1, ∂y/∂b = -α.",
         lambda g, c: g, lambda g, c: -g if c.args.alpha == 1 else g * (-c.args.alpha),
-        params="input, other, alpha=1")
+        params="input, other, alpha=1", hessian_is_zero=True, jointly_affine=True)
 _binary([operator.mul, torch.mul, "mul"], "mul",
         "y = a·b;  ∂y/∂a = b, ∂y/∂b = a.",
-        lambda g, c: g * c.args.other, lambda g, c: g * c.args.input)
+        lambda g, c: g * c.args.other, lambda g, c: g * c.args.input, hessian_is_zero=True)
 _binary([operator.truediv, torch.div, torch.true_divide, "div",
          "true_divide"], "div",
         "y = a / b;  ∂y/∂a = 1/b, ∂y/∂b = -y/b.",
         lambda g, c: g / c.args.other, lambda g, c: -g * c.out / c.args.other,
-        params="input, other, rounding_mode=None")
+        params="input, other, rounding_mode=None", hessian_is_zero=("input",),
+        residual={"other": lambda g, c: unbroadcast(2 * g * c.out / c.args.other.square(), c,
+                                                    "other")})
 _binary([operator.pow, torch.pow, "pow"], "pow",
         "y = aᵇ;  ∂y/∂a = b·a^(b-1), ∂y/∂b = y·log a.",
         lambda g, c: g * (c.args.other * c.args.input ** (c.args.other - 1)),
-        lambda g, c: g * (c.out * torch.log(c.args.input)), params="input, other")
+        lambda g, c: g * (c.out * torch.log(c.args.input)), params="input, other",
+        residual={"input": lambda g, c: unbroadcast(
+            g * (c.args.other * (c.args.other - 1) * c.args.input ** (c.args.other - 2)), c,
+            "input")})
 
 register([operator.neg, torch.neg, "neg"], "neg", "input", doc="y = -x;  y' = -1.",
-         vjp={"input": lambda g, c: -g})
+         vjp={"input": lambda g, c: -g}, hessian_is_zero=True, jointly_affine=True)
 
 
 def _dims(dim: Any) -> Optional[list]:
@@ -94,7 +100,7 @@ def _mean_vjp(g, c: Ctx):
 
 register([torch.sum, "sum"], "sum", "input, dim=None, keepdim=False, dtype=None",
          doc="y = Σ_dim x;  Jᵀg broadcasts g back over the summed axes.",
-         vjp={"input": _sum_vjp}, mixes_samples=_reduces_samples)
+         vjp={"input": _sum_vjp}, mixes_samples=_reduces_samples, hessian_is_zero=True)
 register([torch.mean, "mean"], "mean", "input, dim=None, keepdim=False, dtype=None",
          doc="y = mean_dim x;  Jᵀg broadcasts g/count back over the averaged axes.",
-         vjp={"input": _mean_vjp}, mixes_samples=_reduces_samples)
+         vjp={"input": _mean_vjp}, mixes_samples=_reduces_samples, hessian_is_zero=True)

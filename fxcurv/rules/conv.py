@@ -316,8 +316,8 @@ def _bias_batch(g, c: Ctx):
 # Kronecker factors (KFAC / KFLR). groups == 1: BackPACK's ``[G, A]`` (2-D matrices).
 # groups > 1 (BackPACK raises): block-diagonal per group, ``G: [groups, Cout/G, Cout/G]`` and
 # ``A: [groups, Cin/G·K, Cin/G·K]``; weight block j (output channels of group j for conv,
-# input channels of group j for conv_transpose) ≈ ``G[j] ⊗ A[j]``; the bias gets ``[G]``
-# with the full ``[Cout, Cout]`` matrix, as with groups == 1.
+# ``W[j·Cin/G:(j+1)·Cin/G].transpose(0, 1)`` for conv_transpose) ≈ ``G[j] ⊗ A[j]``; the
+# bias gets ``[G]`` with the full ``[Cout, Cout]`` matrix, as with groups == 1.
 def _conv_kron_weight(g, c: Ctx):
     groups = c.bound["groups"]
     return [c.call(conv_output_gram, g, c.lead, groups),
@@ -362,8 +362,9 @@ _RULES = {
             "y: [N, Cout, *out]. x̄ = conv(g, W) (same stride, padding, dilation, groups), "
             "cropped to x;  W̄[c,o,k] = Σ_{n,p} x[n,c,p] U(g)[n,o,k,p] within each group "
             "(per sample: Σ_p only);  b̄ = Σ_{n,p} g[n,:,p]." + KRON_DOC + " As BackPACK, the "
-            "weight factors are those of W.transpose(0, 1) ([Cout/G, Cin, *k]), with U the "
-            "transposed unfold: y[n,o,p] = Σ_{c,k} W[c,o,k] U[n,c,k,p].",
+            "weight factors are those of W.transpose(0, 1) ([Cout, Cin, *k] for groups = 1; "
+            "block j is W[j·Cin/G:(j+1)·Cin/G].transpose(0, 1)), with U the transposed "
+            "unfold: y[n,o,p] = Σ_{c,k} W[c,o,k] U[n,c,k,p].",
         params="input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, "
                "dilation=1",
         vjp={"input": _transpose_input, "weight": _transpose_weight,

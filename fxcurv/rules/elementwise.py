@@ -30,43 +30,68 @@ def gelu_derivative(x: Tensor, approximate: str) -> Tensor:
     return cdf + x * pdf
 
 
+def gelu_second_derivative(x: Tensor, approximate: str) -> Tensor:
+    """``gelu''``: exact ``φ(x)(2 - x²)``; tanh form ``(1-t²)u' + x(1-t²)(u'' - 2t u'²)/2``
+    with ``u = k(x + a x³)``, ``t = tanh u``."""
+    if approximate == "tanh":
+        k = math.sqrt(2.0 / math.pi)
+        t = torch.tanh(k * (x + 0.044715 * x * x * x))
+        du = k * (1.0 + 3.0 * 0.044715 * x * x)
+        ddu = 6.0 * 0.044715 * k * x
+        return (1.0 - t * t) * du + 0.5 * x * (1.0 - t * t) * (ddu - 2.0 * t * du * du)
+    pdf = torch.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi)
+    return pdf * (2.0 - x * x)
+
+
 register([F.relu, torch.relu, "relu"], "relu", "input, inplace=False",
          doc="y = max(x, 0);  y' = [x > 0];  y'' = 0.",
-         vjp={"input": lambda g, c: g * (c.out > 0)})
+         vjp={"input": lambda g, c: g * (c.out > 0)}, hessian_is_zero=True)
 
 register([torch.sigmoid, F.sigmoid, "sigmoid"], "sigmoid", "input",
          doc="y = σ(x);  y' = y(1 - y);  y'' = y'(1 - 2y).",
-         vjp={"input": lambda g, c: g * (c.out * (1 - c.out))})
+         vjp={"input": lambda g, c: g * (c.out * (1 - c.out))},
+         residual={"input": lambda g, c: g * (c.out * (1 - c.out) * (1 - 2 * c.out))})
 
 register([torch.tanh, F.tanh, "tanh"], "tanh", "input",
          doc="y = tanh x;  y' = 1 - y²;  y'' = -2y(1 - y²).",
-         vjp={"input": lambda g, c: g * (1 - c.out * c.out)})
+         vjp={"input": lambda g, c: g * (1 - c.out * c.out)},
+         residual={"input": lambda g, c: g * (-2 * c.out * (1 - c.out * c.out))})
 
 register([F.leaky_relu, "leaky_relu"], "leaky_relu", "input, negative_slope=0.01, inplace=False",
          doc="y = x if x > 0 else a·x;  y' = 1 or a;  y'' = 0.",
-         vjp={"input": lambda g, c: torch.where(c.args.input > 0, g, g * c.args.negative_slope)})
+         vjp={"input": lambda g, c: torch.where(c.args.input > 0, g, g * c.args.negative_slope)},
+         hessian_is_zero=True)
 
 register([F.elu, "elu"], "elu", "input, alpha=1.0, inplace=False",
          doc="y = x if x > 0 else α(eˣ - 1);  y' = 1 or y + α;  y'' = 0 or y + α.",
-         vjp={"input": lambda g, c: torch.where(c.args.input > 0, g, g * (c.out + c.args.alpha))})
+         vjp={"input": lambda g, c: torch.where(c.args.input > 0, g, g * (c.out + c.args.alpha))},
+         residual={"input": lambda g, c: torch.where(c.args.input > 0, g * 0,
+                                                        g * (c.out + c.args.alpha))})
 
 register([F.selu, torch.selu, "selu"], "selu", "input, inplace=False",
          doc="y = s·x if x > 0 else s·α(eˣ - 1);  y' = s or y + s·α.",
          vjp={"input": lambda g, c: torch.where(c.args.input > 0, g * SELU_SCALE,
-                                                   g * (c.out + SELU_SCALE * SELU_ALPHA))})
+                                                   g * (c.out + SELU_SCALE * SELU_ALPHA))},
+         residual={"input": lambda g, c: torch.where(c.args.input > 0, g * 0,
+                                                        g * (c.out + SELU_SCALE * SELU_ALPHA))})
 
 register([F.logsigmoid], "log_sigmoid", "input",
          doc="y = log σ(x);  y' = σ(-x);  y'' = -σ(x)σ(-x).",
-         vjp={"input": lambda g, c: g * torch.sigmoid(-c.args.input)})
+         vjp={"input": lambda g, c: g * torch.sigmoid(-c.args.input)},
+         residual={"input": lambda g, c: -g * (torch.sigmoid(c.args.input)
+                                               * torch.sigmoid(-c.args.input))})
 
 register([F.gelu, "gelu"], "gelu", "input, approximate='none'",
          doc="y = x Φ(x);  y' = Φ(x) + x φ(x) (or the tanh approximation's derivative).",
          vjp={"input": lambda g, c: g * c.call(gelu_derivative, c.args.input,
-                                                 c.args.approximate)})
+                                                 c.args.approximate)},
+         residual={"input": lambda g, c: g * c.call(gelu_second_derivative, c.args.input,
+                                                      c.args.approximate)})
 
 register([F.silu, "silu"], "silu", "input, inplace=False",
          doc="y = x σ(x);  y' = σ(x)(1 + x(1 - σ(x))).",
-         vjp={"input": lambda g, c: g * _silu_derivative(c.args.input)})
+         vjp={"input": lambda g, c: g * _silu_derivative(c.args.input)},
+         residual={"input": lambda g, c: g * _silu_second_derivative(c.args.input)})
 
 
 def _silu_derivative(x):
@@ -74,19 +99,37 @@ def _silu_derivative(x):
     return s * (1 + x * (1 - s))
 
 
+def _silu_second_derivative(x):
+    """``(x σ)'' = σ(1 - σ)(2 + x(1 - 2σ))``."""
+    s = torch.sigmoid(x)
+    return s * (1 - s) * (2 + x * (1 - 2 * s))
+
+
+def _softplus_residual(g, c):
+    """``y'' = β σ(βx)(1 - σ(βx))`` below the threshold, 0 above it."""
+    scaled = c.args.input * c.args.beta
+    s = torch.sigmoid(scaled)
+    return torch.where(scaled > c.args.threshold, g * 0, g * (s * (1 - s) * c.args.beta))
+
+
 register([F.softplus, "softplus"], "softplus", "input, beta=1.0, threshold=20.0",
          doc="y = log(1 + e^{βx})/β (linear above threshold);  y' = σ(βx) or 1.",
          vjp={"input": lambda g, c: torch.where(c.args.input * c.args.beta > c.args.threshold,
-                                                   g, g * torch.sigmoid(c.args.input * c.args.beta))})
+                                                   g, g * torch.sigmoid(c.args.input * c.args.beta))},
+         residual={"input": _softplus_residual})
 
 register([torch.exp, "exp"], "exp", "input",
-         doc="y = eˣ;  y' = y.", vjp={"input": lambda g, c: g * c.out})
+         doc="y = eˣ;  y' = y;  y'' = y.", vjp={"input": lambda g, c: g * c.out},
+         residual={"input": lambda g, c: g * c.out})
 
 register([torch.log, "log"], "log", "input",
-         doc="y = log x;  y' = 1/x.", vjp={"input": lambda g, c: g / c.args.input})
+         doc="y = log x;  y' = 1/x;  y'' = -1/x².", vjp={"input": lambda g, c: g / c.args.input},
+         residual={"input": lambda g, c: -g / c.args.input.square()})
 
 register([torch.sqrt, "sqrt"], "sqrt", "input",
-         doc="y = √x;  y' = 1/(2y).", vjp={"input": lambda g, c: g / (2 * c.out)})
+         doc="y = √x;  y' = 1/(2y);  y'' = -1/(4y³).", vjp={"input": lambda g, c: g / (2 * c.out)},
+         residual={"input": lambda g, c: -g / (4 * c.out * c.out * c.out)})
 
 register([torch.square, "square"], "square", "input",
-         doc="y = x²;  y' = 2x.", vjp={"input": lambda g, c: g * (2 * c.args.input)})
+         doc="y = x²;  y' = 2x;  y'' = 2.", vjp={"input": lambda g, c: g * (2 * c.args.input)},
+         residual={"input": lambda g, c: g * 2})

@@ -118,7 +118,8 @@ def check_same_shape(output: Tensor, target: Tensor, loss: str) -> Tensor:
 
 register([check_same_shape], "check_same_shape", "output, target, loss",
          doc="Call-time shape check; the identity on the target.",
-         vjp={"target": lambda g, c: g, "output": None})
+         vjp={"target": lambda g, c: g, "output": None}, hessian_is_zero=True,
+         jointly_affine=True)
 
 
 def _legacy_args(b: dict) -> Optional[str]:

@@ -39,6 +39,14 @@ class OpRule:
     batch_grad: dict[str, RuleFn] = field(default_factory=dict)
     batch_l2: dict[str, RuleFn] = field(default_factory=dict)
     sum_grad_squared: dict[str, RuleFn] = field(default_factory=dict)
+    # second order (diagonal Hessian): the op is affine in each differentiable argument on its
+    # own (``∂²f/∂a² = 0``; True for all, or a tuple of the argument names for which it holds)
+    hessian_is_zero: Union[bool, tuple] = False
+    # ... or, for elementwise ops, ``residual[arg](g, c)``: the diagonal of ``Σ_out g ∂²f/∂a²``
+    # shaped like ``a`` (``g`` the gradient at the output, lead 0)
+    residual: dict[str, RuleFn] = field(default_factory=dict)
+    # f is affine in all its arguments jointly (no cross terms ∂²f/∂a∂b): add, sub, cat, ...
+    jointly_affine: bool = False
     # Kronecker factors of a parameter argument from a sqrt-GGN factor ``g`` (lead 1):
     # ``kron[arg](g, c) -> [G, A]`` (weights) or ``[G]`` (biases), BackPACK's order and scaling
     kron: dict[str, RuleFn] = field(default_factory=dict)
@@ -65,6 +73,11 @@ class OpRule:
     def is_constant(self, node: fx.Node) -> bool:
         """True if this call's output has no derivative with respect to any input."""
         return self.constant(self.bind(node)) if callable(self.constant) else self.constant
+
+    def zero_hessian(self, arg: str) -> bool:
+        """True if ``∂²f/∂arg² = 0`` (the op is affine in ``arg`` with the others fixed)."""
+        zero = self.hessian_is_zero
+        return arg in zero if isinstance(zero, tuple) else bool(zero)
 
     def bind(self, node: fx.Node) -> dict[str, Any]:
         """Map the node's args and kwargs to this op's parameter names, defaults filled."""

@@ -1,0 +1,277 @@
+"""The GGN family in the compiled step: shared propagations, TorchScript, pruning, errors."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+import fxcurv
+from fxcurv.rules import losses as loss_rules
+
+DTYPE = torch.float64
+GGN = ["diag_ggn_exact", "diag_ggn_mc", "diag_ggn_exact_batch", "diag_ggn_mc_batch",
+       "sqrt_ggn_exact", "sqrt_ggn_mc", "kflr", "kfac"]
+EXACT_TRIO = ["diag_ggn_exact", "sqrt_ggn_exact", "kflr"]
+MC_TRIO = ["diag_ggn_mc", "kfac", "sqrt_ggn_mc"]
+pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit.load` is deprecated:FutureWarning")
+
+
+def mlp() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 5), nn.ReLU(),
+                         nn.Linear(5, 3)).to(DTYPE)
+
+
+def cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                         nn.Conv2d(3, 2, 2), nn.Tanh(), nn.Flatten(), nn.Linear(2, 3)).to(DTYPE)
+
+
+def mlp_batch(n: int = 4):
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(n, 4, dtype=DTYPE, generator=g), torch.randint(0, 3, (n,), generator=g)
+
+
+def cnn_batch(n: int = 3):
+    g = torch.Generator().manual_seed(2)
+    return (torch.randn(n, 2, 4, 4, dtype=DTYPE, generator=g),
+            torch.randint(0, 3, (n,), generator=g))
+
+
+def calls_to(step: fx.GraphModule, target) -> list[fx.Node]:
+    return [n for n in step.graph.nodes if n.op == "call_function" and n.target is target]
+
+
+def propagation(step: fx.GraphModule, kind: str) -> list[str]:
+    """Names of the backward nodes of the ``kind`` sqrt-GGN propagation: those emitted by the
+    backward pass after the loss's Hessian square root of that kind."""
+    names, inside = [], False
+    for node in step.graph.nodes:
+        tag = node.meta.get("fxcurv") or {}
+        if node.name == f"loss_sqrt_hessian_{kind}":
+            inside = True
+        elif tag.get("pass_") == "sqrt_ggn":
+            inside = False
+        elif inside and tag.get("pass_") == "backward":
+            names.append(node.name)
+    return names
+
+
+def flat(outputs) -> list[torch.Tensor]:
+    """Every tensor of a step's outputs, in order (dicts and Kronecker factor lists opened)."""
+    tensors = []
+    for value in outputs:
+        if isinstance(value, dict):
+            for v in value.values():
+                tensors.extend(v if isinstance(v, (list, tuple)) else [v])
+        else:
+            tensors.append(value)
+    return tensors
+
+
+def assert_same(actual, expected, what: str, exact: bool = True):
+    actual, expected = flat(actual), flat(expected)
+    assert len(actual) == len(expected), what
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        if exact:
+            assert torch.equal(a, e), f"{what}: tensor {i}"
+        else:
+            torch.testing.assert_close(a, e, rtol=1e-12, atol=0, msg=f"{what}: tensor {i}")
+
+
+# ------------------------------------------------------------------------- (a) sharing
+def test_exact_quantities_share_one_propagation():
+    model, (x, y) = mlp(), mlp_batch()
+    together = fxcurv.compile(model, nn.CrossEntropyLoss(), EXACT_TRIO)
+    alone = {q: fxcurv.compile(model, nn.CrossEntropyLoss(), [q]) for q in EXACT_TRIO}
+    assert len(calls_to(together, loss_rules.cross_entropy_sqrt_hessian)) == 1
+    assert [n.name for n in together.graph.nodes].count("loss_sqrt_hessian_exact") == 1
+    cotangents = [n.name for n in together.graph.nodes if n.name.endswith("_sqrt_ggn_exact")
+                  and (n.meta.get("fxcurv") or {}).get("pass_") == "backward"]
+    assert cotangents and len(cotangents) == len(set(cotangents))
+    assert propagation(together, "exact") == propagation(alone["diag_ggn_exact"], "exact")
+    assert len(together.code) < 1.6 * max(len(s.code) for s in alone.values())
+    assert len(together.code) < len(alone["diag_ggn_exact"].code) * 3 / 2
+    for q, (value, single) in zip(EXACT_TRIO, zip(together(x, y)[2:], [
+            alone[q](x, y)[2] for q in EXACT_TRIO])):
+        assert_same([value], [single], q, exact=False)
+
+
+def test_mc_quantities_share_one_propagation_and_one_draw():
+    model, (x, y) = mlp(), mlp_batch()
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), MC_TRIO, mc_samples=3)
+    alone = fxcurv.compile(model, nn.CrossEntropyLoss(), ["diag_ggn_mc"], mc_samples=3)
+    assert len(calls_to(step, loss_rules.cross_entropy_sqrt_hessian_mc)) == 1
+    assert [n.name for n in step.graph.nodes].count("loss_sqrt_hessian_mc") == 1
+    assert propagation(step, "mc") == propagation(alone, "mc")
+    assert len(step.code) < 1.6 * len(alone.code)
+    # one draw: every quantity is a function of the same sampled factor
+    _, _, diag, kfac, sqrt = step(x, y)
+    for p, s in sqrt.items():
+        assert s.shape[:2] == (3, 4)
+        torch.testing.assert_close(diag[p], s.square().sum([0, 1]), rtol=1e-12, atol=1e-15)
+    for layer in ("0", "2", "4"):
+        s = sqrt[f"{layer}.bias"].flatten(0, 1)
+        torch.testing.assert_close(kfac[f"{layer}.bias"][0], s.T @ s, rtol=1e-12, atol=1e-15)
+
+
+def test_exact_and_mc_together_give_one_propagation_each():
+    step = fxcurv.compile(mlp(), nn.CrossEntropyLoss(), ["kfac", "kflr", "diag_ggn_mc",
+                                                         "diag_ggn_exact"])
+    assert len(calls_to(step, loss_rules.cross_entropy_sqrt_hessian)) == 1
+    assert len(calls_to(step, loss_rules.cross_entropy_sqrt_hessian_mc)) == 1
+    single = fxcurv.compile(mlp(), nn.CrossEntropyLoss(), ["kflr"])
+    assert len(propagation(step, "exact")) == len(propagation(single, "exact"))
+
+
+@pytest.mark.parametrize("loss_fn, helper", [
+    (nn.MSELoss(), loss_rules.mse_sqrt_hessian_mc),
+    (nn.BCEWithLogitsLoss(), loss_rules.bce_sqrt_hessian_mc)])
+def test_one_draw_for_other_losses(loss_fn, helper):
+    step = fxcurv.compile(mlp(), loss_fn, MC_TRIO + ["diag_ggn_mc_batch"], mc_samples=2)
+    assert len(calls_to(step, helper)) == 1
+
+
+# ------------------------------------------------------------------- (b) TorchScript
+CASES = {"mlp": (mlp, mlp_batch), "cnn": (cnn, cnn_batch)}
+
+
+@pytest.mark.parametrize("quantity", GGN)
+@pytest.mark.parametrize("model_name", list(CASES))
+def test_torchscript_round_trip(model_name, quantity, tmp_path):
+    make_model, make_batch = CASES[model_name]
+    model, (x, y) = make_model(), make_batch()
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), [quantity], mc_samples=2)
+    scripted = torch.jit.script(step)
+    path = tmp_path / f"{model_name}_{quantity}.pt"
+    scripted.save(str(path))
+    loaded = torch.jit.load(str(path))
+    mc = quantity in ("diag_ggn_mc", "diag_ggn_mc_batch", "sqrt_ggn_mc", "kfac")
+    for module, what in ((scripted, "scripted"), (loaded, "loaded")):
+        torch.manual_seed(5)
+        expected = step(x, y)
+        torch.manual_seed(5)
+        assert_same(module(x, y), expected, f"{model_name} {quantity} {what}", exact=False)
+    x2, y2 = make_batch(5)                                  # sizes come from the graph
+    torch.manual_seed(6)
+    expected = step(x2, y2)
+    torch.manual_seed(6)
+    assert_same(loaded(x2, y2), expected, f"{model_name} {quantity} other batch", exact=False)
+    if mc:
+        first, second = flat(loaded(x, y)), flat(loaded(x, y))
+        assert any(not torch.equal(a, b) for a, b in zip(first, second))
+
+
+# ------------------------------------------------------- (c) nothing below the first op
+class Preprocessed(nn.Module):
+    """Non-parametric ops on the input before the first parameterised op."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = nn.Linear(4, 5)
+        self.fc2 = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.relu(self.fc1(torch.tanh(x * 2.0))))
+
+
+class FrozenFirst(nn.Module):
+    """A frozen first layer: no trainable parameter below ``trained``'s input."""
+
+    def __init__(self):
+        super().__init__()
+        self.frozen = nn.Linear(4, 5).requires_grad_(False)
+        self.trained = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.trained(torch.sigmoid(self.frozen(x)))
+
+
+@pytest.mark.parametrize("quantities", [["diag_ggn_exact", "sqrt_ggn_exact", "kflr"],
+                                        ["diag_ggn_mc", "sqrt_ggn_mc", "kfac"]])
+def test_no_propagation_below_the_first_parameterised_op(quantities):
+    kind = "exact" if quantities[0].endswith("exact") else "mc"
+    step = fxcurv.compile(Preprocessed().to(DTYPE), nn.CrossEntropyLoss(), quantities)
+    names = [n.name for n in step.graph.nodes]
+    for below in ("mul", "tanh", "x", "x_checked"):
+        assert f"{below}_sqrt_ggn_{kind}" not in names
+    assert f"linear_sqrt_ggn_{kind}" in names                  # fc1's output still gets one
+    sources = {(n.meta.get("fxcurv") or {}).get("node") for n in step.graph.nodes
+               if n.name in propagation(step, kind)}
+    assert not sources & {"mul", "tanh", "x", "x_checked"}
+    frozen = fxcurv.compile(FrozenFirst().to(DTYPE), nn.CrossEntropyLoss(), quantities)
+    names = [n.name for n in frozen.graph.nodes]
+    assert not any(name.startswith(("sigmoid_", "linear_sqrt")) and name.endswith(kind)
+                   for name in names if name.startswith(("sigmoid", "linear_sqrt", "x")))
+    assert "sigmoid_sqrt_ggn_" + kind not in frozen.code
+    assert list(frozen(*mlp_batch())[2]) == ["trained.weight", "trained.bias"]
+
+
+# ---------------------------------------------------------------------------- (d) errors
+def half_sum_of_squares(out, y):
+    return ((out - y) ** 2).sum() / 2
+
+
+@pytest.mark.parametrize("quantity", GGN)
+def test_callable_loss_names_the_loss_node_and_quantity(quantity):
+    with pytest.raises(fxcurv.CompileError) as info:
+        fxcurv.compile(mlp(), half_sum_of_squares, [quantity])
+    message = str(info.value)
+    assert "node 'loss'" in message and "op truediv" in message
+    assert f"'{quantity}'" in message and "Hessian square root" in message
+    assert "cross_entropy" in message                           # what to use instead
+
+
+@pytest.mark.parametrize("quantity", ["diag_ggn_exact", "sqrt_ggn_mc", "kflr"])
+def test_batchnorm_train_names_the_node_and_quantity(quantity):
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)).to(DTYPE)
+    with pytest.raises(fxcurv.CompileError) as info:
+        fxcurv.compile(model.train(), nn.CrossEntropyLoss(), [quantity])
+    message = str(info.value)
+    assert "node 'batch_norm'" in message and "BatchNorm1d" in message
+    assert f"'{quantity}'" in message and "eval" in message
+    fxcurv.compile(model.eval(), nn.CrossEntropyLoss(), [quantity])     # eval mode is fine
+
+
+class Shared(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.shared = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
+
+
+@pytest.mark.parametrize("quantity", ["kflr", "kfac"])
+def test_kronecker_factors_of_a_shared_parameter(quantity):
+    with pytest.raises(fxcurv.CompileError) as info:
+        fxcurv.compile(Shared().to(DTYPE), nn.CrossEntropyLoss(), [quantity])
+    message = str(info.value)
+    assert "node 'linear" in message and "module shared (Linear)" in message
+    assert f"'{quantity}'" in message and "'shared.weight' is used 2 times" in message
+    assert "diag_ggn" in message                                # what to use instead
+    fxcurv.compile(Shared().to(DTYPE), nn.CrossEntropyLoss(), ["diag_ggn_exact"])
+
+
+class Normed(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+        self.norm = nn.LayerNorm(5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(self.fc(x)))
+
+
+@pytest.mark.parametrize("quantity", ["kflr", "kfac"])
+def test_kronecker_factors_of_a_layer_norm_weight(quantity):
+    with pytest.raises(fxcurv.CompileError) as info:
+        fxcurv.compile(Normed().to(DTYPE), nn.CrossEntropyLoss(), [quantity])
+    message = str(info.value)
+    assert "node 'layer_norm'" in message and "module norm (LayerNorm)" in message
+    assert f"'{quantity}'" in message and "norm.weight" in message
+    assert "Kronecker" in message and "diag_ggn" in message

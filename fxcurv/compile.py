@@ -5,7 +5,7 @@ trace (model + loss -> one graph) -> normalize -> checks -> backward (Jacobian-t
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Dict, Iterable, Sequence
 
 import torch
 import torch.fx as fx
@@ -90,6 +90,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 def _extract(emit: Emitter, traced: Traced, requested: list, cotangents: dict, grads: dict,
              batch_size: Any, mc_samples: int) -> list[dict[str, Any]]:
     """One dict per requested quantity; each propagation is emitted once, when first needed."""
+    vectors = _vectors_input(emit, traced) if any(
+        q.extract == "product" for _, q in requested) else {}
     sources: dict[str, Any] = {}
 
     def source(name: str, quantity: str) -> Any:
@@ -102,10 +104,15 @@ def _extract(emit: Emitter, traced: Traced, requested: list, cotangents: dict, g
     for label, quantity in requested:
         per_sample = source(quantity.source, label)
         method = getattr(per_sample, quantity.extract)
-        extra = (grads,) if quantity.extract == "variance" else ()
+        extra = {"variance": (grads,), "product": (vectors,)}.get(quantity.extract, ())
         results.append({name: method(name, quantity.name, *[e[name] for e in extra])
                         for name in traced.params})
     return results
+
+
+# the sign each residual part (+1: positive, -1: negative part) enters with
+RESIDUAL_SIGNS = {"hessian": {1.0: 1.0, -1.0: -1.0}, "pch_abs": {1.0: 1.0, -1.0: 1.0},
+                  "pch_clip": {1.0: 1.0, -1.0: 0.0}}
 
 
 def _make_source(emit: Emitter, traced: Traced, name: str, quantity: str, cotangents: dict,
@@ -114,11 +121,15 @@ def _make_source(emit: Emitter, traced: Traced, name: str, quantity: str, cotang
     params = traced.params
     if name == "grad":
         return PerSample(emit, params, cotangents, batch_size)
-    if name == "hessian":
+    if name == "residuals":
         def wrap(factors, columns):
             return PerSample(emit, params, factors, batch_size, lead=1, label="residual",
                              lead_size=columns)
-        terms = residual_propagations(emit, traced, cotangents, quantity, wrap)
+        return residual_propagations(emit, traced, cotangents, quantity, wrap)
+    if name in RESIDUAL_SIGNS:
+        signs = RESIDUAL_SIGNS[name]
+        terms = [(term, signs[sign]) for term, sign in source("residuals", quantity)
+                 if signs[sign] != 0.0]
         return SignedSum([(source("ggn_exact", quantity), 1.0)] + terms)
     kind = name.split("_", 1)[1]
     factors, columns = propagate_sqrt_ggn(emit, traced.loss, params.values(), kind, mc_samples,
@@ -150,6 +161,30 @@ def _emit_input_check(emit: Emitter, traced: Traced) -> Any:
     node._rename("x_checked")
     x.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
     return emit.proxy(node)
+
+
+def check_vectors(vectors: Dict[str, Tensor], name: str, param: Tensor) -> Tensor:
+    """Call-time check of a product quantity's ``vectors[name]``: ``[V, *param.shape]``."""
+    if name not in vectors:
+        raise ValueError("fxcurv: vectors has no entry for parameter '{}'".format(name))
+    vector = vectors[name]
+    if vector.dim() != param.dim() + 1 or list(vector.shape[1:]) != list(param.shape):
+        raise ValueError("fxcurv: vectors['{}'] must have shape [V, {}], got {}".format(
+            name, ", ".join([str(s) for s in param.shape]), list(vector.shape)))
+    return vector.to(param.dtype)
+
+
+def _vectors_input(emit: Emitter, traced: Traced) -> dict[str, Any]:
+    """A third input ``vectors: Dict[str, Tensor]`` (``[V, *p.shape]`` per parameter), checked."""
+    y = traced.inputs[1]
+    with emit.graph.inserting_after(y):
+        node = emit.graph.placeholder("vectors", type_expr=Dict[str, Tensor])
+    result = {}
+    for name, param in traced.params.items():
+        with emit.naming(f"{param.name}_vector"):
+            result[name] = emit.call(check_vectors, emit.proxy(node), name, emit.proxy(param))
+        emit.rename(result[name], f"{param.name}_vector")
+    return result
 
 
 def _gradients(emit: Emitter, traced: Traced, cotangents: dict) -> dict[str, Any]:

@@ -47,10 +47,16 @@ _ALL = [
              "hessian", "sum_squares"),
     Quantity("diag_h_batch", "hessian", True, True, "per-sample Hessian diagonals [N, *p.shape]",
              "hessian", "batch_sum_squares"),
-    Quantity("hmp", "product", False, False, "Hessian block-vector products"),
-    Quantity("ggnmp", "product", False, False, "GGN block-vector products"),
-    Quantity("pchmp_abs", "product", False, False, "positive-curvature Hessian products (abs)"),
-    Quantity("pchmp_clip", "product", False, False, "positive-curvature Hessian products (clip)"),
+    Quantity("hmp", "product", True, True, "Hessian block times vectors [V, *p.shape]",
+             "hessian", "product"),
+    Quantity("ggnmp", "product", True, True, "GGN block times vectors [V, *p.shape]",
+             "ggn_exact", "product"),
+    Quantity("pchmp_abs", "product", True, True,
+             "positive-curvature Hessian (|residual|) block times vectors [V, *p.shape]",
+             "pch_abs", "product"),
+    Quantity("pchmp_clip", "product", True, True,
+             "positive-curvature Hessian (residual clipped at 0) block times vectors",
+             "pch_clip", "product"),
 ]
 QUANTITIES: dict[str, Quantity] = {q.name: q for q in _ALL}
 ALIASES = {"grad_batch": "batch_grad"}

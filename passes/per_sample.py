@@ -31,6 +31,14 @@ from fxcurv.errors import node_error
 from fxcurv.rules import Ctx, OpRule, rule_for
 
 
+def factor_product(factor: Tensor, vectors: Tensor) -> Tensor:
+    """``Σ_{k,n} Q_kn ⟨Q_kn, v⟩`` for each ``v``: ``Q`` ``[K, N, *p]``, ``vectors`` ``[V, *p]``
+    -> ``[V, *p]`` (the block ``QᵀQ`` of a factorised curvature times each vector)."""
+    flat = factor.reshape(factor.size(0) * factor.size(1), -1)      # [K·N, P]
+    projections = torch.matmul(flat, vectors.reshape(vectors.size(0), -1).t())  # [K·N, V]
+    return torch.matmul(projections.t(), flat).reshape(vectors.shape)
+
+
 def batch_zeros(p: Tensor, lead_shape: List[int]) -> Tensor:
     """Per-sample terms of a parameter that does not influence the loss."""
     return torch.zeros(lead_shape + list(p.shape), dtype=p.dtype, device=p.device)
@@ -126,6 +134,11 @@ class PerSample:
             return self.batch(name).square().flatten(1).sum(1)
         return self.memoized("batch_l2", name, label, build)
 
+    def product(self, name: str, label: str, vectors: Any) -> Any:
+        """``[V, *p]``: this propagation's curvature block of ``p`` times each vector."""
+        return self.memoized("product", name, label,
+                             lambda: self.emit.call(factor_product, self.batch(name), vectors))
+
     def kron(self, name: str, label: str) -> Any:
         """Kronecker factors ``[G, A]`` / ``[G]`` of a parameter with exactly one use."""
         def build():
@@ -158,18 +171,19 @@ def _sum(parts: list) -> Any:
 
 
 class SignedSum:
-    """``Σ_k sign_k · term_k`` of several propagations' squared quantities (the diagonal
-    Hessian: the GGN plus the positive and minus the negative residual parts)."""
+    """``Σ_k sign_k · term_k`` of several propagations' squared quantities: the Hessian is the
+    GGN plus the positive and minus the negative residual parts; the positive-curvature
+    Hessian adds the negative parts (``abs``) or drops them (``clip``)."""
 
     def __init__(self, terms: list[tuple[PerSample, float]]):
         self.terms = terms
         self._memo: dict[tuple[str, str], Any] = {}
 
-    def _combine(self, kind: str, name: str, label: str) -> Any:
+    def _combine(self, kind: str, name: str, label: str, *args: Any) -> Any:
         key = (kind, name)
         if key not in self._memo:
             first = self.terms[0][0]
-            parts = [(getattr(term, kind)(name, f"{label}_part"), sign)
+            parts = [(getattr(term, kind)(name, f"{label}_part", *args), sign)
                      for term, sign in self.terms]
             full = f"{first.params[name].name}_{label}"
             with first.emit.naming(full, pass_="per_sample", param=name):
@@ -182,6 +196,9 @@ class SignedSum:
 
     def sum_squares(self, name: str, label: str) -> Any:
         return self._combine("sum_squares", name, label)
+
+    def product(self, name: str, label: str, vectors: Any) -> Any:
+        return self._combine("product", name, label, vectors)
 
     def batch_sum_squares(self, name: str, label: str) -> Any:
         return self._combine("batch_sum_squares", name, label)

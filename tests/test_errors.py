@@ -69,8 +69,8 @@ def test_quantity_requested_twice():
 
 
 def test_not_yet_implemented_quantity_is_not_called_unknown():
-    with pytest.raises(CompileError, match="'hmp' is not implemented in this version"):
-        fxcurv.compile(nn.Linear(3, 2), nn.MSELoss(), ["hmp"])
+    with pytest.raises(CompileError, match="'kfra' is not implemented in this version"):
+        fxcurv.compile(nn.Linear(3, 2), nn.MSELoss(), ["kfra"])
 
 
 def test_bad_mc_samples():

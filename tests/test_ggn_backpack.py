@@ -20,9 +20,7 @@ Notes on BackPACK 1.7.1 (``backpack/extensions/secondorder/``):
   positions), ``A = Σ_n U_n U_nᵀ / N`` for every reduction (``hbp/convnd.py``).
 * CrossEntropyLoss on ``[N, C, d]`` input: BackPACK's exact factor has ``C·d`` columns (the
   per-position factors embedded block-diagonally, ``_expand_sqrt_h``), so ``sqrt_ggn_exact`` is
-  ``[C·d, N, *p.shape]``. fxcurv's factor has ``C`` columns and adds every position's column
-  ``c`` into the same column, which creates cross-position terms: its ``diag_ggn_exact`` differs
-  from the true GGN diagonal (checked against ``torch.func`` below). Those cases are xfail.
+  ``[C·d, N, *p.shape]``; fxcurv's is the same (column ``c·d + j`` at position ``j``).
 """
 from __future__ import annotations
 
@@ -268,9 +266,6 @@ def _ggn_diagonals(model: nn.Module, loss_fn: nn.Module, x, y) -> dict:
     return diagonals
 
 
-@pytest.mark.xfail(strict=True, reason="fxcurv's cross_entropy sqrt-Hessian on [N, C, d] has "
-                   "C columns shared by all positions (cross-position terms); BackPACK's has "
-                   "C·d (see the module docstring)")
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_cross_entropy_positions_equal_backpack(reduction):
     model, loss_fn = _ce_positions_model(), nn.CrossEntropyLoss(reduction=reduction)
@@ -278,7 +273,6 @@ def test_cross_entropy_positions_equal_backpack(reduction):
     compare(model, loss_fn, x, y)
 
 
-@pytest.mark.xfail(strict=True, reason="see test_cross_entropy_positions_equal_backpack")
 def test_cross_entropy_positions_diag_ggn_vs_torch_func():
     model, loss_fn = _ce_positions_model(), nn.CrossEntropyLoss()
     x, y = _ce_positions_batch()

@@ -355,7 +355,7 @@ _RULES = {
              "bias": lambda g, c: _bias_batch(g, c).sum(c.lead)},
         batch_grad={"weight": _conv_weight_batch, "bias": _bias_batch},
         batch_l2={"weight": _conv_weight_l2},
-        kron={"weight": _conv_kron_weight, "bias": _kron_bias}),
+        kron={"weight": _conv_kron_weight, "bias": _kron_bias}, hessian_is_zero=True),
     "conv_transpose": dict(
         doc="y = convᵀ(x, W) + b, the adjoint of conv's input map: ⟨g, convᵀ(x, W)⟩ = "
             "⟨conv(g, W), x⟩;  x: [N, Cin, *in], W: [Cin, Cout/G, *k], b: [Cout], "
@@ -371,7 +371,7 @@ _RULES = {
              "bias": lambda g, c: _bias_batch(g, c).sum(c.lead)},
         batch_grad={"weight": _transpose_weight_batch, "bias": _bias_batch},
         batch_l2={"weight": _transpose_weight_l2},
-        kron={"weight": _transpose_kron_weight, "bias": _kron_bias}),
+        kron={"weight": _transpose_kron_weight, "bias": _kron_bias}, hessian_is_zero=True),
 }
 
 for _target, _d in SPATIAL_DIMS.items():

@@ -221,13 +221,23 @@ def _mean_scale(reduction: str, divisor: int) -> float:
 
 
 def cross_entropy_sqrt_hessian(x: Tensor, reduction: str) -> Tensor:
-    """``S[c, n, k, d] = √p_c (δ_kc - p_k)`` (column c of ``diag(√p) - p √pᵀ``), ``[C, *x.shape]``."""
+    """``S[c, n, k] = √p_c (δ_kc - p_k)`` (column c of ``diag(√p) - p √pᵀ``), ``[C, N, C]``.
+
+    With extra axes ``x: [N, C, d...]`` every position is its own sample: the factor is
+    block-diagonal over positions, ``[C·D, N, C, d...]`` with column ``c·D + j`` living at
+    position ``j`` only (``D = Π d``), in BackPACK's column order.
+    """
     classes = x.size(1)
     p = torch.softmax(x, 1)
     eye = torch.eye(classes, dtype=x.dtype, device=x.device)
     eye = eye.reshape([classes, 1, classes] + [1] * (x.dim() - 2))
     factor = p.sqrt().movedim(1, 0).unsqueeze(2) * (eye - p.unsqueeze(0))
-    return factor * _mean_scale(reduction, x.numel() // classes)
+    factor = factor * _mean_scale(reduction, x.numel() // classes)
+    if x.dim() == 2:
+        return factor
+    flat = factor.flatten(3)                                            # [C, N, C, D]
+    blocks = torch.diag_embed(flat, offset=0, dim1=1, dim2=4)           # [C, D, N, C, D]
+    return blocks.reshape([-1] + list(factor.shape[1:]))
 
 
 def cross_entropy_sqrt_hessian_mc(x: Tensor, reduction: str, samples: int) -> Tensor:

@@ -184,6 +184,8 @@ register([F.batch_norm], "batch_norm",
          batch_grad={"weight": _bn_param_rule(True, True),
                      "bias": _bn_param_rule(True, False)},
          mixes_samples=lambda b: BN_TRAIN_MIXES if b["training"] else None,
+         # eval: affine in x, γ, β; train: the batch statistics make it non-linear in x
+         hessian_is_zero=lambda b: ("weight", "bias") if b["training"] else True,
          unsupported=_bn_unsupported)
 
 
@@ -231,7 +233,8 @@ register([F.layer_norm], "layer_norm", "input, normalized_shape, weight=None, bi
          vjp={"input": _ln_input_vjp,
               "weight": _ln_param_rule(False, True), "bias": _ln_param_rule(False, False)},
          batch_grad={"weight": _ln_param_rule(True, True),
-                     "bias": _ln_param_rule(True, False)})
+                     "bias": _ln_param_rule(True, False)},
+         hessian_is_zero=("weight", "bias"))  # non-linear (not elementwise) in the input
 
 
 # -- embedding -------------------------------------------------------------------------------
@@ -272,7 +275,7 @@ register([F.embedding], "embedding",
              "the output; lookups of padding_idx are left out of both.",
          vjp={"input": None, "weight": _embedding_weight_rule(embedding_weight_vjp)},
          batch_grad={"weight": _embedding_weight_rule(embedding_weight_batch_grad)},
-         kron={"weight": _embedding_kron},
+         kron={"weight": _embedding_kron}, hessian_is_zero=True,
          unsupported=_embedding_unsupported)
 
 

@@ -139,13 +139,13 @@ _AVG_POOL = "input, kernel_size, stride=None, padding=0, ceil_mode=False, " \
 
 for _d in (1, 2, 3):
     register([getattr(F, f"max_pool{_d}d"), getattr(F, f"max_pool{_d}d_with_indices")],
-             f"max_pool{_d}d", _MAX_POOL, vjp={"input": _max_pool_vjp},
+             f"max_pool{_d}d", _MAX_POOL, vjp={"input": _max_pool_vjp}, hessian_is_zero=True,
              unsupported=_returns_indices,
              doc="y[p] = max_{i ∈ window(p)} x[i];  x̄[i] = Σ_{p: argmax(p) = i} g[p] "
                  "(argmax recomputed from x; overlapping windows add up).")
     register([getattr(F, f"avg_pool{_d}d")], f"avg_pool{_d}d",
              _AVG_POOL + (", divisor_override=None" if _d > 1 else ""),
-             vjp={"input": _avg_pool_vjp},
+             vjp={"input": _avg_pool_vjp}, hessian_is_zero=True,
              doc="y[p] = Σ_{i ∈ window(p)} x[i] / divisor(p) (the window size, clipped to the "
                  "input unless count_include_pad, or divisor_override);  "
                  "x̄[i] = Σ_{p ∋ i} g[p] / divisor(p).")
@@ -153,6 +153,6 @@ for _d in (1, 2, 3):
              "input, output_size",
              vjp={"input": lambda g, c: c.call(adaptive_avg_pool_vjp, g, c.args.input, c.lead,
                                                SPATIAL_DIMS[c.node.target])},
-             unsupported=_size_none,
+             unsupported=_size_none, hessian_is_zero=True,
              doc="y[p] = mean of x over window(p) = [⌊p·in/out⌋, ⌈(p+1)·in/out⌉) per axis;  "
                  "x̄[i] = Σ_{p ∋ i} g[p] / |window(p)|.")

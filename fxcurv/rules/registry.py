@@ -40,8 +40,9 @@ class OpRule:
     batch_l2: dict[str, RuleFn] = field(default_factory=dict)
     sum_grad_squared: dict[str, RuleFn] = field(default_factory=dict)
     # second order (diagonal Hessian): the op is affine in each differentiable argument on its
-    # own (``∂²f/∂a² = 0``; True for all, or a tuple of the argument names for which it holds)
-    hessian_is_zero: Union[bool, tuple] = False
+    # own (``∂²f/∂a² = 0``; True for all, a tuple of the argument names for which it holds,
+    # or a function of the bound arguments returning either)
+    hessian_is_zero: Union[bool, tuple, Callable[[dict], Union[bool, tuple]]] = False
     # ... or, for elementwise ops, ``residual[arg](g, c)``: the diagonal of ``Σ_out g ∂²f/∂a²``
     # shaped like ``a`` (``g`` the gradient at the output, lead 0)
     residual: dict[str, RuleFn] = field(default_factory=dict)
@@ -74,9 +75,10 @@ class OpRule:
         """True if this call's output has no derivative with respect to any input."""
         return self.constant(self.bind(node)) if callable(self.constant) else self.constant
 
-    def zero_hessian(self, arg: str) -> bool:
+    def zero_hessian(self, arg: str, bound: dict) -> bool:
         """True if ``∂²f/∂arg² = 0`` (the op is affine in ``arg`` with the others fixed)."""
         zero = self.hessian_is_zero
+        zero = zero(bound) if callable(zero) else zero
         return arg in zero if isinstance(zero, tuple) else bool(zero)
 
     def bind(self, node: fx.Node) -> dict[str, Any]:

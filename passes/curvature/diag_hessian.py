@@ -48,7 +48,7 @@ def residual_propagations(emit: Emitter, traced, gradient: dict, quantity: str,
         active = _active_args(ctx, depends)
         _check_cross_terms(node, rule, active, depends, quantity)
         for name, arg in active:
-            if rule.zero_hessian(name):
+            if rule.zero_hessian(name, ctx.bound):
                 continue
             if name not in rule.residual:
                 raise node_error(node, f"{rule.name} has a non-zero second derivative in its "

@@ -25,15 +25,30 @@ def spelling(target) -> str:
 
 
 def _first_order(rule: OpRule) -> str:
-    if not rule.vjp and rule.lower is None:
-        return "—"
+    """Per-sample quantities (first order and the GGN family) through this op."""
     if rule.batch_grad:
-        return "yes (per-sample: " + ", ".join(rule.batch_grad) + ")"
+        return "yes (parameters: " + ", ".join(rule.batch_grad) + ")"
     return "yes"
 
 
+def _second_order(rule: OpRule) -> str:
+    """How the op enters diag_h / hmp / pchmp: affine, an elementwise residual, or not."""
+    if rule.sqrt_hessian is not None:
+        return "yes (loss Hessian square root)"
+    if rule.residual:
+        return "yes (residual: " + ", ".join(rule.residual) + ")"
+    zero = rule.hessian_is_zero
+    if zero is True:
+        return "yes (affine)"
+    if callable(zero):
+        return "yes (affine in eval mode)"
+    if isinstance(zero, tuple) and zero:
+        return "only through " + ", ".join(zero)
+    return "—"
+
+
 def rows() -> list[list[str]]:
-    """One row per rule: op, spellings, grad, first-order quantities, notes."""
+    """One row per rule: op, spellings, grad, per-sample/GGN, Hessian, Kronecker, notes."""
     by_rule: dict[int, tuple[OpRule, list[str]]] = {}
     for target, rule in RULES.items():
         if getattr(target, "__module__", "").startswith("fxcurv"):
@@ -41,15 +56,15 @@ def rows() -> list[list[str]]:
         by_rule.setdefault(id(rule), (rule, []))[1].append(spelling(target))
     table = []
     for rule, names in sorted(by_rule.values(), key=lambda item: item[0].name):
-        if callable(rule.constant) or rule.constant:
-            grad = first = "no derivative" if rule.constant is True else "yes"
+        if rule.constant is True:
+            cells = ["no derivative"] * 4
         elif rule.lower is not None:
-            grad = first = "yes (lowered)"
+            cells = ["lowered to other ops"] * 4
         else:
-            grad = "yes" if rule.vjp else "—"
-            first = _first_order(rule)
+            cells = ["yes" if rule.vjp else "—", _first_order(rule), _second_order(rule),
+                     ", ".join(rule.kron) if rule.kron else "—"]
         notes = "mixes samples in some settings" if rule.mixes_samples else ""
-        table.append([rule.name, ", ".join(sorted(set(names))), grad, first, notes])
+        table.append([rule.name, ", ".join(sorted(set(names))), *cells, notes])
     return table
 
 
@@ -59,8 +74,9 @@ def quantity_rows() -> list[list[str]]:
 
 
 def render() -> str:
-    ops = tabulate(rows(), headers=["op", "spellings", "grad", "first-order quantities",
-                                    "notes"], tablefmt="github")
+    ops = tabulate(rows(), headers=["op", "spellings", "grad", "first order, GGN family",
+                                    "diag_h, hmp, pchmp", "kfac, kflr", "notes"],
+                   tablefmt="github")
     quantities = tabulate(quantity_rows(), headers=["quantity", "family", "implemented",
                                                     "what"], tablefmt="github")
     return f"### Quantities\n\n{quantities}\n\n### Ops\n\n{ops}\n"

@@ -140,7 +140,7 @@ class Case:
     loss_fn: Callable
     x: torch.Tensor
     y: torch.Tensor
-    columns: Optional[int]           # C, the leading axis of sqrt_ggn_exact (None: any)
+    columns: int                     # C, the leading axis of sqrt_ggn_exact
     kron: bool                       # every parameter has Kronecker factors (kflr compiles)
     # brute force on this model output and loss instead (NLL: the logits, fused loss)
     reference: Optional[tuple[nn.Module, Callable]] = None
@@ -204,7 +204,7 @@ CASES: dict[str, Callable[[], Case]] = {
     "ce_spatial": lambda: _build(
         10, lambda: nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.Tanh(), nn.Conv1d(4, 3, 1)),
         nn.CrossEntropyLoss(), lambda: (_randn(3, 2, 4), _labels(3, 3, 4)),
-        None),  # C now; a correct factor needs more columns (BackPACK: C·d)
+        3 * 4),  # every position is a sample: C·d columns, block-diagonal over positions
     "embedding_ce": lambda: _build(
         11, EmbeddingMean, nn.CrossEntropyLoss(), lambda: (_labels(6, 4, 5), _labels(3, 4)),
         3),
@@ -212,19 +212,7 @@ CASES: dict[str, Callable[[], Case]] = {
         12, conv_bn_eval, nn.CrossEntropyLoss(), lambda: (_randn(3, 2, 4, 4), _labels(3, 3)),
         3, kron=False),
 }
-# fxcurv's exact CE factor on [N, C, d] outputs: see test_ce_spatial_factor_has_no_cross_terms
-KNOWN_BUGS = {"ce_spatial": "exact cross-entropy sqrt-Hessian on [N, C, d] outputs shares its "
-                            "C columns over positions (cross-position terms in S Sᵀ)"}
 NAMES = list(CASES)
-
-
-def _case_param(name):
-    marks = [pytest.mark.xfail(strict=True, reason=KNOWN_BUGS[name])] if name in KNOWN_BUGS \
-        else []
-    return pytest.param(name, marks=marks)
-
-
-PARAMS = [_case_param(n) for n in NAMES]
 
 
 # ------------------------------------------------------------------------------ reference
@@ -276,7 +264,7 @@ def _quantities(case: Case) -> list[str]:
 
 
 # ----------------------------------------------------------------------------------- tests
-@pytest.mark.parametrize("name", PARAMS)
+@pytest.mark.parametrize("name", NAMES)
 def test_diag_ggn_exact_is_the_diagonal_of_the_ggn(name):
     case, outputs, ref = computed(name)
     diag = ref.per_sample.sum(0).diagonal()
@@ -287,7 +275,7 @@ def test_diag_ggn_exact_is_the_diagonal_of_the_ggn(name):
         torch.testing.assert_close(value[p].reshape(-1), diag[ref.slices[p]], **TOL, msg=p)
 
 
-@pytest.mark.parametrize("name", PARAMS)
+@pytest.mark.parametrize("name", NAMES)
 def test_diag_ggn_exact_batch_is_the_per_sample_diagonal(name):
     case, outputs, ref = computed(name)
     diag = ref.per_sample.diagonal(dim1=1, dim2=2)                      # [N, P]
@@ -301,7 +289,7 @@ def test_diag_ggn_exact_batch_is_the_per_sample_diagonal(name):
                                    msg=p)
 
 
-@pytest.mark.parametrize("name", PARAMS)
+@pytest.mark.parametrize("name", NAMES)
 def test_sqrt_ggn_exact_squared_is_the_ggn_block(name):
     """Σ_c s[c, n] s[c, n]ᵀ = G_n[p, p] per sample, hence Σ_{c,n} s sᵀ = G[p, p]."""
     case, outputs, ref = computed(name)
@@ -310,9 +298,8 @@ def test_sqrt_ggn_exact_squared_is_the_ggn_block(name):
     n = case.x.shape[0]
     for p in ref.names:
         shape = dict(case.model.named_parameters())[p].shape
-        assert value[p].shape[1:] == (n, *shape), p
-        assert case.columns is None or value[p].shape[0] == case.columns, p
-        s = value[p].reshape(value[p].shape[0], n, -1)
+        assert value[p].shape == (case.columns, n, *shape), p
+        s = value[p].reshape(case.columns, n, -1)
         block = ref.per_sample[:, ref.slices[p], ref.slices[p]]
         torch.testing.assert_close(torch.einsum("cni,cnj->nij", s, s), block, **TOL, msg=p)
         torch.testing.assert_close(torch.einsum("cni,cnj->ij", s, s), block.sum(0), **TOL,
@@ -378,9 +365,8 @@ def test_nll_after_log_softmax_equals_cross_entropy_on_the_logits():
         assert all(_flat(v).abs().sum() > 0 for v in value.values()), quantity
 
 
-@pytest.mark.xfail(strict=True, reason=KNOWN_BUGS["ce_spatial"])
 def test_ce_spatial_factor_has_no_cross_terms():
-    """Minimal form of the known bug: one sample, a 1x1 convolution producing ``[1, 2, 2]``
+    """Regression (found by the ce_spatial case): one sample, a 1x1 convolution producing ``[1, 2, 2]``
     logits (2 classes at 2 positions). The loss Hessian is block diagonal over positions, so
     the GGN block of the bias (added at both positions) is ``Σ_d diag(p_d) - p_d p_dᵀ``."""
     torch.manual_seed(0)

@@ -198,3 +198,23 @@ def test_torchscript_mc_step_is_reproducible_and_equals_eager_under_a_seed(loss,
         assert torch.equal(_flat(module(x, y)), first)
         assert not torch.equal(first, second)
         assert torch.equal(first, eager)
+
+
+def test_cross_entropy_on_positions_draws_independently_per_position():
+    """CE on ``[N, C, d]``: one class drawn per position, independently, so the cross-position
+    terms of the sampled ``S Sᵀ`` vanish in expectation and the MC diagonal converges to the
+    exact one (whose factor is block-diagonal over positions)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 3, 3, padding=1), nn.Tanh(),
+                          nn.Conv1d(3, 3, 1)).to(DTYPE)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(N, 2, 5, dtype=DTYPE, generator=g), torch.randint(0, 3, (N, 5),
+                                                                         generator=g)
+    _, _, exact = fxcurv.compile(model, nn.CrossEntropyLoss(), ["diag_ggn_exact"])(x, y)
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["diag_ggn_mc", "sqrt_ggn_mc"],
+                          mc_samples=M)
+    torch.manual_seed(4321)
+    _, _, diag, sqrt = step(x, y)
+    for p, value in exact.items():
+        assert sqrt[p].shape[:2] == (M, N)
+        assert_converges(diag[p], value, draws(sqrt[p], False), f"ce positions {p}")

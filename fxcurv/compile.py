@@ -20,6 +20,7 @@ from .passes.backward import backward
 from .passes.cleanup import finalize
 from .passes.normalize import normalize
 from .passes.curvature.diag_hessian import residual_propagations
+from .passes.curvature.kfra import KFRA
 from .passes.curvature.sqrt_ggn import propagate_sqrt_ggn
 from .passes.per_sample import PerSample, SignedSum
 from .rules import rule_for
@@ -126,6 +127,8 @@ def _make_source(emit: Emitter, traced: Traced, name: str, quantity: str, cotang
             return PerSample(emit, params, factors, batch_size, lead=1, label="residual",
                              lead_size=columns)
         return residual_propagations(emit, traced, cotangents, quantity, wrap)
+    if name == "kfra":
+        return KFRA(emit, traced, quantity)
     if name in RESIDUAL_SIGNS:
         signs = RESIDUAL_SIGNS[name]
         terms = [(term, signs[sign]) for term, sign in source("residuals", quantity)

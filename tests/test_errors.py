@@ -68,7 +68,11 @@ def test_quantity_requested_twice():
         fxcurv.compile(nn.Linear(3, 2), nn.MSELoss(), ["batch_l2", "batch_l2"])
 
 
-def test_not_yet_implemented_quantity_is_not_called_unknown():
+def test_not_yet_implemented_quantity_is_not_called_unknown(monkeypatch):
+    from fxcurv import quantities
+    pending = quantities.QUANTITIES["kfra"].__class__(**{
+        **quantities.QUANTITIES["kfra"].__dict__, "implemented": False})
+    monkeypatch.setitem(quantities.QUANTITIES, "kfra", pending)
     with pytest.raises(CompileError, match="'kfra' is not implemented in this version"):
         fxcurv.compile(nn.Linear(3, 2), nn.MSELoss(), ["kfra"])
 

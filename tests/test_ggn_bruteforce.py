@@ -366,8 +366,8 @@ def test_nll_after_log_softmax_equals_cross_entropy_on_the_logits():
 
 
 def test_ce_spatial_factor_has_no_cross_terms():
-    """Regression (found by the ce_spatial case): one sample, a 1x1 convolution producing ``[1, 2, 2]``
-    logits (2 classes at 2 positions). The loss Hessian is block diagonal over positions, so
+    """Regression (found by the ce_spatial case): one sample, a 1x1 convolution producing
+    ``[1, 2, 2]`` logits (2 classes at 2 positions). The loss Hessian is block diagonal over positions, so
     the GGN block of the bias (added at both positions) is ``Σ_d diag(p_d) - p_d p_dᵀ``."""
     torch.manual_seed(0)
     model = nn.Conv1d(2, 2, 1).to(DTYPE)

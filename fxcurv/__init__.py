@@ -7,6 +7,7 @@ graph, writes the backward pass and every requested quantity out as graph nodes,
 from .compile import compile  # noqa: A004 - the public name is fxcurv.compile
 from .errors import CompileError
 from .quantities import ALIASES, QUANTITIES
+from . import optim
 
 __all__ = ["compile", "CompileError", "QUANTITIES", "ALIASES"]
 __version__ = "0.1.0"

@@ -128,15 +128,14 @@ def _make_source(emit: Emitter, traced: Traced, name: str, quantity: str, cotang
                              lead_size=columns)
         return residual_propagations(emit, traced, cotangents, quantity, wrap)
     if name == "kfra":
-        return KFRA(emit, traced, quantity)
+        return KFRA(emit, traced, cotangents, quantity)
     if name in RESIDUAL_SIGNS:
         signs = RESIDUAL_SIGNS[name]
         terms = [(term, signs[sign]) for term, sign in source("residuals", quantity)
                  if signs[sign] != 0.0]
         return SignedSum([(source("ggn_exact", quantity), 1.0)] + terms)
     kind = name.split("_", 1)[1]
-    factors, columns = propagate_sqrt_ggn(emit, traced.loss, params.values(), kind, mc_samples,
-                                          quantity)
+    factors, columns = propagate_sqrt_ggn(emit, traced, cotangents, kind, mc_samples, quantity)
     return PerSample(emit, params, factors, batch_size, lead=1, label=f"sqrt_ggn_{kind}",
                      lead_size=columns)
 

@@ -38,10 +38,11 @@ def residual_propagations(emit: Emitter, traced, gradient: dict, quantity: str,
     each wrapped by ``make_source(cotangents, columns)``, with its sign."""
     params = list(traced.params.values())
     depends = _parameter_sets(traced.graph, traced.params)
+    model = _ancestors(traced.model_output)  # the loss region's curvature is in the GGN term
     terms = []
     for node in list(traced.graph.nodes):
-        if node not in gradient or node is traced.loss or node.op not in ("call_function",
-                                                                         "call_method"):
+        if node not in gradient or node not in model or node.op not in ("call_function",
+                                                                       "call_method"):
             continue
         rule = rule_for(node)
         ctx = Ctx.of(node, rule, emit)
@@ -88,6 +89,16 @@ def _check_cross_terms(node, rule, active, depends, quantity) -> None:
                                  f"parameter(s) {sorted(shared)}, which needs the cross "
                                  "second derivative", "Request the GGN (diag_ggn_exact) "
                                  "instead; cross terms are not supported yet.", quantity)
+
+
+def _ancestors(node: fx.Node) -> set:
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current not in seen:
+            seen.add(current)
+            stack.extend(current.all_input_nodes)
+    return seen
 
 
 def _parameter_sets(graph: fx.Graph, params: dict) -> dict[fx.Node, frozenset]:

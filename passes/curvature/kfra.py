@@ -22,6 +22,8 @@ from fxcurv.emit import Emitter
 from fxcurv.errors import node_error
 from fxcurv.rules import Ctx, rule_for
 
+from .loss_hessian import loss_factor
+
 
 def summed_outer(factor: Tensor) -> Tensor:
     """``Σ_{c,n} s sᵀ`` over the flattened per-sample entries of ``factor`` ``[C, N, *out]``."""
@@ -59,8 +61,9 @@ def matrix_sqrt_factor(matrix: Tensor, like: Tensor) -> Tensor:
 class KFRA:
     """Emits KFRA's factors for every parameter; ``kron(name, label)`` gives one's list."""
 
-    def __init__(self, emit: Emitter, traced, quantity: str):
+    def __init__(self, emit: Emitter, traced, gradient: dict, quantity: str):
         self.emit, self.traced, self.quantity = emit, traced, quantity
+        self.gradient = gradient
         self.factors: dict[str, Any] = {}
         self._propagate()
 
@@ -71,15 +74,10 @@ class KFRA:
         return self.factors[name]
 
     def _propagate(self) -> None:
-        emit, loss = self.emit, self.traced.loss
-        rule = rule_for(loss)
-        if rule is None or rule.sqrt_hessian is None:
-            from .sqrt_ggn import _loss_error
-            raise _loss_error(loss, self.quantity)
-        ctx = Ctx.of(loss, rule, emit)
-        node = ctx.bound["input"]
+        emit = self.emit
+        node, factor = loss_factor(emit, self.traced, self.gradient, "exact", 1, self.quantity)
         with emit.naming(f"{node.name}_kfra"):
-            matrix = emit.call(summed_outer, rule.sqrt_hessian(ctx))
+            matrix = emit.call(summed_outer, factor)
         emit.rename(matrix, f"{node.name}_kfra")
         params = set(self.traced.params.values())
         while node is not None and node not in params:

@@ -1,0 +1,118 @@
+r"""BackPACK's DiagGGN optimizer example (seeds 000 and 001), with fxcurv.
+
+SGD preconditioned by the Monte-Carlo diagonal of the generalized Gauss-Newton ``G``:
+
+    x_{t+1} = x_t − γ (G(x_t) + λ I)^{-1} g(x_t),     elementwise  p ← p − γ g / (G + λ),
+
+with step size ``γ`` and damping ``λ`` (``fxcurv.optim.DiagGGNOptimizer``). One compiled step
+returns the loss, the gradient and ``diag_ggn_mc``; there is no ``backward()`` call.
+
+Run: ``python examples/diag_ggn_optimizer.py``.
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+import fxcurv
+from mnist_data import load_mnist
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default="./data")
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--step-size", type=float, default=0.05)
+    parser.add_argument("--damping", type=float, default=1.0)
+    parser.add_argument("--max-iter", type=int, default=200)
+    parser.add_argument("--print-every", type=int, default=10)
+    parser.add_argument("--plot", default="diag_ggn_optimizer.png", help="where to save the plot")
+    return parser.parse_args()
+
+
+def seed_cnn() -> torch.nn.Sequential:
+    """The CNN of BackPACK's DiagGGN example."""
+    return torch.nn.Sequential(
+        torch.nn.Conv2d(1, 20, 5, 1), torch.nn.ReLU(), torch.nn.MaxPool2d(2, 2),
+        torch.nn.Conv2d(20, 50, 5, 1), torch.nn.ReLU(), torch.nn.MaxPool2d(2, 2),
+        torch.nn.Flatten(),
+        torch.nn.Linear(4 * 4 * 50, 500), torch.nn.ReLU(), torch.nn.Linear(500, 10),
+    )
+
+
+def get_accuracy(output: torch.Tensor, targets: torch.Tensor) -> float:
+    return (output.argmax(dim=1) == targets).float().mean().item()
+
+
+def batches(dataset, batch_size: int, count: int):
+    """``count`` shuffled mini-batches, going over the data set as often as needed."""
+    done = 0
+    while True:
+        for x, y in torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True):
+            if done == count:
+                return
+            done += 1
+            yield x, y
+
+
+def train(model, dataset, args) -> tuple[list, list]:
+    """The seed's loop: loss, gradient and ``diag_ggn_mc`` from one step, then the update."""
+    step = fxcurv.compile(model, torch.nn.CrossEntropyLoss(), ["diag_ggn_mc"])
+    optimizer = fxcurv.optim.DiagGGNOptimizer(model.named_parameters(),
+                                              step_size=args.step_size, damping=args.damping)
+    losses, accuracies = [], []
+    for iteration, (x, y) in enumerate(batches(dataset, args.batch_size, args.max_iter), 1):
+        with torch.no_grad():
+            accuracies.append(get_accuracy(model(x), y))
+        loss, grad, diag_ggn_mc = step(x, y)
+        optimizer.step(grad, diag_ggn_mc)
+        losses.append(loss.item())
+        if iteration == 1 or iteration % args.print_every == 0:
+            print("Iteration %3d/%d   Minibatch Loss %.3f  Accuracy %.0f%%"
+                  % (iteration, args.max_iter, losses[-1], 100 * accuracies[-1]))
+    return losses, accuracies
+
+
+def held_out_accuracy(model: torch.nn.Module, dataset) -> float:
+    images, labels = dataset.tensors
+    with torch.no_grad():
+        return sum(get_accuracy(model(x), y) * len(y) for x, y in
+                   zip(images.split(1000), labels.split(1000))) / len(labels)
+
+
+def plot(losses: list, accuracies: list, path: str) -> None:
+    """Mini-batch loss and accuracy per iteration, as in seed 001."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
+    for ax, values, title in zip(axes, (losses, accuracies), ("Loss", "Accuracy")):
+        ax.plot(values)
+        ax.set(title=title, xlabel="Iteration")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def main() -> None:
+    args = parse_args()
+    start = time.perf_counter()
+    torch.manual_seed(0)
+    train_set, source = load_mnist(args.data_dir, train=True)
+    test_set, _ = load_mnist(args.data_dir, train=False, download=False)
+    print(f"Data: {source}, {len(train_set)} training images; step size {args.step_size}, "
+          f"damping {args.damping}.")
+    model = seed_cnn()
+    losses, accuracies = train(model, train_set, args)
+    plot(losses, accuracies, args.plot)
+    print(f"Final minibatch loss {losses[-1]:.3f}; held-out accuracy "
+          f"{100 * held_out_accuracy(model, test_set):.1f}% on {len(test_set)} images. "
+          f"Plot: {args.plot}. Time: {time.perf_counter() - start:.1f} s.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,190 @@
+"""The loss Hessian w.r.t. the model output for any loss written with supported ops.
+
+A loss that ends in a built-in loss op (cross-entropy, MSE, BCE-with-logits) uses that op's
+square root directly. Any other loss ``L(f)`` — a plain callable, post-loss arithmetic such as
+``2 * ce + 0.5 * (f ** 2).mean()`` — gets its per-sample Hessian ``H_n = ∂²L/∂f_n²`` assembled
+from second-order sources inside the loss region, each propagated back to ``f`` with the
+Jacobian-transpose rules (one leading axis):
+
+* an inner built-in loss reached with cotangent ``g``: its factor ``S`` times ``√g₊`` / ``√g₋``;
+* an elementwise op with residual ``R = Σ g ⊙ f''``: ``diag(√R₊)`` / ``diag(√R₋)``.
+
+``H_n = Σ₊ Φ Φᵀ - Σ₋ Φ Φᵀ`` ``[N, C, C]`` (``C`` entries per sample of ``f``) is then factorised
+per sample by ``eigh``: ``S_n = V √max(Λ, 0)``, ``[C, N, *f]``. Cost: one propagation per
+source through the loss region, plus an ``O(N C³)`` eigendecomposition per step. Negative
+curvature of a non-convex loss is dropped (the GGN needs a positive semi-definite ``H``).
+Monte-Carlo factors need a likelihood, so they require a built-in loss as the final op.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch import Tensor
+
+from fxcurv.emit import Emitter
+from fxcurv.errors import node_error
+from fxcurv.rules import Ctx, rule_for
+
+from ..backward import backward
+from .diag_hessian import residual_sqrt
+
+
+def scaled_by_root(factor: Tensor, weight: Tensor, sign: float) -> Tensor:
+    """``factor · √max(sign·weight, 0)`` (``weight`` a scalar cotangent)."""
+    return factor * (weight * sign).clamp(min=0.0).sqrt()
+
+
+def signed_gram(factor: Tensor, sign: float) -> Tensor:
+    """``sign · Σ_k Φ_kn Φ_knᵀ`` per sample: ``[K, N, *f]`` -> ``[N, C, C]``."""
+    flat = factor.reshape(factor.size(0), factor.size(1), -1)
+    return torch.einsum("knc,knd->ncd", flat, flat) * sign
+
+
+def per_sample_sqrt(hessian: Tensor, like: Tensor) -> Tensor:
+    """``S`` ``[C, N, *like.shape[1:]]`` with ``S_n S_nᵀ = H_n`` projected onto PSD matrices."""
+    values, vectors = torch.linalg.eigh(0.5 * (hessian + hessian.transpose(1, 2)))
+    factor = vectors * values.clamp(min=0.0).sqrt().unsqueeze(1)   # [N, C, C] columns
+    return factor.permute(2, 0, 1).reshape([factor.size(2)] + list(like.shape))
+
+
+def assembled_sqrt_hessian(emit: Emitter, traced, gradient: dict, quantity: str) -> Any:
+    """The exact factor ``[C, N, *f]`` of a general loss region (see the module docstring)."""
+    output = traced.model_output
+    sources = _second_order_sources(emit, traced, gradient, quantity)
+    if not sources:
+        raise node_error(traced.loss, "the loss is linear in the model output, so its Hessian "
+                         "(and the GGN) is zero", "Check the loss function.", quantity)
+    total = None
+    for seed_node, factor, sign, tag in sources:
+        cotangents = backward(emit, {seed_node: factor}, [output], lead=1,
+                              tag=f"loss_hessian_{tag}", quantity=quantity)
+        gram = emit.call(signed_gram, cotangents[output], sign)
+        total = gram if total is None else total + gram
+    with emit.naming("loss_hessian"):
+        factor = emit.call(per_sample_sqrt, total, emit.proxy(output))
+    emit.rename(total, "loss_hessian")
+    return factor
+
+
+def _second_order_sources(emit: Emitter, traced, gradient: dict, quantity: str) -> list:
+    """``(node to seed, factor, sign, tag)`` for every second-order term of the loss region."""
+    region = _loss_region(traced)
+    found = []
+    for node in region:
+        rule = rule_for(node)
+        if rule is None or node not in gradient or rule.is_constant(node):
+            continue
+        ctx = Ctx.of(node, rule, emit)
+        active = [(a, v) for a, v in ctx.bound.items() if isinstance(v, fx.Node)
+                  and (v in region or v is traced.model_output)]
+        if rule.sqrt_hessian is not None:
+            found += _inner_loss(emit, node, rule, ctx, gradient, region, quantity)
+            continue
+        _check_cross_terms(node, rule, active, quantity)
+        for arg, value in active:
+            if rule.zero_hessian(arg, ctx.bound) or rule.vjp.get(arg, 0) is None:
+                continue
+            if arg not in rule.residual:
+                raise node_error(node, f"{rule.name} has a non-zero second derivative in "
+                                 f"'{arg}' and no diagonal residual rule, so the loss Hessian "
+                                 "cannot be assembled", "Write the loss with elementwise ops "
+                                 "and built-in losses.", quantity)
+            _check_separable(node, region, quantity)
+            with emit.naming(f"{node.name}_loss_residual"):
+                residual = rule.residual[arg](gradient[node], ctx)
+            for sign, tag in ((1.0, "plus"), (-1.0, "minus")):
+                factor = emit.call(residual_sqrt, residual, sign)
+                found.append((value, factor, sign, f"{node.name}_{tag}"))
+    return found
+
+
+def _inner_loss(emit, node, rule, ctx, gradient, region, quantity) -> list:
+    """A built-in loss inside the loss region, weighted by the cotangent that reaches it."""
+    if ctx.bound.get("reduction") == "none":
+        raise node_error(node, "a built-in loss with reduction='none' inside the loss",
+                         "Use reduction 'mean' or 'sum'.", quantity)
+    _check_separable(node, region, quantity)
+    with emit.naming(f"{node.name}_sqrt_hessian"):
+        base = rule.sqrt_hessian(ctx)
+    sources = []
+    for sign, tag in ((1.0, "plus"), (-1.0, "minus")):
+        factor = emit.call(scaled_by_root, base, gradient[node], sign)
+        sources.append((ctx.bound["input"], factor, sign, f"{node.name}_{tag}"))
+    return sources
+
+
+def _loss_region(traced) -> dict[fx.Node, None]:
+    """Nodes between the model output and the loss, in graph order."""
+    below = {traced.model_output}
+    for node in traced.graph.nodes:
+        if any(arg in below for arg in node.all_input_nodes):
+            below.add(node)
+    above = _ancestors(traced.loss)
+    return {n: None for n in traced.graph.nodes if n in below and n in above
+            and n is not traced.model_output}
+
+
+def _check_separable(node: fx.Node, region: dict, quantity: str) -> None:
+    """A second-order term after a reduction over samples would couple the samples."""
+    for ancestor in _ancestors(node):
+        rule = rule_for(ancestor)
+        if ancestor in region and ancestor is not node and rule is not None and \
+                rule.mixes_samples and rule.mixes_samples(rule.bind(ancestor)):
+            raise node_error(node, "this second-order term of the loss comes after a "
+                             f"reduction over the samples (node '{ancestor.name}'), so the "
+                             "loss is not a sum of per-sample terms", "Write the loss as a "
+                             "sum or mean of per-sample terms.", quantity)
+
+
+def _check_cross_terms(node, rule, active, quantity) -> None:
+    if len(active) > 1 and not rule.jointly_affine:
+        names = ", ".join(a for a, _ in active)
+        raise node_error(node, f"its arguments {names} all depend on the model output, which "
+                         "needs cross second derivatives (not supported yet)",
+                         "Rewrite the loss so each op has one argument that depends on the "
+                         "model output.", quantity)
+
+
+def _ancestors(node: fx.Node) -> set:
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current not in seen:
+            seen.add(current)
+            stack.extend(current.all_input_nodes)
+    return seen
+
+
+def check_monte_carlo(loss: fx.Node, quantity: str) -> None:
+    """MC factors sample the model's likelihood, which only a built-in final loss defines."""
+    raise node_error(loss, "Monte-Carlo curvature samples targets from the likelihood of a "
+                     "built-in loss, and this loss is not one", "Use the exact quantity "
+                     "(e.g. diag_ggn_exact, kflr), or end the loss in cross_entropy, mse_loss "
+                     "or binary_cross_entropy_with_logits.", quantity)
+
+
+
+
+def loss_factor(emit: Emitter, traced, gradient: dict, kind: str, mc_samples: int,
+                quantity: str) -> tuple[fx.Node, Any]:
+    """``(node, S)``: a square-root factor of the loss Hessian w.r.t. ``node``'s value.
+
+    A built-in final loss gives its own factor at its input (exact or sampled); any other loss
+    gives the assembled exact factor at the model output.
+    """
+    loss = traced.loss
+    rule = rule_for(loss)
+    if rule is not None and rule.sqrt_hessian is not None:
+        ctx = Ctx.of(loss, rule, emit)
+        with emit.naming(f"{loss.name}_sqrt_hessian_{kind}", pass_="sqrt_ggn"):
+            factor = rule.sqrt_hessian(ctx) if kind == "exact" else \
+                rule.sqrt_hessian_mc(ctx, mc_samples)
+        emit.rename(factor, f"loss_sqrt_hessian_{kind}")
+        return ctx.bound["input"], factor
+    if kind != "exact":
+        check_monte_carlo(loss, quantity)
+    factor = assembled_sqrt_hessian(emit, traced, gradient, quantity)
+    emit.rename(factor, "loss_sqrt_hessian_exact")
+    return traced.model_output, factor

@@ -1,0 +1,831 @@
+"""Hessian quantities: ``diag_h``, ``diag_h_batch`` and the block products ``hmp``, ``ggnmp``,
+``pchmp_abs``, ``pchmp_clip`` (float64, tiny models).
+
+1. Equal to BackPACK 1.7.1 (``DiagHessian``, ``BatchDiagHessian``, ``HMP``, ``GGNMP``) on every
+   layer and loss BackPACK supports for them. From ``backpack/extensions/secondorder/
+   diag_hessian/__init__.py`` and ``backpack/extensions/curvmatprod/{hmp,ggnmp}/__init__.py``:
+
+   * DiagHessian / BatchDiagHessian: Linear, Conv1d/2d/3d, ConvTranspose1d/2d/3d, MaxPool1d/2d/3d,
+     AvgPool1d/2d/3d, AdaptiveAvgPool1d/2d/3d, ZeroPad2d, Dropout, Flatten, ReLU, Sigmoid, Tanh,
+     LeakyReLU, LogSigmoid, ELU, SELU (and its own Pad/Slicing modules); losses MSELoss,
+     CrossEntropyLoss (also on ``[N, C, d]``) and BCEWithLogitsLoss (``[N, 1]`` only).
+   * HMP / GGNMP (and PCHMP): Linear, Conv2d, MaxPool2d, AvgPool2d, ZeroPad2d, Dropout, Flatten,
+     ReLU, Sigmoid, Tanh, BatchNorm1d (not PCHMP); losses MSELoss and CrossEntropyLoss.
+
+2. Brute force with ``torch.func`` on models BackPACK cannot handle. For a parameter ``p`` (all
+   other parameters fixed) and ``L_n`` the n-th sample's term of the loss (for "mean" it
+   carries the 1/divisor factor; it is obtained exactly by letting only sample n's model output
+   depend on ``p``): ``diag_h = diag ∂²L/∂p²``, ``diag_h_batch[n] = diag ∂²L_n/∂p²`` (summing to
+   ``diag_h``), ``hmp = ∂²L/∂p² · v``, ``ggnmp = Jᵀ (∂²L/∂f²) J · v`` with ``J = ∂f/∂p``.
+
+3. The positive-curvature Hessian (BDA-PCH) by its definition: per parameter block
+   ``Σ_n J_nᵀ H_n J_n + Σ_activations J_aᵀ diag(m(R_a)) J_a`` with ``J_a`` the Jacobian of the
+   activation's input w.r.t. the parameter, ``R_a = f''(input) ⊙ ∂L/∂(activation output)`` and
+   ``m = abs`` (``pchmp_abs``) or ``clamp(min=0)`` (``pchmp_clip``). BackPACK's PCHMP differs:
+   ``backpack/extensions/curvmatprod/pchmp/pchmpbase.py`` computes the residual as
+   ``derivatives.hessian_diagonal(...) * g_out[0]`` while ``ElementwiseDerivatives.
+   hessian_diagonal`` (``backpack/core/derivatives/elementwise.py``) already returns
+   ``d2f * g_out[0]``, so BackPACK uses ``m(f'' ⊙ g²)``; a test below pins that down.
+
+4. Product semantics (V = 1, 3; call-time checks of ``vectors``; TorchScript round trip).
+5. Compile-time errors for residuals fxcurv cannot express (LayerNorm, ``x * sigmoid(x)``).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import re
+from contextlib import contextmanager
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad, hessian, jacrev, vmap
+
+import fxcurv
+from fxcurv.errors import CompileError
+
+backpack = pytest.importorskip("backpack")
+from backpack.extensions import (  # noqa: E402
+    GGNMP,
+    HMP,
+    PCHMP,
+    BatchDiagHessian,
+    DiagHessian,
+)
+
+DTYPE = torch.float64
+N = 3
+NUM_OUT = 3
+V = 2
+TOL = dict(rtol=1e-8, atol=1e-12)         # vs BackPACK
+BRUTE = dict(rtol=1e-9, atol=1e-12)       # vs torch.func
+SAME = dict(rtol=1e-12, atol=1e-14)       # TorchScript vs eager
+HESSIAN = ("diag_h", "diag_h_batch", "hmp", "ggnmp", "pchmp_abs", "pchmp_clip")
+PRODUCTS = ("hmp", "ggnmp", "pchmp_abs", "pchmp_clip")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore:Full backward hook is firing:UserWarning",
+    "ignore:`torch.jit.load` is deprecated:FutureWarning")
+
+
+@contextmanager
+def default_dtype(dtype):
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        yield
+    finally:
+        torch.set_default_dtype(old)
+
+
+@pytest.fixture
+def float64_default():
+    """BackPACK builds some intermediate tensors in the default dtype; restore it afterwards."""
+    with default_dtype(DTYPE):
+        yield
+
+
+def random_vectors(model: nn.Module, v: int = V, seed: int = 0) -> dict:
+    gen = torch.Generator().manual_seed(seed)
+    return {n: torch.randn(v, *p.shape, generator=gen, dtype=DTYPE)
+            for n, p in model.named_parameters()}
+
+
+def run_fxcurv(model, loss_fn, x, y, quantities, vectors=None) -> dict:
+    step = fxcurv.compile(model, loss_fn, list(quantities))
+    args = (x, y) if vectors is None else (x, y, vectors)
+    _, _, *values = step(*args)
+    return dict(zip(quantities, values))
+
+
+# =============================================================== 1. BackPACK comparison
+def _with_head(body: list, in_shape: tuple, num_out: int = NUM_OUT) -> nn.Sequential:
+    """``body`` then Flatten and a Linear to ``num_out`` outputs sized from a dummy pass."""
+    with torch.no_grad():
+        size = nn.Sequential(*body, nn.Flatten())(torch.zeros(1, *in_shape)).shape[1]
+    return nn.Sequential(*body, nn.Flatten(), nn.Linear(size, num_out))
+
+
+def _randomize_bn(model: nn.Module) -> nn.Module:
+    for bn in model.modules():
+        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
+            with torch.no_grad():
+                bn.running_mean.copy_(torch.randn_like(bn.running_mean))
+                bn.running_var.copy_(torch.rand_like(bn.running_var) + 0.5)
+                bn.weight.copy_(torch.randn_like(bn.weight))
+                bn.bias.copy_(torch.randn_like(bn.bias))
+    return model
+
+
+DIAG, PROD = ("diag_h", "diag_h_batch"), ("hmp", "ggnmp")
+BOTH = DIAG + PROD
+# name -> (model builder, input shape, quantities BackPACK supports on it)
+LAYERS = {
+    "linear_sigmoid_tanh": (
+        lambda: nn.Sequential(nn.Linear(4, 5, bias=False), nn.Sigmoid(), nn.Linear(5, 4),
+                              nn.Tanh(), nn.Linear(4, NUM_OUT)), (4,), BOTH),
+    "linear_dropout_eval_relu": (
+        lambda: nn.Sequential(nn.Linear(4, 5), nn.Dropout(0.5), nn.ReLU(), nn.Linear(5, 4),
+                              nn.Sigmoid(), nn.Linear(4, NUM_OUT)), (4,), BOTH),
+    "leaky_relu_elu": (
+        lambda: nn.Sequential(nn.Linear(4, 5), nn.LeakyReLU(0.2), nn.Linear(5, 4), nn.ELU(0.7),
+                              nn.Linear(4, NUM_OUT)), (4,), DIAG),
+    "selu_logsigmoid": (
+        lambda: nn.Sequential(nn.Linear(4, 5), nn.SELU(), nn.Linear(5, 4), nn.LogSigmoid(),
+                              nn.Linear(4, NUM_OUT)), (4,), DIAG),
+    "conv2d_tanh_maxpool": (
+        lambda: _with_head([nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0)), nn.Tanh(),
+                            nn.MaxPool2d(2)], (2, 5, 5)), (2, 5, 5), BOTH),
+    "zeropad_conv2d_dilated_sigmoid_avgpool": (
+        lambda: _with_head([nn.ZeroPad2d((1, 0, 1, 2)),
+                            nn.Conv2d(2, 3, 2, dilation=2, bias=False), nn.Sigmoid(),
+                            nn.AvgPool2d(2, stride=1)], (2, 4, 4)), (2, 4, 4), BOTH),
+    "conv2d_groups_relu_sigmoid": (
+        lambda: _with_head([nn.Conv2d(2, 4, 3, stride=2, padding=2, dilation=2, groups=2),
+                            nn.ReLU(), nn.Conv2d(4, 2, 1), nn.Sigmoid()], (2, 5, 4)),
+        (2, 5, 4), BOTH),
+    "batchnorm1d_eval_tanh": (
+        lambda: _randomize_bn(nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(),
+                                            nn.Linear(5, NUM_OUT))), (4,), PROD),
+    "conv1d_tanh": (
+        lambda: _with_head([nn.Conv1d(2, 3, 3, stride=2, padding=1, dilation=2), nn.Tanh()],
+                           (2, 6)), (2, 6), DIAG),
+    "conv3d_sigmoid": (
+        lambda: _with_head([nn.Conv3d(2, 2, (2, 2, 1), stride=(1, 2, 1), padding=(1, 0, 1),
+                                      dilation=(1, 1, 2)), nn.Sigmoid()], (2, 3, 4, 3)),
+        (2, 3, 4, 3), DIAG),
+    "conv_transpose1d_tanh": (
+        lambda: _with_head([nn.ConvTranspose1d(2, 3, 3, stride=2, padding=1, dilation=2),
+                            nn.Tanh()], (2, 3)), (2, 3), DIAG),
+    "conv_transpose2d_sigmoid": (
+        lambda: _with_head([nn.ConvTranspose2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0)),
+                            nn.Sigmoid()], (2, 3, 2)), (2, 3, 2), DIAG),
+    "conv_transpose3d_elu": (
+        lambda: _with_head([nn.ConvTranspose3d(2, 2, 2, stride=2, bias=False), nn.ELU()],
+                           (2, 2, 1, 2)), (2, 2, 1, 2), DIAG),
+    "pool1d": (
+        lambda: _with_head([nn.Conv1d(2, 3, 2), nn.Tanh(), nn.MaxPool1d(2),
+                            nn.AvgPool1d(2, stride=1)], (2, 6)), (2, 6), DIAG),
+    "pool3d": (
+        lambda: _with_head([nn.Conv3d(2, 2, 2, padding=1), nn.Sigmoid(), nn.MaxPool3d(2),
+                            nn.AvgPool3d(1, stride=1)], (2, 3, 3, 3)), (2, 3, 3, 3), DIAG),
+    "adaptive_avg_pool": (
+        lambda: _with_head([nn.Conv2d(2, 2, 1), nn.Tanh(), nn.AdaptiveAvgPool2d((2, 1))],
+                           (2, 4, 3)), (2, 4, 3), DIAG),
+    "adaptive_avg_pool_1d_3d": (
+        lambda: _with_head([nn.Conv3d(1, 2, 1), nn.Sigmoid(), nn.AdaptiveAvgPool3d((1, 2, 1)),
+                            nn.Flatten(2), nn.AdaptiveAvgPool1d(1)], (1, 2, 4, 2)),
+        (1, 2, 4, 2), DIAG),
+}
+LOSSES = {
+    "ce_mean": lambda: nn.CrossEntropyLoss(reduction="mean"),
+    "ce_sum": lambda: nn.CrossEntropyLoss(reduction="sum"),
+    "mse_mean": lambda: nn.MSELoss(reduction="mean"),
+    "mse_sum": lambda: nn.MSELoss(reduction="sum"),
+}
+EXTENSIONS = {"diag_h": DiagHessian, "diag_h_batch": BatchDiagHessian, "hmp": HMP,
+              "ggnmp": GGNMP}
+
+
+def make_model(layer: str, num_out: int = NUM_OUT) -> nn.Module:
+    torch.manual_seed(sorted(LAYERS).index(layer))
+    with default_dtype(DTYPE):
+        model = LAYERS[layer][0]()
+        if num_out != NUM_OUT:
+            model[-1] = nn.Linear(model[-1].in_features, num_out)
+    return model.eval()
+
+
+def make_batch(in_shape: tuple, loss: str, num_out: int = NUM_OUT, n: int = N):
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(n, *in_shape, generator=gen, dtype=DTYPE)
+    if loss.startswith("ce"):
+        y = torch.randint(0, num_out, (n,), generator=gen)
+    elif loss.startswith("bce"):
+        y = torch.rand(n, num_out, generator=gen, dtype=DTYPE)
+    else:
+        y = torch.randn(n, num_out, generator=gen, dtype=DTYPE)
+    return x, y
+
+
+def run_backpack(model, loss_fn, x, y, quantities, vectors) -> dict:
+    """BackPACK's quantities from one backward pass on an extended deep copy; products are
+    applied to ``vectors``."""
+    model = backpack.extend(copy.deepcopy(model))
+    loss_fn = backpack.extend(copy.deepcopy(loss_fn))
+    with backpack.backpack(*[EXTENSIONS[q]() for q in quantities]):
+        loss_fn(model(x), y).backward()
+    results = {}
+    for q in quantities:
+        results[q] = {}
+        for name, p in model.named_parameters():
+            value = getattr(p, q)
+            results[q][name] = value(vectors[name]) if q in PROD else value
+    return results
+
+
+def compare_backpack(model, loss_fn, x, y, quantities) -> None:
+    vectors = random_vectors(model)
+    products = any(q in PROD for q in quantities)
+    ours = run_fxcurv(model, loss_fn, x, y, quantities, vectors if products else None)
+    theirs = run_backpack(model, loss_fn, x, y, quantities, vectors)
+    for q in quantities:
+        assert list(ours[q]) == list(theirs[q]), f"{q}: keys differ"
+        for name, ref in theirs[q].items():
+            got = ours[q][name]
+            assert got.shape == ref.shape, f"{q}[{name}]: {tuple(got.shape)} vs {tuple(ref.shape)}"
+            torch.testing.assert_close(got, ref, **TOL, msg=f"{q}[{name}] vs BackPACK")
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_hessian_quantities_equal_backpack(layer, loss, float64_default):
+    _, in_shape, supported = LAYERS[layer]
+    x, y = make_batch(in_shape, loss)
+    compare_backpack(make_model(layer), LOSSES[loss](), x, y, supported)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("layer", ["linear_sigmoid_tanh", "selu_logsigmoid",
+                                   "conv2d_tanh_maxpool"])
+def test_diag_h_bce_with_logits_equal_backpack(layer, reduction, float64_default):
+    """BCEWithLogitsLoss on ``[N, 1]``: DiagHessian only (HMP/GGNMP have no BCE extension)."""
+    x, y = make_batch(LAYERS[layer][1], "bce", num_out=1)
+    compare_backpack(make_model(layer, num_out=1), nn.BCEWithLogitsLoss(reduction=reduction),
+                     x, y, DIAG)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_diag_h_cross_entropy_positions_equal_backpack(reduction, float64_default):
+    """CrossEntropyLoss on ``[N, C, d]`` (every position is a sample)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 4, 2), nn.Tanh(), nn.Conv1d(4, NUM_OUT, 1),
+                          nn.Sigmoid()).to(DTYPE)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(N, 2, 4, generator=gen, dtype=DTYPE)
+    y = torch.randint(0, NUM_OUT, (N, 3), generator=gen)
+    compare_backpack(model, nn.CrossEntropyLoss(reduction=reduction), x, y, DIAG)
+
+
+# ============================================================== 2. brute force (torch.func)
+class ResidualTanh(nn.Module):
+    """``h = h + tanh(linear(h))`` twice, then a head."""
+
+    def __init__(self, d: int = 4, d_out: int = 3):
+        super().__init__()
+        self.blocks = nn.ModuleList(nn.Linear(d, d) for _ in range(2))
+        self.head = nn.Linear(d, d_out)
+
+    def forward(self, x):
+        h = x
+        for block in self.blocks:
+            h = h + torch.tanh(block(h))
+        return self.head(h)
+
+
+class Functional(nn.Module):
+    """F.* with raw parameters; a scale parameter in an elementwise product."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(5, 4))
+        self.b1 = nn.Parameter(torch.randn(5))
+        self.scale = nn.Parameter(torch.randn(5))
+        self.w2 = nn.Parameter(torch.randn(3, 5))
+        self.b2 = nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        h = F.softplus(F.linear(x, self.w1, self.b1), beta=2.0, threshold=1.0) * self.scale
+        return F.linear(torch.sigmoid(h), self.w2, self.b2)
+
+
+class ViewCat(nn.Module):
+    """Two branches (sigmoid, tanh) concatenated, reshaped with ``x.view`` and a transpose."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Linear(4, 3)
+        self.b = nn.Linear(4, 3)
+        self.head = nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = torch.cat([torch.sigmoid(self.a(x)), torch.tanh(self.b(x))], dim=1)
+        h = h.view(h.size(0), 2, 3).transpose(1, 2).reshape(h.size(0), 6)
+        return self.head(F.elu(h))
+
+
+class ConvAvgPool(nn.Module):
+    """Grouped conv -> SiLU -> avg_pool2d (count_include_pad=False) -> conv -> GELU(tanh)
+    -> adaptive average pool -> Linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv1 = nn.Conv2d(2, 4, 2, padding=1, groups=2)
+        self.conv2 = nn.Conv2d(4, 3, 2)
+        self.head = nn.Linear(3 * 2, 3)
+
+    def forward(self, x):
+        h = F.silu(self.conv1(x))
+        h = F.avg_pool2d(h, 2, stride=1, padding=1, count_include_pad=False)
+        h = F.gelu(self.conv2(h), approximate="tanh")
+        h = F.adaptive_avg_pool2d(h, (2, 1))
+        return self.head(h.flatten(1))
+
+
+class TwoUses(nn.Module):
+    """One Linear used on two branches (its terms are summed over the uses before squaring),
+    one of them in the divisor of a ``div`` (its ``other`` residual ``2 g y / b²``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.fc(x)) + x / (torch.sigmoid(self.fc(2 * x)) + 0.5))
+
+
+def _gelu_silu_softplus():
+    return nn.Sequential(nn.Linear(4, 5), nn.GELU(), nn.Linear(5, 5), nn.SiLU(),
+                         nn.Linear(5, 4), nn.Softplus(), nn.Linear(4, 3))
+
+
+def _labels(classes, *shape):
+    return torch.randint(0, classes, shape)
+
+
+def _randn(*shape):
+    return torch.randn(*shape, dtype=DTYPE)
+
+
+# name -> (model, loss, x, y) builders (seeded)
+BRUTE_CASES: dict[str, Callable] = {
+    "residual_tanh_mse": lambda: (ResidualTanh(), nn.MSELoss(), _randn(4, 4), _randn(4, 3)),
+    "functional_ce": lambda: (Functional(), nn.CrossEntropyLoss(), _randn(4, 4),
+                              _labels(3, 4)),
+    "gelu_silu_softplus_ce_sum": lambda: (_gelu_silu_softplus(),
+                                          nn.CrossEntropyLoss(reduction="sum"),
+                                          _randn(3, 4), _labels(3, 3)),
+    "view_cat_mse_sum": lambda: (ViewCat(), nn.MSELoss(reduction="sum"), _randn(3, 4),
+                                 _randn(3, 3)),
+    "conv_avgpool_ce": lambda: (ConvAvgPool(), nn.CrossEntropyLoss(), _randn(3, 2, 4, 3),
+                                _labels(3, 3)),
+    "two_uses_div_ce_sum": lambda: (TwoUses(), nn.CrossEntropyLoss(reduction="sum"),
+                                    _randn(3, 4), _labels(3, 3)),
+    "bce_multioutput": lambda: (
+        nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)), nn.BCEWithLogitsLoss(),
+        _randn(4, 4), torch.rand(4, 3, dtype=DTYPE)),
+    "ce_positions": lambda: (
+        nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.Sigmoid(), nn.Conv1d(4, 3, 1)),
+        nn.CrossEntropyLoss(), _randn(3, 2, 4), _labels(3, 3, 4)),
+    "nll_log_softmax": lambda: (
+        nn.Sequential(nn.Linear(4, 5), nn.Sigmoid(), nn.Linear(5, 3), nn.LogSoftmax(dim=1)),
+        nn.NLLLoss(), _randn(4, 4), _labels(3, 4)),
+}
+
+
+def build_case(name: str):
+    torch.manual_seed(sorted(BRUTE_CASES).index(name) + 100)
+    with default_dtype(DTYPE):
+        model, loss_fn, x, y = BRUTE_CASES[name]()
+    return model.to(DTYPE).eval(), loss_fn, x, y
+
+
+def ggn_split(model: nn.Module, loss_fn: Callable):
+    """fxcurv fuses NLL after LogSoftmax(dim=1) into cross-entropy on the logits, so its GGN
+    is that of the logits (the GGN w.r.t. log-probabilities is zero: NLL is linear)."""
+    if isinstance(loss_fn, nn.NLLLoss):
+        return model[:-1], lambda z, y: F.nll_loss(F.log_softmax(z, dim=1), y)
+    return None
+
+
+def brute_force(model: nn.Module, loss_fn: Callable, x, y, vectors: dict,
+                ggn_split: tuple | None = None) -> dict:
+    """Per parameter: Hessian diagonal, per-sample Hessian diagonals, Hessian block and GGN
+    block times ``vectors`` (no fxcurv code involved). ``ggn_split = (model part, loss)``: the
+    GGN is taken at that part's output (NLL after LogSoftmax: the logits, as in BackPACK)."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    out0 = functional_call(model, params, (x,)).detach()
+    samples = out0.size(0)
+    ggn_model, ggn_loss = ggn_split or (model, loss_fn)
+    logits = functional_call(ggn_model, params, (x,)).detach()
+    h_out = hessian(lambda o: ggn_loss(o, y))(logits).reshape(logits.numel(), logits.numel())
+
+    def output(name, value, net=model):
+        return functional_call(net, {**params, name: value}, (x,))
+
+    def loss_of(name, mask=None):
+        def fn(value):
+            out = output(name, value)
+            if mask is not None:  # only sample n's output depends on the parameter
+                out = mask * out + (1 - mask) * out0
+            return loss_fn(out, y)
+        return fn
+
+    ref = {"diag_h": {}, "diag_h_batch": {}, "hmp": {}, "ggnmp": {}, "hessian_block": {}}
+    for name, p in params.items():
+        size = p.numel()
+        block = hessian(loss_of(name))(p).reshape(size, size)
+        per_sample = []
+        for n in range(samples):
+            mask = torch.zeros_like(out0)
+            mask[n] = 1
+            h_n = hessian(loss_of(name, mask))(p).reshape(size, size)
+            per_sample.append(h_n.diagonal().reshape(p.shape))
+        jac = jacrev(lambda v: output(name, v, ggn_model))(p).reshape(logits.numel(), size)
+        ggn = jac.T @ h_out @ jac
+        flat = vectors[name].reshape(vectors[name].size(0), size)
+        ref["diag_h"][name] = block.diagonal().reshape(p.shape)
+        ref["diag_h_batch"][name] = torch.stack(per_sample)
+        ref["hmp"][name] = (flat @ block.T).reshape(vectors[name].shape)
+        ref["ggnmp"][name] = (flat @ ggn.T).reshape(vectors[name].shape)
+        ref["hessian_block"][name] = block
+    return ref
+
+
+@functools.lru_cache(maxsize=None)
+def brute_case(name: str):
+    """``(fxcurv outputs, reference)`` once per case."""
+    model, loss_fn, x, y = build_case(name)
+    vectors = random_vectors(model, v=3, seed=1)
+    ours = run_fxcurv(model, loss_fn, x, y, HESSIAN, vectors)
+    return ours, brute_force(model, loss_fn, x, y, vectors, ggn_split(model, loss_fn))
+
+
+def assert_dicts_close(actual: dict, expected: dict, what: str, tol=BRUTE) -> None:
+    assert list(actual) == list(expected), f"{what}: keys {list(actual)} vs {list(expected)}"
+    for name, ref in expected.items():
+        assert actual[name].shape == ref.shape, \
+            f"{what}[{name}]: {tuple(actual[name].shape)} vs {tuple(ref.shape)}"
+        torch.testing.assert_close(actual[name], ref, **tol, msg=f"{what}[{name}]")
+
+
+@pytest.mark.parametrize("quantity", ["diag_h", "diag_h_batch", "hmp", "ggnmp"])
+@pytest.mark.parametrize("case", list(BRUTE_CASES))
+def test_brute_force(case, quantity):
+    ours, ref = brute_case(case)
+    assert_dicts_close(ours[quantity], ref[quantity], f"{case} {quantity}")
+
+
+@pytest.mark.parametrize("case", list(BRUTE_CASES))
+def test_diag_h_batch_sums_to_diag_h_and_the_block_is_not_the_ggn(case):
+    ours, ref = brute_case(case)
+    for name, value in ours["diag_h_batch"].items():
+        torch.testing.assert_close(value.sum(0), ours["diag_h"][name], **BRUTE, msg=name)
+    # every case has a non-linear activation: some block differs from its GGN block
+    assert any(not torch.allclose(ref["hmp"][n], ref["ggnmp"][n]) for n in ref["hmp"])
+
+
+@pytest.mark.parametrize("case", list(BRUTE_CASES))
+def test_pch_identities(case):
+    """``H = G + R₊ - R₋``, ``abs = G + R₊ + R₋``, ``clip = G + R₊``: so
+    ``hmp + pchmp_abs = 2 pchmp_clip`` and ``pchmp_abs - pchmp_clip = pchmp_clip - hmp``."""
+    ours, _ = brute_case(case)
+    for name in ours["hmp"]:
+        torch.testing.assert_close(ours["hmp"][name] + ours["pchmp_abs"][name],
+                                   2 * ours["pchmp_clip"][name], **BRUTE, msg=name)
+
+
+class DivByParameter(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.d = nn.Parameter(torch.rand(3) + 1)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.head(x / self.d)
+
+
+@pytest.mark.xfail(strict=False, reason="fxcurv bug: the residual of div's 'other' is "
+                   "unbroadcast over the sample axis, so a divisor without a batch axis (a "
+                   "parameter) gets a wrong diag_h/diag_h_batch/hmp; shape [1, 3] crashes")
+@pytest.mark.parametrize("shape", [(3,), (1, 3)])
+def test_division_by_a_parameter(shape):
+    torch.manual_seed(0)
+    model = DivByParameter().to(DTYPE)
+    with torch.no_grad():
+        model.d = nn.Parameter(model.d.detach().reshape(shape))
+    x, y = _randn(4, 3), _labels(3, 4)
+    loss_fn = nn.CrossEntropyLoss(reduction="sum")
+    vectors = random_vectors(model)
+    ours = run_fxcurv(model, loss_fn, x, y, ["diag_h", "diag_h_batch", "hmp"], vectors)
+    ref = brute_force(model, loss_fn, x, y, vectors)
+    for q in ("diag_h", "diag_h_batch", "hmp"):
+        assert_dicts_close(ours[q], ref[q], q)
+
+
+def test_reference_diag_h_batch_carries_the_mean_factor():
+    """Self-check of the reference: for "mean", the n-th term is 1/N of the sum's."""
+    model, _, x, y = build_case("functional_ce")
+    vectors = random_vectors(model)
+    mean = brute_force(model, nn.CrossEntropyLoss(), x, y, vectors)["diag_h_batch"]
+    total = brute_force(model, nn.CrossEntropyLoss(reduction="sum"), x, y, vectors)
+    for name in mean:
+        torch.testing.assert_close(mean[name] * x.size(0), total["diag_h_batch"][name], **BRUTE)
+
+
+# ============================================================ 3. positive-curvature Hessian
+def _pch_mlp() -> nn.Sequential:
+    torch.manual_seed(7)
+    return nn.Sequential(nn.Linear(4, 5), nn.Sigmoid(), nn.Linear(5, 4), nn.Tanh(),
+                         nn.Linear(4, NUM_OUT)).to(DTYPE)
+
+
+def _pch_batch(loss: str):
+    gen = torch.Generator().manual_seed(11)
+    x = 2 * torch.randn(4, 4, generator=gen, dtype=DTYPE)
+    if loss.startswith("ce"):
+        return x, torch.randint(0, NUM_OUT, (4,), generator=gen)
+    return x, torch.randn(4, NUM_OUT, generator=gen, dtype=DTYPE)
+
+
+def _mlp_forward(params: dict, x):
+    """The MLP of :func:`_pch_mlp` written out: output, pre-activations, activations."""
+    z1 = F.linear(x, params["0.weight"], params["0.bias"])
+    h1 = torch.sigmoid(z1)
+    z2 = F.linear(h1, params["2.weight"], params["2.bias"])
+    h2 = torch.tanh(z2)
+    return F.linear(h2, params["4.weight"], params["4.bias"]), (z1, z2), (h1, h2)
+
+
+_ACTIVATIONS = (torch.sigmoid, torch.tanh)
+
+
+def pch_reference(model, loss_fn, x, y, vectors, modify: Callable,
+                  gradient_power: int = 1) -> dict:
+    """``[G + Σ_a J_aᵀ diag(modify(f_a''(z_a) ⊙ g_a^power)) J_a] v`` per parameter block, with
+    ``g_a = ∂L/∂h_a`` (autograd) and ``f''`` by ``torch.func.grad`` twice."""
+    params = {n: p.detach() for n, p in model.named_parameters()}
+    leaves = {n: p.clone().requires_grad_(True) for n, p in params.items()}
+    out, pre, post = _mlp_forward(leaves, x)
+    torch.testing.assert_close(out, model(x), **SAME)          # the written-out forward
+    gradients = torch.autograd.grad(loss_fn(out, y), post)
+    residuals = []
+    for f, z, g in zip(_ACTIVATIONS, pre, gradients):
+        second = vmap(grad(grad(f)))(z.detach().flatten()).reshape(z.shape)
+        residuals.append(modify(second * g ** gradient_power).flatten())
+    out0 = out.detach()
+    h_out = hessian(lambda o: loss_fn(o, y))(out0).reshape(out0.numel(), out0.numel())
+    result = {}
+    for name, p in params.items():
+        def part(value, k):
+            return _mlp_forward({**params, name: value}, x)[k]
+        size = p.numel()
+        jac = jacrev(lambda v: part(v, 0))(p).reshape(-1, size)
+        block = jac.T @ h_out @ jac
+        jacs = jacrev(lambda v: part(v, 1))(p)
+        for j, r in zip(jacs, residuals):
+            j = j.reshape(-1, size)
+            block = block + j.T @ (r.unsqueeze(1) * j)
+        flat = vectors[name].reshape(vectors[name].size(0), size)
+        result[name] = (flat @ block.T).reshape(vectors[name].shape)
+    return result
+
+
+PCH_LOSSES = {"ce_mean": nn.CrossEntropyLoss, "mse_sum": lambda: nn.MSELoss(reduction="sum")}
+MODIFY = {"pchmp_abs": torch.abs, "pchmp_clip": lambda r: r.clamp(min=0)}
+
+
+@pytest.mark.parametrize("loss", list(PCH_LOSSES))
+def test_pch_reference_with_identity_is_the_hessian_block(loss):
+    """Self-check of the reference: with ``m = id`` it is torch.func's Hessian block."""
+    model, loss_fn = _pch_mlp(), PCH_LOSSES[loss]()
+    x, y = _pch_batch(loss)
+    vectors = random_vectors(model)
+    expected = brute_force(model, loss_fn, x, y, vectors)["hmp"]
+    assert_dicts_close(pch_reference(model, loss_fn, x, y, vectors, lambda r: r), expected,
+                       "identity reference")
+
+
+@pytest.mark.parametrize("loss", list(PCH_LOSSES))
+@pytest.mark.parametrize("quantity", list(MODIFY))
+def test_pchmp_matches_definition(quantity, loss):
+    model, loss_fn = _pch_mlp(), PCH_LOSSES[loss]()
+    x, y = _pch_batch(loss)
+    vectors = random_vectors(model, v=3)
+    ours = run_fxcurv(model, loss_fn, x, y, [quantity, "hmp"], vectors)
+    expected = pch_reference(model, loss_fn, x, y, vectors, MODIFY[quantity])
+    assert_dicts_close(ours[quantity], expected, quantity)
+    # the residuals have both signs here: the modification changes the hidden blocks
+    for name in ("0.weight", "2.bias"):
+        assert not torch.allclose(ours[quantity][name], ours["hmp"][name]), name
+
+
+def test_all_residuals_nonnegative_pch_equals_hessian():
+    """Softplus (f'' > 0) into a positive read-out, targets below the predictions (MSE):
+    every residual ``f'' ⊙ g`` is > 0, so hmp = pchmp_abs = pchmp_clip ≠ ggnmp."""
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Softplus(), nn.Linear(5, 2)).to(DTYPE)
+    with torch.no_grad():
+        model[2].weight.abs_()
+    x = torch.randn(3, 4, dtype=DTYPE)
+    y = model(x).detach() - 1.0
+    loss_fn = nn.MSELoss()
+    # the premise: g = ∂L/∂h > 0 and softplus'' > 0
+    h = model[1](model[0](x)).detach().requires_grad_(True)
+    (g,) = torch.autograd.grad(loss_fn(model[2](h), y), h)
+    assert (g > 0).all()
+    vectors = random_vectors(model, v=3)
+    ours = run_fxcurv(model, loss_fn, x, y, PRODUCTS, vectors)
+    for name in ours["hmp"]:
+        for q in ("pchmp_abs", "pchmp_clip"):
+            torch.testing.assert_close(ours[q][name], ours["hmp"][name], **BRUTE, msg=(q, name))
+    assert not torch.allclose(ours["hmp"]["0.weight"], ours["ggnmp"]["0.weight"])
+    assert_dicts_close(ours["hmp"], brute_force(model, loss_fn, x, y, vectors)["hmp"], "hmp")
+
+
+@pytest.mark.parametrize("model_name", ["mlp", "cnn"])
+def test_piecewise_linear_network_hessian_is_the_ggn(model_name):
+    """ReLU / LeakyReLU / max-pool networks: no residual, all four products coincide."""
+    torch.manual_seed(5)
+    if model_name == "mlp":
+        model = nn.Sequential(nn.Linear(4, 6), nn.ReLU(), nn.Linear(6, 5), nn.LeakyReLU(0.1),
+                              nn.Linear(5, NUM_OUT))
+        x = torch.randn(4, 4, dtype=DTYPE)
+    else:
+        model = _with_head([nn.Conv2d(2, 3, 2), nn.ReLU(), nn.MaxPool2d(2)], (2, 5, 5))
+        x = torch.randn(3, 2, 5, 5, dtype=DTYPE)
+    model = model.to(DTYPE)
+    y = torch.randint(0, NUM_OUT, (x.size(0),))
+    vectors = random_vectors(model, v=3)
+    ours = run_fxcurv(model, nn.CrossEntropyLoss(), x, y, PRODUCTS, vectors)
+    for q in ("ggnmp", "pchmp_abs", "pchmp_clip"):
+        assert_dicts_close(ours[q], ours["hmp"], f"{q} vs hmp", tol=dict(rtol=1e-12,
+                                                                          atol=1e-15))
+    expected = brute_force(model, nn.CrossEntropyLoss(), x, y, vectors)["hmp"]
+    assert_dicts_close(ours["hmp"], expected, "hmp")
+
+
+@pytest.mark.parametrize("mode", ["abs", "clip"])
+def test_backpack_pchmp_uses_squared_output_gradient(mode, float64_default):
+    """Documents BackPACK 1.7.1's PCHMP: its residual is ``m(f'' ⊙ g²)`` (``hessian_diagonal``,
+    which already multiplies by ``g_out``, times ``g_out`` again), not the definition's
+    ``m(f'' ⊙ g)`` that fxcurv follows. The two differ; BackPACK equals the ``g²`` reference."""
+    model, loss_fn = _pch_mlp(), nn.CrossEntropyLoss()
+    x, y = _pch_batch("ce_mean")
+    vectors = random_vectors(model)
+    modify = MODIFY[f"pchmp_{mode}"]
+    extended = backpack.extend(copy.deepcopy(model))
+    with backpack.backpack(PCHMP(modify=mode)):
+        backpack.extend(copy.deepcopy(loss_fn))(extended(x), y).backward()
+    theirs = {n: p.pchmp(vectors[n]) for n, p in extended.named_parameters()}
+    squared = pch_reference(model, loss_fn, x, y, vectors, modify, gradient_power=2)
+    assert_dicts_close(theirs, squared, f"BackPACK pchmp ({mode}) vs the g² reference", tol=TOL)
+    ours = run_fxcurv(model, loss_fn, x, y, [f"pchmp_{mode}"], vectors)[f"pchmp_{mode}"]
+    definition = pch_reference(model, loss_fn, x, y, vectors, modify)
+    assert_dicts_close(ours, definition, f"fxcurv pchmp_{mode} vs the definition")
+    # the hidden layers' blocks differ between the two; the read-out (no residual) agrees
+    assert not torch.allclose(theirs["0.weight"], ours["0.weight"], rtol=1e-3)
+    torch.testing.assert_close(theirs["4.weight"], ours["4.weight"], **TOL)
+
+
+# ================================================================= 4. product semantics
+def _semantics_setup():
+    torch.manual_seed(9)
+    model = nn.Sequential(nn.Linear(4, 5), nn.Sigmoid(), nn.Linear(5, 4), nn.Tanh(),
+                          nn.Linear(4, NUM_OUT)).to(DTYPE)
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(4, 4, generator=gen, dtype=DTYPE)
+    y = torch.randint(0, NUM_OUT, (4,), generator=gen)
+    return model, nn.CrossEntropyLoss(), x, y
+
+
+@pytest.mark.parametrize("num_vectors", [1, 3])
+def test_products_for_v_vectors(num_vectors):
+    """``[V, *p.shape]`` in and out; each row is the block times that vector alone."""
+    model, loss_fn, x, y = _semantics_setup()
+    vectors = random_vectors(model, v=num_vectors, seed=num_vectors)
+    step = fxcurv.compile(model, loss_fn, list(PRODUCTS))
+    _, _, *values = step(x, y, vectors)
+    ours = dict(zip(PRODUCTS, values))
+    ref = brute_force(model, loss_fn, x, y, vectors)
+    for q in ("hmp", "ggnmp"):
+        assert_dicts_close(ours[q], ref[q], q)
+    for q in ("pchmp_abs", "pchmp_clip"):
+        assert_dicts_close(ours[q], pch_reference(model, loss_fn, x, y, vectors, MODIFY[q]), q)
+    for i in range(num_vectors):
+        single = {n: v[i:i + 1] for n, v in vectors.items()}
+        _, _, *rows = step(x, y, single)
+        for q, row in zip(PRODUCTS, rows):
+            for name, value in row.items():
+                assert value.shape == (1, *dict(model.named_parameters())[name].shape)
+                torch.testing.assert_close(value[0], ours[q][name][i], **SAME, msg=(q, name))
+
+
+def _bad_vectors(model, kind: str):
+    vectors = random_vectors(model)
+    if kind == "missing":
+        del vectors["2.bias"]
+    elif kind == "no_leading_axis":
+        vectors["2.bias"] = vectors["2.bias"][0]
+    elif kind == "wrong_trailing":
+        vectors["2.bias"] = torch.randn(V, 5, dtype=DTYPE)
+    elif kind == "extra_axis":
+        vectors["2.bias"] = vectors["2.bias"].unsqueeze(-1)
+    return vectors
+
+
+@pytest.mark.parametrize("kind", ["missing", "no_leading_axis", "wrong_trailing",
+                                  "extra_axis"])
+def test_bad_vectors_raise_value_error_naming_the_parameter(kind):
+    model, loss_fn, x, y = _semantics_setup()
+    vectors = _bad_vectors(model, kind)
+    step = fxcurv.compile(model, loss_fn, ["diag_h", "hmp", "pchmp_clip"])
+    message = "no entry for parameter '2.bias'" if kind == "missing" else \
+        re.escape("vectors['2.bias'] must have shape [V, 4]")
+    with pytest.raises(ValueError, match=message):
+        step(x, y, vectors)
+    with pytest.raises(torch.jit.Error, match="ValueError: fxcurv: .*" + message):
+        torch.jit.script(step)(x, y, vectors)
+
+
+def test_vectors_in_another_float_dtype_are_converted():
+    model, loss_fn, x, y = _semantics_setup()
+    vectors = random_vectors(model)
+    step = fxcurv.compile(model, loss_fn, ["hmp"])
+    _, _, expected = step(x, y, vectors)
+    _, _, got = step(x, y, {n: v.float() for n, v in vectors.items()})
+    for name, value in got.items():
+        assert value.dtype == DTYPE
+        torch.testing.assert_close(value, expected[name], rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("quantity", HESSIAN)
+def test_torchscript_round_trip(quantity, tmp_path):
+    model, loss_fn, x, y = _semantics_setup()
+    step = fxcurv.compile(model, loss_fn, [quantity])
+    scripted = torch.jit.script(step)
+    path = tmp_path / f"{quantity}.pt"
+    scripted.save(str(path))
+    loaded = torch.jit.load(str(path))
+    product = quantity in PRODUCTS
+    for batch, v in ((4, 3), (2, 1)):                   # sizes come from the inputs
+        x_b, y_b = x[:batch], y[:batch]
+        args = (x_b, y_b, random_vectors(model, v=v)) if product else (x_b, y_b)
+        expected = step(*args)
+        for module, what in ((scripted, "scripted"), (loaded, "loaded")):
+            got = module(*args)
+            torch.testing.assert_close(got[0], expected[0], **SAME, msg=what)
+            for part in (1, 2):
+                assert_dicts_close(got[part], expected[part], f"{quantity} {what}", tol=SAME)
+
+
+# ================================================================ 5. compile-time errors
+class LayerNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+        self.norm = nn.LayerNorm(5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        return self.head(self.norm(self.fc(x)))
+
+
+class Swish(nn.Module):
+    """``h * sigmoid(h)`` written out: both factors depend on ``fc``'s parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return self.head(h * torch.sigmoid(h))
+
+
+RESIDUAL_QUANTITIES = ["diag_h", "diag_h_batch", "hmp", "pchmp_abs", "pchmp_clip"]
+
+
+@pytest.mark.parametrize("quantity", RESIDUAL_QUANTITIES)
+def test_layer_norm_has_no_diagonal_residual(quantity):
+    with pytest.raises(CompileError) as info:
+        fxcurv.compile(LayerNormNet(), nn.CrossEntropyLoss(), [quantity])
+    message = str(info.value)
+    assert "node 'layer_norm'" in message and "norm (LayerNorm)" in message, message
+    assert f"quantity '{quantity}'" in message, message
+    assert "second derivative" in message and "'input'" in message, message
+
+
+@pytest.mark.parametrize("quantity", RESIDUAL_QUANTITIES)
+def test_product_of_two_functions_of_a_parameter_needs_cross_terms(quantity):
+    with pytest.raises(CompileError) as info:
+        fxcurv.compile(Swish(), nn.CrossEntropyLoss(), [quantity])
+    message = str(info.value)
+    assert "node 'mul'" in message and f"quantity '{quantity}'" in message, message
+    assert "cross second derivative" in message and "fc.weight" in message, message
+
+
+@pytest.mark.parametrize("model", [LayerNormNet, Swish])
+def test_ggn_products_compile_where_the_hessian_does_not(model):
+    """``ggnmp`` needs no residual: it compiles and equals the GGN block."""
+    torch.manual_seed(2)
+    net = model().to(DTYPE)
+    x, y = torch.randn(3, 4, dtype=DTYPE), torch.randint(0, 3, (3,))
+    vectors = random_vectors(net)
+    ours = run_fxcurv(net, nn.CrossEntropyLoss(), x, y, ["ggnmp"], vectors)
+    expected = brute_force(net, nn.CrossEntropyLoss(), x, y, vectors)["ggnmp"]
+    assert_dicts_close(ours["ggnmp"], expected, "ggnmp")

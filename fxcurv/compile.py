@@ -121,11 +121,11 @@ def _make_source(emit: Emitter, traced: Traced, name: str, quantity: str, cotang
     """The propagation ``name`` ("grad", "ggn_exact", "ggn_mc", "hessian") as a PerSample."""
     params = traced.params
     if name == "grad":
-        return PerSample(emit, params, cotangents, batch_size)
+        return PerSample(emit, params, cotangents, batch_size, quantity=quantity)
     if name == "residuals":
         def wrap(factors, columns):
             return PerSample(emit, params, factors, batch_size, lead=1, label="residual",
-                             lead_size=columns)
+                             lead_size=columns, quantity=quantity)
         return residual_propagations(emit, traced, cotangents, quantity, wrap)
     if name == "kfra":
         return KFRA(emit, traced, cotangents, quantity)
@@ -137,7 +137,7 @@ def _make_source(emit: Emitter, traced: Traced, name: str, quantity: str, cotang
     kind = name.split("_", 1)[1]
     factors, columns = propagate_sqrt_ggn(emit, traced, cotangents, kind, mc_samples, quantity)
     return PerSample(emit, params, factors, batch_size, lead=1, label=f"sqrt_ggn_{kind}",
-                     lead_size=columns)
+                     lead_size=columns, quantity=quantity)
 
 
 def check_inputs(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:

@@ -49,10 +49,12 @@ class PerSample:
 
     def __init__(self, emit: Emitter, params: dict[str, fx.Node], cotangents: dict,
                  batch_size: Any, lead: int = 0, label: str = "batch_grad",
-                 lead_size: Any = None):
+                 lead_size: Any = None, quantity: Optional[str] = None):
+        """``label`` names the emitted nodes; ``quantity`` (default: label) is named in errors."""
         self.emit, self.params, self.cotangents = emit, params, cotangents
         self.batch_size, self.lead, self.label, self.lead_size = batch_size, lead, label, \
             lead_size
+        self.quantity = quantity or label
         self._memo: dict[tuple[str, str], Any] = {}
 
     def uses(self, name: str) -> list[tuple[fx.Node, OpRule, str]]:
@@ -91,7 +93,7 @@ class PerSample:
                 raise node_error(node, f"{rule.name} has no per-sample rule for parameter "
                                  f"'{name}' (its argument '{arg}')",
                                  "Use a supported layer for this parameter or request "
-                                 "only 'grad'.", self.label)
+                                 "only 'grad'.", self.quantity)
             ctx = Ctx.of(node, rule, self.emit, self.lead)
             contributions.append(fn(self.cotangents[node], ctx))
         return contributions

@@ -39,6 +39,7 @@ def residual_propagations(emit: Emitter, traced, gradient: dict, quantity: str,
     params = list(traced.params.values())
     depends = _parameter_sets(traced.graph, traced.params)
     model = _ancestors(traced.model_output)  # the loss region's curvature is in the GGN term
+    per_sample = _descendants(traced.graph, traced.inputs[0])  # values with a sample axis
     terms = []
     for node in list(traced.graph.nodes):
         if node not in gradient or node not in model or node.op not in ("call_function",
@@ -56,6 +57,11 @@ def residual_propagations(emit: Emitter, traced, gradient: dict, quantity: str,
                                  f"argument '{name}' but no diagonal residual rule",
                                  "Request the GGN (diag_ggn_exact) instead, or add a residual "
                                  "rule to this op.", quantity)
+            if arg not in per_sample:
+                raise node_error(node, f"the second derivative of {rule.name} in '{name}' acts "
+                                 f"on a value without a sample axis (a parameter used "
+                                 f"directly, e.g. x / w), which is not supported yet",
+                                 "Request the GGN (diag_ggn_exact) instead.", quantity)
             with emit.naming(f"{node.name}_residual", pass_="diag_hessian", node=node.name):
                 residual = rule.residual[name](gradient[node], ctx)
             for sign, tag in ((1.0, "plus"), (-1.0, "minus")):
@@ -89,6 +95,15 @@ def _check_cross_terms(node, rule, active, depends, quantity) -> None:
                                  f"parameter(s) {sorted(shared)}, which needs the cross "
                                  "second derivative", "Request the GGN (diag_ggn_exact) "
                                  "instead; cross terms are not supported yet.", quantity)
+
+
+def _descendants(graph: fx.Graph, source: fx.Node) -> set:
+    """Nodes whose value depends on ``source`` (the input: they carry the sample axis)."""
+    found = {source}
+    for node in graph.nodes:
+        if any(arg in found for arg in node.all_input_nodes):
+            found.add(node)
+    return found
 
 
 def _ancestors(node: fx.Node) -> set:

@@ -36,7 +36,7 @@ def module_path(node: fx.Node) -> Optional[str]:
         if path.startswith(prefix):
             return f"{path[len(prefix):]} ({cls_name})"
     if path in ("model", "loss_fn"):
-        return f"the {path}'s own forward ({cls_name})"
+        return f"{cls_name} (the {path} itself)"
     return f"{path} ({cls_name})"
 
 

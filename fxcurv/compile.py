@@ -15,7 +15,7 @@ from torch import Tensor
 from . import quantities as q
 from .emit import Emitter
 from .errors import CompileError, node_error
-from .passes.analysis import depends_on
+from .passes.analysis import ancestors, depends_on
 from .passes.backward import backward
 from .passes.cleanup import finalize
 from .passes.normalize import normalize
@@ -205,7 +205,7 @@ def _gradients(emit: Emitter, traced: Traced, cotangents: dict) -> dict[str, Any
 def _check_supported(traced: Traced, active: dict, requested: list) -> None:
     """Compile-time errors for unsupported op arguments and, for per-sample quantities, ops
     that mix samples inside the model (BatchNorm in train mode, reductions over axis 0)."""
-    model_nodes = _ancestors(traced.model_output)
+    model_nodes = ancestors(traced.model_output)
     per_sample = [name for name, quantity in requested if quantity.per_sample]
     for node in active:
         rule = rule_for(node)
@@ -228,11 +228,3 @@ _MIXING_HINT = ("Per-sample quantities need every sample to pass through the mod
                 "reductions over the batch axis in forward, or request only 'grad'.")
 
 
-def _ancestors(node: fx.Node) -> set[fx.Node]:
-    seen, stack = set(), [node]
-    while stack:
-        current = stack.pop()
-        if current not in seen:
-            seen.add(current)
-            stack.extend(current.all_input_nodes)
-    return seen

@@ -32,3 +32,23 @@ def depends_on(graph: fx.Graph, sources: Iterable[fx.Node]) -> dict[fx.Node, Non
         if any(arg in active for arg in differentiable_inputs(node)):
             active[node] = None
     return active
+
+
+def ancestors(node: fx.Node) -> set[fx.Node]:
+    """``node`` and every node its value is computed from."""
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current not in seen:
+            seen.add(current)
+            stack.extend(current.all_input_nodes)
+    return seen
+
+
+def descendants(graph: fx.Graph, source: fx.Node) -> set[fx.Node]:
+    """``source`` and every node whose value depends on it (graph order scan)."""
+    found = {source}
+    for node in graph.nodes:
+        if any(arg in found for arg in node.all_input_nodes):
+            found.add(node)
+    return found

@@ -19,6 +19,7 @@ from fxcurv.emit import Emitter
 from fxcurv.errors import node_error
 from fxcurv.rules import Ctx, rule_for
 
+from ..analysis import ancestors, descendants
 from ..backward import backward
 
 
@@ -38,8 +39,8 @@ def residual_propagations(emit: Emitter, traced, gradient: dict, quantity: str,
     each wrapped by ``make_source(cotangents, columns)``, with its sign."""
     params = list(traced.params.values())
     depends = _parameter_sets(traced.graph, traced.params)
-    model = _ancestors(traced.model_output)  # the loss region's curvature is in the GGN term
-    per_sample = _descendants(traced.graph, traced.inputs[0])  # values with a sample axis
+    model = ancestors(traced.model_output)  # the loss region's curvature is in the GGN term
+    per_sample = descendants(traced.graph, traced.inputs[0])  # values with a sample axis
     terms = []
     for node in list(traced.graph.nodes):
         if node not in gradient or node not in model or node.op not in ("call_function",
@@ -95,25 +96,6 @@ def _check_cross_terms(node, rule, active, depends, quantity) -> None:
                                  f"parameter(s) {sorted(shared)}, which needs the cross "
                                  "second derivative", "Request the GGN (diag_ggn_exact) "
                                  "instead; cross terms are not supported yet.", quantity)
-
-
-def _descendants(graph: fx.Graph, source: fx.Node) -> set:
-    """Nodes whose value depends on ``source`` (the input: they carry the sample axis)."""
-    found = {source}
-    for node in graph.nodes:
-        if any(arg in found for arg in node.all_input_nodes):
-            found.add(node)
-    return found
-
-
-def _ancestors(node: fx.Node) -> set:
-    seen, stack = set(), [node]
-    while stack:
-        current = stack.pop()
-        if current not in seen:
-            seen.add(current)
-            stack.extend(current.all_input_nodes)
-    return seen
 
 
 def _parameter_sets(graph: fx.Graph, params: dict) -> dict[fx.Node, frozenset]:

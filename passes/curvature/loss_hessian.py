@@ -27,6 +27,7 @@ from fxcurv.emit import Emitter
 from fxcurv.errors import node_error
 from fxcurv.rules import Ctx, rule_for
 
+from ..analysis import ancestors, descendants
 from ..backward import backward
 from .diag_hessian import residual_sqrt
 
@@ -117,18 +118,15 @@ def _inner_loss(emit, node, rule, ctx, gradient, region, quantity) -> list:
 
 def _loss_region(traced) -> dict[fx.Node, None]:
     """Nodes between the model output and the loss, in graph order."""
-    below = {traced.model_output}
-    for node in traced.graph.nodes:
-        if any(arg in below for arg in node.all_input_nodes):
-            below.add(node)
-    above = _ancestors(traced.loss)
+    below = descendants(traced.graph, traced.model_output)
+    above = ancestors(traced.loss)
     return {n: None for n in traced.graph.nodes if n in below and n in above
             and n is not traced.model_output}
 
 
 def _check_separable(node: fx.Node, region: dict, quantity: str) -> None:
     """A second-order term after a reduction over samples would couple the samples."""
-    for ancestor in _ancestors(node):
+    for ancestor in ancestors(node):
         rule = rule_for(ancestor)
         if ancestor in region and ancestor is not node and rule is not None and \
                 rule.mixes_samples and rule.mixes_samples(rule.bind(ancestor)):
@@ -145,16 +143,6 @@ def _check_cross_terms(node, rule, active, quantity) -> None:
                          "needs cross second derivatives (not supported yet)",
                          "Rewrite the loss so each op has one argument that depends on the "
                          "model output.", quantity)
-
-
-def _ancestors(node: fx.Node) -> set:
-    seen, stack = set(), [node]
-    while stack:
-        current = stack.pop()
-        if current not in seen:
-            seen.add(current)
-            stack.extend(current.all_input_nodes)
-    return seen
 
 
 def check_monte_carlo(loss: fx.Node, quantity: str) -> None:

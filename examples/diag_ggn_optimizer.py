@@ -7,6 +7,12 @@ SGD preconditioned by the Monte-Carlo diagonal of the generalized Gauss-Newton `
 with step size ``γ`` and damping ``λ`` (``fxcurv.optim.DiagGGNOptimizer``). One compiled step
 returns the loss, the gradient and ``diag_ggn_mc``; there is no ``backward()`` call.
 
+Defaults: the seed's batch size 128, 200 iterations and step size 0.01, with damping 0.1
+instead of the seed's 1.0: with ``λ = 1`` the update is nearly plain SGD at step size 0.01
+(most of ``G`` is far below 1), which on the offline digits stand-in reaches only ~91 %
+held-out accuracy in 200 iterations; ``λ = 0.1`` lets the curvature precondition and reaches
+~98 %. ``--damping 1.0`` gives the seed's setting.
+
 Run: ``python examples/diag_ggn_optimizer.py``.
 """
 from __future__ import annotations
@@ -25,8 +31,9 @@ def parse_args() -> argparse.Namespace:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default="./data")
     parser.add_argument("--batch-size", type=int, default=128)
-    parser.add_argument("--step-size", type=float, default=0.05)
-    parser.add_argument("--damping", type=float, default=1.0)
+    parser.add_argument("--step-size", type=float, default=0.01)
+    parser.add_argument("--damping", type=float, default=0.1,
+                        help="the seeds used 1.0; 0.1 trains faster here (see the docstring)")
     parser.add_argument("--max-iter", type=int, default=200)
     parser.add_argument("--print-every", type=int, default=10)
     parser.add_argument("--plot", default="diag_ggn_optimizer.png", help="where to save the plot")

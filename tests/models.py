@@ -19,6 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from setups import ResidualMLP, randomize_bn
+
 DTYPE = torch.float64
 
 
@@ -91,16 +93,6 @@ def _case(name: str, seed: int, build: Callable[[], nn.Module], loss_fn: Callabl
     return ModelCase(name, model, loss_fn, make_batch, batch_size, per_sample, frozenset(tags))
 
 
-def _randomize_bn(bn: nn.modules.batchnorm._BatchNorm) -> None:
-    """Non-trivial running statistics and affine parameters (eval differs from train)."""
-    with torch.no_grad():
-        bn.running_mean.copy_(torch.randn_like(bn.running_mean))
-        bn.running_var.copy_(torch.rand_like(bn.running_var) + 0.5)
-        bn.weight.copy_(torch.randn_like(bn.weight))
-        bn.bias.copy_(torch.randn_like(bn.bias))
-        bn.num_batches_tracked.fill_(7)
-
-
 # ----------------------------------------------------------------------------------- models
 class FunctionalMLP(nn.Module):
     """The Sequential MLP ``Linear(5, 7), ReLU, Linear(7, 3)`` written with F.* and raw
@@ -124,19 +116,6 @@ def seed_cnn() -> nn.Module:
         nn.Conv2d(1, 20, 5, 1), nn.ReLU(), nn.MaxPool2d(2, 2),
         nn.Conv2d(20, 50, 5, 1), nn.ReLU(), nn.MaxPool2d(2, 2),
         nn.Flatten(), nn.Linear(4 * 4 * 50, 500), nn.ReLU(), nn.Linear(500, 10))
-
-
-class ResidualMLP(nn.Module):
-    def __init__(self, d: int = 4, blocks: int = 2, d_out: int = 3):
-        super().__init__()
-        self.blocks = nn.ModuleList(nn.Linear(d, d) for _ in range(blocks))
-        self.head = nn.Linear(d, d_out)
-
-    def forward(self, x):
-        h = x
-        for block in self.blocks:
-            h = h + torch.relu(block(h))
-        return self.head(h)
 
 
 class SharedLinear(nn.Module):
@@ -340,7 +319,7 @@ def adaptive_avgpool():
 def _bn2d_model() -> nn.Module:
     model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU(), nn.Flatten(),
                           nn.Linear(3 * 3 * 3, 3))
-    _randomize_bn(model[1])
+    randomize_bn(model[1], num_batches_tracked=7)
     return model
 
 
@@ -358,7 +337,7 @@ def batchnorm2d_train():
 def batchnorm1d_eval():
     def build():
         model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 2))
-        _randomize_bn(model[1])
+        randomize_bn(model[1], num_batches_tracked=7)
         return model
     return _case("batchnorm1d_eval", 11, build, nn.MSELoss(), regression((4,), (2,)))
 

@@ -22,7 +22,6 @@ Notes on BackPACK 1.7.1:
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -30,6 +29,7 @@ import torch.nn as nn
 
 import fxcurv
 from models import seed_cnn
+from setups import default_dtype, make_batch, randomize_bn, with_head
 
 backpack = pytest.importorskip("backpack")
 from backpack.extensions import (  # noqa: E402
@@ -49,34 +49,6 @@ NUM_OUT = 3
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
 
 
-def _with_head(body: list, in_shape: tuple) -> nn.Sequential:
-    """``body`` then Flatten and a Linear to ``NUM_OUT`` outputs sized from a dummy pass."""
-    features = nn.Sequential(*body, nn.Flatten())
-    with torch.no_grad():
-        size = features(torch.zeros(1, *in_shape)).shape[1]
-    return nn.Sequential(*body, nn.Flatten(), nn.Linear(size, NUM_OUT))
-
-
-def _randomize_bn(bn: nn.Module) -> None:
-    with torch.no_grad():
-        bn.running_mean.copy_(torch.randn_like(bn.running_mean))
-        bn.running_var.copy_(torch.rand_like(bn.running_var) + 0.5)
-        bn.weight.copy_(torch.randn_like(bn.weight))
-        bn.bias.copy_(torch.randn_like(bn.bias))
-
-
-def _bn1d():
-    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, NUM_OUT))
-    _randomize_bn(model[1])
-    return model
-
-
-def _bn2d():
-    model = _with_head([nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.ReLU()], (2, 5, 5))
-    _randomize_bn(model[1])
-    return model
-
-
 # name -> (model builder, input shape, integer input range or None); all models end in
 # [N, NUM_OUT]. Every conv uses non-default stride / padding / dilation / groups somewhere.
 # GROUPED: layers whose first module is a conv with groups > 1 (see the module docstring).
@@ -85,28 +57,32 @@ LAYERS = {
                (5,), None),
     "linear_nobias_sigmoid": (lambda: nn.Sequential(nn.Linear(5, 4, bias=False), nn.Sigmoid(),
                                                     nn.Linear(4, NUM_OUT)), (5,), None),
-    "conv1d": (lambda: _with_head([nn.Conv1d(2, 4, 3, stride=2, padding=1, groups=2),
-                                   nn.ReLU(), nn.AvgPool1d(2)], (2, 8)), (2, 8), None),
-    "conv2d": (lambda: _with_head([nn.Conv2d(2, 4, 3, stride=(2, 1), padding=2, dilation=2,
-                                             groups=2), nn.Tanh(), nn.MaxPool2d(2)],
-                                  (2, 7, 6)), (2, 7, 6), None),
-    "conv2d_nobias": (lambda: _with_head([nn.Conv2d(3, 2, (2, 3), padding=(1, 0), bias=False),
-                                          nn.ReLU()], (3, 4, 5)), (3, 4, 5), None),
-    "conv3d": (lambda: _with_head([nn.Conv3d(2, 4, (2, 3, 2), stride=(1, 2, 1),
-                                             padding=(1, 0, 1), dilation=(2, 1, 1), groups=2),
-                                   nn.Sigmoid()], (2, 4, 5, 3)), (2, 4, 5, 3), None),
-    "conv_transpose1d": (lambda: _with_head([nn.ConvTranspose1d(2, 4, 3, stride=2, padding=1,
-                                                                dilation=2, groups=2),
-                                             nn.ReLU()], (2, 4)), (2, 4), None),
-    "conv_transpose2d": (lambda: _with_head([nn.ConvTranspose2d(2, 4, (3, 2), stride=(2, 1),
-                                                                padding=(1, 0), dilation=(1, 2),
-                                                                groups=2), nn.Tanh()],
-                                            (2, 3, 4)), (2, 3, 4), None),
-    "conv_transpose3d": (lambda: _with_head([nn.ConvTranspose3d(2, 3, 2, stride=2,
-                                                                bias=False), nn.ReLU()],
-                                            (2, 2, 3, 2)), (2, 2, 3, 2), None),
-    "batchnorm1d_eval": (_bn1d, (4,), None),
-    "batchnorm2d_eval": (_bn2d, (2, 5, 5), None),
+    "conv1d": (lambda: with_head([nn.Conv1d(2, 4, 3, stride=2, padding=1, groups=2),
+                                  nn.ReLU(), nn.AvgPool1d(2)], (2, 8)), (2, 8), None),
+    "conv2d": (lambda: with_head([nn.Conv2d(2, 4, 3, stride=(2, 1), padding=2, dilation=2,
+                                            groups=2), nn.Tanh(), nn.MaxPool2d(2)],
+                                 (2, 7, 6)), (2, 7, 6), None),
+    "conv2d_nobias": (lambda: with_head([nn.Conv2d(3, 2, (2, 3), padding=(1, 0), bias=False),
+                                         nn.ReLU()], (3, 4, 5)), (3, 4, 5), None),
+    "conv3d": (lambda: with_head([nn.Conv3d(2, 4, (2, 3, 2), stride=(1, 2, 1),
+                                            padding=(1, 0, 1), dilation=(2, 1, 1), groups=2),
+                                  nn.Sigmoid()], (2, 4, 5, 3)), (2, 4, 5, 3), None),
+    "conv_transpose1d": (lambda: with_head([nn.ConvTranspose1d(2, 4, 3, stride=2, padding=1,
+                                                               dilation=2, groups=2),
+                                            nn.ReLU()], (2, 4)), (2, 4), None),
+    "conv_transpose2d": (lambda: with_head([nn.ConvTranspose2d(2, 4, (3, 2), stride=(2, 1),
+                                                               padding=(1, 0), dilation=(1, 2),
+                                                               groups=2), nn.Tanh()],
+                                           (2, 3, 4)), (2, 3, 4), None),
+    "conv_transpose3d": (lambda: with_head([nn.ConvTranspose3d(2, 3, 2, stride=2,
+                                                               bias=False), nn.ReLU()],
+                                           (2, 2, 3, 2)), (2, 2, 3, 2), None),
+    "batchnorm1d_eval": (lambda: randomize_bn(nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5),
+                                                            nn.ReLU(), nn.Linear(5, NUM_OUT))),
+                         (4,), None),
+    "batchnorm2d_eval": (lambda: randomize_bn(with_head([nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3),
+                                                         nn.ReLU()], (2, 5, 5))),
+                         (2, 5, 5), None),
     "embedding": (lambda: nn.Sequential(nn.Embedding(10, 4), nn.Flatten(),
                                         nn.Linear(3 * 4, NUM_OUT)), (3,), 10),
 }
@@ -123,29 +99,6 @@ def make_model(layer: str) -> nn.Module:
     torch.manual_seed(sorted(LAYERS).index(layer))
     build, _, _ = LAYERS[layer]
     return build().to(DTYPE).eval()
-
-
-def make_batch(in_shape: tuple, vocab, loss: str, n: int = N, num_out: int = NUM_OUT):
-    gen = torch.Generator().manual_seed(n)
-    if vocab is None:
-        x = torch.randn(n, *in_shape, generator=gen, dtype=DTYPE)
-    else:
-        x = torch.randint(0, vocab, (n, *in_shape), generator=gen)
-    if loss.startswith("ce"):
-        y = torch.randint(0, num_out, (n,), generator=gen)
-    else:
-        y = torch.randn(n, num_out, generator=gen, dtype=DTYPE)
-    return x, y
-
-
-@contextmanager
-def default_dtype(dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 def run_backpack(model: nn.Module, loss_fn: nn.Module, x, y):
@@ -184,7 +137,7 @@ def compare(model: nn.Module, loss_fn: nn.Module, x, y, grouped: bool = False):
 @pytest.mark.parametrize("layer", list(LAYERS))
 def test_first_order_equal_backpack(layer, loss):
     _, in_shape, vocab = LAYERS[layer]
-    x, y = make_batch(in_shape, vocab, loss)
+    x, y = make_batch(in_shape, vocab, loss, N)
     compare(make_model(layer), LOSSES[loss](), x, y, grouped=layer in GROUPED)
 
 

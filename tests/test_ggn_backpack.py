@@ -25,7 +25,6 @@ Notes on BackPACK 1.7.1 (``backpack/extensions/secondorder/``):
 from __future__ import annotations
 
 import copy
-from contextlib import contextmanager
 
 import pytest
 import torch
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 
 import fxcurv
 from fxcurv.errors import CompileError
+from setups import default_dtype, make_batch, randomize_bn, with_head
 
 backpack = pytest.importorskip("backpack")
 from backpack.extensions import (  # noqa: E402
@@ -52,24 +52,6 @@ QUANTITIES = ["diag_ggn_exact", "diag_ggn_exact_batch", "sqrt_ggn_exact", "kflr"
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Full backward hook is firing:UserWarning",
     "ignore:The Kronecker factors stored:UserWarning")
-
-
-def _with_head(body: list, in_shape: tuple, num_out: int = NUM_OUT) -> nn.Sequential:
-    """``body`` then Flatten and a Linear to ``num_out`` outputs sized from a dummy pass."""
-    with torch.no_grad():
-        size = nn.Sequential(*body, nn.Flatten())(torch.zeros(1, *in_shape)).shape[1]
-    return nn.Sequential(*body, nn.Flatten(), nn.Linear(size, num_out))
-
-
-def _randomize_bn(model: nn.Module) -> nn.Module:
-    for bn in model.modules():
-        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                bn.running_mean.copy_(torch.randn_like(bn.running_mean))
-                bn.running_var.copy_(torch.rand_like(bn.running_var) + 0.5)
-                bn.weight.copy_(torch.randn_like(bn.weight))
-                bn.bias.copy_(torch.randn_like(bn.bias))
-    return model
 
 
 def _mlp(*middle) -> nn.Sequential:
@@ -92,53 +74,53 @@ LAYERS = {
     "selu_logsigmoid": (lambda: nn.Sequential(nn.Linear(4, 3), nn.SELU(), nn.Linear(3, 3),
                                               nn.LogSigmoid(), nn.Linear(3, NUM_OUT)),
                         (4,), None, NO_KFLR),
-    "conv1d": (lambda: _with_head([nn.Conv1d(2, 3, 3, stride=2, padding=1, dilation=2),
-                                   nn.ReLU()], (2, 6)), (2, 6), None, ALL),
-    "conv2d_maxpool": (lambda: _with_head([nn.Conv2d(2, 3, (3, 2), stride=(2, 1),
-                                                     padding=(1, 0)), nn.Tanh(),
-                                           nn.MaxPool2d(2)], (2, 5, 5)), (2, 5, 5), None, ALL),
+    "conv1d": (lambda: with_head([nn.Conv1d(2, 3, 3, stride=2, padding=1, dilation=2),
+                                  nn.ReLU()], (2, 6)), (2, 6), None, ALL),
+    "conv2d_maxpool": (lambda: with_head([nn.Conv2d(2, 3, (3, 2), stride=(2, 1),
+                                                    padding=(1, 0)), nn.Tanh(),
+                                          nn.MaxPool2d(2)], (2, 5, 5)), (2, 5, 5), None, ALL),
     "zeropad_conv2d_avgpool": (
-        lambda: _with_head([nn.ZeroPad2d((1, 0, 1, 2)), nn.Conv2d(2, 3, 2, dilation=2,
-                                                                  bias=False),
-                            nn.Sigmoid(), nn.AvgPool2d(2, stride=1)], (2, 4, 4)),
+        lambda: with_head([nn.ZeroPad2d((1, 0, 1, 2)), nn.Conv2d(2, 3, 2, dilation=2,
+                                                                 bias=False),
+                           nn.Sigmoid(), nn.AvgPool2d(2, stride=1)], (2, 4, 4)),
         (2, 4, 4), None, ALL),
-    "conv3d": (lambda: _with_head([nn.Conv3d(2, 2, (2, 2, 1), stride=(1, 2, 1),
-                                             padding=(1, 0, 1), dilation=(1, 1, 2)),
-                                   nn.ReLU()], (2, 3, 4, 3)), (2, 3, 4, 3), None, ALL),
+    "conv3d": (lambda: with_head([nn.Conv3d(2, 2, (2, 2, 1), stride=(1, 2, 1),
+                                            padding=(1, 0, 1), dilation=(1, 1, 2)),
+                                  nn.ReLU()], (2, 3, 4, 3)), (2, 3, 4, 3), None, ALL),
     "conv1d_groups_pool1d": (
-        lambda: _with_head([nn.Conv1d(4, 4, 3, padding=1, groups=2), nn.ReLU(),
-                            nn.MaxPool1d(2), nn.AvgPool1d(2, stride=1)], (4, 6)),
+        lambda: with_head([nn.Conv1d(4, 4, 3, padding=1, groups=2), nn.ReLU(),
+                           nn.MaxPool1d(2), nn.AvgPool1d(2, stride=1)], (4, 6)),
         (4, 6), None, NO_KFLR),
-    "conv2d_groups": (lambda: _with_head([nn.Conv2d(2, 4, 3, stride=2, padding=2, dilation=2,
-                                                    groups=2), nn.Tanh()], (2, 5, 4)),
+    "conv2d_groups": (lambda: with_head([nn.Conv2d(2, 4, 3, stride=2, padding=2, dilation=2,
+                                                   groups=2), nn.Tanh()], (2, 5, 4)),
                       (2, 5, 4), None, NO_KFLR),
     "conv3d_groups_pool3d": (
-        lambda: _with_head([nn.Conv3d(2, 4, 2, padding=1, groups=2), nn.Sigmoid(),
-                            nn.MaxPool3d(2), nn.AvgPool3d(1, stride=1)], (2, 3, 3, 3)),
+        lambda: with_head([nn.Conv3d(2, 4, 2, padding=1, groups=2), nn.Sigmoid(),
+                           nn.MaxPool3d(2), nn.AvgPool3d(1, stride=1)], (2, 3, 3, 3)),
         (2, 3, 3, 3), None, NO_KFLR),
-    "conv_transpose1d": (lambda: _with_head([nn.ConvTranspose1d(2, 3, 3, stride=2, padding=1,
-                                                                dilation=2), nn.ReLU()],
-                                            (2, 3)), (2, 3), None, ALL),
-    "conv_transpose2d": (lambda: _with_head([nn.ConvTranspose2d(2, 3, (3, 2), stride=(2, 1),
-                                                                padding=(1, 0)), nn.Tanh()],
-                                            (2, 3, 2)), (2, 3, 2), None, ALL),
-    "conv_transpose3d": (lambda: _with_head([nn.ConvTranspose3d(2, 2, 2, stride=2,
-                                                                bias=False), nn.ReLU()],
-                                            (2, 2, 1, 2)), (2, 2, 1, 2), None, ALL),
+    "conv_transpose1d": (lambda: with_head([nn.ConvTranspose1d(2, 3, 3, stride=2, padding=1,
+                                                               dilation=2), nn.ReLU()],
+                                           (2, 3)), (2, 3), None, ALL),
+    "conv_transpose2d": (lambda: with_head([nn.ConvTranspose2d(2, 3, (3, 2), stride=(2, 1),
+                                                               padding=(1, 0)), nn.Tanh()],
+                                           (2, 3, 2)), (2, 3, 2), None, ALL),
+    "conv_transpose3d": (lambda: with_head([nn.ConvTranspose3d(2, 2, 2, stride=2,
+                                                               bias=False), nn.ReLU()],
+                                           (2, 2, 1, 2)), (2, 2, 1, 2), None, ALL),
     "conv_transpose2d_groups": (
-        lambda: _with_head([nn.ConvTranspose2d(4, 2, 2, stride=2, padding=1, dilation=2,
-                                               groups=2), nn.Sigmoid()], (4, 3, 2)),
+        lambda: with_head([nn.ConvTranspose2d(4, 2, 2, stride=2, padding=1, dilation=2,
+                                              groups=2), nn.Sigmoid()], (4, 3, 2)),
         (4, 3, 2), None, NO_KFLR),
     "adaptive_avg_pool": (
-        lambda: _with_head([nn.Conv2d(2, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d((2, 1))],
-                           (2, 4, 3)), (2, 4, 3), None, DIAGONALS),
+        lambda: with_head([nn.Conv2d(2, 2, 1), nn.ReLU(), nn.AdaptiveAvgPool2d((2, 1))],
+                          (2, 4, 3)), (2, 4, 3), None, DIAGONALS),
     "adaptive_avg_pool_1d_3d": (
-        lambda: _with_head([nn.Conv3d(1, 2, 1), nn.AdaptiveAvgPool3d((1, 2, 1)), nn.Flatten(2),
-                            nn.AdaptiveAvgPool1d(1)], (1, 2, 4, 2)), (1, 2, 4, 2), None, DIAGONALS),
-    "batchnorm1d_eval": (lambda: _randomize_bn(_mlp(nn.BatchNorm1d(3), nn.ReLU())),
+        lambda: with_head([nn.Conv3d(1, 2, 1), nn.AdaptiveAvgPool3d((1, 2, 1)), nn.Flatten(2),
+                           nn.AdaptiveAvgPool1d(1)], (1, 2, 4, 2)), (1, 2, 4, 2), None, DIAGONALS),
+    "batchnorm1d_eval": (lambda: randomize_bn(_mlp(nn.BatchNorm1d(3), nn.ReLU())),
                          (4,), None, NO_KFLR),
-    "batchnorm2d_eval": (lambda: _randomize_bn(_with_head([nn.Conv2d(2, 2, 2), nn.BatchNorm2d(2),
-                                                           nn.ReLU()], (2, 3, 3))),
+    "batchnorm2d_eval": (lambda: randomize_bn(with_head([nn.Conv2d(2, 2, 2), nn.BatchNorm2d(2),
+                                                         nn.ReLU()], (2, 3, 3))),
                          (2, 3, 3), None, NO_KFLR),
     "embedding": (lambda: nn.Sequential(nn.Embedding(5, 3), nn.Flatten(),
                                         nn.Linear(2 * 3, NUM_OUT)), (2,), 5, NO_KFLR),
@@ -151,16 +133,6 @@ LOSSES = {
 }
 
 
-@contextmanager
-def default_dtype(dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
-
-
 def make_model(layer: str, num_out: int = NUM_OUT) -> nn.Module:
     torch.manual_seed(sorted(LAYERS).index(layer))
     build = LAYERS[layer][0]
@@ -170,21 +142,6 @@ def make_model(layer: str, num_out: int = NUM_OUT) -> nn.Module:
             last = model[-1]
             model[-1] = nn.Linear(last.in_features, num_out)
     return model.eval()
-
-
-def make_batch(in_shape: tuple, vocab, loss: str, num_out: int = NUM_OUT, n: int = N):
-    gen = torch.Generator().manual_seed(n)
-    if vocab is None:
-        x = torch.randn(n, *in_shape, generator=gen, dtype=DTYPE)
-    else:
-        x = torch.randint(0, vocab, (n, *in_shape), generator=gen)
-    if loss.startswith("ce"):
-        y = torch.randint(0, num_out, (n,), generator=gen)
-    elif loss.startswith("bce"):
-        y = torch.rand(n, num_out, generator=gen, dtype=DTYPE)
-    else:
-        y = torch.randn(n, num_out, generator=gen, dtype=DTYPE)
-    return x, y
 
 
 EXTENSIONS = {"diag_ggn_exact": DiagGGNExact, "diag_ggn_exact_batch": BatchDiagGGNExact,
@@ -227,7 +184,7 @@ def compare(model: nn.Module, loss_fn: nn.Module, x, y, quantities=ALL) -> None:
 @pytest.mark.parametrize("layer", list(LAYERS))
 def test_ggn_equal_backpack(layer, loss):
     _, in_shape, vocab, supported = LAYERS[layer]
-    x, y = make_batch(in_shape, vocab, loss)
+    x, y = make_batch(in_shape, vocab, loss, N)
     compare(make_model(layer), LOSSES[loss](), x, y, supported)
 
 
@@ -236,7 +193,7 @@ def test_ggn_equal_backpack(layer, loss):
 def test_bce_with_logits_equal_backpack(layer, reduction):
     """BCEWithLogitsLoss on a ``[N, 1]`` output (the only shape BackPACK supports)."""
     _, in_shape, vocab, supported = LAYERS[layer]
-    x, y = make_batch(in_shape, vocab, "bce", num_out=1)
+    x, y = make_batch(in_shape, vocab, "bce", N, num_out=1)
     compare(make_model(layer, num_out=1), nn.BCEWithLogitsLoss(reduction=reduction), x, y,
             supported)
 
@@ -324,9 +281,9 @@ def test_grouped_conv_factors_brute_force(kind):
         conv = nn.ConvTranspose2d(cin, cout, (2, 3), stride=(2, 1), padding=1,
                                   output_padding=(1, 0), dilation=(1, 2), groups=groups)
     in_shape = (cin, 4, 5)
-    model = _with_head([conv, nn.Tanh()], in_shape).to(DTYPE)
+    model = with_head([conv, nn.Tanh()], in_shape).to(DTYPE)
     loss_fn = nn.CrossEntropyLoss()
-    x, y = make_batch(in_shape, None, "ce")
+    x, y = make_batch(in_shape, None, "ce", N)
     _, _, kflr, kfac = fxcurv.compile(model, loss_fn, ["kflr", "kfac"])(x, y)
 
     s = _sqrt_ggn_at(model, loss_fn, x, y, 0)                # [C, N, Cout, *out]
@@ -382,7 +339,7 @@ def test_embedding_factors_explicit():
         model = nn.Sequential(nn.Embedding(vocab, dim, padding_idx=padding_idx), nn.Tanh(),
                               nn.Flatten(), nn.Linear(positions * dim, NUM_OUT)).to(DTYPE)
         loss_fn = nn.CrossEntropyLoss()
-        x, y = make_batch((positions,), 5, "ce")  # index 5 unused: a zero count
+        x, y = make_batch((positions,), 5, "ce", N)  # index 5 unused: a zero count
         x[0, :2] = 2
         _, _, kflr, kfac = fxcurv.compile(model, loss_fn, ["kflr", "kfac"])(x, y)
         keep = torch.ones_like(x, dtype=DTYPE) if padding_idx is None else \
@@ -405,7 +362,7 @@ def test_embedding_factors_explicit():
 def test_kfac_shapes_equal_kflr(layer):
     """``kfac`` (mc_samples=1) has kflr's factor shapes; input-side factors are identical."""
     _, in_shape, vocab, _ = LAYERS[layer]
-    x, y = make_batch(in_shape, vocab, "ce")
+    x, y = make_batch(in_shape, vocab, "ce", N)
     model = make_model(layer)
     _, _, kflr, kfac = fxcurv.compile(model, nn.CrossEntropyLoss(), ["kflr", "kfac"],
                                       mc_samples=1)(x, y)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, hessian, jacrev
 
 import fxcurv
+from setups import FunctionalWithScale, ResidualMLP
 
 DTYPE = torch.float64
 TOL = dict(rtol=1e-9, atol=1e-12)
@@ -37,35 +38,12 @@ EXACT = ["diag_ggn_exact", "diag_ggn_exact_batch", "sqrt_ggn_exact", "kflr"]
 
 
 # ----------------------------------------------------------------------------------- models
-class Functional(nn.Module):
+class Functional(FunctionalWithScale):
     """F.* with raw parameters, one of them in an elementwise product."""
-
-    def __init__(self):
-        super().__init__()
-        self.w1 = nn.Parameter(torch.randn(5, 4))
-        self.b1 = nn.Parameter(torch.randn(5))
-        self.scale = nn.Parameter(torch.randn(5))
-        self.w2 = nn.Parameter(torch.randn(3, 5))
-        self.b2 = nn.Parameter(torch.randn(3))
 
     def forward(self, x):
         h = F.softplus(F.linear(x, self.w1, self.b1)) * self.scale
         return F.linear(h, self.w2, self.b2)
-
-
-class Residual(nn.Module):
-    """``h = h + tanh(linear(h))`` twice, then a head."""
-
-    def __init__(self, d: int = 4, d_out: int = 3):
-        super().__init__()
-        self.blocks = nn.ModuleList(nn.Linear(d, d) for _ in range(2))
-        self.head = nn.Linear(d, d_out)
-
-    def forward(self, x):
-        h = x
-        for block in self.blocks:
-            h = h + torch.tanh(block(h))
-        return self.head(h)
 
 
 class Shared(nn.Module):
@@ -172,7 +150,8 @@ CASES: dict[str, Callable[[], Case]] = {
         0, Functional, nn.CrossEntropyLoss(), lambda: (_randn(4, 4), _labels(3, 4)), 3,
         kron=False),
     "residual_mse": lambda: _build(
-        1, Residual, nn.MSELoss(), lambda: (_randn(4, 4), _randn(4, 3)), 3),
+        1, lambda: ResidualMLP(activation=torch.tanh), nn.MSELoss(),
+        lambda: (_randn(4, 4), _randn(4, 3)), 3),
     "shared_ce_sum": lambda: _build(
         2, Shared, nn.CrossEntropyLoss(reduction="sum"), lambda: (_randn(3, 4), _labels(3, 3)),
         3, kron=False),

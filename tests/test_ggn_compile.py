@@ -8,6 +8,7 @@ import torch.nn as nn
 
 import fxcurv
 from fxcurv.rules import losses as loss_rules
+from setups import LayerNormNet
 
 DTYPE = torch.float64
 GGN = ["diag_ggn_exact", "diag_ggn_mc", "diag_ggn_exact_batch", "diag_ggn_mc_batch",
@@ -256,21 +257,10 @@ def test_kronecker_factors_of_a_shared_parameter(quantity):
     fxcurv.compile(Shared().to(DTYPE), nn.CrossEntropyLoss(), ["diag_ggn_exact"])
 
 
-class Normed(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 5)
-        self.norm = nn.LayerNorm(5)
-        self.head = nn.Linear(5, 3)
-
-    def forward(self, x):
-        return self.head(self.norm(self.fc(x)))
-
-
 @pytest.mark.parametrize("quantity", ["kflr", "kfac"])
 def test_kronecker_factors_of_a_layer_norm_weight(quantity):
     with pytest.raises(fxcurv.CompileError) as info:
-        fxcurv.compile(Normed().to(DTYPE), nn.CrossEntropyLoss(), [quantity])
+        fxcurv.compile(LayerNormNet().to(DTYPE), nn.CrossEntropyLoss(), [quantity])
     message = str(info.value)
     assert "node 'layer_norm'" in message and "module norm (LayerNorm)" in message
     assert f"'{quantity}'" in message and "norm.weight" in message

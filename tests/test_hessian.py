@@ -36,7 +36,6 @@ from __future__ import annotations
 import copy
 import functools
 import re
-from contextlib import contextmanager
 from typing import Callable
 
 import pytest
@@ -47,6 +46,8 @@ from torch.func import functional_call, grad, hessian, jacrev, vmap
 
 import fxcurv
 from fxcurv.errors import CompileError
+from setups import (FunctionalWithScale, LayerNormNet, ResidualMLP, default_dtype,
+                    make_batch, randomize_bn, with_head)
 
 backpack = pytest.importorskip("backpack")
 from backpack.extensions import (  # noqa: E402
@@ -69,16 +70,6 @@ PRODUCTS = ("hmp", "ggnmp", "pchmp_abs", "pchmp_clip")
 pytestmark = pytest.mark.filterwarnings(
     "ignore:Full backward hook is firing:UserWarning",
     "ignore:`torch.jit.load` is deprecated:FutureWarning")
-
-
-@contextmanager
-def default_dtype(dtype):
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -113,24 +104,6 @@ def run_fxcurv(model, loss_fn, x, y, quantities, vectors=None) -> dict:
 
 
 # =============================================================== 1. BackPACK comparison
-def _with_head(body: list, in_shape: tuple, num_out: int = NUM_OUT) -> nn.Sequential:
-    """``body`` then Flatten and a Linear to ``num_out`` outputs sized from a dummy pass."""
-    with torch.no_grad():
-        size = nn.Sequential(*body, nn.Flatten())(torch.zeros(1, *in_shape)).shape[1]
-    return nn.Sequential(*body, nn.Flatten(), nn.Linear(size, num_out))
-
-
-def _randomize_bn(model: nn.Module) -> nn.Module:
-    for bn in model.modules():
-        if isinstance(bn, nn.modules.batchnorm._BatchNorm):
-            with torch.no_grad():
-                bn.running_mean.copy_(torch.randn_like(bn.running_mean))
-                bn.running_var.copy_(torch.rand_like(bn.running_var) + 0.5)
-                bn.weight.copy_(torch.randn_like(bn.weight))
-                bn.bias.copy_(torch.randn_like(bn.bias))
-    return model
-
-
 DIAG, PROD = ("diag_h", "diag_h_batch"), ("hmp", "ggnmp")
 BOTH = DIAG + PROD
 # name -> (model builder, input shape, quantities BackPACK supports on it)
@@ -148,47 +121,47 @@ LAYERS = {
         lambda: nn.Sequential(nn.Linear(4, 5), nn.SELU(), nn.Linear(5, 4), nn.LogSigmoid(),
                               nn.Linear(4, NUM_OUT)), (4,), DIAG),
     "conv2d_tanh_maxpool": (
-        lambda: _with_head([nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0)), nn.Tanh(),
-                            nn.MaxPool2d(2)], (2, 5, 5)), (2, 5, 5), BOTH),
+        lambda: with_head([nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0)), nn.Tanh(),
+                           nn.MaxPool2d(2)], (2, 5, 5)), (2, 5, 5), BOTH),
     "zeropad_conv2d_dilated_sigmoid_avgpool": (
-        lambda: _with_head([nn.ZeroPad2d((1, 0, 1, 2)),
-                            nn.Conv2d(2, 3, 2, dilation=2, bias=False), nn.Sigmoid(),
-                            nn.AvgPool2d(2, stride=1)], (2, 4, 4)), (2, 4, 4), BOTH),
+        lambda: with_head([nn.ZeroPad2d((1, 0, 1, 2)),
+                           nn.Conv2d(2, 3, 2, dilation=2, bias=False), nn.Sigmoid(),
+                           nn.AvgPool2d(2, stride=1)], (2, 4, 4)), (2, 4, 4), BOTH),
     "conv2d_groups_relu_sigmoid": (
-        lambda: _with_head([nn.Conv2d(2, 4, 3, stride=2, padding=2, dilation=2, groups=2),
-                            nn.ReLU(), nn.Conv2d(4, 2, 1), nn.Sigmoid()], (2, 5, 4)),
+        lambda: with_head([nn.Conv2d(2, 4, 3, stride=2, padding=2, dilation=2, groups=2),
+                           nn.ReLU(), nn.Conv2d(4, 2, 1), nn.Sigmoid()], (2, 5, 4)),
         (2, 5, 4), BOTH),
     "batchnorm1d_eval_tanh": (
-        lambda: _randomize_bn(nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(),
-                                            nn.Linear(5, NUM_OUT))), (4,), PROD),
+        lambda: randomize_bn(nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(),
+                                           nn.Linear(5, NUM_OUT))), (4,), PROD),
     "conv1d_tanh": (
-        lambda: _with_head([nn.Conv1d(2, 3, 3, stride=2, padding=1, dilation=2), nn.Tanh()],
-                           (2, 6)), (2, 6), DIAG),
+        lambda: with_head([nn.Conv1d(2, 3, 3, stride=2, padding=1, dilation=2), nn.Tanh()],
+                          (2, 6)), (2, 6), DIAG),
     "conv3d_sigmoid": (
-        lambda: _with_head([nn.Conv3d(2, 2, (2, 2, 1), stride=(1, 2, 1), padding=(1, 0, 1),
-                                      dilation=(1, 1, 2)), nn.Sigmoid()], (2, 3, 4, 3)),
+        lambda: with_head([nn.Conv3d(2, 2, (2, 2, 1), stride=(1, 2, 1), padding=(1, 0, 1),
+                                     dilation=(1, 1, 2)), nn.Sigmoid()], (2, 3, 4, 3)),
         (2, 3, 4, 3), DIAG),
     "conv_transpose1d_tanh": (
-        lambda: _with_head([nn.ConvTranspose1d(2, 3, 3, stride=2, padding=1, dilation=2),
-                            nn.Tanh()], (2, 3)), (2, 3), DIAG),
+        lambda: with_head([nn.ConvTranspose1d(2, 3, 3, stride=2, padding=1, dilation=2),
+                           nn.Tanh()], (2, 3)), (2, 3), DIAG),
     "conv_transpose2d_sigmoid": (
-        lambda: _with_head([nn.ConvTranspose2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0)),
-                            nn.Sigmoid()], (2, 3, 2)), (2, 3, 2), DIAG),
+        lambda: with_head([nn.ConvTranspose2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 0)),
+                           nn.Sigmoid()], (2, 3, 2)), (2, 3, 2), DIAG),
     "conv_transpose3d_elu": (
-        lambda: _with_head([nn.ConvTranspose3d(2, 2, 2, stride=2, bias=False), nn.ELU()],
-                           (2, 2, 1, 2)), (2, 2, 1, 2), DIAG),
+        lambda: with_head([nn.ConvTranspose3d(2, 2, 2, stride=2, bias=False), nn.ELU()],
+                          (2, 2, 1, 2)), (2, 2, 1, 2), DIAG),
     "pool1d": (
-        lambda: _with_head([nn.Conv1d(2, 3, 2), nn.Tanh(), nn.MaxPool1d(2),
-                            nn.AvgPool1d(2, stride=1)], (2, 6)), (2, 6), DIAG),
+        lambda: with_head([nn.Conv1d(2, 3, 2), nn.Tanh(), nn.MaxPool1d(2),
+                           nn.AvgPool1d(2, stride=1)], (2, 6)), (2, 6), DIAG),
     "pool3d": (
-        lambda: _with_head([nn.Conv3d(2, 2, 2, padding=1), nn.Sigmoid(), nn.MaxPool3d(2),
-                            nn.AvgPool3d(1, stride=1)], (2, 3, 3, 3)), (2, 3, 3, 3), DIAG),
+        lambda: with_head([nn.Conv3d(2, 2, 2, padding=1), nn.Sigmoid(), nn.MaxPool3d(2),
+                           nn.AvgPool3d(1, stride=1)], (2, 3, 3, 3)), (2, 3, 3, 3), DIAG),
     "adaptive_avg_pool": (
-        lambda: _with_head([nn.Conv2d(2, 2, 1), nn.Tanh(), nn.AdaptiveAvgPool2d((2, 1))],
-                           (2, 4, 3)), (2, 4, 3), DIAG),
+        lambda: with_head([nn.Conv2d(2, 2, 1), nn.Tanh(), nn.AdaptiveAvgPool2d((2, 1))],
+                          (2, 4, 3)), (2, 4, 3), DIAG),
     "adaptive_avg_pool_1d_3d": (
-        lambda: _with_head([nn.Conv3d(1, 2, 1), nn.Sigmoid(), nn.AdaptiveAvgPool3d((1, 2, 1)),
-                            nn.Flatten(2), nn.AdaptiveAvgPool1d(1)], (1, 2, 4, 2)),
+        lambda: with_head([nn.Conv3d(1, 2, 1), nn.Sigmoid(), nn.AdaptiveAvgPool3d((1, 2, 1)),
+                           nn.Flatten(2), nn.AdaptiveAvgPool1d(1)], (1, 2, 4, 2)),
         (1, 2, 4, 2), DIAG),
 }
 LOSSES = {
@@ -208,18 +181,6 @@ def make_model(layer: str, num_out: int = NUM_OUT) -> nn.Module:
         if num_out != NUM_OUT:
             model[-1] = nn.Linear(model[-1].in_features, num_out)
     return model.eval()
-
-
-def make_batch(in_shape: tuple, loss: str, num_out: int = NUM_OUT, n: int = N):
-    gen = torch.Generator().manual_seed(n)
-    x = torch.randn(n, *in_shape, generator=gen, dtype=DTYPE)
-    if loss.startswith("ce"):
-        y = torch.randint(0, num_out, (n,), generator=gen)
-    elif loss.startswith("bce"):
-        y = torch.rand(n, num_out, generator=gen, dtype=DTYPE)
-    else:
-        y = torch.randn(n, num_out, generator=gen, dtype=DTYPE)
-    return x, y
 
 
 def run_backpack(model, loss_fn, x, y, quantities, vectors) -> dict:
@@ -255,7 +216,7 @@ def compare_backpack(model, loss_fn, x, y, quantities) -> None:
 @pytest.mark.parametrize("layer", list(LAYERS))
 def test_hessian_quantities_equal_backpack(layer, loss, float64_default):
     _, in_shape, supported = LAYERS[layer]
-    x, y = make_batch(in_shape, loss)
+    x, y = make_batch(in_shape, None, loss, N)
     compare_backpack(make_model(layer), LOSSES[loss](), x, y, supported)
 
 
@@ -264,7 +225,7 @@ def test_hessian_quantities_equal_backpack(layer, loss, float64_default):
                                    "conv2d_tanh_maxpool"])
 def test_diag_h_bce_with_logits_equal_backpack(layer, reduction, float64_default):
     """BCEWithLogitsLoss on ``[N, 1]``: DiagHessian only (HMP/GGNMP have no BCE extension)."""
-    x, y = make_batch(LAYERS[layer][1], "bce", num_out=1)
+    x, y = make_batch(LAYERS[layer][1], None, "bce", N, num_out=1)
     compare_backpack(make_model(layer, num_out=1), nn.BCEWithLogitsLoss(reduction=reduction),
                      x, y, DIAG)
 
@@ -282,31 +243,8 @@ def test_diag_h_cross_entropy_positions_equal_backpack(reduction, float64_defaul
 
 
 # ============================================================== 2. brute force (torch.func)
-class ResidualTanh(nn.Module):
-    """``h = h + tanh(linear(h))`` twice, then a head."""
-
-    def __init__(self, d: int = 4, d_out: int = 3):
-        super().__init__()
-        self.blocks = nn.ModuleList(nn.Linear(d, d) for _ in range(2))
-        self.head = nn.Linear(d, d_out)
-
-    def forward(self, x):
-        h = x
-        for block in self.blocks:
-            h = h + torch.tanh(block(h))
-        return self.head(h)
-
-
-class Functional(nn.Module):
+class Functional(FunctionalWithScale):
     """F.* with raw parameters; a scale parameter in an elementwise product."""
-
-    def __init__(self):
-        super().__init__()
-        self.w1 = nn.Parameter(torch.randn(5, 4))
-        self.b1 = nn.Parameter(torch.randn(5))
-        self.scale = nn.Parameter(torch.randn(5))
-        self.w2 = nn.Parameter(torch.randn(3, 5))
-        self.b2 = nn.Parameter(torch.randn(3))
 
     def forward(self, x):
         h = F.softplus(F.linear(x, self.w1, self.b1), beta=2.0, threshold=1.0) * self.scale
@@ -374,7 +312,8 @@ def _randn(*shape):
 
 # name -> (model, loss, x, y) builders (seeded)
 BRUTE_CASES: dict[str, Callable] = {
-    "residual_tanh_mse": lambda: (ResidualTanh(), nn.MSELoss(), _randn(4, 4), _randn(4, 3)),
+    "residual_tanh_mse": lambda: (ResidualMLP(activation=torch.tanh), nn.MSELoss(),
+                                  _randn(4, 4), _randn(4, 3)),
     "functional_ce": lambda: (Functional(), nn.CrossEntropyLoss(), _randn(4, 4),
                               _labels(3, 4)),
     "gelu_silu_softplus_ce_sum": lambda: (_gelu_silu_softplus(),
@@ -652,7 +591,7 @@ def test_piecewise_linear_network_hessian_is_the_ggn(model_name):
                               nn.Linear(5, NUM_OUT))
         x = torch.randn(4, 4, dtype=DTYPE)
     else:
-        model = _with_head([nn.Conv2d(2, 3, 2), nn.ReLU(), nn.MaxPool2d(2)], (2, 5, 5))
+        model = with_head([nn.Conv2d(2, 3, 2), nn.ReLU(), nn.MaxPool2d(2)], (2, 5, 5))
         x = torch.randn(3, 2, 5, 5, dtype=DTYPE)
     model = model.to(DTYPE)
     y = torch.randint(0, NUM_OUT, (x.size(0),))
@@ -780,17 +719,6 @@ def test_torchscript_round_trip(quantity, tmp_path):
 
 
 # ================================================================ 5. compile-time errors
-class LayerNormNet(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 5)
-        self.norm = nn.LayerNorm(5)
-        self.head = nn.Linear(5, 3)
-
-    def forward(self, x):
-        return self.head(self.norm(self.fc(x)))
-
-
 class Swish(nn.Module):
     """``h * sigmoid(h)`` written out: both factors depend on ``fc``'s parameters."""
 

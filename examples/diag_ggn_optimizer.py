@@ -23,6 +23,7 @@ import time
 import torch
 
 import fxcurv
+from common import accuracy, held_out_accuracy, save_curves, seed_cnn
 from mnist_data import load_mnist
 
 
@@ -38,20 +39,6 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--print-every", type=int, default=10)
     parser.add_argument("--plot", default="diag_ggn_optimizer.png", help="where to save the plot")
     return parser.parse_args()
-
-
-def seed_cnn() -> torch.nn.Sequential:
-    """The CNN of BackPACK's DiagGGN example."""
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 20, 5, 1), torch.nn.ReLU(), torch.nn.MaxPool2d(2, 2),
-        torch.nn.Conv2d(20, 50, 5, 1), torch.nn.ReLU(), torch.nn.MaxPool2d(2, 2),
-        torch.nn.Flatten(),
-        torch.nn.Linear(4 * 4 * 50, 500), torch.nn.ReLU(), torch.nn.Linear(500, 10),
-    )
-
-
-def get_accuracy(output: torch.Tensor, targets: torch.Tensor) -> float:
-    return (output.argmax(dim=1) == targets).float().mean().item()
 
 
 def batches(dataset, batch_size: int, count: int):
@@ -73,7 +60,7 @@ def train(model, dataset, args) -> tuple[list, list]:
     losses, accuracies = [], []
     for iteration, (x, y) in enumerate(batches(dataset, args.batch_size, args.max_iter), 1):
         with torch.no_grad():
-            accuracies.append(get_accuracy(model(x), y))
+            accuracies.append(accuracy(model(x), y))
         loss, grad, diag_ggn_mc = step(x, y)
         optimizer.step(grad, diag_ggn_mc)
         losses.append(loss.item())
@@ -81,28 +68,6 @@ def train(model, dataset, args) -> tuple[list, list]:
             print("Iteration %3d/%d   Minibatch Loss %.3f  Accuracy %.0f%%"
                   % (iteration, args.max_iter, losses[-1], 100 * accuracies[-1]))
     return losses, accuracies
-
-
-def held_out_accuracy(model: torch.nn.Module, dataset) -> float:
-    images, labels = dataset.tensors
-    with torch.no_grad():
-        return sum(get_accuracy(model(x), y) * len(y) for x, y in
-                   zip(images.split(1000), labels.split(1000))) / len(labels)
-
-
-def plot(losses: list, accuracies: list, path: str) -> None:
-    """Mini-batch loss and accuracy per iteration, as in seed 001."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(8, 3))
-    for ax, values, title in zip(axes, (losses, accuracies), ("Loss", "Accuracy")):
-        ax.plot(values)
-        ax.set(title=title, xlabel="Iteration")
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
 
 
 def main() -> None:
@@ -115,7 +80,9 @@ def main() -> None:
           f"damping {args.damping}.")
     model = seed_cnn()
     losses, accuracies = train(model, train_set, args)
-    plot(losses, accuracies, args.plot)
+    save_curves(list(range(1, len(losses) + 1)), {"minibatch loss": losses,
+                                                  "minibatch accuracy": accuracies},
+                args.plot, "iteration")
     print(f"Final minibatch loss {losses[-1]:.3f}; held-out accuracy "
           f"{100 * held_out_accuracy(model, test_set):.1f}% on {len(test_set)} images. "
           f"Plot: {args.plot}. Time: {time.perf_counter() - start:.1f} s.")

@@ -8,6 +8,7 @@ Order of preference:
 """
 from __future__ import annotations
 
+import os
 import socket
 
 import torch
@@ -17,7 +18,11 @@ MNIST_MEAN, MNIST_STD = 0.1307, 0.3081
 
 
 def load_mnist(data_dir: str = "./data", train: bool = True, download: bool = True):
-    """A ``TensorDataset`` of ``[n, 1, 28, 28]`` float images and int64 labels, and its source."""
+    """A ``TensorDataset`` of ``[n, 1, 28, 28]`` float images and int64 labels, and its source.
+
+    Set ``FXCURV_NO_DOWNLOAD=1`` to skip the download attempt (the tests do, offline).
+    """
+    download = download and not os.environ.get("FXCURV_NO_DOWNLOAD")
     dataset = _torchvision_mnist(data_dir, train, download)
     if dataset is not None:
         return dataset, "torchvision MNIST"

@@ -11,17 +11,8 @@ import torch
 from tabulate import tabulate
 
 import fxcurv
+from common import seed_cnn
 from mnist_data import load_mnist
-
-
-def seed_cnn() -> torch.nn.Sequential:
-    """The CNN of BackPACK's DiagGGN example (seed 000)."""
-    return torch.nn.Sequential(
-        torch.nn.Conv2d(1, 20, 5, 1), torch.nn.ReLU(), torch.nn.MaxPool2d(2, 2),
-        torch.nn.Conv2d(20, 50, 5, 1), torch.nn.ReLU(), torch.nn.MaxPool2d(2, 2),
-        torch.nn.Flatten(),
-        torch.nn.Linear(4 * 4 * 50, 500), torch.nn.ReLU(), torch.nn.Linear(500, 10),
-    )
 
 
 def main() -> None:

@@ -118,19 +118,19 @@ class CGNewton(torch.optim.Optimizer):
     curvature block ``C`` (the block of ``p`` in the GGN, the Hessian or the positive-curvature
     Hessian of the mini-batch loss), it solves
 
-    .. math::  (C + \alpha I)\, d = -g
+    .. math::  [(1 - \alpha)\, C + \alpha I]\, d = -g
 
-    by conjugate gradients (CG) and applies ``p ← p + lr · d``. ``alpha`` (α ≥ 0) is a
-    damping added to the curvature, ``(C + αI)``, as in BackPACK's CG-Newton example
-    (``damping · v + C v``). HBP's own code (``bpexts.optim.CGNewton``, from the HBP paper:
-    Dangel, Harmeling & Hennig, AISTATS 2020) instead averages curvature and identity,
-    ``[(1 − α) C + α I] d = −g`` with α ∈ [0, 1] (after Chen et al.'s BDA-PCH); that is this
-    optimizer with ``alpha = α / (1 − α)`` and ``lr = lr / (1 − α)``. For the tutorial's
-    α = 0.02 the two differ by 2 %.
+    by conjugate gradients (CG) and applies ``p ← p + lr · d``. ``alpha`` ∈ [0, 1] is HBP's
+    regularisation (Dangel, Kunstner & Hennig, "Modular block-diagonal curvature
+    approximations for feedforward architectures", AISTATS 2020, and its ``bpexts`` code,
+    after Chen et al.'s BDA-PCH): a convex combination of the curvature block and the
+    identity, so ``alpha = 0`` is a pure Newton step on the block and ``alpha = 1`` a gradient
+    step. (A damping ``λ`` added as ``C + λI`` is ``alpha = λ / (1 + λ)`` with
+    ``lr · (1 + λ)``.)
 
     CG starts at ``d = 0`` and stops when ``‖r‖ ≤ max(cg_tol · ‖g‖, cg_atol)``
-    (``r = −g − (C + αI) d``), after ``cg_maxiter`` iterations (default: ``P``), or when it
-    meets non-positive curvature ``qᵀ(C + αI)q ≤ 0`` (possible for the Hessian): then it keeps
+    (``r = −g − A d``, ``A = (1 − α)C + αI``), after ``cg_maxiter`` iterations (default:
+    ``P``), or when it meets non-positive curvature ``qᵀAq ≤ 0`` (possible for the Hessian): then it keeps
     the current ``d``, or takes ``d = −g`` if that happens in its first iteration (as
     Newton-CG does). All blocks run their CG side by side, so one CG iteration costs one call
     of the step; a step with ``k`` CG iterations calls it ``k + 1`` times (the first call
@@ -158,8 +158,11 @@ class CGNewton(torch.optim.Optimizer):
                  curvature: str = "ggn"):
         if curvature not in CURVATURES:
             raise ValueError(f"curvature must be one of {sorted(CURVATURES)}, got {curvature!r}")
-        if lr < 0 or alpha < 0 or cg_atol < 0 or cg_tol < 0:
-            raise ValueError("lr, alpha, cg_atol and cg_tol must be >= 0")
+        if lr < 0 or cg_atol < 0 or cg_tol < 0:
+            raise ValueError("lr, cg_atol and cg_tol must be >= 0")
+        if not 0.0 <= alpha <= 1.0:
+            raise ValueError(f"alpha must lie in [0, 1] (HBP's convex combination "
+                             f"(1 - alpha) C + alpha I), got {alpha}")
         if cg_maxiter is not None and cg_maxiter < 0:
             raise ValueError(f"cg_maxiter must be >= 0 or None, got {cg_maxiter}")
         defaults = dict(lr=lr, alpha=alpha, cg_atol=cg_atol, cg_tol=cg_tol,
@@ -203,7 +206,7 @@ def _unpack(outputs: Sequence[Any]) -> tuple[Tensor, dict, dict]:
 
 
 class _BlockCG:
-    r"""CG for ``A d = b`` with ``A = C + αI``, one product ``C q`` per :meth:`advance`.
+    r"""CG for ``A d = b`` with ``A = (1 − α)C + αI``, one product ``C q`` per :meth:`advance`.
 
     Textbook CG from ``d = 0``: ``r = b``, ``q = r``; per iteration ``a = rᵀr / qᵀAq``,
     ``d += a q``, ``r −= a Aq``, ``q = r + (r_newᵀr_new / rᵀr) q``.
@@ -230,7 +233,7 @@ class _BlockCG:
 
     def advance(self, cq: Tensor) -> None:
         """One CG iteration, given ``C q`` (``q`` from :meth:`direction`)."""
-        aq = cq + self.alpha * self.q
+        aq = (1.0 - self.alpha) * cq + self.alpha * self.q
         curvature = self.q.dot(aq).item()
         if not curvature > 0:
             self.negative_curvature, self.done = True, True

@@ -35,7 +35,7 @@ def factor_product(factor: Tensor, vectors: Tensor) -> Tensor:
     """``Σ_{k,n} Q_kn ⟨Q_kn, v⟩`` for each ``v``: ``Q`` ``[K, N, *p]``, ``vectors`` ``[V, *p]``
     -> ``[V, *p]`` (the block ``QᵀQ`` of a factorised curvature times each vector)."""
     flat = factor.reshape(factor.size(0) * factor.size(1), -1)      # [K·N, P]
-    projections = torch.matmul(flat, vectors.reshape(vectors.size(0), -1).t())  # [K·N, V]
+    projections = torch.matmul(flat, vectors.flatten(1).t())          # [K·N, V]
     return torch.matmul(projections.t(), flat).reshape(vectors.shape)
 
 

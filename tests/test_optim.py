@@ -120,7 +120,8 @@ def test_cg_stops_at_relative_tolerance_with_that_residual():
     opt = CGNewton(model.named_parameters(), lr=1.0, alpha=0.1, cg_atol=0.0, cg_tol=0.3)
     opt.step(lambda vectors: step(x, y, vectors))
     d = (model.weight.detach() - w0).flatten()
-    residual = (-grad["weight"].flatten() - (block + 0.1 * torch.eye(16, dtype=F64)) @ d).norm()
+    system = 0.9 * block + 0.1 * torch.eye(16, dtype=F64)  # (1 - α) C + α I
+    residual = (-grad["weight"].flatten() - system @ d).norm()
     assert residual <= 0.3 * grad["weight"].norm()
     assert 0 < opt.state[model.weight]["cg_iterations"] < 16
     assert opt.state[model.weight]["cg_residual"] == pytest.approx(
@@ -144,7 +145,8 @@ def test_every_curvature_solves_its_damped_block_system(curvature):
     quantity = fxcurv.optim.CURVATURES[curvature]
     step = fxcurv.compile(model, nn.CrossEntropyLoss(), [quantity])
     blocks = curvature_blocks(step, x, y)
-    alpha = 0.5 + max(0.0, -min(torch.linalg.eigvalsh(b).min().item() for b in blocks.values()))
+    lowest = min(torch.linalg.eigvalsh(b).min().item() for b in blocks.values())
+    alpha = max(0.5, -lowest / (1.0 - lowest) + 0.1) if lowest < 0 else 0.5  # (1-α)C + αI ≻ 0
     _, grad, _ = step(x, y, {n: torch.zeros(1, *p.shape, dtype=F64)
                              for n, p in model.named_parameters()})
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -154,9 +156,21 @@ def test_every_curvature_solves_its_damped_block_system(curvature):
     loss = opt.step(lambda vectors: step(x, y, vectors))
     assert loss.shape == ()
     for name, p in model.named_parameters():
-        damped = blocks[name] + alpha * torch.eye(p.numel(), dtype=F64)
+        damped = (1 - alpha) * blocks[name] + alpha * torch.eye(p.numel(), dtype=F64)
         d = torch.linalg.solve(damped, -grad[name].flatten()).view_as(p)
         torch.testing.assert_close(p.detach(), before[name] + 0.5 * d)
+
+
+def test_cg_negative_curvature_at_first_iteration_takes_the_gradient_step():
+    param = nn.Parameter(torch.tensor([1.0, 2.0], dtype=F64))
+    grad = torch.tensor([0.5, -1.0], dtype=F64)
+
+    def closure(vectors):  # a negative definite "curvature" C = -I
+        return torch.tensor(0.0), {"p": grad}, {"p": -vectors["p"]}
+    opt = CGNewton([("p", param)], lr=0.1, alpha=0.0, cg_maxiter=10)
+    opt.step(closure)
+    torch.testing.assert_close(param.detach(), torch.tensor([1.0, 2.0], dtype=F64) - 0.1 * grad)
+    assert opt.state[param]["cg_negative_curvature"] and opt.state[param]["cg_iterations"] == 0
 
 
 def test_cg_newton_checks_its_arguments():

@@ -15,7 +15,7 @@ from torch import Tensor
 from . import quantities as q
 from .emit import Emitter
 from .errors import CompileError, node_error
-from .passes.analysis import ancestors, depends_on
+from .passes.analysis import ancestors, depends_on, descendants, sample_carriers
 from .passes.backward import backward
 from .passes.cleanup import finalize
 from .passes.normalize import normalize
@@ -94,11 +94,15 @@ def _extract(emit: Emitter, traced: Traced, requested: list, cotangents: dict, g
     vectors = _vectors_input(emit, traced) if any(
         q.extract == "product" for _, q in requested) else {}
     sources: dict[str, Any] = {}
+    x = traced.inputs[0]
+    data = (descendants(traced.graph, x), sample_carriers(traced.graph, x))
+    if requested:
+        _check_no_regulariser(traced, data, requested[0][0])
 
     def source(name: str, quantity: str) -> Any:
         if name not in sources:
             sources[name] = _make_source(emit, traced, name, quantity, cotangents, batch_size,
-                                         mc_samples, source)
+                                         mc_samples, source, data)
         return sources[name]
 
     results = []
@@ -116,15 +120,33 @@ RESIDUAL_SIGNS = {"hessian": {1.0: 1.0, -1.0: -1.0}, "pch_abs": {1.0: 1.0, -1.0:
                   "pch_clip": {1.0: 1.0, -1.0: 0.0}}
 
 
+def _check_no_regulariser(traced: Traced, data: tuple, quantity: str) -> None:
+    """Per-sample and curvature quantities need every parameter to reach the loss through the
+    per-sample part of the model; a term like ``lam * (w ** 2).sum()`` added to the loss does
+    not (its curvature is not included yet, so refuse rather than leave it out)."""
+    depends, carriers = data
+    parameter_side = depends_on(traced.graph, traced.params.values())
+    for node in ancestors(traced.loss):
+        if node in depends and node not in carriers:
+            for arg in node.all_input_nodes:
+                if arg in parameter_side and arg not in depends:
+                    raise node_error(node, f"'{arg.name}' depends on parameters but not on the "
+                                     "input, and reaches the loss outside the per-sample part "
+                                     "of the model (e.g. a regulariser added to the loss); its "
+                                     "per-sample and curvature terms are not supported yet",
+                                     "Request only 'grad' for such a loss, or add the "
+                                     "regulariser's derivatives yourself.", quantity)
+
+
 def _make_source(emit: Emitter, traced: Traced, name: str, quantity: str, cotangents: dict,
-                 batch_size: Any, mc_samples: int, source) -> Any:
+                 batch_size: Any, mc_samples: int, source, data: tuple) -> Any:
     """The propagation ``name`` ("grad", "ggn_exact", "ggn_mc", "hessian") as a PerSample."""
     params = traced.params
     if name == "grad":
-        return PerSample(emit, params, cotangents, batch_size, quantity=quantity)
+        return PerSample(emit, params, cotangents, batch_size, data, quantity=quantity)
     if name == "residuals":
         def wrap(factors, columns):
-            return PerSample(emit, params, factors, batch_size, lead=1, label="residual",
+            return PerSample(emit, params, factors, batch_size, data, lead=1, label="residual",
                              lead_size=columns, quantity=quantity)
         return residual_propagations(emit, traced, cotangents, quantity, wrap)
     if name == "kfra":
@@ -136,7 +158,7 @@ def _make_source(emit: Emitter, traced: Traced, name: str, quantity: str, cotang
         return SignedSum([(source("ggn_exact", quantity), 1.0)] + terms)
     kind = name.split("_", 1)[1]
     factors, columns = propagate_sqrt_ggn(emit, traced, cotangents, kind, mc_samples, quantity)
-    return PerSample(emit, params, factors, batch_size, lead=1, label=f"sqrt_ggn_{kind}",
+    return PerSample(emit, params, factors, batch_size, data, lead=1, label=f"sqrt_ggn_{kind}",
                      lead_size=columns, quantity=quantity)
 
 
@@ -205,7 +227,7 @@ def _gradients(emit: Emitter, traced: Traced, cotangents: dict) -> dict[str, Any
 def _check_supported(traced: Traced, active: dict, requested: list) -> None:
     """Compile-time errors for unsupported op arguments and, for per-sample quantities, ops
     that mix samples inside the model (BatchNorm in train mode, reductions over axis 0)."""
-    model_nodes = ancestors(traced.model_output)
+    model_nodes = ancestors(traced.model_output) & descendants(traced.graph, traced.inputs[0])
     per_sample = [name for name, quantity in requested if quantity.per_sample]
     for node in active:
         rule = rule_for(node)

@@ -52,3 +52,22 @@ def descendants(graph: fx.Graph, source: fx.Node) -> set[fx.Node]:
         if any(arg in found for arg in node.all_input_nodes):
             found.add(node)
     return found
+
+
+def sample_carriers(graph: fx.Graph, data: fx.Node) -> set[fx.Node]:
+    """Nodes whose value still has the sample axis of ``data``: its descendants, up to (not
+    through) ops that reduce over samples — a reduced loss, a sum over axis 0, ..."""
+    from fxcurv.rules import rule_for  # noqa: PLC0415 (analysis is imported by rules users)
+
+    carriers = {data}
+    for node in graph.nodes:
+        if not any(arg in carriers for arg in node.all_input_nodes):
+            continue
+        rule = rule_for(node)
+        if rule is not None:
+            bound = rule.bind(node)
+            reduced_loss = rule.sqrt_hessian is not None and bound.get("reduction") != "none"
+            if reduced_loss or (rule.mixes_samples and rule.mixes_samples(bound)):
+                continue
+        carriers.add(node)
+    return carriers

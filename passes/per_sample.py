@@ -48,27 +48,24 @@ class PerSample:
     """Emits per-sample parameter quantities of one propagation, each at most once."""
 
     def __init__(self, emit: Emitter, params: dict[str, fx.Node], cotangents: dict,
-                 batch_size: Any, lead: int = 0, label: str = "batch_grad",
-                 lead_size: Any = None, quantity: Optional[str] = None):
-        """``label`` names the emitted nodes; ``quantity`` (default: label) is named in errors."""
+                 batch_size: Any, data: tuple[set, set], lead: int = 0,
+                 label: str = "batch_grad", lead_size: Any = None,
+                 quantity: Optional[str] = None):
+        """``data``: the nodes that depend on the input, and those of them that still carry
+        its sample axis (``analysis.descendants``, ``analysis.sample_carriers``); ``label``
+        names the emitted nodes; ``quantity`` (default: label) is named in errors."""
         self.emit, self.params, self.cotangents = emit, params, cotangents
         self.batch_size, self.lead, self.label, self.lead_size = batch_size, lead, label, \
             lead_size
+        self.data, self.carriers = data
         self.quantity = quantity or label
         self._memo: dict[tuple[str, str], Any] = {}
+        self._terms: dict[fx.Node, Any] = {}
 
     def uses(self, name: str) -> list[tuple[fx.Node, OpRule, str]]:
-        """``(op node, rule, argument name)`` for every use of a parameter the loss sees."""
-        param = self.params[name]
-        found = []
-        for user in param.users:
-            if user not in self.cotangents:
-                continue
-            rule = rule_for(user)
-            for arg, value in rule.bind(user).items():
-                if value is param or (isinstance(value, (list, tuple)) and param in value):
-                    found.append((user, rule, arg))
-        return found
+        """``(op node, rule, argument name)`` for every direct use of a parameter the loss
+        sees (where per-op formulas — cheap norms, Kronecker factors — apply)."""
+        return _uses_of(self.params[name], self.cotangents)
 
     def memoized(self, kind: str, name: str, label: str, build) -> Any:
         """Build once, inside a naming scope ``<param>_<label>``."""
@@ -85,35 +82,64 @@ class PerSample:
             self._memo[key] = value
         return self._memo[key]
 
-    def _from_uses(self, name: str, kind: str) -> list:
-        contributions = []
-        for node, rule, arg in self.uses(name):
-            fn = getattr(rule, kind).get(arg)
-            if fn is None:
-                raise node_error(node, f"{rule.name} has no per-sample rule for parameter "
-                                 f"'{name}' (its argument '{arg}')",
-                                 "Use a supported layer for this parameter or request "
-                                 "only 'grad'.", self.quantity)
-            ctx = Ctx.of(node, rule, self.emit, self.lead)
-            contributions.append(fn(self.cotangents[node], ctx))
-        return contributions
+    def _boundary_term(self, node: fx.Node, rule: OpRule, arg: str, kind: str, name: str):
+        """The op's per-sample rule ``kind`` for a parameter-side argument of ``node``."""
+        fn = getattr(rule, kind).get(arg)
+        if fn is None:
+            raise node_error(node, f"{rule.name} has no per-sample rule for its argument "
+                             f"'{arg}' (from parameter '{name}')", "Use a supported layer for "
+                             "this parameter or request only 'grad'.", self.quantity)
+        if node not in self.carriers:
+            raise node_error(node, f"parameter '{name}' reaches the loss here without passing "
+                             "through the per-sample part of the model (e.g. a regulariser "
+                             "added to the loss), so its per-sample terms are undefined",
+                             "Add the regulariser's derivative yourself, or request only "
+                             "'grad'.", self.quantity)
+        return fn(self.cotangents[node], Ctx.of(node, rule, self.emit, self.lead))
 
     def _shortcut(self, name: str, kind: str) -> Optional[Any]:
         """The op's cheaper formula, when the parameter has exactly one use that has one."""
         uses = self.uses(name)
-        if len(uses) == 1 and uses[0][2] in getattr(uses[0][1], kind):
-            return self._from_uses(name, kind)[0]
+        used_elsewhere = len(uses) != sum(1 for u in self.params[name].users
+                                          if u in self.cotangents)
+        if len(uses) == 1 and not used_elsewhere and uses[0][2] in getattr(uses[0][1], kind):
+            node, rule, arg = uses[0]
+            return self._boundary_term(node, rule, arg, kind, name)
         return None
+
+    def per_sample_term(self, value: fx.Node, name: str) -> Optional[Any]:
+        """``[*lead, N, *value.shape]`` for a parameter-side value (no sample axis): ops that
+        meet the data contribute their per-sample rule; parameter-side ops carry the result
+        back with their Jacobian-transpose rule, the sample axis as one more leading axis."""
+        if value not in self._terms:
+            parts = []
+            for user in list(value.users):
+                if user not in self.cotangents:
+                    continue
+                rule = rule_for(user)
+                for arg, bound in rule.bind(user).items():
+                    if bound is not value and not (isinstance(bound, (list, tuple))
+                                                   and value in bound):
+                        continue
+                    if user in self.data:  # the op meets the data here
+                        parts.append(self._boundary_term(user, rule, arg, "batch_grad", name))
+                        continue
+                    upstream = self.per_sample_term(user, name)
+                    if upstream is not None:
+                        ctx = Ctx.of(user, rule, self.emit, self.lead + 1)
+                        parts.append(rule.vjp[arg](upstream, ctx))
+            self._terms[value] = _sum(parts) if parts else None
+        return self._terms[value]
 
     def batch(self, name: str, label: Optional[str] = None) -> Any:
         """``[*lead, N, *p.shape]``: per-sample terms, summed over the parameter's uses."""
         def build():
-            parts = self._from_uses(name, "batch_grad")
-            if not parts:
+            term = self.per_sample_term(self.params[name], name)
+            if term is None:
                 lead = [self.lead_size] * self.lead
                 return self.emit.call(batch_zeros, self.emit.proxy(self.params[name]),
                                       lead + [self.batch_size])
-            return _sum(parts)
+            return term
         return self.memoized("batch", name, label or self.label, build)
 
     def sum_squares(self, name: str, label: str) -> Any:
@@ -151,6 +177,9 @@ class PerSample:
                                  "of Kronecker products is not a Kronecker product",
                                  "Request diag_ggn_* or sqrt_ggn_* for shared parameters.", label)
             node, rule, arg = uses[0]
+            if len([u for u in self.params[name].users if u in self.cotangents]) != 1:
+                raise node_error(node, f"parameter '{name}' is also used through other ops",
+                                 "Request diag_ggn_* or sqrt_ggn_* for it.", label)
             if arg not in rule.kron:
                 raise node_error(node, f"{rule.name} has no Kronecker factorisation for its "
                                  f"argument '{arg}' (parameter '{name}')",
@@ -163,6 +192,18 @@ class PerSample:
             mean_square = self.sum_squares(name, "sum_grad_squared") / self.batch_size
             return mean_square - (grad / self.batch_size).square()
         return self.memoized("variance", name, label, build)
+
+
+def _uses_of(param: fx.Node, cotangents: dict) -> list[tuple[fx.Node, OpRule, str]]:
+    found = []
+    for user in param.users:
+        if user not in cotangents:
+            continue
+        rule = rule_for(user)
+        for arg, value in rule.bind(user).items():
+            if value is param or (isinstance(value, (list, tuple)) and param in value):
+                found.append((user, rule, arg))
+    return found
 
 
 def _sum(parts: list) -> Any:

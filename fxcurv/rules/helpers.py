@@ -29,8 +29,12 @@ def sum_to_shape(t: Tensor, lead: int, shape: List[int]) -> Tensor:
 def sum_to_batch(t: Tensor, lead: int, shape: List[int]) -> Tensor:
     """Per-sample undo of broadcasting: ``[*lead, N, *broadcast]`` -> ``[*lead, N, *shape]``.
 
-    The operand of ``shape`` has no sample axis; sample ``n`` is axis ``lead`` of ``t``.
+    The operand of ``shape`` has no sample axis; sample ``n`` is axis ``lead`` of ``t``. An
+    operand as long as ``t``'s per-lead shape (``b.view(1, C, 1)``) has a size-1 axis 0 that
+    broadcasts against the samples: it is kept, per sample, as that size-1 axis.
     """
+    if t.dim() - lead == len(shape):
+        return sum_to_shape(t, lead + 1, shape[1:]).unsqueeze(lead + 1)
     return sum_to_shape(t, lead + 1, shape)
 
 

@@ -295,3 +295,42 @@ for _target, _exact, _sampled in [
         (F.binary_cross_entropy_with_logits, bce_sqrt_hessian, bce_sqrt_hessian_mc)]:
     for _field, _fn in _sqrt_rules(_exact, _sampled).items():
         setattr(RULES_BY_TARGET[_target], _field, _fn)
+
+
+# -- mean divisors (data parallelism) -------------------------------------------------------
+# The divisor a rank's ``reduction='mean'`` used, computed from its local batch; the data-
+# parallel pass sums them over the ranks and rescales each rank's results by its share.
+
+def cross_entropy_divisor(x: Tensor, target: Tensor, weight: Optional[Tensor],
+                          ignore_index: int) -> Tensor:
+    """PyTorch's mean divisor of ``cross_entropy`` / ``nll_loss``: ``Σ w_y`` over the kept
+    positions for class targets (their number without ``weight``), the number of positions
+    for probability targets."""
+    if target.is_floating_point():
+        return positions_divisor(x)
+    keep = target != ignore_index
+    safe = torch.where(keep, target, torch.zeros_like(target))
+    return (_class_weight(safe, weight, x) * keep.to(x.dtype)).sum()
+
+
+def positions_divisor(x: Tensor) -> Tensor:
+    """``N · d1 · ...`` for ``x: [N, C, d1, ...]``: what the cross-entropy factors divide by."""
+    return torch.full([], float(x.numel() // x.size(1)), dtype=x.dtype, device=x.device)
+
+
+def numel_divisor(x: Tensor) -> Tensor:
+    """``numel``: the mean divisor of ``mse_loss`` and ``binary_cross_entropy_with_logits``."""
+    return torch.full([], float(x.numel()), dtype=x.dtype, device=x.device)
+
+
+def _class_divisor(c: Ctx, part: str):
+    if part == "hessian" and c.node.target is F.cross_entropy:
+        return c.call(positions_divisor, c.args.input)
+    return c.call(cross_entropy_divisor, c.args.input, c.args.target, c.args.weight,
+                  c.bound["ignore_index"])
+
+
+RULES_BY_TARGET[F.cross_entropy].mean_divisor = _class_divisor
+RULES_BY_TARGET[F.nll_loss].mean_divisor = _class_divisor
+for _target in (F.mse_loss, F.binary_cross_entropy_with_logits):
+    RULES_BY_TARGET[_target].mean_divisor = lambda c, part: c.call(numel_divisor, c.args.input)

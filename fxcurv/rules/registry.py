@@ -69,6 +69,11 @@ class OpRule:
     # call-time validation: emits a check of the inputs and returns the checked ``target``
     # (applied by the normalize pass, e.g. a regression target's shape)
     check_target: Optional[Callable[["Ctx"], Any]] = None
+    # losses: the local divisor of reduction='mean' as a 0-dim tensor in the input's dtype,
+    # ``mean_divisor(c, part)``; ``part`` "gradient": what ``∂L/∂input`` divides by
+    # (PyTorch's mean), "hessian": what ``sqrt_hessian``/``sqrt_hessian_mc`` divide by. Data
+    # parallelism rescales each rank's results by its share of the summed divisors.
+    mean_divisor: Optional[Callable[["Ctx", str], Any]] = None
     doc: str = ""
 
     def is_constant(self, node: fx.Node) -> bool:

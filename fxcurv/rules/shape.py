@@ -120,3 +120,188 @@ _constant([torch.bernoulli, "bernoulli"], "bernoulli", "input, *args, **kwargs")
 _constant([torch.detach, "detach"], "detach", "input")
 _constant(["size", "dim", "numel", "ndimension", "nelement"], "size", "input, *args")
 _constant([torch.argmax, "argmax", torch.argmin, "argmin"], "argmax", "input, *args, **kwargs")
+
+
+# -- scalar-valued nodes ---------------------------------------------------------------------
+_SCALAR_METHODS = ("dim", "numel", "nelement", "ndimension")
+_SCALAR_ARITHMETIC = (operator.add, operator.sub, operator.mul, operator.truediv,
+                      operator.floordiv, operator.pow, operator.mod, operator.neg)
+
+
+def _is_shape(node: Any) -> bool:
+    """``x.shape`` / ``x.size()``: a tuple of ints."""
+    return isinstance(node, fx.Node) and (
+        (node.op == "call_function" and node.target is getattr and node.args[1] == "shape")
+        or (node.op == "call_method" and node.target == "size" and len(node.args) == 1
+            and not node.kwargs))
+
+
+def is_scalar_node(node: Any) -> bool:
+    """True if ``node`` computes a Python number, not a tensor: sizes (``x.size(1)``,
+    ``x.shape[-1]``), arithmetic on them (``d ** -0.5``), and helpers annotated ``-> int`` or
+    ``-> float``. Such an operand of ``*`` or ``/`` is a scalar factor with no cotangent."""
+    if not isinstance(node, fx.Node):
+        return isinstance(node, (int, float)) and not isinstance(node, bool)
+    if node.op == "call_method":
+        return node.target in _SCALAR_METHODS or (node.target == "size" and not _is_shape(node))
+    if node.op != "call_function":
+        return False
+    if node.target is operator.getitem:
+        return _is_shape(node.args[0])
+    if node.target is getattr:
+        return node.args[1] == "ndim"
+    if node.target in _SCALAR_ARITHMETIC:
+        return all(is_scalar_node(a) for a in node.args)
+    returns = getattr(node.target, "__annotations__", {}).get("return")
+    return returns in (int, float, "int", "float")
+
+
+# -- indexing: x[1:3], x[..., 0], x[:, None] -------------------------------------------------
+BIG = 9223372036854775807  # an open slice end (int64 max), as aten::slice reads it
+SLICE, INDEX, NEW_AXIS, ELLIPSIS = 0, 1, 2, 3
+
+
+def index_back(g: Tensor, lead: int, shape: List[int], kinds: List[int], starts: List[int],
+               stops: List[int], steps: List[int]) -> Tensor:
+    """Jacobian-transpose of basic indexing ``y = x[index]``: ``g`` scattered into zeros
+    ``[*lead, *shape]``. ``index`` per element: ``kinds`` 0 slice(start, stop, step),
+    1 an integer (``starts``), 2 ``None`` (new axis), 3 ``...``."""
+    used = 0
+    for kind in kinds:
+        if kind == SLICE or kind == INDEX:
+            used += 1
+    ellipsis = len(shape) - used
+    new_axes: List[int] = []
+    integers: List[int] = []
+    out_axis, in_axis = lead, 0
+    for kind in kinds:
+        if kind == NEW_AXIS:
+            new_axes.append(out_axis)
+            out_axis += 1
+        elif kind == ELLIPSIS:
+            out_axis += ellipsis
+            in_axis += ellipsis
+        elif kind == SLICE:
+            out_axis += 1
+            in_axis += 1
+        else:
+            integers.append(lead + in_axis)
+            in_axis += 1
+    for axis in new_axes[::-1]:
+        g = g.squeeze(axis)
+    for axis in integers:
+        g = g.unsqueeze(axis)
+    in_axis = 0
+    for i, kind in enumerate(kinds):
+        if kind == ELLIPSIS:
+            in_axis += ellipsis
+        elif kind != NEW_AXIS:
+            g = _scatter_axis(g, lead + in_axis, shape[in_axis], kind, starts[i], stops[i],
+                              steps[i])
+            in_axis += 1
+    return g
+
+
+def _scatter_axis(g: Tensor, axis: int, size: int, kind: int, start: int, stop: int,
+                  step: int) -> Tensor:
+    """Put ``g`` at ``start:stop:step`` (or at the integer ``start``) of a zero axis ``size``."""
+    if kind == INDEX:
+        start = start + size if start < 0 else start
+        stop, step = start + 1, 1
+    elif start == 0 and stop >= size and step == 1:
+        return g  # a full slice
+    full: List[int] = list(g.shape)
+    full[axis] = size
+    zeros = torch.zeros(full, dtype=g.dtype, device=g.device)
+    return torch.slice_scatter(zeros, g, axis, start, stop, step)
+
+
+def _index_elements(idx: Any) -> Union[list, str]:
+    """``(kind, start, stop, step)`` per index element, or why the index is unsupported."""
+    elements = []
+    for item in (idx if isinstance(idx, tuple) else (idx,)):
+        if item is None:
+            elements.append((NEW_AXIS, 0, 0, 1))
+        elif item is Ellipsis:
+            elements.append((ELLIPSIS, 0, 0, 1))
+        elif isinstance(item, slice):
+            parts = (item.start, item.stop, item.step)
+            if any(isinstance(p, fx.Node) and not is_scalar_node(p) for p in parts):
+                return "a slice bound is a tensor"
+            elements.append((SLICE, 0 if item.start is None else item.start,
+                             BIG if item.stop is None else item.stop,
+                             1 if item.step is None else item.step))
+        elif isinstance(item, bool) or not is_scalar_node(item):
+            return (f"indexing with {type(item).__name__ if not isinstance(item, fx.Node) else 'a tensor'}"
+                    " (advanced indexing: tensors, lists, masks) has no rule; only basic "
+                    "indexing with ints, slices, None and ... is supported")
+        else:
+            elements.append((INDEX, item, 0, 1))
+    return elements
+
+
+TUPLE_OPS = ("split", "chunk", "unbind")  # rules whose output is a tuple of tensors
+
+
+def _tuple_source(node: Any) -> bool:
+    """True if ``node`` produces a tuple of tensors (split/chunk/unbind) that ``getitem`` picks."""
+    from .registry import rule_for  # noqa: PLC0415 (registry imports nothing from here)
+    rule = rule_for(node) if isinstance(node, fx.Node) else None
+    return rule is not None and rule.name in TUPLE_OPS
+
+
+class Pieces:
+    """The cotangent of a tuple-valued node (``split``/``chunk``/``unbind``): ``{position:
+    cotangent}`` for the pieces that are used; ``+`` (accumulation) merges and sums."""
+
+    def __init__(self, items: dict):
+        self.items = dict(items)
+
+    def __add__(self, other: "Pieces") -> "Pieces":
+        merged = dict(self.items)
+        for key, value in other.items.items():
+            merged[key] = merged[key] + value if key in merged else value
+        return Pieces(merged)
+
+    def lists(self) -> tuple[list, list]:
+        """``(cotangents, positions)``, positions as written (``-1`` is the last piece)."""
+        keys = list(self.items)
+        return [self.items[k] for k in keys], keys
+
+
+def _getitem_vjp(g, c: Ctx):
+    if _tuple_source(c.bound["obj"]):
+        return Pieces({c.bound["idx"]: g})
+    elements = fx.node.map_arg(_index_elements(c.bound["idx"]), c.emit.proxy)
+    kinds, starts, stops, steps = (list(column) for column in zip(*elements)) if elements \
+        else ([], [], [], [])
+    return c.call(index_back, g, c.lead, c.args.obj.shape, kinds, starts, stops, steps)
+
+
+def _getitem_unsupported(b: dict) -> Optional[str]:
+    obj, idx = b["obj"], b["idx"]
+    if _tuple_source(obj):
+        if isinstance(idx, int) and not isinstance(idx, bool):
+            return None
+        return f"picking from the result of {obj.target} needs a constant int position, got {idx!r}"
+    if isinstance(obj, fx.Node) and "with_indices" in getattr(obj.target, "__name__", ""):
+        return f"indexing the (values, indices) result of {obj.target.__name__} has no rule"
+    reason = _index_elements(idx)
+    return reason if isinstance(reason, str) else None
+
+
+def _getitem_mixes(b: dict) -> Optional[str]:
+    obj, idx = b["obj"], b["idx"]
+    if _tuple_source(obj) or _is_shape(obj):
+        return None
+    first = (idx if isinstance(idx, tuple) else (idx,))[:1]
+    if not first or first[0] is Ellipsis or first[0] == slice(None, None, None):
+        return None
+    return "it indexes the sample axis 0 (anything but ':' or '...' first)"
+
+
+register([operator.getitem], "getitem", "obj, idx",
+         doc="y = x[index] (ints, slices, None, ...);  Jᵀg scatters g into zeros of x's shape. "
+             "On the tuple of split/chunk/unbind: y = pieces[i];  Jᵀg is g at position i.",
+         vjp={"obj": _getitem_vjp}, unsupported=_getitem_unsupported,
+         mixes_samples=_getitem_mixes, **AFFINE)

@@ -1,7 +1,8 @@
 """``fxcurv.compile``: the pipeline, top to bottom.
 
 trace (model + loss -> one graph) -> normalize -> checks -> backward (Jacobian-transpose nodes)
--> quantity extraction -> output -> cleanup (dead code, detached parameters) -> GraphModule.
+-> quantity extraction -> data-parallel collectives (with a process group) -> output -> cleanup
+(dead code, detached parameters) -> GraphModule.
 """
 from __future__ import annotations
 
@@ -22,13 +23,14 @@ from .passes.normalize import normalize
 from .passes.curvature.diag_hessian import residual_propagations
 from .passes.curvature.kfra import KFRA
 from .passes.curvature.sqrt_ggn import propagate_sqrt_ggn
+from .passes.distributed import data_parallel
 from .passes.per_sample import PerSample, SignedSum
 from .rules import rule_for
 from .trace import Traced, trace
 
 
 def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (), *,
-            mc_samples: int = 1) -> fx.GraphModule:
+            mc_samples: int = 1, process_group: Any = None) -> fx.GraphModule:
     """Compile ``loss_fn(model(x), y)`` into one step returning loss, gradient and quantities.
 
     Args:
@@ -41,6 +43,9 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
         quantities: BackPACK savefield names (``batch_grad``, ``batch_l2``, ...); see
             ``fxcurv.QUANTITIES``. Empty: loss and gradient only.
         mc_samples: number of Monte-Carlo samples for ``*_mc`` quantities and ``kfac``.
+        process_group: a ``torch.distributed`` process group (e.g. ``ddp.process_group``):
+            each rank passes its shard of the batch and the step's collectives make it
+            return the results of the global batch (README, "Data-parallel curvature").
 
     Returns:
         a ``torch.fx.GraphModule`` ``step`` with ``step(x, y) -> (loss, grad, *quantities)``;
@@ -75,6 +80,7 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
     emit.rename(batch_size, "batch_size")
     results = _extract(emit, traced, requested, cotangents, grads, batch_size, mc_samples)
     outputs = (emit.proxy(traced.loss), grads, *results)
+    outputs = data_parallel(emit, traced, requested, outputs, process_group)
     return finalize(traced, emit, outputs, [name for name, _ in requested])
 
 

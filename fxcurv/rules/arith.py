@@ -14,10 +14,13 @@ import torch.fx as fx
 
 from .helpers import expand_reduced, reduced_count, sum_to_batch, sum_to_shape
 from .registry import Ctx, register
+from .shape import is_scalar_node
 
 
 def _is_tensor(c: Ctx, name: str) -> bool:
-    return isinstance(c.bound[name], fx.Node)
+    """A tensor operand (not a Python number, nor a size such as ``x.size(-1) ** -0.5``)."""
+    value = c.bound[name]
+    return isinstance(value, fx.Node) and not is_scalar_node(value)
 
 
 def unbroadcast(t: Any, c: Ctx, name: str) -> Any:
@@ -104,3 +107,10 @@ register([torch.sum, "sum"], "sum", "input, dim=None, keepdim=False, dtype=None"
 register([torch.mean, "mean"], "mean", "input, dim=None, keepdim=False, dtype=None",
          doc="y = mean_dim x;  Jᵀg broadcasts g/count back over the averaged axes.",
          vjp={"input": _mean_vjp}, mixes_samples=_reduces_samples, hessian_is_zero=True)
+
+
+register([torch.masked_fill, "masked_fill"], "masked_fill", "input, mask, value",
+         doc="y = value where mask else x (mask broadcasts to x);  Jᵀg = g with 0 where mask.",
+         vjp={"input": lambda g, c: g.masked_fill(c.args.mask, 0.0), "mask": None,
+              "value": None},
+         hessian_is_zero=True, jointly_affine=True)

@@ -217,7 +217,9 @@ for _name, _vjp, _doc in [
 # multiplies by ``1/√divisor`` (CONVENTIONS.md). Class axis 1.
 
 def _mean_scale(reduction: str, divisor: int) -> float:
-    return 1.0 / math.sqrt(divisor) if reduction == "mean" else 1.0
+    """``1/√divisor`` for mean reduction (written as a power, which keeps a symbolic batch
+    size symbolic under ``torch.export``)."""
+    return divisor ** -0.5 if reduction == "mean" else 1.0
 
 
 def cross_entropy_sqrt_hessian(x: Tensor, reduction: str) -> Tensor:

@@ -2,13 +2,16 @@
 concatenation, and ops whose output has no derivative (fills, masks, ``detach``)."""
 from __future__ import annotations
 
-from typing import Any, Optional
+import operator
+from typing import Any, List, Optional, Union
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
+from torch import Tensor
 
-from .helpers import permute_back, reshape_lead, reverse_dims, split_back, unpad
-from .registry import Ctx, register
+from .helpers import permute_back, reshape_lead, reverse_dims, split_back, sum_to_shape, unpad
+from .registry import Ctx, register, rule_for
 
 
 AFFINE = {"hessian_is_zero": True, "jointly_affine": True}  # pure data movement: y = P x
@@ -245,7 +248,6 @@ TUPLE_OPS = ("split", "chunk", "unbind")  # rules whose output is a tuple of ten
 
 def _tuple_source(node: Any) -> bool:
     """True if ``node`` produces a tuple of tensors (split/chunk/unbind) that ``getitem`` picks."""
-    from .registry import rule_for  # noqa: PLC0415 (registry imports nothing from here)
     rule = rule_for(node) if isinstance(node, fx.Node) else None
     return rule is not None and rule.name in TUPLE_OPS
 
@@ -305,3 +307,133 @@ register([operator.getitem], "getitem", "obj, idx",
              "On the tuple of split/chunk/unbind: y = pieces[i];  Jᵀg is g at position i.",
          vjp={"obj": _getitem_vjp}, unsupported=_getitem_unsupported,
          mixes_samples=_getitem_mixes, **AFFINE)
+
+
+# -- split, chunk, unbind (tuples of pieces), stack ------------------------------------------
+def split_sizes(length: int, size: int) -> List[int]:
+    """The piece sizes of ``split(x, size)`` along an axis of ``length``."""
+    sizes: List[int] = []
+    start = 0
+    while start < length:
+        sizes.append(min(size, length - start))
+        start += size
+    return sizes
+
+
+def chunk_sizes(length: int, chunks: int) -> List[int]:
+    """The piece sizes of ``chunk(x, chunks)``: ``split`` with size ``ceil(length / chunks)``."""
+    return split_sizes(length, max((length + chunks - 1) // chunks, 1))
+
+
+def unsplit(pieces: List[Tensor], positions: List[int], lead: int, shape: List[int], dim: int,
+            sizes: List[int]) -> Tensor:
+    """Jacobian-transpose of ``split``: the used pieces' cotangents at their positions along
+    ``dim``, zeros elsewhere, ``[*lead, *shape]``."""
+    first = pieces[0]
+    axis = dim + lead if dim >= 0 else dim
+    zeros = torch.zeros(list(first.shape[:lead]) + list(shape), dtype=first.dtype, device=first.device)
+    parts = list(torch.split(zeros, sizes, axis))
+    for position, piece in zip(positions, pieces):
+        parts[position] = parts[position] + piece
+    return torch.cat(parts, axis)
+
+
+def unstack(pieces: List[Tensor], positions: List[int], lead: int, shape: List[int],
+            dim: int) -> Tensor:
+    """Jacobian-transpose of ``unbind``: the used slices' cotangents stacked along ``dim``."""
+    first = pieces[0]
+    axis = dim + lead if dim >= 0 else dim
+    zeros = torch.zeros(list(first.shape[:lead]) + list(shape), dtype=first.dtype, device=first.device)
+    parts = list(torch.unbind(zeros, axis))
+    for position, piece in zip(positions, pieces):
+        parts[position] = parts[position] + piece
+    return torch.stack(parts, axis)
+
+
+def _pieces(g) -> tuple[list, list]:
+    if not isinstance(g, Pieces):
+        raise TypeError("the cotangent of a split/chunk/unbind result must be Pieces (the "
+                        "tuple is used as a whole, e.g. passed to cat: pick its pieces instead)")
+    return g.lists()
+
+
+def _split_vjp(size_helper, sizes_name: str):
+    """Jᵀ of split/chunk: ``size_helper(length, k)`` gives the piece sizes (None: a list)."""
+    def vjp(g, c: Ctx):
+        pieces, positions = _pieces(g)
+        dim, spec = c.bound["dim"], getattr(c.args, sizes_name)
+        x = _first_arg(c)
+        sizes = list(spec) if isinstance(spec, (list, tuple)) else \
+            c.call(size_helper, x.size(dim), spec)
+        return c.call(unsplit, pieces, positions, c.lead, x.shape, dim, sizes)
+    return vjp
+
+
+def _first_arg(c: Ctx):
+    return getattr(c.args, next(iter(c.bound)))
+
+
+def _unbind_vjp(g, c: Ctx):
+    pieces, positions = _pieces(g)
+    return c.call(unstack, pieces, positions, c.lead, _first_arg(c).shape, c.bound["dim"])
+
+
+def _along_samples(what: str):
+    return lambda b: f"it {what} along the sample axis 0" if b["dim"] == 0 else None
+
+
+_PIECES_DOC = ("(y₁, y₂, ...) = pieces of x along dim;  Jᵀ puts each used piece's cotangent "
+               "back at its place (zeros for unused pieces).")
+register([torch.split], "split", "tensor, split_size_or_sections, dim=0", doc=_PIECES_DOC,
+         vjp={"tensor": _split_vjp(split_sizes, "split_size_or_sections")},
+         mixes_samples=_along_samples("splits"), **AFFINE)
+register(["split"], "split", "input, split_size, dim=0", doc=_PIECES_DOC,
+         vjp={"input": _split_vjp(split_sizes, "split_size")},
+         mixes_samples=_along_samples("splits"), **AFFINE)
+register([torch.chunk, "chunk"], "chunk", "input, chunks, dim=0", doc=_PIECES_DOC,
+         vjp={"input": _split_vjp(chunk_sizes, "chunks")},
+         mixes_samples=_along_samples("chunks"), **AFFINE)
+register([torch.unbind, "unbind"], "unbind", "input, dim=0", doc=_PIECES_DOC,
+         vjp={"input": _unbind_vjp}, mixes_samples=_along_samples("unbinds"), **AFFINE)
+
+
+def _stack_vjp(g, c: Ctx) -> list:
+    dim = c.bound["dim"]
+    pieces = torch.unbind(g, _shift(dim, c.lead))
+    return [pieces[i] for i in range(len(c.bound["tensors"]))]
+
+
+register([torch.stack], "stack", "tensors, dim=0",
+         doc="y = [x₁, x₂, ...] stacked along a new axis dim;  Jᵀg unbinds g along it.",
+         vjp={"tensors": _stack_vjp}, mixes_samples=_along_samples("stacks"), **AFFINE)
+
+
+# -- broadcasting copies: expand, expand_as, broadcast_to, repeat ----------------------------
+def unrepeat(g: Tensor, lead: int, shape: List[int], repeats: List[int]) -> Tensor:
+    """Jacobian-transpose of ``x.repeat(repeats)``: sum the copies, ``[*lead, *shape]``."""
+    padded = [1] * (len(repeats) - len(shape)) + list(shape)
+    split: List[int] = list(g.shape[:lead])
+    for r, s in zip(repeats, padded):
+        split += [r, s]
+    summed = [lead + 2 * i for i in range(len(repeats))]
+    return g.reshape(split).sum(summed).reshape(list(g.shape[:lead]) + list(shape))
+
+
+def _sum_back(g, c: Ctx):
+    """Jᵀ of a broadcasting copy: sum ``g`` over the broadcast axes back to the input."""
+    return c.call(sum_to_shape, g, c.lead, c.args.input.shape)
+
+
+_EXPAND_DOC = "y = x broadcast to a larger shape (no copy);  Jᵀg sums g over the broadcast axes."
+register(["expand"], "expand", "input, *sizes", doc=_EXPAND_DOC, vjp={"input": _sum_back},
+         **AFFINE)
+register([torch.broadcast_to], "broadcast_to", "input, size", doc=_EXPAND_DOC,
+         vjp={"input": _sum_back}, **AFFINE)
+register(["expand_as"], "expand_as", "input, other", doc=_EXPAND_DOC,
+         vjp={"input": _sum_back, "other": None}, **AFFINE)
+register(["repeat"], "repeat", "input, *repeats",
+         doc="y = x tiled repeats[i] times along axis i;  Jᵀg sums the copies.",
+         vjp={"input": lambda g, c: c.call(unrepeat, g, c.lead, c.args.input.shape,
+                                           _varargs(c.args.repeats))},
+         mixes_samples=lambda b: "it repeats along the sample axis 0 (or adds axes before it)"
+         if _varargs(b["repeats"])[0] != 1 else None, **AFFINE)

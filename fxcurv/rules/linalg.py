@@ -1,0 +1,364 @@
+"""Products of two tensors: ``matmul`` (``@``, ``mm``, ``bmm``), ``einsum``, and attention.
+
+``y = a @ b`` is bilinear: ``ā = g bᵀ``, ``b̄ = aᵀ g``, each summed over the batch axes that
+broadcasting created (1-D operands are promoted to matrices and back). ``einsum`` transposes by
+another ``einsum`` with the equation rearranged: ``ā = einsum("<out>,<b>-><a>", g, b)``. Lead
+axes of ``g`` get fresh subscript letters. Per sample (a parameter operand without a sample
+axis, the other operand with the samples on axis 0): the same products without the sum over
+samples, ``[*lead, N, *param.shape]``. Both are affine in each operand on its own
+(``hessian_is_zero``), not jointly (``q kᵀ`` of one parameter has cross terms).
+
+``scaled_dot_product_attention`` is lowered to ``softmax(q kᵀ · scale + mask) v``.
+"""
+from __future__ import annotations
+
+import string
+from typing import Any, List, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..errors import node_error
+from .helpers import sum_to_shape
+from .registry import Ctx, register
+
+
+# -- matmul: runtime helpers (TorchScript-scriptable) ----------------------------------------
+def to_batch(t: Tensor, lead: int, shape: List[int]) -> Tensor:
+    """``[*lead, N, *broadcast]`` -> ``[*lead, N, *shape]`` per sample; an operand as long as
+    ``t``'s per-lead shape has a size-1 axis 0 lined up with the samples (kept)."""
+    if t.dim() - lead == len(shape):
+        return sum_to_shape(t, lead + 1, shape[1:]).unsqueeze(lead + 1)
+    return sum_to_shape(t, lead + 1, shape)
+
+
+def matmul_input_vjp(g: Tensor, other: Tensor, lead: int, shape: List[int]) -> Tensor:
+    """``ā = g bᵀ`` summed to ``a``'s shape ``[*lead, *shape]`` (1-D operands promoted)."""
+    b = other.unsqueeze(-1) if other.dim() == 1 else other
+    if other.dim() == 1:
+        g = g.unsqueeze(-1)
+    if len(shape) == 1:
+        g = g.unsqueeze(-2)
+    promoted = [1] + list(shape) if len(shape) == 1 else list(shape)
+    t = sum_to_shape(torch.matmul(g, b.transpose(-1, -2)), lead, promoted)
+    return t.reshape(list(t.shape[:lead]) + list(shape))
+
+
+def matmul_other_vjp(g: Tensor, input: Tensor, lead: int, shape: List[int]) -> Tensor:
+    """``b̄ = aᵀ g`` summed to ``b``'s shape; a matrix ``b`` contracts all rows of ``a`` at once
+    (``[R, K]ᵀ [*lead, R, P]``) without a per-batch ``[..., K, P]`` intermediate."""
+    a = input.unsqueeze(0) if input.dim() == 1 else input
+    if len(shape) == 1:
+        g = g.unsqueeze(-1)
+    if input.dim() == 1:
+        g = g.unsqueeze(-2)
+    promoted = list(shape) + [1] if len(shape) == 1 else list(shape)
+    if len(promoted) == 2:
+        rows = a.reshape(-1, a.size(-1))
+        t = torch.matmul(rows.t(), g.reshape(list(g.shape[:lead]) + [-1, g.size(-1)]))
+    else:
+        t = sum_to_shape(torch.matmul(a.transpose(-1, -2), g), lead, promoted)
+    return t.reshape(list(t.shape[:lead]) + list(shape))
+
+
+def matmul_other_batch_grad(g: Tensor, input: Tensor, lead: int, shape: List[int]) -> Tensor:
+    """Per-sample ``b̄_n = a_nᵀ g_n`` ``[*lead, N, *shape]``: ``b`` a parameter, ``a`` data
+    ``[N, K]`` (row n is sample n) or ``[N, ..., M, K]``."""
+    if input.dim() < 2 or len(shape) > input.dim():
+        raise RuntimeError("fxcurv: per-sample matmul x @ W needs the data x to have the samples "
+                           "on axis 0 of the result (x at least 2-D, W at most as many axes)")
+    samples = input.size(0)
+    a = input.unsqueeze(1) if input.dim() == 2 else input
+    if len(shape) == 1:
+        g = g.unsqueeze(-1)
+    if input.dim() == 2:
+        g = g.unsqueeze(lead + 1)
+    promoted = list(shape) + [1] if len(shape) == 1 else list(shape)
+    if len(promoted) == 2:
+        rows = a.reshape(samples, -1, a.size(-1))                                # [N, R, K]
+        gm = g.reshape(list(g.shape[:lead]) + [samples, -1, g.size(-1)])        # [*lead, N, R, P]
+        t = torch.matmul(rows.transpose(1, 2), gm)
+    else:
+        t = to_batch(torch.matmul(a.transpose(-1, -2), g), lead, promoted)
+    return t.reshape(list(t.shape[:lead]) + [samples] + list(shape))
+
+
+def matmul_input_batch_grad(g: Tensor, other: Tensor, lead: int, shape: List[int]) -> Tensor:
+    """Per-sample ``ā_n = g_n b_nᵀ`` ``[*lead, N, *shape]``: ``a`` a parameter, ``b`` data
+    ``[N, ..., K, P]`` with the samples on a batch axis."""
+    if other.dim() < 3 or len(shape) > other.dim():
+        raise RuntimeError("fxcurv: per-sample matmul W @ x needs the data x to have the samples "
+                           "on a batch axis 0 (x at least 3-D, W at most as many axes)")
+    samples = other.size(0)
+    if len(shape) == 1:
+        g = g.unsqueeze(-2)
+    promoted = [1] + list(shape) if len(shape) == 1 else list(shape)
+    t = to_batch(torch.matmul(g, other.transpose(-1, -2)), lead, promoted)
+    return t.reshape(list(t.shape[:lead]) + [samples] + list(shape))
+
+
+def _matmul(targets: list, name: str, params: str) -> None:
+    first, second = [p.strip() for p in params.split(",")]
+
+    def operands(c: Ctx):
+        return getattr(c.args, first), getattr(c.args, second)
+
+    def rule(helper, data_is_other: bool):
+        def fn(g, c: Ctx):
+            a, b = operands(c)
+            param, data = (a, b) if data_is_other else (b, a)
+            return c.call(helper, g, data, c.lead, param.shape)
+        return fn
+
+    register(targets, name, params, doc=f"y = {first} @ {second} (broadcast batch axes);  "
+             f"ā = g bᵀ, b̄ = aᵀ g summed over broadcast axes; per sample without the sum.",
+             vjp={first: rule(matmul_input_vjp, True), second: rule(matmul_other_vjp, False)},
+             batch_grad={first: rule(matmul_input_batch_grad, True),
+                         second: rule(matmul_other_batch_grad, False)},
+             hessian_is_zero=True)
+
+
+_matmul([torch.matmul, "matmul", __import__("operator").matmul], "matmul", "input, other")
+_matmul([torch.mm, "mm"], "mm", "input, mat2")
+_matmul([torch.bmm, "bmm"], "bmm", "input, mat2")
+
+
+def _lower_addmm(c: Ctx):
+    """``β·input + α·(batch1 @ batch2)`` (baddbmm) / ``β·input + α·(mat1 @ mat2)`` (addmm)."""
+    names = [n for n in c.bound if n not in ("input", "beta", "alpha")]
+    product = torch.matmul(getattr(c.args, names[0]), getattr(c.args, names[1]))
+    beta, alpha = c.bound["beta"], c.bound["alpha"]
+    product = product if alpha == 1 else product * alpha
+    if beta == 0:
+        return product
+    return product + (c.args.input if beta == 1 else c.args.input * beta)
+
+
+register([torch.baddbmm, "baddbmm"], "baddbmm", "input, batch1, batch2, beta=1, alpha=1",
+         doc=_lower_addmm.__doc__, lower=_lower_addmm)
+register([torch.addmm, "addmm"], "addmm", "input, mat1, mat2, beta=1, alpha=1",
+         doc=_lower_addmm.__doc__, lower=_lower_addmm)
+
+
+# -- einsum ------------------------------------------------------------------------------------
+EINSUM_OPERANDS = ("operand0", "operand1", "operand2", "operand3")
+
+
+def _tokens(subscript: str) -> list[str]:
+    """``"...ij"`` -> ``["...", "i", "j"]``."""
+    out, rest = [], subscript
+    while rest:
+        if rest.startswith("..."):
+            out.append("...")
+            rest = rest[3:]
+        else:
+            out.append(rest[0])
+            rest = rest[1:]
+    return out
+
+
+def parse_einsum(equation: str, count: int) -> tuple[list[list[str]], list[str]]:
+    """Operand and output subscripts as token lists, the implicit output made explicit."""
+    equation = equation.replace(" ", "")
+    lhs, _, rhs = equation.partition("->")
+    inputs = [_tokens(s) for s in lhs.split(",")]
+    if len(inputs) != count:
+        raise ValueError(f"einsum equation {equation!r} has {len(inputs)} operands, got {count}")
+    if "->" not in equation:
+        letters = [t for s in inputs for t in s if t != "..."]
+        rhs = ("..." if any("..." in s for s in inputs) else "") + "".join(
+            sorted(t for t in set(letters) if letters.count(t) == 1))
+    return inputs, _tokens(rhs)
+
+
+def _einsum_operands(b: dict) -> list:
+    return [b[n] for n in EINSUM_OPERANDS if b[n] is not None]
+
+
+def _einsum_unsupported(b: dict) -> Optional[str]:
+    operands = _einsum_operands(b)
+    if any(isinstance(o, (list, tuple)) for o in operands):
+        return "einsum with its operands in a list has no rule: write torch.einsum(eq, a, b)"
+    try:
+        inputs, output = parse_einsum(b["equation"], len(operands))
+    except ValueError as err:
+        return str(err)
+    for tokens in inputs:
+        letters = [t for t in tokens if t != "..."]
+        if len(set(letters)) != len(letters):
+            return "einsum with a repeated index in one operand (a diagonal) has no rule"
+        if "..." in tokens and "..." not in output:
+            return "einsum summing over the '...' axes has no rule (keep '...' in the output)"
+    return None
+
+
+def _fresh(inputs: list, output: list, count: int) -> list[str]:
+    used = {t for s in inputs + [output] for t in s}
+    return [ch for ch in string.ascii_letters if ch not in used][:count]
+
+
+def restore_axes(t: Tensor, lead: int, axes: List[int], shape: List[int]) -> Tensor:
+    """Re-insert the ``axes`` of an operand that only it indexes (summed in the forward), as a
+    broadcast ``[*lead, *shape]``; ``axes`` non-negative from the front (after ``lead``) or
+    negative from the end, front ones ascending, end ones descending."""
+    for axis in axes:
+        t = t.unsqueeze(lead + axis if axis >= 0 else axis)
+    return t.expand(list(t.shape[:lead]) + list(shape))
+
+
+def _einsum_transpose(g, c: Ctx, index: int, per_sample: bool):
+    """``einsum("<lead><out>,<others>-><lead>[n]<operand>", g, others)``, then the operand's
+    own summed axes re-inserted and ``...`` broadcasting undone."""
+    operands = [getattr(c.args, n) for n in EINSUM_OPERANDS if c.bound[n] is not None]
+    inputs, output = parse_einsum(c.bound["equation"], len(operands))
+    if per_sample:
+        inputs, output, sample = _per_sample_subscripts(c, inputs, output, index)
+    lead = _fresh(inputs, output, c.lead)
+    others = [s for i, s in enumerate(inputs) if i != index]
+    seen = {t for s in others + [output] for t in s}
+    target = inputs[index]
+    kept = [t for t in target if t == "..." or t in seen]
+    result = lead + ([sample] if per_sample else []) + kept
+    equation = ",".join("".join(s) for s in [lead + output] + others) + "->" + "".join(result)
+    t = torch.einsum(equation, g, *[o for i, o in enumerate(operands) if i != index])
+    shift = c.lead + int(per_sample)
+    axes = _dropped_axes(target, seen)
+    shape = operands[index].shape
+    if axes:
+        t = c.call(restore_axes, t, shift, axes, shape)
+    if "..." in target or per_sample:
+        t = c.call(sum_to_shape, t, shift, shape)
+    return t
+
+
+def _dropped_axes(target: list, seen: set) -> list[int]:
+    """Positions of the letters only ``target`` has, for :func:`restore_axes`."""
+    if "..." not in target:
+        return [i for i, t in enumerate(target) if t not in seen]
+    cut = target.index("...")
+    front = [i for i, t in enumerate(target[:cut]) if t not in seen]
+    back = [i - len(target) for i, t in enumerate(target) if i > cut and t not in seen]
+    return front + back[::-1]
+
+
+def _per_sample_subscripts(c: Ctx, inputs: list, output: list, index: int):
+    """Name the sample axis: the first axis of the data operand, which must be the output's
+    first axis too (else the product mixes samples)."""
+    others = [i for i in range(len(inputs)) if i != index]
+    data = others if len(others) == 1 else [
+        i for i in others if _carries_samples(c.bound[EINSUM_OPERANDS[i]])]
+    if not data:
+        raise node_error(c.node, "einsum has no data operand with a sample axis",
+                         "Request only 'grad'.")
+    first = inputs[data[0]][0]
+    if first == "...":
+        if any("..." in inputs[i] for i in range(len(inputs)) if i not in data):
+            raise node_error(c.node, "per-sample einsum with '...' in the parameter operand has "
+                             "no rule", "Name the axes with letters.")
+        sample = _fresh(inputs, output, 1)[0]
+        inputs = [[sample] + s if i in data and s[0] == "..." else s
+                  for i, s in enumerate(inputs)]
+        output = [sample] + output if output[:1] == ["..."] else output
+    else:
+        sample = first
+    if output[:1] != [sample] or sample in inputs[index]:
+        raise node_error(c.node, "the einsum does not keep the sample axis of its data operand "
+                         "as the output's axis 0, so per-sample quantities are undefined",
+                         "Keep the samples on axis 0 or request only 'grad'.")
+    return inputs, output, sample
+
+
+def _carries_samples(node: Any) -> bool:
+    """True if ``node`` depends on the graph's first input (the data ``x``)."""
+    if not isinstance(node, fx.Node):
+        return False
+    first = next(n for n in node.graph.nodes if n.op == "placeholder")
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current is first:
+            return True
+        if current not in seen:
+            seen.add(current)
+            stack.extend(current.all_input_nodes)
+    return False
+
+
+def _einsum_mixes(b: dict) -> Optional[str]:
+    operands = _einsum_operands(b)
+    if _einsum_unsupported(b):
+        return None
+    inputs, output = parse_einsum(b["equation"], len(operands))
+    for tokens, node in zip(inputs, operands):
+        if _carries_samples(node) and tokens and output[:1] != tokens[:1]:
+            return "its output's axis 0 is not the sample axis 0 of a data operand"
+    return None
+
+
+register([torch.einsum], "einsum", "equation, " + ", ".join(
+             f"{n}=None" if i else n for i, n in enumerate(EINSUM_OPERANDS)),
+         doc="y = einsum(eq, a, b, ...) (each operand's letters distinct);  ā = einsum with "
+             "the equation rearranged, '<out>,<b>-><a>', plus fresh letters for lead axes.",
+         vjp={n: (lambda i: lambda g, c: _einsum_transpose(g, c, i, False))(k)
+              for k, n in enumerate(EINSUM_OPERANDS)},
+         batch_grad={n: (lambda i: lambda g, c: _einsum_transpose(g, c, i, True))(k)
+                     for k, n in enumerate(EINSUM_OPERANDS)},
+         unsupported=_einsum_unsupported, mixes_samples=_einsum_mixes, hessian_is_zero=True)
+
+
+# -- attention ---------------------------------------------------------------------------------
+def causal_blocked(queries: int, keys: int, device: torch.device) -> Tensor:
+    """``[L, S]`` True above the diagonal: the keys a causal query may not attend to."""
+    return torch.ones(queries, keys, dtype=torch.bool, device=device).triu(1)
+
+
+def attention(q, k, v, mask=None, dropout_p: float = 0.0, is_causal: bool = False,
+              scale: Optional[float] = None):
+    """``softmax(q kᵀ · scale + mask) v`` written on Proxies (it emits nodes into the graph
+    ``q`` belongs to, when tracing a module or when lowering a node); ``mask`` is additive.
+    Dropout draws one Bernoulli mask, as the dropout lowering does. Returns
+    ``(out, weights)``, the weights ``[..., L, S]`` after dropout, as torch returns them."""
+    scores = torch.matmul(q, k.transpose(-2, -1))
+    scores = scores * (q.size(-1) ** -0.5 if scale is None else scale)
+    if is_causal:
+        blocked = q.tracer.create_proxy("call_function", causal_blocked,
+                                        (q.size(-2), k.size(-2), q.device), {})
+        scores = scores.masked_fill(blocked, float("-inf"))
+    if mask is not None:
+        scores = scores + mask
+    weights = torch.softmax(scores, -1)
+    if dropout_p > 0:
+        keep = torch.bernoulli(torch.full_like(weights, 1.0 - dropout_p))
+        weights = weights * (keep / (1.0 - dropout_p))
+    return torch.matmul(weights, v), weights
+
+
+def sdpa_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """An attention mask as an additive float mask: boolean True (attend) -> 0, False -> -inf."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            mask.logical_not(), float("-inf"))
+    return mask
+
+
+def _lower_sdpa(c: Ctx):
+    """``softmax(q kᵀ · scale + mask) v`` (:func:`attention`); a boolean ``attn_mask`` (True:
+    attend) becomes an additive ``0 / -inf`` mask (:func:`sdpa_mask`); ``dropout_p > 0``
+    draws a dropout mask on the weights (as torch does, in any mode)."""
+    b = c.bound
+    if b["enable_gqa"]:
+        raise node_error(c.node, "scaled_dot_product_attention with enable_gqa=True has no "
+                         "rule", "Repeat the key/value heads yourself (repeat_interleave).")
+    mask = c.args.attn_mask
+    if mask is not None:
+        mask = c.call(sdpa_mask, mask, c.args.query.dtype)
+    return attention(c.args.query, c.args.key, c.args.value, mask, b["dropout_p"],
+                     b["is_causal"], b["scale"])[0]
+
+
+register([F.scaled_dot_product_attention], "scaled_dot_product_attention",
+         "query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None, "
+         "enable_gqa=False",
+         doc=_lower_sdpa.__doc__, lower=_lower_sdpa)

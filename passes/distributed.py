@@ -1,0 +1,332 @@
+"""Data parallelism: every rank's step returns the result of the global batch.
+
+Runs after the quantities are extracted. Rank ``r`` computed everything on its local batch of
+``N_r`` samples, with its loss divided by its local mean divisor ``d_r``. The global loss is
+``L = Σ_r (d_r / D) L_r`` (``D = Σ_r d_r``; ``d_r / D = 1`` for ``reduction='sum'``), so a
+quantity proportional to ``(1/d)^k`` becomes global after scaling by ``w_r^k = (d_r / D)^k``
+and a sum over the ranks (``all_reduce``), or a gather along the sample axis (``all_gather``).
+
+The pass emits, right after the loss, the loss rule's divisors and ``x.size(0)`` as one row of
+counts per rank and all-gathers it (``[W, 3]``: the shares, the global N and the padding of
+unequal batches follow from it). Then, for each returned quantity, it scales every parameter's
+value by its share and issues one coalesced collective right after the last of them is
+computed (so it runs while the rest of the step computes); the waits and the final
+rescaling sit before the output. Per quantity (:data:`REDUCTIONS`):
+
+======================  ==================================================================
+sum of ``w^k · q``      loss, grad (k=1); sum_grad_squared (k=2); diag_ggn_*, diag_h,
+                        products (k=1, the Hessian factor's divisor)
+gather along N          batch_grad, diag_*_batch (k=1), batch_l2 (k=2), sqrt_ggn_* (k=½,
+                        sample axis 1); unequal N_r are zero-padded to max N_r and cut back
+variance                ``Σ g²/N - (Σ g/N)²`` from the global ``Σ g²`` (k=2), grad and N
+kron                    G (depends on the loss factor): k=1, summed; A (forward statistics
+                        ``Σ x xᵀ / N_r``): scaled by ``N_r / N`` and summed
+kfra                    the dense matrix is averaged over the batch at every layer, so the
+                        pass all-reduces it right where it is formed (``N_r / N`` shares);
+                        G is then the same on every rank, A as above
+======================  ==================================================================
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+import torch.fx as fx
+
+from fxcurv import distributed as helpers
+from fxcurv.distributed import GRADIENT, HESSIAN, SAMPLES
+from fxcurv.emit import Emitter
+from fxcurv.errors import CompileError, node_error
+from fxcurv.rules import Ctx, rule_for
+
+from .analysis import descendants
+from .curvature.kfra import batch_mean_matrix, summed_outer
+
+COLLECTIVES = torch.ops._c10d_functional
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """How one quantity becomes global: ``kind`` of collective, the divisor ``part`` its
+    scaling comes from and the ``power`` of ``1/divisor`` it carries, its sample ``axis``."""
+
+    kind: str            # "sum", "gather", "variance", "kron", "kfra"
+    part: str            # "gradient", "hessian", or "both" (a sum of terms of each)
+    power: float = 1.0
+    axis: int = 0
+
+
+GRAD = Reduction("sum", "gradient")
+REDUCTIONS: dict[str, Reduction] = {
+    "batch_grad": Reduction("gather", "gradient"),
+    "batch_l2": Reduction("gather", "gradient", 2.0),
+    "sum_grad_squared": Reduction("sum", "gradient", 2.0),
+    "variance": Reduction("variance", "gradient", 2.0),
+    "diag_ggn_exact": Reduction("sum", "hessian"),
+    "diag_ggn_mc": Reduction("sum", "hessian"),
+    "diag_ggn_exact_batch": Reduction("gather", "hessian"),
+    "diag_ggn_mc_batch": Reduction("gather", "hessian"),
+    "sqrt_ggn_exact": Reduction("gather", "hessian", 0.5, axis=1),
+    "sqrt_ggn_mc": Reduction("gather", "hessian", 0.5, axis=1),
+    "kfac": Reduction("kron", "hessian"),
+    "kflr": Reduction("kron", "hessian"),
+    "kfra": Reduction("kfra", "hessian"),
+    "diag_h": Reduction("sum", "both"),
+    "diag_h_batch": Reduction("gather", "both"),
+    "hmp": Reduction("sum", "both"),
+    "ggnmp": Reduction("sum", "hessian"),
+    "pchmp_abs": Reduction("sum", "both"),
+    "pchmp_clip": Reduction("sum", "both"),
+}
+COLUMNS = {"gradient": GRADIENT, "hessian": HESSIAN, "both": GRADIENT, "samples": SAMPLES}
+
+
+def data_parallel(emit: Emitter, traced, requested: list, outputs: tuple,
+                  process_group: Optional[Any]) -> tuple:
+    """``(loss, grad, *results)`` of the local batch -> those of the global batch (unchanged
+    without a process group)."""
+    if process_group is None:
+        return outputs
+    group = _check_group(process_group)
+    _check_generators(traced, requested, group)
+    plan = DataParallel(emit, traced, group, requested)
+    loss, grads, *results = outputs
+    global_loss = plan.reduce_sum({"loss": loss}, GRAD, "loss")["loss"]
+    global_grads = plan.reduce_sum(grads, GRAD, "grad")
+    reduced = []
+    for (label, quantity), values in zip(requested, results):
+        reduction = REDUCTIONS[quantity.name]
+        if reduction.kind == "variance":
+            reduced.append(plan.variance(values, grads, global_grads, label))
+        elif reduction.kind in ("kron", "kfra"):
+            reduced.append(plan.kron(values, reduction, label))
+        else:
+            method = plan.reduce_sum if reduction.kind == "sum" else plan.gather
+            reduced.append(method(values, reduction, label))
+    return (global_loss, global_grads, *reduced)
+
+
+class DataParallel:
+    """Emits the counts, the shares and the collectives of one step."""
+
+    def __init__(self, emit: Emitter, traced, group, requested: list):
+        self.emit, self.traced, self.graph = emit, traced, emit.graph
+        self.group_name, self.world = group.group_name, group.size()
+        self.mean = self._reduction() == "mean"
+        self._emit_counts(any(REDUCTIONS[q.name].part == "both" for _, q in requested))
+        if any(REDUCTIONS[q.name].kind == "kfra" for _, q in requested):
+            self._reduce_kfra_matrices()
+
+    # -- counts and shares ------------------------------------------------------------------
+    def _reduction(self) -> str:
+        loss = self.traced.loss
+        rule = rule_for(loss)
+        if rule is None or rule.mean_divisor is None:
+            raise node_error(loss, "data parallelism rescales each rank's results by its share "
+                             "of the loss's mean divisor, which fxcurv knows for built-in "
+                             "losses only", "End the loss in cross_entropy, nll_loss, mse_loss "
+                             "or binary_cross_entropy_with_logits (reduction 'mean' or 'sum').",
+                             "grad")
+        reduction = rule.bind(loss)["reduction"]
+        if reduction not in ("mean", "sum"):
+            raise node_error(loss, f"reduction {reduction!r} does not give a scalar loss",
+                             "Use reduction 'mean' or 'sum'.", "grad")
+        return reduction
+
+    def _emit_counts(self, check_divisors: bool) -> None:
+        """Right after the loss: this rank's counts row, all-gathered, and every share."""
+        loss, x = self.traced.loss, self.traced.inputs[0]
+        before = loss.next
+        at = Emitter(self.graph, before=before)
+        rule = rule_for(loss)
+        ctx = Ctx.of(loss, rule, at)
+        with at.naming("loss", pass_="distributed"):
+            divisors = [rule.mean_divisor(ctx, part) if self.mean else None
+                        for part in ("gradient", "hessian")]
+            row = at.call(helpers.rank_counts, at.proxy(x).size(0), *divisors, ctx.args.input)
+        at.rename(row, "rank_counts")
+        with at.naming("counts", pass_="distributed"):
+            counts = self._wait(at, at.call(COLLECTIVES.all_gather_into_tensor, row,
+                                            self.world, self.group_name))
+            if check_divisors and self.mean:
+                counts = at.call(helpers.check_divisors, counts)
+        at.rename(counts, "counts")
+        self.counts = counts
+        self.total = self._named(at, "global_batch_size", helpers.total_count, counts, SAMPLES,
+                                 ctx.args.input)
+        self.shares = {}
+        for part, power in (("gradient", 1.0), ("gradient", 2.0), ("hessian", 1.0),
+                            ("hessian", 0.5), ("samples", 1.0)):
+            if self.mean or part == "samples":
+                name = f"{part}_share" + ("" if power == 1.0 else f"_pow{power:g}".replace(
+                    ".", "_"))
+                self.shares[part, power] = self._named(at, name, helpers.rank_share, counts,
+                                                       row, COLUMNS[part], power, ctx.args.input)
+        self.ready = before.prev
+
+    def share(self, part: str, power: float) -> Any:
+        """This rank's weight ``(d_r / D)^power`` (None: 1, for ``reduction='sum'``); "both"
+        parts use the gradient's divisor, checked equal to the Hessian factor's."""
+        return self.shares.get(("gradient" if part == "both" else part, power))
+
+    # -- collectives --------------------------------------------------------------------------
+    def reduce_sum(self, values: dict, reduction: Reduction, label: str) -> dict:
+        """``Σ_r w_r^k · value_r``, one coalesced all-reduce for the whole quantity."""
+        share = self.share(reduction.part, reduction.power)
+        at = self._issue_point(values)
+        with at.naming(label, pass_="distributed"):
+            scaled = {name: self._scaled(at, v, share, f"{label}_share")
+                      for name, v in values.items()}
+            pending = self._all_reduce(at, list(scaled.values()))
+        return {name: self._finish(item, self._label(name, label))
+                for name, item in zip(values, pending)}
+
+    def gather(self, values: dict, reduction: Reduction, label: str) -> dict:
+        """``w_r^k · value_r`` gathered along the sample axis in rank order (padded)."""
+        share = self.share(reduction.part, reduction.power)
+        at = self._issue_point(values)
+        with at.naming(label, pass_="distributed"):
+            padded = [at.call(helpers.pad_samples, self._scaled(at, v, share, f"{label}_share"),
+                              self.counts, reduction.axis) for v in values.values()]
+            gathered = at.call(COLLECTIVES.all_gather_into_tensor_coalesced, padded,
+                               self.world, self.group_name)
+            pending = [gathered[i] for i in range(len(padded))]
+        result = {}
+        for (name, _), item in zip(values.items(), pending):
+            with self.emit.naming(f"{self._param(name)}_{label}", pass_="distributed"):
+                waited = self._wait(self.emit, item)
+                result[name] = self.emit.call(helpers.unpad_samples, waited, self.counts,
+                                              reduction.axis)
+            self.emit.rename(result[name], f"{self._param(name)}_{label}_global")
+        return result
+
+    def variance(self, values: dict, grads: dict, global_grads: dict, label: str) -> dict:
+        """The global ``Σ g²`` (from each rank's variance and gradient), then the variance."""
+        batch = self.emit.proxy(self.traced.inputs[0]).size(0)
+        sums = {}
+        for name, value in values.items():
+            with self.emit.naming(f"{self._param(name)}_{label}", pass_="distributed"):
+                sums[name] = self.emit.call(helpers.sum_squares_from_variance, value,
+                                            grads[name], batch)
+        sums = self.reduce_sum(sums, Reduction("sum", "gradient", 2.0), f"{label}_sum_squares")
+        result = {}
+        for name, total in sums.items():
+            with self.emit.naming(f"{self._param(name)}_{label}", pass_="distributed"):
+                result[name] = self.emit.call(helpers.variance_from_sums, total,
+                                              global_grads[name], self.total)
+            self.emit.rename(result[name], f"{self._param(name)}_{label}_global")
+        return result
+
+    def kron(self, values: dict, reduction: Reduction, label: str) -> dict:
+        """Kronecker factors: G (downstream of the model output) carries the loss's scaling,
+        A (forward statistics) the ``N_r / N`` share. KFRA's G is already global."""
+        curvature = descendants(self.graph, self.traced.model_output)
+        flat, shares = {}, {}
+        for name, factors in values.items():
+            for i, factor in enumerate(factors):
+                is_g = factor.node in curvature
+                if is_g and reduction.kind == "kfra":
+                    continue
+                flat[name, i] = factor
+                shares[name, i] = self.share(reduction.part, 1.0) if is_g else \
+                    self.share("samples", 1.0)
+        at = self._issue_point(flat)
+        with at.naming(label, pass_="distributed"):
+            scaled = [self._scaled(at, v, shares[key], f"{label}_share")
+                      for key, v in flat.items()]
+            pending = dict(zip(flat, self._all_reduce(at, scaled))) if scaled else {}
+        result = {}
+        for name, factors in values.items():
+            result[name] = [self._finish(pending[name, i], self._label(name, f"{label}_{i}"))
+                            if (name, i) in pending else f for i, f in enumerate(factors)]
+        return result
+
+    def _reduce_kfra_matrices(self) -> None:
+        """All-reduce KFRA's dense matrix where it is formed: the loss's ``Σ S Sᵀ`` (Hessian
+        share) and every batch average ``(1/N_r) Σ_n J_nᵀ M J_n`` (``N_r / N`` share)."""
+        sites = {summed_outer: self.share("hessian", 1.0), batch_mean_matrix:
+                 self.share("samples", 1.0)}
+        for node in list(self.graph.nodes):
+            if node.op != "call_function" or node.target not in sites:
+                continue
+            at = Emitter(self.graph, before=node.next)
+            with at.naming(f"{node.name}", pass_="distributed"):
+                scaled = self._scaled(at, at.proxy(node), sites[node.target], "share")
+                total = self._wait(at, self._all_reduce(at, [scaled])[0])
+            at.rename(total, f"{node.name}_global")
+            node.replace_all_uses_with(total.node, delete_user_cb=lambda user: user
+                                       is not scaled.node and user is not total.node)
+
+    # -- building blocks -----------------------------------------------------------------------
+    def _issue_point(self, values: dict) -> Emitter:
+        """An emitter right after the last computed of ``values`` (and the counts)."""
+        order = {node: i for i, node in enumerate(self.graph.nodes)}
+        nodes = [self.ready] + [_node(v) for v in _flatten(values)]
+        last = max((n for n in nodes if n is not None), key=order.__getitem__)
+        return Emitter(self.graph, before=last.next)
+
+    def _scaled(self, at: Emitter, value: Any, share: Any, name: str) -> Any:
+        if share is None:
+            return value
+        scaled = value * share
+        at.rename(scaled, f"{_node(value).name}_share")
+        return scaled
+
+    def _all_reduce(self, at: Emitter, tensors: list) -> list:
+        pending = at.call(COLLECTIVES.all_reduce_coalesced, tensors, "sum", self.group_name)
+        return [pending[i] for i in range(len(tensors))]
+
+    def _wait(self, at: Emitter, pending: Any) -> Any:
+        return at.call(COLLECTIVES.wait_tensor, pending)
+
+    def _finish(self, pending: Any, label: str) -> Any:
+        """Wait for a reduced value, just before the output."""
+        with self.emit.naming(label, pass_="distributed"):
+            value = self._wait(self.emit, pending)
+        self.emit.rename(value, f"{label}_global")
+        return value
+
+    def _param(self, name: str) -> str:
+        return self.traced.params[name].name
+
+    def _label(self, name: str, label: str) -> str:
+        """``fc1_weight_diag_ggn_exact`` for a parameter's value, ``label`` for the loss."""
+        return f"{self._param(name)}_{label}" if name in self.traced.params else label
+
+    def _named(self, at: Emitter, name: str, fn, *args) -> Any:
+        with at.naming(name, pass_="distributed"):
+            value = at.call(fn, *args)
+        at.rename(value, name)
+        return value
+
+
+def _node(value: Any) -> Optional[fx.Node]:
+    return value.node if isinstance(value, fx.Proxy) else None
+
+
+def _flatten(values: dict) -> list:
+    flat = []
+    for value in values.values():
+        flat.extend(value if isinstance(value, (list, tuple)) else [value])
+    return flat
+
+
+def _check_group(group: Any):
+    if not dist.is_available() or not dist.is_initialized():
+        raise CompileError("process_group is given but torch.distributed is not initialized; "
+                           "call torch.distributed.init_process_group first.")
+    if not isinstance(group, dist.ProcessGroup):
+        raise CompileError("process_group must be a torch.distributed.ProcessGroup (e.g. "
+                           "torch.distributed.group.WORLD or ddp.process_group), got "
+                           f"{type(group).__name__}.")
+    return group
+
+
+def _check_generators(traced, requested: list, group) -> None:
+    """Monte-Carlo quantities need independent samples on every rank."""
+    sampled = [label for label, q in requested if q.source == "ggn_mc"]
+    if sampled:
+        device = next(iter(traced.attrs[n.target] for n in traced.params.values())).device
+        helpers.check_independent_generators(group, device, sampled[0])

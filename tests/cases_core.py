@@ -47,6 +47,8 @@ ARITHMETIC = [
     case("rsub_scalar", lambda x: 1 - x, rand(3, 4)),
     case("mul_broadcast", lambda x, y: x * y, rand(2, 3, 4), rand(3, 1)),
     case("mul_self", lambda x: x * x, rand(3, 4)),
+    case("mul_same_shape", lambda x, y: x * y, rand(3, 4), rand(3, 4)),
+    case("div_same_shape", lambda x, y: x / y, rand(3, 4), rand(3, 4, positive=True)),
     case("mul_scalar", lambda x: x * 3.0, rand(3, 4)),
     case("div_broadcast", lambda x, y: x / y, rand(3, 4), rand(4, positive=True)),
     case("rdiv_scalar", lambda x: 1.0 / x, rand(3, 4, positive=True)),

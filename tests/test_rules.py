@@ -155,3 +155,43 @@ def test_every_rule_states_its_second_order():
     missing = sorted({r.name for r in RULES.values() if r.vjp and not r.constant
                       and r.hessian_is_zero is False and not r.residual} - without)
     assert not missing, f"rules that do not state their second order: {missing}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_cross_second_order_rules(case):
+    """``cross[(a, b)]`` equals the diagonal of the mixed Hessian block of ``⟨g, f⟩``, which
+    must be diagonal (elementwise ops with same-shaped arguments)."""
+    node, rule = _single_op(case)
+    if node is None or not rule.cross:
+        pytest.skip("no cross rule")
+    bound = rule.bind(node)
+    for (name_a, name_b), fn in rule.cross.items():
+        a, b = bound[name_a], bound[name_b]
+        if getattr(a, "op", None) != "placeholder" or getattr(b, "op", None) != "placeholder" \
+                or a is b:
+            continue
+        ia, ib = case.names.index(a.target), case.names.index(b.target)
+        if case.inputs[ia].shape != case.inputs[ib].shape:
+            continue
+        out = case.fn(*case.inputs)
+        g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(5))
+
+        def pairing(ta, tb):
+            args = list(case.inputs)
+            args[ia], args[ib] = ta, tb
+            return (case.fn(*args) * g).sum()
+
+        mixed = torch.func.hessian(pairing, argnums=(0, 1))(case.inputs[ia], case.inputs[ib])
+        block = mixed[0][1].reshape(out.numel(), out.numel())
+        torch.testing.assert_close(block, torch.diag(block.diagonal()), atol=1e-10, rtol=0)
+        from fxcurv.emit import Emitter
+        from fxcurv.rules import Ctx
+        graph = node.graph
+        with graph.inserting_before(next(iter(graph.nodes))):
+            g_node = graph.placeholder("g_out")
+        emit = Emitter(graph)
+        value = fn(emit.proxy(g_node), Ctx.of(node, rule, emit))
+        next(n for n in graph.nodes if n.op == "output").args = (emit.as_node(value),)
+        graph._co_fields = {}
+        actual = torch.fx.GraphModule(torch.nn.Module(), graph)(g, *case.inputs)
+        torch.testing.assert_close(actual.reshape(-1), block.diagonal(), rtol=1e-10, atol=1e-12)

@@ -48,6 +48,9 @@ class OpRule:
     residual: dict[str, RuleFn] = field(default_factory=dict)
     # f is affine in all its arguments jointly (no cross terms ∂²f/∂a∂b): add, sub, cat, ...
     jointly_affine: bool = False
+    # ... otherwise, for elementwise ops with same-shaped arguments, ``cross[(a, b)](g, c)``:
+    # the diagonal of ``Σ_out g ∂²f/∂a∂b``, shaped like the output (``mul``: ``g``)
+    cross: dict[tuple, RuleFn] = field(default_factory=dict)
     # Kronecker factors of a parameter argument from a sqrt-GGN factor ``g`` (lead 1):
     # ``kron[arg](g, c) -> [G, A]`` (weights) or ``[G]`` (biases), BackPACK's order and scaling
     kron: dict[str, RuleFn] = field(default_factory=dict)

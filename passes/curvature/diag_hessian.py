@@ -9,6 +9,7 @@ Ops affine in each argument (linear, conv, relu, shape ops, ...) have no residua
 """
 from __future__ import annotations
 
+import operator
 from typing import Any, Callable
 
 import torch
@@ -35,8 +36,9 @@ def residual_sqrt(residual: Tensor, sign: float) -> Tensor:
 
 def residual_propagations(emit: Emitter, traced, gradient: dict, quantity: str,
                           make_source: Callable[[dict, Any], Any]) -> list[tuple[Any, float]]:
-    """For every op with a second-order residual, the propagations of ``√R₊`` and ``√R₋``,
-    each wrapped by ``make_source(cotangents, columns)``, with its sign."""
+    """For every op with a second-order residual (diagonal or cross), the propagations of its
+    positive and negative square-root factors, each wrapped by ``make_source(cotangents,
+    columns)``, with its sign."""
     params = list(traced.params.values())
     depends = _parameter_sets(traced.graph, traced.params)
     model = ancestors(traced.model_output)  # the loss region's curvature is in the GGN term
@@ -49,30 +51,93 @@ def residual_propagations(emit: Emitter, traced, gradient: dict, quantity: str,
         rule = rule_for(node)
         ctx = Ctx.of(node, rule, emit)
         active = _active_args(ctx, depends)
-        _check_cross_terms(node, rule, active, depends, quantity)
-        for name, arg in active:
-            if rule.zero_hessian(name, ctx.bound):
-                continue
-            if name not in rule.residual:
-                raise node_error(node, f"{rule.name} has a non-zero second derivative in its "
-                                 f"argument '{name}' but no diagonal residual rule",
-                                 "Request the GGN (diag_ggn_exact) instead, or add a residual "
-                                 "rule to this op.", quantity)
-            if arg not in per_sample:
-                raise node_error(node, f"the second derivative of {rule.name} in '{name}' acts "
-                                 f"on a value without a sample axis (a parameter used "
-                                 f"directly, e.g. x / w), which is not supported yet",
-                                 "Request the GGN (diag_ggn_exact) instead.", quantity)
-            with emit.naming(f"{node.name}_residual", pass_="diag_hessian", node=node.name):
-                residual = rule.residual[name](gradient[node], ctx)
-            for sign, tag in ((1.0, "plus"), (-1.0, "minus")):
-                with emit.naming(f"{node.name}_residual_{tag}", pass_="diag_hessian"):
-                    factor = emit.call(residual_sqrt, residual, sign)
-                    columns = factor.size(0)
-                cotangents = backward(emit, {arg: factor}, params, lead=1,
-                                      tag=f"{node.name}_residual_{tag}", quantity=quantity)
-                terms.append((make_source(cotangents, columns), sign))
+        with emit.naming(f"{node.name}_residual", pass_="diag_hessian", node=node.name):
+            seed_sets = _diagonal_seeds(emit, node, rule, ctx, active, gradient[node], quantity)
+            seed_sets += _cross_seeds(emit, node, rule, ctx, active, depends, gradient[node],
+                                      quantity)
+        for seeds, sign, tag in seed_sets:
+            for arg in seeds:
+                _check_sample_axis(node, rule, arg, per_sample, quantity)
+            with emit.naming(f"{node.name}_residual_{tag}", pass_="diag_hessian"):
+                columns = next(iter(seeds.values())).size(0)
+            cotangents = backward(emit, seeds, params, lead=1,
+                                  tag=f"{node.name}_residual_{tag}", quantity=quantity)
+            terms.append((make_source(cotangents, columns), sign))
     return terms
+
+
+def _diagonal_seeds(emit, node, rule, ctx, active, g, quantity) -> list:
+    """``({arg: √R±}, ±1, tag)`` for each argument with a diagonal residual ``R``."""
+    found = []
+    for name, arg in active:
+        if rule.zero_hessian(name, ctx.bound):
+            continue
+        if name not in rule.residual:
+            raise node_error(node, f"{rule.name} has a non-zero second derivative in its "
+                             f"argument '{name}' but no diagonal residual rule",
+                             "Request the GGN (diag_ggn_exact) instead, or add a residual "
+                             "rule to this op.", quantity)
+        residual = rule.residual[name](g, ctx)
+        for sign, tag in ((1.0, "plus"), (-1.0, "minus")):
+            found.append(({arg: emit.call(residual_sqrt, residual, sign)}, sign,
+                          f"{name}_{tag}"))
+    return found
+
+
+def _cross_seeds(emit, node, rule, ctx, active, depends, g, quantity) -> list:
+    """Cross terms of two arguments ``a, b`` that share parameters: with ``c`` the diagonal of
+    ``Σ g ∂²f/∂a∂b``, ``2c·δa·δb = (c/2)[(δa + δb)² − (δa − δb)²]``, so the factors
+    ``√(c±/2)`` are seeded on both arguments, with equal or opposite signs."""
+    if rule.jointly_affine:
+        return []
+    found = []
+    for i, (name_a, a) in enumerate(active):
+        for name_b, b in active[i + 1:]:
+            if not (depends[a] & depends[b]):
+                continue
+            fn = rule.cross.get((name_a, name_b)) or rule.cross.get((name_b, name_a))
+            if fn is None:
+                raise node_error(node, f"its arguments '{name_a}' and '{name_b}' both depend "
+                                 f"on parameter(s) {sorted(depends[a] & depends[b])}, and "
+                                 f"{rule.name} has no cross second-derivative rule",
+                                 "Request the GGN (diag_ggn_exact) instead.", quantity)
+            half = emit.call(cross_half, fn(g, ctx), ctx.args.__dict__[name_a],
+                             ctx.args.__dict__[name_b])
+            roots = {sign: emit.call(residual_sqrt, half, sign) for sign in (1.0, -1.0)}
+            for sign, same, opposite in ((1.0, 1.0, -1.0), (-1.0, -1.0, 1.0)):
+                found.append((_pair(a, b, roots[same], roots[same]), sign, "cross_sum"))
+                found.append((_pair(a, b, roots[opposite], -roots[opposite]), sign,
+                              "cross_difference"))
+    return [item for item in found if item[0]]
+
+
+def cross_half(coefficient: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """``c / 2`` for the cross factors; the arguments must have the output's shape."""
+    if a.shape != coefficient.shape or b.shape != coefficient.shape:
+        raise ValueError("fxcurv: cross second-order terms need both arguments in the output's "
+                         "shape (no broadcasting)")
+    return coefficient * 0.5
+
+
+def _pair(a: fx.Node, b: fx.Node, factor_a: Any, factor_b: Any) -> dict:
+    """Seeds on ``a`` and ``b`` (one node: their sum, or nothing if they cancel)."""
+    if a is not b:
+        return {a: factor_a, b: factor_b}
+    return {} if factor_b is not factor_a and _negated(factor_a, factor_b) else \
+        {a: factor_a + factor_b}
+
+
+def _negated(first: Any, second: Any) -> bool:
+    node = getattr(second, "node", None)
+    return node is not None and node.target is operator.neg and node.args[0] is first.node
+
+
+def _check_sample_axis(node, rule, arg, per_sample, quantity) -> None:
+    if arg not in per_sample:
+        raise node_error(node, f"a second derivative of {rule.name} acts on '{arg.name}', a "
+                         f"value without a sample axis (a parameter used directly, e.g. "
+                         f"x / w), which is not supported yet",
+                         "Request the GGN (diag_ggn_exact) instead.", quantity)
 
 
 def _active_args(ctx: Ctx, depends: dict) -> list[tuple[str, fx.Node]]:
@@ -82,20 +147,6 @@ def _active_args(ctx: Ctx, depends: dict) -> list[tuple[str, fx.Node]]:
         if isinstance(value, fx.Node) and depends.get(value):
             found.append((name, value))
     return found
-
-
-def _check_cross_terms(node, rule, active, depends, quantity) -> None:
-    """Two arguments that depend on the same parameter need ``∂²f/∂a∂b`` (not supported)."""
-    if rule.jointly_affine or len(active) < 2:
-        return
-    for i, (name_a, a) in enumerate(active):
-        for name_b, b in active[i + 1:]:
-            shared = depends[a] & depends[b]
-            if shared:
-                raise node_error(node, f"its arguments '{name_a}' and '{name_b}' both depend on "
-                                 f"parameter(s) {sorted(shared)}, which needs the cross "
-                                 "second derivative", "Request the GGN (diag_ggn_exact) "
-                                 "instead; cross terms are not supported yet.", quantity)
 
 
 def _parameter_sets(graph: fx.Graph, params: dict) -> dict[fx.Node, frozenset]:

@@ -56,13 +56,15 @@ _binary([operator.sub, torch.sub, "sub"], "sub",
         lambda g, c: g, lambda g, c: -g if c.args.alpha == 1 else g * (-c.args.alpha),
         params="input, other, alpha=1", hessian_is_zero=True, jointly_affine=True)
 _binary([operator.mul, torch.mul, "mul"], "mul",
-        "y = a·b;  ∂y/∂a = b, ∂y/∂b = a.",
-        lambda g, c: g * c.args.other, lambda g, c: g * c.args.input, hessian_is_zero=True)
+        "y = a·b;  ∂y/∂a = b, ∂y/∂b = a;  ∂²y/∂a² = ∂²y/∂b² = 0, ∂²y/∂a∂b = 1.",
+        lambda g, c: g * c.args.other, lambda g, c: g * c.args.input, hessian_is_zero=True,
+        cross={("input", "other"): lambda g, c: g})
 _binary([operator.truediv, torch.div, torch.true_divide, "div",
          "true_divide"], "div",
-        "y = a / b;  ∂y/∂a = 1/b, ∂y/∂b = -y/b.",
+        "y = a / b;  ∂y/∂a = 1/b, ∂y/∂b = -y/b;  ∂²y/∂b² = 2y/b², ∂²y/∂a∂b = -1/b².",
         lambda g, c: g / c.args.other, lambda g, c: -g * c.out / c.args.other,
         params="input, other, rounding_mode=None", hessian_is_zero=("input",),
+        cross={("input", "other"): lambda g, c: -g / c.args.other.square()},
         residual={"other": lambda g, c: unbroadcast(2 * g * c.out / c.args.other.square(), c,
                                                     "other")})
 _binary([operator.pow, torch.pow, "pow"], "pow",

@@ -3,20 +3,23 @@
 The tracer goes through every module (none is a leaf), so ``nn.Linear`` becomes ``F.linear``
 with its parameters as ``get_attr`` nodes, exactly as a model written with ``F.*`` would.
 Modules whose ``forward`` cannot be traced as it is (BatchNorm: Python control flow on the
-input and a buffer update) are lowered to their functional op by ``MODULE_LOWERINGS``.
+input and a buffer update; MultiheadAttention and the Transformer layers: fast-path checks on
+tensor values) are lowered to functional ops by ``MODULE_LOWERINGS``.
 """
 from __future__ import annotations
 
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
 from .errors import CompileError
+from .rules.linalg import attention
 
 MODEL, LOSS = "model", "loss_fn"
 
@@ -29,8 +32,113 @@ def _batch_norm(m: nn.modules.batchnorm._BatchNorm, x):
     return F.batch_norm(x, m.running_mean, m.running_var, m.weight, m.bias, False, 0.0, m.eps)
 
 
+def additive_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A mask of ``nn.MultiheadAttention`` as added to the scores: boolean True (not allowed)
+    -> -inf, False -> 0; a float mask as it is."""
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
+            mask, float("-inf"))
+    return mask.to(dtype)
+
+
+def mha_mask(attn_mask: Optional[Tensor], key_padding_mask: Optional[Tensor], batch: int,
+             heads: int, extra: int, dtype: torch.dtype) -> Tensor:
+    """The additive mask ``[N or 1, H or 1, L, S]`` of ``nn.MultiheadAttention`` from
+    ``attn_mask`` ``[L, S]`` or ``[N·H, L, S]`` and ``key_padding_mask`` ``[N, S]``; the
+    ``extra`` key columns appended by bias_k / add_zero_attn are allowed everywhere."""
+    total = torch.zeros([1, 1, 1, 1], dtype=dtype)
+    if attn_mask is not None:
+        mask = additive_mask(attn_mask, dtype)
+        if mask.dim() == 3:
+            mask = mask.reshape(batch, heads, mask.size(1), mask.size(2))
+        total = total.to(mask.device) + mask
+    if key_padding_mask is not None:
+        mask = additive_mask(key_padding_mask, dtype)
+        total = total.to(mask.device) + mask.reshape(batch, 1, 1, mask.size(1))
+    return F.pad(total, [0, extra])
+
+
+def _in_projection(m: nn.MultiheadAttention, query, key, value):
+    """``q, k, v`` ``[N, L|S, E]``: one linear layer with the packed ``in_proj_weight`` for
+    self-attention (``query is key is value``), else one per input on the weight's thirds."""
+    if m._qkv_same_embed_dim and query is key and key is value:
+        q, k, v = F.linear(query, m.in_proj_weight, m.in_proj_bias).chunk(3, dim=-1)
+        return q, k, v
+    if m._qkv_same_embed_dim:
+        w_q, w_k, w_v = m.in_proj_weight.chunk(3)
+    else:
+        w_q, w_k, w_v = m.q_proj_weight, m.k_proj_weight, m.v_proj_weight
+    b_q = b_k = b_v = None
+    if m.in_proj_bias is not None:
+        b_q, b_k, b_v = m.in_proj_bias.chunk(3)
+    return F.linear(query, w_q, b_q), F.linear(key, w_k, b_k), F.linear(value, w_v, b_v)
+
+
+def _multihead_attention(m: nn.MultiheadAttention, query, key, value, key_padding_mask=None,
+                         need_weights=True, attn_mask=None, average_attn_weights=True,
+                         is_causal=False):
+    """in-projection -> heads ``[N, H, L, d]`` -> ``softmax(q kᵀ/√d + mask) v`` -> merged heads
+    -> out-projection, with the module's parameters under their own names. Returns
+    ``(output, weights)`` as the module does (weights averaged over heads unless
+    ``average_attn_weights=False``; ``None`` for ``need_weights=False``). Train-mode dropout
+    draws one mask per call, as ``nn.Dropout``; ``is_causal`` without ``attn_mask`` masks the
+    future (torch requires the mask)."""
+    self_attention = query is key and key is value
+    if not m.batch_first:  # [L, N, E] -> [N, L, E]
+        query, key, value = (t.transpose(0, 1) for t in (query, key, value))
+        if self_attention:
+            key = value = query
+    q, k, v = _in_projection(m, query, key, value)
+    batch, heads, embed, extra = q.size(0), m.num_heads, m.embed_dim, 0
+    if m.bias_k is not None:
+        k = torch.cat([k, m.bias_k.expand(batch, 1, embed)], 1)
+        v = torch.cat([v, m.bias_v.expand(batch, 1, embed)], 1)
+        extra += 1
+    q, k, v = (t.reshape(batch, -1, heads, m.head_dim).transpose(1, 2) for t in (q, k, v))
+    if m.add_zero_attn:
+        k = torch.cat([k, torch.zeros_like(k[:, :, :1])], 2)
+        v = torch.cat([v, torch.zeros_like(v[:, :, :1])], 2)
+        extra += 1
+    mask = None
+    if attn_mask is not None or key_padding_mask is not None:
+        mask = q.tracer.create_proxy("call_function", mha_mask, (
+            attn_mask, key_padding_mask, batch, heads, extra, q.dtype), {})
+    out, weights = attention(q, k, v, mask, m.dropout if m.training else 0.0,
+                             is_causal and attn_mask is None)
+    out = F.linear(out.transpose(1, 2).reshape(batch, -1, embed), m.out_proj.weight,
+                   m.out_proj.bias)
+    if not m.batch_first:
+        out = out.transpose(0, 1)
+    if not need_weights:
+        return out, None
+    return out, weights.mean(1) if average_attn_weights else weights
+
+
+def _transformer_encoder_layer(m: nn.TransformerEncoderLayer, src, src_mask=None,
+                               src_key_padding_mask=None, is_causal=False):
+    """The layer's own math without its fused fast path (post- or pre-norm)."""
+    x = src
+    if m.norm_first:
+        x = x + m._sa_block(m.norm1(x), src_mask, src_key_padding_mask, is_causal=is_causal)
+        return x + m._ff_block(m.norm2(x))
+    x = m.norm1(x + m._sa_block(x, src_mask, src_key_padding_mask, is_causal=is_causal))
+    return m.norm2(x + m._ff_block(x))
+
+
+def _transformer_encoder(m: nn.TransformerEncoder, src, mask=None, src_key_padding_mask=None,
+                         is_causal=None):
+    """The layers in turn, then the final norm, without the nested-tensor fast path."""
+    for layer in m.layers:
+        src = layer(src, src_mask=mask, src_key_padding_mask=src_key_padding_mask,
+                    is_causal=bool(is_causal))
+    return m.norm(src) if m.norm is not None else src
+
+
 MODULE_LOWERINGS: dict[type, Callable] = {
     nn.BatchNorm1d: _batch_norm, nn.BatchNorm2d: _batch_norm, nn.BatchNorm3d: _batch_norm,
+    nn.MultiheadAttention: _multihead_attention,
+    nn.TransformerEncoderLayer: _transformer_encoder_layer,
+    nn.TransformerEncoder: _transformer_encoder,
 }
 
 

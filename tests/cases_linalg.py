@@ -37,7 +37,7 @@ def _unbind(x):
 
 
 def _causal_mask_fill(x):
-    mask = torch.ones(x.size(-1), x.size(-1), dtype=torch.bool).triu(1)
+    mask = torch.ones_like(x, dtype=torch.bool).triu(1)
     return x.masked_fill(mask, float("-inf")).softmax(-1)
 
 
@@ -60,8 +60,11 @@ INDEXING = [
     case("stack", lambda x, y: torch.stack([x, y * 2.0, x], dim=1), rand(3, 4), rand(3, 4)),
     case("stack_negative", lambda x, y: torch.stack((x, y), -1), rand(3, 4), rand(3, 4)),
     case("expand", lambda x: x.expand(3, 4, 2), rand(3, 1, 2)),
-    case("expand_new_axes", lambda x, b: x + b.expand(x.size(0), -1), rand(3, 4), rand(4),
-         params=("b",)),
+    case("expand_new_axes", lambda x: x.expand(2, -1, 4), rand(3, 1)),
+    case("expand_param_over_samples", lambda x, b: x * b.expand(x.size(0), 2, 4),
+         rand(3, 2, 4), rand(1, 1, 4), params=("b",)),
+    case("expand_param_new_axis", lambda x, b: x * b.expand(x.size(0), 4), rand(3, 4),
+         rand(4), params=("b",)),
     case("expand_as", lambda x, y: x.expand_as(y) * y, rand(3, 1, 4), rand(3, 2, 4)),
     case("broadcast_to", lambda x: torch.broadcast_to(x, (3, 2, 4)), rand(3, 1, 4)),
     case("repeat", lambda x: x.repeat(1, 2, 3), rand(3, 2, 2)),
@@ -75,7 +78,7 @@ MATMUL = [
     case("matmul_operator", lambda a, b: a @ b.transpose(-2, -1), rand(3, 2, 4, 2),
          rand(3, 2, 5, 2)),
     case("matmul_broadcast", lambda a, b: a @ b, rand(3, 1, 4, 2), rand(2, 2, 5)),
-    case("matmul_vector_right", lambda a, b: a @ b, rand(3, 4, 2), rand(3, 2)),
+    case("matmul_vector_right", lambda a, b: a @ b[0], rand(3, 4, 2), rand(3, 2)),
     case("matmul_vector_both", lambda a, b: torch.matmul(a[0], b[0]), rand(3, 4), rand(3, 4)),
     case("matmul_method", lambda a, b: a.matmul(b), rand(3, 4), rand(4, 2)),
     case("matmul_weight_right", lambda x, w: x @ w, rand(3, 4, 2), rand(2, 5), params=("w",)),

@@ -12,6 +12,7 @@ samples, ``[*lead, N, *param.shape]``. Both are affine in each operand on its ow
 """
 from __future__ import annotations
 
+import operator
 import string
 from typing import Any, List, Optional
 
@@ -23,17 +24,10 @@ from torch import Tensor
 from ..errors import node_error
 from .helpers import sum_to_shape
 from .registry import Ctx, register
+from .shape import to_batch
 
 
 # -- matmul: runtime helpers (TorchScript-scriptable) ----------------------------------------
-def to_batch(t: Tensor, lead: int, shape: List[int]) -> Tensor:
-    """``[*lead, N, *broadcast]`` -> ``[*lead, N, *shape]`` per sample; an operand as long as
-    ``t``'s per-lead shape has a size-1 axis 0 lined up with the samples (kept)."""
-    if t.dim() - lead == len(shape):
-        return sum_to_shape(t, lead + 1, shape[1:]).unsqueeze(lead + 1)
-    return sum_to_shape(t, lead + 1, shape)
-
-
 def matmul_input_vjp(g: Tensor, other: Tensor, lead: int, shape: List[int]) -> Tensor:
     """``ā = g bᵀ`` summed to ``a``'s shape ``[*lead, *shape]`` (1-D operands promoted)."""
     b = other.unsqueeze(-1) if other.dim() == 1 else other
@@ -120,13 +114,13 @@ def _matmul(targets: list, name: str, params: str) -> None:
              hessian_is_zero=True)
 
 
-_matmul([torch.matmul, "matmul", __import__("operator").matmul], "matmul", "input, other")
+_matmul([torch.matmul, "matmul", operator.matmul], "matmul", "input, other")
 _matmul([torch.mm, "mm"], "mm", "input, mat2")
 _matmul([torch.bmm, "bmm"], "bmm", "input, mat2")
 
 
 def _lower_addmm(c: Ctx):
-    """``β·input + α·(batch1 @ batch2)`` (baddbmm) / ``β·input + α·(mat1 @ mat2)`` (addmm)."""
+    """``β·input + α·(batch1 @ batch2)`` (baddbmm) or ``β·input + α·(mat1 @ mat2)``."""
     names = [n for n in c.bound if n not in ("input", "beta", "alpha")]
     product = torch.matmul(getattr(c.args, names[0]), getattr(c.args, names[1]))
     beta, alpha = c.bound["beta"], c.bound["alpha"]
@@ -179,8 +173,6 @@ def _einsum_operands(b: dict) -> list:
 
 def _einsum_unsupported(b: dict) -> Optional[str]:
     operands = _einsum_operands(b)
-    if any(isinstance(o, (list, tuple)) for o in operands):
-        return "einsum with its operands in a list has no rule: write torch.einsum(eq, a, b)"
     try:
         inputs, output = parse_einsum(b["equation"], len(operands))
     except ValueError as err:
@@ -228,7 +220,7 @@ def _einsum_transpose(g, c: Ctx, index: int, per_sample: bool):
     shape = operands[index].shape
     if axes:
         t = c.call(restore_axes, t, shift, axes, shape)
-    if "..." in target or per_sample:
+    if "..." in target:
         t = c.call(sum_to_shape, t, shift, shape)
     return t
 
@@ -244,30 +236,22 @@ def _dropped_axes(target: list, seen: set) -> list[int]:
 
 
 def _per_sample_subscripts(c: Ctx, inputs: list, output: list, index: int):
-    """Name the sample axis: the first axis of the data operand, which must be the output's
-    first axis too (else the product mixes samples)."""
+    """Name the sample axis: the output's axis 0, which the data operands (the others that
+    start with it) index first; the parameter operand must not index it."""
     others = [i for i in range(len(inputs)) if i != index]
-    data = others if len(others) == 1 else [
-        i for i in others if _carries_samples(c.bound[EINSUM_OPERANDS[i]])]
-    if not data:
-        raise node_error(c.node, "einsum has no data operand with a sample axis",
-                         "Request only 'grad'.")
-    first = inputs[data[0]][0]
-    if first == "...":
-        if any("..." in inputs[i] for i in range(len(inputs)) if i not in data):
-            raise node_error(c.node, "per-sample einsum with '...' in the parameter operand has "
-                             "no rule", "Name the axes with letters.")
-        sample = _fresh(inputs, output, 1)[0]
-        inputs = [[sample] + s if i in data and s[0] == "..." else s
-                  for i, s in enumerate(inputs)]
-        output = [sample] + output if output[:1] == ["..."] else output
-    else:
-        sample = first
-    if output[:1] != [sample] or sample in inputs[index]:
+    data = [i for i in others if inputs[i][:1] == output[:1]]
+    if not data or output[0] in inputs[index]:
         raise node_error(c.node, "the einsum does not keep the sample axis of its data operand "
                          "as the output's axis 0, so per-sample quantities are undefined",
                          "Keep the samples on axis 0 or request only 'grad'.")
-    return inputs, output, sample
+    if output[0] != "...":
+        return inputs, output, output[0]
+    if any("..." in inputs[i] for i in range(len(inputs)) if i not in data):
+        raise node_error(c.node, "per-sample einsum with '...' in the parameter operand has no "
+                         "rule", "Name the axes with letters.")
+    sample = _fresh(inputs, output, 1)[0]
+    inputs = [[sample] + s if i in data else s for i, s in enumerate(inputs)]
+    return inputs, [sample] + output, sample
 
 
 def _carries_samples(node: Any) -> bool:

@@ -10,6 +10,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import op_name
 from .helpers import permute_back, reshape_lead, reverse_dims, split_back, sum_to_shape, unpad
 from .registry import Ctx, register, rule_for
 
@@ -161,7 +162,7 @@ def is_scalar_node(node: Any) -> bool:
 
 # -- indexing: x[1:3], x[..., 0], x[:, None] -------------------------------------------------
 BIG = 9223372036854775807  # an open slice end (int64 max), as aten::slice reads it
-SLICE, INDEX, NEW_AXIS, ELLIPSIS = 0, 1, 2, 3
+SLICE, INDEX, NEW_AXIS, ELLIPSIS = 0, 1, 2, 3  # element kinds (literals in the helpers)
 
 
 def index_back(g: Tensor, lead: int, shape: List[int], kinds: List[int], starts: List[int],
@@ -171,20 +172,20 @@ def index_back(g: Tensor, lead: int, shape: List[int], kinds: List[int], starts:
     1 an integer (``starts``), 2 ``None`` (new axis), 3 ``...``."""
     used = 0
     for kind in kinds:
-        if kind == SLICE or kind == INDEX:
+        if kind == 0 or kind == 1:
             used += 1
     ellipsis = len(shape) - used
     new_axes: List[int] = []
     integers: List[int] = []
     out_axis, in_axis = lead, 0
     for kind in kinds:
-        if kind == NEW_AXIS:
+        if kind == 2:
             new_axes.append(out_axis)
             out_axis += 1
-        elif kind == ELLIPSIS:
+        elif kind == 3:
             out_axis += ellipsis
             in_axis += ellipsis
-        elif kind == SLICE:
+        elif kind == 0:
             out_axis += 1
             in_axis += 1
         else:
@@ -196,9 +197,9 @@ def index_back(g: Tensor, lead: int, shape: List[int], kinds: List[int], starts:
         g = g.unsqueeze(axis)
     in_axis = 0
     for i, kind in enumerate(kinds):
-        if kind == ELLIPSIS:
+        if kind == 3:
             in_axis += ellipsis
-        elif kind != NEW_AXIS:
+        elif kind != 2:
             g = _scatter_axis(g, lead + in_axis, shape[in_axis], kind, starts[i], stops[i],
                               steps[i])
             in_axis += 1
@@ -208,7 +209,7 @@ def index_back(g: Tensor, lead: int, shape: List[int], kinds: List[int], starts:
 def _scatter_axis(g: Tensor, axis: int, size: int, kind: int, start: int, stop: int,
                   step: int) -> Tensor:
     """Put ``g`` at ``start:stop:step`` (or at the integer ``start``) of a zero axis ``size``."""
-    if kind == INDEX:
+    if kind == 1:
         start = start + size if start < 0 else start
         stop, step = start + 1, 1
     elif start == 0 and stop >= size and step == 1:
@@ -235,9 +236,9 @@ def _index_elements(idx: Any) -> Union[list, str]:
                              BIG if item.stop is None else item.stop,
                              1 if item.step is None else item.step))
         elif isinstance(item, bool) or not is_scalar_node(item):
-            return (f"indexing with {type(item).__name__ if not isinstance(item, fx.Node) else 'a tensor'}"
-                    " (advanced indexing: tensors, lists, masks) has no rule; only basic "
-                    "indexing with ints, slices, None and ... is supported")
+            what = "a tensor" if isinstance(item, fx.Node) else type(item).__name__
+            return (f"indexing with {what} (advanced indexing: tensors, lists, masks) has no "
+                    "rule; only basic indexing with ints, slices, None and ... is supported")
         else:
             elements.append((INDEX, item, 0, 1))
     return elements
@@ -285,7 +286,8 @@ def _getitem_unsupported(b: dict) -> Optional[str]:
     if _tuple_source(obj):
         if isinstance(idx, int) and not isinstance(idx, bool):
             return None
-        return f"picking from the result of {obj.target} needs a constant int position, got {idx!r}"
+        return (f"picking a piece of the result of {op_name(obj)} needs a constant int "
+                f"position, got {idx!r}")
     if isinstance(obj, fx.Node) and "with_indices" in getattr(obj.target, "__name__", ""):
         return f"indexing the (values, indices) result of {obj.target.__name__} has no rule"
     reason = _index_elements(idx)
@@ -297,7 +299,9 @@ def _getitem_mixes(b: dict) -> Optional[str]:
     if _tuple_source(obj) or _is_shape(obj):
         return None
     first = (idx if isinstance(idx, tuple) else (idx,))[:1]
-    if not first or first[0] is Ellipsis or first[0] == slice(None, None, None):
+    if not first or first[0] is Ellipsis or (
+            isinstance(first[0], slice) and first[0].start in (None, 0)
+            and first[0].stop in (None, BIG) and first[0].step in (None, 1)):
         return None
     return "it indexes the sample axis 0 (anything but ':' or '...' first)"
 
@@ -325,14 +329,18 @@ def chunk_sizes(length: int, chunks: int) -> List[int]:
     return split_sizes(length, max((length + chunks - 1) // chunks, 1))
 
 
+def zeros_with_lead(like: Tensor, lead: int, shape: List[int]) -> Tensor:
+    """Zeros ``[*like.shape[:lead], *shape]`` with ``like``'s dtype and device."""
+    return torch.zeros(list(like.shape[:lead]) + list(shape), dtype=like.dtype,
+                       device=like.device)
+
+
 def unsplit(pieces: List[Tensor], positions: List[int], lead: int, shape: List[int], dim: int,
             sizes: List[int]) -> Tensor:
     """Jacobian-transpose of ``split``: the used pieces' cotangents at their positions along
     ``dim``, zeros elsewhere, ``[*lead, *shape]``."""
-    first = pieces[0]
     axis = dim + lead if dim >= 0 else dim
-    zeros = torch.zeros(list(first.shape[:lead]) + list(shape), dtype=first.dtype, device=first.device)
-    parts = list(torch.split(zeros, sizes, axis))
+    parts = list(torch.split(zeros_with_lead(pieces[0], lead, shape), sizes, axis))
     for position, piece in zip(positions, pieces):
         parts[position] = parts[position] + piece
     return torch.cat(parts, axis)
@@ -341,10 +349,8 @@ def unsplit(pieces: List[Tensor], positions: List[int], lead: int, shape: List[i
 def unstack(pieces: List[Tensor], positions: List[int], lead: int, shape: List[int],
             dim: int) -> Tensor:
     """Jacobian-transpose of ``unbind``: the used slices' cotangents stacked along ``dim``."""
-    first = pieces[0]
     axis = dim + lead if dim >= 0 else dim
-    zeros = torch.zeros(list(first.shape[:lead]) + list(shape), dtype=first.dtype, device=first.device)
-    parts = list(torch.unbind(zeros, axis))
+    parts = list(torch.unbind(zeros_with_lead(pieces[0], lead, shape), axis))
     for position, piece in zip(positions, pieces):
         parts[position] = parts[position] + piece
     return torch.stack(parts, axis)
@@ -419,18 +425,33 @@ def unrepeat(g: Tensor, lead: int, shape: List[int], repeats: List[int]) -> Tens
     return g.reshape(split).sum(summed).reshape(list(g.shape[:lead]) + list(shape))
 
 
+def to_batch(t: Tensor, lead: int, shape: List[int]) -> Tensor:
+    """Per-sample undo of broadcasting, ``[*lead, N, *broadcast]`` -> ``[*lead, N, *shape]``,
+    for an operand of ``shape`` without a sample axis; one as long as ``t``'s per-lead shape
+    has a size-1 axis 0 that broadcast against the samples (kept, per sample)."""
+    if t.dim() - lead == len(shape):
+        return sum_to_shape(t, lead + 1, list(shape[1:])).unsqueeze(lead + 1)
+    return sum_to_shape(t, lead + 1, shape)
+
+
 def _sum_back(g, c: Ctx):
     """Jᵀ of a broadcasting copy: sum ``g`` over the broadcast axes back to the input."""
     return c.call(sum_to_shape, g, c.lead, c.args.input.shape)
 
 
-_EXPAND_DOC = "y = x broadcast to a larger shape (no copy);  Jᵀg sums g over the broadcast axes."
-register(["expand"], "expand", "input, *sizes", doc=_EXPAND_DOC, vjp={"input": _sum_back},
-         **AFFINE)
-register([torch.broadcast_to], "broadcast_to", "input, size", doc=_EXPAND_DOC,
-         vjp={"input": _sum_back}, **AFFINE)
+def _sum_back_per_sample(g, c: Ctx):
+    """A parameter broadcast over the samples (``bias.expand(N, 1, E)``): per sample."""
+    return c.call(to_batch, g, c.lead, c.args.input.shape)
+
+
+_EXPAND_DOC = ("y = x broadcast to a larger shape (no copy);  Jᵀg sums g over the broadcast "
+               "axes; per sample (a parameter expanded over the samples) all but axis 0.")
+_EXPAND = dict(vjp={"input": _sum_back}, batch_grad={"input": _sum_back_per_sample}, **AFFINE)
+register(["expand"], "expand", "input, *sizes", doc=_EXPAND_DOC, **_EXPAND)
+register([torch.broadcast_to], "broadcast_to", "input, size", doc=_EXPAND_DOC, **_EXPAND)
 register(["expand_as"], "expand_as", "input, other", doc=_EXPAND_DOC,
-         vjp={"input": _sum_back, "other": None}, **AFFINE)
+         vjp={"input": _sum_back, "other": None}, batch_grad={"input": _sum_back_per_sample},
+         **AFFINE)
 register(["repeat"], "repeat", "input, *repeats",
          doc="y = x tiled repeats[i] times along axis i;  Jᵀg sums the copies.",
          vjp={"input": lambda g, c: c.call(unrepeat, g, c.lead, c.args.input.shape,

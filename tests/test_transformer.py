@@ -1,0 +1,444 @@
+"""Transformer pieces end to end (float64): a pre-norm block on ``[N, T, D]`` with
+``nn.MultiheadAttention``, the same attention written by hand and with
+``F.scaled_dot_product_attention``.
+
+References: loss and grad by autograd; ``batch_grad`` by ``vmap(grad)`` over samples (a sample
+is one sequence, its positions summed inside it), scaled like BackPACK's (``Σ_n = grad``);
+``diag_ggn_exact`` by the brute-force ``diag(Σ_n J_nᵀ H_n J_n)`` with ``torch.func``; the
+step scripted with TorchScript (saved and loaded) gives the same outputs.
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import io
+import math
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad, hessian, jacrev, vmap
+
+import fxcurv
+
+TOL = dict(rtol=1e-10, atol=1e-12)
+N, T, D, HEADS, CLASSES = 3, 4, 6, 2, 3
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")
+
+
+# --------------------------------------------------------------------------------- models
+class ModuleAttention(nn.Module):
+    """``nn.MultiheadAttention`` (self-attention) as a ``[N, T, D] -> [N, T, D]`` block."""
+
+    def __init__(self, batch_first: bool = True, **kwargs):
+        super().__init__()
+        self.attn = nn.MultiheadAttention(D, HEADS, batch_first=batch_first, **kwargs)
+        self.batch_first = batch_first
+
+    def forward(self, x):
+        if not self.batch_first:
+            x = x.transpose(0, 1)
+        out, _ = self.attn(x, x, x, need_weights=False)
+        return out if self.batch_first else out.transpose(0, 1)
+
+
+class HandAttention(nn.Module):
+    """q/k/v linear layers, ``softmax(q kᵀ/√d) v`` per head written out, output linear."""
+
+    def __init__(self, sdpa: bool = False, causal: bool = False):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
+        self.out = nn.Linear(D, D)
+        self.sdpa, self.causal = sdpa, causal
+
+    def heads(self, t):
+        return t.view(t.size(0), t.size(1), HEADS, D // HEADS).transpose(1, 2)
+
+    def forward(self, x):
+        q, k, v = self.heads(self.q(x)), self.heads(self.k(x)), self.heads(self.v(x))
+        if self.sdpa:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        else:
+            scores = q @ k.transpose(-2, -1) / math.sqrt(D // HEADS)
+            if self.causal:
+                future = torch.ones_like(scores, dtype=torch.bool).triu(1)
+                scores = scores.masked_fill(future, float("-inf"))
+            out = torch.softmax(scores, dim=-1) @ v
+        return self.out(out.transpose(1, 2).reshape(x.size(0), x.size(1), D))
+
+
+class Block(nn.Module):
+    """layer_norm -> attention -> residual -> layer_norm -> GELU MLP -> residual -> mean over
+    T -> linear head."""
+
+    def __init__(self, attention: nn.Module):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(D), nn.LayerNorm(D)
+        self.attention = attention
+        self.fc1, self.fc2 = nn.Linear(D, 2 * D), nn.Linear(2 * D, D)
+        self.head = nn.Linear(D, CLASSES)
+
+    def forward(self, x):
+        x = x + self.attention(self.ln1(x))
+        x = x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+        return self.head(x.mean(1))
+
+
+MODELS = {
+    "multihead_attention": lambda: Block(ModuleAttention()),
+    "multihead_attention_no_bias": lambda: Block(ModuleAttention(bias=False)),
+    "by_hand": lambda: Block(HandAttention()),
+    "by_hand_causal": lambda: Block(HandAttention(causal=True)),
+    "sdpa": lambda: Block(HandAttention(sdpa=True)),
+    "sdpa_causal": lambda: Block(HandAttention(sdpa=True, causal=True)),
+}
+QUANTITIES = ["batch_grad", "diag_ggn_exact"]
+
+
+def build(name: str, seed: int = 0):
+    torch.manual_seed(seed)
+    model = MODELS[name]().double()
+    x = torch.randn(N, T, D, dtype=torch.float64)
+    y = torch.randint(0, CLASSES, (N,))
+    return model, nn.CrossEntropyLoss(), x, y
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(name: str):
+    model, loss_fn, x, y = build(name)
+    step = fxcurv.compile(model, loss_fn, QUANTITIES)
+    return model, loss_fn, x, y, step, step(x, y)
+
+
+# ----------------------------------------------------------------------------- references
+def params_of(model):
+    return {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def reference_grad(model, loss_fn, x, y):
+    model = copy.deepcopy(model)
+    loss = loss_fn(model(x), y)
+    names = list(params_of(model))
+    grads = torch.autograd.grad(loss, [p for n, p in model.named_parameters() if n in names])
+    return loss.detach(), dict(zip(names, grads))
+
+
+def reference_batch_grad(model, loss_fn, x, y):
+    """``g_n = ∇_θ ℓ(f(x_n), y_n) / N`` (mean reduction), one sequence per sample."""
+    def per_sample(params, x_n, y_n):
+        out = functional_call(model, params, (x_n.unsqueeze(0),))
+        return loss_fn(out, y_n.unsqueeze(0)) / x.shape[0]
+    return vmap(grad(per_sample), in_dims=(None, 0, 0))(params_of(model), x, y)
+
+
+def reference_diag_ggn(model, loss_fn, x, y):
+    """``diag(Σ_n J_nᵀ H_n J_n)`` from the model Jacobian and the loss Hessian."""
+    params = params_of(model)
+    names, sizes = list(params), [p.numel() for p in params.values()]
+    theta = torch.cat([p.reshape(-1) for p in params.values()])
+
+    def output(flat):
+        pieces = {n: t.reshape(params[n].shape) for n, t in zip(names, flat.split(sizes))}
+        return functional_call(model, pieces, (x,))
+
+    f = output(theta).detach()
+    h = hessian(lambda out: loss_fn(out, y))(f).reshape(f.numel(), f.numel())
+    j = jacrev(output)(theta).reshape(f.numel(), -1)
+    diag = torch.einsum("ip,ij,jp->p", j, h, j)
+    return {n: d.reshape(params[n].shape) for n, d in zip(names, diag.split(sizes))}
+
+
+def assert_dicts_close(actual, expected, what):
+    assert list(actual) == list(expected), what
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], **TOL, msg=f"{what}[{key}]")
+
+
+# ---------------------------------------------------------------------------------- tests
+@pytest.mark.parametrize("name", list(MODELS))
+def test_loss_and_grad_match_autograd(name):
+    model, loss_fn, x, y, _, (loss, grads, *_) = compiled(name)
+    ref_loss, ref_grads = reference_grad(model, loss_fn, x, y)
+    torch.testing.assert_close(loss, ref_loss, **TOL)
+    assert_dicts_close(grads, ref_grads, "grad")
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_batch_grad_matches_vmap_grad(name):
+    model, loss_fn, x, y, _, (_, grads, batch_grad, _) = compiled(name)
+    reference = reference_batch_grad(model, loss_fn, x, y)
+    assert_dicts_close(batch_grad, reference, "batch_grad")
+    assert_dicts_close({k: v.sum(0) for k, v in batch_grad.items()}, grads, "Σ_n batch_grad")
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_diag_ggn_exact_matches_brute_force(name):
+    model, loss_fn, x, y, _, (*_, diag_ggn) = compiled(name)
+    assert_dicts_close(diag_ggn, reference_diag_ggn(model, loss_fn, x, y), "diag_ggn_exact")
+
+
+@pytest.mark.parametrize("name", ["multihead_attention", "by_hand_causal", "sdpa_causal"])
+def test_torchscript_round_trip(name):
+    _, _, x, y, step, outputs = compiled(name)
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(step), buffer)
+    buffer.seek(0)
+    loaded = torch.jit.load(buffer)
+    scripted = loaded(x, y)
+    torch.testing.assert_close(scripted[0], outputs[0], rtol=1e-12, atol=0)
+    for actual, expected in zip(scripted[1:], outputs[1:]):
+        assert_dicts_close(actual, expected, "scripted")
+
+
+def test_parameters_keep_their_names():
+    *_, step, (_, grads, _, _) = compiled("multihead_attention")
+    assert {"attention.attn.in_proj_weight", "attention.attn.in_proj_bias",
+            "attention.attn.out_proj.weight", "attention.attn.out_proj.bias"} <= set(grads)
+    assert "attention_attn_in_proj_weight" in step.code
+
+
+# ------------------------------------------------------------ MultiheadAttention variants
+class AttentionHead(nn.Module):
+    """An attention module on ``[N, T, D]`` with a mean-over-T linear head; ``call`` runs the
+    attention so each test can pick its arguments."""
+
+    def __init__(self, attn: nn.Module, call):
+        super().__init__()
+        self.attn, self.call = attn, call
+        self.head = nn.Linear(D, CLASSES)
+
+    def forward(self, x):
+        return self.head(self.call(self.attn, x).mean(1))
+
+
+def _causal(attn, x):
+    mask = torch.ones(T, T, dtype=torch.bool).triu(1)              # True: not allowed
+    return attn(x, x, x, attn_mask=mask, need_weights=False)[0]
+
+
+def _padding(attn, x):
+    padded = (x[:, :, 0] > 0.5) & (torch.arange(T) > 0)            # True: ignore; keep key 0
+    return attn(x, x, x, key_padding_mask=padded)[0]
+
+
+def _float_mask(attn, x):
+    mask = torch.linspace(-1.0, 1.0, T * T, dtype=torch.float64).reshape(T, T)
+    return attn(x, x, x, attn_mask=mask, need_weights=False)[0]
+
+
+def _per_sample_head_mask(attn, x):
+    blocked = (x[:, :, :1] * x[:, None, :, 1]) > 0                 # [N, T, T], True: blocked
+    blocked = (blocked & ~torch.eye(T, dtype=torch.bool)).repeat_interleave(HEADS, 0)
+    padding = torch.zeros(T, dtype=x.dtype).masked_fill(torch.arange(T) == 2, -1.5)
+    return attn(x, x, x, attn_mask=blocked, key_padding_mask=padding.expand(x.size(0), T),
+                need_weights=False)[0]
+
+
+def _weights_used(attn, x):
+    out, weights = attn(x, x, x)                                   # averaged over heads
+    return out + weights.sum(-1, keepdim=True) * weights[:, :, :1]
+
+
+def _weights_per_head(attn, x):
+    out, weights = attn(x, x, x, average_attn_weights=False)
+    return out * weights.mean(1).sum(-1, keepdim=True)
+
+
+def _cross(attn, x):
+    memory = x.flip(-1)[:, :, :4] * 2.0
+    return attn(x, memory, memory[:, :, :3], need_weights=False)[0]
+
+
+def _cross_same_dim(attn, x):
+    return attn(x, x * 2.0, x.tanh(), need_weights=False)[0]
+
+
+def _self(attn, x):
+    return attn(x, x, x, need_weights=False)[0]
+
+
+VARIANTS = {
+    "causal_bool_mask": (lambda: nn.MultiheadAttention(D, HEADS, batch_first=True), _causal),
+    "key_padding_mask": (lambda: nn.MultiheadAttention(D, HEADS, batch_first=True), _padding),
+    "float_mask": (lambda: nn.MultiheadAttention(D, HEADS, batch_first=True), _float_mask),
+    "per_sample_head_mask": (lambda: nn.MultiheadAttention(D, HEADS, batch_first=True),
+                             _per_sample_head_mask),
+    "weights_averaged": (lambda: nn.MultiheadAttention(D, HEADS, batch_first=True),
+                         _weights_used),
+    "weights_per_head": (lambda: nn.MultiheadAttention(D, HEADS, batch_first=True),
+                         _weights_per_head),
+    "kdim_vdim": (lambda: nn.MultiheadAttention(D, HEADS, batch_first=True, kdim=4, vdim=3),
+                  _cross),
+    "cross_attention": (lambda: nn.MultiheadAttention(D, HEADS, batch_first=True),
+                        _cross_same_dim),
+    "bias_kv_zero_attn": (lambda: nn.MultiheadAttention(D, HEADS, batch_first=True,
+                                                        add_bias_kv=True, add_zero_attn=True),
+                          _self),
+    "dropout_eval": (lambda: nn.MultiheadAttention(D, HEADS, dropout=0.5, batch_first=True),
+                     _self),
+}
+
+
+def _variant(name: str):
+    torch.manual_seed(1)
+    make, call = VARIANTS[name]
+    model = AttentionHead(make(), call).double()
+    if name == "dropout_eval":
+        model.eval()
+    x = torch.randn(N, T, D, dtype=torch.float64)
+    return model, nn.CrossEntropyLoss(), x, torch.randint(0, CLASSES, (N,))
+
+
+def check_all(model, loss_fn, x, y):
+    """loss, grad, batch_grad and diag_ggn_exact against their references."""
+    loss, grads, batch_grad, diag_ggn = fxcurv.compile(model, loss_fn, QUANTITIES)(x, y)
+    ref_loss, ref_grads = reference_grad(model, loss_fn, x, y)
+    torch.testing.assert_close(loss, ref_loss, **TOL)
+    assert_dicts_close(grads, ref_grads, "grad")
+    assert_dicts_close(batch_grad, reference_batch_grad(model, loss_fn, x, y), "batch_grad")
+    assert_dicts_close(diag_ggn, reference_diag_ggn(model, loss_fn, x, y), "diag_ggn_exact")
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_multihead_attention_variants(name):
+    check_all(*_variant(name))
+
+
+@pytest.mark.parametrize("name", ["per_sample_head_mask", "bias_kv_zero_attn", "kdim_vdim"])
+def test_multihead_attention_variants_script(name):
+    model, loss_fn, x, y = _variant(name)
+    step = fxcurv.compile(model, loss_fn, QUANTITIES)
+    expected, actual = step(x, y), torch.jit.script(step)(x, y)
+    torch.testing.assert_close(actual[0], expected[0], rtol=1e-12, atol=0)
+    for a, e in zip(actual[1:], expected[1:]):
+        assert_dicts_close(a, e, "scripted")
+
+
+def test_multihead_attention_self_attention_has_kronecker_factors():
+    """Self-attention projects with the packed in_proj_weight in one linear layer, so KFAC
+    applies to it as to any linear layer ([3E, 3E] and [E, E] factors)."""
+    model, loss_fn, x, y = _variant("dropout_eval")          # attention and a linear head
+    _, _, kflr = fxcurv.compile(model, loss_fn, ["kflr"])(x, y)
+    factors = kflr["attn.in_proj_weight"]
+    assert [tuple(f.shape) for f in factors] == [(3 * D, 3 * D), (D, D)]
+
+
+def test_multihead_attention_sequence_first_gives_grad_and_rejects_per_sample():
+    torch.manual_seed(2)
+    model = Block(ModuleAttention(batch_first=False)).double()
+    x, y = torch.randn(N, T, D, dtype=torch.float64), torch.randint(0, CLASSES, (N,))
+    loss, grads = fxcurv.compile(model, nn.CrossEntropyLoss(), [])(x, y)
+    ref_loss, ref_grads = reference_grad(model, nn.CrossEntropyLoss(), x, y)
+    torch.testing.assert_close(loss, ref_loss, **TOL)
+    assert_dicts_close(grads, ref_grads, "grad")
+    with pytest.raises(fxcurv.CompileError, match="moves the sample axis 0"):
+        fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_grad"])
+
+
+def test_multihead_attention_train_mode_dropout_draws_one_mask():
+    """Train-mode dropout is a mask drawn once per call (as nn.Dropout): the gradient is that
+    of the loss with the same mask, so two calls with the same seed agree."""
+    torch.manual_seed(3)
+    model = AttentionHead(nn.MultiheadAttention(D, HEADS, dropout=0.5, batch_first=True),
+                          _self).double()
+    x, y = torch.randn(N, T, D, dtype=torch.float64), torch.randint(0, CLASSES, (N,))
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_grad"])
+    assert "bernoulli" in step.code
+    torch.manual_seed(0)
+    first = step(x, y)
+    torch.manual_seed(0)
+    second = step(x, y)
+    assert_dicts_close(first[1], second[1], "same seed")
+    assert_dicts_close({k: v.sum(0) for k, v in first[2].items()}, first[1], "Σ_n batch_grad")
+
+
+def test_scaled_dot_product_attention_dropout_draws_one_mask():
+    torch.manual_seed(5)
+
+    class Dropped(HandAttention):
+        def forward(self, x):
+            q, k, v = self.heads(self.q(x)), self.heads(self.k(x)), self.heads(self.v(x))
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.3)
+            return self.out(out.transpose(1, 2).reshape(x.size(0), x.size(1), D))
+
+    model = Block(Dropped()).double()
+    x, y = torch.randn(N, T, D, dtype=torch.float64), torch.randint(0, CLASSES, (N,))
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_grad"])
+    assert "bernoulli" in step.code
+    loss, grads, batch_grad = step(x, y)
+    assert_dicts_close({k: v.sum(0) for k, v in batch_grad.items()}, grads, "Σ_n batch_grad")
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_transformer_encoder(norm_first):
+    """nn.TransformerEncoder(Layer) lowered without its fused fast path."""
+    torch.manual_seed(4)
+    layer = nn.TransformerEncoderLayer(D, HEADS, dim_feedforward=8, dropout=0.0,
+                                       batch_first=True, norm_first=norm_first)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False),
+                          nn.Flatten(), nn.Linear(T * D, CLASSES)).double().eval()
+    x, y = torch.randn(N, T, D, dtype=torch.float64), torch.randint(0, CLASSES, (N,))
+    check_all(model, nn.CrossEntropyLoss(), x, y)
+
+
+class Decoder(nn.Module):
+    """nn.TransformerDecoderLayer (traced as it is: masked self-attention, cross-attention to
+    a memory computed from x, feed-forward)."""
+
+    def __init__(self):
+        super().__init__()
+        self.decoder = nn.TransformerDecoderLayer(D, HEADS, dim_feedforward=8, dropout=0.0,
+                                                  batch_first=True)
+        self.head = nn.Linear(D, CLASSES)
+        self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(T))
+
+    def forward(self, x):
+        memory = x[:, :2] * 2.0
+        return self.head(self.decoder(x, memory, tgt_mask=self.causal).mean(1))
+
+
+def test_transformer_decoder_layer():
+    torch.manual_seed(6)
+    model = Decoder().double()
+    x, y = torch.randn(N, T, D, dtype=torch.float64), torch.randint(0, CLASSES, (N,))
+    check_all(model, nn.CrossEntropyLoss(), x, y)
+
+
+# ------------------------------------------------------------------------ clear errors
+class Gather(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(D, CLASSES)
+
+    def forward(self, x):
+        return self.fc(x)[:, torch.tensor([0, 2])].sum(1)
+
+
+class EinsumDiagonal(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = nn.Parameter(torch.randn(D, D))
+        self.fc = nn.Linear(T, CLASSES)
+
+    def forward(self, x):
+        return self.fc(torch.einsum("ntd,dd->nt", x, self.w))
+
+
+class PiecesSlice(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(D, 2 * CLASSES)
+
+    def forward(self, x):
+        return torch.cat(self.fc(x).mean(1).chunk(2, dim=-1)[1:], -1)
+
+
+@pytest.mark.parametrize("model, message", [
+    (Gather(), "advanced indexing"),
+    (EinsumDiagonal(), "repeated index"),
+    (PiecesSlice(), "constant int position"),
+])
+def test_unsupported_indexing_and_einsum_fail_at_compile_time(model, message):
+    with pytest.raises(fxcurv.CompileError, match=message):
+        fxcurv.compile(model.double(), nn.CrossEntropyLoss())

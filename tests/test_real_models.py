@@ -1,4 +1,5 @@
-"""Real models: torchvision's resnet18 (eval mode). First-order quantities against per-sample
+"""Real models: torchvision's resnet18 (eval mode) and a small VisionTransformer configuration
+(2 layers, 2 heads, width 8). First-order quantities against per-sample
 gradients from torch.func; ``diag_ggn_exact`` against an independent computation: the loss
 Hessian per sample from torch.func, its eigen square root, and one torch.func.vjp per column,
 ``diag(G) = Σ_{n,c} (J_nᵀ s_nc)²``."""
@@ -17,22 +18,31 @@ DTYPE = torch.float64
 TOL = dict(rtol=1e-8, atol=1e-12)
 
 
-@pytest.fixture(scope="module")
-def resnet():
+def _build(name: str):
     torch.manual_seed(0)
-    model = torchvision.models.resnet18(num_classes=3).eval().to(DTYPE)
+    if name == "resnet18":
+        return torchvision.models.resnet18(num_classes=3).eval().to(DTYPE), (2, 3, 32, 32)
+    vit = torchvision.models.VisionTransformer(image_size=8, patch_size=4, num_layers=2,
+                                               num_heads=2, hidden_dim=8, mlp_dim=16,
+                                               num_classes=3)
+    return vit.eval().to(DTYPE), (3, 3, 8, 8)
+
+
+@pytest.fixture(scope="module", params=["resnet18", "vit"])
+def real(request):
+    model, shape = _build(request.param)
     g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 3, 32, 32, dtype=DTYPE, generator=g)
-    y = torch.randint(0, 3, (2,), generator=g)
+    x = torch.randn(*shape, dtype=DTYPE, generator=g)
+    y = torch.randint(0, 3, (shape[0],), generator=g)
     start = time.perf_counter()
     step = fxcurv.compile(model, torch.nn.CrossEntropyLoss(),
                           ["batch_grad", "batch_l2", "variance", "diag_ggn_exact"])
-    print(f"resnet18 compile time: {time.perf_counter() - start:.2f} s")
+    print(f"{request.param} compile time: {time.perf_counter() - start:.2f} s")
     return model, x, y, step(x, y)
 
 
-def test_resnet18_first_order(resnet):
-    model, x, y, (loss, grad, batch_grad, l2, variance, _) = resnet
+def test_first_order(real):
+    model, x, y, (loss, grad, batch_grad, l2, variance, _) = real
     params = {k: v.detach() for k, v in model.named_parameters()}
 
     def loss_n(p, xn, yn):
@@ -49,8 +59,8 @@ def test_resnet18_first_order(resnet):
                                    **TOL, msg=name)
 
 
-def test_resnet18_diag_ggn_exact(resnet):
-    model, x, y, outputs = resnet
+def test_diag_ggn_exact(real):
+    model, x, y, outputs = real
     diag = outputs[-1]
     params = {k: v.detach() for k, v in model.named_parameters()}
     out, pullback = torch.func.vjp(lambda p: torch.func.functional_call(model, p, (x,)), params)

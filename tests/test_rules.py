@@ -157,13 +157,19 @@ def test_every_rule_states_its_second_order():
     assert not missing, f"rules that do not state their second order: {missing}"
 
 
-@pytest.mark.parametrize("case", CASES, ids=IDS)
+def _has_cross_rule(case) -> bool:
+    _, rule = _single_op(case)
+    return rule is not None and bool(rule.cross)
+
+
+CROSS_CASES = [c for c in CASES if _has_cross_rule(c)]
+
+
+@pytest.mark.parametrize("case", CROSS_CASES, ids=[c.id for c in CROSS_CASES])
 def test_cross_second_order_rules(case):
     """``cross[(a, b)]`` equals the diagonal of the mixed Hessian block of ``⟨g, f⟩``, which
     must be diagonal (elementwise ops with same-shaped arguments)."""
     node, rule = _single_op(case)
-    if node is None or not rule.cross:
-        pytest.skip("no cross rule")
     bound = rule.bind(node)
     for (name_a, name_b), fn in rule.cross.items():
         a, b = bound[name_a], bound[name_b]

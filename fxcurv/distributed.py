@@ -10,7 +10,7 @@ result and the global ``N``. All helpers are TorchScript-compatible.
 from __future__ import annotations
 
 import hashlib
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.distributed as dist
@@ -26,7 +26,7 @@ def rank_counts(batch_size: int, gradient: Optional[Tensor], hessian: Optional[T
     """This rank's row ``[[N_r, d_r gradient, d_r hessian]]`` (float64, on ``like``'s device);
     ``None`` divisors (``reduction='sum'``) count as 1."""
     row = torch.ones([1, 3], dtype=torch.float64, device=like.device)
-    row[0, 0] = float(batch_size)
+    row[0, 0] = batch_size  # an int (float() would fix a symbolic size under torch.export)
     if gradient is not None:
         row[0, 1] = gradient.to(torch.float64)
     if hessian is not None:
@@ -48,20 +48,39 @@ def total_count(counts: Tensor, column: int, like: Tensor) -> Tensor:
 def check_divisors(counts: Tensor) -> Tensor:
     """Hessian-family results add terms scaled by the gradient's divisor to terms scaled by
     the loss factor's; data parallelism can rescale the sum only when the two agree."""
-    if not torch.equal(counts[:, 1], counts[:, 2]):
-        raise ValueError("fxcurv (data parallel): the Hessian-family quantities need the loss "
-                         "to divide its gradient and its Hessian factor by the same count, but "
-                         "cross-entropy with class weights or ignored targets divides the "
-                         "gradient by the kept weight sum and the factor by the number of "
-                         "positions; use reduction='sum', or drop weight / ignore_index")
+    same = (counts[:, 1] == counts[:, 2]).all()
+    message = ("fxcurv (data parallel): the Hessian-family quantities need the loss to divide "
+               "its gradient and its Hessian factor by the same count, but cross-entropy with "
+               "class weights or ignored targets divides the gradient by the kept weight sum "
+               "and the factor by the number of positions; use reduction='sum', or drop "
+               "weight / ignore_index")
+    if not torch.jit.is_scripting():
+        if torch.compiler.is_exporting():  # a run-time assertion in the exported program
+            torch._assert_async(same, message)
+            return counts
+    if not bool(same):
+        raise ValueError(message)
     return counts
 
 
-def pad_samples(value: Tensor, counts: Tensor, axis: int) -> Tensor:
+def sample_sizes(counts: Tensor) -> List[int]:
+    """Every rank's ``N_r`` as ints (one host synchronisation per step)."""
+    sizes: List[int] = counts[:, 0].to(torch.int64).tolist()
+    return sizes
+
+
+def pad_samples(value: Tensor, sizes: List[int], axis: int) -> Tensor:
     """Move the sample axis to the front and zero-pad it to the largest ``N_r`` (all-gather
     needs equal sizes on every rank)."""
+    if not torch.jit.is_scripting():
+        if torch.compiler.is_exporting():
+            raise RuntimeError(
+                "fxcurv: torch.export cannot export a data-parallel step that gathers per-sample "
+                "quantities: the other ranks' batch sizes, and so the output shapes, are only "
+                "known at run time. Export a step without per-sample quantities, or use "
+                "torch.jit.script(step), which supports it.")
     moved = value.movedim(axis, 0)
-    rows = int(counts[:, 0].max().item())
+    rows = max(sizes)
     if moved.size(0) < rows:
         pad = torch.zeros([rows - moved.size(0)] + list(moved.shape[1:]), dtype=moved.dtype,
                           device=moved.device)
@@ -69,12 +88,12 @@ def pad_samples(value: Tensor, counts: Tensor, axis: int) -> Tensor:
     return moved.contiguous()
 
 
-def unpad_samples(gathered: Tensor, counts: Tensor, axis: int) -> Tensor:
+def unpad_samples(gathered: Tensor, sizes: List[int], axis: int) -> Tensor:
     """``[W·max N_r, ...]`` -> the ranks' real samples in rank order, sample axis back at
     ``axis``: the concatenated global batch."""
-    world, rows = counts.size(0), int(counts[:, 0].max().item())
-    blocks = gathered.reshape([world, rows] + list(gathered.shape[1:]))
-    parts = [blocks[r, :int(counts[r, 0].item())] for r in range(world)]
+    rows = max(sizes)
+    blocks = gathered.reshape([len(sizes), rows] + list(gathered.shape[1:]))
+    parts = [blocks[r, :sizes[r]] for r in range(len(sizes))]
     return torch.cat(parts).movedim(0, axis)
 
 

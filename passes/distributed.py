@@ -10,8 +10,9 @@ The pass emits, right after the loss, the loss rule's divisors and ``x.size(0)``
 counts per rank and all-gathers it (``[W, 3]``: the shares, the global N and the padding of
 unequal batches follow from it). Then, for each returned quantity, it scales every parameter's
 value by its share and issues one coalesced collective right after the last of them is
-computed (so it runs while the rest of the step computes); the waits and the final
-rescaling sit before the output. Per quantity (:data:`REDUCTIONS`):
+computed (so it runs while the rest of the step computes); the waits, and what follows
+them (cutting the padding, the variance), sit before the output. Per quantity
+(:data:`REDUCTIONS`):
 
 ======================  ==================================================================
 sum of ``w^k · q``      loss, grad (k=1); sum_grad_squared (k=2); diag_ggn_*, diag_h,
@@ -42,6 +43,7 @@ from fxcurv.errors import CompileError, node_error
 from fxcurv.rules import Ctx, rule_for
 
 from .analysis import descendants
+from .cleanup import RANDOM_OPS
 from .curvature.kfra import batch_mean_matrix, summed_outer
 
 COLLECTIVES = torch.ops._c10d_functional
@@ -80,7 +82,10 @@ REDUCTIONS: dict[str, Reduction] = {
     "pchmp_abs": Reduction("sum", "both"),
     "pchmp_clip": Reduction("sum", "both"),
 }
-COLUMNS = {"gradient": GRADIENT, "hessian": HESSIAN, "both": GRADIENT, "samples": SAMPLES}
+COLUMNS = {"gradient": GRADIENT, "hessian": HESSIAN, "samples": SAMPLES}
+# the shares a step may use: (divisor column, power); unused ones are removed as dead code
+SHARES = [("gradient", 1.0), ("gradient", 2.0), ("hessian", 1.0), ("hessian", 0.5),
+          ("samples", 1.0)]
 
 
 def data_parallel(emit: Emitter, traced, requested: list, outputs: tuple,
@@ -90,6 +95,11 @@ def data_parallel(emit: Emitter, traced, requested: list, outputs: tuple,
     if process_group is None:
         return outputs
     group = _check_group(process_group)
+    for label, quantity in requested:
+        if quantity.name not in REDUCTIONS:
+            raise CompileError(f"quantity {label!r} has no data-parallel reduction yet (add it "
+                               "to REDUCTIONS in passes/distributed.py); compile it without "
+                               "process_group.")
     _check_generators(traced, requested, group)
     plan = DataParallel(emit, traced, group, requested)
     loss, grads, *results = outputs
@@ -105,6 +115,7 @@ def data_parallel(emit: Emitter, traced, requested: list, outputs: tuple,
         else:
             method = plan.reduce_sum if reduction.kind == "sum" else plan.gather
             reduced.append(method(values, reduction, label))
+    emit.graph.lint()
     return (global_loss, global_grads, *reduced)
 
 
@@ -145,7 +156,9 @@ class DataParallel:
         with at.naming("loss", pass_="distributed"):
             divisors = [rule.mean_divisor(ctx, part) if self.mean else None
                         for part in ("gradient", "hessian")]
-            row = at.call(helpers.rank_counts, at.proxy(x).size(0), *divisors, ctx.args.input)
+            self.batch_size = at.proxy(x).size(0)
+            row = at.call(helpers.rank_counts, self.batch_size, *divisors, ctx.args.input)
+        at.rename(self.batch_size, "local_batch_size")
         at.rename(row, "rank_counts")
         with at.naming("counts", pass_="distributed"):
             counts = self._wait(at, at.call(COLLECTIVES.all_gather_into_tensor, row,
@@ -153,17 +166,16 @@ class DataParallel:
             if check_divisors and self.mean:
                 counts = at.call(helpers.check_divisors, counts)
         at.rename(counts, "counts")
-        self.counts = counts
+        like = ctx.args.input
+        self.sizes = self._named(at, "batch_sizes", helpers.sample_sizes, counts)
         self.total = self._named(at, "global_batch_size", helpers.total_count, counts, SAMPLES,
-                                 ctx.args.input)
+                                 like)
         self.shares = {}
-        for part, power in (("gradient", 1.0), ("gradient", 2.0), ("hessian", 1.0),
-                            ("hessian", 0.5), ("samples", 1.0)):
+        for part, power in SHARES:
             if self.mean or part == "samples":
-                name = f"{part}_share" + ("" if power == 1.0 else f"_pow{power:g}".replace(
-                    ".", "_"))
+                name = f"{part}_share" + {1.0: "", 2.0: "_squared", 0.5: "_sqrt"}[power]
                 self.shares[part, power] = self._named(at, name, helpers.rank_share, counts,
-                                                       row, COLUMNS[part], power, ctx.args.input)
+                                                       row, COLUMNS[part], power, like)
         self.ready = before.prev
 
     def share(self, part: str, power: float) -> Any:
@@ -171,112 +183,117 @@ class DataParallel:
         parts use the gradient's divisor, checked equal to the Hessian factor's."""
         return self.shares.get(("gradient" if part == "both" else part, power))
 
-    # -- collectives --------------------------------------------------------------------------
+    # -- one method per kind of reduction ------------------------------------------------------
     def reduce_sum(self, values: dict, reduction: Reduction, label: str) -> dict:
         """``Σ_r w_r^k · value_r``, one coalesced all-reduce for the whole quantity."""
         share = self.share(reduction.part, reduction.power)
-        at = self._issue_point(values)
-        with at.naming(label, pass_="distributed"):
-            scaled = {name: self._scaled(at, v, share, f"{label}_share")
-                      for name, v in values.items()}
-            pending = self._all_reduce(at, list(scaled.values()))
-        return {name: self._finish(item, self._label(name, label))
-                for name, item in zip(values, pending)}
+        pending = self._all_reduce({name: (v, share) for name, v in values.items()}, label)
+        return {name: self._finish(pending[name], self._label(name, label)) for name in values}
 
     def gather(self, values: dict, reduction: Reduction, label: str) -> dict:
-        """``w_r^k · value_r`` gathered along the sample axis in rank order (padded)."""
+        """``w_r^k · value_r`` gathered along the sample axis in rank order (zero-padded to the
+        largest batch, cut back after)."""
         share = self.share(reduction.part, reduction.power)
-        at = self._issue_point(values)
+        at = self._issue_point(values.values())
         with at.naming(label, pass_="distributed"):
-            padded = [at.call(helpers.pad_samples, self._scaled(at, v, share, f"{label}_share"),
-                              self.counts, reduction.axis) for v in values.values()]
+            padded = [at.call(helpers.pad_samples, self._scaled(at, v, share), self.sizes,
+                              reduction.axis) for v in values.values()]
             gathered = at.call(COLLECTIVES.all_gather_into_tensor_coalesced, padded,
                                self.world, self.group_name)
             pending = [gathered[i] for i in range(len(padded))]
         result = {}
-        for (name, _), item in zip(values.items(), pending):
-            with self.emit.naming(f"{self._param(name)}_{label}", pass_="distributed"):
-                waited = self._wait(self.emit, item)
-                result[name] = self.emit.call(helpers.unpad_samples, waited, self.counts,
-                                              reduction.axis)
-            self.emit.rename(result[name], f"{self._param(name)}_{label}_global")
+        for name, item in zip(values, pending):
+            prefix = self._label(name, label)
+            with self.emit.naming(prefix, pass_="distributed"):
+                result[name] = self.emit.call(helpers.unpad_samples, self._wait(self.emit, item),
+                                              self.sizes, reduction.axis)
+            self.emit.rename(result[name], f"{prefix}_global")
         return result
 
     def variance(self, values: dict, grads: dict, global_grads: dict, label: str) -> dict:
         """The global ``Σ g²`` (from each rank's variance and gradient), then the variance."""
-        batch = self.emit.proxy(self.traced.inputs[0]).size(0)
+        at = self._issue_point(list(values.values()) + list(grads.values()))
         sums = {}
         for name, value in values.items():
-            with self.emit.naming(f"{self._param(name)}_{label}", pass_="distributed"):
-                sums[name] = self.emit.call(helpers.sum_squares_from_variance, value,
-                                            grads[name], batch)
+            with at.naming(self._label(name, label), pass_="distributed"):
+                sums[name] = at.call(helpers.sum_squares_from_variance, value, grads[name],
+                                     self.batch_size)
+            at.rename(sums[name], f"{self._label(name, label)}_sum_squares")
         sums = self.reduce_sum(sums, Reduction("sum", "gradient", 2.0), f"{label}_sum_squares")
         result = {}
         for name, total in sums.items():
-            with self.emit.naming(f"{self._param(name)}_{label}", pass_="distributed"):
+            prefix = self._label(name, label)
+            with self.emit.naming(prefix, pass_="distributed"):
                 result[name] = self.emit.call(helpers.variance_from_sums, total,
                                               global_grads[name], self.total)
-            self.emit.rename(result[name], f"{self._param(name)}_{label}_global")
+            self.emit.rename(result[name], f"{prefix}_global")
         return result
 
     def kron(self, values: dict, reduction: Reduction, label: str) -> dict:
         """Kronecker factors: G (downstream of the model output) carries the loss's scaling,
         A (forward statistics) the ``N_r / N`` share. KFRA's G is already global."""
         curvature = descendants(self.graph, self.traced.model_output)
-        flat, shares = {}, {}
+        entries = {}
         for name, factors in values.items():
             for i, factor in enumerate(factors):
                 is_g = factor.node in curvature
-                if is_g and reduction.kind == "kfra":
-                    continue
-                flat[name, i] = factor
-                shares[name, i] = self.share(reduction.part, 1.0) if is_g else \
-                    self.share("samples", 1.0)
-        at = self._issue_point(flat)
-        with at.naming(label, pass_="distributed"):
-            scaled = [self._scaled(at, v, shares[key], f"{label}_share")
-                      for key, v in flat.items()]
-            pending = dict(zip(flat, self._all_reduce(at, scaled))) if scaled else {}
-        result = {}
-        for name, factors in values.items():
-            result[name] = [self._finish(pending[name, i], self._label(name, f"{label}_{i}"))
-                            if (name, i) in pending else f for i, f in enumerate(factors)]
-        return result
+                if not (is_g and reduction.kind == "kfra"):
+                    part = reduction.part if is_g else "samples"
+                    entries[name, i] = factor, self.share(part, 1.0)
+        pending = self._all_reduce(entries, label) if entries else {}
+        return {name: [self._finish(pending[name, i], self._label(name, f"{label}_{i}"))
+                       if (name, i) in pending else factor for i, factor in enumerate(factors)]
+                for name, factors in values.items()}
 
     def _reduce_kfra_matrices(self) -> None:
         """All-reduce KFRA's dense matrix where it is formed: the loss's ``Σ S Sᵀ`` (Hessian
         share) and every batch average ``(1/N_r) Σ_n J_nᵀ M J_n`` (``N_r / N`` share)."""
-        sites = {summed_outer: self.share("hessian", 1.0), batch_mean_matrix:
-                 self.share("samples", 1.0)}
+        sites = {summed_outer: self.share("hessian", 1.0),
+                 batch_mean_matrix: self.share("samples", 1.0)}
         for node in list(self.graph.nodes):
             if node.op != "call_function" or node.target not in sites:
                 continue
-            at = Emitter(self.graph, before=node.next)
-            with at.naming(f"{node.name}", pass_="distributed"):
-                scaled = self._scaled(at, at.proxy(node), sites[node.target], "share")
-                total = self._wait(at, self._all_reduce(at, [scaled])[0])
+            readers, at = list(node.users), Emitter(self.graph, before=node.next)
+            with at.naming(node.name, pass_="distributed"):
+                scaled = self._scaled(at, at.proxy(node), sites[node.target])
+                pending = at.call(COLLECTIVES.all_reduce_coalesced, [scaled], "sum",
+                                  self.group_name)
+                total = self._wait(at, pending[0])
             at.rename(total, f"{node.name}_global")
-            node.replace_all_uses_with(total.node, delete_user_cb=lambda user: user
-                                       is not scaled.node and user is not total.node)
+            for reader in readers:
+                reader.replace_input_with(node, total.node)
 
     # -- building blocks -----------------------------------------------------------------------
-    def _issue_point(self, values: dict) -> Emitter:
-        """An emitter right after the last computed of ``values`` (and the counts)."""
+    def _all_reduce(self, entries: dict, label: str) -> dict:
+        """Issue one coalesced all-reduce of ``value · share`` for every entry, right after the
+        last value is computed; return each entry's pending result. Values computed by the
+        same call with the same arguments (a linear layer's weight and bias G) are sent once."""
+        at = self._issue_point([value for value, _ in entries.values()])
+        index, slot, tensors = {}, {}, []
+        with at.naming(label, pass_="distributed"):
+            for key, (value, share) in entries.items():
+                same = (_structure(value.node), share.node if share is not None else None)
+                if same not in index:
+                    index[same] = len(tensors)
+                    tensors.append(self._scaled(at, value, share))
+                slot[key] = index[same]
+            reduced = at.call(COLLECTIVES.all_reduce_coalesced, tensors, "sum", self.group_name)
+            items = [reduced[i] for i in range(len(tensors))]
+        return {key: items[slot[key]] for key in entries}
+
+    def _issue_point(self, values) -> Emitter:
+        """An emitter right after the last computed of ``values`` (and the shares)."""
         order = {node: i for i, node in enumerate(self.graph.nodes)}
         nodes = [self.ready] + [_node(v) for v in _flatten(values)]
         last = max((n for n in nodes if n is not None), key=order.__getitem__)
         return Emitter(self.graph, before=last.next)
 
-    def _scaled(self, at: Emitter, value: Any, share: Any, name: str) -> Any:
+    def _scaled(self, at: Emitter, value: Any, share: Any) -> Any:
         if share is None:
             return value
-        scaled = value * share
+        scaled = at.proxy(_node(value)) * share  # emitted by ``at``, at its place
         at.rename(scaled, f"{_node(value).name}_share")
         return scaled
-
-    def _all_reduce(self, at: Emitter, tensors: list) -> list:
-        pending = at.call(COLLECTIVES.all_reduce_coalesced, tensors, "sum", self.group_name)
-        return [pending[i] for i in range(len(tensors))]
 
     def _wait(self, at: Emitter, pending: Any) -> Any:
         return at.call(COLLECTIVES.wait_tensor, pending)
@@ -288,12 +305,10 @@ class DataParallel:
         self.emit.rename(value, f"{label}_global")
         return value
 
-    def _param(self, name: str) -> str:
-        return self.traced.params[name].name
-
     def _label(self, name: str, label: str) -> str:
         """``fc1_weight_diag_ggn_exact`` for a parameter's value, ``label`` for the loss."""
-        return f"{self._param(name)}_{label}" if name in self.traced.params else label
+        params = self.traced.params
+        return f"{params[name].name}_{label}" if name in params else label
 
     def _named(self, at: Emitter, name: str, fn, *args) -> Any:
         with at.naming(name, pass_="distributed"):
@@ -306,11 +321,23 @@ def _node(value: Any) -> Optional[fx.Node]:
     return value.node if isinstance(value, fx.Proxy) else None
 
 
-def _flatten(values: dict) -> list:
+def _flatten(values) -> list:
     flat = []
-    for value in values.values():
+    for value in values:
         flat.extend(value if isinstance(value, (list, tuple)) else [value])
     return flat
+
+
+def _structure(node: fx.Node) -> tuple:
+    """Two calls of the same op on the same arguments compute the same value (the nodes
+    that common-subexpression elimination merges later, one level deep); random ops never."""
+    try:
+        random = node.target in RANDOM_OPS
+    except TypeError:  # an unhashable target
+        random = False
+    if node.op not in ("call_function", "call_method") or random:
+        return (node,)
+    return node.op, node.target, repr(node.args), repr(node.kwargs)
 
 
 def _check_group(group: Any):

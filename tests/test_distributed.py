@@ -1,17 +1,19 @@
 """Data-parallel steps (``fxcurv.compile(..., process_group=...)``) against one process.
 
-Each world size spawns its ranks once (``python tests/test_distributed.py --worker ...``,
-gloo on 127.0.0.1); every rank runs all checks below on its shard of one global batch
-(unequal shard sizes) and writes a report; the tests read the reports. A deterministic
-quantity must equal the single-process result on the concatenated batch (float64).
+Both world sizes (2 and 3) start once, together: their ranks are forked from the test
+process (they inherit its imports) and join a gloo group on 127.0.0.1. Every rank runs all
+checks below on its shard of one global batch (unequal shard sizes, one rank with a single
+sample) and writes a report; the tests read the reports. A deterministic quantity must equal
+the single-process result on the concatenated batch (float64, rtol 1e-10).
 """
 from __future__ import annotations
 
+import datetime
 import json
 import math
+import multiprocessing
 import os
 import socket
-import subprocess
 import sys
 import time
 import traceback
@@ -23,7 +25,7 @@ import torch.nn as nn
 SHARDS = {2: [5, 3], 3: [4, 1, 6]}      # samples per rank: unequal on purpose
 DETERMINISTIC = ["batch_grad", "batch_l2", "sum_grad_squared", "variance", "diag_ggn_exact",
                  "diag_ggn_exact_batch", "sqrt_ggn_exact", "kflr", "kfra", "diag_h",
-                 "diag_h_batch", "ggnmp", "hmp"]
+                 "diag_h_batch", "ggnmp", "hmp", "pchmp_abs", "pchmp_clip"]
 CASES = {  # loss setting -> (loss, output shape per sample, quantities)
     "ce_mean": (nn.CrossEntropyLoss(), (3,), DETERMINISTIC),
     "ce_sum": (nn.CrossEntropyLoss(reduction="sum"), (3,), DETERMINISTIC),
@@ -38,6 +40,7 @@ CASES = {  # loss setting -> (loss, output shape per sample, quantities)
 RTOL, ATOL = 1e-10, 1e-13
 CHECKS = [f"{case}/{q}" for case, (_, _, qs) in CASES.items() for q in ["loss", "grad", *qs]] + [
     "ce_ignore/diag_h refused at call time", "torchscript", "torchscript save/load",
+    "torch.export", "torch.export refuses gathers",
     "ddp module", "ddp hooks untouched", "mc: diag_ggn_mc mean -> exact",
     "mc: kfac G mean -> kflr G", "mc: samples differ across ranks",
     "mc: equal generators refused", "error: callable loss", "error: not a process group",
@@ -78,17 +81,24 @@ def shard(tensor, sizes, rank):
 
 def close(a, b) -> tuple[bool, str]:
     """Recursive comparison of step outputs; the largest relative error as detail."""
-    if isinstance(a, dict):
-        results = [close(a[k], b[k]) for k in b] if a.keys() == b.keys() else [(False, "keys")]
-    elif isinstance(a, (list, tuple)):
-        results = [close(u, v) for u, v in zip(a, b)] if len(a) == len(b) else [(False, "len")]
-    else:
-        if a.shape != b.shape:
-            return False, f"shape {list(a.shape)} != {list(b.shape)}"
-        err = ((a - b).abs() / (b.abs() + ATOL / RTOL)).max().item() if a.numel() else 0.0
-        return torch.allclose(a, b, rtol=RTOL, atol=ATOL), f"max rel err {err:.1e}"
-    ok = all(r[0] for r in results)
-    return ok, max((r[1] for r in results), key=lambda s: s) if results else ""
+    ok, worst = True, 0.0
+    for u, v in _pairs(a, b):
+        if u.shape != v.shape:
+            return False, f"shape {list(u.shape)} != {list(v.shape)}"
+        ok = ok and torch.allclose(u, v, rtol=RTOL, atol=ATOL)
+        if u.numel():
+            worst = max(worst, ((u - v).abs() / (v.abs() + ATOL / RTOL)).max().item())
+    return ok, f"max rel err {worst:.1e}"
+
+
+def _pairs(a, b) -> list:
+    if isinstance(b, dict):
+        assert a.keys() == b.keys(), f"keys {list(a)} != {list(b)}"
+        return [pair for k in b for pair in _pairs(a[k], b[k])]
+    if isinstance(b, (list, tuple)):
+        assert len(a) == len(b), f"{len(a)} != {len(b)} entries"
+        return [pair for u, v in zip(a, b) for pair in _pairs(u, v)]
+    return [(a, b)]
 
 
 class Report:
@@ -108,7 +118,7 @@ def check_case(report: Report, case: str, sizes: list, rank: int, group) -> None
     loss_fn, _, quantities = CASES[case]
     model = model_for(case)
     x, y = global_batch(case, sum(sizes))
-    products = [q for q in quantities if q in ("ggnmp", "hmp")]
+    products = [q for q in quantities if q in ("ggnmp", "hmp", "pchmp_abs", "pchmp_clip")]
     args = (vectors_for(model),) if products else ()
     reference = fxcurv.compile(model, loss_fn, quantities)(x, y, *args)
     step = fxcurv.compile(model, loss_fn, quantities, process_group=group)
@@ -122,9 +132,41 @@ def check_case(report: Report, case: str, sizes: list, rank: int, group) -> None
     for name, got, want in zip(["loss", "grad", *quantities], result, reference):
         report.check(f"{case}/{name}", lambda: close(got, want))
     if case == "ce_mean":
-        report.check("torchscript", lambda: close(torch.jit.script(step)(*local, *args), result))
-        report.check("torchscript save/load", lambda: _save_load(step, local + args, result))
         report.check("same result on every rank", lambda: _same_everywhere(result, group))
+        check_torchscript(report, step, local + args, result)
+        check_export(report, model, loss_fn, local, group)
+
+
+def check_torchscript(report: Report, step, args: tuple, expected) -> None:
+    """The scripted step runs the same collectives; saved and loaded it still does."""
+    scripted = torch.jit.script(step)
+    report.check("torchscript", lambda: close(scripted(*args), expected))
+    path = os.path.join(OUT["dir"], f"step{torch.distributed.get_rank()}.pt")
+    scripted.save(path)
+    report.check("torchscript save/load", lambda: close(torch.jit.load(path)(*args), expected))
+
+
+def check_export(report: Report, model, loss_fn, args: tuple, group) -> None:
+    """torch.export: a step without per-sample quantities exports with its collectives and a
+    dynamic batch size (exported from two samples, run on this rank's shard); one that
+    gathers them is refused with a clear error."""
+    import fxcurv
+    step = fxcurv.compile(model, loss_fn, ["variance", "kflr", "diag_h"], process_group=group)
+    expected = step(*args)
+    n = torch.export.Dim("N", min=1)
+    example = global_batch("ce_mean", 2)
+    report.check("torch.export", lambda: close(torch.export.export(
+        step, example, dynamic_shapes={"x": {0: n}, "y": {0: n}}).module()(*args), expected))
+    gathers = fxcurv.compile(model, loss_fn, ["batch_grad"], process_group=group)
+    report.check("torch.export refuses gathers", lambda: _export_raises(gathers, args))
+
+
+def _export_raises(step, args):
+    try:
+        torch.export.export(step, args)
+    except RuntimeError as err:
+        return "cannot export a data-parallel step" in str(err), str(err)[:80]
+    return False, "no error"
 
 
 def _raises(step, x, y):
@@ -133,12 +175,6 @@ def _raises(step, x, y):
     except ValueError as err:
         return "same count" in str(err), str(err)[:80]
     return False, "no error"
-
-
-def _save_load(step, args, expected):
-    path = os.path.join(os.environ["FXCURV_TEST_DIR"], f"step{torch.distributed.get_rank()}.pt")
-    torch.jit.script(step).save(path)
-    return close(torch.jit.load(path)(*args), expected)
 
 
 def _same_everywhere(result, group):
@@ -184,15 +220,15 @@ def check_monte_carlo(report: Report, sizes: list, rank: int, group) -> None:
         CompileError, "same cpu generator", model, loss_fn, ["diag_ggn_mc"], group))
     torch.manual_seed(100 + rank)
     exact = fxcurv.compile(model, loss_fn, ["diag_ggn_exact", "kflr"])(x, y)
-    step = fxcurv.compile(model, loss_fn, ["diag_ggn_mc", "kfac"], mc_samples=20,
+    step = fxcurv.compile(model, loss_fn, ["diag_ggn_mc", "kfac"], mc_samples=40,
                           process_group=group)
-    calls = 100
+    calls = 50
     runs = [step(*local) for _ in range(calls)]
     report.check("mc: diag_ggn_mc mean -> exact", lambda: _converges(
-        [r[2] for r in runs], exact[2], calls * 20))
+        [r[2] for r in runs], exact[2], calls * 40))
     report.check("mc: kfac G mean -> kflr G", lambda: _converges(
         [{n: f[0] for n, f in r[3].items()} for r in runs],
-        {n: f[0] for n, f in exact[3].items()}, calls * 20))
+        {n: f[0] for n, f in exact[3].items()}, calls * 40))
     same = fxcurv.compile(model, loss_fn, ["sqrt_ggn_mc"], process_group=group)
     factor = same(x[:3], y[:3])[2]  # the same data on every rank
     report.check("mc: samples differ across ranks", lambda: _rank_blocks_differ(factor, 3))
@@ -234,19 +270,24 @@ def check_errors(report: Report, group) -> None:
         CompileError, "ProcessGroup", model, nn.CrossEntropyLoss(), [], [0, 1]))
 
 
+OUT = {"dir": "."}  # where a rank writes its report and files
+
+
 def worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as dist
+    OUT["dir"] = out
     torch.set_default_dtype(torch.float64)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world)
+                            world_size=world, timeout=datetime.timedelta(seconds=60))
     group, sizes, report = dist.group.WORLD, SHARDS[world], Report()
-    started = time.perf_counter()
-    for case in CASES:
-        check_case(report, case, sizes, rank, group)
-    check_ddp(report, sizes, rank)
-    check_monte_carlo(report, sizes, rank, group)
-    check_errors(report, group)
-    report.results["seconds"] = [True, f"{time.perf_counter() - started:.1f}"]
+    sections = [(c, lambda c=c: check_case(report, c, sizes, rank, group)) for c in CASES]
+    sections += [("ddp", lambda: check_ddp(report, sizes, rank)),
+                 ("mc", lambda: check_monte_carlo(report, sizes, rank, group)),
+                 ("errors", lambda: check_errors(report, group))]
+    for name, run in sections:
+        started = time.perf_counter()
+        run()
+        report.results[f"seconds: {name}"] = [True, f"{time.perf_counter() - started:.2f}"]
     with open(os.path.join(out, f"rank{rank}.json"), "w") as f:
         json.dump(report.results, f)
     dist.barrier()
@@ -260,29 +301,99 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module", params=sorted(SHARDS))
-def reports(request, tmp_path_factory):
-    world = request.param
-    out = str(tmp_path_factory.mktemp(f"world{world}"))
-    env = dict(os.environ, FXCURV_TEST_DIR=out, OMP_NUM_THREADS="1")
-    port = _free_port()
-    procs = [subprocess.Popen([sys.executable, __file__, "--worker", str(rank), str(world),
-                               str(port), out], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT) for rank in range(world)]
-    logs = [p.communicate(timeout=240)[0].decode() for p in procs]
-    for rank, (proc, log) in enumerate(zip(procs, logs)):
-        assert proc.returncode == 0, f"rank {rank} of {world} failed:\n{log[-3000:]}"
-    return world, [json.load(open(os.path.join(out, f"rank{r}.json"))) for r in range(world)]
+def _rank_process(rank: int, world: int, port: int, out: str) -> None:
+    """A forked rank: it shares the parent's imports (torch, fxcurv), so it starts at once."""
+    torch.set_num_threads(1)
+    try:
+        worker(rank, world, port, out)
+    except BaseException:
+        with open(os.path.join(out, f"rank{rank}.error"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
 
 
+def _warm_up() -> None:
+    """Import what every rank needs once, here: forked ranks inherit it."""
+    import fxcurv
+    fxcurv.compile(model_for("ce_mean"), nn.CrossEntropyLoss())  # the first compile imports
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory) -> dict:
+    """Every rank of both world sizes at once, forked from this process: world size -> one
+    report per rank."""
+    _warm_up()
+    context = multiprocessing.get_context("fork")
+    runs = {}
+    for world in SHARDS:
+        out, port = str(tmp_path_factory.mktemp(f"world{world}")), _free_port()
+        runs[world] = out, [context.Process(target=_rank_process, args=(rank, world, port, out))
+                            for rank in range(world)]
+        for process in runs[world][1]:
+            process.start()
+    results = {}
+    for world, (out, processes) in runs.items():
+        for rank, process in enumerate(processes):
+            process.join(timeout=300)
+            if process.is_alive():
+                process.kill()
+            error = os.path.join(out, f"rank{rank}.error")
+            detail = open(error).read()[-3000:] if os.path.exists(error) else "no report"
+            assert process.exitcode == 0, f"rank {rank} of {world} failed:\n{detail}"
+        results[world] = [json.load(open(os.path.join(out, f"rank{r}.json")))
+                          for r in range(world)]
+    return results
+
+
+@pytest.mark.parametrize("world", sorted(SHARDS))
 @pytest.mark.parametrize("check", CHECKS)
-def test_distributed(reports, check):
-    world, results = reports
-    for rank, result in enumerate(results):
+def test_distributed(reports, world, check):
+    for rank, result in enumerate(reports[world]):
         assert check in result, f"rank {rank} of {world} did not run {check!r}"
         ok, detail = result[check]
         assert ok, f"rank {rank} of {world}: {check}: {detail}"
 
 
-if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:
+def _example_rank(rank: int, port: int, out: str) -> None:
+    """One rank of ``examples/distributed_kfac.py``, with the environment torchrun sets."""
+    import contextlib
+    import runpy
+    examples = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                            "examples")
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2",
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), FXCURV_NO_DOWNLOAD="1")
+    sys.path.insert(0, examples)
+    sys.argv = ["distributed_kfac.py", "--data-dir", os.path.join(out, "data"), "--max-iter",
+                "3", "--batch-size", "33", "--print-every", "1", "--show-code"]
+    torch.set_num_threads(1)
+    with open(os.path.join(out, f"example{rank}.txt"), "w") as log, \
+            contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+        runpy.run_path(os.path.join(examples, "distributed_kfac.py"), run_name="__main__")
+
+
+def test_every_quantity_has_a_reduction():
+    """A new quantity must say how it becomes global (passes/distributed.py)."""
+    import fxcurv
+    from fxcurv.passes.distributed import REDUCTIONS
+    assert sorted(REDUCTIONS) == sorted(fxcurv.QUANTITIES)
+
+
+def test_example_distributed_kfac(tmp_path):
+    """The example trains on 2 ranks with unequal shards (33 = 17 + 16) and stays in sync."""
+    pytest.importorskip("sklearn.datasets")
+    _warm_up()
+    context, port = multiprocessing.get_context("fork"), _free_port()
+    ranks = [context.Process(target=_example_rank, args=(r, port, str(tmp_path)))
+             for r in range(2)]
+    for process in ranks:
+        process.start()
+    for process in ranks:
+        process.join(timeout=300)
+    output = (tmp_path / "example0.txt").read_text()
+    assert all(p.exitcode == 0 for p in ranks), output[-3000:]
+    assert "all_reduce_coalesced" in output                 # --show-code: the collectives
+    assert "parameters identical on all 2 ranks: True" in output, output[-3000:]
+
+
+if __name__ == "__main__" and sys.argv[1:2] == ["--worker"]:  # one rank by hand, for debugging
     worker(int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), sys.argv[5])

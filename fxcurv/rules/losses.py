@@ -317,12 +317,12 @@ def cross_entropy_divisor(x: Tensor, target: Tensor, weight: Optional[Tensor],
 
 def positions_divisor(x: Tensor) -> Tensor:
     """``N · d1 · ...`` for ``x: [N, C, d1, ...]``: what the cross-entropy factors divide by."""
-    return torch.full([], float(x.numel() // x.size(1)), dtype=x.dtype, device=x.device)
+    return torch.full([], x.numel() // x.size(1), dtype=x.dtype, device=x.device)
 
 
 def numel_divisor(x: Tensor) -> Tensor:
     """``numel``: the mean divisor of ``mse_loss`` and ``binary_cross_entropy_with_logits``."""
-    return torch.full([], float(x.numel()), dtype=x.dtype, device=x.device)
+    return torch.full([], x.numel(), dtype=x.dtype, device=x.device)
 
 
 def _class_divisor(c: Ctx, part: str):

@@ -1,0 +1,871 @@
+"""A zoo of small models outside BackPACK's reach, every quantity against ``torch.func`` brute
+force in float64 (issue 5).
+
+Each model is compiled once with every quantity it supports; every result is compared with a
+reference computed without fxcurv (rtol 1e-9, atol 1e-12), and every quantity it does not
+support must raise a ``CompileError`` naming the node and the quantity. Then the step is
+scripted with TorchScript and must give the same outputs.
+
+Supported quantities per model. The 14 quantities: ``batch_grad batch_l2 sum_grad_squared
+variance`` (first order), ``diag_ggn_exact diag_ggn_exact_batch sqrt_ggn_exact kflr`` (GGN),
+``diag_h diag_h_batch`` (Hessian), ``hmp ggnmp pchmp_abs pchmp_clip`` (products); loss and
+``grad`` always. A model supports all 14 but those in its last column, each refused with a
+``CompileError`` naming the node in brackets; "2nd" stands for the five quantities that need
+second derivatives of the model's ops: ``diag_h diag_h_batch hmp pchmp_abs pchmp_clip``.
+
+| model          | item (what it exercises)                     | loss      | refused (node)                  |
+|----------------|----------------------------------------------|-----------|---------------------------------|
+| residual       | h = h + tanh(linear(h)), two blocks          | CE        | -                               |
+| branches       | torch.cat of two branches, chunk and split   | MSE       | -                               |
+| slicing        | h[:, :3] and h[..., 1:]                      | CE sum    | -                               |
+| many_uses      | h used thrice: tanh(h) + sigmoid(h) - h/2    | BCE [N,3] | -                               |
+| tied           | embedding weight as head, proj.t()           | CE        | kflr (t); 2nd (linear)          |
+| gated          | h * sigmoid(h)                               | CE        | -                               |
+| reductions     | [N, T, D]: mean over T, sum over features    | MSE sum   | -                               |
+| functional     | only F.* and raw nn.Parameters               | CE        | kflr (add_1)                    |
+| transformer    | layer_norm, MultiheadAttention, GELU MLP     | CE        | kflr (layer_norm); 2nd (matmul) |
+| hand_attention | softmax(q kᵀ/√d) v by matmul, mean over T    | CE        | 2nd (softmax)                   |
+| post_loss      | MLP; 2 * cross_entropy + (out ** 2).mean()/2 | callable  | -                               |
+| bilinear       | einsum("ni,kij,nj->nk", a, W, b), W param    | MSE       | kflr (einsum)                   |
+| conv_bn        | conv2d, batch_norm (eval), adaptive pool     | CE        | kflr (batch_norm)               |
+| nll            | log_softmax then NLLLoss                     | NLL       | -                               |
+
+(CE: ``CrossEntropyLoss``, MSE: ``MSELoss``, BCE: ``BCEWithLogitsLoss``; mean unless "sum".)
+
+Beyond the table, :func:`test_more_refusals` pins down three more messages: ``kflr`` on an
+embedding weight used twice (no ``.t()`` in the way), an einsum whose two activations share
+parameters (no cross second-derivative rule), and Monte-Carlo quantities with the callable
+post-loss arithmetic.
+
+References (no fxcurv code involved), with ``f`` the model output and ``L`` the loss of the
+whole batch (NLL after log_softmax: ``f`` are the logits and ``L = nll(log_softmax(f))``, as
+fxcurv fuses it into cross-entropy):
+
+* loss and ``grad``: autograd.
+* per-sample gradients ``g_n``: ``vmap(grad(...))`` over samples of ``L`` evaluated at the
+  output ``f⁰`` with sample n's row replaced by the model output of ``x_n`` alone. This is the
+  full loss restricted to sample n, so the mean's ``1/N`` and any post-loss arithmetic are
+  carried as they are; ``Σ_n g_n = grad``. ``batch_l2``, ``sum_grad_squared`` and
+  ``variance = Σ g_n²/N - (Σ g_n/N)²`` follow from ``g_n``.
+* GGN: ``G_n = J_nᵀ H_n J_n`` over the flattened parameters, ``J_n`` by ``jacrev`` of sample
+  n's output, ``H_n`` block n of ``hessian`` of ``L`` w.r.t. ``f`` (the other blocks are
+  checked to be zero), projected onto the PSD cone by ``eigh`` (fxcurv does so per sample for
+  callable losses; for the built-in losses the projection changes nothing).
+* Hessian blocks: ``hessian`` of ``L`` w.r.t. the flattened parameters; per sample, of ``L``
+  with only sample n's output depending on them.
+* positive-curvature Hessian (HBP): the Hessian of ``L + ½ Σ_sites (m(R) - R)(z - z⁰)²`` with
+  the residuals ``R`` frozen at the current parameters, so that its Hessian is
+  ``GGN + Σ_sites Jᵀ m(R) J``. Sites are recorded with a ``TorchFunctionMode``: elementwise
+  activations (``R = f''(z) ⊙ ∂L/∂f(z)``, ``z`` their input), and products ``a * b`` of two
+  values that share parameters (with ``g = ∂L/∂(ab)`` the Hessian form gets
+  ``2g δa δb = h (δa+δb)² - h (δa-δb)²``, ``h = g/2``: ``z = (a + b, a - b)`` with residuals
+  ``(h, -h)``), which is fxcurv's factorisation (``passes/curvature/diag_hessian.py``). ``m = abs`` (pchmp_abs), ``clamp(min=0)`` (pchmp_clip). Self-check: with
+  ``m = 0`` the construction gives the brute-force GGN's per-parameter blocks (no site
+  missed).
+"""
+from __future__ import annotations
+
+import copy
+import functools
+import io
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad, hessian, jacrev, vmap
+from torch.overrides import TorchFunctionMode
+
+import fxcurv
+from fxcurv import CompileError
+from setups import randomize_bn
+
+DTYPE = torch.float64
+TOL = dict(rtol=1e-9, atol=1e-12)         # vs torch.func
+SAME = dict(rtol=1e-12, atol=1e-14)       # TorchScript vs eager
+V = 2                                     # vectors for the products
+FIRST = ("batch_grad", "batch_l2", "sum_grad_squared", "variance")
+GGN = ("diag_ggn_exact", "diag_ggn_exact_batch", "sqrt_ggn_exact", "kflr")
+HESSIAN = ("diag_h", "diag_h_batch")
+PRODUCTS = ("hmp", "ggnmp", "pchmp_abs", "pchmp_clip")
+QUANTITIES = FIRST + GGN + HESSIAN + PRODUCTS
+RESIDUAL = ("diag_h", "diag_h_batch", "hmp", "pchmp_abs", "pchmp_clip")  # need 2nd derivatives
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning",
+                                        "ignore::UserWarning")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors gain nothing from intra-op threads, which only spin on a busy machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------ models
+class Residual(nn.Module):
+    """1. ``h = h + tanh(linear(h))``, two blocks, then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(4, 5)
+        self.blocks = nn.ModuleList(nn.Linear(5, 5) for _ in range(2))
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.inp(x)
+        for block in self.blocks:
+            h = h + torch.tanh(block(h))
+        return self.head(h)
+
+
+class Branches(nn.Module):
+    """2. Two branches concatenated, then cut again by ``chunk`` and by ``split``."""
+
+    def __init__(self):
+        super().__init__()
+        self.left, self.right = nn.Linear(4, 3), nn.Linear(4, 3)
+        self.head_a, self.head_b = nn.Linear(3, 2), nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = torch.cat([torch.tanh(self.left(x)), torch.sigmoid(self.right(x))], dim=1)
+        a, b = h.chunk(2, dim=1)
+        c, d = torch.split(h, [2, 4], dim=1)
+        return self.head_a(a) + self.head_b(torch.tanh(b)) + 0.5 * c.sum(1, keepdim=True) \
+            + d[:, :2]
+
+
+class Slicing(nn.Module):
+    """3. getitem slices of an activation: ``h[:, :3]`` and ``h[..., 1:]``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 6)
+        self.head_a, self.head_b = nn.Linear(3, 3), nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))
+        return self.head_a(h[:, :3]) + self.head_b(torch.sigmoid(h[..., 1:]))
+
+
+class ManyUses(nn.Module):
+    """4. One value used in three places."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return self.head(torch.tanh(h) + torch.sigmoid(h) - 0.5 * h)
+
+
+class Tied(nn.Module):
+    """5. Tokens ``[N, T]``: the embedding weight is also the output head (``F.linear``), and a
+    raw square parameter is used transposed."""
+
+    def __init__(self, vocab: int = 5, d: int = 4):
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.proj = nn.Parameter(torch.randn(d, d) / 2)
+        self.bias = nn.Parameter(torch.randn(d) / 2)
+
+    def forward(self, tokens):
+        h = self.emb(tokens).mean(1)
+        h = torch.tanh(h @ self.proj.t() + self.bias)
+        return F.linear(h, self.emb.weight)
+
+
+class Gated(nn.Module):
+    """6. Elementwise product of two activations, ``h * sigmoid(h)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return self.head(h * torch.sigmoid(h))
+
+
+class Reductions(nn.Module):
+    """7. ``[N, T, D]``: a mean over the sequence axis and a sum over the features."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+        self.head_t, self.head_f = nn.Linear(5, 2), nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc(x))                                   # [N, T=3, 5]
+        return self.head_t(h.mean(1)) + self.head_f(h.sum(-1))
+
+
+class Functional(nn.Module):
+    """8. Only ``torch.nn.functional`` and raw ``nn.Parameter``s."""
+
+    def __init__(self):
+        super().__init__()
+        self.w1 = nn.Parameter(torch.randn(5, 4) / 2)
+        self.b1 = nn.Parameter(torch.randn(5))
+        self.w2 = nn.Parameter(torch.randn(3, 5) / 2)
+        self.b2 = nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        h = F.softplus(F.linear(x, self.w1, self.b1))
+        h = F.gelu(h - 1.0) + F.silu(h)
+        return F.linear(h, self.w2) + self.b2
+
+
+D, T, HEADS = 4, 3, 2
+
+
+class Transformer(nn.Module):
+    """9. Pre-norm block on ``[N, T, D]``: layer_norm, ``nn.MultiheadAttention``, GELU MLP,
+    residuals, mean over T, linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(D), nn.LayerNorm(D)
+        self.attn = nn.MultiheadAttention(D, HEADS, batch_first=True)
+        self.fc1, self.fc2 = nn.Linear(D, 6), nn.Linear(6, D)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        h = self.ln1(x)
+        x = x + self.attn(h, h, h, need_weights=False)[0]
+        x = x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
+        return self.head(x.mean(1))
+
+
+class HandAttention(nn.Module):
+    """10. Single-head attention written out with matmul and softmax."""
+
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v = nn.Linear(D, D), nn.Linear(D, D), nn.Linear(D, D)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        scores = torch.matmul(self.q(x), self.k(x).transpose(-2, -1)) / math.sqrt(D)
+        return self.head(torch.matmul(torch.softmax(scores, dim=-1), self.v(x)).mean(1))
+
+
+def post_loss_mlp() -> nn.Module:
+    """11. A plain MLP; the post-loss arithmetic is in the loss."""
+    return nn.Sequential(nn.Linear(4, 5), nn.Softplus(), nn.Linear(5, 3))
+
+
+def post_loss(out, y):
+    return 2 * F.cross_entropy(out, y) + 0.5 * (out ** 2).mean()
+
+
+class Bilinear(nn.Module):
+    """12. ``einsum`` bilinear layer with a parameter, on two branches."""
+
+    def __init__(self):
+        super().__init__()
+        self.left, self.right = nn.Linear(4, 3), nn.Linear(4, 3)
+        self.weight = nn.Parameter(torch.randn(2, 3, 3) / 2)
+
+    def forward(self, x):
+        a, b = torch.tanh(self.left(x)), self.right(x)
+        return torch.einsum("ni,kij,nj->nk", a, self.weight, b)
+
+
+class ConvBN(nn.Module):
+    """13. conv2d, BatchNorm (eval, random statistics), tanh, adaptive average pooling."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 3, 2)
+        self.bn = nn.BatchNorm2d(3)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.bn(self.conv(x)))
+        return self.head(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+class LogSoftmaxNet(nn.Module):
+    """14. ``log_softmax`` output for ``NLLLoss``; ``return_logits`` (for the reference) stops
+    before it."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.out = nn.Linear(4, 5), nn.Linear(5, 3)
+        self.return_logits = False
+
+    def forward(self, x):
+        logits = self.out(torch.sigmoid(self.fc(x)))
+        return logits if self.return_logits else F.log_softmax(logits, dim=1)
+
+
+# ------------------------------------------------------------------------------------- specs
+def _randn(gen, *shape):
+    return torch.randn(*shape, generator=gen, dtype=DTYPE)
+
+
+def _labels(gen, classes, *shape):
+    return torch.randint(0, classes, shape, generator=gen)
+
+
+def _cross_rule(node: str, params: str) -> tuple[str, str]:
+    return node, (f"its arguments '.*' and '.*' both depend on parameter\\(s\\) {params}.*"
+                  f"no cross second-derivative rule")
+
+
+def _no_kron(node: str, param: str) -> tuple[str, str]:
+    return node, f"has no Kronecker factorisation for its argument '.*' \\(parameter '{param}'\\)"
+
+
+@dataclass
+class Spec:
+    make: Callable[[], nn.Module]
+    loss_fn: Callable
+    batch: Callable[[torch.Generator], tuple]
+    # refused quantity -> (node named in the CompileError, regex of the reason)
+    refused: dict = field(default_factory=dict)
+    logits: bool = False                  # NLL after log_softmax: GGN at the logits
+
+    @property
+    def supported(self) -> tuple[str, ...]:
+        return tuple(q for q in QUANTITIES if q not in self.refused)
+
+
+def _refuse(quantities, reason) -> dict:
+    return {q: reason for q in quantities}
+
+
+SPECS: dict[str, Spec] = {
+    "residual": Spec(Residual, nn.CrossEntropyLoss(),
+                     lambda g: (_randn(g, 4, 4), _labels(g, 3, 4))),
+    "branches": Spec(Branches, nn.MSELoss(), lambda g: (_randn(g, 3, 4), _randn(g, 3, 2))),
+    "slicing": Spec(Slicing, nn.CrossEntropyLoss(reduction="sum"),
+                    lambda g: (_randn(g, 3, 4), _labels(g, 3, 3))),
+    "many_uses": Spec(ManyUses, nn.BCEWithLogitsLoss(),
+                      lambda g: (_randn(g, 4, 4), torch.rand(4, 3, generator=g, dtype=DTYPE))),
+    "tied": Spec(Tied, nn.CrossEntropyLoss(), lambda g: (_labels(g, 5, 3, 4), _labels(g, 5, 3)),
+                 refused={"kflr": _no_kron("t", "proj"),
+                          **_refuse(RESIDUAL, _cross_rule("linear", r"\['emb.weight'\]"))}),
+    "gated": Spec(Gated, nn.CrossEntropyLoss(), lambda g: (_randn(g, 3, 4), _labels(g, 3, 3))),
+    "reductions": Spec(Reductions, nn.MSELoss(reduction="sum"),
+                       lambda g: (_randn(g, 3, T, 4), _randn(g, 3, 2))),
+    "functional": Spec(Functional, nn.CrossEntropyLoss(),
+                       lambda g: (_randn(g, 4, 4), _labels(g, 3, 4)),
+                       refused={"kflr": _no_kron("add_1", "b2")}),
+    "transformer": Spec(Transformer, nn.CrossEntropyLoss(),
+                        lambda g: (_randn(g, 3, T, D), _labels(g, 3, 3)),
+                        refused={"kflr": _no_kron("layer_norm", "ln1.weight"),
+                                 **_refuse(RESIDUAL, _cross_rule("matmul", r"\[.*'attn."))}),
+    "hand_attention": Spec(HandAttention, nn.CrossEntropyLoss(),
+                           lambda g: (_randn(g, 3, T, D), _labels(g, 3, 3)),
+                           refused=_refuse(RESIDUAL, (
+                               "softmax", "softmax has a non-zero second derivative in its "
+                               "argument 'input' but no diagonal residual rule"))),
+    "post_loss": Spec(post_loss_mlp, post_loss, lambda g: (_randn(g, 4, 4), _labels(g, 3, 4))),
+    "bilinear": Spec(Bilinear, nn.MSELoss(), lambda g: (_randn(g, 3, 4), _randn(g, 3, 2)),
+                     refused={"kflr": _no_kron("einsum", "weight")}),
+    "conv_bn": Spec(lambda: randomize_bn(ConvBN()).eval(), nn.CrossEntropyLoss(),
+                    lambda g: (_randn(g, 3, 2, 4, 4), _labels(g, 3, 3)),
+                    refused={"kflr": _no_kron("batch_norm", "bn.weight")}),
+    "nll": Spec(LogSoftmaxNet, nn.NLLLoss(), lambda g: (_randn(g, 4, 4), _labels(g, 3, 4)),
+                logits=True),
+}
+NAMES = list(SPECS)
+
+
+def names_supporting(*quantities: str) -> list[str]:
+    return [n for n in NAMES if all(q in SPECS[n].supported for q in quantities)]
+
+
+@dataclass
+class Case:
+    name: str
+    spec: Spec
+    model: nn.Module
+    x: torch.Tensor
+    y: torch.Tensor
+    vectors: Optional[dict]
+
+    @property
+    def params(self) -> dict:
+        return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
+
+    def reference_pair(self) -> tuple[nn.Module, Callable]:
+        """The model and loss the references differentiate: the same ``L(θ)``, split at the
+        output whose loss Hessian fxcurv uses (the logits for NLL after log_softmax)."""
+        if not self.spec.logits:
+            return self.model, self.spec.loss_fn
+        model = copy.deepcopy(self.model)
+        model.return_logits = True
+        return model, lambda z, y: F.nll_loss(F.log_softmax(z, dim=1), y)
+
+
+@functools.lru_cache(maxsize=None)
+def case_of(name: str) -> Case:
+    spec = SPECS[name]
+    torch.manual_seed(NAMES.index(name))
+    model = spec.make().to(DTYPE)
+    x, y = spec.batch(torch.Generator().manual_seed(100 + NAMES.index(name)))
+    vectors = None
+    if any(q in PRODUCTS for q in spec.supported):
+        gen = torch.Generator().manual_seed(200 + NAMES.index(name))
+        vectors = {n: torch.randn(V, *p.shape, generator=gen, dtype=DTYPE)
+                   for n, p in model.named_parameters()}
+    return Case(name, spec, model, x, y, vectors)
+
+
+@functools.lru_cache(maxsize=None)
+def compiled(name: str):
+    """``(step, args, outputs)``: one step with every supported quantity, called once."""
+    case = case_of(name)
+    step = fxcurv.compile(case.model, case.spec.loss_fn, list(case.spec.supported))
+    args = (case.x, case.y) if case.vectors is None else (case.x, case.y, case.vectors)
+    loss, grads, *values = step(*args)
+    return step, args, (loss, grads, dict(zip(case.spec.supported, values)))
+
+
+def ours(name: str, quantity: str) -> dict:
+    value = compiled(name)[2][2][quantity]
+    assert list(value) == list(case_of(name).params), quantity
+    return value
+
+
+# -------------------------------------------------------------------------------- references
+class Flat:
+    """The trainable parameters as one vector ``θ`` and back."""
+
+    def __init__(self, params: dict):
+        self.params = params
+        self.names = list(params)
+        self.sizes = [p.numel() for p in params.values()]
+        self.theta = torch.cat([p.reshape(-1) for p in params.values()])
+        starts = torch.tensor([0, *self.sizes]).cumsum(0).tolist()
+        self.slices = {n: slice(a, b) for n, a, b in zip(self.names, starts, starts[1:])}
+
+    def unflatten(self, theta) -> dict:
+        return {n: t.reshape(self.params[n].shape)
+                for n, t in zip(self.names, theta.split(self.sizes))}
+
+    def block(self, matrix, name):
+        """The ``(name, name)`` block of ``[..., P, P]``."""
+        s = self.slices[name]
+        return matrix[..., s, s]
+
+
+def psd(matrix):
+    values, vectors = torch.linalg.eigh((matrix + matrix.T) / 2)
+    return vectors @ torch.diag(values.clamp(min=0)) @ vectors.T
+
+
+@dataclass
+class Reference:
+    flat: Flat
+    loss: torch.Tensor
+    grad: dict
+    batch_grad: dict                      # [N, *p.shape], Σ_n = grad
+    ggn: torch.Tensor                     # [N, P, P], G_n
+    hessian: Optional[torch.Tensor]       # [P, P]
+    hessian_batch: Optional[torch.Tensor]  # [N, P, P]
+    pch: dict                             # "abs" / "clip" / "zero" -> [P, P]
+
+
+def per_sample_gradients(case: Case, model, loss_fn) -> dict:
+    """``vmap(grad)``: sample n's output by the model on ``x_n`` alone, put into row n of
+    ``f⁰``, then the whole batch's loss."""
+    params = case.params
+    f0 = functional_call(model, params, (case.x,)).detach()
+    rows = torch.eye(len(case.x), dtype=DTYPE)
+
+    def loss_of_sample(p, x_n, row):
+        out_n = functional_call(model, p, (x_n.unsqueeze(0),))          # [1, ...]
+        row = row.reshape(-1, *[1] * (f0.dim() - 1))
+        return loss_fn(f0 * (1 - row) + row * out_n, case.y)
+
+    return vmap(grad(loss_of_sample), in_dims=(None, 0, 0))(params, case.x, rows)
+
+
+def ggn_per_sample(case: Case, flat: Flat, model, loss_fn) -> torch.Tensor:
+    """``[N, P, P]``: ``J_nᵀ psd(H_n) J_n``."""
+    f0 = functional_call(model, flat.params, (case.x,)).detach()
+    n, k = f0.shape[0], f0[0].numel()
+    h = hessian(lambda out: loss_fn(out, case.y))(f0).reshape(n, k, n, k)
+    blocks = []
+    for i in range(n):
+        off = torch.cat([h[i, :, :i], h[i, :, i + 1:]], 1)
+        assert not off.any(), "reference self-check: the loss couples samples"
+        j = jacrev(lambda t: functional_call(model, flat.unflatten(t),
+                                             (case.x[i:i + 1],)))(flat.theta).reshape(k, -1)
+        blocks.append(j.T @ psd(h[i, :, i]) @ j)
+    return torch.stack(blocks)
+
+
+UNARY = {torch.tanh, torch.Tensor.tanh, torch.sigmoid, torch.Tensor.sigmoid, F.softplus,
+         F.gelu, F.silu}
+PRODUCT = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__}
+
+
+class Sites(TorchFunctionMode):
+    """Records the calls with a second-order residual: elementwise activations and products
+    of two tensors, as ``(kind, func, args, kwargs, output)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.sites = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        if func in UNARY:
+            self.sites.append(("unary", func, args, kwargs, out))
+        elif func in PRODUCT and all(isinstance(a, torch.Tensor) for a in args[:2]):
+            self.sites.append(("product", func, args, kwargs, out))
+        return out
+
+
+def _depends_on(value, params: dict) -> set:
+    used = torch.autograd.grad(value.sum(), list(params.values()), retain_graph=True,
+                               allow_unused=True)
+    return {n for n, g in zip(params, used) if g is not None}
+
+
+def pch_references(case: Case, flat: Flat, model, loss_fn) -> dict:
+    """``[P, P]`` positive-curvature Hessians for ``m = abs, clip`` and, as a self-check,
+    ``m = 0`` (must be the GGN)."""
+    params = {n: p.clone().requires_grad_() for n, p in flat.params.items()}
+    with Sites() as mode:
+        out = functional_call(model, params, (case.x,))
+    loss = loss_fn(out, case.y)
+    sites = mode.sites
+    gradients = torch.autograd.grad(loss, [s[4] for s in sites], retain_graph=True)
+    terms = []       # per site: None or (residuals [R...], inputs at θ⁰, how to form z)
+    for (kind, func, args, kwargs, _), g in zip(sites, gradients):
+        if kind == "unary":
+            z = args[0].detach().requires_grad_()
+            first, = torch.autograd.grad((g * func(z, *args[1:], **kwargs)).sum(), z,
+                                         create_graph=True)
+            residual, = torch.autograd.grad(first.sum(), z)        # diag: f'' elementwise
+            terms.append(([residual], [args[0].detach()]))
+        else:
+            a, b = args[:2]
+            if _depends_on(a, params) & _depends_on(b, params):
+                assert a.shape == b.shape == g.shape
+                terms.append(([g / 2, -g / 2], [a.detach(), b.detach()]))
+            else:
+                terms.append(None)
+
+    def modified(m):
+        def fn(theta):
+            with Sites() as again:
+                out = functional_call(model, flat.unflatten(theta), (case.x,))
+            assert [s[1] for s in again.sites] == [s[1] for s in sites]
+            total = loss_fn(out, case.y)
+            for site, term in zip(again.sites, terms):
+                if term is None:
+                    continue
+                residuals, at = term
+                deltas = [arg - a0 for arg, a0 in zip(site[2], at)]
+                zs = deltas if len(deltas) == 1 else [deltas[0] + deltas[1],
+                                                      deltas[0] - deltas[1]]
+                for r, z in zip(residuals, zs):
+                    total = total + 0.5 * ((m(r) - r) * z ** 2).sum()
+            return total
+        return hessian(fn)(flat.theta)
+
+    return {"abs": modified(torch.abs), "clip": modified(lambda r: r.clamp(min=0)),
+            "zero": modified(torch.zeros_like)}
+
+
+@functools.lru_cache(maxsize=None)
+def reference(name: str) -> Reference:
+    case = case_of(name)
+    model, loss_fn = case.reference_pair()
+    loss = case.spec.loss_fn(case.model(case.x), case.y)
+    trainable = [p for p in case.model.parameters() if p.requires_grad]
+    grads = dict(zip(case.params, torch.autograd.grad(loss, trainable)))
+    flat = Flat(case.params)
+    batch_grad = per_sample_gradients(case, model, loss_fn)
+    ggn = ggn_per_sample(case, flat, model, loss_fn)
+    full = per = None
+    pch = {}
+    if any(q in case.spec.supported for q in RESIDUAL):       # ggnmp alone needs none
+        def loss_at(theta, row=None):
+            out = functional_call(model, flat.unflatten(theta), (case.x,))
+            if row is not None:               # only sample n's output depends on θ
+                row = row.reshape(-1, *[1] * (out.dim() - 1))
+                out = f0 * (1 - row) + row * out
+            return loss_fn(out, case.y)
+
+        f0 = functional_call(model, flat.params, (case.x,)).detach()
+        full = hessian(loss_at)(flat.theta)
+        per = vmap(hessian(loss_at), in_dims=(None, 0))(flat.theta,
+                                                         torch.eye(len(case.x), dtype=DTYPE))
+    if any(q in case.spec.supported for q in ("pchmp_abs", "pchmp_clip")):
+        pch = pch_references(case, flat, model, loss_fn)
+    return Reference(flat, loss.detach(), grads, batch_grad, ggn, full, per, pch)
+
+
+def close(actual, expected, what: str, tol=TOL) -> None:
+    assert actual.shape == expected.shape, f"{what}: {tuple(actual.shape)} vs " \
+                                           f"{tuple(expected.shape)}"
+    torch.testing.assert_close(actual, expected, **tol, msg=what)
+
+
+def products(ref: Reference, matrix, vectors: dict, name: str):
+    """``matrix`` block of ``name`` times the ``V`` vectors, ``[V, *p.shape]``."""
+    v = vectors[name]
+    return (v.reshape(len(v), -1) @ ref.flat.block(matrix, name).T).reshape(v.shape)
+
+
+# --------------------------------------------------------------------------------- tests
+def test_the_zoo_is_big_enough_and_the_table_matches_the_specs():
+    assert len(SPECS) >= 12
+    rows = {}
+    for line in __doc__.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if line.startswith("|") and cells[0] in SPECS:
+            rows[cells[0]] = cells[-1]
+    assert set(rows) == set(SPECS)
+    for name, spec in SPECS.items():
+        listed = {}
+        for words, node in re.findall(r"([^;()]+)\(([^)]+)\)", rows[name]):
+            for word in words.split():
+                for quantity in (RESIDUAL if word == "2nd" else (word,)):
+                    listed[quantity] = node
+        assert listed == {q: node for q, (node, _) in spec.refused.items()}, name
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_loss_and_grad_match_autograd(name):
+    _, _, (loss, grads, _) = compiled(name)
+    ref = reference(name)
+    close(loss, ref.loss, "loss")
+    assert list(grads) == list(ref.grad)
+    for p in ref.grad:
+        close(grads[p], ref.grad[p], f"grad[{p}]")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_first_order_quantities_match_vmap_grad(name):
+    ref = reference(name)
+    n = len(case_of(name).x)
+    for p, g in ref.batch_grad.items():
+        close(g.sum(0), ref.grad[p], f"reference self-check Σ_n g_n = grad [{p}]")
+        close(ours(name, "batch_grad")[p], g, f"batch_grad[{p}]")
+        close(ours(name, "batch_l2")[p], g.flatten(1).square().sum(1), f"batch_l2[{p}]")
+        close(ours(name, "sum_grad_squared")[p], g.square().sum(0), f"sum_grad_squared[{p}]")
+        close(ours(name, "variance")[p], g.square().sum(0) / n - (g.sum(0) / n).square(),
+              f"variance[{p}]")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_diag_ggn_exact_and_batch(name):
+    ref = reference(name)
+    for p, param in ref.flat.params.items():
+        diag = ref.flat.block(ref.ggn, p).diagonal(dim1=-2, dim2=-1)         # [N, P_p]
+        close(ours(name, "diag_ggn_exact")[p], diag.sum(0).reshape(param.shape),
+              f"diag_ggn_exact[{p}]")
+        close(ours(name, "diag_ggn_exact_batch")[p], diag.reshape(-1, *param.shape),
+              f"diag_ggn_exact_batch[{p}]")
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_sqrt_ggn_exact_squared_is_the_per_sample_ggn_block(name):
+    ref = reference(name)
+    case = case_of(name)
+    columns = reference_output_size(name)
+    for p, param in ref.flat.params.items():
+        s = ours(name, "sqrt_ggn_exact")[p]
+        assert s.shape == (columns, len(case.x), *param.shape), p
+        s = s.reshape(columns, len(case.x), -1)
+        close(torch.einsum("cni,cnj->nij", s, s), ref.flat.block(ref.ggn, p),
+              f"Σ_c s sᵀ [{p}]")
+        close(s.square().sum([0, 1]).reshape(param.shape), ours(name, "diag_ggn_exact")[p],
+              f"squared sum of sqrt_ggn_exact = diag_ggn_exact [{p}]")
+
+
+def reference_output_size(name: str) -> int:
+    case = case_of(name)
+    model, _ = case.reference_pair()
+    return model(case.x[:1]).numel()
+
+
+@pytest.mark.parametrize("name", names_supporting("kflr"))
+def test_kflr_shapes_and_linear_layer_factors(name):
+    """Shapes: ``[G, A]`` with ``G: [p.shape[0]]²``, ``A: [prod(p.shape[1:])]²`` for a weight,
+    ``[G]`` for a bias. Values, for every ``nn.Linear`` on ``[N, I]`` inputs: G is the bias's
+    GGN block and A = Σ_n x_n x_nᵀ / N."""
+    case, ref = case_of(name), reference(name)
+    factors = ours(name, "kflr")
+    for p, param in ref.flat.params.items():
+        expected = [(param.shape[0],) * 2]
+        if param.dim() > 1:
+            expected.append((param[0].numel(),) * 2)
+        assert [tuple(f.shape) for f in factors[p]] == expected, p
+    model, _ = case.reference_pair()
+    inputs = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, k=k: inputs.__setitem__(k, i[0].detach()))
+             for k, m in model.named_modules() if isinstance(m, nn.Linear)]
+    model(case.x)
+    for hook in hooks:
+        hook.remove()
+    checked = 0
+    for layer, x in inputs.items():
+        if x.dim() != 2:
+            continue
+        weight, bias = f"{layer}.weight", f"{layer}.bias"
+        g_bias = ref.flat.block(ref.ggn, bias).sum(0)
+        close(factors[bias][0], g_bias, f"kflr G [{bias}]")
+        close(factors[weight][0], g_bias, f"kflr G [{weight}]")
+        close(factors[weight][1], x.T @ x / len(x), f"kflr A [{weight}]")
+        checked += 1
+    assert checked
+
+
+@pytest.mark.parametrize("name", names_supporting("diag_h", "diag_h_batch"))
+def test_diag_h_and_batch_match_the_hessian(name):
+    ref = reference(name)
+    for p, param in ref.flat.params.items():
+        close(ours(name, "diag_h")[p],
+              ref.flat.block(ref.hessian, p).diagonal().reshape(param.shape), f"diag_h[{p}]")
+        close(ours(name, "diag_h_batch")[p],
+              ref.flat.block(ref.hessian_batch, p).diagonal(dim1=1, dim2=2)
+              .reshape(-1, *param.shape), f"diag_h_batch[{p}]")
+        close(ref.flat.block(ref.hessian_batch, p).sum(0), ref.flat.block(ref.hessian, p),
+              f"reference self-check Σ_n H_n = H [{p}]")
+
+
+@pytest.mark.parametrize("name", names_supporting("hmp"))
+def test_hmp_is_the_hessian_block_times_vectors(name):
+    ref, vectors = reference(name), case_of(name).vectors
+    for p in ref.flat.params:
+        close(ours(name, "hmp")[p], products(ref, ref.hessian, vectors, p), f"hmp[{p}]")
+
+
+@pytest.mark.parametrize("name", names_supporting("ggnmp"))
+def test_ggnmp_is_the_ggn_block_times_vectors(name):
+    ref, vectors = reference(name), case_of(name).vectors
+    for p in ref.flat.params:
+        close(ours(name, "ggnmp")[p], products(ref, ref.ggn.sum(0), vectors, p), f"ggnmp[{p}]")
+
+
+@pytest.mark.parametrize("mode", ["abs", "clip"])
+@pytest.mark.parametrize("name", names_supporting("pchmp_abs", "pchmp_clip"))
+def test_pchmp_matches_the_definition(name, mode):
+    ref, vectors = reference(name), case_of(name).vectors
+    ggn = ref.ggn.sum(0)
+    for p in ref.flat.params:
+        # (blocks only: across two parameters a layer's weight-input term is no site)
+        close(ref.flat.block(ref.pch["zero"], p), ref.flat.block(ggn, p),
+              f"reference self-check: every residual site recorded [{p}]")
+        close(ours(name, f"pchmp_{mode}")[p], products(ref, ref.pch[mode], vectors, p),
+              f"pchmp_{mode}[{p}]")
+        # identities of the definition: abs + H = 2 clip; abs - clip and clip - GGN are PSD
+        block = {k: ref.flat.block(m, p) for k, m in
+                 (("abs", ref.pch["abs"]), ("clip", ref.pch["clip"]), ("h", ref.hessian),
+                  ("ggn", ggn))}
+        close(block["abs"] + block["h"], 2 * block["clip"], f"abs + H = 2 clip [{p}]")
+        for big, small in (("abs", "clip"), ("clip", "ggn")):
+            gap = torch.linalg.eigvalsh(block[big] - block[small])
+            assert gap.min() > -1e-10 * (1 + gap.abs().max()), (p, big, small)
+
+
+def test_the_pch_reference_is_not_trivial():
+    """Some zoo models have residuals of both signs: pchmp_abs, pchmp_clip, hmp and ggnmp are
+    four different products there."""
+    for name in ("residual", "gated", "functional"):
+        ref = reference(name)
+        matrices = [ref.pch["abs"], ref.pch["clip"], ref.hessian, ref.ggn.sum(0)]
+        for i, a in enumerate(matrices):
+            for b in matrices[i + 1:]:
+                assert not torch.allclose(a, b, rtol=1e-3, atol=1e-6), name
+
+
+@pytest.mark.parametrize("name,quantity", [(n, q) for n in NAMES for q in SPECS[n].refused])
+def test_refused_quantities_name_the_node_and_the_quantity(name, quantity):
+    case = case_of(name)
+    node, reason = case.spec.refused[quantity]
+    with pytest.raises(CompileError) as info:
+        fxcurv.compile(case.model, case.spec.loss_fn, [quantity])
+    message = str(info.value)
+    assert f"node '{node}'" in message, message
+    assert f"for quantity '{quantity}'" in message, message
+    assert re.search(reason, message), message
+
+
+class TiedTwice(nn.Module):
+    """The embedding weight used twice (lookup and head), no ``.t()`` in the way."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.fc = nn.Embedding(5, 4), nn.Linear(4, 4)
+
+    def forward(self, tokens):
+        return F.linear(torch.tanh(self.fc(self.emb(tokens).mean(1))), self.emb.weight)
+
+
+class SharedBilinear(nn.Module):
+    """Both einsum activations come from the same layer: a cross second derivative."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.weight = nn.Parameter(torch.randn(2, 3, 3))
+
+    def forward(self, x):
+        h = self.fc(x)
+        return torch.einsum("ni,kij,nj->nk", torch.tanh(h), self.weight, h)
+
+
+@pytest.mark.parametrize("make,loss_fn,quantity,node,reason", [
+    (TiedTwice, nn.CrossEntropyLoss(), "kflr", "linear_1",
+     "parameter 'emb.weight' is used 2 times, and a sum of Kronecker products is not a "
+     "Kronecker product"),
+    (SharedBilinear, nn.MSELoss(), "diag_h", "einsum",
+     r"'operand0' and 'operand2' both depend on parameter\(s\) \['fc.bias', 'fc.weight'\].*"
+     "einsum has no cross second-derivative rule"),
+    (post_loss_mlp, post_loss, "diag_ggn_mc", "loss",
+     "Monte-Carlo curvature samples targets from the likelihood of a built-in loss"),
+    (post_loss_mlp, post_loss, "kfac", "loss",
+     "Monte-Carlo curvature samples targets from the likelihood of a built-in loss"),
+], ids=["kflr_parameter_used_twice", "einsum_cross_term", "mc_post_loss", "kfac_post_loss"])
+def test_more_refusals(make, loss_fn, quantity, node, reason):
+    torch.manual_seed(0)
+    with pytest.raises(CompileError) as info:
+        fxcurv.compile(make().to(DTYPE), loss_fn, [quantity])
+    message = str(info.value)
+    assert f"node '{node}'" in message and f"for quantity '{quantity}'" in message, message
+    assert re.search(reason, message), message
+
+
+def _flatten(value) -> list:
+    if isinstance(value, torch.Tensor):
+        return [value]
+    if isinstance(value, dict):
+        return [t for k in value for t in _flatten(value[k])]
+    return [t for v in value for t in _flatten(v)]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_torchscript_step_gives_the_same_outputs(name):
+    step, args, (loss, grads, values) = compiled(name)
+    buffer = io.BytesIO()
+    torch.jit.save(torch.jit.script(step), buffer)
+    buffer.seek(0)
+    scripted = torch.jit.load(buffer)(*args)
+    assert len(scripted) == 2 + len(values)
+    expected = _flatten([loss, grads, *values.values()])
+    actual = _flatten(list(scripted))
+    assert len(actual) == len(expected)
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        close(a, e, f"scripted output {i}", tol=SAME)

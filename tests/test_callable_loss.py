@@ -108,3 +108,34 @@ def test_loss_that_couples_samples_is_refused():
 def test_cross_terms_in_the_loss_are_refused():
     with pytest.raises(fxcurv.CompileError, match="cross second derivatives"):
         fxcurv.compile(model(), lambda out, y: (out * out).sum(), ["diag_ggn_exact"])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("options", [{"weight": True}, {"ignore": True},
+                                     {"weight": True, "ignore": True}])
+def test_cross_entropy_with_class_weights_and_ignored_targets(options, reduction):
+    """The Hessian factor carries √w_y per position (0 where ignored) and the gradient's
+    mean divisor Σ w_y: diag_ggn_exact and diag_h equal brute force."""
+    net, (x, y) = model(), batch(5)
+    weight = torch.tensor([0.5, 2.0, 1.5], dtype=DTYPE) if options.get("weight") else None
+    if options.get("ignore"):
+        y = y.clone()
+        y[1] = -100
+    loss_fn = nn.CrossEntropyLoss(weight=weight, reduction=reduction)
+    _, _, diag, diag_h = fxcurv.compile(net, loss_fn, ["diag_ggn_exact", "diag_h"])(x, y)
+    expected = ggn_diagonal_brute_force(net, loss_fn, x, y)
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(diag[name], expected[name], **TOL)
+
+        def of_param(value, name=name):
+            params = {**dict(net.named_parameters()), name: value}
+            return loss_fn(torch.func.functional_call(net, params, (x,)), y)
+
+        hessian = torch.func.hessian(of_param)(p.detach()).reshape(p.numel(), p.numel())
+        torch.testing.assert_close(diag_h[name], hessian.diagonal().reshape(p.shape), **TOL)
+
+
+def test_cross_entropy_with_weights_and_label_smoothing_is_refused():
+    loss_fn = nn.CrossEntropyLoss(weight=torch.ones(3, dtype=DTYPE), label_smoothing=0.1)
+    with pytest.raises(fxcurv.CompileError, match="class weights and label smoothing"):
+        fxcurv.compile(model(), loss_fn)

@@ -140,13 +140,19 @@ def _loss_vjp(grad_fn, *names, class_axis=True):
     return vjp
 
 
+def _cross_entropy_unsupported(b: dict) -> Optional[str]:
+    if b["weight"] is not None and b["label_smoothing"]:
+        return "cross_entropy with both class weights and label smoothing is not supported"
+    return _legacy_args(b)
+
+
 register([F.cross_entropy], "cross_entropy",
          "input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, "
          "reduction='mean', label_smoothing=0.0",
          doc="ℓ = -log softmax(f)_y;  ∂ℓ/∂f = softmax(f) - onehot(y).",
          vjp={"input": _loss_vjp(cross_entropy_grad, "weight", "ignore_index", "reduction",
                                  "label_smoothing", class_axis=True)},
-         unsupported=_legacy_args)
+         unsupported=_cross_entropy_unsupported)
 register([F.nll_loss], "nll_loss",
          "input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, "
          "reduction='mean'",
@@ -222,8 +228,38 @@ def _mean_scale(reduction: str, divisor: int) -> float:
     return divisor ** -0.5 if reduction == "mean" else 1.0
 
 
-def cross_entropy_sqrt_hessian(x: Tensor, reduction: str) -> Tensor:
-    """``S[c, n, k] = √p_c (δ_kc - p_k)`` (column c of ``diag(√p) - p √pᵀ``), ``[C, N, C]``.
+def cross_entropy_position_weight(x: Tensor, target: Tensor, weight: Optional[Tensor],
+                                  ignore_index: int, label_smoothing: float) -> Tensor:
+    """The factor each position's Hessian ``diag(p) - p pᵀ`` carries, ``[N, d...]``: ``w_y``
+    (0 where ignored) for class targets, ``Σ_c w_c t_c`` for probability targets ``t``
+    (label smoothing applied); 1 without weights."""
+    classes = x.size(1)
+    if target.is_floating_point():
+        t = target.to(x.dtype) * (1.0 - label_smoothing) + label_smoothing / classes
+        if weight is not None:
+            t = t * weight.to(x.dtype).reshape([1, classes] + [1] * (x.dim() - 2))
+        return t.sum(1)
+    keep = target != ignore_index
+    safe = torch.where(keep, target, torch.zeros_like(target))
+    return _class_weight(safe, weight, x) * keep.to(x.dtype)
+
+
+def _ce_scaled(factor: Tensor, x: Tensor, target: Tensor, weight: Optional[Tensor],
+               ignore_index: int, reduction: str, label_smoothing: float) -> Tensor:
+    """``factor [K, N, C, d...]`` times ``√(position weight)`` and, for mean, ``1/√divisor``
+    (the same divisor as the gradient's: ``Σ w_y`` over kept positions)."""
+    scale = cross_entropy_position_weight(x, target, weight, ignore_index, label_smoothing)
+    factor = factor * scale.sqrt().unsqueeze(0).unsqueeze(2)
+    if reduction == "mean":
+        factor = factor / cross_entropy_divisor(x, target, weight, ignore_index).sqrt()
+    return factor
+
+
+def cross_entropy_sqrt_hessian(x: Tensor, target: Tensor, weight: Optional[Tensor],
+                               ignore_index: int, reduction: str,
+                               label_smoothing: float) -> Tensor:
+    """``S[c, n, k] = √p_c (δ_kc - p_k)`` (column c of ``diag(√p) - p √pᵀ``), ``[C, N, C]``,
+    times ``√w`` of the position (class weight, 0 if ignored) and ``1/√divisor`` for mean.
 
     With extra axes ``x: [N, C, d...]`` every position is its own sample: the factor is
     block-diagonal over positions, ``[C·D, N, C, d...]`` with column ``c·D + j`` living at
@@ -234,7 +270,7 @@ def cross_entropy_sqrt_hessian(x: Tensor, reduction: str) -> Tensor:
     eye = torch.eye(classes, dtype=x.dtype, device=x.device)
     eye = eye.reshape([classes, 1, classes] + [1] * (x.dim() - 2))
     factor = p.sqrt().movedim(1, 0).unsqueeze(2) * (eye - p.unsqueeze(0))
-    factor = factor * _mean_scale(reduction, x.numel() // classes)
+    factor = _ce_scaled(factor, x, target, weight, ignore_index, reduction, label_smoothing)
     if x.dim() == 2:
         return factor
     flat = factor.flatten(3)                                            # [C, N, C, D]
@@ -242,8 +278,11 @@ def cross_entropy_sqrt_hessian(x: Tensor, reduction: str) -> Tensor:
     return blocks.reshape([-1] + list(factor.shape[1:]))
 
 
-def cross_entropy_sqrt_hessian_mc(x: Tensor, reduction: str, samples: int) -> Tensor:
-    """``S[m] = (p - onehot(ŷ_m)) / √M`` with ``ŷ_m ~ Categorical(softmax(x))`` per position."""
+def cross_entropy_sqrt_hessian_mc(x: Tensor, target: Tensor, weight: Optional[Tensor],
+                                  ignore_index: int, reduction: str, label_smoothing: float,
+                                  samples: int) -> Tensor:
+    """``S[m] = (p - onehot(ŷ_m)) / √M`` with ``ŷ_m ~ Categorical(softmax(x))`` per position,
+    scaled like the exact factor."""
     classes = x.size(1)
     p = torch.softmax(x, 1)
     flat = p.movedim(1, -1).reshape(-1, classes)
@@ -251,7 +290,7 @@ def cross_entropy_sqrt_hessian_mc(x: Tensor, reduction: str, samples: int) -> Te
     onehot = F.one_hot(drawn, classes).to(x.dtype)                    # [M, positions, C]
     onehot = onehot.reshape([samples] + list(p.movedim(1, -1).shape)).movedim(-1, 2)
     factor = (p.unsqueeze(0) - onehot) / math.sqrt(samples)
-    return factor * _mean_scale(reduction, x.numel() // classes)
+    return _ce_scaled(factor, x, target, weight, ignore_index, reduction, label_smoothing)
 
 
 def mse_sqrt_hessian(x: Tensor, reduction: str) -> Tensor:
@@ -292,11 +331,21 @@ def _sqrt_rules(exact, sampled) -> dict:
 
 
 for _target, _exact, _sampled in [
-        (F.cross_entropy, cross_entropy_sqrt_hessian, cross_entropy_sqrt_hessian_mc),
         (F.mse_loss, mse_sqrt_hessian, mse_sqrt_hessian_mc),
         (F.binary_cross_entropy_with_logits, bce_sqrt_hessian, bce_sqrt_hessian_mc)]:
     for _field, _fn in _sqrt_rules(_exact, _sampled).items():
         setattr(RULES_BY_TARGET[_target], _field, _fn)
+
+
+def _ce_arguments(c: Ctx) -> list:
+    return [c.args.input, c.args.target, c.args.weight, c.bound["ignore_index"],
+            c.bound["reduction"], c.bound["label_smoothing"]]
+
+
+RULES_BY_TARGET[F.cross_entropy].sqrt_hessian = lambda c: c.call(
+    cross_entropy_sqrt_hessian, *_ce_arguments(c))
+RULES_BY_TARGET[F.cross_entropy].sqrt_hessian_mc = lambda c, m: c.call(
+    cross_entropy_sqrt_hessian_mc, *_ce_arguments(c), m)
 
 
 # -- mean divisors (data parallelism) -------------------------------------------------------
@@ -326,8 +375,7 @@ def numel_divisor(x: Tensor) -> Tensor:
 
 
 def _class_divisor(c: Ctx, part: str):
-    if part == "hessian" and c.node.target is F.cross_entropy:
-        return c.call(positions_divisor, c.args.input)
+    """The gradient and the Hessian factor of cross-entropy share one divisor."""
     return c.call(cross_entropy_divisor, c.args.input, c.args.target, c.args.weight,
                   c.bound["ignore_index"])
 

@@ -608,8 +608,9 @@ class _Counter:
         pass
 
 
-def run(opts: Options) -> list:
-    """Every row of the benchmark: workloads x quantities x contenders."""
+def run(opts: Options, checkpoint: Optional[Callable[[list], None]] = None) -> list:
+    """Every row of the benchmark: workloads x quantities x contenders; ``checkpoint(rows)``
+    after each cell (so a run that dies leaves its results so far)."""
     torch.set_num_threads(opts.threads)
     quiet_warnings()
     memory = MemoryRunner(int(opts.max_memory_gib * 2**30), opts.child_timeout_s) \
@@ -627,6 +628,8 @@ def run(opts: Options) -> list:
         for quantity in opts.quantities:
             bar.set_description(f"{workload} {quantity}")
             rows += bench_cell(opts, setup, workload, quantity, memory, autograd_peak)
+            if checkpoint is not None:
+                checkpoint(_with_ratios(rows))
             bar.update()
             gc.collect()
     bar.close()
@@ -749,6 +752,26 @@ def _version(dist: str) -> Optional[str]:
 # ------------------------------------------------------------------------------------- CLI
 
 README_BEGIN, README_END = "<!-- bench:begin -->", "<!-- bench:end -->"
+README_INTRO = """## Benchmark
+
+`python -m fxcurv.bench` times fxcurv's compiled step (compiled once, outside the timing)
+against BackPACK (`extend`, then forward and backward inside `with backpack(Extension())`;
+products are then applied to the vectors) and plain autograd forward + backward (gradient only,
+the baseline); for `batch_grad` also against `torch.func.vmap(grad)` and Opacus'
+`GradSampleModule` when Opacus is installed (`pip install opacus`; optional). Every call computes
+loss, gradient and the quantity from scratch. After warm-up, the contenders of a cell are called
+in turn (A B C A B C ..., the order rotating each round) at a fixed thread count; `median ms`
+is the median of those calls, `x autograd` and `x BackPACK` are ratios of medians within the
+cell. `peak MiB` is the peak memory above the baseline during one call, measured for each
+contender alone in a fresh process (CPU: resident set; CUDA: `torch.cuda.max_memory_allocated`).
+Monte-Carlo quantities use one sample, products one vector.
+
+Options: `--workloads`, `--quantities` (comma-separated, or `all`; default: `grad` and the nine
+quantities of the issue), `--threads` (2), `--repeats`, `--warmup`, `--budget`, `--device cuda`,
+`--json PATH`, `--quick` (smoke test), `--update-readme` (rewrites this section).
+Workloads (cross-entropy loss, random data):
+
+"""
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -846,7 +869,14 @@ def report(meta: dict, rows: list, checked: dict, tablefmt: str) -> str:
     return "\n".join(lines)
 
 
+def readme_section(text: str, workloads: list) -> str:
+    """The README's bench section: how it measures, the workloads, then this run's report."""
+    lines = [f"- `{w}` (batch {WORKLOADS[w].batch_size}): {WORKLOADS[w].doc}" for w in workloads]
+    return README_INTRO + "\n".join(lines) + "\n\n" + text
+
+
 def update_readme(path: str, text: str) -> None:
+    """Replace what lies between the README's bench markers with ``text``."""
     readme = Path(path).read_text()
     begin, end = readme.find(README_BEGIN), readme.find(README_END)
     if begin < 0 or end < begin:
@@ -861,7 +891,13 @@ def main(argv=None) -> int:
     if opts.device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available")
     started, load = time.monotonic(), _loadavg()
-    rows = run(opts)
+
+    def save(rows: list, meta: Optional[dict] = None, checked: Optional[dict] = None) -> None:
+        if args.json:
+            Path(args.json).write_text(json.dumps(
+                {"meta": meta, "rows": rows, "targets": checked}, indent=1))
+
+    rows = run(opts, save)
     meta = machine(opts.device) | {
         "threads": opts.threads, "warmup": opts.warmup, "repeats": opts.repeats,
         "budget_s": opts.budget_s, "vectors": opts.vectors, "memory": opts.memory,
@@ -874,11 +910,9 @@ def main(argv=None) -> int:
     checked = targets(rows)
     text = report(meta, rows, checked, args.tablefmt)
     print(text)
-    if args.json:
-        Path(args.json).write_text(json.dumps({"meta": meta, "rows": rows, "targets": checked},
-                                              indent=1))
+    save(rows, meta, checked)
     if args.update_readme:
-        update_readme(args.update_readme, text)
+        update_readme(args.update_readme, readme_section(text, opts.workloads))
     return 0
 
 

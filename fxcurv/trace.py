@@ -9,7 +9,7 @@ tensor values) are lowered to functional ops by ``MODULE_LOWERINGS``.
 from __future__ import annotations
 
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
 import torch
@@ -182,6 +182,7 @@ class Traced:
     inputs: tuple[fx.Node, fx.Node]
     model_output: fx.Node
     loss: fx.Node
+    memo: dict = field(default_factory=dict)  # values passes share (e.g. the loss Hessian)
 
     def refresh(self) -> None:
         """Re-read the loss and model-output nodes after a pass replaced them (the loss is what

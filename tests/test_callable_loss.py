@@ -139,3 +139,24 @@ def test_cross_entropy_with_weights_and_label_smoothing_is_refused():
     loss_fn = nn.CrossEntropyLoss(weight=torch.ones(3, dtype=DTYPE), label_smoothing=0.1)
     with pytest.raises(fxcurv.CompileError, match="class weights and label smoothing"):
         fxcurv.compile(model(), loss_fn)
+
+
+def test_hessian_of_a_non_convex_loss_keeps_its_negative_curvature():
+    """The GGN uses the loss Hessian's positive part; diag_h and hmp subtract the negative
+    part too, so they stay the exact Hessian for a non-convex loss."""
+    net, (x, y) = model(), batch()
+
+    def non_convex(out, target):
+        return F.cross_entropy(out, target) - 0.3 * (out ** 2).mean()
+
+    vectors = {n: torch.randn(2, *p.shape, dtype=DTYPE) for n, p in net.named_parameters()}
+    _, _, diag_h, hmp = fxcurv.compile(net, non_convex, ["diag_h", "hmp"])(x, y, vectors)
+    for name, p in net.named_parameters():
+        def of_param(value, name=name):
+            params = {**dict(net.named_parameters()), name: value}
+            return non_convex(torch.func.functional_call(net, params, (x,)), y)
+
+        hessian = torch.func.hessian(of_param)(p.detach()).reshape(p.numel(), p.numel())
+        torch.testing.assert_close(diag_h[name], hessian.diagonal().reshape(p.shape), **TOL)
+        torch.testing.assert_close(hmp[name].flatten(1), vectors[name].flatten(1) @ hessian,
+                                   **TOL)

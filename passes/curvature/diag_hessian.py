@@ -22,16 +22,8 @@ from fxcurv.rules import Ctx, rule_for
 
 from ..analysis import ancestors, descendants
 from ..backward import backward
-
-
-def residual_sqrt(residual: Tensor, sign: float) -> Tensor:
-    """``diag(√max(sign·R, 0))`` as a factor ``[D, N, *R.shape[1:]]``, ``D = R[0].numel()``."""
-    part = (residual * sign).clamp(min=0.0).sqrt()
-    samples = part.size(0)
-    flat = part.reshape(samples, -1)
-    eye = torch.eye(flat.size(1), dtype=part.dtype, device=part.device)
-    factor = eye.unsqueeze(1) * flat.unsqueeze(0)                     # [D, N, D]
-    return factor.reshape([flat.size(1)] + list(part.shape))
+from .factors import residual_sqrt
+from .loss_hessian import loss_negative_factor
 
 
 def residual_propagations(emit: Emitter, traced, gradient: dict, quantity: str,
@@ -44,6 +36,14 @@ def residual_propagations(emit: Emitter, traced, gradient: dict, quantity: str,
     model = ancestors(traced.model_output)  # the loss region's curvature is in the GGN term
     per_sample = descendants(traced.graph, traced.inputs[0])  # values with a sample axis
     terms = []
+    negative = loss_negative_factor(emit, traced, gradient, quantity)
+    if negative is not None:  # a non-convex loss: its negative curvature, subtracted
+        node, factor = negative
+        with emit.naming("loss_hessian_negative"):
+            columns = factor.size(0)
+        cotangents = backward(emit, {node: factor}, params, lead=1,
+                              tag="loss_hessian_minus", quantity=quantity)
+        terms.append((make_source(cotangents, columns), -1.0))
     for node in list(traced.graph.nodes):
         if node not in gradient or node not in model or node.op not in ("call_function",
                                                                        "call_method"):

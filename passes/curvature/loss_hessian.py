@@ -11,8 +11,10 @@ Jacobian-transpose rules (one leading axis):
 
 ``H_n = Σ₊ Φ Φᵀ - Σ₋ Φ Φᵀ`` ``[N, C, C]`` (``C`` entries per sample of ``f``) is then factorised
 per sample by ``eigh``: ``S_n = V √max(Λ, 0)``, ``[C, N, *f]``. Cost: one propagation per
-source through the loss region, plus an ``O(N C³)`` eigendecomposition per step. Negative
-curvature of a non-convex loss is dropped (the GGN needs a positive semi-definite ``H``).
+source through the loss region, plus an ``O(N C³)`` eigendecomposition per step. The GGN
+family uses the positive part (it needs a positive semi-definite ``H``); the Hessian family
+also subtracts the negative part ``V √max(−Λ, 0)``, so ``diag_h`` / ``hmp`` stay exact for a
+non-convex loss (``pchmp_abs`` adds it, ``pchmp_clip`` drops it).
 Monte-Carlo factors need a likelihood, so they require a built-in loss as the final op.
 """
 from __future__ import annotations
@@ -29,7 +31,7 @@ from fxcurv.rules import Ctx, rule_for
 
 from ..analysis import ancestors, descendants
 from ..backward import backward
-from .diag_hessian import residual_sqrt
+from .factors import residual_sqrt
 
 
 def scaled_by_root(factor: Tensor, weight: Tensor, sign: float) -> Tensor:
@@ -43,15 +45,28 @@ def signed_gram(factor: Tensor, sign: float) -> Tensor:
     return torch.einsum("knc,knd->ncd", flat, flat) * sign
 
 
-def per_sample_sqrt(hessian: Tensor, like: Tensor) -> Tensor:
-    """``S`` ``[C, N, *like.shape[1:]]`` with ``S_n S_nᵀ = H_n`` projected onto PSD matrices."""
+def per_sample_sqrt(hessian: Tensor, like: Tensor, sign: float) -> Tensor:
+    """``S`` ``[C, N, *like.shape[1:]]`` with ``S_n S_nᵀ`` the positive (``sign = 1``) or the
+    negated negative (``sign = -1``) eigen-part of ``H_n``: ``H_n = S₊S₊ᵀ − S₋S₋ᵀ``."""
     values, vectors = torch.linalg.eigh(0.5 * (hessian + hessian.transpose(1, 2)))
-    factor = vectors * values.clamp(min=0.0).sqrt().unsqueeze(1)   # [N, C, C] columns
+    factor = vectors * (values * sign).clamp(min=0.0).sqrt().unsqueeze(1)   # [N, C, C]
     return factor.permute(2, 0, 1).reshape([factor.size(2)] + list(like.shape))
 
 
-def assembled_sqrt_hessian(emit: Emitter, traced, gradient: dict, quantity: str) -> Any:
-    """The exact factor ``[C, N, *f]`` of a general loss region (see the module docstring)."""
+def assembled_sqrt_hessian(emit: Emitter, traced, gradient: dict, quantity: str,
+                           sign: float = 1.0) -> Any:
+    """The factor ``[C, N, *f]`` of a general loss region's positive (``sign = 1``) or negative
+    (``sign = -1``) curvature (see the module docstring); the Hessian is assembled once."""
+    if "loss_hessian" not in traced.memo:
+        traced.memo["loss_hessian"] = _assembled_hessian(emit, traced, gradient, quantity)
+    tag = "plus" if sign > 0 else "minus"
+    with emit.naming(f"loss_hessian_{tag}"):
+        return emit.call(per_sample_sqrt, traced.memo["loss_hessian"],
+                         emit.proxy(traced.model_output), sign)
+
+
+def _assembled_hessian(emit: Emitter, traced, gradient: dict, quantity: str) -> Any:
+    """``H_n = ∂²L/∂f_n²`` ``[N, C, C]`` from the loss region's second-order sources."""
     output = traced.model_output
     sources = _second_order_sources(emit, traced, gradient, quantity)
     if not sources:
@@ -63,10 +78,8 @@ def assembled_sqrt_hessian(emit: Emitter, traced, gradient: dict, quantity: str)
                               tag=f"loss_hessian_{tag}", quantity=quantity)
         gram = emit.call(signed_gram, cotangents[output], sign)
         total = gram if total is None else total + gram
-    with emit.naming("loss_hessian"):
-        factor = emit.call(per_sample_sqrt, total, emit.proxy(output))
     emit.rename(total, "loss_hessian")
-    return factor
+    return total
 
 
 def _second_order_sources(emit: Emitter, traced, gradient: dict, quantity: str) -> list:
@@ -175,4 +188,15 @@ def loss_factor(emit: Emitter, traced, gradient: dict, kind: str, mc_samples: in
         check_monte_carlo(loss, quantity)
     factor = assembled_sqrt_hessian(emit, traced, gradient, quantity)
     emit.rename(factor, "loss_sqrt_hessian_exact")
+    return traced.model_output, factor
+
+
+def loss_negative_factor(emit: Emitter, traced, gradient: dict, quantity: str):
+    """``(node, S₋)`` for a loss whose Hessian is assembled (it may have negative curvature,
+    which the Hessian family subtracts); None for a built-in final loss (convex)."""
+    rule = rule_for(traced.loss)
+    if rule is not None and rule.sqrt_hessian is not None:
+        return None
+    factor = assembled_sqrt_hessian(emit, traced, gradient, quantity, sign=-1.0)
+    emit.rename(factor, "loss_sqrt_hessian_negative")
     return traced.model_output, factor

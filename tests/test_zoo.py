@@ -99,14 +99,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::Deprec
 
 
 @pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors gain nothing from intra-op threads, which only spin on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
+def _single_threaded(one_thread):
+    """Run this module with one intra-op thread (the shared ``one_thread`` fixture)."""
 
 
 # ------------------------------------------------------------------------------------ models

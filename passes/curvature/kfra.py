@@ -22,6 +22,7 @@ from fxcurv.emit import Emitter
 from fxcurv.errors import node_error
 from fxcurv.rules import Ctx, rule_for
 
+from ..analysis import ancestors
 from .loss_hessian import loss_factor
 
 
@@ -141,12 +142,4 @@ def _forward_users(node: fx.Node) -> list[fx.Node]:
 
 
 def _depends_on(node: fx.Node, params: set) -> bool:
-    seen, stack = set(), [node]
-    while stack:
-        current = stack.pop()
-        if current in params:
-            return True
-        if current not in seen:
-            seen.add(current)
-            stack.extend(current.all_input_nodes)
-    return False
+    return not params.isdisjoint(ancestors(node))

@@ -33,7 +33,6 @@ import math
 import multiprocessing
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -45,6 +44,11 @@ from typing import Callable, Optional
 import torch
 import torch.nn as nn
 from tabulate import tabulate
+
+try:
+    import resource
+except ImportError:  # Windows: no ru_maxrss; memory runs report what they can
+    resource = None
 
 # ------------------------------------------------------------------------------- workloads
 
@@ -408,6 +412,8 @@ def _reset_peak_rss() -> bool:
 
 
 def _max_rss() -> int:
+    if resource is None:
+        return 0
     scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB elsewhere
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * scale
 
@@ -764,7 +770,10 @@ in turn (A B C A B C ..., the order rotating each round) at a fixed thread count
 is the median of those calls, `x autograd` and `x BackPACK` are ratios of medians within the
 cell. `peak MiB` is the peak memory above the baseline during one call, measured for each
 contender alone in a fresh process (CPU: resident set; CUDA: `torch.cuda.max_memory_allocated`).
-Monte-Carlo quantities use one sample, products one vector.
+Monte-Carlo quantities use one sample, products one vector. In the `grad` rows BackPACK is the
+extended model without an extension (the cost of its hooks). BackPACK's `PCHMP` squares the
+gradient in its residual (see Conventions): same cost, different matrix. A cell whose memory run
+dies or passes `--max-memory-gib` shows that instead of a time.
 
 Options: `--workloads`, `--quantities` (comma-separated, or `all`; default: `grad` and the nine
 quantities of the issue), `--threads` (2), `--repeats`, `--warmup`, `--budget`, `--device cuda`,
@@ -854,15 +863,15 @@ def report(meta: dict, rows: list, checked: dict, tablefmt: str) -> str:
             f"BackPACK {meta['backpack']}, Opacus {meta['opacus'] or 'not installed'}, "
             f"{meta['threads']} threads, device {meta['device']}")
     lines = [head, "", f"`{meta['command']}`", "", table(rows, tablefmt), ""]
-    busiest = max(v for v in meta["loadavg_1min"].values() if v is not None) \
-        if any(v is not None for v in meta["loadavg_1min"].values()) else None
+    busiest = max([v for v in meta["loadavg_1min"].values() if v is not None], default=None)
     if busiest is not None and busiest > (meta["cores"] or 1) + 0.5:
         lines += [f"Warning: load average {busiest:.1f} on {meta['cores']} cores: other "
                   "processes competed for the CPU, the timings are unreliable.", ""]
     geomean = checked["geomean_fxcurv_over_backpack"]
     if geomean is not None:
-        lines.append(f"Geometric mean of fxcurv/BackPACK time over {len(checked['fxcurv_over_backpack'])}"
-                     f" cells: {geomean:.2f} (target <= {checked['geomean_target']}).")
+        cells = len(checked["fxcurv_over_backpack"])
+        lines.append(f"Geometric mean of fxcurv/BackPACK time over {cells} cells: "
+                     f"{geomean:.2f} (target <= {checked['geomean_target']}).")
     if checked["misses"]:
         lines += ["", "Cells missing the targets:", ""]
         lines += [f"- {miss}" for miss in checked["misses"]]

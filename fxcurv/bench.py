@@ -859,9 +859,12 @@ def _proc_meminfo(field: str) -> Optional[int]:
 
 def report(meta: dict, rows: list, checked: dict, tablefmt: str) -> str:
     """Header line, the table, and the targets' summary."""
-    head = (f"{meta['date']}, {meta['cpu']} ({meta['cores']} cores), torch {meta['torch']}, "
-            f"BackPACK {meta['backpack']}, Opacus {meta['opacus'] or 'not installed'}, "
-            f"{meta['threads']} threads, device {meta['device']}")
+    load = meta["loadavg_1min"]
+    head = (f"Measured {meta['date']} on {meta['cpu']} ({meta['cores']} cores), torch "
+            f"{meta['torch']}, BackPACK {meta['backpack']}, Opacus "
+            f"{meta['opacus'] or 'not installed'}, {meta['threads']} threads, device "
+            f"{meta['device']}; load average {load['start']} at the start, {load['end']} at "
+            f"the end; {meta['seconds']:.0f} s.")
     lines = [head, "", f"`{meta['command']}`", "", table(rows, tablefmt), ""]
     busiest = max([v for v in meta["loadavg_1min"].values() if v is not None], default=None)
     if busiest is not None and busiest > (meta["cores"] or 1) + 0.5:

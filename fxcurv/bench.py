@@ -391,14 +391,7 @@ def time_interleaved(contenders: dict, device: str, warmup: int, repeats: int,
 
 def _proc_status(field: str, pid: str = "self") -> Optional[int]:
     """A ``/proc/<pid>/status`` field in bytes (Linux), or None."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        return None
-    return None
+    return _proc_field(f"/proc/{pid}/status", field)
 
 
 def _reset_peak_rss() -> bool:
@@ -847,8 +840,14 @@ def _default_memory_limit_gib() -> float:
 
 
 def _proc_meminfo(field: str) -> Optional[int]:
+    """A ``/proc/meminfo`` field in bytes (Linux), or None."""
+    return _proc_field("/proc/meminfo", field)
+
+
+def _proc_field(path: str, field: str) -> Optional[int]:
+    """The ``field:`` line of a ``/proc`` file, in bytes (its value is in kB), or None."""
     try:
-        with open("/proc/meminfo") as f:
+        with open(path) as f:
             for line in f:
                 if line.startswith(field + ":"):
                     return int(line.split()[1]) * 1024

@@ -111,3 +111,16 @@ class LayerNormNet(nn.Module):
 
     def forward(self, x):
         return self.head(self.norm(self.fc(x)))
+
+
+class Gated(nn.Module):
+    """``h * sigmoid(h)``: an elementwise product of two activations of ``fc``'s output."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 5)
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return self.head(h * torch.sigmoid(h))

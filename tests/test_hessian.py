@@ -47,7 +47,7 @@ from torch.func import functional_call, grad, hessian, jacrev, vmap
 
 import fxcurv
 from fxcurv.errors import CompileError
-from setups import (FunctionalWithScale, LayerNormNet, ResidualMLP, default_dtype,
+from setups import (FunctionalWithScale, Gated, LayerNormNet, ResidualMLP, default_dtype,
                     make_batch, randomize_bn, with_head)
 
 backpack = pytest.importorskip("backpack")
@@ -714,17 +714,7 @@ def test_torchscript_round_trip(quantity, tmp_path):
 
 
 # ================================================================ 5. compile-time errors
-class Swish(nn.Module):
-    """``h * sigmoid(h)`` written out: both factors depend on ``fc``'s parameters."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 5)
-        self.head = nn.Linear(5, 3)
-
-    def forward(self, x):
-        h = self.fc(x)
-        return self.head(h * torch.sigmoid(h))
+Swish = Gated  # h * sigmoid(h): both factors depend on fc's parameters
 
 
 RESIDUAL_QUANTITIES = ["diag_h", "diag_h_batch", "hmp", "pchmp_abs", "pchmp_clip"]

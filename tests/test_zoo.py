@@ -82,7 +82,7 @@ from torch.overrides import TorchFunctionMode
 
 import fxcurv
 from fxcurv import CompileError
-from setups import randomize_bn
+from setups import Gated, randomize_bn
 
 DTYPE = torch.float64
 TOL = dict(rtol=1e-9, atol=1e-12)         # vs torch.func
@@ -176,19 +176,6 @@ class Tied(nn.Module):
         h = self.emb(tokens).mean(1)
         h = torch.tanh(h @ self.proj.t() + self.bias)
         return F.linear(h, self.emb.weight)
-
-
-class Gated(nn.Module):
-    """6. Elementwise product of two activations, ``h * sigmoid(h)``."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc = nn.Linear(4, 5)
-        self.head = nn.Linear(5, 3)
-
-    def forward(self, x):
-        h = self.fc(x)
-        return self.head(h * torch.sigmoid(h))
 
 
 class Reductions(nn.Module):

@@ -4,6 +4,8 @@ For every workload (model, loss, batch) and quantity, each contender computes th
 from scratch once per call:
 
 * ``fxcurv``: the step from ``fxcurv.compile`` (compiled once, outside the timing);
+* ``fxcurv+inductor`` (with ``--inductor``): the same step with ``backend="inductor"``
+  (``torch.compile``; compiled and called once outside the timing and the memory peak);
 * ``BackPACK``: ``extend``-ed copies of model and loss, forward and backward inside
   ``with backpack(Extension())`` (products: then applied to the vectors);
 * ``autograd``: plain forward + ``loss.backward()`` (the gradient only: the baseline);
@@ -236,13 +238,21 @@ class Contender:
         return self._call()
 
 
-def make_fxcurv(setup: Setup, quantity: str) -> Contender:
+def make_fxcurv(setup: Setup, quantity: str, backend: Optional[str] = None) -> Contender:
     import fxcurv
     step = fxcurv.compile(setup.model, setup.loss_fn, [] if quantity == "grad" else [quantity],
-                          mc_samples=1)
+                          mc_samples=1, backend=backend)
     if quantity in PRODUCTS:
         return Contender(lambda: step(setup.x, setup.y, setup.vectors))
     return Contender(lambda: step(setup.x, setup.y))
+
+
+def make_fxcurv_inductor(setup: Setup, quantity: str) -> Contender:
+    """The fxcurv step through ``torch.compile(backend="inductor")``, called once here so that
+    its compilation (tens of seconds) stays out of the warm-up and the timing."""
+    contender = make_fxcurv(setup, quantity, backend="inductor")
+    contender()
+    return contender
 
 
 def make_backpack(setup: Setup, quantity: str) -> Contender:
@@ -311,7 +321,8 @@ def make_opacus(setup: Setup, quantity: str = "batch_grad") -> Contender:
     return Contender(call, params, ("grad_sample",), clear_to=None)
 
 
-MAKERS = {"fxcurv": make_fxcurv, "BackPACK": make_backpack, "autograd": make_autograd,
+MAKERS = {"fxcurv": make_fxcurv, "fxcurv+inductor": make_fxcurv_inductor,
+          "BackPACK": make_backpack, "autograd": make_autograd,
           "vmap(grad)": make_vmap, "Opacus": make_opacus}
 
 
@@ -323,8 +334,8 @@ def opacus_available() -> bool:
     return True
 
 
-def contenders_for(quantity: str, opacus: bool) -> list[str]:
-    names = ["fxcurv", "BackPACK", "autograd"]
+def contenders_for(quantity: str, opacus: bool, inductor: bool = False) -> list[str]:
+    names = ["fxcurv"] + (["fxcurv+inductor"] if inductor else []) + ["BackPACK", "autograd"]
     if quantity == "batch_grad":
         names += ["vmap(grad)"] + (["Opacus"] if opacus else [])
     return names
@@ -526,6 +537,7 @@ class Options:
     memory: bool = True
     max_memory_gib: float = 8.0
     child_timeout_s: float = 300.0
+    inductor: bool = False
 
 
 def _row(workload, quantity, contender, times=None, error=None, peak=None) -> dict:
@@ -556,7 +568,8 @@ def bench_cell(opts: Options, setup: Setup, workload: str, quantity: str, memory
                autograd_peak: dict) -> list:
     """Rows of one (workload, quantity): build, measure memory, then time the contenders."""
     built, errors, peaks = {}, {}, {}
-    for name in contenders_for(quantity, opacus_available()):
+    names = contenders_for(quantity, opacus_available(), opts.inductor)
+    for name in names:
         try:
             built[name] = MAKERS[name](setup, quantity)
         except Exception as exc:  # noqa: BLE001 - shown in the table
@@ -581,7 +594,7 @@ def bench_cell(opts: Options, setup: Setup, workload: str, quantity: str, memory
                                      opts.budget_s)
     errors.update(failed)
     return [_row(workload, quantity, name, times.get(name), errors.get(name), peaks.get(name))
-            for name in contenders_for(quantity, opacus_available())]
+            for name in names]
 
 
 def _progress(total: int):
@@ -800,6 +813,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "available memory, at most 16)")
     p.add_argument("--child-timeout", type=float, default=300.0,
                    help="seconds a memory run may take")
+    p.add_argument("--inductor", action="store_true", help="add the contender "
+                   "fxcurv+inductor (the step through torch.compile; tens of seconds of "
+                   "compilation per cell, outside the timing)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: batch 8, 3 repeats, 2 s per cell")
     p.add_argument("--json", metavar="PATH", help="write meta data, rows and targets as JSON")
@@ -831,7 +847,7 @@ def options(args: argparse.Namespace) -> Options:
         batch_size=pick(args.batch_size, None, 8), vectors=args.vectors,
         memory=not args.no_memory,
         max_memory_gib=args.max_memory_gib or _default_memory_limit_gib(),
-        child_timeout_s=args.child_timeout)
+        child_timeout_s=args.child_timeout, inductor=args.inductor)
 
 
 def _default_memory_limit_gib() -> float:

@@ -14,6 +14,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import quantities as q
+from .backend import Backend, with_backend
 from .emit import Emitter
 from .errors import CompileError, node_error
 from .passes.analysis import ancestors, depends_on, descendants, sample_carriers
@@ -22,15 +23,18 @@ from .passes.cleanup import finalize
 from .passes.normalize import normalize
 from .passes.curvature.diag_hessian import residual_propagations
 from .passes.curvature.kfra import KFRA
+from .passes.curvature.regulariser import Regulariser
 from .passes.curvature.sqrt_ggn import propagate_sqrt_ggn
 from .passes.distributed import data_parallel
 from .passes.per_sample import PerSample, SignedSum
+from .passes.schedule import schedule_extractions
 from .rules import rule_for
 from .trace import Traced, trace
 
 
 def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (), *,
-            mc_samples: int = 1, process_group: Any = None) -> fx.GraphModule:
+            mc_samples: int = 1, process_group: Any = None,
+            backend: Backend = None) -> fx.GraphModule:
     """Compile ``loss_fn(model(x), y)`` into one step returning loss, gradient and quantities.
 
     Args:
@@ -46,6 +50,15 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
         process_group: a ``torch.distributed`` process group (e.g. ``ddp.process_group``):
             each rank passes its shard of the batch and the step's collectives make it
             return the results of the global batch (README, "Data-parallel curvature").
+        backend: ``None`` (default): the plain GraphModule. Otherwise a ``torch.compile``
+            backend (``"inductor"``, ``"aot_eager"``, ... or a callable): the step's
+            ``forward`` runs through ``torch.compile(..., backend=backend)``, compiled on the
+            first call (a new batch size may recompile once, then the batch axis is dynamic).
+            ``step.code`` / ``step.graph`` still show the generated code, and
+            ``torch.jit.script(step)`` scripts that plain code (TorchScript cannot hold the
+            compiled kernels). Under ``"inductor"``, Monte-Carlo quantities draw from
+            inductor's own generator (same distribution, other samples than eager torch for
+            the same seed, unless ``torch._inductor.config.fallback_random = True``).
 
     Returns:
         a ``torch.fx.GraphModule`` ``step`` with ``step(x, y) -> (loss, grad, *quantities)``;
@@ -54,7 +67,8 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
         ``torch.jit.script(step)`` exports it.
 
     Raises:
-        CompileError: naming the node, op, module and quantity, when something cannot be compiled.
+        CompileError: naming the node, op, module and quantity, when something cannot be compiled;
+            for an unknown ``backend``.
     """
     if not isinstance(mc_samples, int) or mc_samples < 1:
         raise CompileError(f"mc_samples must be a positive int, got {mc_samples!r}.")
@@ -81,7 +95,10 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
     results = _extract(emit, traced, requested, cotangents, grads, batch_size, mc_samples)
     outputs = (emit.proxy(traced.loss), grads, *results)
     outputs = data_parallel(emit, traced, requested, outputs, process_group)
-    return finalize(traced, emit, outputs, [name for name, _ in requested])
+    step = finalize(traced, emit, outputs, [name for name, _ in requested])
+    schedule_extractions(step.graph, traced.model_output)
+    step.recompile()
+    return with_backend(step, backend)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -96,14 +113,16 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 def _extract(emit: Emitter, traced: Traced, requested: list, cotangents: dict, grads: dict,
              batch_size: Any, mc_samples: int) -> list[dict[str, Any]]:
-    """One dict per requested quantity; each propagation is emitted once, when first needed."""
+    """One dict per requested quantity; each propagation is emitted once, when first needed.
+    A regulariser added to the loss (``passes/curvature/regulariser.py``) adds its exact
+    Hessian to the curvature quantities and refuses per-sample ones and Kronecker factors."""
     vectors = _vectors_input(emit, traced) if any(
         q.extract == "product" for _, q in requested) else {}
     sources: dict[str, Any] = {}
     x = traced.inputs[0]
     data = (descendants(traced.graph, x), sample_carriers(traced.graph, x))
-    if requested:
-        _check_no_regulariser(traced, data, requested[0][0])
+    regulariser = Regulariser(emit, traced, cotangents, data)
+    regulariser.check(requested)
 
     def source(name: str, quantity: str) -> Any:
         if name not in sources:
@@ -116,32 +135,16 @@ def _extract(emit: Emitter, traced: Traced, requested: list, cotangents: dict, g
         per_sample = source(quantity.source, label)
         method = getattr(per_sample, quantity.extract)
         extra = {"variance": (grads,), "product": (vectors,)}.get(quantity.extract, ())
-        results.append({name: method(name, quantity.name, *[e[name] for e in extra])
-                        for name in traced.params})
+        values = {name: method(name, quantity.name, *[e[name] for e in extra])
+                  for name in traced.params}
+        results.append(regulariser.add(quantity.name, label, values,
+                                       vectors if quantity.extract == "product" else {}))
     return results
 
 
 # the sign each residual part (+1: positive, -1: negative part) enters with
 RESIDUAL_SIGNS = {"hessian": {1.0: 1.0, -1.0: -1.0}, "pch_abs": {1.0: 1.0, -1.0: 1.0},
                   "pch_clip": {1.0: 1.0, -1.0: 0.0}}
-
-
-def _check_no_regulariser(traced: Traced, data: tuple, quantity: str) -> None:
-    """Per-sample and curvature quantities need every parameter to reach the loss through the
-    per-sample part of the model; a term like ``lam * (w ** 2).sum()`` added to the loss does
-    not (its curvature is not included yet, so refuse rather than leave it out)."""
-    depends, carriers = data
-    parameter_side = depends_on(traced.graph, traced.params.values())
-    for node in ancestors(traced.loss):
-        if node in depends and node not in carriers:
-            for arg in node.all_input_nodes:
-                if arg in parameter_side and arg not in depends:
-                    raise node_error(node, f"'{arg.name}' depends on parameters but not on the "
-                                     "input, and reaches the loss outside the per-sample part "
-                                     "of the model (e.g. a regulariser added to the loss); its "
-                                     "per-sample and curvature terms are not supported yet",
-                                     "Request only 'grad' for such a loss, or add the "
-                                     "regulariser's derivatives yourself.", quantity)
 
 
 def _make_source(emit: Emitter, traced: Traced, name: str, quantity: str, cotangents: dict,

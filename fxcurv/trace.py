@@ -5,6 +5,8 @@ with its parameters as ``get_attr`` nodes, exactly as a model written with ``F.*
 Modules whose ``forward`` cannot be traced as it is (BatchNorm: Python control flow on the
 input and a buffer update; MultiheadAttention and the Transformer layers: fast-path checks on
 tensor values) are lowered to functional ops by ``MODULE_LOWERINGS``.
+A parameter used as a plain tensor (``model.parameters()`` in a regulariser, a parameter the
+loss function captured) is traced as its ``get_attr`` node, not folded into a constant.
 """
 from __future__ import annotations
 
@@ -17,6 +19,8 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
+from torch.overrides import TorchFunctionMode, is_tensor_method_or_property
+from torch.utils import _pytree as pytree
 
 from .errors import CompileError
 from .rules.linalg import attention
@@ -157,6 +161,54 @@ class CurvatureTracer(fx.Tracer):
         if lowering is not None:
             forward = lambda *a, **k: lowering(m, *a, **k)  # noqa: E731
         return super().call_module(m, forward, args, kwargs)
+
+    def trace(self, root, concrete_args=None) -> fx.Graph:
+        with _ParameterProxies(self, root):
+            graph = super().trace(root, concrete_args)
+        _merge_attributes(graph)
+        return graph
+
+
+class _ParameterProxies(TorchFunctionMode):
+    """While tracing: an op on a plain ``nn.Parameter`` of the root (fx only proxies those
+    read as module attributes) gets the parameter's ``get_attr`` node instead."""
+
+    def __init__(self, tracer: fx.Tracer, root: nn.Module):
+        super().__init__()
+        self.tracer, self.proxies = tracer, {}
+        self.names = {id(p): name for name, p in root.named_parameters()}
+
+    def _proxy(self, value: Any) -> Any:
+        if not isinstance(value, nn.Parameter) or id(value) not in self.names:
+            return value
+        name = self.names[id(value)]
+        if name not in self.proxies:
+            self.proxies[name] = self.tracer.create_proxy("get_attr", name, (), {})
+        return self.proxies[name]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        new_args, new_kwargs = pytree.tree_map(self._proxy, (args, kwargs))
+        if getattr(func, "__name__", "") == "__get__" or all(
+                a is b for a, b in zip(pytree.tree_leaves((args, kwargs)),
+                                       pytree.tree_leaves((new_args, new_kwargs)))):
+            return func(*args, **kwargs)        # no parameter, or a property (p.shape)
+        if is_tensor_method_or_property(func):  # p ** 2, p.sum(): the Proxy's method
+            return getattr(new_args[0], func.__name__)(*new_args[1:], **new_kwargs)
+        return func(*new_args, **new_kwargs)
+
+
+def _merge_attributes(graph: fx.Graph) -> None:
+    """One ``get_attr`` node per target (a parameter may be fetched twice)."""
+    first: dict[str, fx.Node] = {}
+    for node in list(graph.nodes):
+        if node.op != "get_attr":
+            continue
+        if node.target in first:
+            node.replace_all_uses_with(first[node.target])
+            graph.erase_node(node)
+        else:
+            first[node.target] = node
 
 
 class _ModelAndLoss(nn.Module):

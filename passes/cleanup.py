@@ -1,12 +1,14 @@
 """Final passes: the output node, dead-code removal, detached parameter reads, GraphModule."""
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import torch
 import torch.fx as fx
 
 from fxcurv.emit import Emitter, rename_freeing
+from fxcurv.rules.pooling import max_pool_argmax, max_pool_with_indices
 
 
 def finalize(traced, emit: Emitter, outputs: tuple, quantity_names: list[str]) -> fx.GraphModule:
@@ -16,7 +18,9 @@ def finalize(traced, emit: Emitter, outputs: tuple, quantity_names: list[str]) -
     graph.erase_node(old_output)
     graph.output(emit.as_node(outputs))
     eliminate_common_subexpressions(graph)
+    share_pool_indices(graph)
     graph.eliminate_dead_code()
+    prune_output_masks(graph)
     detach_parameters(graph, traced.params)
     graph.lint()
     step = fx.GraphModule(traced.attrs, graph, class_name="FxcurvStep")
@@ -59,6 +63,44 @@ def eliminate_common_subexpressions(graph: fx.Graph) -> None:
         if first is not node:
             node.replace_all_uses_with(first)
             graph.erase_node(node)
+
+
+def share_pool_indices(graph: fx.Graph) -> None:
+    """``max_pool_argmax(y, x, ...)`` recomputes the argmax of the forward's ``y = max_pool(x)``:
+    make the forward call ``max_pool_with_indices(x, ...)`` once and read both from it."""
+    shared: dict[fx.Node, fx.Node] = {}
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not max_pool_argmax:
+            continue
+        pooled, x, *window = node.args
+        if pooled not in shared:
+            name = pooled.name
+            with graph.inserting_before(pooled):
+                both = graph.create_node("call_function", max_pool_with_indices, (x, *window),
+                                         name=f"{name}_and_indices")
+                values = graph.create_node("call_function", operator.getitem, (both, 0),
+                                           name=f"{name}_values")
+                shared[pooled] = graph.create_node("call_function", operator.getitem,
+                                                   (both, 1), name=f"{name}_indices")
+            both.meta, values.meta = dict(pooled.meta), dict(pooled.meta)
+            pooled.replace_all_uses_with(values)
+            graph.erase_node(pooled)
+        node.replace_all_uses_with(shared[pooled])
+        graph.erase_node(node)
+
+
+def prune_output_masks(graph: fx.Graph) -> None:
+    """A helper call with an ``output_mask`` keyword computes only the outputs it flags: keep
+    the flags of the outputs some ``getitem`` reads (e.g. no ``x̄`` for the first layer)."""
+    for node in graph.nodes:
+        mask = node.kwargs.get("output_mask") if node.op == "call_function" else None
+        if not isinstance(mask, (list, tuple)):
+            continue
+        if not all(user.target is operator.getitem and isinstance(user.args[1], int)
+                   for user in node.users):
+            continue
+        read = {user.args[1] for user in node.users}
+        node.kwargs = {**node.kwargs, "output_mask": [i in read for i in range(len(mask))]}
 
 
 def _is_random(target: Any) -> bool:

@@ -44,7 +44,7 @@ from fxcurv.rules import Ctx, rule_for
 
 from .analysis import descendants
 from .cleanup import RANDOM_OPS
-from .curvature.kfra import batch_mean_matrix, summed_outer
+from .curvature.kfra import averages_samples, summed_outer
 
 COLLECTIVES = torch.ops._c10d_functional
 
@@ -248,14 +248,17 @@ class DataParallel:
     def _reduce_kfra_matrices(self) -> None:
         """All-reduce KFRA's dense matrix where it is formed: the loss's ``Σ S Sᵀ`` (Hessian
         share) and every batch average ``(1/N_r) Σ_n J_nᵀ M J_n`` (``N_r / N`` share)."""
-        sites = {summed_outer: self.share("hessian", 1.0),
-                 batch_mean_matrix: self.share("samples", 1.0)}
+        hessian, samples = self.share("hessian", 1.0), self.share("samples", 1.0)
         for node in list(self.graph.nodes):
-            if node.op != "call_function" or node.target not in sites:
+            if node.op == "call_function" and node.target is summed_outer:
+                share = hessian
+            elif averages_samples(node):
+                share = samples
+            else:
                 continue
             readers, at = list(node.users), Emitter(self.graph, before=node.next)
             with at.naming(node.name, pass_="distributed"):
-                scaled = self._scaled(at, at.proxy(node), sites[node.target])
+                scaled = self._scaled(at, at.proxy(node), share)
                 pending = at.call(COLLECTIVES.all_reduce_coalesced, [scaled], "sum",
                                   self.group_name)
                 total = self._wait(at, pending[0])

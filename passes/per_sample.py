@@ -15,8 +15,10 @@ method                      shape                lead 0 (gradient)      lead 1 (
 ``variance(p)``             ``p.shape``          ``variance``           —
 ==========================  ===================  ===========================================
 
-``sum_squares`` and ``batch_l2`` of a parameter with one use take the op's cheaper formula when
-it has one (a linear layer on 2-D input never builds ``[*lead, N, O, I]``).
+``sum_squares``, ``batch_l2``, ``batch_sum_squares`` and ``product`` (curvature block times
+vectors) of a parameter with one use take the op's cheaper formula when it has one (a linear
+layer on 2-D input never builds ``[*lead, N, O, I]``; linear and conv products never build the
+per-sample terms).
 """
 from __future__ import annotations
 
@@ -82,29 +84,32 @@ class PerSample:
             self._memo[key] = value
         return self._memo[key]
 
-    def _boundary_term(self, node: fx.Node, rule: OpRule, arg: str, kind: str, name: str):
-        """The op's per-sample rule ``kind`` for a parameter-side argument of ``node``."""
+    def _boundary_term(self, node: fx.Node, rule: OpRule, arg: str, kind: str, name: str,
+                       *extra: Any):
+        """The op's per-sample rule ``kind`` for a parameter-side argument of ``node``
+        (``extra``: the rule's further arguments, e.g. ``param_product``'s vectors)."""
         fn = getattr(rule, kind).get(arg)
         if fn is None:
             raise node_error(node, f"{rule.name} has no per-sample rule for its argument "
                              f"'{arg}' (from parameter '{name}')", "Use a supported layer for "
                              "this parameter or request only 'grad'.", self.quantity)
-        if node not in self.carriers:
+        if node not in self.carriers:  # (a regulariser is refused before, with its node)
             raise node_error(node, f"parameter '{name}' reaches the loss here without passing "
                              "through the per-sample part of the model (e.g. a regulariser "
                              "added to the loss), so its per-sample terms are undefined",
-                             "Add the regulariser's derivative yourself, or request only "
-                             "'grad'.", self.quantity)
-        return fn(self.cotangents[node], Ctx.of(node, rule, self.emit, self.lead))
+                             "Request grad or a curvature quantity (diag_ggn_*, diag_h, "
+                             "ggnmp, hmp), which include a regulariser's exact Hessian.",
+                             self.quantity)
+        return fn(self.cotangents[node], Ctx.of(node, rule, self.emit, self.lead), *extra)
 
-    def _shortcut(self, name: str, kind: str) -> Optional[Any]:
+    def _shortcut(self, name: str, kind: str, *extra: Any) -> Optional[Any]:
         """The op's cheaper formula, when the parameter has exactly one use that has one."""
         uses = self.uses(name)
         used_elsewhere = len(uses) != sum(1 for u in self.params[name].users
                                           if u in self.cotangents)
         if len(uses) == 1 and not used_elsewhere and uses[0][2] in getattr(uses[0][1], kind):
             node, rule, arg = uses[0]
-            return self._boundary_term(node, rule, arg, kind, name)
+            return self._boundary_term(node, rule, arg, kind, name, *extra)
         return None
 
     def per_sample_term(self, value: fx.Node, name: str) -> Optional[Any]:
@@ -151,8 +156,17 @@ class PerSample:
         return self.memoized("sum_squares", name, label, build)
 
     def batch_sum_squares(self, name: str, label: str) -> Any:
-        return self.memoized("batch_sum_squares", name, label,
-                             lambda: self.batch(name).square().sum(list(range(self.lead))))
+        """``[N, *p]``: ``Σ_lead`` of the squared per-sample terms (the op's formula when it
+        has one, never ``[*lead, N, *p]`` then)."""
+        def build():
+            quick = self._shortcut(name, "batch_sum_grad_squared")
+            if quick is not None:
+                return quick
+            if self.per_sample_term(self.params[name], name) is None:
+                return self.emit.call(batch_zeros, self.emit.proxy(self.params[name]),
+                                      [self.batch_size])
+            return self.batch(name).square().sum(list(range(self.lead)))
+        return self.memoized("batch_sum_squares", name, label, build)
 
     def batch_l2(self, name: str, label: str) -> Any:
         def build():
@@ -163,9 +177,16 @@ class PerSample:
         return self.memoized("batch_l2", name, label, build)
 
     def product(self, name: str, label: str, vectors: Any) -> Any:
-        """``[V, *p]``: this propagation's curvature block of ``p`` times each vector."""
-        return self.memoized("product", name, label,
-                             lambda: self.emit.call(factor_product, self.batch(name), vectors))
+        """``[V, *p]``: this propagation's curvature block of ``p`` times each vector (the
+        op's ``param_product`` when it has one, never building the per-sample terms then)."""
+        def build():
+            quick = self._shortcut(name, "param_product", vectors)
+            if quick is not None:
+                return quick
+            if self.per_sample_term(self.params[name], name) is None:
+                return torch.zeros_like(vectors)
+            return self.emit.call(factor_product, self.batch(name), vectors)
+        return self.memoized("product", name, label, build)
 
     def kron(self, name: str, label: str) -> Any:
         """Kronecker factors ``[G, A]`` / ``[G]`` of a parameter with exactly one use."""

@@ -96,3 +96,12 @@ def test_memory_limit_kills_the_run():
     spec = dict(workload="mlp", quantity="grad", contender="autograd", device="cpu",
                 threads=1, batch_size=8, vectors=1)
     assert "memory limit" in runner.measure(spec)["error"]
+
+
+def test_inductor_contender_is_opt_in():
+    assert not bench.options(bench.parse_args([])).inductor
+    assert bench.options(bench.parse_args(["--inductor"])).inductor
+    assert "fxcurv+inductor" not in bench.contenders_for("grad", False)
+    assert bench.contenders_for("batch_l2", False, inductor=True)[:2] == [
+        "fxcurv", "fxcurv+inductor"]
+    assert bench.MAKERS["fxcurv+inductor"] is bench.make_fxcurv_inductor

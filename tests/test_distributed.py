@@ -43,7 +43,8 @@ CHECKS = [f"{case}/{q}" for case, (_, _, qs) in CASES.items() for q in ["loss", 
     "torch.export", "torch.export refuses gathers",
     "ddp module", "ddp hooks untouched", "mc: diag_ggn_mc mean -> exact",
     "mc: kfac G mean -> kflr G", "mc: samples differ across ranks",
-    "mc: equal generators refused", "error: callable loss", "error: not a process group",
+    "mc: equal generators refused", "error: callable loss", "error: regulariser",
+    "error: not a process group",
     "same result on every rank"]
 
 
@@ -258,6 +259,9 @@ def check_errors(report: Report, group) -> None:
     report.check("error: callable loss", lambda: _compile_raises(
         CompileError, "built-in loss", model, lambda f, y: 2 * nn.functional.cross_entropy(f, y),
         [], group))
+    report.check("error: regulariser", lambda: _compile_raises(  # never summed over ranks
+        CompileError, "built-in loss", model, lambda f, y: nn.functional.cross_entropy(f, y)
+        + sum((p ** 2).sum() for p in model.parameters()), ["diag_ggn_exact"], group))
     report.check("error: not a process group", lambda: _compile_raises(
         CompileError, "ProcessGroup", model, nn.CrossEntropyLoss(), [], [0, 1]))
 

@@ -80,3 +80,72 @@ def test_kfra_on_a_residual_graph_is_refused():
 
     with pytest.raises(fxcurv.CompileError, match=r"quantity 'kfra'.*chain.*kflr"):
         fxcurv.compile(Residual(), nn.CrossEntropyLoss(), ["kfra"])
+
+
+@pytest.mark.parametrize("pool, features", [(nn.MaxPool2d(3, 2, padding=1), 18),
+                                            (nn.MaxPool2d(2), 8)], ids=["overlapping", "untiled"])
+def test_kfra_max_pool_routes_equal_backpack(pool, features, float64):
+    """Overlapping windows (sample by sample) and windows that leave inputs out (gathered);
+    the chains above cover windows that tile the input."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(1, 2, 3), nn.ReLU(), pool, nn.Flatten(),
+                          nn.Linear(features, 3))
+    x, y = torch.randn(4, 1, 7, 7), torch.randint(0, 3, (4,))
+    _, _, kfra = fxcurv.compile(model, nn.CrossEntropyLoss(), ["kfra"])(x, y)
+    extended = backpack.extend(copy.deepcopy(model))
+    with backpack.backpack(KFRA()):
+        backpack.extend(nn.CrossEntropyLoss())(extended(x), y).backward()
+    for name, param in extended.named_parameters():
+        for ours, theirs in zip(kfra[name], param.kfra):
+            torch.testing.assert_close(ours, theirs, rtol=1e-8, atol=1e-12)
+
+
+def brute_force_output_factors(model: nn.Sequential, loss_fn, x, y) -> dict:
+    """KFRA's output factor ``G`` of every parameterised layer by per-sample Jacobians:
+    ``M = Σ_n ∂²L/∂out_n²``, ``M_in = (1/N) Σ_n J_nᵀ M J_n``, ``G`` = ``M`` (linear, summed
+    over diagonal position blocks) or ``M`` summed over positions (conv, diagonal group blocks)."""
+    inputs = [x]
+    for layer in model:
+        inputs.append(layer(inputs[-1]))
+    out = inputs[-1]
+    hessian = torch.func.hessian(lambda o: loss_fn(o, y))(out).reshape(len(x), out[0].numel(),
+                                                                      len(x), -1)
+    matrix = sum(hessian[n, :, n] for n in range(len(x)))
+    factors = {}
+    for i in reversed(range(len(model))):
+        layer, layer_in, layer_out = model[i], inputs[i], inputs[i + 1]
+        if isinstance(layer, nn.Linear):
+            t, o = layer_out[0].numel() // layer.out_features, layer.out_features
+            factors[i] = matrix.reshape(t, o, t, o).diagonal(0, 0, 2).sum(-1)
+        if isinstance(layer, nn.Conv2d):
+            c, g = layer.out_channels, layer.groups
+            full = matrix.reshape(c, -1, c, matrix.size(0) // c).sum([1, 3])
+            factors[i] = full.reshape(g, c // g, g, c // g).diagonal(0, 0, 2).permute(2, 0, 1)
+        jacobians = [torch.func.jacrev(lambda s: layer(s.unsqueeze(0))[0])(sample)
+                     .reshape(matrix.size(0), -1) for sample in layer_in]
+        matrix = sum(j.t() @ matrix @ j for j in jacobians) / len(x)
+    return factors
+
+
+def test_kfra_grouped_conv_and_sequence_linear_equal_brute_force(float64):
+    """Paths BackPACK does not cover: groups > 1 and a linear layer on ``[N, T, I]``."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Sigmoid(), nn.Flatten(2),
+                          nn.Linear(9, 5), nn.Tanh(), nn.Flatten(), nn.Linear(20, 3))
+    x, y = torch.randn(3, 2, 5, 5), torch.randint(0, 3, (3,))
+    _, _, kfra = fxcurv.compile(model, nn.CrossEntropyLoss(), ["kfra"])(x, y)
+    expected = brute_force_output_factors(model, nn.CrossEntropyLoss(), x, y)
+    torch.testing.assert_close(kfra["0.weight"][0], expected[0], rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(kfra["3.weight"][0], expected[3], rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(kfra["6.weight"][0], expected[6], rtol=1e-8, atol=1e-12)
+
+
+def test_kfra_too_large_dense_matrix_is_refused(monkeypatch):
+    """The dense matrix is checked against a size limit before any propagation step."""
+    import fxcurv.passes.curvature.kfra as kfra_pass
+
+    monkeypatch.setattr(kfra_pass, "MAX_DENSE_BYTES", 60)  # the last layer's 4 x 4 has 64
+    model, shape = chains()["mlp"]
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["kfra"])
+    with pytest.raises(RuntimeError, match=r"node 'linear_2'.*quantity 'kfra'.*4 x 4.*kflr"):
+        step(torch.randn(*shape), torch.randint(0, 3, (shape[0],)))

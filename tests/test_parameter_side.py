@@ -2,7 +2,8 @@
 weight, a reshaped bias, ``exp(log_scale)``): per-sample terms are carried back through those
 ops by their Jacobian-transpose rules, the sample axis as one more leading axis. Checked
 against torch.func in float64; a parameter that reaches the loss outside the per-sample part
-of the model (a regulariser) gets a clear error for per-sample quantities."""
+of the model (a regulariser) gets a clear error for per-sample quantities and Kronecker
+factors (its curvature is added to the curvature quantities: tests/test_regulariser.py)."""
 from __future__ import annotations
 
 import pytest
@@ -90,16 +91,31 @@ def test_kronecker_factors_need_a_direct_use():
         fxcurv.compile(ParameterSide(), nn.CrossEntropyLoss(), ["kflr"])
 
 
-@pytest.mark.parametrize("quantity", ["batch_grad", "diag_ggn_exact", "diag_h", "kfra"])
-def test_regulariser_in_the_loss_has_no_per_sample_terms(quantity):
+@pytest.mark.parametrize("quantity,reason", [
+    ("batch_grad", "not a sum of per-sample terms"), ("variance", "not a sum of per-sample "
+                                                      "terms"), ("kfra", "not a Kronecker")])
+def test_regulariser_in_the_loss_has_no_per_sample_terms(quantity, reason):
     model = ParameterSide()
 
     def regularised(out, y):
         return F.cross_entropy(out, y) + 0.1 * (model.emb ** 2).sum()
 
-    with pytest.raises(fxcurv.CompileError, match=f"quantity '{quantity}'.*outside the "
-                                                  "per-sample part of the model"):
+    with pytest.raises(fxcurv.CompileError, match=f"quantity '{quantity}'.*after the "
+                                                  f"per-sample part of the model.*{reason}"):
         fxcurv.compile(model, regularised, [quantity])
+
+
+def test_regulariser_on_a_tied_weight_adds_its_hessian():
+    model, (x, y) = ParameterSide(), batch()
+    plain = fxcurv.compile(model, nn.CrossEntropyLoss(), ["diag_ggn_exact"])(x, y)[2]
+
+    def regularised(out, target):
+        return F.cross_entropy(out, target) + 0.1 * (model.emb ** 2).sum()
+
+    diag = fxcurv.compile(model, regularised, ["diag_ggn_exact"])(x, y)[2]
+    for name, value in plain.items():
+        extra = 0.2 if name == "emb" else 0.0
+        torch.testing.assert_close(diag[name], value + extra, **TOL)
 
 
 def test_regulariser_gradient_is_included():

@@ -29,7 +29,10 @@ def numel(sizes: List[int]) -> int:
 
 def pad_spatial(t: Tensor, pads: List[int]) -> Tensor:
     """Zero-pad (negative: crop) the last ``len(pads) // 2`` axes of ``t`` by
-    ``pads = [before_0, after_0, before_1, after_1, ...]``, first spatial axis first."""
+    ``pads = [before_0, after_0, before_1, after_1, ...]``, first spatial axis first; no
+    copy when all are 0."""
+    if all([p == 0 for p in pads]):
+        return t
     reversed_pads: List[int] = []
     for i in range(len(pads) // 2 - 1, -1, -1):
         reversed_pads.append(pads[2 * i])
@@ -107,6 +110,23 @@ def conv_weight_vjp(g: Tensor, x: Tensor, weight: Tensor, lead: int, stride: Lis
     return stacked.reshape(split).movedim(1, 0).reshape(head + shape)
 
 
+def conv_grads(g: Tensor, x: Tensor, weight: Tensor, stride: List[int], pads: List[int],
+               dilation: List[int], groups: int, transposed: bool, output_padding: List[int],
+               output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(x̄, W̄, b̄)`` of a gradient (lead 0) in one ``convolution_backward`` call, as autograd
+    computes them; ``output_mask`` says which are wanted (the others are undefined). The input,
+    weight and bias rules emit the same call, merged into one node by the cleanup pass, which
+    also drops the unused outputs from the mask (``prune_output_masks``)."""
+    padded, padding = symmetric_padding(x, pads)
+    grads = torch.ops.aten.convolution_backward(
+        g, padded, weight, [g.size(1)], stride, padding, dilation, transposed, output_padding,
+        groups, output_mask)
+    x_bar = grads[0]
+    if output_mask[0] and padded.shape != x.shape:  # crop the explicit (asymmetric) padding
+        x_bar = pad_spatial(x_bar, [-p for p in pads])
+    return x_bar, grads[1], grads[2]
+
+
 def symmetric_padding(x: Tensor, pads: List[int]) -> Tuple[Tensor, List[int]]:
     """``x`` and the symmetric padding that torch's conv kernels take; an asymmetric one
     (``'same'`` with an even span) is applied to ``x`` explicitly."""
@@ -120,15 +140,22 @@ def symmetric_padding(x: Tensor, pads: List[int]) -> Tuple[Tensor, List[int]]:
     return pad_spatial(x, pads), [0] * len(padding)
 
 
+def sliding_windows(x: Tensor, kernel: List[int], stride: List[int], pads: List[int],
+                    dilation: List[int]) -> Tensor:
+    """The padded input's windows as a view (no copy) ``[N, C, *out, *k]``."""
+    windows = pad_spatial(x, pads)
+    for i in range(len(kernel)):  # each unfold appends a window axis; keep every dilation-th
+        span = dilation[i] * (kernel[i] - 1) + 1
+        windows = windows.unfold(2 + i, span, stride[i]).unfold(-1, 1, dilation[i]).squeeze(-1)
+    return windows
+
+
 def unfold(x: Tensor, kernel: List[int], stride: List[int], pads: List[int],
            dilation: List[int]) -> Tensor:
     """im2col ``[N, C, *in] -> [N, C, K, *out]``: entry ``(c, k, p)`` is the padded input that
     kernel offset ``k`` meets at output position ``p`` (sliding-window views, exact)."""
     d = len(kernel)
-    windows = pad_spatial(x, pads)
-    for i in range(d):  # each unfold appends a window axis; keep every dilation-th entry
-        span = dilation[i] * (kernel[i] - 1) + 1
-        windows = windows.unfold(2 + i, span, stride[i]).unfold(-1, 1, dilation[i]).squeeze(-1)
+    windows = sliding_windows(x, kernel, stride, pads, dilation)
     order = [0, 1] + list(range(2 + d, 2 + 2 * d)) + list(range(2, 2 + d))
     out: List[int] = list(windows.shape[2:2 + d])
     return windows.permute(order).reshape([x.size(0), x.size(1), numel(kernel)] + out)
@@ -176,6 +203,26 @@ def per_sample_weight(left: Tensor, right: Tensor, lead: int, weight: Tensor,
     return outer.reshape(list(left.shape[:lead + 1]) + list(weight.shape))
 
 
+def per_sample_weight_sum_squares(left: Tensor, right: Tensor, lead: int, weight: Tensor,
+                                  swap: bool, sample_entries: int = 1 << 16) -> Tensor:
+    """``Σ_{lead, n} W̄_n²`` ``weight.shape`` (with a sqrt-GGN factor as ``left``: the GGN
+    diagonal), ``W̄_n`` as in :func:`per_sample_weight`, built for a chunk of the lead vectors
+    at a time (at most ``sample_entries`` per sample, unless one vector needs more; the chunk
+    does not depend on the batch size, which may be symbolic in an exported step) and squared
+    in place."""
+    flat = left.reshape([-1] + list(left.shape[lead:]))  # [L, N, G, A, P]
+    per_vector = numel(list(weight.shape))                # G·A·B entries per sample
+    chunk = max(1, sample_entries // per_vector)
+    total = torch.zeros([flat.size(2), flat.size(3), right.size(2)], dtype=left.dtype,
+                        device=left.device)
+    for start in range(0, flat.size(0), chunk):
+        outer = torch.einsum("lngap,ngbp->lngab", flat[start:start + chunk], right)
+        total += outer.square_().sum([0, 1])
+    if swap:
+        total = total.transpose(-1, -2)
+    return total.reshape(weight.shape)
+
+
 def per_sample_weight_l2(left: Tensor, right: Tensor) -> Tensor:
     """``‖W̄_n‖² = Σ_groups ‖Σ_p left_p right_pᵀ‖²`` ``[N]`` (lead 0): the Gram form of
     :func:`linear_weight_batch_l2` when it is cheaper than building ``W̄_n``."""
@@ -184,6 +231,72 @@ def per_sample_weight_l2(left: Tensor, right: Tensor) -> Tensor:
     by_position_right = right.flatten(0, 1).transpose(1, 2)
     l2 = linear_weight_batch_l2(by_position_left, by_position_right)
     return l2.reshape([samples, groups]).sum(1)
+
+
+def conv_vectors_jvp(x: Tensor, vectors: Tensor, stride: List[int], pads: List[int],
+                     dilation: List[int], groups: int, transposed: bool,
+                     output_padding: List[int]) -> Tensor:
+    """``u_v = J_W V_v``: the layer's map applied to ``x`` with each weight-shaped vector
+    ``V_v`` as the weight (no bias), ``[V, N, Cout, *out]``. One convolution: the vectors are
+    stacked as output channels inside each group (``(group, vector, channel)`` order)."""
+    count = vectors.size(0)
+    kernel: List[int] = list(vectors.shape[3:])
+    if transposed:  # [V, Cin, Cout/G, *k] -> [Cin, V·Cout/G, *k]
+        stacked = vectors.movedim(0, 1).reshape([vectors.size(1), -1] + kernel)
+    else:  # [V, Cout, Cin/G, *k] -> [G·V·Cout/G, Cin/G, *k]
+        split = [count, groups, vectors.size(1) // groups, vectors.size(2)] + kernel
+        stacked = vectors.reshape(split).movedim(0, 1).reshape([-1, vectors.size(2)] + kernel)
+    x, padding = symmetric_padding(x, pads)
+    y = torch.convolution(x, stacked, None, stride, padding, dilation, transposed,
+                          output_padding, groups)
+    spatial: List[int] = list(y.shape[2:])
+    y = y.reshape([y.size(0), groups, count, -1] + spatial).movedim(2, 0)
+    return y.reshape([count, y.size(1), -1] + spatial)
+
+
+def conv_weight_product(g: Tensor, x: Tensor, weight: Tensor, vectors: Tensor,
+                        stride: List[int], pads: List[int], dilation: List[int], groups: int,
+                        transposed: bool, output_padding: List[int]) -> Tensor:
+    """``Σ_{k,n} q_kn ⟨q_kn, V_v⟩`` ``[V, *W]`` with ``q_kn`` the per-sample weight terms of
+    ``g[k, n]``, never built: ``u = J V`` (:func:`conv_vectors_jvp`), projections
+    ``w_nkv = ⟨g_kn, u_vn⟩``, ``r_vn = Σ_k w_nkv g_kn``, then ``Jᵀ r`` with the vectors as
+    the lead axis (:func:`conv_weight_vjp`). Batched matmuls over the samples read ``g`` in
+    place (no copy of the factor)."""
+    u = conv_vectors_jvp(x, vectors, stride, pads, dilation, groups, transposed,
+                         output_padding)
+    by_sample = g.reshape([-1, u.size(1), u[0, 0].numel()]).transpose(0, 1)  # [N, K, C·P]
+    projections = torch.matmul(by_sample, u.flatten(2).permute(1, 2, 0))      # [N, K, V]
+    r = torch.matmul(projections.transpose(1, 2), by_sample)                  # [N, V, C·P]
+    r = r.transpose(0, 1).reshape(u.shape)
+    return conv_weight_vjp(r, x, weight, 1, stride, pads, dilation, groups, transposed,
+                           output_padding)
+
+
+def conv_weight_batch_sum_squares(g: Tensor, patches: Tensor, lead: int,
+                                  weight: Tensor) -> Tensor:
+    """``Σ_lead W̄_n²`` ``[N, *W]`` from ``g`` ``[*lead, N, Cout, *out]`` and ``U(x)`` by group,
+    accumulated one lead index at a time (never ``[*lead, N, *W]``)."""
+    gk = channel_groups(g.reshape([-1] + list(g.shape[lead:])), 1, patches.size(1))
+    total = per_sample_weight(gk[0], patches, 0, weight, False).square()
+    for k in range(1, gk.size(0)):
+        term = per_sample_weight(gk[k], patches, 0, weight, False)
+        total.addcmul_(term, term)
+    return total
+
+
+def conv_transpose_weight_batch_sum_squares(g: Tensor, x: Tensor, weight: Tensor, lead: int,
+                                            stride: List[int], padding: List[int],
+                                            dilation: List[int], groups: int) -> Tensor:
+    """:func:`conv_weight_batch_sum_squares` for a transposed convolution (``U(g)`` per lead
+    index)."""
+    gk = g.reshape([-1] + list(g.shape[lead:]))
+    total = torch.zeros([gk.size(1)] + list(weight.shape), dtype=g.dtype, device=g.device)
+    for k in range(gk.size(0)):
+        left, right = conv_transpose_patches(gk[k], x, weight, 0, stride, padding, dilation,
+                                             groups)
+        term = per_sample_weight(left, right, 0, weight, True)
+        total.addcmul_(term, term)
+    return total
 
 
 def conv_output_gram(g: Tensor, lead: int, groups: int) -> Tensor:
@@ -196,11 +309,42 @@ def conv_output_gram(g: Tensor, lead: int, groups: int) -> Tensor:
     return gram[0] if groups == 1 else gram
 
 
+def conv_matrix_gram(matrix: Tensor, out: Tensor, groups: int) -> Tensor:
+    """:func:`conv_output_gram` from the dense output curvature ``M = Σ s sᵀ`` of one sample's
+    ``[Cout, *out]`` (``out`` the layer's output): ``G = Σ_{p,q} M[(:, p), (:, q)]``."""
+    channels = out.size(1)
+    positions = matrix.size(0) // channels
+    gram = matrix.reshape(channels, positions, channels, positions).sum([1, 3])
+    if groups == 1:
+        return gram
+    size = channels // groups
+    return gram.reshape(groups, size, groups, size).diagonal(0, 0, 2).permute(2, 0, 1)
+
+
+def group_gram(cols: Tensor, samples: int) -> Tensor:
+    """``cols cols ᵀ / N`` per group, ``cols: [G, A, M]`` (``M`` sample·position columns) ->
+    ``[A, A]`` for one group, else ``[G, A, A]``."""
+    gram = torch.matmul(cols, cols.transpose(1, 2)).div_(samples)
+    return gram[0] if cols.size(0) == 1 else gram
+
+
 def conv_input_gram(patches: Tensor, groups: int) -> Tensor:
     """``A = Σ_n U_n U_nᵀ / N`` over all positions, ``patches = U: [N, G, Cin/G·K, P]``;
     ``[Cin·K, Cin·K]``, or for ``groups > 1`` the diagonal blocks ``[G, Cin/G·K, Cin/G·K]``."""
-    gram = torch.einsum("ngap,ngbp->gab", patches, patches) / patches.size(0)
-    return gram[0] if groups == 1 else gram
+    cols = patches.permute(1, 2, 0, 3).reshape(groups, patches.size(2), -1)
+    return group_gram(cols, patches.size(0))
+
+
+def conv_input_factor(x: Tensor, weight: Tensor, stride: List[int], pads: List[int],
+                      dilation: List[int], groups: int) -> Tensor:
+    """:func:`conv_input_gram` of :func:`conv_patches`, with the windows copied once, straight
+    into the ``[G, Cin/G·K, N·P]`` layout of the product."""
+    kernel: List[int] = list(weight.shape[2:])
+    d = len(kernel)
+    windows = sliding_windows(x, kernel, stride, pads, dilation)    # [N, C, *out, *k]
+    order = [1] + list(range(2 + d, 2 + 2 * d)) + [0] + list(range(2, 2 + d))
+    cols = windows.permute(order).reshape(groups, x.size(1) // groups * numel(kernel), -1)
+    return group_gram(cols, x.size(0))
 
 
 def conv_transpose_unfold(x: Tensor, weight: Tensor, stride: List[int], padding: List[int],
@@ -252,6 +396,18 @@ class Setting:
             self.pads = [p for p in self.padding for _ in range(2)]
 
 
+def _gradients(g, c: Ctx, transposed: bool):
+    """The shared ``conv_grads`` call of a gradient (lead 0): ``(x̄, W̄, b̄)``."""
+    s = Setting(c)
+    return c.call(conv_grads, g, c.args.input, c.args.weight, s.stride, s.pads, s.dilation,
+                  s.groups, transposed, s.output_padding, output_mask=[True, True, True])
+
+
+def _gradient_of(arg: int, transposed: bool, vjp):
+    """The vjp rule ``vjp`` for lead > 0; output ``arg`` of the shared call for a gradient."""
+    return lambda g, c: _gradients(g, c, transposed)[arg] if c.lead == 0 else vjp(g, c)
+
+
 def _conv_input(g, c: Ctx):
     s = Setting(c)
     return c.call(conv_input_vjp, g, c.args.input, c.args.weight, c.lead, s.stride, s.pads,
@@ -273,6 +429,12 @@ def _conv_patches(c: Ctx):
 def _conv_weight_batch(g, c: Ctx):
     grads = c.call(channel_groups, g, c.lead, c.bound["groups"])
     return c.call(per_sample_weight, grads, _conv_patches(c), c.lead, c.args.weight, False)
+
+
+def _conv_weight_sum_squares(g, c: Ctx):
+    grads = c.call(channel_groups, g, c.lead, c.bound["groups"])
+    return c.call(per_sample_weight_sum_squares, grads, _conv_patches(c), c.lead,
+                  c.args.weight, False)
 
 
 def _conv_weight_l2(g, c: Ctx):
@@ -303,9 +465,37 @@ def _transpose_weight_batch(g, c: Ctx):
     return c.call(per_sample_weight, patches[0], patches[1], c.lead, c.args.weight, True)
 
 
+def _transpose_weight_sum_squares(g, c: Ctx):
+    patches = _transpose_patches(g, c, c.lead)
+    return c.call(per_sample_weight_sum_squares, patches[0], patches[1], c.lead, c.args.weight,
+                  True)
+
+
 def _transpose_weight_l2(g, c: Ctx):
     patches = _transpose_patches(g, c, 0)
     return c.call(per_sample_weight_l2, patches[0], patches[1])
+
+
+def _conv_weight_product(g, c: Ctx, vectors):
+    s = Setting(c)
+    return c.call(conv_weight_product, g, c.args.input, c.args.weight, vectors, s.stride,
+                  s.pads, s.dilation, s.groups, False, [0] * len(s.stride))
+
+
+def _transpose_weight_product(g, c: Ctx, vectors):
+    s = Setting(c)
+    return c.call(conv_weight_product, g, c.args.input, c.args.weight, vectors, s.stride,
+                  s.pads, s.dilation, s.groups, True, s.output_padding)
+
+
+def _conv_weight_batch_sum_squares(g, c: Ctx):
+    return c.call(conv_weight_batch_sum_squares, g, _conv_patches(c), c.lead, c.args.weight)
+
+
+def _transpose_weight_batch_sum_squares(g, c: Ctx):
+    s = Setting(c)
+    return c.call(conv_transpose_weight_batch_sum_squares, g, c.args.input, c.args.weight,
+                  c.lead, s.stride, s.padding, s.dilation, s.groups)
 
 
 def _bias_batch(g, c: Ctx):
@@ -318,29 +508,46 @@ def _bias_batch(g, c: Ctx):
 # ``A: [groups, Cin/G·K, Cin/G·K]``; weight block j (output channels of group j for conv,
 # ``W[j·Cin/G:(j+1)·Cin/G].transpose(0, 1)`` for conv_transpose) ≈ ``G[j] ⊗ A[j]``; the
 # bias gets ``[G]`` with the full ``[Cout, Cout]`` matrix, as with groups == 1.
-def _conv_kron_weight(g, c: Ctx):
-    groups = c.bound["groups"]
-    return [c.call(conv_output_gram, g, c.lead, groups),
-            c.call(conv_input_gram, _conv_patches(c), groups)]
+def _conv_input_factor(c: Ctx):
+    s = Setting(c)
+    return c.call(conv_input_factor, c.args.input, c.args.weight, s.stride, s.pads, s.dilation,
+                  s.groups)
 
 
-def _transpose_kron_weight(g, c: Ctx):
+def _transpose_input_factor(c: Ctx):
     s = Setting(c)
     patches = c.call(conv_transpose_unfold, c.args.input, c.args.weight, s.stride, s.padding,
                      s.dilation, s.output_padding, s.groups)
-    return [c.call(conv_output_gram, g, c.lead, s.groups),
-            c.call(conv_input_gram, patches, s.groups)]
+    return c.call(conv_input_gram, patches, s.groups)
+
+
+def _kron_weight(input_factor):
+    """``kron`` of a weight: ``G`` from the factor at the output, ``A = input_factor(c)``."""
+    return lambda g, c: [c.call(conv_output_gram, g, c.lead, c.bound["groups"]),
+                         input_factor(c)]
+
+
+def _kron_matrix_weight(input_factor):
+    """``kron_matrix`` of a weight: ``G`` from the dense matrix at the output."""
+    return lambda m, c: [c.call(conv_matrix_gram, m, c.out, c.bound["groups"]),
+                         input_factor(c)]
 
 
 def _kron_bias(g, c: Ctx):
     return [c.call(conv_output_gram, g, c.lead, 1)]
 
 
+def _kron_matrix_bias(m, c: Ctx):
+    return [c.call(conv_matrix_gram, m, c.out, 1)]
+
+
 KRON_DOC = (" Kronecker factors (kfac/kflr, BackPACK's convention): weight [G, A] with "
             "G = Σ_{c,n} b bᵀ, b = Σ_p s[c,n,:,p] (the factor at the output summed over "
             "positions), A = Σ_n U_n U_nᵀ / N, U_n: [Cin·K, P] the unfolded input; bias [G]. "
             "groups > 1: block-diagonal per group, G: [groups, Cout/G, Cout/G], "
-            "A: [groups, Cin/G·K, Cin/G·K], weight block j ≈ G[j] ⊗ A[j].")
+            "A: [groups, Cin/G·K, Cin/G·K], weight block j ≈ G[j] ⊗ A[j]. KFRA: "
+            "G = Σ_{p,q} M[(:,p),(:,q)] from the dense output curvature M; its sandwich "
+            "Jᵀ M J is shared by all samples (x̄ applied to M's rows and columns).")
 
 
 _RULES = {
@@ -351,11 +558,18 @@ _RULES = {
             "x̄ = conv_transpose(g, W) cropped to x;  W̄[o,c,k] = Σ_{n,p} g[n,o,p] U(x)[n,c,k,p] "
             "within each group (per sample: Σ_p only);  b̄ = Σ_{n,p} g[n,:,p]." + KRON_DOC,
         params="input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1",
-        vjp={"input": _conv_input, "weight": _conv_weight,
-             "bias": lambda g, c: _bias_batch(g, c).sum(c.lead)},
+        vjp={"input": _gradient_of(0, False, _conv_input),
+             "weight": _gradient_of(1, False, _conv_weight),
+             "bias": _gradient_of(2, False, lambda g, c: _bias_batch(g, c).sum(c.lead))},
         batch_grad={"weight": _conv_weight_batch, "bias": _bias_batch},
         batch_l2={"weight": _conv_weight_l2},
-        kron={"weight": _conv_kron_weight, "bias": _kron_bias}, hessian_is_zero=True),
+        sum_grad_squared={"weight": _conv_weight_sum_squares},
+        param_product={"weight": _conv_weight_product},
+        batch_sum_grad_squared={"weight": _conv_weight_batch_sum_squares},
+        kron={"weight": _kron_weight(_conv_input_factor), "bias": _kron_bias},
+        kron_matrix={"weight": _kron_matrix_weight(_conv_input_factor),
+                     "bias": _kron_matrix_bias},
+        sandwich={"input": "shared"}, hessian_is_zero=True),
     "conv_transpose": dict(
         doc="y = convᵀ(x, W) + b, the adjoint of conv's input map: ⟨g, convᵀ(x, W)⟩ = "
             "⟨conv(g, W), x⟩;  x: [N, Cin, *in], W: [Cin, Cout/G, *k], b: [Cout], "
@@ -367,11 +581,18 @@ _RULES = {
             "unfold: y[n,o,p] = Σ_{c,k} W[c,o,k] U[n,c,k,p].",
         params="input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, "
                "dilation=1",
-        vjp={"input": _transpose_input, "weight": _transpose_weight,
-             "bias": lambda g, c: _bias_batch(g, c).sum(c.lead)},
+        vjp={"input": _gradient_of(0, True, _transpose_input),
+             "weight": _gradient_of(1, True, _transpose_weight),
+             "bias": _gradient_of(2, True, lambda g, c: _bias_batch(g, c).sum(c.lead))},
         batch_grad={"weight": _transpose_weight_batch, "bias": _bias_batch},
         batch_l2={"weight": _transpose_weight_l2},
-        kron={"weight": _transpose_kron_weight, "bias": _kron_bias}, hessian_is_zero=True),
+        sum_grad_squared={"weight": _transpose_weight_sum_squares},
+        param_product={"weight": _transpose_weight_product},
+        batch_sum_grad_squared={"weight": _transpose_weight_batch_sum_squares},
+        kron={"weight": _kron_weight(_transpose_input_factor), "bias": _kron_bias},
+        kron_matrix={"weight": _kron_matrix_weight(_transpose_input_factor),
+                     "bias": _kron_matrix_bias},
+        sandwich={"input": "shared"}, hessian_is_zero=True),
 }
 
 for _target, _d in SPATIAL_DIMS.items():

@@ -18,6 +18,12 @@ SELU_ALPHA = 1.6732632423543772848170429916717
 SELU_SCALE = 1.0507009873554804934193349852946
 
 
+def elementwise(targets: list, name: str, params: str, **fields) -> None:
+    """Register a unary elementwise op: ``J = diag(f'(x))``, so KFRA's batch-averaged
+    ``(1/N) Σ_n J_nᵀ M J_n`` is its "diagonal" sandwich ``M ⊙ E[f' f'ᵀ]``."""
+    register(targets, name, params, sandwich={"input": "diagonal"}, **fields)
+
+
 def gelu_derivative(x: Tensor, approximate: str) -> Tensor:
     """``d/dx gelu``: exact ``Φ(x) + x φ(x)``; tanh form ``0.5(1+t) + 0.5x(1-t²)·k(1+3ax²)``."""
     if approximate == "tanh":
@@ -43,52 +49,54 @@ def gelu_second_derivative(x: Tensor, approximate: str) -> Tensor:
     return pdf * (2.0 - x * x)
 
 
-register([F.relu, torch.relu, "relu"], "relu", "input, inplace=False",
-         doc="y = max(x, 0);  y' = [x > 0];  y'' = 0.",
-         vjp={"input": lambda g, c: g * (c.out > 0)}, hessian_is_zero=True)
+elementwise([F.relu, torch.relu, "relu"], "relu", "input, inplace=False",
+         doc="y = max(x, 0);  y' = [x > 0];  y'' = 0 (x̄ = g·[y > 0] in one pass with "
+             "torch's threshold_backward, which broadcasts y over the lead axes).",
+         vjp={"input": lambda g, c: torch.ops.aten.threshold_backward(g, c.out, 0)},
+         hessian_is_zero=True)
 
-register([torch.sigmoid, F.sigmoid, "sigmoid"], "sigmoid", "input",
+elementwise([torch.sigmoid, F.sigmoid, "sigmoid"], "sigmoid", "input",
          doc="y = σ(x);  y' = y(1 - y);  y'' = y'(1 - 2y).",
          vjp={"input": lambda g, c: g * (c.out * (1 - c.out))},
          residual={"input": lambda g, c: g * (c.out * (1 - c.out) * (1 - 2 * c.out))})
 
-register([torch.tanh, F.tanh, "tanh"], "tanh", "input",
+elementwise([torch.tanh, F.tanh, "tanh"], "tanh", "input",
          doc="y = tanh x;  y' = 1 - y²;  y'' = -2y(1 - y²).",
          vjp={"input": lambda g, c: g * (1 - c.out * c.out)},
          residual={"input": lambda g, c: g * (-2 * c.out * (1 - c.out * c.out))})
 
-register([F.leaky_relu, "leaky_relu"], "leaky_relu", "input, negative_slope=0.01, inplace=False",
+elementwise([F.leaky_relu, "leaky_relu"], "leaky_relu", "input, negative_slope=0.01, inplace=False",
          doc="y = x if x > 0 else a·x;  y' = 1 or a;  y'' = 0.",
          vjp={"input": lambda g, c: torch.where(c.args.input > 0, g, g * c.args.negative_slope)},
          hessian_is_zero=True)
 
-register([F.elu, "elu"], "elu", "input, alpha=1.0, inplace=False",
+elementwise([F.elu, "elu"], "elu", "input, alpha=1.0, inplace=False",
          doc="y = x if x > 0 else α(eˣ - 1);  y' = 1 or y + α;  y'' = 0 or y + α.",
          vjp={"input": lambda g, c: torch.where(c.args.input > 0, g, g * (c.out + c.args.alpha))},
          residual={"input": lambda g, c: torch.where(c.args.input > 0, g * 0,
                                                         g * (c.out + c.args.alpha))})
 
-register([F.selu, torch.selu, "selu"], "selu", "input, inplace=False",
+elementwise([F.selu, torch.selu, "selu"], "selu", "input, inplace=False",
          doc="y = s·x if x > 0 else s·α(eˣ - 1);  y' = s or y + s·α.",
          vjp={"input": lambda g, c: torch.where(c.args.input > 0, g * SELU_SCALE,
                                                    g * (c.out + SELU_SCALE * SELU_ALPHA))},
          residual={"input": lambda g, c: torch.where(c.args.input > 0, g * 0,
                                                         g * (c.out + SELU_SCALE * SELU_ALPHA))})
 
-register([F.logsigmoid], "log_sigmoid", "input",
+elementwise([F.logsigmoid], "log_sigmoid", "input",
          doc="y = log σ(x);  y' = σ(-x);  y'' = -σ(x)σ(-x).",
          vjp={"input": lambda g, c: g * torch.sigmoid(-c.args.input)},
          residual={"input": lambda g, c: -g * (torch.sigmoid(c.args.input)
                                                * torch.sigmoid(-c.args.input))})
 
-register([F.gelu, "gelu"], "gelu", "input, approximate='none'",
+elementwise([F.gelu, "gelu"], "gelu", "input, approximate='none'",
          doc="y = x Φ(x);  y' = Φ(x) + x φ(x) (or the tanh approximation's derivative).",
          vjp={"input": lambda g, c: g * c.call(gelu_derivative, c.args.input,
                                                  c.args.approximate)},
          residual={"input": lambda g, c: g * c.call(gelu_second_derivative, c.args.input,
                                                       c.args.approximate)})
 
-register([F.silu, "silu"], "silu", "input, inplace=False",
+elementwise([F.silu, "silu"], "silu", "input, inplace=False",
          doc="y = x σ(x);  y' = σ(x)(1 + x(1 - σ(x))).",
          vjp={"input": lambda g, c: g * _silu_derivative(c.args.input)},
          residual={"input": lambda g, c: g * _silu_second_derivative(c.args.input)})
@@ -112,24 +120,24 @@ def _softplus_residual(g, c):
     return torch.where(scaled > c.args.threshold, g * 0, g * (s * (1 - s) * c.args.beta))
 
 
-register([F.softplus, "softplus"], "softplus", "input, beta=1.0, threshold=20.0",
+elementwise([F.softplus, "softplus"], "softplus", "input, beta=1.0, threshold=20.0",
          doc="y = log(1 + e^{βx})/β (linear above threshold);  y' = σ(βx) or 1.",
          vjp={"input": lambda g, c: torch.where(c.args.input * c.args.beta > c.args.threshold,
                                                    g, g * torch.sigmoid(c.args.input * c.args.beta))},
          residual={"input": _softplus_residual})
 
-register([torch.exp, "exp"], "exp", "input",
+elementwise([torch.exp, "exp"], "exp", "input",
          doc="y = eˣ;  y' = y;  y'' = y.", vjp={"input": lambda g, c: g * c.out},
          residual={"input": lambda g, c: g * c.out})
 
-register([torch.log, "log"], "log", "input",
+elementwise([torch.log, "log"], "log", "input",
          doc="y = log x;  y' = 1/x;  y'' = -1/x².", vjp={"input": lambda g, c: g / c.args.input},
          residual={"input": lambda g, c: -g / c.args.input.square()})
 
-register([torch.sqrt, "sqrt"], "sqrt", "input",
+elementwise([torch.sqrt, "sqrt"], "sqrt", "input",
          doc="y = √x;  y' = 1/(2y);  y'' = -1/(4y³).", vjp={"input": lambda g, c: g / (2 * c.out)},
          residual={"input": lambda g, c: -g / (4 * c.out * c.out * c.out)})
 
-register([torch.square, "square"], "square", "input",
+elementwise([torch.square, "square"], "square", "input",
          doc="y = x²;  y' = 2x;  y'' = 2.", vjp={"input": lambda g, c: g * (2 * c.args.input)},
          residual={"input": lambda g, c: g * 2})

@@ -1,11 +1,11 @@
 """Pooling, 1-, 2- and 3-d: max, average and adaptive average.
 
 Every pool is linear in ``x`` given the windows, so ``Jᵀ`` spreads each output's cotangent
-back over its window: ``max_pool`` routes ``g`` to the argmax of each window (recomputed from
-``x`` at run time; overlapping windows add up), ``avg_pool`` / ``adaptive_avg_pool`` give every
-window entry ``g / divisor`` (torch's own pooling backward kernels, which read only the input's
-shape). ``x: [N, C, *in]`` (or ``[C, *in]``), ``y: [N, C, *out]``; lead axes of ``g`` are
-folded into the batch axis and restored.
+back over its window: ``max_pool`` routes ``g`` to the argmax of each window (the indices the
+forward call returns, see ``max_pool_argmax``; overlapping windows add up), ``avg_pool`` /
+``adaptive_avg_pool`` give every window entry ``g / divisor``; all with torch's own pooling
+backward kernels. ``x: [N, C, *in]`` (or ``[C, *in]``), ``y: [N, C, *out]``; lead axes of
+``g`` are folded into the batch axis and restored.
 """
 from __future__ import annotations
 
@@ -20,28 +20,102 @@ from .registry import Ctx, register
 
 
 # -- runtime helpers (TorchScript-scriptable) -------------------------------------------
-def max_pool_argmax(x: Tensor, kernel: List[int], stride: List[int], padding: List[int],
-                    dilation: List[int], ceil_mode: bool) -> Tensor:
-    """Each window's argmax as a flat index into the input's spatial axes, ``[*batch, *out]``."""
+def max_pool_with_indices(x: Tensor, kernel: List[int], stride: List[int],
+                          padding: List[int], dilation: List[int],
+                          ceil_mode: bool) -> Tuple[Tensor, Tensor]:
+    """The pooled values and each window's argmax as a flat index into the input's spatial
+    axes, both ``[*batch, *out]``."""
     d = len(kernel)
     if d == 1:
-        return F.max_pool1d_with_indices(x, kernel, stride, padding, dilation, ceil_mode)[1]
+        return F.max_pool1d_with_indices(x, kernel, stride, padding, dilation, ceil_mode)
     if d == 2:
-        return F.max_pool2d_with_indices(x, kernel, stride, padding, dilation, ceil_mode)[1]
-    return F.max_pool3d_with_indices(x, kernel, stride, padding, dilation, ceil_mode)[1]
+        return F.max_pool2d_with_indices(x, kernel, stride, padding, dilation, ceil_mode)
+    return F.max_pool3d_with_indices(x, kernel, stride, padding, dilation, ceil_mode)
 
 
-def max_pool_vjp(g: Tensor, x: Tensor, lead: int, kernel: List[int], stride: List[int],
-                 padding: List[int], dilation: List[int], ceil_mode: bool) -> Tensor:
-    """``x̄[i] = Σ_{p: argmax(p) = i} g[p]``: a ``scatter_add`` over the flattened spatial axes
-    (windows may overlap), broadcast over the lead axes, ``[*lead, *x.shape]``."""
+def max_pool_argmax(pooled: Tensor, x: Tensor, kernel: List[int], stride: List[int],
+                    padding: List[int], dilation: List[int], ceil_mode: bool) -> Tensor:
+    """The argmax indices behind the forward's ``pooled = max_pool(x)``; the cleanup pass
+    (``share_pool_indices``) makes that forward call return them, so they are not recomputed."""
+    return max_pool_with_indices(x, kernel, stride, padding, dilation, ceil_mode)[1]
+
+
+def max_pool_vjp(g: Tensor, x: Tensor, argmax: Tensor, lead: int, kernel: List[int],
+                 stride: List[int], padding: List[int], dilation: List[int],
+                 ceil_mode: bool) -> Tensor:
+    """``x̄[i] = Σ_{p: argmax(p) = i} g[p]`` (windows may overlap), ``[*lead, *x.shape]``:
+    torch's pooling backward kernel on the forward's indices, lead axes in the batch;
+    1-d pools run as 2-d pools of height 1 (the flat indices are the same)."""
+    shape: List[int] = list(g.shape[:lead]) + list(x.shape)
     d = len(kernel)
-    argmax = max_pool_argmax(x, kernel, stride, padding, dilation, ceil_mode)
-    values = g.flatten(g.dim() - d)                      # [*lead, *batch, P_out]
-    index = argmax.flatten(argmax.dim() - d).expand(values.shape)
-    spatial: List[int] = list(x.shape[x.dim() - d:])
-    grad = g.new_zeros(list(values.shape[:-1]) + [numel(spatial)])
-    return grad.scatter_add(-1, index, values).reshape(list(g.shape[:lead]) + list(x.shape))
+    if d == 1:
+        g, x, argmax = g.unsqueeze(-2), x.unsqueeze(-2), argmax.unsqueeze(-2)
+        kernel, stride, padding, dilation = [1] + kernel, [1] + stride, [0] + padding, \
+            [1] + dilation
+        d = 2
+    grads, inputs = lead_as_batch(g, x, lead, d)
+    indices = argmax.reshape(inputs.shape[1:2] + argmax.shape[argmax.dim() - d:])
+    indices = indices.expand(grads.shape)
+    if d == 2:
+        grad = torch.ops.aten.max_pool2d_with_indices_backward(
+            grads, inputs, kernel, stride, padding, dilation, ceil_mode, indices)
+    else:
+        grad = torch.ops.aten.max_pool3d_with_indices_backward(
+            grads, inputs, kernel, stride, padding, dilation, ceil_mode, indices)
+    return grad.reshape(shape)
+
+
+def max_pool_sandwich(matrix: Tensor, argmax: Tensor, x: Tensor, kernel: List[int],
+                      stride: List[int], padding: List[int], dilation: List[int]) -> Tensor:
+    """KFRA's ``(1/N) Σ_n P_nᵀ M P_n`` ``[D_in, D_in]``, ``P_n[p, i] = [argmax_n(p) = i]``
+    (``x: [N, C, *in]``, ``argmax: [N, C, *out]``, ``M: [D_out, D_out]``). Windows that do
+    not overlap: input ``i`` lies in one window ``w(i)``, so ``M_in = M[w, w] ⊙ (1/N) Σ_n
+    s_n s_nᵀ`` with ``s_n`` the 0/1 mask of selected inputs (:func:`selected_moments`);
+    otherwise summed sample by sample (:func:`routed_sample_by_sample`)."""
+    samples, channels = x.size(0), x.size(1)
+    pixels = x[0, 0].numel()
+    offsets = torch.arange(channels, device=x.device).reshape(1, channels, 1) * pixels
+    index = (argmax.reshape(samples, channels, -1) + offsets).reshape(samples, -1)
+    overlap, tiled = False, True
+    for i in range(len(kernel)):
+        overlap = overlap or stride[i] < dilation[i] * (kernel[i] - 1) + 1
+        tiled = tiled and stride[i] == kernel[i] and dilation[i] == 1 and padding[i] == 0 \
+            and x.size(2 + i) == argmax.size(2 + i) * kernel[i]
+    if overlap:
+        return routed_sample_by_sample(matrix, index, channels * pixels)
+    result = selected_moments(matrix, index, channels * pixels)
+    if tiled:  # M[w, w] is M with every window axis broadcast: multiply through views
+        split: List[int] = [channels]
+        spread: List[int] = [channels]
+        for i in range(len(kernel)):
+            split += [argmax.size(2 + i), kernel[i]]
+            spread += [argmax.size(2 + i), 1]
+        result.view(split + split).mul_(matrix.reshape(spread + spread))
+        return result
+    window = torch.zeros(channels * pixels, dtype=index.dtype, device=x.device).scatter_(
+        0, index.flatten(), torch.arange(index.size(1), device=x.device).repeat(samples))
+    for start in range(0, result.size(0), 512):  # row blocks of M[w, w]
+        rows = window[start:start + 512]
+        result[start:start + 512].mul_(matrix.index_select(0, rows).index_select(1, window))
+    return result
+
+
+def selected_moments(like: Tensor, index: Tensor, d_in: int) -> Tensor:
+    """``(1/N) Σ_n s_n s_nᵀ`` ``[D_in, D_in]``, ``s_n`` the 0/1 mask of the inputs that
+    ``index[n]`` ``[N, D_out]`` selects (``like``'s dtype)."""
+    selected = like.new_zeros(index.size(0), d_in).scatter_(1, index, 1.0)
+    return torch.matmul(selected.t(), selected).div_(index.size(0))
+
+
+def routed_sample_by_sample(matrix: Tensor, index: Tensor, d_in: int) -> Tensor:
+    """``(1/N) Σ_n P_nᵀ M P_n`` for any windows: ``P_nᵀ M`` (rows added at ``index[n]``),
+    then ``· P_n`` (columns added), one sample at a time (``[D_in, D_out]`` memory)."""
+    result = matrix.new_zeros(d_in, d_in)
+    routed = matrix.new_zeros(d_in, matrix.size(0))
+    for n in range(index.size(0)):
+        routed.zero_().index_add_(0, index[n], matrix)
+        result.index_add_(1, index[n], routed)
+    return result.div_(index.size(0))
 
 
 def lead_as_batch(g: Tensor, x: Tensor, lead: int, d: int) -> Tuple[Tensor, Tensor]:
@@ -104,9 +178,20 @@ def _window(c: Ctx) -> tuple[list, list, list]:
 
 def _max_pool_vjp(g, c: Ctx):
     kernel, stride, padding = _window(c)
+    dilation, ceil_mode = ints(c.bound["dilation"], len(kernel)), c.bound["ceil_mode"]
+    argmax = c.call(max_pool_argmax, c.out, c.args.input, kernel, stride, padding, dilation,
+                    ceil_mode)
+    return c.call(max_pool_vjp, g, c.args.input, argmax, c.lead, kernel, stride, padding,
+                  dilation, ceil_mode)
+
+
+def _max_pool_sandwich(m, c: Ctx):
+    kernel, stride, padding = _window(c)
     dilation = ints(c.bound["dilation"], len(kernel))
-    return c.call(max_pool_vjp, g, c.args.input, c.lead, kernel, stride, padding, dilation,
-                  c.bound["ceil_mode"])
+    argmax = c.call(max_pool_argmax, c.out, c.args.input, kernel, stride, padding, dilation,
+                    c.bound["ceil_mode"])
+    return c.call(max_pool_sandwich, m, argmax, c.args.input, kernel, stride, padding,
+                  dilation)
 
 
 def _avg_pool_vjp(g, c: Ctx):
@@ -140,12 +225,13 @@ _AVG_POOL = "input, kernel_size, stride=None, padding=0, ceil_mode=False, " \
 for _d in (1, 2, 3):
     register([getattr(F, f"max_pool{_d}d"), getattr(F, f"max_pool{_d}d_with_indices")],
              f"max_pool{_d}d", _MAX_POOL, vjp={"input": _max_pool_vjp}, hessian_is_zero=True,
+             sandwich={"input": _max_pool_sandwich},
              unsupported=_returns_indices,
              doc="y[p] = max_{i ∈ window(p)} x[i];  x̄[i] = Σ_{p: argmax(p) = i} g[p] "
-                 "(argmax recomputed from x; overlapping windows add up).")
+                 "(the forward's argmax indices; overlapping windows add up).")
     register([getattr(F, f"avg_pool{_d}d")], f"avg_pool{_d}d",
              _AVG_POOL + (", divisor_override=None" if _d > 1 else ""),
-             vjp={"input": _avg_pool_vjp}, hessian_is_zero=True,
+             vjp={"input": _avg_pool_vjp}, hessian_is_zero=True, sandwich={"input": "shared"},
              doc="y[p] = Σ_{i ∈ window(p)} x[i] / divisor(p) (the window size, clipped to the "
                  "input unless count_include_pad, or divisor_override);  "
                  "x̄[i] = Σ_{p ∋ i} g[p] / divisor(p).")
@@ -153,6 +239,6 @@ for _d in (1, 2, 3):
              "input, output_size",
              vjp={"input": lambda g, c: c.call(adaptive_avg_pool_vjp, g, c.args.input, c.lead,
                                                SPATIAL_DIMS[c.node.target])},
-             unsupported=_size_none, hessian_is_zero=True,
+             unsupported=_size_none, hessian_is_zero=True, sandwich={"input": "shared"},
              doc="y[p] = mean of x over window(p) = [⌊p·in/out⌋, ⌈(p+1)·in/out⌉) per axis;  "
                  "x̄[i] = Σ_{p ∋ i} g[p] / |window(p)|.")

@@ -15,6 +15,11 @@ A rule is keyed by every spelling of its op in a traced graph: the function (``F
 * ``batch_l2[arg]`` / ``sum_grad_squared[arg]``: optional cheaper formulas for
   ``‖batch_grad[n]‖²`` ``[N]`` (lead 0) and ``Σ_{lead, n} batch_grad²`` ``arg.shape`` (any lead:
   with a sqrt-GGN factor as ``g`` this is the GGN diagonal).
+* ``param_product[arg](g, c, vectors)`` / ``batch_sum_grad_squared[arg](g, c)``: optional
+  formulas for ``Σ_{lead, n} q ⟨q, v⟩`` per vector ``v`` of ``vectors`` ``[V, *arg.shape]``
+  (-> ``[V, *arg.shape]``: a curvature block times vectors) and ``Σ_lead q²``
+  ``[N, *arg.shape]`` (per-sample diagonals), ``q`` the terms of ``batch_grad[arg]``, without
+  building ``[*lead, N, *arg.shape]``.
 """
 from __future__ import annotations
 
@@ -39,6 +44,8 @@ class OpRule:
     batch_grad: dict[str, RuleFn] = field(default_factory=dict)
     batch_l2: dict[str, RuleFn] = field(default_factory=dict)
     sum_grad_squared: dict[str, RuleFn] = field(default_factory=dict)
+    param_product: dict[str, Callable[[Any, "Ctx", Any], Any]] = field(default_factory=dict)
+    batch_sum_grad_squared: dict[str, RuleFn] = field(default_factory=dict)
     # second order (diagonal Hessian): the op is affine in each differentiable argument on its
     # own (``∂²f/∂a² = 0``; True for all, a tuple of the argument names for which it holds,
     # or a function of the bound arguments returning either)
@@ -54,6 +61,15 @@ class OpRule:
     # Kronecker factors of a parameter argument from a sqrt-GGN factor ``g`` (lead 1):
     # ``kron[arg](g, c) -> [G, A]`` (weights) or ``[G]`` (biases), BackPACK's order and scaling
     kron: dict[str, RuleFn] = field(default_factory=dict)
+    # ... the same list from a dense output curvature ``M`` ``[D, D]`` (``D``: one sample's
+    # output size; KFRA): ``kron_matrix[arg](M, c)`` (without it KFRA factors ``M`` for ``kron``)
+    kron_matrix: dict[str, RuleFn] = field(default_factory=dict)
+    # KFRA's batch-averaged sandwich ``(1/N) Σ_n J_nᵀ M J_n`` (``[D_out, D_out] ->
+    # [D_in, D_in]``) through a data argument: "shared" (``J_n`` the same for every sample:
+    # ``vjp`` applied to M's rows and columns for one sample), "diagonal" (elementwise,
+    # ``J_n = diag(d_n)``: ``M ⊙ E[d dᵀ]``) or a function ``(M, c) -> M_in``; without it,
+    # ``vjp`` is applied twice with all N samples (``[D, N, *in]`` intermediates)
+    sandwich: dict[str, Union[str, RuleFn]] = field(default_factory=dict)
     # the output does not depend differentiably on any input (sizes, masks, fills); a
     # predicate of the bound arguments when that depends on them (``getattr(x, "shape")``)
     constant: Union[bool, Callable[[dict], bool]] = False

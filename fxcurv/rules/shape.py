@@ -16,6 +16,7 @@ from .registry import Ctx, register, rule_for
 
 
 AFFINE = {"hessian_is_zero": True, "jointly_affine": True}  # pure data movement: y = P x
+SHARED = {"input": "shared"}  # the same move for every sample (KFRA's sandwich: Pᵀ M P)
 
 
 def _reshape_back(g, c: Ctx):
@@ -47,17 +48,19 @@ def _moves_axis0(dims: list) -> Optional[str]:
 
 register([torch.flatten, "flatten"], "flatten", "input, start_dim=0, end_dim=-1",
          doc="y = x reshaped (axes start..end merged);  Jᵀg = g reshaped to x.", **AFFINE,
-         vjp={"input": _reshape_back}, mixes_samples=_flatten_mixes)
+         vjp={"input": _reshape_back}, mixes_samples=_flatten_mixes, sandwich=SHARED)
 register(["view", "reshape"], "reshape", "input, *shape",
-         doc="y = x reshaped;  Jᵀg = g reshaped to x.", **AFFINE, vjp={"input": _reshape_back})
+         doc="y = x reshaped;  Jᵀg = g reshaped to x.", **AFFINE, vjp={"input": _reshape_back},
+         sandwich=SHARED)
 register([torch.reshape], "reshape", "input, shape",
-         doc="y = x reshaped;  Jᵀg = g reshaped to x.", **AFFINE, vjp={"input": _reshape_back})
+         doc="y = x reshaped;  Jᵀg = g reshaped to x.", **AFFINE, vjp={"input": _reshape_back},
+         sandwich=SHARED)
 register([torch.squeeze, "squeeze"], "squeeze", "input, dim=None",
          doc="y = x without size-1 axes;  Jᵀg = g reshaped to x.", **AFFINE, vjp={"input": _reshape_back})
 register([torch.unsqueeze, "unsqueeze"], "unsqueeze", "input, dim",
          doc="y = x with a new size-1 axis;  Jᵀg = g reshaped to x.", **AFFINE, vjp={"input": _reshape_back})
 register(["contiguous", "clone", torch.clone], "identity", "input, memory_format=None",
-         doc="y = x;  Jᵀg = g.", **AFFINE, vjp={"input": lambda g, c: g})
+         doc="y = x;  Jᵀg = g.", **AFFINE, vjp={"input": lambda g, c: g}, sandwich=SHARED)
 
 register(["permute"], "permute", "input, *dims",
          doc="y = x with axes permuted;  Jᵀg = g with the inverse permutation.", **AFFINE,

@@ -3,27 +3,45 @@ matrix propagated with batch averaging.
 
 At the model output ``M = Σ_n H_n`` ``[D, D]`` (the loss Hessian summed over the batch, from
 the exact factor: ``M = Σ_{c,n} S_cn S_cnᵀ``). Going back through an op with per-sample
-Jacobians ``J_n``, ``M_in = (1/N) Σ_n J_nᵀ M_out J_n`` — computed with the op's own
-Jacobian-transpose rule applied twice (rows, then columns) with one leading axis. At a
-parameterised op the factor of the output curvature is ``G = M_out`` (its positions summed for
-a convolution, like the bias GGN), obtained by feeding a square root ``L Lᵀ = M_out`` to the
-op's Kronecker rule; the input factor ``A`` is KFLR's. Like BackPACK, KFRA is defined for
-chains: every op has one data input and every value one reader.
+Jacobians ``J_n``, ``M_in = (1/N) Σ_n J_nᵀ M_out J_n``, by the op's ``sandwich`` rule:
+
+* "shared" (``J_n = J`` for every sample: linear, conv, average pooling, reshapes):
+  ``Jᵀ M J`` with the op's Jacobian-transpose rule applied to M's rows, then columns, for
+  one sample (``[D, 1, *in]`` intermediates; ``Wᵀ M W`` for a linear layer);
+* "diagonal" (elementwise, ``J_n = diag(d_n)``, ``d_n = J_nᵀ 1``): ``M ⊙ (1/N) Σ_n d_n d_nᵀ``,
+  one ``[D, N] x [N, D]`` product;
+* an op's own function (max pooling routes entries, see its rule);
+* otherwise the Jacobian-transpose rule applied twice with all N samples (``[D, N, *in]``).
+
+At a parameterised op the output factor is ``G = M_out`` (its positions summed for a
+convolution, like the bias GGN), read off ``M_out`` by the op's ``kron_matrix`` rule (or,
+without one, by its ``kron`` rule fed a square root ``L Lᵀ = M_out``); the input factor ``A``
+is KFLR's (the same node: common subexpressions are merged). Like BackPACK, KFRA is defined
+for chains: every op has one data input and every value one reader.
+
+Memory: ``M`` at a layer's input is dense in its per-sample size ``D`` (``D = 50176`` gives a
+10 GB matrix in float32). Before the first propagation step the generated code checks the
+largest tensor of every step against :data:`MAX_DENSE_BYTES` and raises a ``RuntimeError``
+naming the node, the quantity and the sizes instead of running out of memory (sizes are known
+at run time only: ``compile`` sees no example input).
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, List, Optional
 
 import torch
 import torch.fx as fx
 from torch import Tensor
 
 from fxcurv.emit import Emitter
-from fxcurv.errors import node_error
+from fxcurv.errors import describe, node_error
 from fxcurv.rules import Ctx, rule_for
 
 from ..analysis import ancestors
 from .loss_hessian import loss_factor
+
+MAX_DENSE_BYTES = 2 ** 31  # largest tensor one KFRA propagation step may build (2 GiB)
 
 
 def summed_outer(factor: Tensor) -> Tensor:
@@ -51,12 +69,67 @@ def batch_mean_matrix(rows: Tensor) -> Tensor:
     return rows.reshape(rows.size(0), rows.size(1), -1).mean(1)
 
 
+def sample_matrix(rows: Tensor) -> Tensor:
+    """``[D, 1, *in]`` (one sample) -> ``[D, D]``."""
+    return rows.reshape(rows.size(0), -1)
+
+
+def diagonal_sandwich(matrix: Tensor, derivative: Tensor) -> Tensor:
+    """``M ⊙ (1/N) Σ_n d_n d_nᵀ`` ``[D, D]``: ``(1/N) Σ_n J_nᵀ M J_n`` for ``J_n = diag(d_n)``,
+    ``derivative = d: [N, *in]``."""
+    flat = derivative.reshape(derivative.size(0), -1)
+    moments = torch.matmul(flat.t(), flat)
+    return moments.mul_(matrix).div_(flat.size(0))
+
+
 def matrix_sqrt_factor(matrix: Tensor, like: Tensor) -> Tensor:
     """``L`` with ``L Lᵀ = matrix`` (symmetric PSD, by eigh), shaped ``[D, 1, *like.shape[1:]]``
     so that Kronecker rules read it as a factor of one sample."""
     values, vectors = torch.linalg.eigh(0.5 * (matrix + matrix.t()))
     root = vectors * values.clamp(min=0.0).sqrt().unsqueeze(0)
     return root.t().reshape([matrix.size(0), 1] + list(like.shape[1:]))
+
+
+def checked_sizes(matrix: Tensor, inputs: List[Tensor], all_samples: List[bool], limit: int,
+                  names: List[str]) -> Tensor:
+    """``matrix`` (``M`` at the model output), after checking that no propagation step, to
+    the per-sample size ``D_in`` of each ``inputs[i]`` in turn, builds a tensor over ``limit``
+    bytes: ``D_in·max(D_in, D_out)`` entries, times ``N`` when step ``i`` runs the
+    Jacobian-transpose rule with ``all_samples``. Checked before any step runs."""
+    d_out = matrix.size(0)
+    for i in range(len(inputs)):
+        x = inputs[i]
+        d_in = x.numel() // x.size(0)
+        entries = d_in * max(d_in, d_out)
+        if all_samples[i]:
+            entries = entries * x.size(0)
+        size = entries * matrix.element_size()
+        if size > limit:
+            raise RuntimeError(names[i] + ": the dense curvature at this op's input is "
+                               + str(d_in) + " x " + str(d_in) + " per sample and propagating "
+                               "it would build a tensor of " + str(size // 1048576) + " MiB "
+                               "(limit " + str(limit // 1048576) + " MiB, fxcurv.passes."
+                               "curvature.kfra.MAX_DENSE_BYTES). Request kflr (exact) or kfac "
+                               "(MC) instead.")
+        d_out = d_in
+    return matrix
+
+
+@dataclass
+class Link:
+    """One op of the chain: its rule and context (lead 1), its data argument ``(name, node)``
+    (None at the first layer) and its parameter arguments ``[(name, node)]``."""
+
+    rule: Any
+    ctx: Ctx
+    data: Optional[tuple]
+    params: list
+
+
+def averages_samples(node: fx.Node) -> bool:
+    """``node`` is a propagation step's ``(1/N) Σ_n J_nᵀ M J_n`` over this process's samples
+    (data parallelism all-reduces it with the samples' share; a "shared" step needs none)."""
+    return node.meta.get("fxcurv", {}).get("kfra_sample_mean", False)
 
 
 class KFRA:
@@ -79,40 +152,84 @@ class KFRA:
         node, factor = loss_factor(emit, self.traced, self.gradient, "exact", 1, self.quantity)
         with emit.naming(f"{node.name}_kfra"):
             matrix = emit.call(summed_outer, factor)
+            chain = self._chain(node)
+            steps = [link for link in chain if link.data is not None]
+            matrix = emit.call(checked_sizes, matrix,
+                               [getattr(link.ctx.args, link.data[0]) for link in steps],
+                               [link.rule.sandwich.get(link.data[0]) is None for link in steps],
+                               MAX_DENSE_BYTES,
+                               [f"{describe(link.ctx.node)} for quantity '{self.quantity}'"
+                                for link in steps])
         emit.rename(matrix, f"{node.name}_kfra")
-        params = set(self.traced.params.values())
+        for link in chain:
+            matrix = self._step(link, matrix)
+
+    def _chain(self, node: fx.Node) -> list[Link]:
+        """The ops from the model output back to the first layer, along data arguments."""
+        params, chain = set(self.traced.params.values()), []
         while node is not None and node not in params:
-            node, matrix = self._step(node, matrix, params)
+            rule = rule_for(node)
+            if rule is None or rule.is_constant(node):
+                break
+            ctx = Ctx.of(node, rule, self.emit, lead=1)
+            data, param_args = self._arguments(node, ctx, params)
+            chain.append(Link(rule, ctx, data, param_args))
+            node = data[1] if data else None
+        return chain
 
-    def _step(self, node: fx.Node, matrix: Any, params: set) -> tuple:
-        """Factors of ``node``'s parameters; the matrix at its data input (or None)."""
-        rule = rule_for(node)
-        if rule is None or rule.is_constant(node):
-            return None, None
-        ctx = Ctx.of(node, rule, self.emit, lead=1)
-        data, param_args = self._arguments(node, ctx, params)
+    def _step(self, link: Link, matrix: Any) -> Any:
+        """Emits the factors of ``link``'s parameters; the matrix at its data input (or None)."""
+        node, ctx = link.ctx.node, link.ctx
         with self.emit.naming(f"{node.name}_kfra", pass_="kfra", node=node.name):
-            if param_args:
-                root = self.emit.call(matrix_sqrt_factor, matrix, ctx.out)
-            for arg, param in param_args:
-                self._factors_of(node, rule, arg, param, root, ctx)
-            if data is None:
-                return None, None
-            arg, value = data
-            rows = rule.vjp[arg](self.emit.call(rows_as_cotangent, matrix, ctx.out), ctx)
-            cols = rule.vjp[arg](self.emit.call(transpose_rows, rows, ctx.out), ctx)
-            result = self.emit.call(batch_mean_matrix, cols)
-        self.emit.rename(result, f"{value.name}_kfra")
-        return value, result
+            for arg, param in link.params:
+                self._factors_of(node, link.rule, arg, param, matrix, ctx)
+            if link.data is None:
+                return None
+            result = self._sandwich(link.rule, link.data[0], matrix, ctx)
+        self.emit.rename(result, f"{link.data[1].name}_kfra")
+        return result
 
-    def _factors_of(self, node, rule, arg, param, root, ctx) -> None:
+    def _sandwich(self, rule, arg: str, matrix: Any, ctx: Ctx) -> Any:
+        """``(1/N) Σ_n J_nᵀ M J_n`` through ``arg`` by the op's ``sandwich`` rule (module doc)."""
+        how = rule.sandwich.get(arg)
+        if how == "shared":
+            one = self._one_sample(ctx, rule, arg)
+            return self.emit.call(sample_matrix, self._twice(rule, arg, matrix, one))
+        if how == "diagonal":
+            one = Ctx.of(ctx.node, rule, self.emit, lead=0)
+            result = self.emit.call(diagonal_sandwich, matrix,
+                                    rule.vjp[arg](torch.ones_like(one.out), one))
+        elif callable(how):
+            result = how(matrix, ctx)
+        else:
+            result = self.emit.call(batch_mean_matrix, self._twice(rule, arg, matrix, ctx))
+        result.node.meta["fxcurv"]["kfra_sample_mean"] = True
+        return result
+
+    def _twice(self, rule, arg: str, matrix: Any, ctx: Ctx) -> Any:
+        """``J_nᵀ M J_n`` ``[D_in, N, *in]`` by the Jacobian-transpose rule on M's rows
+        (``M J_n`` transposed), then on the result's columns, for the samples of ``ctx``."""
+        rows = rule.vjp[arg](self.emit.call(rows_as_cotangent, matrix, ctx.out), ctx)
+        return rule.vjp[arg](self.emit.call(transpose_rows, rows, ctx.out), ctx)
+
+    def _one_sample(self, ctx: Ctx, rule, arg: str) -> Ctx:
+        """``ctx`` with the data argument and the output cut to the first sample."""
+        one = Ctx.of(ctx.node, rule, self.emit, lead=1)
+        setattr(one.args, arg, getattr(ctx.args, arg).narrow(0, 0, 1))
+        one.out = ctx.out.narrow(0, 0, 1)
+        return one
+
+    def _factors_of(self, node, rule, arg, param, matrix, ctx) -> None:
         name = param.target
-        if arg not in rule.kron:
+        if arg in rule.kron_matrix:
+            factors = rule.kron_matrix[arg](matrix, ctx)
+        elif arg in rule.kron:
+            factors = rule.kron[arg](self.emit.call(matrix_sqrt_factor, matrix, ctx.out), ctx)
+        else:
             raise node_error(node, f"{rule.name} has no Kronecker factorisation for its "
                              f"argument '{arg}' (parameter '{name}')",
                              "Request diag_ggn_* or sqrt_ggn_* for this parameter.",
                              self.quantity)
-        factors = rule.kron[arg](root, ctx)
         for i, factor in enumerate(factors):
             self.emit.rename(factor, f"{param.name}_kfra_{i}")
         self.factors[name] = factors

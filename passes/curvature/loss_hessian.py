@@ -15,11 +15,14 @@ source through the loss region, plus an ``O(N C³)`` eigendecomposition per step
 family uses the positive part (it needs a positive semi-definite ``H``); the Hessian family
 also subtracts the negative part ``V √max(−Λ, 0)``, so ``diag_h`` / ``hmp`` stay exact for a
 non-convex loss (``pchmp_abs`` adds it, ``pchmp_clip`` drops it).
-Monte-Carlo factors need a likelihood, so they require a built-in loss as the final op.
+A loss linear in one built-in loss ``ℓ`` (``2 * ce``, ``ce + lam * (w ** 2).sum()``: a
+regulariser lies outside the loss region) skips the assembly: its factor is ``ℓ``'s, scaled by
+``√max(±g, 0)`` (``g`` the cotangent reaching ``ℓ``). Monte-Carlo factors need a likelihood,
+so they require a built-in final loss or such a linear one.
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
@@ -139,14 +142,23 @@ def _loss_region(traced) -> dict[fx.Node, None]:
 
 def _check_separable(node: fx.Node, region: dict, quantity: str) -> None:
     """A second-order term after a reduction over samples would couple the samples."""
-    for ancestor in ancestors(node):
+    ancestor = _mixing_ancestor(node, region)
+    if ancestor is not None:
+        raise node_error(node, "this second-order term of the loss comes after a "
+                         f"reduction over the samples (node '{ancestor.name}'), so the "
+                         "loss is not a sum of per-sample terms", "Write the loss as a "
+                         "sum or mean of per-sample terms.", quantity)
+
+
+def _mixing_ancestor(node: fx.Node, region: dict) -> Optional[fx.Node]:
+    """The first op of the loss region before ``node`` that reduces over samples, or None."""
+    above = ancestors(node)
+    for ancestor in region:
         rule = rule_for(ancestor)
-        if ancestor in region and ancestor is not node and rule is not None and \
+        if ancestor in above and ancestor is not node and rule is not None and \
                 rule.mixes_samples and rule.mixes_samples(rule.bind(ancestor)):
-            raise node_error(node, "this second-order term of the loss comes after a "
-                             f"reduction over the samples (node '{ancestor.name}'), so the "
-                             "loss is not a sum of per-sample terms", "Write the loss as a "
-                             "sum or mean of per-sample terms.", quantity)
+            return ancestor
+    return None
 
 
 def _check_cross_terms(node, rule, active, quantity) -> None:
@@ -184,11 +196,57 @@ def loss_factor(emit: Emitter, traced, gradient: dict, kind: str, mc_samples: in
                 rule.sqrt_hessian_mc(ctx, mc_samples)
         emit.rename(factor, f"loss_sqrt_hessian_{kind}")
         return ctx.bound["input"], factor
+    inner = _linear_inner_loss(traced)
+    if inner is not None:
+        return _scaled_inner_factor(emit, inner, gradient, kind, mc_samples, 1.0)
     if kind != "exact":
         check_monte_carlo(loss, quantity)
     factor = assembled_sqrt_hessian(emit, traced, gradient, quantity)
     emit.rename(factor, "loss_sqrt_hessian_exact")
     return traced.model_output, factor
+
+
+def _scaled_inner_factor(emit: Emitter, inner: fx.Node, gradient: dict, kind: str,
+                         mc_samples: int, sign: float) -> tuple[fx.Node, Any]:
+    """The factor of a loss that is linear in one built-in loss ``ℓ`` (``2 * ce``,
+    ``ce + lam * (w ** 2).sum()``: the regulariser lies outside the loss region), at ``ℓ``'s
+    input: there ``L``'s Hessian is ``g · H_ℓ`` (``g = ∂L/∂ℓ``), so ``√max(±g, 0) S`` gives
+    its positive / negative part (exact or sampled ``S``), no assembly or ``eigh`` needed."""
+    rule = rule_for(inner)
+    ctx = Ctx.of(inner, rule, emit)
+    tag = kind if sign > 0 else "negative"
+    with emit.naming(f"{inner.name}_sqrt_hessian_{tag}", pass_="sqrt_ggn"):
+        base = rule.sqrt_hessian(ctx) if kind == "exact" else \
+            rule.sqrt_hessian_mc(ctx, mc_samples)
+        factor = emit.call(scaled_by_root, base, gradient[inner], sign)
+    emit.rename(factor, f"loss_sqrt_hessian_{tag}")
+    return ctx.bound["input"], factor
+
+
+def _linear_inner_loss(traced) -> Any:
+    """The loss region's one built-in loss (reduced), if every other op of the region is
+    linear in its region arguments (no residual, no cross terms); else None."""
+    region = _loss_region(traced)
+    inside = {**region, traced.model_output: None}
+    losses = [n for n in region if rule_for(n) is not None and
+              rule_for(n).sqrt_hessian is not None]
+    if len(losses) != 1 or rule_for(losses[0]).bind(losses[0]).get("reduction") == "none" \
+            or _mixing_ancestor(losses[0], region) is not None:
+        return None
+    for node in region:
+        rule = rule_for(node)
+        if node is losses[0] or (rule is not None and rule.is_constant(node)):
+            continue
+        if rule is None:
+            return None
+        bound = rule.bind(node)
+        active = [name for name, value in bound.items() if any(
+            isinstance(v, fx.Node) and v in inside
+            for v in (value if isinstance(value, (list, tuple)) else [value]))]
+        if any(not rule.zero_hessian(name, bound) for name in active) or (
+                len(active) > 1 and not rule.jointly_affine):
+            return None
+    return losses[0]
 
 
 def loss_negative_factor(emit: Emitter, traced, gradient: dict, quantity: str):
@@ -197,6 +255,9 @@ def loss_negative_factor(emit: Emitter, traced, gradient: dict, quantity: str):
     rule = rule_for(traced.loss)
     if rule is not None and rule.sqrt_hessian is not None:
         return None
+    inner = _linear_inner_loss(traced)
+    if inner is not None:
+        return _scaled_inner_factor(emit, inner, gradient, "exact", 1, -1.0)
     factor = assembled_sqrt_hessian(emit, traced, gradient, quantity, sign=-1.0)
     emit.rename(factor, "loss_sqrt_hessian_negative")
     return traced.model_output, factor

@@ -1,0 +1,57 @@
+"""Scheduling: each extraction runs as soon as the propagation value it reads is ready.
+
+The passes emit a whole propagation first (every layer's factor ``[C, N, ...]``, cotangent or
+MC samples ``[M, N, ...]``) and the per-parameter extractions after it (per-sample terms
+``[*lead, N, *p]``, their squares and sums, Kronecker factors). A GraphModule frees a value
+after its last use, so in that order every layer's factor stays alive until the end. This pass
+moves every extraction node (``meta["fxcurv"]["pass_"] == "per_sample"``) right after the last
+propagation node it reads, so a layer's factor dies once the layer below has its factor and
+the layer's quantities are extracted. Extraction nodes that read forward values only (a
+convolution's input patches, ``x²``) move with their first consumer instead of up to the
+forward pass, where they would stay alive through the whole propagation.
+"""
+from __future__ import annotations
+
+import torch.fx as fx
+
+from .analysis import descendants
+
+
+def schedule_extractions(graph: fx.Graph, model_output: fx.Node) -> None:
+    """Move extraction nodes next to their inputs (see the module docstring); ``model_output``:
+    the node every propagation depends on (the loss's derivatives are taken there)."""
+    nodes = list(graph.nodes)
+    position = {node: i for i, node in enumerate(nodes)}
+    moving = {node: None for node in nodes if _is_extraction(node)}
+    first = max([i for i, node in enumerate(nodes) if node.op == "placeholder"], default=0)
+    anchor: dict[fx.Node, int] = {}
+    for node in moving:  # graph order: inputs first
+        anchor[node] = max([anchor[a] if a in moving else position[a]
+                            for a in node.all_input_nodes], default=first)
+    propagated = descendants(graph, model_output)
+    for node in reversed(list(moving)):  # forward-only extractions: with their first consumer
+        if node not in propagated:
+            consumers = [anchor[user] for user in node.users if user in moving]
+            anchor[node] = min(consumers) if consumers else _stay(node, moving, position)
+    groups: dict[int, list[fx.Node]] = {}
+    for node in moving:
+        groups.setdefault(anchor[node], []).append(node)
+    for i, node in enumerate(nodes):
+        cursor = node
+        for moved in groups.get(i, []) if node not in moving else []:
+            cursor.append(moved)
+            cursor = moved
+    graph.lint()
+
+
+def _stay(node: fx.Node, moving: dict, position: dict) -> int:
+    """The position of the last node before ``node`` that does not move (``node`` stays)."""
+    previous = node.prev
+    while previous in moving:
+        previous = previous.prev
+    return position[previous]
+
+
+def _is_extraction(node: fx.Node) -> bool:
+    return node.op in ("call_function", "call_method") and \
+        node.meta.get("fxcurv", {}).get("pass_") == "per_sample"

@@ -1,0 +1,63 @@
+"""The first-order fast paths (float64, against autograd and direct formulas).
+
+* max pooling: the forward returns its argmax indices once (``max_pool_with_indices``) and
+  every propagation's Jacobian-transpose reads them (no recomputed argmax);
+* convolutions: one ``convolution_backward`` call gives a gradient's ``x̄``, ``W̄`` and ``b̄``,
+  with ``x̄`` left out of its output mask where nothing needs it (the first layer);
+* the conv weight's ``Σ_{lead, n} W̄_n²`` built in chunks of lead vectors.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxcurv
+from fxcurv.rules.conv import per_sample_weight, per_sample_weight_sum_squares
+
+TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+def cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(2, 4, 3), nn.ReLU(), nn.MaxPool2d(3, 2, padding=1),
+        nn.Conv2d(4, 5, 2, padding="same"), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(5 * 2 * 2, 3)).double()
+
+
+@pytest.fixture(scope="module")
+def setup():
+    torch.manual_seed(0)
+    model, loss_fn = cnn(), nn.CrossEntropyLoss()
+    x, y = torch.randn(6, 2, 9, 9, dtype=torch.float64), torch.randint(0, 3, (6,))
+    return model, loss_fn, x, y
+
+
+def test_gradient_shares_pool_indices_and_conv_backward(setup, one_thread):
+    model, loss_fn, x, y = setup
+    step = fxcurv.compile(model, loss_fn, ["diag_ggn_exact"])
+    code = step.code
+    assert code.count("max_pool_with_indices(") == 2 and "max_pool_argmax" not in code
+    assert code.count("conv_grads(") == 2
+    assert "output_mask = [False, True, True]" in code  # no x̄ for the first layer
+    assert "output_mask = [True, True, True]" in code
+    model.zero_grad()
+    loss_fn(model(x), y).backward()
+    for scripted in (False, True):
+        loss, grad, _ = (torch.jit.script(step) if scripted else step)(x, y)
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(grad[name], p.grad, **TOL)
+
+
+@pytest.mark.parametrize("lead,groups,swap", [(0, 1, False), (1, 2, False), (2, 1, True)])
+def test_chunked_weight_sum_squares(lead, groups, swap):
+    torch.manual_seed(lead)
+    lead_shape = [3, 2][:lead]
+    left = torch.randn(lead_shape + [4, groups, 6, 5], dtype=torch.float64)
+    right = torch.randn(4, groups, 7, 5, dtype=torch.float64)
+    weight = torch.empty(groups * 7, 6, 1, 1) if swap else torch.empty(groups * 6, 7, 1, 1)
+    expected = per_sample_weight(left, right, lead, weight, swap).square()
+    expected = expected.sum(list(range(lead + 1)))
+    for sample_entries in (1, 2 * groups * 6 * 7 + 1, 1 << 16):  # 1 vector, 2, all
+        actual = per_sample_weight_sum_squares(left, right, lead, weight, swap, sample_entries)
+        torch.testing.assert_close(actual, expected, **TOL)

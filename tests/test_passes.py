@@ -1,0 +1,234 @@
+"""Compile-time optimisations, each shown on the generated graph (with and without the pass,
+or a request with and without the quantity):
+
+1. one propagation shared by every quantity that needs it (``compile._extract`` memoises the
+   sources; for exact factors CSE would also merge copies, sampled ones it cannot);
+2. dead code: no input cotangent, nothing propagated below the first parameterised op
+   (``backward`` emits only for values that depend on parameters), no ``[N, *p]`` tensor for
+   ``batch_l2`` / ``sum_grad_squared`` of a linear layer (``PerSample._shortcut``);
+3. contraction order for the shapes at hand (``linear_weight_batch_l2``'s Gram form);
+4. intermediates freed early (``passes/schedule.py``: extractions next to their factors).
+"""
+from __future__ import annotations
+
+import sys
+from collections import Counter
+
+import pytest
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import fxcurv
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+N = 7
+
+
+def cnn() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Conv2d(4, 5, 3), nn.ReLU(),
+                         nn.Flatten(), nn.Linear(5 * 4 * 4, 6), nn.Tanh(),
+                         nn.Linear(6, 3)).double()
+
+
+def cnn_batch():
+    gen = torch.Generator().manual_seed(1)
+    return (torch.randn(N, 2, 8, 8, generator=gen, dtype=torch.float64),
+            torch.randint(0, 3, (N,), generator=gen))
+
+
+def compile_cnn(quantities, **kwargs):
+    return fxcurv.compile(cnn(), nn.CrossEntropyLoss(), quantities, **kwargs)
+
+
+def targets(step: fx.GraphModule) -> Counter:
+    """How often each op is called in the step."""
+    return Counter(getattr(n.target, "__name__", n.target) for n in step.graph.nodes
+                   if n.op in ("call_function", "call_method"))
+
+
+def tagged(step: fx.GraphModule, **tags) -> list[fx.Node]:
+    """Nodes whose ``meta["fxcurv"]`` has all ``tags``."""
+    return [n for n in step.graph.nodes
+            if all(n.meta.get("fxcurv", {}).get(k) == v for k, v in tags.items())]
+
+
+class Shapes(TorchDispatchMode):
+    """Records the shape of every tensor an aten op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes: list[tuple] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for value in out if isinstance(out, (tuple, list)) else [out]:
+            if isinstance(value, torch.Tensor):
+                self.shapes.append(tuple(value.shape))
+        return out
+
+
+# ------------------------------------------------------------------ 1. shared propagations
+
+
+def test_exact_factor_propagated_once_for_three_quantities():
+    one = compile_cnn(["diag_ggn_exact"])
+    three = compile_cnn(["diag_ggn_exact", "sqrt_ggn_exact", "kflr"])
+    assert targets(three)["cross_entropy_sqrt_hessian"] == 1
+    propagation = [len(tagged(s, pass_="backward")) for s in (one, three)]
+    assert propagation[0] == propagation[1]
+
+
+def test_sampled_factor_propagated_once_for_three_quantities():
+    """Random draws are not merged by CSE: only the shared source gives one propagation."""
+    one = compile_cnn(["diag_ggn_mc"])
+    three = compile_cnn(["diag_ggn_mc", "sqrt_ggn_mc", "kfac"])
+    assert targets(three)["cross_entropy_sqrt_hessian_mc"] == 1
+    assert len(tagged(one, pass_="backward")) == len(tagged(three, pass_="backward"))
+    x, y = cnn_batch()
+    torch.manual_seed(0)
+    _, _, diag, sqrt, _ = three(x, y)
+    for name, value in diag.items():  # the diagonal and the factor come from the same draws
+        torch.testing.assert_close(value, sqrt[name].square().sum([0, 1]))
+
+
+# ------------------------------------------------------------------ 2. dead code
+
+
+class Preprocessed(nn.Module):
+    """``tanh(2x)`` before the first parameterised op: nothing to propagate there."""
+
+    def __init__(self):
+        super().__init__()
+        self.net = cnn()
+
+    def forward(self, x):
+        return self.net(torch.tanh(x * 2.0))
+
+
+@pytest.mark.parametrize("quantities", [[], ["diag_ggn_exact"], ["diag_h"]])
+def test_no_propagation_below_the_first_parameterised_op(quantities):
+    step = fxcurv.compile(Preprocessed(), nn.CrossEntropyLoss(), quantities)
+    below = {"x", "x_checked", "mul", "tanh"}  # the model's own tanh is "tanh_1"
+    assert below <= {n.name for n in step.graph.nodes if "fxcurv" not in n.meta}
+    propagated = {n.meta["fxcurv"].get("node") for n in tagged(step, pass_="backward")}
+    assert "conv2d" in propagated and not propagated & below  # no Jᵀ of tanh, mul, x
+    assert not [n.name for n in step.graph.nodes for name in below  # e.g. tanh_cotangent
+                if n.name.startswith((f"{name}_cotangent", f"{name}_sqrt_ggn", f"{name}_vjp"))]
+
+
+def mlp3d() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4)).double()
+
+
+@pytest.mark.parametrize("quantity", ["batch_l2", "sum_grad_squared"])
+def test_no_per_sample_gradient_for_linear_norms(quantity):
+    """``[N, O, I]`` appears for batch_grad, not for batch_l2 / sum_grad_squared."""
+    x = torch.randn(N, 6, dtype=torch.float64)
+    y = torch.randint(0, 4, (N,))
+    loss = nn.CrossEntropyLoss()
+    per_sample = {(N, 5, 6), (N, 4, 5)}
+    for request, expect in (([quantity], False), (["batch_grad"], True)):
+        with Shapes() as seen:
+            fxcurv.compile(mlp3d(), loss, request)(x, y)
+        assert bool(per_sample & set(seen.shapes)) == expect, request
+
+
+# ------------------------------------------------------------------ 3. contraction order
+
+
+@pytest.mark.parametrize("positions, gram", [(2, True), (40, False)])
+def test_batch_l2_contraction_order_follows_the_shapes(positions, gram):
+    """Sequence input ``[N, T, I]``: ``T(O + I) < O·I`` takes the Gram form (``[N, T, T]``,
+    no ``[N, O, I]``), else the explicit per-sample gradient; both equal ``vmap(grad)``."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 10), nn.Flatten(), nn.Linear(10 * positions, 3))
+    model = model.double()
+    x = torch.randn(N, positions, 12, dtype=torch.float64)
+    y = torch.randint(0, 3, (N,))
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(reduction="sum"), ["batch_l2"])
+    with Shapes() as seen:
+        batch_l2 = step(x, y)[2]["0.weight"]
+    assert ((N, positions, positions) in seen.shapes) == gram
+    assert ((N, 10, 12) in seen.shapes) == (not gram)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def sample_loss(p, xn, yn):
+        out = torch.func.functional_call(model, p, (xn[None],))
+        return nn.functional.cross_entropy(out, yn[None], reduction="sum")
+
+    grads = torch.func.vmap(torch.func.grad(sample_loss), (None, 0, 0))(params, x, y)
+    torch.testing.assert_close(batch_l2, grads["0.weight"].square().sum([1, 2]))
+
+
+# ------------------------------------------------------------------ 4. early frees
+
+
+def peak_live_bytes(step: fx.GraphModule, *args) -> int:
+    """Peak of the bytes held by the step's values when each is freed after its last use
+    (as the GraphModule's code does); views keep their base alive and cost nothing."""
+    sizes: dict[fx.Node, int] = {}
+
+    class Record(fx.Interpreter):
+        def run_node(self, node):
+            out = super().run_node(node)
+            fresh = isinstance(out, torch.Tensor) and not out._is_view() and node.op not in (
+                "placeholder", "get_attr")
+            sizes[node] = out.numel() * out.element_size() if fresh else 0
+            return out
+
+    Record(step).run(*args)
+    nodes = list(step.graph.nodes)
+    last = {n: i for i, n in enumerate(nodes)}
+    for i, node in enumerate(nodes):
+        for arg in node.all_input_nodes:
+            last[arg] = i
+    for node in reversed(nodes):  # a value read through a view lives as long as the view
+        for arg in node.all_input_nodes:
+            if sizes.get(node) == 0 and node.op != "output":
+                last[arg] = max(last[arg], last[node])
+    live, peak = 0, 0
+    for i, node in enumerate(nodes):
+        live += sizes.get(node, 0)
+        peak = max(peak, live)
+        live -= sum(sizes.get(n, 0) for n in node.all_input_nodes if last[n] == i)
+    return peak
+
+
+def without_scheduling(monkeypatch, quantities):
+    monkeypatch.setattr(sys.modules["fxcurv.compile"], "schedule_extractions",
+                        lambda graph, model_output: None)
+    step = compile_cnn(quantities)
+    monkeypatch.undo()
+    return step
+
+
+@pytest.mark.parametrize("quantities, ratio", [
+    (["diag_ggn_exact"], 0.97), (["diag_h"], 0.97), (["batch_l2"], 0.97),
+    (["kflr"], 1.0), (["kfac"], 1.0)])  # here the peak is at the first conv: not higher
+def test_extractions_scheduled_next_to_their_factors(monkeypatch, quantities, ratio):
+    """Each layer's factor dies once its quantities are extracted, not at the end: a lower
+    peak of live values, the same results."""
+    unscheduled, scheduled = without_scheduling(monkeypatch, quantities), compile_cnn(quantities)
+    x, y = cnn_batch()
+    assert peak_live_bytes(scheduled, x, y) <= ratio * peak_live_bytes(unscheduled, x, y)
+    torch.manual_seed(0)  # kfac: the same draws
+    expected = unscheduled(x, y)
+    torch.manual_seed(0)
+    result = scheduled(x, y)
+    for want, got in zip(expected[1:], result[1:]):
+        for name in want:
+            torch.testing.assert_close(got[name], want[name], rtol=1e-12, atol=1e-14)
+
+
+def test_forward_only_extractions_stay_after_the_propagation(monkeypatch):
+    """kfac's input factors (forward values only, no extraction consumer) are not hoisted
+    into the forward pass, where they would live through the whole backward."""
+    scheduled = compile_cnn(["kfac"])
+    order = {n: i for i, n in enumerate(scheduled.graph.nodes)}
+    first_backward = min(order[n] for n in tagged(scheduled, pass_="backward"))
+    extraction = tagged(scheduled, pass_="per_sample")
+    assert extraction and all(order[n] > first_backward for n in extraction)

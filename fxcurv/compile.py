@@ -2,7 +2,8 @@
 
 trace (model + loss -> one graph) -> normalize -> checks -> backward (Jacobian-transpose nodes)
 -> quantity extraction -> data-parallel collectives (with a process group) -> output -> cleanup
-(dead code, detached parameters) -> GraphModule.
+(dead code, detached parameters) -> GraphModule -> scheduling (extractions next to the factors
+they read, so big values die early) -> optional ``torch.compile`` backend.
 """
 from __future__ import annotations
 

@@ -31,8 +31,8 @@ def schedule_extractions(graph: fx.Graph, model_output: fx.Node) -> None:
     propagated = descendants(graph, model_output)
     for node in reversed(list(moving)):  # forward-only extractions: with their first consumer
         if node not in propagated:
-            consumers = [anchor[user] for user in node.users if user in moving]
-            anchor[node] = min(consumers) if consumers else _stay(node, moving, position)
+            anchor[node] = min(anchor[user] if user in moving else _before(user, moving, position)
+                               for user in node.users)
     groups: dict[int, list[fx.Node]] = {}
     for node in moving:
         groups.setdefault(anchor[node], []).append(node)
@@ -44,8 +44,8 @@ def schedule_extractions(graph: fx.Graph, model_output: fx.Node) -> None:
     graph.lint()
 
 
-def _stay(node: fx.Node, moving: dict, position: dict) -> int:
-    """The position of the last node before ``node`` that does not move (``node`` stays)."""
+def _before(node: fx.Node, moving: dict, position: dict) -> int:
+    """The position of the last node before ``node`` that does not move."""
     previous = node.prev
     while previous in moving:
         previous = previous.prev

@@ -4,8 +4,9 @@ or a request with and without the quantity):
 1. one propagation shared by every quantity that needs it (``compile._extract`` memoises the
    sources; for exact factors CSE would also merge copies, sampled ones it cannot);
 2. dead code: no input cotangent, nothing propagated below the first parameterised op
-   (``backward`` emits only for values that depend on parameters), no ``[N, *p]`` tensor for
-   ``batch_l2`` / ``sum_grad_squared`` of a linear layer (``PerSample._shortcut``);
+   (``backward`` emits only for values that depend on parameters), no unused node left
+   (``cleanup.finalize``: DCE), no ``[N, *p]`` tensor for ``batch_l2`` / ``sum_grad_squared``
+   of a linear layer (``PerSample._shortcut``);
 3. contraction order for the shapes at hand (``linear_weight_batch_l2``'s Gram form);
 4. intermediates freed early (``passes/schedule.py``: extractions next to their factors).
 """
@@ -117,6 +118,16 @@ def test_no_propagation_below_the_first_parameterised_op(quantities):
     assert "conv2d" in propagated and not propagated & below  # no Jᵀ of tanh, mul, x
     assert not [n.name for n in step.graph.nodes for name in below  # e.g. tanh_cotangent
                 if n.name.startswith((f"{name}_cotangent", f"{name}_sqrt_ggn", f"{name}_vjp"))]
+
+
+@pytest.mark.parametrize("quantities", [["diag_ggn_exact"], ["kfac"], ["diag_h"]])
+def test_no_dead_nodes(quantities):
+    """Dead-code removal (``cleanup.finalize``): e.g. a sqrt-GGN propagation also gives every
+    parameter a summed cotangent ``[C, *p]`` that no quantity reads; none is left."""
+    step = compile_cnn(quantities)
+    dead = [n.name for n in step.graph.nodes if not n.users and n.op not in ("output",
+                                                                              "placeholder")]
+    assert not dead
 
 
 def mlp3d() -> nn.Module:

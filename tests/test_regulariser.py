@@ -74,6 +74,8 @@ class Params:
 CASES = {
     "l2_one_weight": (mlp, 1.0, lambda p: 0.1 * (p["0.weight"] ** 2).sum()),
     "l2_all_params": (mlp, 1.0, lambda p: 0.05 * sum((v ** 2).sum() for v in p.values())),
+    "concatenated_params": (mlp, 1.0, lambda p: 0.1 * torch.sqrt(
+        torch.cat([v.reshape(-1) for v in p.values()]) ** 2 + 0.1).sum()),
     "scaled_loss": (mlp, 2.0, lambda p: 0.1 * (p["2.weight"] ** 2).sum()),
     "mean_weight_decay": (mlp, 1.0, lambda p: (p["0.weight"] ** 2).mean() / 2),
     "smooth_l1": (mlp, 1.0, lambda p: 0.1 * torch.sqrt(p["0.weight"] ** 2 + 1e-2).sum()),
@@ -246,6 +248,8 @@ def test_non_diagonal_regulariser_is_refused():
     assert "test_regulariser.py" in message and "quantity 'diag_h'" in message, message
     message = _refused(lambda p: (p["0.weight"] * torch.exp(p["0.weight"])).sum())
     assert "not diagonal" in message and "share parameters" in message, message
+    message = _refused(lambda p: (torch.stack([p["0.bias"], 2 * p["0.bias"]]) ** 3).sum())
+    assert "node 'stack" in message and "pieces share parameters" in message, message
 
 
 def test_broadcast_before_a_non_linear_op_fails_at_call_time():

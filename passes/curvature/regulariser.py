@@ -24,7 +24,8 @@ value ``v`` is kept as a *diagonal* ``H_v`` ``[*v.shape]``, or as structurally z
   ``residual[a](g)`` = ``diag Σ g ∂²f/∂a²`` (``g = ∂L/∂y`` from the backward pass), or
   nothing when ``hessian_is_zero``;
 * an elementwise op with a nonzero ``H_y`` gives ``f'² ⊙ H_y`` (+ its residual); an op that
-  only reorders elements (``t``, ``reshape``, ``permute``, ...) gives ``Jᵀ H_y``;
+  only reorders or joins elements (``t``, ``reshape``, ``permute``, ``cat``, ...) gives
+  ``Jᵀ H_y``;
 * anything else with a nonzero ``H_y`` (a reduction, ``matmul``, broadcasting:
   ``(w.sum()) ** 2``) has a non-diagonal Hessian, a cross term ``∂²f/∂a∂b`` between arguments
   that share parameters (``w * w`` excepted: ``2 ∂²f/∂a∂b``) is not diagonal either, and a
@@ -54,6 +55,8 @@ ELEMENTWISE_AFFINE = ("add", "sub", "mul", "div", "neg", "relu", "leaky_relu", "
 # ops that only reorder elements: diag(Jᵀ diag(H) J) = Jᵀ H
 PERMUTATIONS = ("flatten", "reshape", "squeeze", "unsqueeze", "identity", "permute",
                 "transpose", "t", "getattr")
+# ... and join a list of values (each piece gets its part of Jᵀ H)
+CONCATENATIONS = ("cat", "stack")
 
 
 def elementwise_shape(hessian: Tensor, arg: Tensor, out: Tensor) -> Tensor:
@@ -185,6 +188,8 @@ class _HessianWalk:
         if rule is None or rule.is_constant(node):
             return
         ctx = Ctx.of(node, rule, self.emit)
+        if rule.name in CONCATENATIONS and self.hessian.get(node) is not None:
+            return self._split(node, rule, ctx)
         curved = node in self.curved or self.hessian.get(node) is not None
         active = self._active(rule, ctx, curved)
         for name, arg in active:
@@ -197,16 +202,29 @@ class _HessianWalk:
                 raise self._error(node, f"the loss is not additive in the regulariser "
                                   f"'{arg.name}' (its curvature meets the data term here)",
                                   "Add the regulariser to the loss: loss + lam * R(w).")
-            if arg not in self.branch and arg not in self.params:
-                raise self._error(node, f"the regulariser acts on '{arg.name}', a value "
-                                  "computed from parameters that the model uses too, so its "
-                                  "curvature cannot be told apart from the model's",
-                                  "Apply the regulariser to the parameters themselves.")
+            self._check_reachable(node, arg)
             with self.emit.naming(f"{node.name}_regulariser", pass_="regulariser",
                                   node=node.name):
                 term = self._term(node, rule, ctx, active, name, arg)
             if term is not None:
                 self._accumulate(arg, term)
+
+    def _split(self, node: fx.Node, rule: OpRule, ctx: Ctx) -> None:
+        """``cat`` / ``stack`` of regulariser values with a nonzero diagonal ``H``: each piece
+        gets its part (pieces that share parameters would need cross terms: refused)."""
+        name = next(k for k, v in ctx.bound.items() if isinstance(v, (list, tuple)))
+        pieces = [p for p in ctx.bound[name] if isinstance(p, fx.Node) and p in
+                  self.r.cotangents]
+        for i, piece in enumerate(pieces):
+            if any(self._share(piece, other) for other in pieces[i + 1:]):
+                raise self._not_diagonal(node, piece, "its pieces share parameters")
+        with self.emit.naming(f"{node.name}_regulariser", pass_="regulariser",
+                              node=node.name):
+            parts = rule.vjp[name](self.hessian[node], ctx)
+        for piece, part in zip(ctx.bound[name], parts):
+            if piece in pieces:
+                self._check_reachable(node, piece)
+                self._accumulate(piece, part)
 
     def _active(self, rule: OpRule, ctx: Ctx, curved: bool) -> list[tuple[str, fx.Node]]:
         """``(argument name, node)`` of the arguments the loss differentiates through. Values
@@ -283,6 +301,14 @@ class _HessianWalk:
                                          f"derivative between '{name}' and '{other_name}', "
                                          "which share parameters")
         return parts
+
+    def _check_reachable(self, node: fx.Node, arg: fx.Node) -> None:
+        """The walk continues below ``arg``: a regulariser value or a parameter."""
+        if arg not in self.branch and arg not in self.params:
+            raise self._error(node, f"the regulariser acts on '{arg.name}', a value computed "
+                              "from parameters that the model uses too, so its curvature "
+                              "cannot be told apart from the model's",
+                              "Apply the regulariser to the parameters themselves.")
 
     def _accumulate(self, arg: fx.Node, term: Any) -> None:
         previous = self.hessian.get(arg)

@@ -97,7 +97,8 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
     outputs = (emit.proxy(traced.loss), grads, *results)
     outputs = data_parallel(emit, traced, requested, outputs, process_group)
     step = finalize(traced, emit, outputs, [name for name, _ in requested])
-    schedule_extractions(step.graph, traced.model_output)
+    schedule_extractions(step.graph, traced.model_output, [quantity.extract in PER_SAMPLE_SIZED
+                                                           for _, quantity in requested])
     step.recompile()
     return with_backend(step, backend)
 
@@ -142,6 +143,9 @@ def _extract(emit: Emitter, traced: Traced, requested: list, cotangents: dict, g
                                        vectors if quantity.extract == "product" else {}))
     return results
 
+
+# quantities as big as a propagation, [*lead, N, *p]: computed last (passes/schedule.py)
+PER_SAMPLE_SIZED = ("batch", "batch_sum_squares")
 
 # the sign each residual part (+1: positive, -1: negative part) enters with
 RESIDUAL_SIGNS = {"hessian": {1.0: 1.0, -1.0: -1.0}, "pch_abs": {1.0: 1.0, -1.0: 1.0},

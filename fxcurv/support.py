@@ -32,11 +32,17 @@ def _first_order(rule: OpRule) -> str:
 
 
 def _second_order(rule: OpRule) -> str:
-    """How the op enters diag_h / hmp / pchmp: affine, an elementwise residual, or not."""
+    """How the op enters diag_h / hmp / pchmp: affine, an elementwise residual, a dense
+    residual block, or not."""
     if rule.sqrt_hessian is not None:
         return "yes (loss Hessian square root)"
     if rule.residual:
         return "yes (residual: " + ", ".join(rule.residual) + ")"
+    if any(len(key) > 1 for key in rule.residual_block):
+        return "yes (cross block of operands)"
+    if rule.residual_block:
+        return "yes (residual block: " + ", ".join(
+            name for key in rule.residual_block for name in key) + ")"
     zero = rule.hessian_is_zero
     if zero is True:
         return "yes (affine)"

@@ -176,7 +176,8 @@ class _ParameterProxies(TorchFunctionMode):
     def __init__(self, tracer: fx.Tracer, root: nn.Module):
         super().__init__()
         self.tracer, self.proxies = tracer, {}
-        self.names = {id(p): name for name, p in root.named_parameters()}
+        named = root.named_parameters() if isinstance(root, nn.Module) else ()
+        self.names = {id(p): name for name, p in named}
 
     def _proxy(self, value: Any) -> Any:
         if not isinstance(value, nn.Parameter) or id(value) not in self.names:

@@ -22,9 +22,10 @@ gather along N          batch_grad, diag_*_batch (k=1), batch_l2 (k=2), sqrt_ggn
 variance                ``Σ g²/N - (Σ g/N)²`` from the global ``Σ g²`` (k=2), grad and N
 kron                    G (depends on the loss factor): k=1, summed; A (forward statistics
                         ``Σ x xᵀ / N_r``): scaled by ``N_r / N`` and summed
-kfra                    the dense matrix is averaged over the batch at every layer, so the
-                        pass all-reduces it right where it is formed (``N_r / N`` shares);
-                        G is then the same on every rank, A as above
+kfra                    the dense matrix is averaged over the batch at every step whose
+                        Jacobian depends on the sample (activations, pooling), so the pass
+                        all-reduces it right where it is formed (``N_r / N`` shares); G is
+                        then the same on every rank, A as above
 ======================  ==================================================================
 """
 from __future__ import annotations

@@ -8,21 +8,28 @@ moves every extraction node (``meta["fxcurv"]["pass_"] == "per_sample"``) right 
 propagation node it reads, so a layer's factor dies once the layer below has its factor and
 the layer's quantities are extracted. Extraction nodes that read forward values only (a
 convolution's input patches, ``x²``) move with their first consumer instead of up to the
-forward pass, where they would stay alive through the whole propagation.
+forward pass, where they would stay alive through the whole propagation. Quantities as big as
+a propagation (``[*lead, N, *p]``: ``batch_grad``, ``sqrt_ggn_*``, ``*_batch``) stay at the end
+with what only they read: hoisted, they would be alive through the rest of the propagation.
 """
 from __future__ import annotations
+
+from typing import Sequence
 
 import torch.fx as fx
 
 from .analysis import descendants
 
 
-def schedule_extractions(graph: fx.Graph, model_output: fx.Node) -> None:
+def schedule_extractions(graph: fx.Graph, model_output: fx.Node,
+                         in_place: Sequence[bool] = ()) -> None:
     """Move extraction nodes next to their inputs (see the module docstring); ``model_output``:
-    the node every propagation depends on (the loss's derivatives are taken there)."""
+    the node every propagation depends on (the loss's derivatives are taken there);
+    ``in_place[i]``: the ``i``-th quantity of the output ``(loss, grad, *quantities)`` stays."""
     nodes = list(graph.nodes)
     position = {node: i for i, node in enumerate(nodes)}
-    moving = {node: None for node in nodes if _is_extraction(node)}
+    staying = _staying(nodes, in_place)
+    moving = {node: None for node in nodes if _is_extraction(node) and node not in staying}
     first = max([i for i, node in enumerate(nodes) if node.op == "placeholder"], default=0)
     anchor: dict[fx.Node, int] = {}
     for node in moving:  # graph order: inputs first
@@ -42,6 +49,17 @@ def schedule_extractions(graph: fx.Graph, model_output: fx.Node) -> None:
             cursor.append(moved)
             cursor = moved
     graph.lint()
+
+
+def _staying(nodes: list[fx.Node], in_place: Sequence[bool]) -> set[fx.Node]:
+    """The values of the quantities flagged in ``in_place`` and what only they read."""
+    results = nodes[-1].args[0][2:]
+    staying = {value for flag, result in zip(in_place, results) if flag
+               for value in result.values() if isinstance(value, fx.Node)}
+    for node in reversed(nodes):
+        if _is_extraction(node) and node.users and all(u in staying for u in node.users):
+            staying.add(node)
+    return staying
 
 
 def _before(node: fx.Node, moving: dict, position: dict) -> int:

@@ -29,8 +29,8 @@
    ``d2f * g_out[0]``, so BackPACK uses ``m(f'' ⊙ g²)``; a test below pins that down.
 
 4. Product semantics (V = 1, 3; call-time checks of ``vectors``; TorchScript round trip).
-5. Compile-time errors for residuals fxcurv cannot express (LayerNorm); cross terms
-   (``x * sigmoid(x)``) against the exact Hessian.
+5. Non-diagonal residuals (LayerNorm: a dense per-sample block, ``test_residual_blocks.py``)
+   and cross terms (``x * sigmoid(x)``) against the exact Hessian.
 """
 from __future__ import annotations
 
@@ -46,7 +46,6 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, hessian, jacrev, vmap
 
 import fxcurv
-from fxcurv.errors import CompileError
 from setups import (FunctionalWithScale, Gated, LayerNormNet, ResidualMLP, default_dtype,
                     make_batch, randomize_bn, with_head)
 
@@ -713,21 +712,22 @@ def test_torchscript_round_trip(quantity, tmp_path):
                 assert_dicts_close(got[part], expected[part], f"{quantity} {what}", tol=SAME)
 
 
-# ================================================================ 5. compile-time errors
+# ================================================= 5. non-diagonal residuals, cross terms
 Swish = Gated  # h * sigmoid(h): both factors depend on fc's parameters
 
 
-RESIDUAL_QUANTITIES = ["diag_h", "diag_h_batch", "hmp", "pchmp_abs", "pchmp_clip"]
-
-
-@pytest.mark.parametrize("quantity", RESIDUAL_QUANTITIES)
-def test_layer_norm_has_no_diagonal_residual(quantity):
-    with pytest.raises(CompileError) as info:
-        fxcurv.compile(LayerNormNet(), nn.CrossEntropyLoss(), [quantity])
-    message = str(info.value)
-    assert "node 'layer_norm'" in message and "norm (LayerNorm)" in message, message
-    assert f"quantity '{quantity}'" in message, message
-    assert "second derivative" in message and "'input'" in message, message
+def test_layer_norm_residual_block_gives_the_exact_hessian():
+    """LayerNorm's residual in its input is not diagonal: its dense per-sample block enters
+    through ``eigh`` factors; diag_h, diag_h_batch and hmp equal the exact Hessian."""
+    torch.manual_seed(2)
+    net = LayerNormNet().to(DTYPE)
+    x, y = torch.randn(3, 4, dtype=DTYPE), torch.randint(0, 3, (3,))
+    vectors = random_vectors(net)
+    quantities = ["diag_h", "diag_h_batch", "hmp"]
+    ours = run_fxcurv(net, nn.CrossEntropyLoss(), x, y, quantities, vectors)
+    expected = brute_force(net, nn.CrossEntropyLoss(), x, y, vectors)
+    for quantity in quantities:
+        assert_dicts_close(ours[quantity], expected[quantity], quantity)
 
 
 def test_product_of_two_functions_of_a_parameter_uses_cross_terms():

@@ -149,3 +149,87 @@ def test_kfra_too_large_dense_matrix_is_refused(monkeypatch):
     step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["kfra"])
     with pytest.raises(RuntimeError, match=r"node 'linear_2'.*quantity 'kfra'.*4 x 4.*kflr"):
         step(torch.randn(*shape), torch.randint(0, 3, (shape[0],)))
+
+
+def _sandwich_op(case):
+    """The case's graph, its one op, the op's rule and the data argument, if that op has a
+    ``sandwich`` rule for its one data input (else None)."""
+    from fxcurv.passes.normalize import normalize
+    from fxcurv.rules import rule_for
+    from fxcurv.trace import CurvatureTracer
+
+    data = [n for n, t in zip(case.names, case.inputs) if isinstance(t, torch.Tensor)
+            and t.is_floating_point() and n not in case.params and n not in case.const]
+    if len(data) != 1:
+        return None
+    graph = CurvatureTracer().trace(case.fn)
+    normalize(graph)
+    ops = [n for n in graph.nodes if rule_for(n) is not None and not rule_for(n).is_constant(n)]
+    if len(ops) != 1:
+        return None
+    node, rule = ops[0], rule_for(ops[0])
+    args = [a for a, v in rule.bind(node).items()
+            if isinstance(v, torch.fx.Node) and v.op == "placeholder" and v.target == data[0]]
+    index = case.names.index(data[0])
+    if len(args) != 1 or args[0] not in rule.sandwich or not _per_sample(case, index):
+        return None
+    return graph, node, rule, args[0], index
+
+
+def _per_sample(case, index: int) -> bool:
+    """The case runs on one sample (no size written for the whole batch, ``x.view(3, 8)``)."""
+    inputs = list(case.inputs)
+    inputs[index] = inputs[index][:1]
+    try:
+        case.fn(*inputs)
+    except RuntimeError:
+        return False
+    return True
+
+
+def _sandwich_cases():
+    """Cases of ops with a ``sandwich`` rule; if tracing a case fails, that case alone (its
+    test shows the error, and the other tests of this file still collect)."""
+    from rule_cases import CASES
+
+    cases = []
+    for case in CASES:
+        try:
+            if _sandwich_op(case) is not None:
+                cases.append(case)
+        except Exception:  # noqa: BLE001
+            return [case]
+    return cases
+
+
+@pytest.mark.parametrize("case", _sandwich_cases(), ids=lambda case: case.id)
+def test_sandwich_rules_vs_per_sample_jacobians(case):
+    """Every op's ``sandwich`` rule, scripted, against ``(1/N) Σ_n J_nᵀ M J_n`` from
+    ``torch.func.jacrev`` per sample, for a random symmetric ``M``."""
+    from fxcurv.emit import Emitter
+    from fxcurv.passes.curvature.kfra import sandwich
+    from fxcurv.rules import Ctx
+
+    graph, node, rule, arg, index = _sandwich_op(case)
+    with graph.inserting_before(next(iter(graph.nodes))):
+        matrix = graph.placeholder("matrix")
+    output = next(n for n in graph.nodes if n.op == "output")
+    emit = Emitter(graph)
+    result = sandwich(emit, rule, arg, emit.proxy(matrix), Ctx.of(node, rule, emit, lead=1))
+    graph.erase_node(output)
+    graph.output(emit.as_node(result))
+    graph._co_fields = {}
+    step = torch.jit.script(torch.fx.GraphModule(torch.nn.Module(), graph))
+
+    x = case.inputs[index]
+
+    def sample_fn(sample):
+        inputs = list(case.inputs)
+        inputs[index] = sample.unsqueeze(0)
+        return case.fn(*inputs)[0]
+
+    jacobians = [torch.func.jacrev(sample_fn)(s).reshape(-1, s.numel()) for s in x]
+    root = torch.randn(jacobians[0].size(0), jacobians[0].size(0), dtype=x.dtype)
+    m = root @ root.T
+    expected = sum(j.T @ m @ j for j in jacobians) / len(jacobians)
+    torch.testing.assert_close(step(m, *case.inputs), expected, rtol=1e-9, atol=1e-12)

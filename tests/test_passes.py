@@ -211,7 +211,7 @@ def peak_live_bytes(step: fx.GraphModule, *args) -> int:
 
 def without_scheduling(monkeypatch, quantities):
     monkeypatch.setattr(sys.modules["fxcurv.compile"], "schedule_extractions",
-                        lambda graph, model_output: None)
+                        lambda graph, model_output, in_place=(): None)
     step = compile_cnn(quantities)
     monkeypatch.undo()
     return step
@@ -233,6 +233,14 @@ def test_extractions_scheduled_next_to_their_factors(monkeypatch, quantities, ra
     for want, got in zip(expected[1:], result[1:]):
         for name in want:
             torch.testing.assert_close(got[name], want[name], rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("quantities", [["sqrt_ggn_exact"], ["batch_grad"],
+                                        ["diag_ggn_mc_batch"]])
+def test_per_sample_sized_results_stay_at_the_end(monkeypatch, quantities):
+    """``[*lead, N, *p]`` results are as big as the factors: hoisted, they would be alive
+    through the rest of the propagation, so they (and what only they read) stay last."""
+    assert without_scheduling(monkeypatch, quantities).code == compile_cnn(quantities).code
 
 
 def test_forward_only_extractions_stay_after_the_propagation(monkeypatch):

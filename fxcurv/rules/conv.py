@@ -207,11 +207,12 @@ def per_sample_weight_sum_squares(left: Tensor, right: Tensor, lead: int, weight
                                   swap: bool, sample_entries: int = 1 << 16) -> Tensor:
     """``Σ_{lead, n} W̄_n²`` ``weight.shape`` (with a sqrt-GGN factor as ``left``: the GGN
     diagonal), ``W̄_n`` as in :func:`per_sample_weight`, built for a chunk of the lead vectors
-    at a time (at most ``sample_entries`` per sample, unless one vector needs more; the chunk
+    at a time (``sample_entries`` per sample, W̄_n and a copy of ``left``, or one vector; the chunk
     does not depend on the batch size, which may be symbolic in an exported step) and squared
     in place."""
     flat = left.reshape([-1] + list(left.shape[lead:]))  # [L, N, G, A, P]
-    per_vector = numel(list(weight.shape))                # G·A·B entries per sample
+    # entries per sample and lead vector: W̄_n (G·A·B) and the matmul's copy of left (G·A·P)
+    per_vector = numel(list(weight.shape)) + numel(list(flat.shape[2:]))
     chunk = max(1, sample_entries // per_vector)
     total = torch.zeros([flat.size(2), flat.size(3), right.size(2)], dtype=left.dtype,
                         device=left.device)

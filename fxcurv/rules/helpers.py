@@ -109,3 +109,22 @@ def unpad(g: Tensor, pad: List[int]) -> Tensor:
 def movedim_last(t: Tensor, src: int) -> Tensor:
     """Move axis ``src`` to the end."""
     return t.movedim(src, -1)
+
+
+def block_diagonal(blocks: Tensor) -> Tensor:
+    """``[N, B, K, K]`` -> ``[N, B·K, B·K]``: per sample, the ``B`` blocks on the diagonal."""
+    samples, count, size = blocks.size(0), blocks.size(1), blocks.size(2)
+    eye = torch.eye(count, dtype=blocks.dtype, device=blocks.device)
+    full = blocks.unsqueeze(3) * eye.view(1, count, 1, count, 1)      # [N, B, K, B, K]
+    return full.reshape(samples, count * size, count * size)
+
+
+def bilinear_block(cross: Tensor) -> Tensor:
+    """``C`` ``[N, Da, Db]`` -> ``[[0, C], [Cᵀ, 0]]`` ``[N, Da+Db, Da+Db]`` per sample: the
+    second derivative of a bilinear map (zero in each argument on its own)."""
+    samples, first, second = cross.size(0), cross.size(1), cross.size(2)
+    zeros_a = torch.zeros(samples, first, first, dtype=cross.dtype, device=cross.device)
+    zeros_b = torch.zeros(samples, second, second, dtype=cross.dtype, device=cross.device)
+    top = torch.cat([zeros_a, cross], 2)
+    bottom = torch.cat([cross.transpose(1, 2), zeros_b], 2)
+    return torch.cat([top, bottom], 1)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import node_error
-from .helpers import sum_to_shape
+from .helpers import bilinear_block, sum_to_shape
 from .registry import Ctx, register
 from .shape import to_batch
 
@@ -93,7 +93,31 @@ def matmul_input_batch_grad(g: Tensor, other: Tensor, lead: int, shape: List[int
     return t.reshape(list(t.shape[:lead]) + [samples] + list(shape))
 
 
-def _matmul(targets: list, name: str, params: str) -> None:
+def matmul_cross_block(g: Tensor, a: Tensor, b: Tensor) -> Tensor:
+    """Per-sample cross second derivative of ``Σ g ⊙ (a @ b)`` ``[N, Da, Db]``, both operands
+    with the samples on axis 0 and equal batch axes ``β`` (``[N, ..., T, K] @ [N, ..., K, U]``):
+    ``∂²/∂a_βtk ∂b_β'k'u = g_βtu δ_ββ' δ_kk'``."""
+    if a.dim() < 3 or a.dim() != b.dim() or a.shape[:-2] != b.shape[:-2]:
+        raise RuntimeError("fxcurv: the second derivative of a @ b with both operands "
+                           "depending on the parameters needs both with the samples on axis 0 "
+                           "and equal batch axes ([N, ..., T, K] @ [N, ..., K, U])")
+    rows = g.reshape(g.size(0), -1, g.size(-2), g.size(-1))                  # [N, B, T, U]
+    eye_batch = torch.eye(rows.size(1), dtype=g.dtype, device=g.device)
+    eye_inner = torch.eye(a.size(-1), dtype=g.dtype, device=g.device)
+    cross = torch.einsum("nbtu,bc,kl->nbtkclu", rows, eye_batch, eye_inner)
+    return cross.reshape(g.size(0), a[0].numel(), b[0].numel())
+
+
+def _matmul_block(first: str, second: str):
+    """``[[0, C], [Cᵀ, 0]]`` ``[N, 1, Da+Db, Da+Db]`` (:func:`matmul_cross_block`)."""
+    def rule(g, c: Ctx):
+        cross = c.call(matmul_cross_block, g, getattr(c.args, first), getattr(c.args, second))
+        return c.call(bilinear_block, cross).unsqueeze(1)
+    return rule
+
+
+def _matmul(targets: list, name: str, params: str, batched: bool = True) -> None:
+    """``batched``: the operands may have batch axes (a per-sample cross block exists)."""
     first, second = [p.strip() for p in params.split(",")]
 
     def operands(c: Ctx):
@@ -111,11 +135,12 @@ def _matmul(targets: list, name: str, params: str) -> None:
              vjp={first: rule(matmul_input_vjp, True), second: rule(matmul_other_vjp, False)},
              batch_grad={first: rule(matmul_input_batch_grad, True),
                          second: rule(matmul_other_batch_grad, False)},
-             hessian_is_zero=True)
+             hessian_is_zero=True,
+             residual_block={(first, second): _matmul_block(first, second)} if batched else {})
 
 
 _matmul([torch.matmul, "matmul", operator.matmul], "matmul", "input, other")
-_matmul([torch.mm, "mm"], "mm", "input, mat2")
+_matmul([torch.mm, "mm"], "mm", "input, mat2", batched=False)
 _matmul([torch.bmm, "bmm"], "bmm", "input, mat2")
 
 
@@ -281,6 +306,55 @@ def _einsum_mixes(b: dict) -> Optional[str]:
     return None
 
 
+def axis_eye(t: Tensor, axis: int) -> Tensor:
+    """The identity ``[S, S]`` with ``S = t.size(axis)``, in ``t``'s dtype and device."""
+    return torch.eye(t.size(axis), dtype=t.dtype, device=t.device)
+
+
+def axis_ones(t: Tensor, axis: int) -> Tensor:
+    """Ones ``[t.size(axis)]`` in ``t``'s dtype and device."""
+    return torch.ones(t.size(axis), dtype=t.dtype, device=t.device)
+
+
+def pair_matrix(t: Tensor, first: int) -> Tensor:
+    """``[N, *A, *B]`` -> ``[N, |A|, |B|]`` with ``A`` the ``first`` axes after the samples."""
+    size = 1
+    for axis in range(1, first + 1):
+        size *= t.size(axis)
+    return t.reshape(t.size(0), size, -1)
+
+
+def _einsum_cross(first: int, second: int):
+    """Per-sample cross block ``∂²(Σ g ⊙ y)/∂a∂b`` ``[N, Da, Db]`` of two operands ``a, b``
+    (``first``, ``second``) that start with the output's sample letter ``n``: ``einsum(g,
+    other operands, δ_ll' for each letter l that a and b share)`` with b's shared letters
+    primed, ones for letters only ``a`` (or ``b``) has; then ``[[0, C], [Cᵀ, 0]]``
+    ``[N, 1, Da+Db, Da+Db]``."""
+    def rule(g, c: Ctx):
+        operands = [getattr(c.args, n) for n in EINSUM_OPERANDS if c.bound[n] is not None]
+        inputs, output = parse_einsum(c.bound["equation"], len(operands))
+        a, b = inputs[first], inputs[second]
+        if "..." in a + b or not (output[:1] == a[:1] == b[:1]):
+            raise node_error(c.node, "the cross second derivative of an einsum needs both "
+                             "operands to start with the output's sample letter and no '...'",
+                             "Name the axes with letters, samples first.")
+        others = [i for i in range(len(inputs)) if i not in (first, second)]
+        seen = {t for i in others for t in inputs[i]} | set(output)
+        shared = [t for t in a[1:] if t in b[1:]]
+        fresh = dict(zip(shared, _fresh(inputs, output, len(shared))))
+        terms = [(output, g)] + [(inputs[i], operands[i]) for i in others]
+        terms += [([t, fresh[t]], c.call(axis_eye, operands[first], a.index(t)))
+                  for t in shared]
+        for tokens, operand, other in ((a, operands[first], b), (b, operands[second], a)):
+            terms += [([t], c.call(axis_ones, operand, tokens.index(t)))
+                      for t in tokens[1:] if t not in seen and t not in other]
+        result = a + [fresh.get(t, t) for t in b[1:]]
+        equation = ",".join("".join(t) for t, _ in terms) + "->" + "".join(result)
+        cross = torch.einsum(equation, *[operand for _, operand in terms])
+        return c.call(bilinear_block, c.call(pair_matrix, cross, len(a) - 1)).unsqueeze(1)
+    return rule
+
+
 register([torch.einsum], "einsum", "equation, " + ", ".join(
              f"{n}=None" if i else n for i, n in enumerate(EINSUM_OPERANDS)),
          doc="y = einsum(eq, a, b, ...) (each operand's letters distinct);  ā = einsum with "
@@ -289,7 +363,9 @@ register([torch.einsum], "einsum", "equation, " + ", ".join(
               for k, n in enumerate(EINSUM_OPERANDS)},
          batch_grad={n: (lambda i: lambda g, c: _einsum_transpose(g, c, i, True))(k)
                      for k, n in enumerate(EINSUM_OPERANDS)},
-         unsupported=_einsum_unsupported, mixes_samples=_einsum_mixes, hessian_is_zero=True)
+         unsupported=_einsum_unsupported, mixes_samples=_einsum_mixes, hessian_is_zero=True,
+         residual_block={(EINSUM_OPERANDS[i], EINSUM_OPERANDS[j]): _einsum_cross(i, j)
+                         for i in range(4) for j in range(i + 1, 4)})
 
 
 # -- attention ---------------------------------------------------------------------------------

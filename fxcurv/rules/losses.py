@@ -10,12 +10,13 @@ BCE-with-logits by ``numel``.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .helpers import block_diagonal
 from .registry import RULES as RULES_BY_TARGET
 from .registry import Ctx, register
 
@@ -209,13 +210,53 @@ def _softmax_vjp(g, c: Ctx):
     return c.out * (g - (g * c.out).sum(dim, keepdim=True))
 
 
+def softmax_residual_block(g: Tensor, y: Tensor, dim: int, log: bool) -> Tensor:
+    """Per-sample residual of ``y = softmax(x)`` (``log``: ``log_softmax``, ``s = exp y``)
+    along ``dim`` (not the sample axis 0): ``[N, rows, K, K]`` along the last axis, else
+    the rows placed in one dense block ``[N, 1, D, D]``.
+    Per row, ``u = g ⊙ s``, ``a = Σ u``: ``Σ_i g_i ∂²s_i/∂x_j∂x_k = δ_jk (u_j - a s_j)
+    - u_j s_k - s_j u_k + 2 a s_j s_k``; for ``log_softmax`` ``-(Σ g)(diag(s) - s sᵀ)``."""
+    if dim % y.dim() == 0:
+        raise RuntimeError("fxcurv: a second derivative of softmax along the sample axis 0 "
+                           "mixes the samples")
+    s = y.exp() if log else y
+    axis = dim % s.dim()
+    s_rows, g_rows = s.movedim(axis, -1), g.movedim(axis, -1)
+    outer = s_rows.unsqueeze(-1) * s_rows.unsqueeze(-2)
+    if log:
+        total = g_rows.sum(-1, keepdim=True).unsqueeze(-1)
+        rows = -total * (torch.diag_embed(s_rows) - outer)
+    else:
+        u = g_rows * s_rows
+        a = u.sum(-1, keepdim=True)
+        mixed = u.unsqueeze(-1) * s_rows.unsqueeze(-2)
+        rows = torch.diag_embed(u - a * s_rows) - mixed - mixed.transpose(-1, -2) \
+            + 2.0 * a.unsqueeze(-1) * outer
+    size = s.size(axis)
+    if axis == s.dim() - 1:
+        return rows.reshape(s.size(0), -1, size, size)
+    block = block_diagonal(rows.reshape(s.size(0), -1, size, size))
+    moved: List[int] = list(s_rows.shape[1:])
+    block = block.reshape([s.size(0)] + moved + moved)       # rows in the moved-axis order
+    last = s.dim() - 1
+    block = block.movedim(last, axis).movedim(2 * last, last + axis)
+    return block.reshape(s.size(0), 1, s[0].numel(), s[0].numel())
+
+
+def _softmax_block(log: bool):
+    def rule(g, c: Ctx):
+        return c.call(softmax_residual_block, g, c.out, c.bound["dim"], log)
+    return rule
+
+
 for _name, _vjp, _doc in [
         ("log_softmax", _log_softmax_vjp, "y = x - logsumexp(x);  Jᵀg = g - softmax(x) Σ g."),
         ("softmax", _softmax_vjp, "y = softmax(x);  Jᵀg = y ⊙ (g - Σ y ⊙ g).")]:
+    _block = {("input",): _softmax_block(_name == "log_softmax")}
     register([getattr(F, _name)], _name, "input, dim=None, _stacklevel=3, dtype=None",
-             doc=_doc, vjp={"input": _vjp}, unsupported=_softmax_dim)
+             doc=_doc, vjp={"input": _vjp}, unsupported=_softmax_dim, residual_block=_block)
     register([getattr(torch, _name), _name], _name, "input, dim=None, dtype=None",
-             doc=_doc, vjp={"input": _vjp}, unsupported=_softmax_dim)
+             doc=_doc, vjp={"input": _vjp}, unsupported=_softmax_dim, residual_block=_block)
 
 
 # -- square roots of the loss Hessian (GGN family) -------------------------------------------

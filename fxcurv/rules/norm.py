@@ -226,6 +226,38 @@ def _ln_param_rule(per_sample: bool, times_x_hat: bool):
     return rule
 
 
+def layer_norm_residual_block(g: Tensor, x: Tensor, weight: Optional[Tensor], eps: float,
+                              normalized: int) -> Tensor:
+    """Per-sample residual ``[N, B, K, K]`` of ``layer_norm`` in its input: a block per
+    position (``B`` per sample, ``K`` normalised entries each). With ``h = g γ``, ``h̃ = h - mean h``,
+    ``a = hᵀx̂``, ``P = I - 11ᵀ/K``: ``Σ_i h_i ∂²x̂_i/∂x_j∂x_k = (h̃ x̂ᵀ + x̂ h̃ᵀ + a P
+    - (3a/K) x̂ x̂ᵀ) · (-1 / (K σ²))``."""
+    if x.dim() <= normalized:
+        raise RuntimeError("fxcurv: a second derivative of layer_norm over the sample axis 0 "
+                           "mixes the samples")
+    samples, count = x.size(0), 1
+    for axis in range(x.dim() - normalized, x.dim()):
+        count *= x.size(axis)
+    h = g if weight is None else g * weight
+    rows, h_rows = x.reshape(samples, -1, count), h.reshape(samples, -1, count)
+    centered = rows - rows.mean(-1, keepdim=True)
+    inverse_var = 1.0 / (centered.square().mean(-1, keepdim=True) + eps)
+    x_hat = centered * inverse_var.sqrt()
+    h_centered = h_rows - h_rows.mean(-1, keepdim=True)
+    a = (h_rows * x_hat).sum(-1, keepdim=True).unsqueeze(-1)
+    projection = torch.eye(count, dtype=x.dtype, device=x.device) - 1.0 / count
+    mixed = h_centered.unsqueeze(-1) * x_hat.unsqueeze(-2)
+    outer = x_hat.unsqueeze(-1) * x_hat.unsqueeze(-2)
+    blocks = (mixed + mixed.transpose(-1, -2) + a * projection - (3.0 / count) * a * outer) \
+        * (-inverse_var.unsqueeze(-1) / count)
+    return blocks
+
+
+def _ln_residual_block(g, c: Ctx):
+    return c.call(layer_norm_residual_block, g, c.args.input, c.args.weight, c.bound["eps"],
+                  len(c.bound["normalized_shape"]))
+
+
 register([F.layer_norm], "layer_norm", "input, normalized_shape, weight=None, bias=None, eps=1e-05",
          doc="y = γ (x - μ)/σ + β over the last len(S) axes, x: [*, *S], γ, β: S. "
              "x̄ = 1/σ (ĝ - mean ĝ - x̂ mean(ĝ x̂)) with ĝ = g γ; γ̄ = Σ g x̂, β̄ = Σ g over "
@@ -234,7 +266,8 @@ register([F.layer_norm], "layer_norm", "input, normalized_shape, weight=None, bi
               "weight": _ln_param_rule(False, True), "bias": _ln_param_rule(False, False)},
          batch_grad={"weight": _ln_param_rule(True, True),
                      "bias": _ln_param_rule(True, False)},
-         hessian_is_zero=("weight", "bias"))  # non-linear (not elementwise) in the input
+         hessian_is_zero=("weight", "bias"),  # non-linear (not elementwise) in the input
+         residual_block={("input",): _ln_residual_block})
 
 
 # -- embedding -------------------------------------------------------------------------------

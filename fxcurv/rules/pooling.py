@@ -72,6 +72,8 @@ def max_pool_sandwich(matrix: Tensor, argmax: Tensor, x: Tensor, kernel: List[in
     not overlap: input ``i`` lies in one window ``w(i)``, so ``M_in = M[w, w] ⊙ (1/N) Σ_n
     s_n s_nᵀ`` with ``s_n`` the 0/1 mask of selected inputs (:func:`selected_moments`);
     otherwise summed sample by sample (:func:`routed_sample_by_sample`)."""
+    if x.dim() == len(kernel) + 1:  # unbatched ``[C, *in]``: a sample is one channel
+        x, argmax = x.unsqueeze(1), argmax.unsqueeze(1)
     samples, channels = x.size(0), x.size(1)
     pixels = x[0, 0].numel()
     offsets = torch.arange(channels, device=x.device).reshape(1, channels, 1) * pixels

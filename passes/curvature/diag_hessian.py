@@ -6,11 +6,20 @@ op's residual ``Σ_out g ⊙ ∂²f/∂x²`` (``g`` the gradient at its output).
 factor ``diag(√R±)`` ``[D, N, *x.shape[1:]]`` that is propagated back from the op's input like
 a sqrt-GGN factor. Then ``diag_h = diag_ggn_exact + Σ_residuals (‖J ᵀ√R₊‖² - ‖Jᵀ√R₋‖²)``.
 Ops affine in each argument (linear, conv, relu, shape ops, ...) have no residual.
+
+A non-diagonal residual (softmax, layer_norm: ``residual_block``) or the cross block of a
+bilinear op whose two activations share a parameter (``q kᵀ``, ``weights · v``) is a dense
+per-sample ``R_n`` over the arguments' ``D`` per-sample entries, block-diagonal with ``B``
+blocks of ``K`` (a row of a softmax or layer_norm; ``B = 1`` for a bilinear op). ``eigh`` of
+each block splits it into ``S₊S₊ᵀ − S₋S₋ᵀ`` (:func:`per_sample_sqrt`), ``D`` columns each,
+which are seeded on the arguments like the diagonal factors. Exact, at ``O(N B K³)`` time
+per op and step and ``O(N D²)`` memory (as a diagonal residual's factor); ``D`` above
+:data:`MAX_BLOCK_SIZE` is refused when the step runs (sizes are not known before).
 """
 from __future__ import annotations
 
 import operator
-from typing import Any, Callable
+from typing import Any, Callable, List
 
 import torch
 import torch.fx as fx
@@ -20,10 +29,12 @@ from fxcurv.emit import Emitter
 from fxcurv.errors import node_error
 from fxcurv.rules import Ctx, rule_for
 
-from ..analysis import ancestors, descendants
+from ..analysis import ancestors, descendants, differentiable_inputs, sample_carriers
 from ..backward import backward
 from .factors import residual_sqrt
-from .loss_hessian import loss_negative_factor
+from .loss_hessian import loss_negative_factor, per_sample_sqrt
+
+MAX_BLOCK_SIZE = 4096  # per-sample entries D = B·K of a residual block (factor: N·D² values)
 
 
 def residual_propagations(emit: Emitter, traced, gradient: dict, quantity: str,
@@ -35,6 +46,7 @@ def residual_propagations(emit: Emitter, traced, gradient: dict, quantity: str,
     depends = _parameter_sets(traced.graph, traced.params)
     model = ancestors(traced.model_output)  # the loss region's curvature is in the GGN term
     per_sample = descendants(traced.graph, traced.inputs[0])  # values with a sample axis
+    carriers = sample_carriers(traced.graph, traced.inputs[0])
     terms = []
     negative = loss_negative_factor(emit, traced, gradient, quantity)
     if negative is not None:  # a non-convex loss: its negative curvature, subtracted
@@ -55,6 +67,8 @@ def residual_propagations(emit: Emitter, traced, gradient: dict, quantity: str,
             seed_sets = _diagonal_seeds(emit, node, rule, ctx, active, gradient[node], quantity)
             seed_sets += _cross_seeds(emit, node, rule, ctx, active, depends, gradient[node],
                                       quantity)
+            seed_sets += _block_seeds(emit, node, rule, ctx, active, depends, carriers,
+                                      gradient[node], quantity)
         for seeds, sign, tag in seed_sets:
             for arg in seeds:
                 _check_sample_axis(node, rule, arg, per_sample, quantity)
@@ -70,7 +84,7 @@ def _diagonal_seeds(emit, node, rule, ctx, active, g, quantity) -> list:
     """``({arg: √R±}, ±1, tag)`` for each argument with a diagonal residual ``R``."""
     found = []
     for name, arg in active:
-        if rule.zero_hessian(name, ctx.bound):
+        if rule.zero_hessian(name, ctx.bound) or (name,) in rule.residual_block:
             continue
         if name not in rule.residual:
             raise node_error(node, f"{rule.name} has a non-zero second derivative in its "
@@ -93,7 +107,7 @@ def _cross_seeds(emit, node, rule, ctx, active, depends, g, quantity) -> list:
     found = []
     for i, (name_a, a) in enumerate(active):
         for name_b, b in active[i + 1:]:
-            if not (depends[a] & depends[b]):
+            if not (depends[a] & depends[b]) or (name_a, name_b) in rule.residual_block:
                 continue
             fn = rule.cross.get((name_a, name_b)) or rule.cross.get((name_b, name_a))
             if fn is None:
@@ -109,6 +123,82 @@ def _cross_seeds(emit, node, rule, ctx, active, depends, g, quantity) -> list:
                 found.append((_pair(a, b, roots[opposite], -roots[opposite]), sign,
                               "cross_difference"))
     return [item for item in found if item[0]]
+
+
+def _block_seeds(emit, node, rule, ctx, active, depends, carriers, g, quantity) -> list:
+    """``({arg: S±}, ±1, tag)`` from each dense residual block whose arguments are all active
+    (two arguments: only where they share a parameter, as for the diagonal cross terms)."""
+    found, values = [], dict(active)
+    for names, block_rule in rule.residual_block.items():
+        args = [values.get(name) for name in names]
+        if None in args or (len(args) > 1 and not frozenset.intersection(
+                *[depends[arg] for arg in args])):
+            continue
+        for arg in args:
+            _check_block_sample_axis(node, rule, arg, carriers, quantity)
+        proxies = [emit.proxy(arg) for arg in args]
+        checked = emit.call(checked_size, g, proxies, MAX_BLOCK_SIZE,
+                            f"node '{node.name}' ({rule.name}) for quantity '{quantity}'")
+        block = block_rule(checked, ctx)
+        like = proxies[0] if len(args) == 1 else emit.call(flat_concat, proxies)
+        tag = "_".join(names)
+        for sign, sign_tag in ((1.0, "plus"), (-1.0, "minus")):
+            factor = emit.call(block_sqrt, block, like, sign)
+            if len(args) == 1:
+                found.append(({args[0]: factor}, sign, f"{tag}_block_{sign_tag}"))
+                continue
+            parts = emit.call(split_factor, factor, proxies[0], proxies[1])
+            found.append((_pair(args[0], args[1], parts[0], parts[1]), sign,
+                          f"{tag}_block_{sign_tag}"))
+    return found
+
+
+def checked_size(g: Tensor, values: List[Tensor], limit: int, where: str) -> Tensor:
+    """``g``, after refusing a residual block over ``D = Σ value[0].numel() > limit``
+    per-sample entries (before the block and its factor's ``N·D²`` values are built)."""
+    size = 0
+    for value in values:
+        size += value[0].numel()
+    if size > limit:
+        raise RuntimeError(f"fxcurv: {where}: the exact second derivative needs a dense "
+                           f"per-sample residual block of size {size} > {limit}; "
+                           "request the GGN (diag_ggn_exact, ggnmp) for this model, or "
+                           "shrink the op (fewer positions or heads per sample)")
+    return g
+
+
+def block_sqrt(blocks: Tensor, like: Tensor, sign: float) -> Tensor:
+    """``S`` ``[B·K, N, *like.shape[1:]]``, ``S_n S_nᵀ`` the positive (``sign = 1``) or negated
+    negative part of the block-diagonal ``R_n`` (``blocks`` ``[N, B, K, K]``): each block's
+    factor (:func:`per_sample_sqrt`), its column ``(b, j)`` zero outside block ``b``."""
+    samples, count, size = blocks.size(0), blocks.size(1), blocks.size(2)
+    rows = blocks.reshape(samples * count, size, size)
+    factor = per_sample_sqrt(rows, rows[:, 0], sign)                      # [K, N·B, K]
+    factor = factor.reshape(size, samples, count, size).permute(2, 0, 1, 3)  # [B, K, N, K]
+    eye = torch.eye(count, dtype=blocks.dtype, device=blocks.device)
+    full = factor.unsqueeze(3) * eye.view(count, 1, 1, count, 1)          # [B, K, N, B, K]
+    return full.reshape([count * size] + list(like.shape))
+
+
+def flat_concat(values: List[Tensor]) -> Tensor:
+    """``[N, Σ D_i]``: the per-sample entries of ``values`` flattened and concatenated."""
+    return torch.cat([v.reshape(v.size(0), -1) for v in values], 1)
+
+
+def split_factor(factor: Tensor, a: Tensor, b: Tensor) -> List[Tensor]:
+    """``[K, N, Da + Db]`` -> ``[K, N, *a.shape[1:]]``, ``[K, N, *b.shape[1:]]``."""
+    lead = [factor.size(0)]
+    first, second = factor.split([a[0].numel(), b[0].numel()], -1)
+    return [first.reshape(lead + list(a.shape)), second.reshape(lead + list(b.shape))]
+
+
+def _check_block_sample_axis(node, rule, arg, carriers, quantity) -> None:
+    if arg not in carriers or node not in carriers:
+        value = arg.name if arg not in carriers else "its output"
+        raise node_error(node, f"a second derivative of {rule.name} acts on '{value}', a "
+                         "value without the sample axis 0 (a parameter, or after an op that "
+                         "moves or reduces the samples), so it has no per-sample block",
+                         "Request the GGN (diag_ggn_exact) instead.", quantity)
 
 
 def cross_half(coefficient: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -150,10 +240,12 @@ def _active_args(ctx: Ctx, depends: dict) -> list[tuple[str, fx.Node]]:
 
 
 def _parameter_sets(graph: fx.Graph, params: dict) -> dict[fx.Node, frozenset]:
-    """For each node, the names of the parameters its value depends on."""
+    """For each node, the names of the parameters its value depends on differentiably (not
+    through sizes: ``q.size(-1) ** -0.5`` is a constant)."""
     names = {node: name for name, node in params.items()}
     sets: dict[fx.Node, frozenset] = {}
     for node in graph.nodes:
         own = frozenset([names[node]]) if node in names else frozenset()
-        sets[node] = own.union(*[sets.get(arg, frozenset()) for arg in node.all_input_nodes])
+        sets[node] = own.union(*[sets.get(arg, frozenset())
+                                 for arg in differentiable_inputs(node)])
     return sets

@@ -126,6 +126,40 @@ class Link:
     params: list
 
 
+def sandwich(emit: Emitter, rule, arg: str, matrix: Any, ctx: Ctx) -> Any:
+    """Emits ``(1/N) Σ_n J_nᵀ M J_n`` through ``arg`` by the op's ``sandwich`` rule (module
+    doc); ``ctx``: the op's context with lead 1."""
+    how = rule.sandwich.get(arg)
+    if how == "shared":
+        one = _one_sample(emit, ctx, rule, arg)
+        return emit.call(sample_matrix, _twice(emit, rule, arg, matrix, one))
+    if how == "diagonal":
+        one = Ctx.of(ctx.node, rule, emit, lead=0)
+        derivative = rule.vjp[arg](torch.ones_like(one.out), one)       # d = J_nᵀ 1
+        result = emit.call(diagonal_sandwich, matrix, derivative)
+    elif callable(how):
+        result = how(matrix, ctx)
+    else:
+        result = emit.call(batch_mean_matrix, _twice(emit, rule, arg, matrix, ctx))
+    result.node.meta["fxcurv"]["kfra_sample_mean"] = True
+    return result
+
+
+def _twice(emit: Emitter, rule, arg: str, matrix: Any, ctx: Ctx) -> Any:
+    """``J_nᵀ M J_n`` ``[D_in, N, *in]`` by the Jacobian-transpose rule on M's rows
+    (``M J_n`` transposed), then on the result's columns, for the samples of ``ctx``."""
+    rows = rule.vjp[arg](emit.call(rows_as_cotangent, matrix, ctx.out), ctx)
+    return rule.vjp[arg](emit.call(transpose_rows, rows, ctx.out), ctx)
+
+
+def _one_sample(emit: Emitter, ctx: Ctx, rule, arg: str) -> Ctx:
+    """``ctx`` with the data argument and the output cut to the first sample."""
+    one = Ctx.of(ctx.node, rule, emit, lead=1)
+    setattr(one.args, arg, getattr(ctx.args, arg).narrow(0, 0, 1))
+    one.out = ctx.out.narrow(0, 0, 1)
+    return one
+
+
 def averages_samples(node: fx.Node) -> bool:
     """``node`` is a propagation step's ``(1/N) Σ_n J_nᵀ M J_n`` over this process's samples
     (data parallelism all-reduces it with the samples' share; a "shared" step needs none)."""
@@ -185,39 +219,9 @@ class KFRA:
                 self._factors_of(node, link.rule, arg, param, matrix, ctx)
             if link.data is None:
                 return None
-            result = self._sandwich(link.rule, link.data[0], matrix, ctx)
+            result = sandwich(self.emit, link.rule, link.data[0], matrix, ctx)
         self.emit.rename(result, f"{link.data[1].name}_kfra")
         return result
-
-    def _sandwich(self, rule, arg: str, matrix: Any, ctx: Ctx) -> Any:
-        """``(1/N) Σ_n J_nᵀ M J_n`` through ``arg`` by the op's ``sandwich`` rule (module doc)."""
-        how = rule.sandwich.get(arg)
-        if how == "shared":
-            one = self._one_sample(ctx, rule, arg)
-            return self.emit.call(sample_matrix, self._twice(rule, arg, matrix, one))
-        if how == "diagonal":
-            one = Ctx.of(ctx.node, rule, self.emit, lead=0)
-            result = self.emit.call(diagonal_sandwich, matrix,
-                                    rule.vjp[arg](torch.ones_like(one.out), one))
-        elif callable(how):
-            result = how(matrix, ctx)
-        else:
-            result = self.emit.call(batch_mean_matrix, self._twice(rule, arg, matrix, ctx))
-        result.node.meta["fxcurv"]["kfra_sample_mean"] = True
-        return result
-
-    def _twice(self, rule, arg: str, matrix: Any, ctx: Ctx) -> Any:
-        """``J_nᵀ M J_n`` ``[D_in, N, *in]`` by the Jacobian-transpose rule on M's rows
-        (``M J_n`` transposed), then on the result's columns, for the samples of ``ctx``."""
-        rows = rule.vjp[arg](self.emit.call(rows_as_cotangent, matrix, ctx.out), ctx)
-        return rule.vjp[arg](self.emit.call(transpose_rows, rows, ctx.out), ctx)
-
-    def _one_sample(self, ctx: Ctx, rule, arg: str) -> Ctx:
-        """``ctx`` with the data argument and the output cut to the first sample."""
-        one = Ctx.of(ctx.node, rule, self.emit, lead=1)
-        setattr(one.args, arg, getattr(ctx.args, arg).narrow(0, 0, 1))
-        one.out = ctx.out.narrow(0, 0, 1)
-        return one
 
     def _factors_of(self, node, rule, arg, param, matrix, ctx) -> None:
         name = param.target

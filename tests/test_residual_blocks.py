@@ -241,8 +241,9 @@ def test_hessian_family_equals_brute_force(name, one_thread):
     assert_dicts_close(half_sum, ours["pchmp_clip"], f"{name} (hmp + pchmp_abs) / 2")
 
 
-def test_scripted_step_agrees(one_thread):
-    model, loss_fn, x, y = _setup("hand_attention")
+@pytest.mark.parametrize("name", ["hand_attention", "encoder_layer"])
+def test_scripted_step_agrees(name, one_thread):
+    model, loss_fn, x, y = _setup(name)
     step = fxcurv.compile(model, loss_fn, ["diag_h", "hmp"])
     vectors = random_vectors(model, v=2, seed=1)
     eager, scripted = step(x, y, vectors), torch.jit.script(step)(x, y, vectors)

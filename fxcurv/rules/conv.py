@@ -207,9 +207,9 @@ def per_sample_weight_sum_squares(left: Tensor, right: Tensor, lead: int, weight
                                   swap: bool, sample_entries: int = 1 << 16) -> Tensor:
     """``Σ_{lead, n} W̄_n²`` ``weight.shape`` (with a sqrt-GGN factor as ``left``: the GGN
     diagonal), ``W̄_n`` as in :func:`per_sample_weight`, built for a chunk of the lead vectors
-    at a time (``sample_entries`` per sample, W̄_n and a copy of ``left``, or one vector; the chunk
-    does not depend on the batch size, which may be symbolic in an exported step) and squared
-    in place."""
+    at a time and squared in place. A chunk holds at most ``sample_entries`` entries of ``W̄_n``
+    and of the matmul's copy of ``left`` per sample (or one vector); it does not depend on the
+    batch size, which may be symbolic in an exported step."""
     flat = left.reshape([-1] + list(left.shape[lead:]))  # [L, N, G, A, P]
     # entries per sample and lead vector: W̄_n (G·A·B) and the matmul's copy of left (G·A·P)
     per_vector = numel(list(weight.shape)) + numel(list(flat.shape[2:]))

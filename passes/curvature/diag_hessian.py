@@ -32,7 +32,7 @@ from fxcurv.rules import Ctx, rule_for
 from ..analysis import ancestors, descendants, differentiable_inputs, sample_carriers
 from ..backward import backward
 from .factors import residual_sqrt
-from .loss_hessian import loss_negative_factor, per_sample_sqrt
+from .loss_hessian import eigen_sqrt, loss_negative_factor, symmetric_eigh
 
 MAX_BLOCK_SIZE = 4096  # per-sample entries D = B·K of a residual block (factor: N·D² values)
 
@@ -142,8 +142,9 @@ def _block_seeds(emit, node, rule, ctx, active, depends, carriers, g, quantity) 
         block = block_rule(checked, ctx)
         like = proxies[0] if len(args) == 1 else emit.call(flat_concat, proxies)
         tag = "_".join(names)
+        eigen = emit.call(symmetric_eigh, block)          # once for both signs
         for sign, sign_tag in ((1.0, "plus"), (-1.0, "minus")):
-            factor = emit.call(block_sqrt, block, like, sign)
+            factor = emit.call(block_sqrt, eigen[0], eigen[1], like, sign)
             if len(args) == 1:
                 found.append(({args[0]: factor}, sign, f"{tag}_block_{sign_tag}"))
                 continue
@@ -167,15 +168,16 @@ def checked_size(g: Tensor, values: List[Tensor], limit: int, where: str) -> Ten
     return g
 
 
-def block_sqrt(blocks: Tensor, like: Tensor, sign: float) -> Tensor:
+def block_sqrt(values: Tensor, vectors: Tensor, like: Tensor, sign: float) -> Tensor:
     """``S`` ``[B·K, N, *like.shape[1:]]``, ``S_n S_nᵀ`` the positive (``sign = 1``) or negated
-    negative part of the block-diagonal ``R_n`` (``blocks`` ``[N, B, K, K]``): each block's
-    factor (:func:`per_sample_sqrt`), its column ``(b, j)`` zero outside block ``b``."""
-    samples, count, size = blocks.size(0), blocks.size(1), blocks.size(2)
-    rows = blocks.reshape(samples * count, size, size)
-    factor = per_sample_sqrt(rows, rows[:, 0], sign)                      # [K, N·B, K]
+    negative part of the block-diagonal ``R_n`` from its blocks' eigenvalues ``[N, B, K]`` and
+    vectors ``[N, B, K, K]``: each block's factor (:func:`eigen_sqrt`), its column ``(b, j)``
+    zero outside block ``b``."""
+    samples, count, size = values.size(0), values.size(1), values.size(2)
+    flat = values.reshape(samples * count, size)
+    factor = eigen_sqrt(flat, vectors.reshape(samples * count, size, size), flat, sign)
     factor = factor.reshape(size, samples, count, size).permute(2, 0, 1, 3)  # [B, K, N, K]
-    eye = torch.eye(count, dtype=blocks.dtype, device=blocks.device)
+    eye = torch.eye(count, dtype=values.dtype, device=values.device)
     full = factor.unsqueeze(3) * eye.view(count, 1, 1, count, 1)          # [B, K, N, B, K]
     return full.reshape([count * size] + list(like.shape))
 

@@ -22,7 +22,7 @@ so they require a built-in final loss or such a linear one.
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -51,7 +51,18 @@ def signed_gram(factor: Tensor, sign: float) -> Tensor:
 def per_sample_sqrt(hessian: Tensor, like: Tensor, sign: float) -> Tensor:
     """``S`` ``[C, N, *like.shape[1:]]`` with ``S_n S_nᵀ`` the positive (``sign = 1``) or the
     negated negative (``sign = -1``) eigen-part of ``H_n``: ``H_n = S₊S₊ᵀ − S₋S₋ᵀ``."""
-    values, vectors = torch.linalg.eigh(0.5 * (hessian + hessian.transpose(1, 2)))
+    values, vectors = symmetric_eigh(hessian)
+    return eigen_sqrt(values, vectors, like, sign)
+
+
+def symmetric_eigh(hessian: Tensor) -> Tuple[Tensor, Tensor]:
+    """``eigh`` of the symmetric part of each ``[..., C, C]`` matrix."""
+    values, vectors = torch.linalg.eigh(0.5 * (hessian + hessian.transpose(-1, -2)))
+    return values, vectors
+
+
+def eigen_sqrt(values: Tensor, vectors: Tensor, like: Tensor, sign: float) -> Tensor:
+    """:func:`per_sample_sqrt` from ``H_n``'s eigenvalues ``[N, C]`` and vectors ``[N, C, C]``."""
     factor = vectors * (values * sign).clamp(min=0.0).sqrt().unsqueeze(1)   # [N, C, C]
     return factor.permute(2, 0, 1).reshape([factor.size(2)] + list(like.shape))
 

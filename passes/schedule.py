@@ -30,16 +30,7 @@ def schedule_extractions(graph: fx.Graph, model_output: fx.Node,
     position = {node: i for i, node in enumerate(nodes)}
     staying = _staying(nodes, in_place)
     moving = {node: None for node in nodes if _is_extraction(node) and node not in staying}
-    first = max([i for i, node in enumerate(nodes) if node.op == "placeholder"], default=0)
-    anchor: dict[fx.Node, int] = {}
-    for node in moving:  # graph order: inputs first
-        anchor[node] = max([anchor[a] if a in moving else position[a]
-                            for a in node.all_input_nodes], default=first)
-    propagated = descendants(graph, model_output)
-    for node in reversed(list(moving)):  # forward-only extractions: with their first consumer
-        if node not in propagated:
-            anchor[node] = min(anchor[user] if user in moving else _before(user, moving, position)
-                               for user in node.users)
+    anchor = _anchors(nodes, moving, position, descendants(graph, model_output))
     groups: dict[int, list[fx.Node]] = {}
     for node in moving:
         groups.setdefault(anchor[node], []).append(node)
@@ -49,6 +40,24 @@ def schedule_extractions(graph: fx.Graph, model_output: fx.Node,
             cursor.append(moved)
             cursor = moved
     graph.lint()
+
+
+def _anchors(nodes: list[fx.Node], moving: dict, position: dict,
+             propagated: set[fx.Node]) -> dict[fx.Node, int]:
+    """For each moving node, the position of the node it goes right after: the last input
+    that does not move (through moving inputs); for forward-only ones (not ``propagated``)
+    the latest such place before their first consumer."""
+    first = max([i for i, node in enumerate(nodes) if node.op == "placeholder"], default=0)
+    anchor: dict[fx.Node, int] = {}
+    for node in moving:  # graph order: inputs first
+        anchor[node] = max([anchor[a] if a in moving else position[a]
+                            for a in node.all_input_nodes], default=first)
+    for node in reversed(list(moving)):  # consumers first
+        if node not in propagated:
+            anchor[node] = min((anchor[user] if user in moving else
+                                _before(user, moving, position) for user in node.users),
+                               default=anchor[node])
+    return anchor
 
 
 def _staying(nodes: list[fx.Node], in_place: Sequence[bool]) -> set[fx.Node]:

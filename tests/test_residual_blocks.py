@@ -2,9 +2,11 @@
 transformer pieces: softmax, layer_norm and products of two activations.
 
 1. Generic, over every rule case (``rule_cases.py``) with an op that has ``residual_block``:
-   the emitted blocks ``[N, B, K, K]``, placed on the diagonal, equal ``torch.func.hessian``
-   of ``Σ g ⊙ f`` w.r.t. the op's arguments, restricted to each sample (float64); products
-   whose operands do not keep the samples on axis 0 are refused by name.
+   the emitted blocks ``[N, B, K, K]`` placed on the diagonal (one argument), or
+   ``[[0, C], [Cᵀ, 0]]`` from the cross matrix ``C`` of a product, equal
+   ``torch.func.hessian`` of ``Σ g ⊙ f`` w.r.t. the op's arguments, restricted to each
+   sample (float64); products whose operands do not keep the samples on axis 0 are refused
+   by name.
 2. Models (float64, vs ``torch.func`` brute force of the whole loss): softmax inside an MLP,
    a layer-norm MLP, hand-written single-head attention, ``nn.MultiheadAttention`` and a
    tiny ``nn.TransformerEncoderLayer``: ``diag_h``, ``diag_h_batch``, ``hmp`` exactly;
@@ -128,7 +130,17 @@ def test_residual_block_equals_hessian_per_sample(case):
                for name, v in bound.items()}
         key = next(k for k in rule.residual_block if [bound[n] for n in k] == args)
         expected = _reference(node, key, env, g, [env[n] for n in key])
-        torch.testing.assert_close(block_diagonal(block), expected, rtol=1e-9, atol=1e-11)
+        dense = block_diagonal(block) if len(key) == 1 else _bilinear(block)
+        torch.testing.assert_close(dense, expected, rtol=1e-9, atol=1e-11)
+
+
+def _bilinear(cross):
+    """``C`` ``[N, Da, Db]`` -> ``[[0, C], [Cᵀ, 0]]``."""
+    samples, first, second = cross.shape
+    top = torch.cat([torch.zeros(samples, first, first, dtype=DTYPE), cross], 2)
+    bottom = torch.cat([cross.transpose(1, 2), torch.zeros(samples, second, second,
+                                                           dtype=DTYPE)], 2)
+    return torch.cat([top, bottom], 1)
 
 
 def test_every_residual_block_rule_has_a_checked_case():

@@ -62,8 +62,9 @@ fxcurv fuses it into cross-entropy):
   ``(h, -h)``), which is fxcurv's factorisation (``passes/curvature/diag_hessian.py``);
   softmax, layer_norm (in the input) and matmuls of two values that share parameters are
   dense per-sample blocks ``R_n`` (``hessian`` of ``Σ g ⊙ f``), the term
-  ``½ Σ_n δ_nᵀ (m(R_n) - R_n) δ_n`` with ``m`` on the eigenvalues. torch's fused
-  ``MultiheadAttention`` hides its sites, so the transformer checks the identities only. ``m = abs`` (pchmp_abs), ``clamp(min=0)`` (pchmp_clip). Self-check: with
+  ``½ Σ_n δ_nᵀ (m(R_n) - R_n) δ_n`` with ``m`` on the eigenvalues (torch's fused
+  ``MultiheadAttention`` hides its sites: the transformer checks the identities only).
+  ``m = abs`` (pchmp_abs), ``clamp(min=0)`` (pchmp_clip). Self-check: with
   ``m = 0`` the construction gives the brute-force GGN's per-parameter blocks (no site
   missed).
 """

@@ -117,14 +117,3 @@ def block_diagonal(blocks: Tensor) -> Tensor:
     eye = torch.eye(count, dtype=blocks.dtype, device=blocks.device)
     full = blocks.unsqueeze(3) * eye.view(1, count, 1, count, 1)      # [N, B, K, B, K]
     return full.reshape(samples, count * size, count * size)
-
-
-def bilinear_block(cross: Tensor) -> Tensor:
-    """``C`` ``[N, Da, Db]`` -> ``[[0, C], [Cᵀ, 0]]`` ``[N, Da+Db, Da+Db]`` per sample: the
-    second derivative of a bilinear map (zero in each argument on its own)."""
-    samples, first, second = cross.size(0), cross.size(1), cross.size(2)
-    zeros_a = torch.zeros(samples, first, first, dtype=cross.dtype, device=cross.device)
-    zeros_b = torch.zeros(samples, second, second, dtype=cross.dtype, device=cross.device)
-    top = torch.cat([zeros_a, cross], 2)
-    bottom = torch.cat([cross.transpose(1, 2), zeros_b], 2)
-    return torch.cat([top, bottom], 1)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import node_error
-from .helpers import bilinear_block, sum_to_shape
+from .helpers import sum_to_shape
 from .registry import Ctx, register
 from .shape import to_batch
 
@@ -109,10 +109,9 @@ def matmul_cross_block(g: Tensor, a: Tensor, b: Tensor) -> Tensor:
 
 
 def _matmul_block(first: str, second: str):
-    """``[[0, C], [Cᵀ, 0]]`` ``[N, 1, Da+Db, Da+Db]`` (:func:`matmul_cross_block`)."""
+    """The cross matrix ``C`` ``[N, Da, Db]`` (:func:`matmul_cross_block`)."""
     def rule(g, c: Ctx):
-        cross = c.call(matmul_cross_block, g, getattr(c.args, first), getattr(c.args, second))
-        return c.call(bilinear_block, cross).unsqueeze(1)
+        return c.call(matmul_cross_block, g, getattr(c.args, first), getattr(c.args, second))
     return rule
 
 
@@ -328,8 +327,7 @@ def _einsum_cross(first: int, second: int):
     """Per-sample cross block ``∂²(Σ g ⊙ y)/∂a∂b`` ``[N, Da, Db]`` of two operands ``a, b``
     (``first``, ``second``) that start with the output's sample letter ``n``: ``einsum(g,
     other operands, δ_ll' for each letter l that a and b share)`` with b's shared letters
-    primed, ones for letters only ``a`` (or ``b``) has; then ``[[0, C], [Cᵀ, 0]]``
-    ``[N, 1, Da+Db, Da+Db]``."""
+    primed, ones for letters only ``a`` (or ``b``) has."""
     def rule(g, c: Ctx):
         operands = [getattr(c.args, n) for n in EINSUM_OPERANDS if c.bound[n] is not None]
         inputs, output = parse_einsum(c.bound["equation"], len(operands))
@@ -351,7 +349,7 @@ def _einsum_cross(first: int, second: int):
         result = a + [fresh.get(t, t) for t in b[1:]]
         equation = ",".join("".join(t) for t, _ in terms) + "->" + "".join(result)
         cross = torch.einsum(equation, *[operand for _, operand in terms])
-        return c.call(bilinear_block, c.call(pair_matrix, cross, len(a) - 1)).unsqueeze(1)
+        return c.call(pair_matrix, cross, len(a) - 1)
     return rule
 
 

@@ -229,9 +229,9 @@ def _ln_param_rule(per_sample: bool, times_x_hat: bool):
 def layer_norm_residual_block(g: Tensor, x: Tensor, weight: Optional[Tensor], eps: float,
                               normalized: int) -> Tensor:
     """Per-sample residual ``[N, B, K, K]`` of ``layer_norm`` in its input: a block per
-    position (``B`` per sample, ``K`` normalised entries each). With ``h = g γ``, ``h̃ = h - mean h``,
-    ``a = hᵀx̂``, ``P = I - 11ᵀ/K``: ``Σ_i h_i ∂²x̂_i/∂x_j∂x_k = (h̃ x̂ᵀ + x̂ h̃ᵀ + a P
-    - (3a/K) x̂ x̂ᵀ) · (-1 / (K σ²))``."""
+    position (``B`` per sample, ``K`` normalised entries each). With ``h = g γ``,
+    ``h̃ = h - mean h``, ``a = hᵀx̂``, ``P = I - 11ᵀ/K``:
+    ``Σ_i h_i ∂²x̂_i/∂x_j∂x_k = -(h̃ x̂ᵀ + x̂ h̃ᵀ + a P - (3a/K) x̂ x̂ᵀ) / (K σ²)``."""
     if x.dim() <= normalized:
         raise RuntimeError("fxcurv: a second derivative of layer_norm over the sample axis 0 "
                            "mixes the samples")

@@ -58,12 +58,12 @@ class OpRule:
     # ... otherwise, for elementwise ops with same-shaped arguments, ``cross[(a, b)](g, c)``:
     # the diagonal of ``Σ_out g ∂²f/∂a∂b``, shaped like the output (``mul``: ``g``)
     cross: dict[tuple, RuleFn] = field(default_factory=dict)
-    # ... or a dense per-sample residual block ``residual_block[(a, ...)](g, c) -> [N, B, K,
-    # K]``: ``R_n = Σ_out g ∂²f/∂(a, ...)²`` over the named arguments' per-sample entries (each
-    # ``[N, *a.shape[1:]]`` flattened, concatenated in key order; ``g`` lead 0), block-diagonal
-    # with ``B`` blocks of ``K`` consecutive entries (``B = 1``: dense). One name: a
-    # non-diagonal residual (softmax, layer_norm: a block per row); two: the cross block of
-    # a bilinear op (matmul, einsum), used where both arguments share a parameter
+    # ... or a dense per-sample residual block ``residual_block[(a,)](g, c) -> [N, B, K, K]``:
+    # ``R_n = Σ_out g ∂²f/∂a²`` over a's per-sample entries ``a[n].flatten()`` (``g`` lead 0),
+    # block-diagonal with ``B`` blocks of ``K`` consecutive entries (``B = 1``: dense;
+    # softmax, layer_norm: a block per row); for a bilinear op (matmul, einsum) ``[(a, b)]``
+    # gives the cross matrix ``C_n = Σ_out g ∂²f/∂a∂b`` ``[N, Da, Db]`` (``R_n = [[0, C],
+    # [Cᵀ, 0]]``), used where both arguments share a parameter
     residual_block: dict[tuple, RuleFn] = field(default_factory=dict)
     # Kronecker factors of a parameter argument from a sqrt-GGN factor ``g`` (lead 1):
     # ``kron[arg](g, c) -> [G, A]`` (weights) or ``[G]`` (biases), BackPACK's order and scaling

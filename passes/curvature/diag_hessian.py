@@ -7,14 +7,16 @@ factor ``diag(√R±)`` ``[D, N, *x.shape[1:]]`` that is propagated back from th
 a sqrt-GGN factor. Then ``diag_h = diag_ggn_exact + Σ_residuals (‖J ᵀ√R₊‖² - ‖Jᵀ√R₋‖²)``.
 Ops affine in each argument (linear, conv, relu, shape ops, ...) have no residual.
 
-A non-diagonal residual (softmax, layer_norm: ``residual_block``) or the cross block of a
-bilinear op whose two activations share a parameter (``q kᵀ``, ``weights · v``) is a dense
-per-sample ``R_n`` over the arguments' ``D`` per-sample entries, block-diagonal with ``B``
-blocks of ``K`` (a row of a softmax or layer_norm; ``B = 1`` for a bilinear op). ``eigh`` of
-each block splits it into ``S₊S₊ᵀ − S₋S₋ᵀ`` (:func:`per_sample_sqrt`), ``D`` columns each,
-which are seeded on the arguments like the diagonal factors. Exact, at ``O(N B K³)`` time
-per op and step and ``O(N D²)`` memory (as a diagonal residual's factor); ``D`` above
-:data:`MAX_BLOCK_SIZE` is refused when the step runs (sizes are not known before).
+A non-diagonal residual (softmax, layer_norm: ``residual_block``) is a dense per-sample
+``R_n`` over the argument's ``D`` per-sample entries, block-diagonal with ``B`` blocks of
+``K`` (a row of the softmax or layer_norm); ``eigh`` of each block splits it into
+``S₊S₊ᵀ − S₋S₋ᵀ`` (:func:`eigen_sqrt`), ``D`` columns each, seeded on the argument like the
+diagonal factors. A bilinear op whose two activations share a parameter (``q kᵀ``,
+``weights · v``) has ``R_n = [[0, C_n], [C_nᵀ, 0]]``, split by the SVD of ``C_n``
+(:func:`cross_sqrt`, ``min(Da, Db)`` columns seeded on both). Exact, at ``O(N B K³)`` (or
+``O(N Da Db min(Da, Db))``) time per op and step and ``O(N D²)`` memory, as a diagonal
+residual's factor; ``D`` above :data:`MAX_BLOCK_SIZE` is refused when the step runs (sizes
+are not known before).
 """
 from __future__ import annotations
 
@@ -139,18 +141,20 @@ def _block_seeds(emit, node, rule, ctx, active, depends, carriers, g, quantity) 
         proxies = [emit.proxy(arg) for arg in args]
         checked = emit.call(checked_size, g, proxies, MAX_BLOCK_SIZE,
                             f"node '{node.name}' ({rule.name}) for quantity '{quantity}'")
-        block = block_rule(checked, ctx)
-        like = proxies[0] if len(args) == 1 else emit.call(flat_concat, proxies)
-        tag = "_".join(names)
-        eigen = emit.call(symmetric_eigh, block)          # once for both signs
+        block, tag = block_rule(checked, ctx), "_".join(names)
+        if len(args) == 1:
+            eigen = emit.call(symmetric_eigh, block)          # once for both signs
+        else:
+            svd = emit.call(torch.linalg.svd, block, full_matrices=False)
         for sign, sign_tag in ((1.0, "plus"), (-1.0, "minus")):
-            factor = emit.call(block_sqrt, eigen[0], eigen[1], like, sign)
             if len(args) == 1:
-                found.append(({args[0]: factor}, sign, f"{tag}_block_{sign_tag}"))
-                continue
-            parts = emit.call(split_factor, factor, proxies[0], proxies[1])
-            found.append((_pair(args[0], args[1], parts[0], parts[1]), sign,
-                          f"{tag}_block_{sign_tag}"))
+                factor = emit.call(block_sqrt, eigen[0], eigen[1], proxies[0], sign)
+                seeds = {args[0]: factor}
+            else:
+                parts = emit.call(cross_sqrt, svd[0], svd[1], svd[2], proxies[0], proxies[1],
+                                  sign)
+                seeds = _pair(args[0], args[1], parts[0], parts[1])
+            found.append((seeds, sign, f"{tag}_block_{sign_tag}"))
     return found
 
 
@@ -182,16 +186,18 @@ def block_sqrt(values: Tensor, vectors: Tensor, like: Tensor, sign: float) -> Te
     return full.reshape([count * size] + list(like.shape))
 
 
-def flat_concat(values: List[Tensor]) -> Tensor:
-    """``[N, Σ D_i]``: the per-sample entries of ``values`` flattened and concatenated."""
-    return torch.cat([v.reshape(v.size(0), -1) for v in values], 1)
-
-
-def split_factor(factor: Tensor, a: Tensor, b: Tensor) -> List[Tensor]:
-    """``[K, N, Da + Db]`` -> ``[K, N, *a.shape[1:]]``, ``[K, N, *b.shape[1:]]``."""
-    lead = [factor.size(0)]
-    first, second = factor.split([a[0].numel(), b[0].numel()], -1)
-    return [first.reshape(lead + list(a.shape)), second.reshape(lead + list(b.shape))]
+def cross_sqrt(u: Tensor, sigma: Tensor, vh: Tensor, a: Tensor, b: Tensor,
+               sign: float) -> List[Tensor]:
+    """Factors of a bilinear op's block ``R_n = [[0, C_n], [C_nᵀ, 0]]`` from the SVD
+    ``C_n = U Σ Vᵀ`` (``u`` ``[N, Da, r]``, ``sigma`` ``[N, r]``, ``vh`` ``[N, r, Db]``):
+    ``R_n = S₊S₊ᵀ − S₋S₋ᵀ`` with ``S± = [U; ±V] √(Σ/2)`` (its eigen-split: eigenvalues
+    ``±σ``), ``r = min(Da, Db)`` columns; the parts on ``a`` and ``b``, ``[r, N, *a.shape[1:]]``,
+    ``[r, N, *b.shape[1:]]``."""
+    root = (sigma * 0.5).sqrt()
+    lead = [sigma.size(1)]
+    left = (u * root.unsqueeze(1)).permute(2, 0, 1)                      # [r, N, Da]
+    right = (vh * root.unsqueeze(2)).permute(1, 0, 2) * sign             # [r, N, Db]
+    return [left.reshape(lead + list(a.shape)), right.reshape(lead + list(b.shape))]
 
 
 def _check_block_sample_axis(node, rule, arg, carriers, quantity) -> None:

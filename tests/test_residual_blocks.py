@@ -295,3 +295,14 @@ def test_oversized_block_is_refused_when_the_step_runs(monkeypatch):
     with pytest.raises(RuntimeError, match=r"node 'softmax' \(softmax\) for quantity 'diag_h'"
                        r".*block of size 5 > 4.*diag_ggn_exact"):
         step(x, y)
+
+
+def test_oversized_elementwise_residual_factor_is_refused(monkeypatch):
+    from fxcurv.passes.curvature import factors  # noqa: PLC0415
+    monkeypatch.setattr(factors, "MAX_RESIDUAL_FACTOR_BYTES", 64)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
+    x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    step = fxcurv.compile(model, torch.nn.CrossEntropyLoss(), ["diag_h"])
+    with pytest.raises(RuntimeError, match=r"node '\w*tanh\w*' \(tanh\).*D = 6 and N = 5"
+                       r".*diag_ggn_exact"):
+        step(x, y)

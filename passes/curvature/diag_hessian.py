@@ -95,9 +95,14 @@ def _diagonal_seeds(emit, node, rule, ctx, active, g, quantity) -> list:
                              "rule to this op.", quantity)
         residual = rule.residual[name](g, ctx)
         for sign, tag in ((1.0, "plus"), (-1.0, "minus")):
-            found.append(({arg: emit.call(residual_sqrt, residual, sign)}, sign,
-                          f"{name}_{tag}"))
+            factor = emit.call(residual_sqrt, residual, sign, _where(node, rule))
+            found.append(({arg: factor}, sign, f"{name}_{tag}"))
     return found
+
+
+def _where(node: fx.Node, rule) -> str:
+    """How a runtime error names the op: ``node 'tanh_1' (tanh)``."""
+    return f"node '{node.name}' ({rule.name})"
 
 
 def _cross_seeds(emit, node, rule, ctx, active, depends, g, quantity) -> list:
@@ -119,7 +124,8 @@ def _cross_seeds(emit, node, rule, ctx, active, depends, g, quantity) -> list:
                                  "Request the GGN (diag_ggn_exact) instead.", quantity)
             half = emit.call(cross_half, fn(g, ctx), ctx.args.__dict__[name_a],
                              ctx.args.__dict__[name_b])
-            roots = {sign: emit.call(residual_sqrt, half, sign) for sign in (1.0, -1.0)}
+            roots = {sign: emit.call(residual_sqrt, half, sign, _where(node, rule))
+                     for sign in (1.0, -1.0)}
             for sign, same, opposite in ((1.0, 1.0, -1.0), (-1.0, -1.0, 1.0)):
                 found.append((_pair(a, b, roots[same], roots[same]), sign, "cross_sum"))
                 found.append((_pair(a, b, roots[opposite], -roots[opposite]), sign,

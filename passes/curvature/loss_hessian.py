@@ -123,7 +123,8 @@ def _second_order_sources(emit: Emitter, traced, gradient: dict, quantity: str) 
             with emit.naming(f"{node.name}_loss_residual"):
                 residual = rule.residual[arg](gradient[node], ctx)
             for sign, tag in ((1.0, "plus"), (-1.0, "minus")):
-                factor = emit.call(residual_sqrt, residual, sign)
+                factor = emit.call(residual_sqrt, residual, sign,
+                                   f"node '{node.name}' ({rule.name})")
                 found.append((value, factor, sign, f"{node.name}_{tag}"))
     return found
 

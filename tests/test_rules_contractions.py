@@ -88,15 +88,15 @@ def build(c, lead: int):
     return fx.GraphModule(torch.nn.Module(), graph), found
 
 
-WITH_PARAMS = [c for c in [*CASES, *EXTRA] if c.params]
+# the cases whose op has a contraction rule for one of its parameters
+WITH_RULES = [c for c in [*CASES, *EXTRA] if c.params and build(c, 1)[1]]
 
 
 @pytest.mark.parametrize("lead", [1, 2])
-@pytest.mark.parametrize("c", WITH_PARAMS, ids=[c.id for c in WITH_PARAMS])
+@pytest.mark.parametrize("c", WITH_RULES, ids=[c.id for c in WITH_RULES])
 def test_contractions_match_materialised_terms(c, lead):
     module, found = build(c, lead)
-    if not found:
-        pytest.skip("no contraction rule for these parameters")
+    assert found
     ct = cotangent(c, lead, torch.Generator().manual_seed(lead))
     vectors = [rand(3, *c.inputs[c.names.index(name)].shape) for name in c.params]
     outputs = module(ct, *vectors, *c.inputs)

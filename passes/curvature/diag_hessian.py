@@ -33,6 +33,7 @@ from fxcurv.rules import Ctx, rule_for
 
 from ..analysis import ancestors, descendants, differentiable_inputs, sample_carriers
 from ..backward import backward
+from . import factors
 from .factors import residual_sqrt
 from .loss_hessian import eigen_sqrt, loss_negative_factor, symmetric_eigh
 
@@ -95,7 +96,8 @@ def _diagonal_seeds(emit, node, rule, ctx, active, g, quantity) -> list:
                              "rule to this op.", quantity)
         residual = rule.residual[name](g, ctx)
         for sign, tag in ((1.0, "plus"), (-1.0, "minus")):
-            factor = emit.call(residual_sqrt, residual, sign, _where(node, rule))
+            factor = emit.call(residual_sqrt, residual, sign, _where(node, rule),
+                               factors.MAX_RESIDUAL_FACTOR_BYTES)
             found.append(({arg: factor}, sign, f"{name}_{tag}"))
     return found
 
@@ -124,7 +126,8 @@ def _cross_seeds(emit, node, rule, ctx, active, depends, g, quantity) -> list:
                                  "Request the GGN (diag_ggn_exact) instead.", quantity)
             half = emit.call(cross_half, fn(g, ctx), ctx.args.__dict__[name_a],
                              ctx.args.__dict__[name_b])
-            roots = {sign: emit.call(residual_sqrt, half, sign, _where(node, rule))
+            roots = {sign: emit.call(residual_sqrt, half, sign, _where(node, rule),
+                               factors.MAX_RESIDUAL_FACTOR_BYTES)
                      for sign in (1.0, -1.0)}
             for sign, same, opposite in ((1.0, 1.0, -1.0), (-1.0, -1.0, 1.0)):
                 found.append((_pair(a, b, roots[same], roots[same]), sign, "cross_sum"))

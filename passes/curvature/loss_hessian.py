@@ -34,6 +34,7 @@ from fxcurv.rules import Ctx, rule_for
 
 from ..analysis import ancestors, descendants
 from ..backward import backward
+from . import factors
 from .factors import residual_sqrt
 
 
@@ -124,7 +125,8 @@ def _second_order_sources(emit: Emitter, traced, gradient: dict, quantity: str) 
                 residual = rule.residual[arg](gradient[node], ctx)
             for sign, tag in ((1.0, "plus"), (-1.0, "minus")):
                 factor = emit.call(residual_sqrt, residual, sign,
-                                   f"node '{node.name}' ({rule.name})")
+                                   f"node '{node.name}' ({rule.name})",
+                                   factors.MAX_RESIDUAL_FACTOR_BYTES)
                 found.append((value, factor, sign, f"{node.name}_{tag}"))
     return found
 

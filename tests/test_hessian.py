@@ -716,25 +716,14 @@ def test_torchscript_round_trip(quantity, tmp_path):
 Swish = Gated  # h * sigmoid(h): both factors depend on fc's parameters
 
 
-def test_layer_norm_residual_block_gives_the_exact_hessian():
+@pytest.mark.parametrize("model", [LayerNormNet, Swish])
+def test_non_diagonal_second_derivatives_give_the_exact_hessian(model):
     """LayerNorm's residual in its input is not diagonal: its dense per-sample block enters
-    through ``eigh`` factors; diag_h, diag_h_batch and hmp equal the exact Hessian."""
+    through ``eigh`` factors. ``h * sigmoid(h)``: the mixed second derivative of mul enters as
+    cross factors seeded on both arguments. diag_h, diag_h_batch and hmp equal the exact
+    Hessian."""
     torch.manual_seed(2)
-    net = LayerNormNet().to(DTYPE)
-    x, y = torch.randn(3, 4, dtype=DTYPE), torch.randint(0, 3, (3,))
-    vectors = random_vectors(net)
-    quantities = ["diag_h", "diag_h_batch", "hmp"]
-    ours = run_fxcurv(net, nn.CrossEntropyLoss(), x, y, quantities, vectors)
-    expected = brute_force(net, nn.CrossEntropyLoss(), x, y, vectors)
-    for quantity in quantities:
-        assert_dicts_close(ours[quantity], expected[quantity], quantity)
-
-
-def test_product_of_two_functions_of_a_parameter_uses_cross_terms():
-    """``h * sigmoid(h)``: the mixed second derivative of mul enters as cross factors seeded
-    on both arguments; diag_h, diag_h_batch and hmp equal the exact Hessian."""
-    torch.manual_seed(2)
-    net = Swish().to(DTYPE)
+    net = model().to(DTYPE)
     x, y = torch.randn(3, 4, dtype=DTYPE), torch.randint(0, 3, (3,))
     vectors = random_vectors(net)
     quantities = ["diag_h", "diag_h_batch", "hmp"]

@@ -364,13 +364,17 @@ def synchronize(device: str) -> None:
 
 
 def timed_call(fn: Contender, device: str) -> float:
-    """Seconds for one call, CUDA work included; the result is dropped before returning."""
+    """Seconds for one call, CUDA work included; the result (and what the call left on the
+    model: grads, BackPACK's or Opacus' fields) is freed after the timing, so that no
+    contender runs while another's results are alive (with per-sample results of GiBs that
+    made the next contender's allocations up to 3x slower)."""
     synchronize(device)
     start = time.perf_counter()
     out = fn()
     synchronize(device)
     elapsed = time.perf_counter() - start
     del out
+    fn.clear()
     return elapsed
 
 
@@ -771,7 +775,8 @@ against BackPACK (`extend`, then forward and backward inside `with backpack(Exte
 products are then applied to the vectors) and plain autograd forward + backward (gradient only,
 the baseline); for `batch_grad` also against `torch.func.vmap(grad)` and Opacus'
 `GradSampleModule` when Opacus is installed (`pip install opacus`; optional). Every call computes
-loss, gradient and the quantity from scratch. After warm-up, the contenders of a cell are called
+loss, gradient and the quantity from scratch; its results (BackPACK's and Opacus' fields
+included) are freed after it, outside the timing. After warm-up, the contenders of a cell are called
 in turn (A B C A B C ..., the order rotating each round) at a fixed thread count; `median ms`
 is the median of those calls, `x autograd` and `x BackPACK` are ratios of medians within the
 cell. `peak MiB` is the peak memory above the baseline during one call, measured for each

@@ -7,7 +7,7 @@ they read, so big values die early) -> optional ``torch.compile`` backend.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Iterable, Sequence
+from typing import Any, Callable, Dict, Sequence
 
 import torch
 import torch.fx as fx

@@ -48,6 +48,17 @@ def randomize_bn(module: nn.Module, num_batches_tracked: int | None = None) -> n
     return module
 
 
+def linear_inputs(model: nn.Module, x: torch.Tensor) -> dict:
+    """``{module name: input}`` of every ``nn.Linear`` in one forward pass of ``x``."""
+    inputs = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, k=k: inputs.__setitem__(k, i[0].detach()))
+             for k, m in model.named_modules() if isinstance(m, nn.Linear)]
+    model(x)
+    for hook in hooks:
+        hook.remove()
+    return inputs
+
+
 def make_batch(in_shape: tuple, vocab: int | None, loss: str, n: int, num_out: int = 3,
                dtype: torch.dtype = torch.float64):
     """A batch ``(x, y)`` of ``n`` samples, seeded by ``n``: ``x`` standard normal

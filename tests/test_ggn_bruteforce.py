@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, hessian, jacrev
 
 import fxcurv
-from setups import FunctionalWithScale, ResidualMLP
+from setups import FunctionalWithScale, ResidualMLP, linear_inputs
 
 DTYPE = torch.float64
 TOL = dict(rtol=1e-9, atol=1e-12)
@@ -290,12 +290,7 @@ def test_kflr_bias_factor_is_the_bias_ggn_block_of_a_linear_layer(name):
     """For a linear layer on ``[N, I]`` inputs, KFLR's G is the bias's GGN block, and
     A = Σ_n x_n x_nᵀ / N (the layer input by a forward hook)."""
     case, outputs, ref = computed(name)
-    inputs = {}
-    hooks = [m.register_forward_hook(lambda m, i, o, k=k: inputs.__setitem__(k, i[0].detach()))
-             for k, m in case.model.named_modules() if isinstance(m, nn.Linear)]
-    case.model(case.x)
-    for h in hooks:
-        h.remove()
+    inputs = linear_inputs(case.model, case.x)
     checked = 0
     for layer, x in inputs.items():
         if x.dim() != 2:

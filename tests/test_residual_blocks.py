@@ -107,7 +107,6 @@ def test_residual_block_equals_hessian_per_sample(case):
     graph, out_node, emit, found = _block_graph(case)
     assert found
     values = {}
-    inputs = [n for n in graph.nodes if n.op == "placeholder"][1:]
     for node, key, block, args in found:
         operands = [a for a in node.all_input_nodes]
         values[node] = (block, args, operands)

@@ -88,7 +88,7 @@ from torch.overrides import TorchFunctionMode
 
 import fxcurv
 from fxcurv import CompileError
-from setups import Gated, randomize_bn
+from setups import Gated, linear_inputs, randomize_bn
 
 DTYPE = torch.float64
 TOL = dict(rtol=1e-9, atol=1e-12)         # vs torch.func
@@ -750,12 +750,7 @@ def test_kflr_shapes_and_linear_layer_factors(name):
             expected.append((param[0].numel(),) * 2)
         assert [tuple(f.shape) for f in factors[p]] == expected, p
     model, _ = case.reference_pair()
-    inputs = {}
-    hooks = [m.register_forward_hook(lambda m, i, o, k=k: inputs.__setitem__(k, i[0].detach()))
-             for k, m in model.named_modules() if isinstance(m, nn.Linear)]
-    model(case.x)
-    for hook in hooks:
-        hook.remove()
+    inputs = linear_inputs(model, case.x)
     checked = 0
     for layer, x in inputs.items():
         if x.dim() != 2:

@@ -5,7 +5,7 @@ runs over the extra axes ``*`` only (positions inside a sample, e.g. a sequence)
 """
 from __future__ import annotations
 
-from typing import List, Tuple
+from typing import Tuple
 
 import torch
 import torch.nn.functional as F

@@ -21,7 +21,7 @@ from .errors import CompileError, node_error
 from .passes.analysis import ancestors, depends_on, descendants, sample_carriers
 from .passes.backward import backward
 from .passes.cleanup import finalize
-from .passes.normalize import normalize
+from .passes.normalize import normalize, pool_before_relu
 from .passes.curvature.diag_hessian import residual_propagations
 from .passes.curvature.kfra import KFRA
 from .passes.curvature.regulariser import Regulariser
@@ -79,6 +79,8 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
         raise CompileError("the model has no trainable parameters (requires_grad=True) that the "
                            "loss depends on; there is nothing to differentiate.")
     normalize(traced.graph)
+    if all(name != "kfra" for name, _ in requested):
+        pool_before_relu(traced.graph, keep=(traced.model_output,))
     traced.refresh()
     emit = Emitter(traced.graph)
     x, y = traced.inputs

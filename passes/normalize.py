@@ -8,6 +8,9 @@
 * ``nll_loss(log_softmax(z, dim=1), y)`` becomes ``cross_entropy(z, y)`` (the same function),
   so the loss's Hessian is taken w.r.t. the logits ``z``: the GGN of a model ending in
   ``LogSoftmax`` + ``NLLLoss`` is that of the logits with cross-entropy, not zero.
+
+:func:`pool_before_relu` (run by ``compile`` unless KFRA is requested) then swaps
+``max_pool(relu(z))`` to ``relu(max_pool(z))``.
 """
 from __future__ import annotations
 
@@ -106,3 +109,37 @@ def _fuse_log_softmax_nll(graph: fx.Graph, node: fx.Node) -> None:
     graph.erase_node(node)
     graph.erase_node(source)
     fused._rename(node.name)
+
+
+def pool_before_relu(graph: fx.Graph, keep: tuple = ()) -> fx.Graph:
+    """``max_pool(relu(z))`` -> ``relu(max_pool(z))`` where the ReLU feeds only the pool.
+
+    The two are the same function (max commutes with any non-decreasing map; the pool's
+    ``-inf`` padding never wins a window that holds an input), and the same derivative
+    everywhere, ties included: where a window's maximum is positive both route ``g`` to the
+    same argmax (the first of equal values); where it is ``<= 0`` both give the window zero
+    (``relu'`` is 0 at 0 in torch). The ReLU, its mask and every backward pass through it
+    (gradient, square-root factors, products) then work on the pooled tensor, ``k^d`` times
+    smaller, and the full-size ReLU output is not kept. Exact for every quantity but KFRA,
+    whose batch-averaged per-op approximation depends on the order of the ops (``compile``
+    skips this pass when KFRA is requested). Pools in ``keep`` (the model's output, whose
+    value the step must return as it was) stay as they are.
+    """
+    for pool in list(graph.nodes):
+        rule = rule_for(pool)
+        if rule is None or not rule.name.startswith("max_pool") or pool in keep:
+            continue
+        relu = rule.bind(pool)["input"]
+        if not isinstance(relu, fx.Node) or len(relu.users) != 1:
+            continue
+        relu_rule = rule_for(relu)
+        if relu_rule is None or relu_rule.name != "relu":
+            continue
+        z = relu_rule.bind(relu)["input"]
+        for user in list(pool.users):
+            user.replace_input_with(pool, relu)
+        pool.replace_input_with(relu, z)
+        relu.replace_input_with(z, pool)
+        pool.append(relu)
+    graph.lint()
+    return graph

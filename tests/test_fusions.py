@@ -58,6 +58,6 @@ def test_chunked_weight_sum_squares(lead, groups, swap):
     weight = torch.empty(groups * 7, 6, 1, 1) if swap else torch.empty(groups * 6, 7, 1, 1)
     expected = per_sample_weight(left, right, lead, weight, swap).square()
     expected = expected.sum(list(range(lead + 1)))
-    for sample_entries in (1, 2 * groups * 6 * (7 + 5), 1 << 16):  # 1 vector, 2, all
-        actual = per_sample_weight_sum_squares(left, right, lead, weight, swap, sample_entries)
+    for chunk_entries in (1, 3 * groups * 6 * 7, 1 << 16):  # 1 sample, 3 of 4, all
+        actual = per_sample_weight_sum_squares(left, right, lead, weight, swap, chunk_entries)
         torch.testing.assert_close(actual, expected, **TOL)

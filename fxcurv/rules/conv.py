@@ -204,21 +204,29 @@ def per_sample_weight(left: Tensor, right: Tensor, lead: int, weight: Tensor,
 
 
 def per_sample_weight_sum_squares(left: Tensor, right: Tensor, lead: int, weight: Tensor,
-                                  swap: bool, sample_entries: int = 1 << 16) -> Tensor:
+                                  swap: bool, chunk_entries: int = 1 << 21) -> Tensor:
     """``Σ_{lead, n} W̄_n²`` ``weight.shape`` (with a sqrt-GGN factor as ``left``: the GGN
-    diagonal), ``W̄_n`` as in :func:`per_sample_weight`, built for a chunk of the lead vectors
-    at a time and squared in place. A chunk holds at most ``sample_entries`` entries of ``W̄_n``
-    and of the matmul's copy of ``left`` per sample (or one vector); it does not depend on the
-    batch size, which may be symbolic in an exported step."""
+    diagonal), ``W̄_n`` as in :func:`per_sample_weight`, never all at once: one lead vector
+    and a chunk of samples at a time, each chunk a batched matmul over ``(sample, group)``
+    that reads ``left`` in place (no permuted copy) and writes one reused buffer of at most
+    ``chunk_entries`` entries (at least one sample's ``W̄_n``), squared in place and summed
+    over its samples. The chunk does not depend on the lead size, and the buffer is reused,
+    so no large tensor is allocated per chunk."""
     flat = left.reshape([-1] + list(left.shape[lead:]))  # [L, N, G, A, P]
-    # entries per sample and lead vector: W̄_n (G·A·B) and the matmul's copy of left (G·A·P)
-    per_vector = numel(list(weight.shape)) + numel(list(flat.shape[2:]))
-    chunk = max(1, sample_entries // per_vector)
-    total = torch.zeros([flat.size(2), flat.size(3), right.size(2)], dtype=left.dtype,
-                        device=left.device)
-    for start in range(0, flat.size(0), chunk):
-        outer = torch.einsum("lngap,ngbp->lngab", flat[start:start + chunk], right)
-        total += outer.square_().sum([0, 1])
+    samples, groups, rows, positions = flat.size(1), flat.size(2), flat.size(3), flat.size(4)
+    cols = right.size(2)
+    chunk = min(samples, max(1, chunk_entries // (groups * rows * cols)))
+    lhs = flat.reshape([flat.size(0), samples * groups, rows, positions])
+    rhs = right.reshape([samples * groups, cols, positions]).transpose(1, 2)  # [N·G, P, B]
+    buffer = torch.empty([chunk * groups, rows, cols], dtype=left.dtype, device=left.device)
+    total = torch.zeros([groups, rows, cols], dtype=left.dtype, device=left.device)
+    for vector in range(lhs.size(0)):
+        for start in range(0, samples, chunk):
+            stop = min(samples, start + chunk)
+            outer = buffer[:(stop - start) * groups]
+            torch.bmm(lhs[vector, start * groups:stop * groups],
+                      rhs[start * groups:stop * groups], out=outer)
+            total += outer.square_().view([stop - start, groups, rows, cols]).sum(0)
     if swap:
         total = total.transpose(-1, -2)
     return total.reshape(weight.shape)

@@ -8,7 +8,10 @@ import torch
 import torch.fx as fx
 
 from fxcurv.emit import Emitter, rename_freeing
-from fxcurv.rules.pooling import max_pool_argmax, max_pool_with_indices
+from fxcurv.rules.conv import conv_grads, conv_input_vjp, conv_transpose_input_vjp
+from fxcurv.rules.helpers import merge_middle, reshape_lead
+from fxcurv.rules.pooling import (adaptive_avg_pool_vjp, avg_pool_vjp, max_pool_argmax,
+                                  max_pool_vjp, max_pool_with_indices)
 
 
 def finalize(traced, emit: Emitter, outputs: tuple, quantity_names: list[str]) -> fx.GraphModule:
@@ -21,6 +24,7 @@ def finalize(traced, emit: Emitter, outputs: tuple, quantity_names: list[str]) -
     share_pool_indices(graph)
     graph.eliminate_dead_code()
     prune_output_masks(graph)
+    relu_vjps_in_place(graph)
     detach_parameters(graph, traced.params)
     graph.lint()
     step = fx.GraphModule(traced.attrs, graph, class_name="FxcurvStep")
@@ -101,6 +105,53 @@ def prune_output_masks(graph: fx.Graph) -> None:
             continue
         read = {user.args[1] for user in node.users}
         node.kwargs = {**node.kwargs, "output_mask": [i in read for i in range(len(mask))]}
+
+
+# Calls whose result is new memory that aliases no graph value (cotangents, factors).
+FRESH_RESULTS = {torch.matmul, torch.ops.aten.threshold_backward, conv_input_vjp,
+                 conv_transpose_input_vjp, max_pool_vjp, avg_pool_vjp, adaptive_avg_pool_vjp}
+# Calls whose result may be a view of their first argument.
+VIEWS = {reshape_lead, merge_middle, "reshape", "view", "flatten"}
+
+
+def relu_vjps_in_place(graph: fx.Graph) -> None:
+    """``threshold_backward(g, y, 0)`` (ReLU's ``x̄ = g·[y > 0]``) -> ``g.masked_fill_(y <= 0,
+    0)`` when ``g`` is a temporary that nothing else reads: no new tensor of ``g``'s size
+    (with a sqrt-GGN factor, ``C`` times the activation) is allocated and written. One mask
+    per ``y`` serves every such ReLU pass (gradient, factors, products), made where the
+    first one needs it. ``g`` must be fresh memory (:data:`FRESH_RESULTS`, or a
+    ``convolution_backward`` output), possibly through views, each read only by the next."""
+    masks: dict[fx.Node, fx.Node] = {}
+    owned: set[fx.Node] = set()
+    for node in list(graph.nodes):
+        if node.op != "call_function" or node.target is not torch.ops.aten.threshold_backward:
+            continue
+        g, y, threshold = node.args
+        if threshold != 0 or not _owned_temporary(g, owned):
+            continue
+        if y not in masks:
+            with graph.inserting_before(node):
+                masks[y] = graph.call_function(operator.le, (y, 0))
+        with graph.inserting_before(node):
+            filled = graph.call_method("masked_fill_", (g, masks[y], 0.0))
+        filled.meta = dict(node.meta)
+        node.replace_all_uses_with(filled)
+        rename_freeing(filled, node, node.name)
+        graph.erase_node(node)
+        masks[y]._rename(f"{y.name}_not_positive")
+        owned.add(filled)
+
+
+def _owned_temporary(node: Any, owned: set) -> bool:
+    """``node`` is read once, and its memory is fresh or a view of such a temporary."""
+    if not isinstance(node, fx.Node) or len(node.users) != 1:
+        return False
+    if node in owned or node.target in FRESH_RESULTS:
+        return True
+    if node.target is operator.getitem:
+        source = node.args[0]
+        return isinstance(source, fx.Node) and source.target is conv_grads
+    return node.target in VIEWS and _owned_temporary(node.args[0], owned)
 
 
 def _is_random(target: Any) -> bool:

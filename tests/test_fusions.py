@@ -50,7 +50,7 @@ def test_gradient_shares_pool_indices_and_conv_backward(setup, one_thread):
 
 
 @pytest.mark.parametrize("lead,groups,swap", [(0, 1, False), (1, 2, False), (2, 1, True)])
-def test_chunked_weight_sum_squares(lead, groups, swap):
+def test_weight_sum_squares_by_lead_vector(lead, groups, swap):
     torch.manual_seed(lead)
     lead_shape = [3, 2][:lead]
     left = torch.randn(lead_shape + [4, groups, 6, 5], dtype=torch.float64)
@@ -58,6 +58,5 @@ def test_chunked_weight_sum_squares(lead, groups, swap):
     weight = torch.empty(groups * 7, 6, 1, 1) if swap else torch.empty(groups * 6, 7, 1, 1)
     expected = per_sample_weight(left, right, lead, weight, swap).square()
     expected = expected.sum(list(range(lead + 1)))
-    for chunk_entries in (1, 3 * groups * 6 * 7, 1 << 16):  # 1 sample, 3 of 4, all
-        actual = per_sample_weight_sum_squares(left, right, lead, weight, swap, chunk_entries)
-        torch.testing.assert_close(actual, expected, **TOL)
+    actual = per_sample_weight_sum_squares(left, right, lead, weight, swap)
+    torch.testing.assert_close(actual, expected, **TOL)

@@ -204,29 +204,23 @@ def per_sample_weight(left: Tensor, right: Tensor, lead: int, weight: Tensor,
 
 
 def per_sample_weight_sum_squares(left: Tensor, right: Tensor, lead: int, weight: Tensor,
-                                  swap: bool, chunk_entries: int = 1 << 21) -> Tensor:
+                                  swap: bool) -> Tensor:
     """``Σ_{lead, n} W̄_n²`` ``weight.shape`` (with a sqrt-GGN factor as ``left``: the GGN
-    diagonal), ``W̄_n`` as in :func:`per_sample_weight`, never all at once: one lead vector
-    and a chunk of samples at a time, each chunk a batched matmul over ``(sample, group)``
-    that reads ``left`` in place (no permuted copy) and writes one reused buffer of at most
-    ``chunk_entries`` entries (at least one sample's ``W̄_n``), squared in place and summed
-    over its samples. The chunk does not depend on the lead size, and the buffer is reused,
-    so no large tensor is allocated per chunk."""
+    diagonal), ``W̄_n`` as in :func:`per_sample_weight`, one lead vector at a time: a batched
+    matmul over ``(sample, group)`` that reads ``left`` in place (no permuted copy) and
+    writes one reused ``[N·G, A, B]`` buffer, squared in place and summed over the samples.
+    Python control flow depends only on the lead size, never on the batch size (which may be
+    symbolic in an exported step)."""
     flat = left.reshape([-1] + list(left.shape[lead:]))  # [L, N, G, A, P]
     samples, groups, rows, positions = flat.size(1), flat.size(2), flat.size(3), flat.size(4)
     cols = right.size(2)
-    chunk = min(samples, max(1, chunk_entries // (groups * rows * cols)))
     lhs = flat.reshape([flat.size(0), samples * groups, rows, positions])
     rhs = right.reshape([samples * groups, cols, positions]).transpose(1, 2)  # [N·G, P, B]
-    buffer = torch.empty([chunk * groups, rows, cols], dtype=left.dtype, device=left.device)
+    outer = torch.empty([samples * groups, rows, cols], dtype=left.dtype, device=left.device)
     total = torch.zeros([groups, rows, cols], dtype=left.dtype, device=left.device)
     for vector in range(lhs.size(0)):
-        for start in range(0, samples, chunk):
-            stop = min(samples, start + chunk)
-            outer = buffer[:(stop - start) * groups]
-            torch.bmm(lhs[vector, start * groups:stop * groups],
-                      rhs[start * groups:stop * groups], out=outer)
-            total += outer.square_().view([stop - start, groups, rows, cols]).sum(0)
+        torch.bmm(lhs[vector], rhs, out=outer)
+        total += outer.square_().view([samples, groups, rows, cols]).sum(0)
     if swap:
         total = total.transpose(-1, -2)
     return total.reshape(weight.shape)

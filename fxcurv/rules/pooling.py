@@ -48,6 +48,11 @@ def max_pool_vjp(g: Tensor, x: Tensor, argmax: Tensor, lead: int, kernel: List[i
     1-d pools run as 2-d pools of height 1 (the flat indices are the same)."""
     shape: List[int] = list(g.shape[:lead]) + list(x.shape)
     d = len(kernel)
+    if lead > 0:
+        overlap = False
+        for i in range(d):
+            overlap = overlap or stride[i] < dilation[i] * (kernel[i] - 1) + 1
+        return routed_to_argmax(g, x, argmax, lead, d, overlap).reshape(shape)
     if d == 1:
         g, x, argmax = g.unsqueeze(-2), x.unsqueeze(-2), argmax.unsqueeze(-2)
         kernel, stride, padding, dilation = [1] + kernel, [1] + stride, [0] + padding, \
@@ -63,6 +68,22 @@ def max_pool_vjp(g: Tensor, x: Tensor, argmax: Tensor, lead: int, kernel: List[i
         grad = torch.ops.aten.max_pool3d_with_indices_backward(
             grads, inputs, kernel, stride, padding, dilation, ceil_mode, indices)
     return grad.reshape(shape)
+
+
+def routed_to_argmax(g: Tensor, x: Tensor, argmax: Tensor, lead: int, d: int,
+                     overlap: bool) -> Tensor:
+    """:func:`max_pool_vjp` with lead axes, ``[L, B, *in]`` (spatial axes flattened): one
+    scatter into zeros, the indices broadcast over the lead axes (a view, never copied per
+    lead vector); ``scatter_add_`` where windows overlap (an input may win several)."""
+    stacked_lead = numel(list(g.shape[:lead]))
+    spatial_in = numel(list(x.shape[x.dim() - d:]))
+    batch = x.numel() // spatial_in
+    values = g.reshape([stacked_lead, batch, -1])
+    index = argmax.reshape([1, batch, -1]).expand(values.shape)
+    routed = torch.zeros([stacked_lead, batch, spatial_in], dtype=g.dtype, device=g.device)
+    if overlap:
+        return routed.scatter_add_(2, index, values)
+    return routed.scatter_(2, index, values)
 
 
 def max_pool_sandwich(matrix: Tensor, argmax: Tensor, x: Tensor, kernel: List[int],

@@ -115,31 +115,20 @@ VIEWS = {reshape_lead, merge_middle, "reshape", "view", "flatten"}
 
 
 def relu_vjps_in_place(graph: fx.Graph) -> None:
-    """``threshold_backward(g, y, 0)`` (ReLU's ``x̄ = g·[y > 0]``) -> ``g.masked_fill_(y <= 0,
-    0)`` when ``g`` is a temporary that nothing else reads: no new tensor of ``g``'s size
-    (with a sqrt-GGN factor, ``C`` times the activation) is allocated and written. One mask
-    per ``y`` serves every such ReLU pass (gradient, factors, products), made where the
-    first one needs it. ``g`` must be fresh memory (:data:`FRESH_RESULTS`, or a
-    ``convolution_backward`` output), possibly through views, each read only by the next."""
-    masks: dict[fx.Node, fx.Node] = {}
+    """``threshold_backward(g, y, 0)`` (ReLU's ``x̄ = g·[y > 0]``) writes into ``g``
+    (``grad_input=g``, the op's out variant; elementwise, so exact) when ``g`` is a temporary
+    that nothing else reads: no new tensor of ``g``'s size (with a sqrt-GGN factor, ``C``
+    times the activation) is allocated, page-faulted and written. ``g`` must be fresh memory
+    (:data:`FRESH_RESULTS`, or a ``convolution_backward`` output), possibly through views,
+    each read only by the next."""
     owned: set[fx.Node] = set()
-    for node in list(graph.nodes):
+    for node in graph.nodes:
         if node.op != "call_function" or node.target is not torch.ops.aten.threshold_backward:
             continue
-        g, y, threshold = node.args
-        if threshold != 0 or not _owned_temporary(g, owned):
-            continue
-        if y not in masks:
-            with graph.inserting_before(node):
-                masks[y] = graph.call_function(operator.le, (y, 0))
-        with graph.inserting_before(node):
-            filled = graph.call_method("masked_fill_", (g, masks[y], 0.0))
-        filled.meta = dict(node.meta)
-        node.replace_all_uses_with(filled)
-        rename_freeing(filled, node, node.name)
-        graph.erase_node(node)
-        masks[y]._rename(f"{y.name}_not_positive")
-        owned.add(filled)
+        g, _, threshold = node.args
+        if threshold == 0 and not node.kwargs and _owned_temporary(g, owned):
+            node.kwargs = {"grad_input": g}
+            owned.add(node)
 
 
 def _owned_temporary(node: Any, owned: set) -> bool:

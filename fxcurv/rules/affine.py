@@ -71,6 +71,16 @@ def linear_weight_product(g: Tensor, x: Tensor, vectors: Tensor) -> Tensor:
     return torch.matmul(r.reshape(count, outs, -1), flat_x)
 
 
+def linear_weight_batch(g: Tensor, x: Tensor, lead: int) -> Tensor:
+    """``W̄_n = Σ_t g_nt x_ntᵀ`` ``[*lead, N, O, I]``; for one position the outer product
+    ``g_n x_nᵀ`` as one broadcast multiply (a matmul with an inner size of 1 is slower)."""
+    gm = merge_middle(g, lead + 1)  # [*lead, N, T, O]
+    xm = merge_middle(x, 1)         # [N, T, I]
+    if xm.size(1) == 1:
+        return gm.select(-2, 0).unsqueeze(-1) * xm.select(1, 0).unsqueeze(-2)
+    return torch.einsum("...nto,nti->...noi", gm, xm)
+
+
 def linear_weight_batch_sum_squares(g: Tensor, x: Tensor) -> Tensor:
     """``Σ_k (Σ_t g_knt x_ntᵀ)²`` ``[N, O, I]``: for one position ``(Σ_k g_kn²) x_n²ᵀ`` (no
     ``[K, N, O, I]``), else accumulated one lead index at a time."""
@@ -114,9 +124,7 @@ def _weight_vjp(g, c: Ctx):
 
 
 def _weight_batch(g, c: Ctx):
-    gm = c.call(merge_middle, g, c.lead + 1)
-    xm = c.call(merge_middle, c.args.input, 1)
-    return torch.einsum("...nto,nti->...noi", gm, xm)
+    return c.call(linear_weight_batch, g, c.args.input, c.lead)
 
 
 def _matrix_gram(m, c: Ctx):

@@ -90,9 +90,11 @@ elementwise([F.logsigmoid], "log_sigmoid", "input",
                                                * torch.sigmoid(-c.args.input))})
 
 elementwise([F.gelu, "gelu"], "gelu", "input, approximate='none'",
-         doc="y = x Φ(x);  y' = Φ(x) + x φ(x) (or the tanh approximation's derivative).",
-         vjp={"input": lambda g, c: g * c.call(gelu_derivative, c.args.input,
-                                                 c.args.approximate)},
+         doc="y = x Φ(x);  y' = Φ(x) + x φ(x) (or the tanh approximation's derivative; "
+             "a gradient: torch's gelu_backward kernel).",
+         vjp={"input": lambda g, c: torch.ops.aten.gelu_backward(
+             g, c.args.input, approximate=c.args.approximate) if c.lead == 0 else
+             g * c.call(gelu_derivative, c.args.input, c.args.approximate)},
          residual={"input": lambda g, c: g * c.call(gelu_second_derivative, c.args.input,
                                                       c.args.approximate)})
 

@@ -200,12 +200,21 @@ def _shift(dim: int, lead: int) -> int:
     return dim + lead if dim >= 0 else dim
 
 
+def _fused_backward(c: Ctx) -> bool:
+    """A gradient (no lead axes) of a softmax without a dtype cast: torch's fused kernel."""
+    return c.lead == 0 and c.bound.get("dtype") is None
+
+
 def _log_softmax_vjp(g, c: Ctx):
+    if _fused_backward(c):
+        return torch.ops.aten._log_softmax_backward_data(g, c.out, c.bound["dim"], c.out.dtype)
     dim = _shift(c.bound["dim"], c.lead)
     return g - torch.exp(c.out) * g.sum(dim, keepdim=True)
 
 
 def _softmax_vjp(g, c: Ctx):
+    if _fused_backward(c):
+        return torch.ops.aten._softmax_backward_data(g, c.out, c.bound["dim"], c.out.dtype)
     dim = _shift(c.bound["dim"], c.lead)
     return c.out * (g - (g * c.out).sum(dim, keepdim=True))
 
@@ -250,8 +259,10 @@ def _softmax_block(log: bool):
 
 
 for _name, _vjp, _doc in [
-        ("log_softmax", _log_softmax_vjp, "y = x - logsumexp(x);  Jᵀg = g - softmax(x) Σ g."),
-        ("softmax", _softmax_vjp, "y = softmax(x);  Jᵀg = y ⊙ (g - Σ y ⊙ g).")]:
+        ("log_softmax", _log_softmax_vjp, "y = x - logsumexp(x);  Jᵀg = g - softmax(x) Σ g "
+                                          "(a gradient: torch's fused backward kernel)."),
+        ("softmax", _softmax_vjp, "y = softmax(x);  Jᵀg = y ⊙ (g - Σ y ⊙ g) (a gradient: "
+                                  "torch's fused backward kernel).")]:
     _block = {("input",): _softmax_block(_name == "log_softmax")}
     register([getattr(F, _name)], _name, "input, dim=None, _stacklevel=3, dtype=None",
              doc=_doc, vjp={"input": _vjp}, unsupported=_softmax_dim, residual_block=_block)

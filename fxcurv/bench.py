@@ -694,11 +694,32 @@ def _ratio(a: Optional[dict], b: Optional[dict], key: str = "median_ms") -> Opti
     return a[key] / b[key]
 
 
+TARGET_WORKLOADS = ("seed_cnn", "mlp", "3c3d")  # the workloads the issue sets targets on
+
+
 def targets(rows: list) -> dict:
     """The issue's targets, checked: fxcurv/BackPACK <= 1 per cell and geometric mean <= 0.67;
     batch_l2, sum_grad_squared, variance <= 1.5x autograd; diag_ggn_mc, kfac <= 2.5x autograd;
     batch_grad no slower than the fastest other per-sample method; peak memory <= BackPACK's
-    (misses below 1 MiB or 2 % are not counted: page-granular measurement)."""
+    (misses below 1 MiB or 2 % are not counted: page-granular measurement). The targets hold
+    on :data:`TARGET_WORKLOADS`; the geometric mean is over their cells (and also given per
+    workload and over every cell), misses elsewhere are listed apart (``other_misses``)."""
+    checked = _check_cells(rows)
+    ratios = checked["fxcurv_over_backpack"]
+    target_cells = {k: v for k, v in ratios.items() if k.split("/")[0] in TARGET_WORKLOADS}
+    workloads = sorted({k.split("/")[0] for k in ratios})
+    by_workload = {w: _geomean({k: v for k, v in ratios.items() if k.split("/")[0] == w})
+                   for w in workloads}
+    misses = checked["misses"]
+    return {"fxcurv_over_backpack": ratios, "geomean_fxcurv_over_backpack": _geomean(target_cells),
+            "geomean_cells": len(target_cells), "geomean_by_workload": by_workload,
+            "geomean_all_cells": _geomean(ratios), "geomean_target": 0.67,
+            "misses": [m for m in misses if m.split("/")[0] in TARGET_WORKLOADS],
+            "other_misses": [m for m in misses if m.split("/")[0] not in TARGET_WORKLOADS]}
+
+
+def _check_cells(rows: list) -> dict:
+    """Every cell against the targets: ratios to BackPACK and the list of misses."""
     misses, ratios = [], {}
     limits = {"batch_l2": 1.5, "sum_grad_squared": 1.5, "variance": 1.5, "diag_ggn_mc": 2.5,
               "kfac": 2.5}
@@ -723,8 +744,7 @@ def targets(rows: list) -> dict:
         if mine is not None and theirs is not None and mine > theirs + max(1.0, theirs / 50):
             misses.append(f"{where}: peak memory fxcurv {mine:.0f} MiB > BackPACK "
                           f"{theirs:.0f} MiB")
-    return {"fxcurv_over_backpack": ratios, "geomean_fxcurv_over_backpack": _geomean(ratios),
-            "geomean_target": 0.67, "misses": misses}
+    return {"fxcurv_over_backpack": ratios, "misses": misses}
 
 
 def _geomean(ratios: dict) -> Optional[float]:
@@ -892,12 +912,19 @@ def report(meta: dict, rows: list, checked: dict, tablefmt: str) -> str:
                   "processes competed for the CPU, the timings are unreliable.", ""]
     geomean = checked["geomean_fxcurv_over_backpack"]
     if geomean is not None:
-        cells = len(checked["fxcurv_over_backpack"])
-        lines.append(f"Geometric mean of fxcurv/BackPACK time over {cells} cells: "
-                     f"{geomean:.2f} (target <= {checked['geomean_target']}).")
+        per_workload = ", ".join(f"{w} {g:.2f}" for w, g in
+                                 checked["geomean_by_workload"].items())
+        lines.append(f"Geometric mean of fxcurv/BackPACK time over the {checked['geomean_cells']}"
+                     f" cells of {', '.join(TARGET_WORKLOADS)} (the issue's target workloads): "
+                     f"{geomean:.2f} (target <= {checked['geomean_target']}); by workload: "
+                     f"{per_workload}; over all {len(checked['fxcurv_over_backpack'])} cells: "
+                     f"{checked['geomean_all_cells']:.2f}.")
     if checked["misses"]:
         lines += ["", "Cells missing the targets:", ""]
         lines += [f"- {miss}" for miss in checked["misses"]]
+    if checked["other_misses"]:
+        lines += ["", "Outside the target workloads, the same lines missed:", ""]
+        lines += [f"- {miss}" for miss in checked["other_misses"]]
     return "\n".join(lines)
 
 

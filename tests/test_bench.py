@@ -47,7 +47,9 @@ def test_json_structure(quick_run):
         if row["contender"] == "autograd":
             assert row["x_autograd"] == 1.0
     assert set(targets) == {"fxcurv_over_backpack", "geomean_fxcurv_over_backpack",
-                            "geomean_target", "misses"}
+                            "geomean_cells", "geomean_by_workload", "geomean_all_cells",
+                            "geomean_target", "misses", "other_misses"}
+    assert targets["geomean_cells"] == 2 and set(targets["geomean_by_workload"]) == {"mlp"}
     assert set(targets["fxcurv_over_backpack"]) == {"mlp/grad", "mlp/batch_l2"}
 
 
@@ -66,6 +68,27 @@ def test_errors_take_the_place_of_numbers():
     assert "CompileError: xxx" in text and "..." in text
     assert "| 2.0 " in text  # the median
     assert bench.targets(rows)["misses"] == []
+
+
+META = {"date": "2026-01-01", "cpu": "cpu", "cores": 2, "torch": "2", "backpack": "1",
+        "opacus": None, "threads": 2, "device": "cpu", "seconds": 1.0, "command": "bench",
+        "loadavg_1min": {"start": 0.1, "end": 0.1}}
+
+
+def test_targets_hold_on_the_issues_workloads():
+    """The geometric mean is over seed_cnn, mlp and 3c3d; a transformer miss is listed apart."""
+    rows = []
+    for workload, fx, bp in (("mlp", 1.0, 2.0), ("seed_cnn", 2.0, 4.0), ("transformer", 3.0, 1.0)):
+        rows.append(bench._row(workload, "grad", "fxcurv", times=[fx] * 3))
+        rows.append(bench._row(workload, "grad", "BackPACK", times=[bp] * 3))
+    checked = bench.targets(bench._with_ratios(rows))
+    assert checked["geomean_fxcurv_over_backpack"] == pytest.approx(0.5)
+    assert checked["geomean_all_cells"] == pytest.approx((0.5 * 0.5 * 3.0) ** (1 / 3))
+    assert checked["geomean_by_workload"]["transformer"] == pytest.approx(3.0)
+    assert checked["misses"] == []
+    assert checked["other_misses"] == ["transformer/grad: time fxcurv/BackPACK 3.00 > 1.0"]
+    assert "over the 2 cells of seed_cnn, mlp, 3c3d" in bench.report(
+        META, rows, checked, "github")
 
 
 def test_unknown_names_are_refused():

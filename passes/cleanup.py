@@ -25,6 +25,7 @@ def finalize(traced, emit: Emitter, outputs: tuple, quantity_names: list[str]) -
     graph.eliminate_dead_code()
     prune_output_masks(graph)
     relu_vjps_in_place(graph)
+    read_shapes_early(graph)
     detach_parameters(graph, traced.params)
     graph.lint()
     step = fx.GraphModule(traced.attrs, graph, class_name="FxcurvStep")
@@ -105,6 +106,16 @@ def prune_output_masks(graph: fx.Graph) -> None:
             continue
         read = {user.args[1] for user in node.users}
         node.kwargs = {**node.kwargs, "output_mask": [i in read for i in range(len(mask))]}
+
+
+def read_shapes_early(graph: fx.Graph) -> None:
+    """Move every ``t.shape`` read to right after ``t`` is computed: a backward rule that needs
+    only a forward value's shape (a pool's or a flatten's input) then does not keep the value
+    itself alive until the backward pass reaches it."""
+    for node in list(graph.nodes):
+        if (node.op == "call_function" and node.target is getattr and node.args[1] == "shape"
+                and isinstance(node.args[0], fx.Node) and node.args[0].op != "placeholder"):
+            node.args[0].append(node)
 
 
 # Calls whose result is new memory that aliases no graph value (cotangents, factors).

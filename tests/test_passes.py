@@ -193,7 +193,8 @@ def peak_live_bytes(step: fx.GraphModule, *args) -> int:
             inputs = {id(a) for a in self.env.values() if isinstance(a, torch.Tensor)}
             fresh = isinstance(out, torch.Tensor) and not out._is_view() and node.op not in (
                 "placeholder", "get_attr") and id(out) not in inputs
-            sizes[node] = out.numel() * out.element_size() if fresh else 0
+            sizes[node] = out.numel() * out.element_size() if fresh else (
+                0 if isinstance(out, torch.Tensor) else None)
             return out
 
     Record(step).run(*args)
@@ -204,13 +205,13 @@ def peak_live_bytes(step: fx.GraphModule, *args) -> int:
             last[arg] = i
     for node in reversed(nodes):  # a value read through a view lives as long as the view
         for arg in node.all_input_nodes:
-            if sizes.get(node) == 0 and node.op != "output":
+            if sizes.get(node) == 0 and node.op != "output":  # a view or in-place result
                 last[arg] = max(last[arg], last[node])
     live, peak = 0, 0
     for i, node in enumerate(nodes):
-        live += sizes.get(node, 0)
+        live += sizes.get(node) or 0
         peak = max(peak, live)
-        live -= sum(sizes.get(n, 0) for n in node.all_input_nodes if last[n] == i)
+        live -= sum(sizes.get(n) or 0 for n in node.all_input_nodes if last[n] == i)
     return peak
 
 
@@ -387,3 +388,18 @@ def test_shared_cotangent_is_not_overwritten():
     nn.CrossEntropyLoss()(model(x), y).backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(grad[name], p.grad)
+
+
+def test_pool_inputs_die_in_the_forward():
+    """The max-pool backward reads only its input's shape, taken right after the input is
+    made (``cleanup.read_shapes_early``): the full-size conv outputs are freed before the
+    backward pass starts."""
+    step = fxcurv.compile(ConvReluPool().double(), nn.CrossEntropyLoss(), ["diag_ggn_exact"])
+    nodes = list(step.graph.nodes)
+    order = {n: i for i, n in enumerate(nodes)}
+    shapes = [n for n in nodes if n.target is getattr and n.args[1] == "shape"]
+    assert shapes and all(order[n] == order[n.args[0]] + 1 for n in shapes)
+    first_backward = min(order[n] for n in tagged(step, pass_="backward") if n not in shapes)
+    convs = [n for n in nodes if "fxcurv" not in n.meta and n.target is torch.conv2d]
+    assert len(convs) == 2
+    assert all(max(order[u] for u in conv.users) < first_backward for conv in convs)

@@ -3,8 +3,8 @@
 Every pool is linear in ``x`` given the windows, so ``Jᵀ`` spreads each output's cotangent
 back over its window: ``max_pool`` routes ``g`` to the argmax of each window (the indices the
 forward call returns, see ``max_pool_argmax``; overlapping windows add up), ``avg_pool`` /
-``adaptive_avg_pool`` give every window entry ``g / divisor``; all with torch's own pooling
-backward kernels. ``x: [N, C, *in]`` (or ``[C, *in]``), ``y: [N, C, *out]``; lead axes of
+``adaptive_avg_pool`` give every window entry ``g / divisor`` (torch's own pooling
+backward kernels). ``x: [N, C, *in]`` (or ``[C, *in]``), ``y: [N, C, *out]``; lead axes of
 ``g`` are folded into the batch axis and restored.
 """
 from __future__ import annotations
@@ -40,44 +40,27 @@ def max_pool_argmax(pooled: Tensor, x: Tensor, kernel: List[int], stride: List[i
     return max_pool_with_indices(x, kernel, stride, padding, dilation, ceil_mode)[1]
 
 
-def max_pool_vjp(g: Tensor, x: Tensor, argmax: Tensor, lead: int, kernel: List[int],
-                 stride: List[int], padding: List[int], dilation: List[int],
+def max_pool_vjp(g: Tensor, input_shape: List[int], argmax: Tensor, lead: int,
+                 kernel: List[int], stride: List[int], padding: List[int], dilation: List[int],
                  ceil_mode: bool) -> Tensor:
-    """``x̄[i] = Σ_{p: argmax(p) = i} g[p]`` (windows may overlap), ``[*lead, *x.shape]``:
-    torch's pooling backward kernel on the forward's indices, lead axes in the batch;
-    1-d pools run as 2-d pools of height 1 (the flat indices are the same)."""
-    shape: List[int] = list(g.shape[:lead]) + list(x.shape)
-    d = len(kernel)
-    if lead > 0:
-        overlap = False
-        for i in range(d):
-            overlap = overlap or stride[i] < dilation[i] * (kernel[i] - 1) + 1
-        return routed_to_argmax(g, x, argmax, lead, d, overlap).reshape(shape)
-    if d == 1:
-        g, x, argmax = g.unsqueeze(-2), x.unsqueeze(-2), argmax.unsqueeze(-2)
-        kernel, stride, padding, dilation = [1] + kernel, [1] + stride, [0] + padding, \
-            [1] + dilation
-        d = 2
-    grads, inputs = lead_as_batch(g, x, lead, d)
-    indices = argmax.reshape(inputs.shape[1:2] + argmax.shape[argmax.dim() - d:])
-    indices = indices.expand(grads.shape)
-    if d == 2:
-        grad = torch.ops.aten.max_pool2d_with_indices_backward(
-            grads, inputs, kernel, stride, padding, dilation, ceil_mode, indices)
-    else:
-        grad = torch.ops.aten.max_pool3d_with_indices_backward(
-            grads, inputs, kernel, stride, padding, dilation, ceil_mode, indices)
-    return grad.reshape(shape)
+    """``x̄[i] = Σ_{p: argmax(p) = i} g[p]`` (windows may overlap), ``[*lead, *input_shape]``:
+    the forward's indices route ``g`` (:func:`routed_to_argmax`). Only the input's shape is
+    read, so the (full-size) pool input need not live until the backward pass."""
+    overlap = False
+    for i in range(len(kernel)):
+        overlap = overlap or stride[i] < dilation[i] * (kernel[i] - 1) + 1
+    routed = routed_to_argmax(g, input_shape, argmax, lead, len(kernel), overlap)
+    return routed.reshape(list(g.shape[:lead]) + list(input_shape))
 
 
-def routed_to_argmax(g: Tensor, x: Tensor, argmax: Tensor, lead: int, d: int,
+def routed_to_argmax(g: Tensor, input_shape: List[int], argmax: Tensor, lead: int, d: int,
                      overlap: bool) -> Tensor:
-    """:func:`max_pool_vjp` with lead axes, ``[L, B, *in]`` (spatial axes flattened): one
-    scatter into zeros, the indices broadcast over the lead axes (a view, never copied per
-    lead vector); ``scatter_add_`` where windows overlap (an input may win several)."""
+    """:func:`max_pool_vjp` as ``[L, B, in]`` (``L`` lead vectors, spatial axes flattened):
+    one scatter into zeros, the indices broadcast over the lead axes (a view, never copied
+    per lead vector); ``scatter_add_`` where windows overlap (an input may win several)."""
     stacked_lead = numel(list(g.shape[:lead]))
-    spatial_in = numel(list(x.shape[x.dim() - d:]))
-    batch = x.numel() // spatial_in
+    spatial_in = numel(list(input_shape[len(input_shape) - d:]))
+    batch = numel(list(input_shape)) // spatial_in
     values = g.reshape([stacked_lead, batch, -1])
     index = argmax.reshape([1, batch, -1]).expand(values.shape)
     routed = torch.zeros([stacked_lead, batch, spatial_in], dtype=g.dtype, device=g.device)
@@ -204,7 +187,7 @@ def _max_pool_vjp(g, c: Ctx):
     dilation, ceil_mode = ints(c.bound["dilation"], len(kernel)), c.bound["ceil_mode"]
     argmax = c.call(max_pool_argmax, c.out, c.args.input, kernel, stride, padding, dilation,
                     ceil_mode)
-    return c.call(max_pool_vjp, g, c.args.input, argmax, c.lead, kernel, stride, padding,
+    return c.call(max_pool_vjp, g, c.args.input.shape, argmax, c.lead, kernel, stride, padding,
                   dilation, ceil_mode)
 
 

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .helpers import merge_middle
+from .helpers import merge_middle, sum_middle
 from .registry import Ctx, register
 
 
@@ -30,7 +30,7 @@ def linear_weight_batch_l2(g: Tensor, x: Tensor) -> Tensor:
         gram_g = torch.matmul(gm, gm.transpose(1, 2))
         gram_x = torch.matmul(xm, xm.transpose(1, 2))
         return (gram_g * gram_x).sum([1, 2])
-    return torch.einsum("nto,nti->noi", gm, xm).square().sum([1, 2])
+    return torch.einsum("nto,nti->noi", gm, xm).square_().sum([1, 2])
 
 
 def linear_weight_sum_grad_squared(g: Tensor, x: Tensor, lead: int) -> Tensor:
@@ -64,7 +64,7 @@ def linear_weight_product(g: Tensor, x: Tensor, vectors: Tensor) -> Tensor:
     flat_x = xm.reshape(samples * positions, -1)                            # [N·T, I]
     u = torch.matmul(flat_x, vectors.reshape(-1, flat_x.size(1)).t())      # [N·T, V·O]
     u = u.reshape(samples, positions, count, outs).transpose(1, 2)           # [N, V, T, O]
-    by_sample = gm.transpose(0, 1).reshape(samples, gm.size(0), -1)         # [N, K, T·O]
+    by_sample = gm.reshape(gm.size(0), samples, -1).transpose(0, 1)         # [N, K, T·O] view
     projections = torch.matmul(by_sample, u.reshape(samples, count, -1).transpose(1, 2))
     r = torch.matmul(projections.transpose(1, 2), by_sample)                # [N, V, T·O]
     r = r.reshape(samples, count, positions, outs).permute(1, 3, 0, 2)      # [V, O, N, T]
@@ -138,7 +138,7 @@ register(
          "weight": _weight_vjp,
          "bias": lambda g, c: c.call(merge_middle, g, c.lead).sum(-2)},
     batch_grad={"weight": _weight_batch,
-                "bias": lambda g, c: c.call(merge_middle, g, c.lead + 1).sum(-2)},
+                "bias": lambda g, c: c.call(sum_middle, g, c.lead + 1)},
     batch_l2={"weight": lambda g, c: c.call(linear_weight_batch_l2, g, c.args.input)},
     sum_grad_squared={"weight": lambda g, c: c.call(linear_weight_sum_grad_squared, g,
                                                     c.args.input, c.lead)},

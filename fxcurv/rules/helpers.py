@@ -44,6 +44,14 @@ def merge_middle(t: Tensor, start: int) -> Tensor:
     return t.reshape(head + [-1, t.size(-1)])
 
 
+def sum_middle(t: Tensor, start: int) -> Tensor:
+    """``[*t.shape[:start], a, b, ..., c]`` -> ``[*t.shape[:start], c]`` summed over the
+    middle axes; ``t`` itself (no copy) when there are none."""
+    if t.dim() == start + 1:
+        return t
+    return merge_middle(t, start).sum(-2)
+
+
 def reshape_lead(t: Tensor, lead: int, shape: List[int]) -> Tensor:
     """Keep the first ``lead`` axes of ``t`` and reshape the rest to ``shape``."""
     head: List[int] = list(t.shape[:lead])

@@ -8,7 +8,10 @@ import torch
 import torch.fx as fx
 
 from fxcurv.emit import Emitter, rename_freeing
-from fxcurv.rules.conv import conv_grads, conv_input_vjp, conv_transpose_input_vjp
+from fxcurv.passes.per_sample import variance_from_moments, variance_from_moments_
+from fxcurv.rules.affine import linear_weight_sum_grad_squared
+from fxcurv.rules.conv import (conv_grads, conv_input_vjp, conv_transpose_input_vjp,
+                               per_sample_weight_sum_squares)
 from fxcurv.rules.helpers import merge_middle, reshape_lead
 from fxcurv.rules.pooling import (adaptive_avg_pool_vjp, avg_pool_vjp, max_pool_argmax,
                                   max_pool_vjp, max_pool_with_indices)
@@ -25,6 +28,7 @@ def finalize(traced, emit: Emitter, outputs: tuple, quantity_names: list[str]) -
     graph.eliminate_dead_code()
     prune_output_masks(graph)
     relu_vjps_in_place(graph)
+    moments_in_place(graph)
     read_shapes_early(graph)
     detach_parameters(graph, traced.params)
     graph.lint()
@@ -118,9 +122,10 @@ def read_shapes_early(graph: fx.Graph) -> None:
             node.args[0].append(node)
 
 
-# Calls whose result is new memory that aliases no graph value (cotangents, factors).
+# Calls whose result is new memory that aliases no graph value (cotangents, factors, sums).
 FRESH_RESULTS = {torch.matmul, torch.ops.aten.threshold_backward, conv_input_vjp,
-                 conv_transpose_input_vjp, max_pool_vjp, avg_pool_vjp, adaptive_avg_pool_vjp}
+                 conv_transpose_input_vjp, max_pool_vjp, avg_pool_vjp, adaptive_avg_pool_vjp,
+                 "sum", linear_weight_sum_grad_squared, per_sample_weight_sum_squares}
 # Calls whose result may be a view of their first argument.
 VIEWS = {reshape_lead, merge_middle, "reshape", "view", "flatten"}
 
@@ -140,6 +145,16 @@ def relu_vjps_in_place(graph: fx.Graph) -> None:
         if threshold == 0 and not node.kwargs and _owned_temporary(g, owned):
             node.kwargs = {"grad_input": g}
             owned.add(node)
+
+
+def moments_in_place(graph: fx.Graph) -> None:
+    """``variance`` from the square sum and the gradient writes into the square sum when
+    nothing else reads it (``sum_grad_squared`` not requested too): no new tensor of the
+    parameter's size per parameter."""
+    for node in graph.nodes:
+        if (node.op == "call_function" and node.target is variance_from_moments
+                and _owned_temporary(node.args[0], set())):
+            node.target = variance_from_moments_
 
 
 def _owned_temporary(node: Any, owned: set) -> bool:

@@ -53,6 +53,13 @@ def variance_from_moments(sum_squares: Tensor, grad: Tensor, batch_size: int) ->
     return torch.addcmul(sum_squares, grad, grad, value=-inverse).mul_(inverse)
 
 
+def variance_from_moments_(sum_squares: Tensor, grad: Tensor, batch_size: int) -> Tensor:
+    """:func:`variance_from_moments` written into ``sum_squares`` (a temporary nothing else
+    reads; the cleanup pass ``moments_in_place`` picks this form)."""
+    inverse = 1.0 / batch_size
+    return sum_squares.addcmul_(grad, grad, value=-inverse).mul_(inverse)
+
+
 class PerSample:
     """Emits per-sample parameter quantities of one propagation, each at most once."""
 

@@ -403,3 +403,30 @@ def test_pool_inputs_die_in_the_forward():
     convs = [n for n in nodes if "fxcurv" not in n.meta and n.target is torch.conv2d]
     assert len(convs) == 2
     assert all(max(order[u] for u in conv.users) < first_backward for conv in convs)
+
+
+def test_variance_written_into_its_square_sum_only_when_nothing_else_reads_it():
+    """``variance`` alone: each parameter's square sum is a temporary, overwritten in place
+    (``cleanup.moments_in_place``); requested with ``sum_grad_squared``, it is returned too,
+    so it stays intact. Both steps give the same values (float64, against vmap)."""
+    alone = compile_cnn(["variance"])
+    both = compile_cnn(["sum_grad_squared", "variance"])
+    assert targets(alone)["variance_from_moments_"] == len(list(cnn().parameters()))
+    assert targets(both)["variance_from_moments_"] == 0
+    x, y = cnn_batch()
+    model = cnn()
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def sample_loss(p, xn, yn):
+        out = torch.func.functional_call(model, p, (xn[None],))
+        return nn.functional.cross_entropy(out, yn[None])
+
+    grads = torch.func.vmap(torch.func.grad(sample_loss), (None, 0, 0))(params, x, y)
+    _, _, variance = alone(x, y)
+    _, _, sum_squares, variance_too = both(x, y)
+    for name, g in grads.items():  # BackPACK's scaling: g_n of the mean loss, g / N
+        share = g / N
+        torch.testing.assert_close(sum_squares[name], (share ** 2).sum(0))
+        expected = ((share ** 2).sum(0) - share.sum(0) ** 2 / N) / N
+        torch.testing.assert_close(variance[name], expected)
+        torch.testing.assert_close(variance_too[name], expected)

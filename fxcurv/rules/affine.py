@@ -39,7 +39,9 @@ def linear_weight_sum_grad_squared(g: Tensor, x: Tensor, lead: int) -> Tensor:
     gm = merge_middle(g, lead + 1).flatten(0, lead)  # [lead*N, T, O] (lead axes merged)
     xm = merge_middle(x, 1)                           # [N, T, I]
     if gm.size(1) == 1:
-        g_squared = gm[:, 0].square().reshape(-1, xm.size(0), gm.size(2)).sum(0)
+        g_squared = gm[:, 0].square()
+        if g_squared.size(0) != xm.size(0):  # lead vectors: Σ over them first
+            g_squared = g_squared.reshape(-1, xm.size(0), gm.size(2)).sum(0)
         return torch.matmul(g_squared.t(), xm[:, 0].square())
     gm = gm.reshape(-1, xm.size(0), gm.size(1), gm.size(2))
     return torch.einsum("lnto,nti->lnoi", gm, xm).square().sum([0, 1])

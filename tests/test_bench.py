@@ -91,6 +91,13 @@ def test_targets_hold_on_the_issues_workloads():
         META, rows, checked, "github")
 
 
+def test_batch_grad_slower_than_backpack_is_one_miss():
+    rows = [bench._row("mlp", "batch_grad", name, times=[t] * 3)
+            for name, t in (("fxcurv", 2.0), ("BackPACK", 1.0), ("vmap(grad)", 3.0))]
+    assert bench.targets(bench._with_ratios(rows))["misses"] == [
+        "mlp/batch_grad: time fxcurv/BackPACK 2.00 > 1.0"]
+
+
 def test_unknown_names_are_refused():
     with pytest.raises(SystemExit, match="unknown quantities: nope"):
         bench.options(bench.parse_args(["--quantities", "nope"]))

@@ -89,12 +89,17 @@ elementwise([F.logsigmoid], "log_sigmoid", "input",
          residual={"input": lambda g, c: -g * (torch.sigmoid(c.args.input)
                                                * torch.sigmoid(-c.args.input))})
 
+def _gelu_vjp(g, c):
+    """``g ⊙ gelu'(x)``; a gradient (no lead axes) by torch's own ``gelu_backward`` kernel."""
+    if c.lead == 0:
+        return torch.ops.aten.gelu_backward(g, c.args.input, approximate=c.args.approximate)
+    return g * c.call(gelu_derivative, c.args.input, c.args.approximate)
+
+
 elementwise([F.gelu, "gelu"], "gelu", "input, approximate='none'",
          doc="y = x Φ(x);  y' = Φ(x) + x φ(x) (or the tanh approximation's derivative; "
              "a gradient: torch's gelu_backward kernel).",
-         vjp={"input": lambda g, c: torch.ops.aten.gelu_backward(
-             g, c.args.input, approximate=c.args.approximate) if c.lead == 0 else
-             g * c.call(gelu_derivative, c.args.input, c.args.approximate)},
+         vjp={"input": _gelu_vjp},
          residual={"input": lambda g, c: g * c.call(gelu_second_derivative, c.args.input,
                                                       c.args.approximate)})
 

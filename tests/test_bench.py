@@ -196,3 +196,11 @@ def test_exit_status_when_a_folder_shadows_the_package(tmp_path):
                           cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr[-2000:]
     assert "fxcurv could not run" in done.stderr and "shadows" in done.stderr
+
+
+def test_docs_name_every_workload():
+    from pathlib import Path
+    doc = (Path(__file__).parents[1] / "docs" / "benchmark.md").read_text()
+    assert bench.BEGIN in doc and bench.END in doc
+    for name, spec in bench.WORKLOADS.items():
+        assert f"| `{name}` | {spec.batch_size} |" in doc, name

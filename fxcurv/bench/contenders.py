@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 import time
 import warnings
 from typing import Callable, Optional
@@ -84,11 +85,14 @@ class Contender:
 
 def make_fxcurv(setup: Setup, quantity: str, backend: Optional[str] = None) -> Contender:
     """The step of ``fxcurv.compile`` with the defaults a user gets (its first call, which
-    may also check itself against autograd, is a warm-up call: reported, never timed)."""
+    may also check itself against autograd, is a warm-up call: reported, never timed) and
+    the workload's ``compile_options`` that this version of ``fxcurv.compile`` accepts."""
     import fxcurv
+    known = inspect.signature(fxcurv.compile).parameters
+    options = {k: v for k, v in setup.compile_options.items() if k in known}
     started = time.perf_counter()
     step = fxcurv.compile(setup.model, setup.loss_fn, [] if quantity == "grad" else [quantity],
-                          mc_samples=1, backend=backend)
+                          mc_samples=1, backend=backend, **options)
     if quantity in PRODUCTS:
         contender = Contender(lambda: step(setup.x, setup.y, setup.vectors))
     else:

@@ -6,7 +6,7 @@ vectors), so a memory run in a fresh process builds the very same setup as the t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Optional
 
 import torch
@@ -174,7 +174,9 @@ def all_cnn_c(num_classes: int = 100) -> nn.Module:
 class Workload:
     """A model (``build()``), its input ``sample_shape`` and target shape per sample, the
     default batch, what it is (``doc``) and the quantities timed on it by default. ``cpu``:
-    part of the default run on the CPU (the heaviest ones run by default on CUDA only)."""
+    part of the default run on the CPU (the heaviest ones run by default on CUDA only).
+    ``compile_options``: keyword arguments of ``fxcurv.compile`` the model needs (passed
+    when this version of fxcurv has them)."""
     name: str
     build: Callable[[], nn.Module]
     sample_shape: tuple
@@ -184,6 +186,7 @@ class Workload:
     target_shape: tuple = ()
     quantities: tuple = CORE_QUANTITIES
     cpu: bool = True
+    compile_options: dict = field(default_factory=dict)
 
 
 WORKLOADS = {w.name: w for w in [
@@ -215,7 +218,8 @@ WORKLOADS = {w.name: w for w in [
              num_classes=256, target_shape=(256,), quantities=("grad", "kfac")),
     Workload("lstm", lstm_classifier, (32, 32), 32,
              "LSTM (32 features, hidden 128, batch first) over 32 steps, linear head 10 on the "
-             "last step", quantities=FIRST_ORDER_AND_DIAG_GGN),
+             "last step", quantities=FIRST_ORDER_AND_DIAG_GGN,
+             compile_options={"sequence_length": 32}),
 ]}
 
 
@@ -232,6 +236,7 @@ class Setup:
     x: torch.Tensor
     y: torch.Tensor
     vectors: dict
+    compile_options: dict = field(default_factory=dict)
 
 
 def prepare(workload: str, device: str, batch_size: Optional[int], num_vectors: int,
@@ -246,4 +251,4 @@ def prepare(workload: str, device: str, batch_size: Optional[int], num_vectors: 
     y = torch.randint(0, spec.num_classes, (n, *spec.target_shape), generator=gen).to(device)
     vectors = {name: torch.randn(num_vectors, *p.shape, generator=gen).to(device)
                for name, p in model.named_parameters() if p.requires_grad}
-    return Setup(model, nn.CrossEntropyLoss(), x, y, vectors)
+    return Setup(model, nn.CrossEntropyLoss(), x, y, vectors, dict(spec.compile_options))

@@ -84,6 +84,9 @@ def test_errors_become_footnotes():
     assert "–[1]" in compact and "–[2]" in compact and "| 0.11 " in compact  # 0.1 s + 5 ms
     assert "xxx" not in compact and "no \\| rule" not in compact
     assert bench.targets(rows)["misses"] == []
+    slow = bench._with_ratios([bench._row("mlp", "diag_h", "fxcurv", times=[9e3])])
+    assert bench.compact_table(slow)[1] == [
+        "[1] 1 timed call only: one round of the cell took longer than --budget"]
 
 
 META = {"date": "2026-01-01", "cpu": "cpu", "cores": 2, "torch": "2", "backpack": "1",
@@ -128,6 +131,9 @@ def test_options():
     assert "all_cnn_c" not in opts.workloads and "gpt2_block" in opts.workloads
     assert opts.quantities_of("mlp_sigmoid") == list(workloads.HESSIAN_QUANTITIES)
     assert "all_cnn_c" in bench.options(bench.parse_args(["--device", "cuda"])).workloads
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit, match="CUDA is not available"):
+            bench.main(["--device", "cuda"])
     quick = bench.options(bench.parse_args(["--quick"]))
     assert quick.batch_size == 8 and quick.repeats == 3 and len(quick.workloads) <= 3
 

@@ -18,7 +18,7 @@ from .memory import default_memory_limit_gib
 from .workloads import WORKLOADS, default_workloads
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
-QUICK_WORKLOADS = ("mlp", "seed_cnn", "mlp_sigmoid")
+QUICK_WORKLOADS = ("seed_cnn", "mlp_sigmoid")
 QUICK_QUANTITIES = ("grad", "batch_l2", "diag_ggn_exact", "diag_h")
 DESCRIPTION = "fxcurv's compiled step against BackPACK and plain autograd."
 

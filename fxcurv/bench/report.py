@@ -90,7 +90,12 @@ def _compact_value(row: Optional[dict], key: str, fmt: str, notes: Footnotes) ->
         return ""
     if row["error"]:
         return "–" + notes.mark(f"{row['contender']}: {row['error']}")
-    return _cell(row.get(key), fmt)
+    text = _cell(row.get(key), fmt)
+    calls = len(row.get("times_ms") or [])
+    if key == "median_ms" and 0 < calls < 3:
+        text += notes.mark(f"{calls} timed call{'s' if calls > 1 else ''} only: one round of "
+                           "the cell took longer than --budget")
+    return text
 
 
 def compact_table(rows: list, tablefmt: str = "github") -> tuple[str, list]:

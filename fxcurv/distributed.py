@@ -116,7 +116,7 @@ def check_independent_generators(group, device: torch.device, quantity: str) -> 
         state = torch.cuda.get_rng_state(device)
     else:
         state = torch.get_rng_state()
-    digest = hashlib.sha1(state.numpy().tobytes()).hexdigest()
+    digest = hashlib.sha1(bytes(state.tolist())).hexdigest()
     digests: list = [None] * dist.get_world_size(group)
     dist.all_gather_object(digests, digest, group=group)
     if len(set(digests)) < len(digests):

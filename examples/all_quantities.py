@@ -12,11 +12,12 @@ Run: ``python examples/all_quantities.py``.
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
-from tabulate import tabulate
 
 import fxcurv
+from fxcurv.bench.report import render as table
 from mnist_data import load_mnist
 
 # the quantities, in the order of seed 002 (grad_batch is BackPACK's name for batch_grad)
@@ -75,6 +76,7 @@ def product_rows(model, x, y, names: list, count: int) -> list:
 
 def main() -> None:
     args = parse_args()
+    start = time.perf_counter()
     torch.manual_seed(0)
     dataset, source = load_mnist(args.data_dir, train=True)
     loader = torch.utils.data.DataLoader(dataset, batch_size=args.batch_size, shuffle=True)
@@ -85,7 +87,8 @@ def main() -> None:
 
     rows = quantity_rows(model, x, y, names)
     rows += product_rows(model, x, y, names, 1) + product_rows(model, x, y, names, 3)
-    print(tabulate(rows, headers=["quantity"] + names))
+    print(table(["quantity"] + names, rows, "plain"))
+    print(f"Data: {source}. Time: {time.perf_counter() - start:.1f} s.")
 
 
 if __name__ == "__main__":

@@ -36,8 +36,11 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--cg-atol", type=float, default=0.0)
     parser.add_argument("--cg-tol", type=float, default=0.1)
     parser.add_argument("--print-every", type=int, default=5)
-    parser.add_argument("--plot", default="hbp_cg_newton.png", help="where to save the plot")
-    return parser.parse_args()
+    parser.add_argument("--plot", default=None,
+                        help="where to save the plot (default: hbp_cg_newton_CURVATURE.png)")
+    args = parser.parse_args()
+    args.plot = args.plot or f"hbp_cg_newton_{args.curvature}.png"
+    return args
 
 
 def train_epoch(model, step, optimizer, loader, epoch: int, args, history: dict) -> None:

@@ -6,11 +6,12 @@ the gradient against torch.autograd. Run: ``python examples/quickstart.py``.
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
-from tabulate import tabulate
 
 import fxcurv
+from fxcurv.bench.report import render as table
 from common import seed_cnn
 from mnist_data import load_mnist
 
@@ -21,6 +22,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--code-lines", type=int, default=40, help="lines of code to show")
     args = parser.parse_args()
+    start = time.perf_counter()
     torch.manual_seed(0)
 
     dataset, source = load_mnist(args.data_dir)
@@ -44,12 +46,13 @@ def main() -> None:
     print(f"Data: {source}, batch {tuple(x.shape)}; loss {loss.item():.4f}\n")
     rows = [[name, tuple(grad[name].shape)] + [tuple(r[name].shape) for r in results]
             for name in grad]
-    print(tabulate(rows, headers=["parameter", "grad"] + quantities))
+    print(table(["parameter", "grad"] + quantities, rows, "plain"))
 
     model.zero_grad()
     loss_fn(model(x), y).backward()
     worst = max((grad[n] - p.grad).abs().max().item() for n, p in model.named_parameters())
-    print(f"\nmax |grad - autograd grad| = {worst:.2e}")
+    print(f"\nmax |grad - autograd grad| = {worst:.2e}. Data: {source}. "
+          f"Time: {time.perf_counter() - start:.1f} s.")
 
 
 if __name__ == "__main__":

@@ -50,3 +50,14 @@ def test_page_blocks_run(page, tmp_path, monkeypatch, capsys):
         torch.set_rng_state(rng)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
+
+
+LINK = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: p.relative_to(ROOT).as_posix())
+def test_relative_links_point_to_files(page):
+    """Every relative link (``[text](docs/x.md)``, ``(x.md#part)``) names an existing file."""
+    targets = [t for t in LINK.findall(page.read_text(encoding="utf-8")) if "://" not in t]
+    missing = [t for t in targets if not (page.parent / t).exists()]
+    assert not missing, f"{page.name} links to missing files: {missing}"

@@ -174,8 +174,9 @@ def _make_source(emit: Emitter, traced: Traced, name: str, quantity: str, cotang
         return SignedSum([(source("ggn_exact", quantity), 1.0)] + terms)
     kind = name.split("_", 1)[1]
     factors, columns = propagate_sqrt_ggn(emit, traced, cotangents, kind, mc_samples, quantity)
+    numels = {n: traced.attrs[node.target].numel() for n, node in params.items()}
     return PerSample(emit, params, factors, batch_size, data, lead=1, label=f"sqrt_ggn_{kind}",
-                     lead_size=columns, quantity=quantity)
+                     lead_size=columns, quantity=quantity, numels=numels)
 
 
 def check_inputs(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:

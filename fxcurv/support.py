@@ -55,6 +55,15 @@ def _second_order(rule: OpRule) -> str:
     return "—"
 
 
+def _kronecker(rule: OpRule) -> str:
+    """Parameters with Kronecker factors, and those that get their GGN block ``[G]``."""
+    blocks = [name for name in rule.batch_grad if name not in rule.kron]
+    cells = [", ".join(rule.kron)] if rule.kron else []
+    if blocks:
+        cells.append("GGN block: " + ", ".join(blocks))
+    return "; ".join(cells) or "—"
+
+
 def rows() -> list[list[str]]:
     """One row per rule: op, spellings, grad, per-sample/GGN, Hessian, Kronecker, notes."""
     by_rule: dict[int, tuple[OpRule, list[str]]] = {}
@@ -70,7 +79,7 @@ def rows() -> list[list[str]]:
             cells = ["lowered to other ops"] * 4
         else:
             cells = ["yes" if rule.vjp else "—", _first_order(rule), _second_order(rule),
-                     ", ".join(rule.kron) if rule.kron else "—"]
+                     _kronecker(rule)]
         notes = "mixes samples in some settings" if rule.mixes_samples else ""
         table.append([rule.name, ", ".join(sorted(set(names))), *cells, notes])
     return table

@@ -41,6 +41,17 @@ def factor_product(factor: Tensor, vectors: Tensor) -> Tensor:
     return torch.matmul(projections.t(), flat).reshape(vectors.shape)
 
 
+# parameters without Kronecker structure: the full GGN block up to this many entries, its
+# diagonal above (an [P, P] block of a 4096-entry parameter is 128 MiB in float64)
+MAX_KRON_BLOCK = 4096
+
+
+def block_of_terms(terms: Tensor) -> Tensor:
+    """``Σ_{k,n} q_kn q_knᵀ`` ``[P, P]`` of per-sample terms ``[K, N, *p]`` (``P`` entries)."""
+    flat = terms.reshape(terms.size(0) * terms.size(1), -1)
+    return torch.matmul(flat.t(), flat)
+
+
 def batch_zeros(p: Tensor, lead_shape: List[int]) -> Tensor:
     """Per-sample terms of a parameter that does not influence the loss."""
     return torch.zeros(lead_shape + list(p.shape), dtype=p.dtype, device=p.device)
@@ -66,15 +77,17 @@ class PerSample:
     def __init__(self, emit: Emitter, params: dict[str, fx.Node], cotangents: dict,
                  batch_size: Any, data: tuple[set, set], lead: int = 0,
                  label: str = "batch_grad", lead_size: Any = None,
-                 quantity: Optional[str] = None):
+                 quantity: Optional[str] = None, numels: Optional[dict[str, int]] = None):
         """``data``: the nodes that depend on the input, and those of them that still carry
         its sample axis (``analysis.descendants``, ``analysis.sample_carriers``); ``label``
-        names the emitted nodes; ``quantity`` (default: label) is named in errors."""
+        names the emitted nodes; ``quantity`` (default: label) is named in errors; ``numels``:
+        each parameter's number of entries (what :meth:`ggn_block` returns depends on it)."""
         self.emit, self.params, self.cotangents = emit, params, cotangents
         self.batch_size, self.lead, self.label, self.lead_size = batch_size, lead, label, \
             lead_size
         self.data, self.carriers = data
         self.quantity = quantity or label
+        self.numels = numels or {}
         self._memo: dict[tuple[str, str], Any] = {}
         self._terms: dict[fx.Node, Any] = {}
 
@@ -203,25 +216,33 @@ class PerSample:
         return self.memoized("product", name, label, build)
 
     def kron(self, name: str, label: str) -> Any:
-        """Kronecker factors ``[G, A]`` / ``[G]`` of a parameter with exactly one use."""
+        """Kronecker factors ``[G, A]`` / ``[G]`` of a parameter with exactly one use whose op
+        has a Kronecker rule; any other parameter (norm scales and shifts, elementwise or
+        shared parameters) gets its GGN block (:meth:`ggn_block`)."""
         def build():
-            uses = self.uses(name)
-            if len(uses) != 1:
-                node = uses[0][0] if uses else self.params[name]
-                raise node_error(node, f"parameter '{name}' is used {len(uses)} times, and a sum "
-                                 "of Kronecker products is not a Kronecker product",
-                                 "Request diag_ggn_* or sqrt_ggn_* for shared parameters.", label)
-            node, rule, arg = uses[0]
-            if len([u for u in self.params[name].users if u in self.cotangents]) != 1:
-                raise node_error(node, f"parameter '{name}' is also used through other ops",
-                                 "Request diag_ggn_* or sqrt_ggn_* for it.", label)
-            if arg not in rule.kron:
-                raise node_error(node, f"{rule.name} has no Kronecker factorisation for its "
-                                 f"argument '{arg}' (parameter '{name}')",
-                                 "Request diag_ggn_* or sqrt_ggn_* for this parameter.", label)
+            use = self._kron_use(name)
+            if use is None:
+                return self.ggn_block(name, label)
+            node, rule, arg = use
             return rule.kron[arg](self.cotangents[node], Ctx.of(node, rule, self.emit, self.lead))
         return self.memoized("kron", name, label, build)
 
+    def _kron_use(self, name: str) -> Optional[tuple[fx.Node, OpRule, str]]:
+        """The parameter's one use, if it is its only reader and has a Kronecker rule."""
+        uses = self.uses(name)
+        readers = [u for u in self.params[name].users if u in self.cotangents]
+        if len(uses) == 1 and len(readers) == 1 and uses[0][2] in uses[0][1].kron:
+            return uses[0]
+        return None
+
+    def ggn_block(self, name: str, label: str) -> list:
+        """``[G]``: the parameter's curvature block ``Σ_{k,n} q_kn q_knᵀ`` ``[P, P]`` (``q`` its
+        per-sample terms flattened, ``P = p.numel()``), for ``P`` up to
+        :data:`MAX_KRON_BLOCK`; above, ``[G_diag]``, its diagonal in ``p.shape``. With a
+        sqrt-GGN factor this is the exact (kflr) or Monte-Carlo (kfac) GGN block."""
+        if self.numels[name] > MAX_KRON_BLOCK:
+            return [self.sum_squares(name, f"{label}_diagonal")]
+        return [self.emit.call(block_of_terms, self.batch(name))]
     def variance(self, name: str, label: str, grad: Any) -> Any:
         def build():
             return self.emit.call(variance_from_moments,

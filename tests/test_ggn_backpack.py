@@ -374,9 +374,17 @@ def test_kfac_shapes_equal_kflr(layer):
             torch.testing.assert_close(kfac[name][side], kflr[name][side], **TOL)
 
 
-@pytest.mark.parametrize("layer", ["batchnorm1d_eval", "layer_norm"])
-def test_norm_layers_have_no_kronecker_factors(layer):
-    model = make_model("batchnorm1d_eval") if layer != "layer_norm" else \
-        nn.Sequential(nn.Linear(4, 3), nn.LayerNorm(3), nn.Linear(3, NUM_OUT)).to(DTYPE)
-    with pytest.raises(CompileError, match="has no Kronecker factorisation"):
-        fxcurv.compile(model, nn.CrossEntropyLoss(), ["kflr"])
+def test_batch_norm_kflr_extends_backpack():
+    """BackPACK has no KFLR for BatchNorm; fxcurv gives its scale and shift their GGN block
+    ``[G]``, whose diagonal is BackPACK's DiagGGNExact (the other layers: BackPACK's factors)."""
+    model = make_model("batchnorm1d_eval")
+    x, y = make_batch(LAYERS["batchnorm1d_eval"][1], None, "ce", N)
+    with pytest.raises(NotImplementedError):
+        run_backpack(model, nn.CrossEntropyLoss(), x, y, ["kflr"])
+    kflr, = fxcurv.compile(model, nn.CrossEntropyLoss(), ["kflr"])(x, y)[2:]
+    diag, = run_backpack(model, nn.CrossEntropyLoss(), x, y, ["diag_ggn_exact"])
+    norms = [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm1d)]
+    assert norms
+    for name in [f"{n}.{p}" for n in norms for p in ("weight", "bias")]:
+        assert len(kflr[name]) == 1 and kflr[name][0].shape == (diag[name].numel(),) * 2
+        torch.testing.assert_close(kflr[name][0].diagonal(), diag[name], **TOL)

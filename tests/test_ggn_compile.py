@@ -232,8 +232,7 @@ def test_batchnorm_train_names_the_node_and_quantity(quantity):
     message = str(info.value)
     assert "node 'batch_norm'" in message and "BatchNorm1d" in message
     assert f"'{quantity}'" in message and "eval" in message
-    if quantity != "kflr":                          # BatchNorm has no Kronecker factors
-        fxcurv.compile(model.eval(), nn.CrossEntropyLoss(), [quantity])  # eval mode is fine
+    fxcurv.compile(model.eval(), nn.CrossEntropyLoss(), [quantity])  # eval mode is fine
 
 
 class Shared(nn.Module):
@@ -247,21 +246,13 @@ class Shared(nn.Module):
 
 
 @pytest.mark.parametrize("quantity", ["kflr", "kfac"])
-def test_kronecker_factors_of_a_shared_parameter(quantity):
-    with pytest.raises(fxcurv.CompileError) as info:
-        fxcurv.compile(Shared().to(DTYPE), nn.CrossEntropyLoss(), [quantity])
-    message = str(info.value)
-    assert "node 'linear" in message and "module shared (Linear)" in message
-    assert f"'{quantity}'" in message and "'shared.weight' is used 2 times" in message
-    assert "diag_ggn" in message                                # what to use instead
-    fxcurv.compile(Shared().to(DTYPE), nn.CrossEntropyLoss(), ["diag_ggn_exact"])
-
-
-@pytest.mark.parametrize("quantity", ["kflr", "kfac"])
-def test_kronecker_factors_of_a_layer_norm_weight(quantity):
-    with pytest.raises(fxcurv.CompileError) as info:
-        fxcurv.compile(LayerNormNet().to(DTYPE), nn.CrossEntropyLoss(), [quantity])
-    message = str(info.value)
-    assert "node 'layer_norm'" in message and "module norm (LayerNorm)" in message
-    assert f"'{quantity}'" in message and "norm.weight" in message
-    assert "Kronecker" in message and "diag_ggn" in message
+def test_kronecker_factors_of_a_layer_norm_weight_are_its_ggn_block(quantity):
+    """No Kronecker structure: ``[G]``, the parameter's (exact or sampled) GGN block, the same
+    propagation's factor squared (brute force: ``tests/test_kron_blocks.py``)."""
+    model, (x, y) = LayerNormNet().to(DTYPE), mlp_batch()
+    factor = "sqrt_ggn_exact" if quantity == "kflr" else "sqrt_ggn_mc"
+    kron, sqrt = fxcurv.compile(model, nn.CrossEntropyLoss(), [quantity, factor])(x, y)[2:]
+    for name in ("norm.weight", "norm.bias"):
+        s = sqrt[name].flatten(0, 1)
+        assert len(kron[name]) == 1
+        torch.testing.assert_close(kron[name][0], s.T @ s)

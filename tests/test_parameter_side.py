@@ -86,9 +86,14 @@ def test_ggn_through_parameter_side_ops_and_torchscript():
         torch.testing.assert_close(scripted[2][name], diag[name], rtol=1e-12, atol=0)
 
 
-def test_kronecker_factors_need_a_direct_use():
-    with pytest.raises(fxcurv.CompileError, match="'emb' is used 2 times"):
-        fxcurv.compile(ParameterSide(), nn.CrossEntropyLoss(), ["kflr"])
+def test_kronecker_factors_without_a_direct_use_are_ggn_blocks():
+    """Transposed, reshaped and tied parameters have no Kronecker structure: ``[G]``, their
+    GGN block (diagonal against brute force; full blocks in ``test_kron_blocks.py``)."""
+    model, (x, y) = ParameterSide(), batch()
+    kflr = fxcurv.compile(model, nn.CrossEntropyLoss(), ["kflr"])(x, y)[2]
+    for name, expected in ggn_diagonal(model, x, y).items():
+        assert len(kflr[name]) == 1 and kflr[name][0].shape == (expected.numel(),) * 2
+        torch.testing.assert_close(kflr[name][0].diagonal(), expected.reshape(-1), **TOL)
 
 
 @pytest.mark.parametrize("quantity,reason", [

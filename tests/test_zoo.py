@@ -19,23 +19,23 @@ second derivatives of the model's ops: ``diag_h diag_h_batch hmp pchmp_abs pchmp
 | branches       | torch.cat of two branches, chunk and split   | MSE       | -                               |
 | slicing        | h[:, :3] and h[..., 1:]                      | CE sum    | -                               |
 | many_uses      | h used thrice: tanh(h) + sigmoid(h) - h/2    | BCE [N,3] | -                               |
-| tied           | embedding weight as head, proj.t()           | CE        | kflr (t); 2nd (linear)          |
+| tied           | embedding weight as head, proj.t()           | CE        | 2nd (linear)                    |
 | gated          | h * sigmoid(h)                               | CE        | -                               |
 | reductions     | [N, T, D]: mean over T, sum over features    | MSE sum   | -                               |
-| functional     | only F.* and raw nn.Parameters               | CE        | kflr (add_1)                    |
-| transformer    | layer_norm, MultiheadAttention, GELU MLP     | CE        | kflr (layer_norm)               |
+| functional     | only F.* and raw nn.Parameters               | CE        | -                               |
+| transformer    | layer_norm, MultiheadAttention, GELU MLP     | CE        | -                               |
 | hand_attention | softmax(q kᵀ/√d) v by matmul, mean over T    | CE        | -                               |
 | post_loss      | MLP; 2 * cross_entropy + (out ** 2).mean()/2 | callable  | -                               |
-| bilinear       | einsum("ni,kij,nj->nk", a, W, b), W param    | MSE       | kflr (einsum)                   |
-| conv_bn        | conv2d, batch_norm (eval), adaptive pool     | CE        | kflr (batch_norm)               |
+| bilinear       | einsum("ni,kij,nj->nk", a, W, b), W param    | MSE       | -                               |
+| conv_bn        | conv2d, batch_norm (eval), adaptive pool     | CE        | -                               |
 | nll            | log_softmax then NLLLoss                     | NLL       | -                               |
 
 (CE: ``CrossEntropyLoss``, MSE: ``MSELoss``, BCE: ``BCEWithLogitsLoss``; mean unless "sum".)
 
-Beyond the table, :func:`test_more_refusals` pins down three more messages: ``kflr`` on an
-embedding weight used twice (no ``.t()`` in the way), and Monte-Carlo quantities with the
-callable post-loss arithmetic; an einsum whose two activations share parameters (its cross
-block) is checked against the Hessian.
+Beyond the table, :func:`test_more_refusals` pins down two more messages: Monte-Carlo
+quantities with the callable post-loss arithmetic; an einsum whose two activations share
+parameters (its cross block) is checked against the Hessian. ``kflr`` of a parameter without
+Kronecker structure (``Spec.kron_blocks``) is its exact GGN block ``[G]``.
 
 References (no fxcurv code involved), with ``f`` the model output and ``L`` the loss of the
 whole batch (NLL after log_softmax: ``f`` are the logits and ``L = nll(log_softmax(f))``, as
@@ -311,10 +311,6 @@ def _cross_rule(node: str, params: str) -> tuple[str, str]:
                   f"no cross second-derivative rule")
 
 
-def _no_kron(node: str, param: str) -> tuple[str, str]:
-    return node, f"has no Kronecker factorisation for its argument '.*' \\(parameter '{param}'\\)"
-
-
 @dataclass
 class Spec:
     make: Callable[[], nn.Module]
@@ -326,6 +322,8 @@ class Spec:
     # pchmp_* against the site definition (False: torch's fused attention hides its softmax
     # and products from the recorded sites; the identities of the definition are checked)
     pch_reference: bool = True
+    # parameters without Kronecker structure: kflr gives their GGN block [G], G: [P, P]
+    kron_blocks: tuple = ()
 
     @property
     def supported(self) -> tuple[str, ...]:
@@ -345,26 +343,26 @@ SPECS: dict[str, Spec] = {
     "many_uses": Spec(ManyUses, nn.BCEWithLogitsLoss(),
                       lambda g: (_randn(g, 4, 4), torch.rand(4, 3, generator=g, dtype=DTYPE))),
     "tied": Spec(Tied, nn.CrossEntropyLoss(), lambda g: (_labels(g, 5, 3, 4), _labels(g, 5, 3)),
-                 refused={"kflr": _no_kron("t", "proj"),
-                          **_refuse(RESIDUAL, _cross_rule("linear", r"\['emb.weight'\]"))}),
+                 refused=_refuse(RESIDUAL, _cross_rule("linear", r"\['emb.weight'\]")),
+                 kron_blocks=("emb.weight", "proj")),
     "gated": Spec(Gated, nn.CrossEntropyLoss(), lambda g: (_randn(g, 3, 4), _labels(g, 3, 3))),
     "reductions": Spec(Reductions, nn.MSELoss(reduction="sum"),
                        lambda g: (_randn(g, 3, T, 4), _randn(g, 3, 2))),
     "functional": Spec(Functional, nn.CrossEntropyLoss(),
                        lambda g: (_randn(g, 4, 4), _labels(g, 3, 4)),
-                       refused={"kflr": _no_kron("add_1", "b2")}),
+                       kron_blocks=("b2",)),
     "transformer": Spec(Transformer, nn.CrossEntropyLoss(),
                         lambda g: (_randn(g, 3, T, D), _labels(g, 3, 3)),
-                        refused={"kflr": _no_kron("layer_norm", "ln1.weight")},
+                        kron_blocks=("ln1.weight", "ln1.bias", "ln2.weight", "ln2.bias"),
                         pch_reference=False),
     "hand_attention": Spec(HandAttention, nn.CrossEntropyLoss(),
                            lambda g: (_randn(g, 3, T, D), _labels(g, 3, 3))),
     "post_loss": Spec(post_loss_mlp, post_loss, lambda g: (_randn(g, 4, 4), _labels(g, 3, 4))),
     "bilinear": Spec(Bilinear, nn.MSELoss(), lambda g: (_randn(g, 3, 4), _randn(g, 3, 2)),
-                     refused={"kflr": _no_kron("einsum", "weight")}),
+                     kron_blocks=("weight",)),
     "conv_bn": Spec(lambda: randomize_bn(ConvBN()).eval(), nn.CrossEntropyLoss(),
                     lambda g: (_randn(g, 3, 2, 4, 4), _labels(g, 3, 3)),
-                    refused={"kflr": _no_kron("batch_norm", "bn.weight")}),
+                    kron_blocks=("bn.weight", "bn.bias")),
     "nll": Spec(LogSoftmaxNet, nn.NLLLoss(), lambda g: (_randn(g, 4, 4), _labels(g, 3, 4)),
                 logits=True),
 }
@@ -741,10 +739,16 @@ def reference_output_size(name: str) -> int:
 def test_kflr_shapes_and_linear_layer_factors(name):
     """Shapes: ``[G, A]`` with ``G: [p.shape[0]]²``, ``A: [prod(p.shape[1:])]²`` for a weight,
     ``[G]`` for a bias. Values, for every ``nn.Linear`` on ``[N, I]`` inputs: G is the bias's
-    GGN block and A = Σ_n x_n x_nᵀ / N."""
+    GGN block and A = Σ_n x_n x_nᵀ / N. A parameter without Kronecker structure (norm scales
+    and shifts, raw parameters used elementwise, transposed or by two ops): ``[G]``, its exact
+    GGN block ``[P, P]``."""
     case, ref = case_of(name), reference(name)
     factors = ours(name, "kflr")
     for p, param in ref.flat.params.items():
+        if p in case.spec.kron_blocks:
+            assert len(factors[p]) == 1, p
+            close(factors[p][0], ref.flat.block(ref.ggn, p).sum(0), f"kflr GGN block [{p}]")
+            continue
         expected = [(param.shape[0],) * 2]
         if param.dim() > 1:
             expected.append((param[0].numel(),) * 2)
@@ -761,7 +765,7 @@ def test_kflr_shapes_and_linear_layer_factors(name):
         close(factors[weight][0], g_bias, f"kflr G [{weight}]")
         close(factors[weight][1], x.T @ x / len(x), f"kflr A [{weight}]")
         checked += 1
-    assert checked
+    assert checked or case.spec.kron_blocks
 
 
 @pytest.mark.parametrize("name", names_supporting("diag_h", "diag_h_batch"))
@@ -876,14 +880,11 @@ class SharedBilinear(nn.Module):
 
 
 @pytest.mark.parametrize("make,loss_fn,quantity,node,reason", [
-    (TiedTwice, nn.CrossEntropyLoss(), "kflr", "linear_1",
-     "parameter 'emb.weight' is used 2 times, and a sum of Kronecker products is not a "
-     "Kronecker product"),
     (post_loss_mlp, post_loss, "diag_ggn_mc", "loss",
      "Monte-Carlo curvature samples targets from the likelihood of a built-in loss"),
     (post_loss_mlp, post_loss, "kfac", "loss",
      "Monte-Carlo curvature samples targets from the likelihood of a built-in loss"),
-], ids=["kflr_parameter_used_twice", "mc_post_loss", "kfac_post_loss"])
+], ids=["mc_post_loss", "kfac_post_loss"])
 def test_more_refusals(make, loss_fn, quantity, node, reason):
     torch.manual_seed(0)
     with pytest.raises(CompileError) as info:

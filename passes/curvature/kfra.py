@@ -39,6 +39,7 @@ from fxcurv.errors import describe, node_error
 from fxcurv.rules import Ctx, rule_for
 
 from ..analysis import ancestors
+from ..per_sample import MAX_KRON_BLOCK, block_of_terms
 from .loss_hessian import loss_factor
 
 MAX_DENSE_BYTES = 2 ** 31  # largest tensor one KFRA propagation step may build (2 GiB)
@@ -88,6 +89,16 @@ def matrix_sqrt_factor(matrix: Tensor, like: Tensor) -> Tensor:
     values, vectors = torch.linalg.eigh(0.5 * (matrix + matrix.t()))
     root = vectors * values.clamp(min=0.0).sqrt().unsqueeze(0)
     return root.t().reshape([matrix.size(0), 1] + list(like.shape[1:]))
+
+
+def every_sample(root: Tensor, like: Tensor) -> Tensor:
+    """``[D, 1, *out]`` -> ``[D, N, *out]`` (a view): the same factor for each sample."""
+    return root.expand([root.size(0), like.size(0)] + list(root.shape[2:]))
+
+
+def sample_mean_squares(terms: Tensor) -> Tensor:
+    """``(1/N) Σ_{k,n} q_kn²`` ``p.shape`` of per-sample terms ``[K, N, *p]``."""
+    return terms.square().sum([0, 1]) / terms.size(1)
 
 
 def checked_sizes(matrix: Tensor, inputs: List[Tensor], all_samples: List[bool], limit: int,
@@ -229,14 +240,26 @@ class KFRA:
             factors = rule.kron_matrix[arg](matrix, ctx)
         elif arg in rule.kron:
             factors = rule.kron[arg](self.emit.call(matrix_sqrt_factor, matrix, ctx.out), ctx)
+        elif arg in rule.batch_grad:
+            factors = [self._block(rule, arg, param, matrix, ctx)]
         else:
-            raise node_error(node, f"{rule.name} has no Kronecker factorisation for its "
-                             f"argument '{arg}' (parameter '{name}')",
-                             "Request diag_ggn_* or sqrt_ggn_* for this parameter.",
-                             self.quantity)
+            raise node_error(node, f"{rule.name} has neither a Kronecker factorisation nor "
+                             f"a per-sample rule for its argument '{arg}' (parameter "
+                             f"'{name}')", "Request diag_ggn_* or sqrt_ggn_* for this "
+                             "parameter.", self.quantity)
         for i, factor in enumerate(factors):
             self.emit.rename(factor, f"{param.name}_kfra_{i}")
         self.factors[name] = factors
+
+    def _block(self, rule, arg: str, param: fx.Node, matrix: Any, ctx: Ctx) -> Any:
+        """A parameter without Kronecker structure: its block of the batch-averaged
+        curvature, ``(1/N) Σ_n J_nᵀ M J_n`` ``[P, P]`` (``J_n`` its per-sample Jacobian; a
+        bias's ``M``), or the diagonal in ``p.shape`` above ``MAX_KRON_BLOCK`` entries."""
+        root = self.emit.call(matrix_sqrt_factor, matrix, ctx.out)
+        terms = rule.batch_grad[arg](self.emit.call(every_sample, root, ctx.out), ctx)
+        if self.traced.attrs[param.target].numel() > MAX_KRON_BLOCK:
+            return self.emit.call(sample_mean_squares, terms)
+        return self.emit.call(block_of_terms, terms) / ctx.out.size(0)
 
     def _arguments(self, node: fx.Node, ctx: Ctx, params: set) -> tuple:
         """The one data argument that depends on parameters, and the parameter arguments."""

@@ -91,6 +91,10 @@ class PerSample:
         self._memo: dict[tuple[str, str], Any] = {}
         self._terms: dict[fx.Node, Any] = {}
 
+    def reaches(self, name: str) -> bool:
+        """Whether this propagation reaches parameter ``name`` (else its terms are zero)."""
+        return self.params[name] in self.cotangents
+
     def uses(self, name: str) -> list[tuple[fx.Node, OpRule, str]]:
         """``(op node, rule, argument name)`` for every direct use of a parameter the loss
         sees (where per-op formulas — cheap norms, Kronecker factors — apply)."""
@@ -273,7 +277,9 @@ def _sum(parts: list) -> Any:
 class SignedSum:
     """``Σ_k sign_k · term_k`` of several propagations' squared quantities: the Hessian is the
     GGN plus the positive and minus the negative residual parts; the positive-curvature
-    Hessian adds the negative parts (``abs``) or drops them (``clip``)."""
+    Hessian adds the negative parts (``abs``) or drops them (``clip``). A propagation that
+    does not reach a parameter (a residual seeded downstream of it) adds nothing: no zero
+    ``[*lead, N, *p]`` terms are built for it."""
 
     def __init__(self, terms: list[tuple[PerSample, float]]):
         self.terms = terms
@@ -283,8 +289,9 @@ class SignedSum:
         key = (kind, name)
         if key not in self._memo:
             first = self.terms[0][0]
+            reached = [(term, sign) for term, sign in self.terms[1:] if term.reaches(name)]
             parts = [(getattr(term, kind)(name, f"{label}_part", *args), sign)
-                     for term, sign in self.terms]
+                     for term, sign in self.terms[:1] + reached]
             full = f"{first.params[name].name}_{label}"
             with first.emit.naming(full, pass_="per_sample", param=name):
                 total = parts[0][0]

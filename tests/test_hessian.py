@@ -743,3 +743,28 @@ def test_ggn_products_compile_where_the_hessian_does_not(model):
     ours = run_fxcurv(net, nn.CrossEntropyLoss(), x, y, ["ggnmp"], vectors)
     expected = brute_force(net, nn.CrossEntropyLoss(), x, y, vectors)["ggnmp"]
     assert_dicts_close(ours["ggnmp"], expected, "ggnmp")
+
+
+@pytest.mark.parametrize("quantity", ["diag_h", "diag_h_batch", "hmp", "pchmp_abs"])
+def test_residuals_build_nothing_for_parameters_they_do_not_reach(quantity):
+    """A residual seeded at a deep activation adds nothing to the layers after it: the step
+    builds no ``[D, N, *p]`` zeros for them (their cost once dominated smooth networks)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.Sigmoid(), nn.Linear(4, 3), nn.Tanh(),
+                          nn.Linear(3, 2)).double()
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), [quantity])
+    assert "batch_zeros" not in step.code
+    x, y = torch.randn(6, 5, dtype=torch.float64), torch.randint(0, 2, (6,))
+    extra = ({n: torch.randn(2, *p.shape, dtype=torch.float64)
+              for n, p in model.named_parameters()},) if quantity.endswith("mp") or \
+        quantity.startswith("pchmp") else ()
+    got = step(x, y, *extra)[2]
+    if quantity == "diag_h":
+        def loss(params):
+            return F.cross_entropy(functional_call(model, params, (x,)), y)
+        params = dict(model.named_parameters())
+        for name, p in params.items():
+            def partial(value, name=name):
+                return loss({**params, name: value})
+            full = hessian(partial)(p.detach()).reshape(p.numel(), p.numel())
+            torch.testing.assert_close(got[name], full.diagonal().reshape(p.shape))

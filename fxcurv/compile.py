@@ -18,7 +18,7 @@ from . import quantities as q
 from .backend import Backend, with_backend
 from .emit import Emitter
 from .errors import CompileError, node_error
-from .passes.analysis import ancestors, depends_on, descendants, sample_carriers
+from .passes.analysis import ancestors, descendants, sample_carriers
 from .passes.backward import backward
 from .passes.cleanup import finalize
 from .passes.normalize import normalize, pool_before_relu
@@ -27,6 +27,7 @@ from .passes.curvature.kfra import KFRA
 from .passes.curvature.regulariser import Regulariser
 from .passes.curvature.sqrt_ggn import propagate_sqrt_ggn
 from .passes.distributed import data_parallel
+from .passes.invariant import check_derivative_paths
 from .passes.per_sample import PerSample, SignedSum
 from .passes.schedule import schedule_extractions
 from .rules import rule_for
@@ -78,7 +79,7 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
     if not traced.params:
         raise CompileError("the model has no trainable parameters (requires_grad=True) that the "
                            "loss depends on; there is nothing to differentiate.")
-    normalize(traced.graph)
+    normalize(traced.graph, requested[0][0] if requested else "grad")
     if all(name != "kfra" for name, _ in requested):
         pool_before_relu(traced.graph, keep=(traced.model_output,))
     traced.refresh()
@@ -88,8 +89,9 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
     with emit.naming("loss", pass_="backward"):
         seed = torch.ones_like(emit.proxy(traced.loss))
     emit.rename(seed, "loss_cotangent")
-    _check_supported(traced, depends_on(traced.graph, traced.params.values()), requested)
     needed_for = requested[0][0] if requested else "grad"
+    active = check_derivative_paths(traced.graph, traced.params.values(), needed_for)
+    _check_per_sample(traced, active, requested)
     cotangents = backward(emit, {traced.loss: seed}, traced.params.values(), quantity=needed_for)
     grads = _gradients(emit, traced, cotangents)
     with emit.naming("batch_size"):
@@ -241,25 +243,22 @@ def _gradients(emit: Emitter, traced: Traced, cotangents: dict) -> dict[str, Any
     return grads
 
 
-def _check_supported(traced: Traced, active: dict, requested: list) -> None:
-    """Compile-time errors for unsupported op arguments and, for per-sample quantities, ops
-    that mix samples inside the model (BatchNorm in train mode, reductions over axis 0)."""
+def _check_per_sample(traced: Traced, active: dict, requested: list) -> None:
+    """Compile-time errors, for per-sample quantities, for ops that mix samples inside the
+    model (BatchNorm in train mode, reductions over axis 0). Whether each node on a derivative
+    path is ruled at all is checked before (``passes/invariant.py``)."""
     model_nodes = ancestors(traced.model_output) & descendants(traced.graph, traced.inputs[0])
     per_sample = [name for name, quantity in requested if quantity.per_sample]
+    if not per_sample:
+        return
     for node in active:
         rule = rule_for(node)
-        if rule is None:
+        if rule is None or node not in model_nodes or not rule.mixes_samples:
             continue
-        bound = rule.bind(node)
-        reason = rule.unsupported(bound) if rule.unsupported else None
+        reason = rule.mixes_samples(rule.bind(node))
         if reason:
-            raise node_error(node, reason, "Change that argument or the op.",
-                             per_sample[0] if per_sample else "grad")
-        if per_sample and node in model_nodes and rule.mixes_samples:
-            reason = rule.mixes_samples(bound)
-            if reason:
-                raise node_error(node, f"{reason}, so per-sample quantities are undefined",
-                                 _MIXING_HINT, per_sample[0])
+            raise node_error(node, f"{reason}, so per-sample quantities are undefined",
+                             _MIXING_HINT, per_sample[0])
 
 
 _MIXING_HINT = ("Per-sample quantities need every sample to pass through the model on its own: "

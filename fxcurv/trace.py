@@ -7,10 +7,18 @@ input and a buffer update; MultiheadAttention and the Transformer layers: fast-p
 tensor values) are lowered to functional ops by ``MODULE_LOWERINGS``.
 A parameter used as a plain tensor (``model.parameters()`` in a regulariser, a parameter the
 loss function captured) is traced as its ``get_attr`` node, not folded into a constant.
+
+What fx does not record by itself is made visible here (``docs/tracing.md``): each node
+notes whether grad mode was on when it was traced, and the values a ``no_grad`` region hands
+out are read through ``detach``; a custom ``torch.autograd.Function`` and a module with a
+backward hook become opaque calls, which the invariant check (``passes/invariant.py``) refuses
+where they lie on a derivative path.
 """
 from __future__ import annotations
 
+import operator
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -23,7 +31,9 @@ from torch.overrides import TorchFunctionMode, is_tensor_method_or_property
 from torch.utils import _pytree as pytree
 
 from .errors import CompileError
+from .rules import rule_for
 from .rules.linalg import attention
+from .rules.shape import is_scalar_node
 
 MODEL, LOSS = "model", "loss_fn"
 
@@ -147,7 +157,8 @@ MODULE_LOWERINGS: dict[type, Callable] = {
 
 
 class CurvatureTracer(fx.Tracer):
-    """Traces through every module, lowering the ones in ``MODULE_LOWERINGS``."""
+    """Traces through every module, lowering the ones in ``MODULE_LOWERINGS``; records grad
+    mode per node, custom autograd Functions and backward hooks (module docstring)."""
 
     def __init__(self):
         super().__init__()
@@ -159,14 +170,113 @@ class CurvatureTracer(fx.Tracer):
     def call_module(self, m, forward, args, kwargs):
         lowering = MODULE_LOWERINGS.get(type(m))
         if lowering is not None:
-            forward = lambda *a, **k: lowering(m, *a, **k)  # noqa: E731
+            forward = _lowered_call(m, lowering)
+        if _has_backward_hooks(m):
+            forward = self._hook_markers(forward)
         return super().call_module(m, forward, args, kwargs)
 
+    def _hook_markers(self, forward: Callable) -> Callable:
+        """``forward`` with every Proxy going in or out passed through an opaque
+        ``BackwardHooked`` node (the module has a backward hook)."""
+        def mark(value: Any) -> Any:
+            if not isinstance(value, fx.Proxy):
+                return value
+            return self.create_proxy("call_function", BackwardHooked.apply, (value,), {},
+                                     name="backward_hook")
+
+        def call(*args, **kwargs):
+            args, kwargs = pytree.tree_map(mark, (args, kwargs))
+            return pytree.tree_map(mark, forward(*args, **kwargs))
+        return call
+
+    def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
+        node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        node.meta["grad_enabled"] = torch.is_grad_enabled()
+        return node
+
     def trace(self, root, concrete_args=None) -> fx.Graph:
-        with _ParameterProxies(self, root):
+        with torch.enable_grad(), _ParameterProxies(self, root), _opaque_functions(self):
             graph = super().trace(root, concrete_args)
         _merge_attributes(graph)
+        _detach_no_grad_regions(graph)
         return graph
+
+
+class BackwardHooked(torch.autograd.Function):
+    """Marks a value passed into or out of a module with a backward hook (identity forward;
+    eager autograd would run the hook in backward, which the explicit step cannot)."""
+
+    backward_hook = True  # read by passes/invariant.py
+
+    @staticmethod
+    def forward(ctx, x):  # noqa: D102
+        return x
+
+    @staticmethod
+    def backward(ctx, g):  # noqa: D102
+        return g
+
+
+def _has_backward_hooks(m: nn.Module) -> bool:
+    """True if a backward hook (module or global) would change gradients through ``m``."""
+    hooks = nn.modules.module
+    return bool(m._backward_hooks or m._backward_pre_hooks or hooks._global_backward_hooks
+                or hooks._global_backward_pre_hooks)
+
+
+def _lowered_call(m: nn.Module, lowering: Callable) -> Callable:
+    """Call ``m`` with ``lowering`` as its forward, through ``nn.Module.__call__`` so the
+    module's forward hooks and pre-hooks run as they do in eager PyTorch."""
+    def call(*args, **kwargs):
+        m.__dict__["forward"] = lambda *a, **k: lowering(m, *a, **k)
+        try:
+            return fx._symbolic_trace._orig_module_call(m, *args, **kwargs)
+        finally:
+            del m.__dict__["forward"]
+    return call
+
+
+@contextmanager
+def _opaque_functions(tracer: fx.Tracer):
+    """While tracing, ``SomeFunction.apply(proxy)`` records one opaque call of ``apply``
+    instead of tracing through ``forward`` (which would ignore the custom ``backward``)."""
+    original = torch.autograd.Function.__dict__["apply"]
+
+    def apply(cls, *args, **kwargs):
+        if any(isinstance(a, fx.Proxy) for a in pytree.tree_leaves((args, kwargs))):
+            return tracer.create_proxy("call_function", original.__get__(None, cls), args,
+                                       kwargs, name=f"{cls.__name__}_apply")
+        return original.__get__(None, cls)(*args, **kwargs)
+
+    torch.autograd.Function.apply = classmethod(apply)
+    try:
+        yield
+    finally:
+        torch.autograd.Function.apply = original
+
+
+def _detach_no_grad_regions(graph: fx.Graph) -> None:
+    """A value computed with grad mode off (``torch.no_grad()``, ``set_grad_enabled(False)``,
+    ``inference_mode``) has no derivative: its readers traced with grad mode on read it
+    through ``torch.detach``. A piece picked from a tuple such a region computed counts as
+    part of the region."""
+    for node in list(graph.nodes):
+        if node.meta.get("grad_enabled", True) or node.op not in ("call_function",
+                                                                   "call_method"):
+            continue
+        for user in list(node.users):
+            if user.target is operator.getitem:
+                user.meta["grad_enabled"] = False
+        outside = [u for u in node.users if u.meta.get("grad_enabled", True)]
+        rule = rule_for(node)
+        if not outside or is_scalar_node(node) or (rule is not None and rule.is_constant(node)):
+            continue
+        with graph.inserting_after(node):
+            detached = graph.call_function(torch.detach, (node,))
+        detached.meta = {**node.meta, "grad_enabled": True}
+        detached._rename(f"{node.name}_no_grad")
+        for user in outside:
+            user.replace_input_with(node, detached)
 
 
 class _ParameterProxies(TorchFunctionMode):

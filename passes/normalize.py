@@ -1,7 +1,10 @@
 """Normalisation: one canonical, functional spelling of every op before differentiation.
 
+* a named field of a multi-result op (``torch.max(x, 1).values``, ``x.topk(k).indices``)
+  becomes the position it names (``[0]``, ``[1]``), so it is that result, not an attribute;
 * in-place ops (``x += y``, ``x.relu_()``, ``F.relu(x, inplace=True)``) become out-of-place,
-  and later readers of the overwritten value read the new node instead;
+  and later readers of the overwritten value read the new node instead; those that another
+  alias of the value would see (views, ``passes/aliasing.py``) are refused;
 * ops with a decomposition in the rule table (``rule.lower``, e.g. dropout -> mask multiply)
   are replaced by it, so the backward reuses the forward's mask;
 * losses whose rule checks its target at call time (``rule.check_target``) get that check;
@@ -15,19 +18,23 @@
 from __future__ import annotations
 
 import operator
+from typing import Optional
 
+import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
 from fxcurv.emit import Emitter
 from fxcurv.rules import RULES, Ctx, rule_for
 
-OUT_OF_PLACE = {operator.iadd: operator.add, operator.isub: operator.sub,
-                operator.imul: operator.mul, operator.itruediv: operator.truediv}
+from .aliasing import check_in_place, in_place_twin
 
 
-def normalize(graph: fx.Graph) -> fx.Graph:
-    """Apply the normalisations above in graph order."""
+def normalize(graph: fx.Graph, quantity: Optional[str] = None) -> fx.Graph:
+    """Apply the normalisations above in graph order (``quantity`` is named in errors)."""
+    for node in list(graph.nodes):
+        _field_to_position(node)
+    check_in_place(graph, quantity)
     for node in list(graph.nodes):
         if _make_out_of_place(node):
             _read_new_value(graph, node)
@@ -43,19 +50,43 @@ def normalize(graph: fx.Graph) -> fx.Graph:
     return graph
 
 
+def result_fields(node: fx.Node) -> Optional[dict]:
+    """``{field name: position}`` of the named tuple ``node`` returns (``torch.max`` with a
+    ``dim``: values, indices; ``torch.linalg.slogdet``: sign, logabsdet), or None."""
+    if node.op not in ("call_function", "call_method"):
+        return None
+    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
+    kind = getattr(torch.return_types, name, None)
+    if not isinstance(kind, type) or not hasattr(kind, "n_fields"):
+        return None
+    return _fields_of(kind, kind(tuple(range(kind.n_fields))))
+
+
+def _fields_of(kind: type, positions: tuple) -> dict:
+    """Field name -> position of a ``torch.return_types`` struct sequence."""
+    return {field: getattr(positions, field) for field in dir(kind)
+            if not field.startswith("_") and field not in dir(tuple)
+            and not field.startswith("n_") and isinstance(getattr(positions, field), int)}
+
+
+def _field_to_position(node: fx.Node) -> None:
+    """``getattr(result, "values")`` -> ``result[0]`` for a named field of a multi-result op."""
+    if node.op != "call_function" or node.target is not getattr:
+        return
+    source, name = node.args[0], node.args[1]
+    fields = result_fields(source) if isinstance(source, fx.Node) else None
+    if fields and name in fields:
+        node.target, node.args = operator.getitem, (source, fields[name])
+
+
 def _make_out_of_place(node: fx.Node) -> bool:
-    """Rewrite an in-place node to its out-of-place op; True if it was in-place."""
-    if node.op == "call_function" and node.target in OUT_OF_PLACE:
-        node.target = OUT_OF_PLACE[node.target]
-        return True
-    if (node.op == "call_method" and node.target.endswith("_")
-            and not node.target.startswith("_") and node.target[:-1] in RULES):
-        node.target = node.target[:-1]
-        return True
-    if node.kwargs.get("inplace") is True:
-        node.kwargs = {**node.kwargs, "inplace": False}
-        return True
-    return False
+    """Rewrite an in-place node to its out-of-place op; True if it was in-place. Which
+    in-place ops this reproduces exactly is checked before (``passes/aliasing.py``)."""
+    twin = in_place_twin(node)
+    if twin is None:
+        return False
+    node.target, node.args, node.kwargs = twin
+    return True
 
 
 def _read_new_value(graph: fx.Graph, node: fx.Node) -> None:

@@ -362,6 +362,7 @@ register([torch.einsum], "einsum", "equation, " + ", ".join(
          batch_grad={n: (lambda i: lambda g, c: _einsum_transpose(g, c, i, True))(k)
                      for k, n in enumerate(EINSUM_OPERANDS)},
          unsupported=_einsum_unsupported, mixes_samples=_einsum_mixes, hessian_is_zero=True,
+         aliases=True,  # "ij->ji" returns a view
          residual_block={(EINSUM_OPERANDS[i], EINSUM_OPERANDS[j]): _einsum_cross(i, j)
                          for i in range(4) for j in range(i + 1, 4)})
 

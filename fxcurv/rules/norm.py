@@ -326,4 +326,4 @@ def _lower_dropout(c: Ctx):
 
 
 register([F.dropout, torch.dropout], "dropout", "input, p=0.5, training=True, inplace=False",
-         doc=_lower_dropout.__doc__, lower=_lower_dropout)
+         doc=_lower_dropout.__doc__, lower=_lower_dropout, aliases=True)  # eval: y is x

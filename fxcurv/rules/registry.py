@@ -80,6 +80,9 @@ class OpRule:
     # the output does not depend differentiably on any input (sizes, masks, fills); a
     # predicate of the bound arguments when that depends on them (``getattr(x, "shape")``)
     constant: Union[bool, Callable[[dict], bool]] = False
+    # the output may share memory with the first argument (views: reshape, transpose,
+    # indexing, expand, split pieces, detach, ...); in-place ops read it (passes/aliasing.py)
+    aliases: bool = False
     # reason why this call mixes samples (per-sample quantities undefined), or None
     mixes_samples: Optional[Callable[[dict], Optional[str]]] = None
     # reason why this call's constant arguments are unsupported, or None

@@ -16,6 +16,7 @@ from .registry import Ctx, register, rule_for
 
 
 AFFINE = {"hessian_is_zero": True, "jointly_affine": True}  # pure data movement: y = P x
+VIEW = {"aliases": True, **AFFINE}  # ... that may return a view sharing the input's memory
 SHARED = {"input": "shared"}  # the same move for every sample (KFRA's sandwich: Pᵀ M P)
 
 
@@ -47,37 +48,40 @@ def _moves_axis0(dims: list) -> Optional[str]:
 
 
 register([torch.flatten, "flatten"], "flatten", "input, start_dim=0, end_dim=-1",
-         doc="y = x reshaped (axes start..end merged);  Jᵀg = g reshaped to x.", **AFFINE,
+         doc="y = x reshaped (axes start..end merged);  Jᵀg = g reshaped to x.", **VIEW,
          vjp={"input": _reshape_back}, mixes_samples=_flatten_mixes, sandwich=SHARED)
 register(["view", "reshape"], "reshape", "input, *shape",
-         doc="y = x reshaped;  Jᵀg = g reshaped to x.", **AFFINE, vjp={"input": _reshape_back},
+         doc="y = x reshaped;  Jᵀg = g reshaped to x.", **VIEW, vjp={"input": _reshape_back},
          sandwich=SHARED)
 register([torch.reshape], "reshape", "input, shape",
-         doc="y = x reshaped;  Jᵀg = g reshaped to x.", **AFFINE, vjp={"input": _reshape_back},
+         doc="y = x reshaped;  Jᵀg = g reshaped to x.", **VIEW, vjp={"input": _reshape_back},
          sandwich=SHARED)
 register([torch.squeeze, "squeeze"], "squeeze", "input, dim=None",
-         doc="y = x without size-1 axes;  Jᵀg = g reshaped to x.", **AFFINE, vjp={"input": _reshape_back})
+         doc="y = x without size-1 axes;  Jᵀg = g reshaped to x.", **VIEW, vjp={"input": _reshape_back})
 register([torch.unsqueeze, "unsqueeze"], "unsqueeze", "input, dim",
-         doc="y = x with a new size-1 axis;  Jᵀg = g reshaped to x.", **AFFINE, vjp={"input": _reshape_back})
-register(["contiguous", "clone", torch.clone], "identity", "input, memory_format=None",
-         doc="y = x;  Jᵀg = g.", **AFFINE, vjp={"input": lambda g, c: g}, sandwich=SHARED)
+         doc="y = x with a new size-1 axis;  Jᵀg = g reshaped to x.", **VIEW, vjp={"input": _reshape_back})
+register(["contiguous"], "identity", "input, memory_format=None",
+         doc="y = x;  Jᵀg = g.", **VIEW, vjp={"input": lambda g, c: g}, sandwich=SHARED)
+register(["clone", torch.clone], "clone", "input, memory_format=None",
+         doc="y = x (a copy);  Jᵀg = g.", **AFFINE, vjp={"input": lambda g, c: g},
+         sandwich=SHARED)
 
 register(["permute"], "permute", "input, *dims",
-         doc="y = x with axes permuted;  Jᵀg = g with the inverse permutation.", **AFFINE,
+         doc="y = x with axes permuted;  Jᵀg = g with the inverse permutation.", **VIEW,
          vjp={"input": lambda g, c: c.call(permute_back, g, c.lead, _varargs(c.bound["dims"]))},
          mixes_samples=lambda b: _moves_axis0(_varargs(b["dims"])))
 register([torch.permute], "permute", "input, dims",
-         doc="y = x with axes permuted;  Jᵀg = g with the inverse permutation.", **AFFINE,
+         doc="y = x with axes permuted;  Jᵀg = g with the inverse permutation.", **VIEW,
          vjp={"input": lambda g, c: c.call(permute_back, g, c.lead, list(c.bound["dims"]))},
          mixes_samples=lambda b: _moves_axis0(list(b["dims"])))
 register([torch.transpose, "transpose", "swapaxes"], "transpose", "input, dim0, dim1",
-         doc="y = x with two axes swapped;  Jᵀg swaps them back.", **AFFINE,
+         doc="y = x with two axes swapped;  Jᵀg swaps them back.", **VIEW,
          vjp={"input": lambda g, c: g.transpose(_shift(c.bound["dim0"], c.lead),
                                                 _shift(c.bound["dim1"], c.lead))},
          mixes_samples=lambda b: ("it moves the sample axis 0"
                                   if 0 in (b["dim0"], b["dim1"]) else None))
 register([torch.t, "t"], "t", "input",
-         doc="y = xᵀ (2-D);  Jᵀg = gᵀ.", **AFFINE, vjp={"input": lambda g, c: g.transpose(-1, -2)},
+         doc="y = xᵀ (2-D);  Jᵀg = gᵀ.", **VIEW, vjp={"input": lambda g, c: g.transpose(-1, -2)},
          mixes_samples=lambda b: "it moves the sample axis 0")
 
 
@@ -107,10 +111,30 @@ register([torch.cat, torch.concat, torch.concatenate], "cat", "tensors, dim=0",
          if b["dim"] == 0 else None)
 
 
+# attributes of a tensor that carry no derivative (metadata, and ``.data``, which autograd
+# does not track); every other attribute of a differentiable value has a rule or is refused
+NO_DERIVATIVE_ATTRIBUTES = frozenset((
+    "shape", "dtype", "device", "ndim", "requires_grad", "layout", "is_cuda", "is_cpu",
+    "is_sparse", "is_quantized", "is_meta", "is_mkldnn", "is_nested", "is_leaf", "data",
+    "names", "itemsize", "nbytes", "grad_fn"))
+TRANSPOSE_ATTRIBUTES = ("T", "mT")
+
+
+def _getattr_unsupported(b: dict) -> Optional[str]:
+    name = b["name"]
+    if name in NO_DERIVATIVE_ATTRIBUTES or name in TRANSPOSE_ATTRIBUTES:
+        return None
+    return (f"the attribute '.{name}' of a value that depends on the parameters has no rule "
+            f"(known: .T, .mT, and {', '.join(sorted(NO_DERIVATIVE_ATTRIBUTES))}, which carry "
+            "no derivative)")
+
+
 register([getattr], "getattr", "obj, name",
-         doc="x.T / x.mT: y = x with the last two axes swapped;  Jᵀg swaps them back. Other "
-             "attributes (shape, dtype, device) have no derivative.",
-         constant=lambda b: b["name"] not in ("T", "mT"), **AFFINE,
+         doc="x.T / x.mT: y = x with the axes reversed / the last two swapped;  Jᵀg moves them "
+             "back. Metadata (shape, dtype, device, ndim, ...) and .data have no derivative; "
+             "any other attribute is refused.",
+         constant=lambda b: b["name"] in NO_DERIVATIVE_ATTRIBUTES,
+         unsupported=_getattr_unsupported, **VIEW,
          vjp={"obj": lambda g, c: g.transpose(-1, -2) if c.bound["name"] == "mT"
               else c.call(reverse_dims, g, c.lead)})
 
@@ -124,7 +148,8 @@ _constant([torch.zeros_like, torch.ones_like, torch.empty_like, torch.rand_like,
            torch.randn_like], "fill_like", "input, *args, **kwargs")
 _constant([torch.full_like], "full_like", "input, fill_value, **kwargs")
 _constant([torch.bernoulli, "bernoulli"], "bernoulli", "input, *args, **kwargs")
-_constant([torch.detach, "detach"], "detach", "input")
+register([torch.detach, "detach"], "detach", "input", constant=True, aliases=True,
+         doc="No derivative: y = x (sharing its memory) outside autograd.")
 _constant(["size", "dim", "numel", "ndimension", "nelement"], "size", "input, *args")
 _constant([torch.argmax, "argmax", torch.argmin, "argmin"], "argmax", "input, *args, **kwargs")
 
@@ -313,7 +338,7 @@ register([operator.getitem], "getitem", "obj, idx",
          doc="y = x[index] (ints, slices, None, ...);  Jᵀg scatters g into zeros of x's shape. "
              "On the tuple of split/chunk/unbind: y = pieces[i];  Jᵀg is g at position i.",
          vjp={"obj": _getitem_vjp}, unsupported=_getitem_unsupported,
-         mixes_samples=_getitem_mixes, **AFFINE)
+         mixes_samples=_getitem_mixes, **VIEW)
 
 
 # -- split, chunk, unbind (tuples of pieces), stack ------------------------------------------
@@ -395,15 +420,15 @@ _PIECES_DOC = ("(y₁, y₂, ...) = pieces of x along dim;  Jᵀ puts each used 
                "back at its place (zeros for unused pieces).")
 register([torch.split], "split", "tensor, split_size_or_sections, dim=0", doc=_PIECES_DOC,
          vjp={"tensor": _split_vjp(split_sizes, "split_size_or_sections")},
-         mixes_samples=_along_samples("splits"), **AFFINE)
+         mixes_samples=_along_samples("splits"), **VIEW)
 register(["split"], "split", "input, split_size, dim=0", doc=_PIECES_DOC,
          vjp={"input": _split_vjp(split_sizes, "split_size")},
-         mixes_samples=_along_samples("splits"), **AFFINE)
+         mixes_samples=_along_samples("splits"), **VIEW)
 register([torch.chunk, "chunk"], "chunk", "input, chunks, dim=0", doc=_PIECES_DOC,
          vjp={"input": _split_vjp(chunk_sizes, "chunks")},
-         mixes_samples=_along_samples("chunks"), **AFFINE)
+         mixes_samples=_along_samples("chunks"), **VIEW)
 register([torch.unbind, "unbind"], "unbind", "input, dim=0", doc=_PIECES_DOC,
-         vjp={"input": _unbind_vjp}, mixes_samples=_along_samples("unbinds"), **AFFINE)
+         vjp={"input": _unbind_vjp}, mixes_samples=_along_samples("unbinds"), **VIEW)
 
 
 def _stack_vjp(g, c: Ctx) -> list:
@@ -449,12 +474,12 @@ def _sum_back_per_sample(g, c: Ctx):
 
 _EXPAND_DOC = ("y = x broadcast to a larger shape (no copy);  Jᵀg sums g over the broadcast "
                "axes; per sample (a parameter expanded over the samples) all but axis 0.")
-_EXPAND = dict(vjp={"input": _sum_back}, batch_grad={"input": _sum_back_per_sample}, **AFFINE)
+_EXPAND = dict(vjp={"input": _sum_back}, batch_grad={"input": _sum_back_per_sample}, **VIEW)
 register(["expand"], "expand", "input, *sizes", doc=_EXPAND_DOC, **_EXPAND)
 register([torch.broadcast_to], "broadcast_to", "input, size", doc=_EXPAND_DOC, **_EXPAND)
 register(["expand_as"], "expand_as", "input, other", doc=_EXPAND_DOC,
          vjp={"input": _sum_back, "other": None}, batch_grad={"input": _sum_back_per_sample},
-         **AFFINE)
+         **VIEW)
 register(["repeat"], "repeat", "input, *repeats",
          doc="y = x tiled repeats[i] times along axis i;  Jᵀg sums the copies.",
          vjp={"input": lambda g, c: c.call(unrepeat, g, c.lead, c.args.input.shape,

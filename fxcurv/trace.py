@@ -181,8 +181,8 @@ class CurvatureTracer(fx.Tracer):
         def mark(value: Any) -> Any:
             if not isinstance(value, fx.Proxy):
                 return value
-            return self.create_proxy("call_function", BackwardHooked.apply, (value,), {},
-                                     name="backward_hook")
+            return self.create_proxy("call_function", autograd_function_call(BackwardHooked),
+                                     (value,), {}, name="backward_hook")
 
         def call(*args, **kwargs):
             args, kwargs = pytree.tree_map(mark, (args, kwargs))
@@ -238,21 +238,53 @@ def _lowered_call(m: nn.Module, lowering: Callable) -> Callable:
 
 @contextmanager
 def _opaque_functions(tracer: fx.Tracer):
-    """While tracing, ``SomeFunction.apply(proxy)`` records one opaque call of ``apply``
-    instead of tracing through ``forward`` (which would ignore the custom ``backward``)."""
-    original = torch.autograd.Function.__dict__["apply"]
+    """While tracing, ``SomeFunction.apply(proxy)`` records one opaque call instead of tracing
+    through ``forward`` (which would ignore the custom ``backward``). ``apply`` is torch's C
+    function (often bound early: ``op = SomeFunction.apply``); it looks up ``forward`` on the
+    class, so that lookup is where the call is caught."""
+    meta = type(torch.autograd.Function)
 
-    def apply(cls, *args, **kwargs):
-        if any(isinstance(a, fx.Proxy) for a in pytree.tree_leaves((args, kwargs))):
-            return tracer.create_proxy("call_function", original.__get__(None, cls), args,
-                                       kwargs, name=f"{cls.__name__}_apply")
-        return original.__get__(None, cls)(*args, **kwargs)
+    def getattribute(cls, name):
+        value = type.__getattribute__(cls, name)
+        if name == "forward" and cls.__module__ != "torch.autograd.function":
+            return _opaque_forward(tracer, cls, value)
+        return value
 
-    torch.autograd.Function.apply = classmethod(apply)
+    meta.__getattribute__ = getattribute
     try:
         yield
     finally:
-        torch.autograd.Function.apply = original
+        del meta.__getattribute__
+
+
+def _has_proxy(values: Any) -> bool:
+    return any(isinstance(v, fx.Proxy) for v in pytree.tree_leaves(values))
+
+
+def _opaque_forward(tracer: fx.Tracer, cls: type, forward: Callable) -> Callable:
+    """``cls.forward`` that, given Proxies, returns one opaque node calling ``cls.apply``."""
+    takes_ctx = not torch.autograd.function._is_setup_context_defined(
+        type.__getattribute__(cls, "setup_context"))
+
+    def opaque(*args, **kwargs):
+        if not _has_proxy((args, kwargs)):
+            return forward(*args, **kwargs)
+        inputs = args[1:] if takes_ctx else args
+        proxy = tracer.create_proxy("call_function", autograd_function_call(cls), inputs,
+                                    kwargs, name=f"{cls.__name__}_apply")
+        proxy.node.meta["grad_enabled"] = True  # apply runs forward under no_grad
+        return proxy
+    return opaque
+
+
+def autograd_function_call(cls: type) -> Callable:
+    """A plain function calling ``cls.apply`` (fx's generated code can name it), tagged with
+    the class in ``autograd_function`` for the invariant check's message."""
+    def call(*args, **kwargs):
+        return cls.apply(*args, **kwargs)
+    call.__name__ = call.__qualname__ = f"{cls.__name__}_apply"
+    call.autograd_function = cls
+    return call
 
 
 def _detach_no_grad_regions(graph: fx.Graph) -> None:

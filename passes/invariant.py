@@ -86,8 +86,10 @@ def _opaque(node: fx.Node) -> tuple[str, str]:
 
 
 def custom_function(node: fx.Node) -> Optional[type]:
-    """The ``torch.autograd.Function`` subclass a node calls (``Square.apply``), or None."""
-    owner = getattr(node.target, "__self__", None)
+    """The ``torch.autograd.Function`` subclass a node calls (the tracer's opaque call, or
+    ``SomeFunction.apply`` itself), or None."""
+    owner = getattr(node.target, "autograd_function", None) or getattr(
+        node.target, "__self__", None)
     if isinstance(owner, type) and issubclass(owner, torch.autograd.Function):
         return owner
     return None

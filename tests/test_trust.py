@@ -1,0 +1,300 @@
+"""What the symbolic trace cannot see never becomes a wrong number (issue 12, families 1-4).
+
+Each case is ordinary PyTorch that fx records incompletely: attributes of results, in-place
+ops on aliased memory, grad-mode regions, custom ``autograd.Function`` backward passes and
+module hooks. fxcurv either matches eager autograd / ``torch.func`` in float64 or refuses at
+compile time with a :class:`fxcurv.CompileError` naming the node and the user's line.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import fxcurv
+
+DTYPE = torch.float64
+TOL = dict(rtol=1e-9, atol=1e-11)
+
+
+class Body(nn.Module):
+    """``Linear(3, 4) -> f -> Linear(4, 2)`` with ``f`` the construct under test."""
+
+    def __init__(self, f):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner, self.outer, self.f = nn.Linear(3, 4), nn.Linear(4, 2), f
+        self.to(DTYPE)
+
+    def forward(self, x):
+        return self.outer(self.f(self.inner(x)))
+
+
+def batch():
+    g = torch.Generator().manual_seed(1)
+    return torch.randn(5, 3, dtype=DTYPE, generator=g), torch.randn(5, 2, dtype=DTYPE,
+                                                                    generator=g)
+
+
+def assert_matches_eager(model: nn.Module, loss_fn=None, quantities=("diag_h",)):
+    """Loss and gradient equal eager autograd; ``diag_h`` equals torch.func's Hessian."""
+    loss_fn = loss_fn or nn.MSELoss()
+    x, y = batch()
+    step = fxcurv.compile(model, loss_fn, list(quantities))
+    loss, grad, *rest = step(x, y)
+    params = dict(model.named_parameters())
+    eager = loss_fn(model(x), y)
+    torch.testing.assert_close(loss, eager, **TOL)
+    expected = torch.autograd.grad(eager, list(params.values()), allow_unused=True)
+    for (name, p), g in zip(params.items(), expected):
+        torch.testing.assert_close(grad[name], torch.zeros_like(p) if g is None else g, **TOL)
+    if "diag_h" in quantities:
+        diag_h = rest[list(quantities).index("diag_h")]
+        for name, p in params.items():
+            torch.testing.assert_close(diag_h[name], hessian_diagonal(model, loss_fn, x, y, p),
+                                       **TOL)
+
+
+def hessian_diagonal(model, loss_fn, x, y, param):
+    """The diagonal of ``param``'s Hessian block by eager double backward (which, unlike
+    forward-mode ``torch.func.hessian``, honours ``no_grad`` and ``.data``)."""
+    grad = torch.autograd.grad(loss_fn(model(x), y), param, create_graph=True)[0].reshape(-1)
+    rows = [torch.autograd.grad(grad[i], param, retain_graph=True, allow_unused=True)[0]
+            for i in range(grad.numel())]
+    return torch.stack([torch.zeros(()) if r is None else r.reshape(-1)[i]
+                        for i, r in enumerate(rows)]).reshape(param.shape)
+
+
+def assert_refused(model: nn.Module, *fragments: str):
+    with pytest.raises(fxcurv.CompileError) as info:
+        fxcurv.compile(model, nn.MSELoss(), ["diag_h"])
+    message = str(info.value)
+    for fragment in fragments:
+        assert fragment in message, message
+    return message
+
+
+# -- 1. attributes of results ----------------------------------------------------------------
+def test_fft_real_is_refused_not_a_zero_gradient():
+    message = assert_refused(Body(lambda h: torch.fft.fft(h).real), "fft", "no rule")
+    assert "test_trust.py" in message and "torch.fft.fft(h).real" in message
+
+
+def test_real_of_a_ruled_result_is_refused():
+    assert_refused(Body(lambda h: torch.tanh(h).real * 2), "'.real'", "diag_h")
+
+
+def test_values_of_max_is_refused_not_a_zero_gradient():
+    assert_refused(Body(lambda h: torch.max(h, 1, keepdim=True).values + h), "max", "no rule")
+
+
+def test_indices_of_sort_is_its_result_not_a_constant():
+    assert_refused(Body(lambda h: h * torch.sort(h, 1).indices), "sort", "no rule")
+
+
+def test_named_fields_become_positions():
+    from fxcurv.passes.normalize import normalize
+    from fxcurv.trace import CurvatureTracer
+
+    graph = CurvatureTracer().trace(lambda h: torch.max(h, 1).values + torch.topk(h, 2).indices)
+    normalize(graph)
+    picks = [(n.target, n.args[1]) for n in graph.nodes if n.op == "call_function"
+             and n.target in (getattr, __import__("operator").getitem)]
+    assert [index for _, index in picks] == [0, 1]
+    assert all(target is not getattr for target, _ in picks)
+
+
+def test_transposes_and_metadata_attributes_keep_working():
+    def f(h):
+        scale = h.shape[1] / h.ndim
+        zeros = torch.zeros(h.shape, dtype=h.dtype, device=h.device)
+        return (h.T.T * scale + zeros).unsqueeze(1).mT.squeeze(2) + h.data
+    assert_matches_eager(Body(f))
+
+
+# -- 2. in-place ops and aliasing ------------------------------------------------------------
+def _scale_column_in_place(h):
+    h = h * 1
+    h[:, 0].mul_(2)  # mutates h in eager PyTorch
+    return h
+
+
+def _view_read_after_base_changes(h):
+    v = h[:, :2]
+    h.add_(1)  # v sees the change in eager PyTorch
+    return torch.cat([v, v], 1)
+
+
+def _earlier_in_place_result_read_later(h):
+    h = h * 1
+    y = h.add_(1)  # y is h
+    h.mul_(2)
+    return y
+
+
+def _flatten_view_changed(h):
+    flat = h.view(-1)
+    flat.mul_(3)
+    return h
+
+
+@pytest.mark.parametrize("f", [_scale_column_in_place, _view_read_after_base_changes,
+                               _earlier_in_place_result_read_later, _flatten_view_changed])
+def test_in_place_seen_through_an_alias_is_refused(f):
+    assert_refused(Body(f), "shares memory", "read afterwards", "test_trust.py")
+
+
+def test_in_place_on_a_parameter_is_refused():
+    model = Body(lambda h: h)
+    model.forward = lambda x: model.outer(model.inner(x) + model.inner.bias.mul_(1.0))
+    assert_refused(model, "inner.bias", "never mutates the model")
+
+
+def test_in_place_without_out_of_place_rule_is_refused():
+    def f(h):
+        z = torch.zeros_like(h)
+        z.fill_(1)  # dead-code removal would drop it: the step would multiply by zeros
+        return h * z
+    assert_refused(Body(f), "fill_", "no out-of-place rule")
+
+
+def test_unaliased_in_place_ops_are_exact():
+    def f(h):
+        h = h * 1
+        h += 0.5
+        h = h.view(5, 2, 2)
+        h.mul_(2)
+        h = h.flatten(1)
+        h.sub_(torch.ones_like(h))
+        before = h.sigmoid()  # read before the next in-place op: keeps the old value
+        h.mul_(3)
+        return torch.tanh(h) + before
+    assert_matches_eager(Body(f))
+
+
+def test_positional_inplace_flag_is_made_functional():
+    def f(h):
+        a = h * 1
+        b = F.elu(a, 1.0, True)  # a is overwritten: elu's derivative needs the old a
+        return b * 2
+    assert_matches_eager(Body(f))
+
+
+# -- 3. grad mode ----------------------------------------------------------------------------
+def _no_grad(h):
+    with torch.no_grad():
+        a = torch.tanh(h) * 2
+    return h * a
+
+
+def _set_grad_enabled(h):
+    with torch.set_grad_enabled(False):
+        a = h * h
+    return torch.tanh(h) + a
+
+
+def _set_grad_enabled_call(h):
+    torch.set_grad_enabled(False)
+    a = h.sigmoid()
+    torch.set_grad_enabled(True)
+    return h * a
+
+
+def _inference_mode(h):
+    with torch.inference_mode():
+        a = h * 2
+    return h * a.clone()
+
+
+def _enable_grad_inside(h):
+    with torch.no_grad():
+        a = h.tanh()
+        with torch.enable_grad():
+            b = h * 3
+    return a * b
+
+
+def _no_grad_pieces(h):
+    with torch.no_grad():
+        pieces = h.chunk(2, 1)
+    return h * torch.cat([pieces[1], pieces[0]], 1)
+
+
+def _detach(h):
+    return h * h.detach().tanh()
+
+
+@pytest.mark.parametrize("f", [_no_grad, _set_grad_enabled, _set_grad_enabled_call,
+                               _inference_mode, _enable_grad_inside, _no_grad_pieces, _detach])
+def test_grad_mode_regions_are_constants(f):
+    assert_matches_eager(Body(f))
+    assert torch.is_grad_enabled()
+
+
+def test_compiling_under_no_grad_still_differentiates_the_model():
+    model = Body(torch.tanh)
+    with torch.no_grad():
+        step = fxcurv.compile(model, nn.MSELoss())
+    x, y = batch()
+    eager = torch.autograd.grad(nn.MSELoss()(model(x), y), model.inner.weight)[0]
+    torch.testing.assert_close(step(x, y)[1]["inner.weight"], eager, **TOL)
+
+
+# -- 4. custom autograd Functions ------------------------------------------------------------
+class ScaledGradient(torch.autograd.Function):
+    """Identity forward, gradient times 5 (a custom backward fx cannot see)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 1
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * 5
+
+
+def test_custom_function_on_the_parameter_path_is_refused():
+    message = assert_refused(Body(ScaledGradient.apply), "ScaledGradient", "own backward")
+    assert "test_trust.py" not in message or "ScaledGradient" in message
+
+
+def test_custom_function_on_data_only_runs_as_is():
+    model = Body(torch.tanh)
+    inner = model.forward
+    model.forward = lambda x: inner(ScaledGradient.apply(x) * 2)
+    assert_matches_eager(model)
+
+
+# -- hooks -----------------------------------------------------------------------------------
+@pytest.mark.parametrize("register", [
+    lambda m: m.register_full_backward_hook(lambda mod, gi, go: (gi[0] * 3,)),
+    lambda m: m.register_full_backward_pre_hook(lambda mod, go: (go[0] * 3,)),
+])
+def test_backward_hooks_are_refused(register):
+    model = Body(torch.tanh)
+    register(model.outer)
+    assert_refused(model, "backward hook", "outer (Linear)")
+
+
+class BatchNormBody(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner, self.bn, self.outer = nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2)
+        self.to(DTYPE).eval()
+
+    def forward(self, x):
+        return self.outer(torch.tanh(self.bn(self.inner(x))))
+
+
+@pytest.mark.parametrize("register", [
+    lambda m: m.register_forward_hook(lambda mod, i, o: o * 2 + 1),
+    lambda m: m.register_forward_pre_hook(lambda mod, i: (i[0].tanh(),)),
+])
+def test_forward_hooks_on_lowered_modules_run(register):
+    model = BatchNormBody()
+    register(model.bn)
+    assert_matches_eager(model)
+    register(model.inner)
+    assert_matches_eager(model)

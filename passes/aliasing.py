@@ -88,9 +88,19 @@ def check_in_place(graph: fx.Graph, quantity: Optional[str] = None) -> None:
             raise node_error(node, "this in-place op has no out-of-place rule", _HINT, quantity)
         mutated = node.args[0] if node.args else None
         if isinstance(mutated, fx.Node) and not is_scalar_node(mutated):
-            reason = _aliasing_problem(node, mutated, order)
+            reason = _grad_mode_problem(node, mutated) or _aliasing_problem(node, mutated,
+                                                                            order)
             if reason:
                 raise node_error(node, reason, _HINT, quantity)
+
+
+def _grad_mode_problem(node: fx.Node, mutated: fx.Node) -> Optional[str]:
+    """An in-place op with grad mode off on a value computed with it on: eager autograd keeps
+    the old derivative for the new values (like writing to ``.data``)."""
+    if node.meta.get("grad_enabled", True) or not mutated.meta.get("grad_enabled", True):
+        return None
+    return (f"it changes '{mutated.name}' in place with grad mode off (torch.no_grad), which "
+            "eager autograd does not record")
 
 
 def _aliasing_problem(node: fx.Node, mutated: fx.Node, order: dict) -> Optional[str]:

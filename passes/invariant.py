@@ -44,6 +44,12 @@ def check_derivative_paths(graph: fx.Graph, sources: Iterable[fx.Node],
                              _NO_RULE_HINT, quantity)
         if node in active and node.op in ("call_function", "call_method"):
             _check_ruled(node, active, quantity)
+    loss = next(n for n in graph.nodes if n.op == "output").args[0]
+    if isinstance(loss, fx.Node) and loss not in active:
+        raise node_error(loss, "the loss depends on no trainable parameter (a no_grad region, "
+                         "detach or a constant cuts every path), so eager autograd could not "
+                         "differentiate it either", "Check where the parameters' path to the "
+                         "loss is cut.", quantity)
     return active
 
 

@@ -298,3 +298,18 @@ def test_forward_hooks_on_lowered_modules_run(register):
     assert_matches_eager(model)
     register(model.inner)
     assert_matches_eager(model)
+
+
+def test_in_place_under_no_grad_on_a_differentiable_value_is_refused():
+    def f(h):
+        h = h * 1
+        with torch.no_grad():
+            h.mul_(2)  # eager keeps h's derivative as if unchanged
+        return h
+    assert_refused(Body(f), "grad mode off")
+
+
+def test_a_loss_cut_from_every_parameter_is_refused():
+    model = Body(torch.tanh)
+    model.forward = torch.no_grad()(model.forward)
+    assert_refused(model, "depends on no trainable parameter")

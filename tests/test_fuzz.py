@@ -106,7 +106,8 @@ SHAPE_BLOCKS: dict[str, Callable] = {
     "view_transpose": lambda h: h.view(h.shape[0], 2, 2).transpose(1, 2).reshape(-1, 4),
     "slice_cat": lambda h: torch.cat([h[:, 1:], h[:, :1]], 1),
     "chunk_swap": lambda h: torch.cat(h.chunk(2, 1)[::-1], 1),
-    "unbind_stack": lambda h: torch.stack(h.unbind(1), 1),
+    "unbind_stack": lambda h: torch.stack([h.unbind(1)[i] for i in (3, 1, 2, 0)], 1),
+    "unbind_stack_whole": lambda h: torch.stack(h.unbind(1), 1),
     "expand_column": lambda h: h[:, :1].expand(-1, 4) * h,
     "pad_crop": lambda h: F.pad(h, (1, 1))[:, 1:-1],
     "no_grad_gate": _no_grad_gate,
@@ -293,6 +294,7 @@ REGRESSIONS = {
     "real": "refused",                  # was: .real a constant (zero gradient before it)
     "fft_real": "refused",              # was: .real a constant, fft never checked
     "custom_function": "refused",       # was: traced through forward, custom backward lost
+    "unbind_stack_whole": "refused",    # was: a TypeError from stack's rule (no CompileError)
 }
 
 

@@ -313,3 +313,8 @@ def test_a_loss_cut_from_every_parameter_is_refused():
     model = Body(torch.tanh)
     model.forward = torch.no_grad()(model.forward)
     assert_refused(model, "depends on no trainable parameter")
+
+
+def test_stack_of_a_whole_tuple_is_refused_at_compile_time():
+    """Found by the fuzz test: the rule failed with a TypeError inside compile."""
+    assert_refused(Body(lambda h: torch.stack(h.unbind(1), 1)), "one tuple value")

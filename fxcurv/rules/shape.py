@@ -104,9 +104,18 @@ def _cat_vjp(g, c: Ctx) -> list:
     return [pieces[i] for i in range(len(sizes))]
 
 
+def _whole_tuple(b: dict) -> Optional[str]:
+    """cat/stack of a tuple value used as a whole (``torch.stack(x.unbind(1))``): the number
+    of pieces is not in the graph."""
+    if isinstance(b["tensors"], fx.Node):
+        return ("its tensors are one tuple value (e.g. the result of unbind/split) rather than "
+                "a list of pieces; pick them: torch.stack([t[0], t[1], ...])")
+    return None
+
+
 register([torch.cat, torch.concat, torch.concatenate], "cat", "tensors, dim=0",
          doc="y = [x₁, x₂, ...] along dim;  Jᵀg splits g into the pieces.", **AFFINE,
-         vjp={"tensors": _cat_vjp},
+         vjp={"tensors": _cat_vjp}, unsupported=_whole_tuple,
          mixes_samples=lambda b: "it concatenates along the sample axis 0"
          if b["dim"] == 0 else None)
 
@@ -439,7 +448,8 @@ def _stack_vjp(g, c: Ctx) -> list:
 
 register([torch.stack], "stack", "tensors, dim=0",
          doc="y = [x₁, x₂, ...] stacked along a new axis dim;  Jᵀg unbinds g along it.",
-         vjp={"tensors": _stack_vjp}, mixes_samples=_along_samples("stacks"), **AFFINE)
+         vjp={"tensors": _stack_vjp}, mixes_samples=_along_samples("stacks"),
+         unsupported=_whole_tuple, **AFFINE)
 
 
 # -- broadcasting copies: expand, expand_as, broadcast_to, repeat ----------------------------

@@ -85,6 +85,36 @@ def rows() -> list[list[str]]:
     return table
 
 
+# ops without a rule that PyTorch's decompositions (passes/expand.py) bring to ruled ops;
+# checked when the table is rendered, so a row is only shown while the decomposition works
+DECOMPOSED = ("torch.nn.functional.mish", "torch.nn.functional.hardshrink", "torch.logit")
+
+
+def _one_argument(fn):
+    return lambda x: fn(x)
+
+
+def decomposed_rows() -> list[list[str]]:
+    """One row per op in ``DECOMPOSED`` whose one-argument call expands to ruled ops only."""
+    import importlib  # noqa: PLC0415
+
+    from .passes.expand import expand  # noqa: PLC0415
+    from .rules import rule_for  # noqa: PLC0415
+    from .trace import CurvatureTracer  # noqa: PLC0415
+
+    table = []
+    for path in DECOMPOSED:
+        module, name = path.rsplit(".", 1)
+        fn = getattr(importlib.import_module(module), name)
+        graph = expand(CurvatureTracer().trace(_one_argument(fn)))
+        calls = [n for n in graph.nodes if n.op in ("call_function", "call_method")]
+        if calls and all(rule_for(n) is not None for n in calls):
+            into = ", ".join(sorted({rule_for(n).name for n in calls}))
+            table.append([name, spelling(fn), *["via decomposition"] * 4,
+                          f"PyTorch's decomposition: {into}"])
+    return table
+
+
 def quantity_rows() -> list[list[str]]:
     return [[q.name, q.family, "yes" if q.implemented else "not yet", q.doc]
             for q in QUANTITIES.values()]
@@ -93,7 +123,8 @@ def quantity_rows() -> list[list[str]]:
 def render() -> str:
     """The quantity table and the op table, as Markdown."""
     ops = markdown_table(["op", "spellings", "grad", "first order, GGN family",
-                          "diag_h, hmp, pchmp", "kfac, kflr", "notes"], rows())
+                          "diag_h, hmp, pchmp", "kfac, kflr", "notes"],
+                         rows() + decomposed_rows())
     quantities = markdown_table(["quantity", "family", "implemented", "what"], quantity_rows())
     return f"## Quantities\n\n{quantities}\n\n## Ops\n\n{ops}\n"
 

@@ -18,6 +18,7 @@ from fxcurv.errors import node_error
 from fxcurv.rules import Ctx, rule_for
 
 from .analysis import depends_on
+from .expand import unexpanded_reason
 
 
 def backward(emit: Emitter, seeds: dict[fx.Node, Any], sources: Iterable[fx.Node],
@@ -46,7 +47,8 @@ def _propagate(node: fx.Node, cotangents: dict, active: dict, emit: Emitter, lea
     """Emit ``Jᵀ g`` of one node for each active argument and accumulate it."""
     rule = rule_for(node)
     if rule is None:
-        raise node_error(node, "this op has no rule in fxcurv's rule table",
+        raise node_error(node, "this op has no rule in fxcurv's rule table and no expansion"
+                         + unexpanded_reason(node),
                          "Rewrite it with supported ops (see `python -m fxcurv.support` or the "
                          "README's support table) or register a rule in fxcurv/rules/.",
                          quantity or "grad")

@@ -5,6 +5,8 @@
 * in-place ops (``x += y``, ``x.relu_()``, ``F.relu(x, inplace=True)``) become out-of-place,
   and later readers of the overwritten value read the new node instead; those that another
   alias of the value would see (views, ``passes/aliasing.py``) are refused;
+* ops without a rule are expanded (``passes/expand.py``: opaque helpers inlined, PyTorch's
+  decompositions, ``x[index]`` as ``index_select``);
 * ops with a decomposition in the rule table (``rule.lower``, e.g. dropout -> mask multiply)
   are replaced by it, so the backward reuses the forward's mask;
 * losses whose rule checks its target at call time (``rule.check_target``) get that check;
@@ -28,6 +30,7 @@ from fxcurv.emit import Emitter
 from fxcurv.rules import RULES, Ctx, rule_for
 
 from .aliasing import check_in_place, in_place_twin
+from .expand import expand
 
 
 def normalize(graph: fx.Graph, quantity: Optional[str] = None) -> fx.Graph:
@@ -38,6 +41,7 @@ def normalize(graph: fx.Graph, quantity: Optional[str] = None) -> fx.Graph:
     for node in list(graph.nodes):
         if _make_out_of_place(node):
             _read_new_value(graph, node)
+    expand(graph)
     for node in list(graph.nodes):
         _fuse_log_softmax_nll(graph, node)
     for node in list(graph.nodes):

@@ -9,14 +9,14 @@ import fxcurv
 from fxcurv import CompileError
 
 
-class CumsumModel(nn.Module):
+class SineModel(nn.Module):
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(3, 4)
         self.out = nn.Linear(4, 2)
 
     def forward(self, x):
-        hidden = torch.cumsum(self.fc(x), 1)  # no rule for cumsum
+        hidden = torch.sin(self.fc(x))  # no rule; its decomposition reaches prims.sin
         return self.out(hidden)
 
 
@@ -34,11 +34,12 @@ class BranchOnValue(nn.Module):
 
 def test_op_without_rule_names_node_module_line_quantity_and_hint():
     with pytest.raises(CompileError) as info:
-        fxcurv.compile(CumsumModel(), nn.CrossEntropyLoss(), ["batch_grad"])
+        fxcurv.compile(SineModel(), nn.CrossEntropyLoss(), ["batch_grad"])
     message = str(info.value)
-    assert "node 'cumsum'" in message and "op cumsum" in message
-    assert "CumsumModel" in message                      # the module
-    assert "hidden = torch.cumsum(self.fc(x), 1)" in message  # the user's source line
+    assert "node 'sin'" in message and "op sin" in message
+    assert "SineModel" in message                      # the module
+    assert "hidden = torch.sin(self.fc(x))" in message  # the user's source line
+    assert "prims.sin" in message                       # the primitive that is missing
     assert "test_errors.py" in message
     assert "quantity 'batch_grad'" in message
     assert "register a rule" in message                  # what to do

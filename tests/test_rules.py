@@ -127,7 +127,7 @@ def test_second_order_rules(case):
             return (case.fn(*args) * g).sum()
 
         x = case.inputs[index]
-        hessian = torch.func.hessian(pairing)(x).reshape(x.numel(), x.numel())
+        hessian = _hessian(pairing, x).reshape(x.numel(), x.numel())
         if rule.zero_hessian(arg, bound):
             torch.testing.assert_close(hessian, torch.zeros_like(hessian), atol=1e-10, rtol=0)
         elif arg in rule.residual:
@@ -145,6 +145,19 @@ def test_second_order_rules(case):
             actual = module(g, *case.inputs)
             torch.testing.assert_close(actual.reshape(-1), hessian.diagonal(), rtol=1e-10,
                                        atol=1e-12)
+
+
+def _hessian(fn, x):
+    """``torch.func.hessian`` (forward over reverse), or reverse over reverse for ops whose
+    backward has no forward-mode derivative (``hardsigmoid_backward``)."""
+    try:
+        return torch.func.hessian(fn)(x)
+    except NotImplementedError:
+        pass
+    try:
+        return torch.func.jacrev(torch.func.jacrev(fn))(x)
+    except RuntimeError as err:  # torch has no second derivative to compare with
+        pytest.skip(f"torch cannot differentiate this op twice: {err}")
 
 
 def test_every_rule_states_its_second_order():

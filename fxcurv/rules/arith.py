@@ -116,3 +116,52 @@ register([torch.masked_fill, "masked_fill"], "masked_fill", "input, mask, value"
          vjp={"input": lambda g, c: g.masked_fill(c.args.mask, 0.0), "mask": None,
               "value": None},
          hessian_is_zero=True, jointly_affine=True)
+
+
+
+def _tie_share(g, c: Ctx, mine, theirs):
+    """torch's ``maximum``/``minimum`` backward: ``g`` where this operand wins, ``g/2`` on ties."""
+    return torch.where(mine == theirs, g / 2, torch.where(mine > theirs, g, g * 0))
+
+
+_binary([torch.maximum, "maximum"], "maximum",
+        "y = max(a, b);  ∂y/∂a = [a > b] (½ on ties), ∂y/∂b = [b > a];  piecewise linear: "
+        "every second derivative is 0.",
+        lambda g, c: _tie_share(g, c, c.args.input, c.args.other),
+        lambda g, c: _tie_share(g, c, c.args.other, c.args.input),
+        hessian_is_zero=True, jointly_affine=True)
+_binary([torch.minimum, "minimum"], "minimum",
+        "y = min(a, b);  ∂y/∂a = [a < b] (½ on ties), ∂y/∂b = [b < a];  piecewise linear.",
+        lambda g, c: _tie_share(g, c, -c.args.input, -c.args.other),
+        lambda g, c: _tie_share(g, c, -c.args.other, -c.args.input),
+        hessian_is_zero=True, jointly_affine=True)
+
+
+def _where_part(name: str, per_sample: bool):
+    """``g`` where the condition picks operand ``name`` (``input``: true, ``other``: false),
+    0 elsewhere, summed to that operand's shape (per sample for a parameter)."""
+    def rule(g, c: Ctx):
+        zero = g * 0
+        picked = torch.where(c.args.condition, g, zero) if name == "input" else torch.where(
+            c.args.condition, zero, g)
+        helper = sum_to_batch if per_sample else sum_to_shape
+        return c.call(helper, picked, c.lead, getattr(c.args, name).shape)
+    return rule
+
+
+register([torch.where, "where"], "where", "condition, input, other",
+         doc="y = a where cond else b (cond, a, b broadcast);  ∂y/∂a = [cond], "
+             "∂y/∂b = [not cond], summed over broadcast axes; jointly linear in (a, b); cond "
+             "has no derivative.",
+         vjp={"condition": None, "input": _where_part("input", False),
+              "other": _where_part("other", False)},
+         batch_grad={"input": _where_part("input", True), "other": _where_part("other", True)},
+         hessian_is_zero=True, jointly_affine=True)
+
+
+register([operator.gt, operator.ge, operator.lt, operator.le, operator.eq, operator.ne,
+          operator.and_, operator.or_, operator.invert, torch.gt, torch.ge, torch.lt, torch.le,
+          torch.eq, torch.ne, torch.logical_and, torch.logical_or, torch.logical_not,
+          torch.isnan, torch.isinf, torch.isfinite, torch.sign, "gt", "ge", "lt", "le", "eq",
+          "ne", "sign", "logical_not"], "comparison", "input, *args, **kwargs", constant=True,
+         doc="Comparisons, boolean logic and sign: piecewise constant, no derivative.")

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
 
@@ -148,3 +149,70 @@ elementwise([torch.sqrt, "sqrt"], "sqrt", "input",
 elementwise([torch.square, "square"], "square", "input",
          doc="y = x²;  y' = 2x;  y'' = 2.", vjp={"input": lambda g, c: g * (2 * c.args.input)},
          residual={"input": lambda g, c: g * 2})
+
+
+# -- piecewise-linear activations (y'' = 0 almost everywhere) --------------------------------
+def _inside(x, low, high, g):
+    """``g`` where ``low < x < high``, 0 elsewhere (torch's derivative at the kinks)."""
+    return torch.where((x > low) & (x < high), g, g * 0)
+
+
+elementwise([F.hardtanh, "hardtanh"], "hardtanh",
+            "input, min_val=-1.0, max_val=1.0, inplace=False",
+            doc="y = min(max(x, lo), hi) (ReLU6: lo = 0, hi = 6);  y' = [lo < x < hi];  y'' = 0.",
+            vjp={"input": lambda g, c: _inside(c.args.input, c.args.min_val, c.args.max_val, g)},
+            hessian_is_zero=True)
+
+elementwise([F.relu6, "relu6"], "relu6", "input, inplace=False",
+            doc="y = min(max(x, 0), 6);  y' = [0 < x < 6];  y'' = 0.",
+            vjp={"input": lambda g, c: _inside(c.args.input, 0.0, 6.0, g)},
+            hessian_is_zero=True)
+
+# torch's hardsigmoid_backward multiplies by 1/6 rounded to float32 in every dtype
+HARDSIGMOID_SLOPE = float(torch.tensor(1.0 / 6.0, dtype=torch.float32))
+
+elementwise([F.hardsigmoid, "hardsigmoid"], "hardsigmoid", "input, inplace=False",
+            doc="y = relu6(x + 3)/6;  y' = 1/6 on -3 < x < 3, else 0 (1/6 as float32, as "
+                "torch's kernel);  y'' = 0.",
+            vjp={"input": lambda g, c: _inside(c.args.input, -3.0, 3.0,
+                                               g * HARDSIGMOID_SLOPE)},
+            hessian_is_zero=True)
+
+
+def _hardswish_vjp(g, c):
+    """torch's ``hardswish_backward``: 0 for x < -3, x/3 + 1/2 for -3 <= x <= 3, 1 above."""
+    x = c.args.input
+    return torch.where(x < -3.0, g * 0, torch.where(x <= 3.0, g * (x / 3.0 + 0.5), g))
+
+
+elementwise([F.hardswish, "hardswish"], "hardswish", "input, inplace=False",
+            doc="y = x·relu6(x + 3)/6;  y' = 0, x/3 + 1/2, 1 (x < -3, |x| <= 3, x > 3);  "
+                "y'' = 1/3 on -3 < x < 3, else 0 (an elementwise residual).",
+            vjp={"input": _hardswish_vjp},
+            residual={"input": lambda g, c: _inside(c.args.input, -3.0, 3.0, g / 3.0)})
+
+elementwise([torch.abs, "abs"], "abs", "input",
+            doc="y = |x|;  y' = sign(x) (0 at 0, as torch);  y'' = 0.",
+            vjp={"input": lambda g, c: g * torch.sign(c.args.input)}, hessian_is_zero=True)
+
+
+def _clamp_vjp(g, c):
+    """torch's ``clamp_backward``: ``g`` where ``min <= x <= max`` (bounds inclusive)."""
+    x, low, high = c.args.input, c.args.min, c.args.max
+    keep = None
+    if low is not None:
+        keep = x >= low
+    if high is not None:
+        keep = (x <= high) if keep is None else keep & (x <= high)
+    return g if keep is None else torch.where(keep, g, g * 0)
+
+
+def _clamp_unsupported(b: dict):
+    if isinstance(b["min"], fx.Node) or isinstance(b["max"], fx.Node):
+        return "clamp with tensor bounds has no rule (only number bounds)"
+    return None
+
+
+elementwise([torch.clamp, torch.clip, "clamp", "clip"], "clamp", "input, min=None, max=None",
+            doc="y = min(max(x, lo), hi) with number bounds;  y' = [lo <= x <= hi];  y'' = 0.",
+            vjp={"input": _clamp_vjp}, hessian_is_zero=True, unsupported=_clamp_unsupported)

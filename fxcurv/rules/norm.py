@@ -327,3 +327,39 @@ def _lower_dropout(c: Ctx):
 
 register([F.dropout, torch.dropout], "dropout", "input, p=0.5, training=True, inplace=False",
          doc=_lower_dropout.__doc__, lower=_lower_dropout, aliases=True)  # eval: y is x
+
+
+# -- stochastic depth (torchvision.ops.stochastic_depth) -------------------------------------
+def stochastic_depth_mask(x: Tensor, p: float, row: bool) -> Tensor:
+    """The train-mode multiplier of stochastic depth: ``Bernoulli(1 - p) / (1 - p)``, one
+    draw per sample (``[N, 1, ..., 1]``, mode "row") or one for the batch (mode "batch")."""
+    survival = 1.0 - p
+    size = [x.size(0)] + [1] * (x.dim() - 1) if row else [1] * x.dim()
+    noise = torch.bernoulli(torch.full(size, survival, dtype=x.dtype, device=x.device))
+    return noise / survival if survival > 0.0 else noise
+
+
+register([stochastic_depth_mask], "stochastic_depth_mask", "x, p, row", constant=True,
+         doc="A random mask: no derivative.")
+
+
+def _lower_stochastic_depth(c: Ctx):
+    """Eval mode (or p = 0): ``y = x``. Train mode: ``y = x ⊙ m`` with the mask of
+    :func:`stochastic_depth_mask` drawn once per call, so every backward pass multiplies by
+    the same mask (as dropout)."""
+    if not c.bound["training"] or c.bound["p"] == 0.0:
+        return c.args.input
+    if c.bound["mode"] not in ("row", "batch"):
+        raise ValueError(f"stochastic_depth mode must be 'row' or 'batch', got {c.bound['mode']!r}")
+    return c.args.input * c.call(stochastic_depth_mask, c.args.input, c.bound["p"],
+                                 c.bound["mode"] == "row")
+
+
+try:
+    from torchvision.ops.stochastic_depth import stochastic_depth as _tv_stochastic_depth
+except ImportError:  # torchvision is optional
+    _tv_stochastic_depth = None
+if _tv_stochastic_depth is not None:
+    register([_tv_stochastic_depth], "stochastic_depth", "input, p, mode, training=True",
+             doc=_lower_stochastic_depth.__doc__, lower=_lower_stochastic_depth,
+             aliases=True)  # eval: y is x

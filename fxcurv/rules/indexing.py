@@ -1,0 +1,143 @@
+"""Index-driven data movement: gather, index_select, rows of a table picked by an integer
+tensor (``table[index]``), flip, roll, pixel (un)shuffle. Each is linear in its data operand
+(``y = P x`` for a selection or permutation ``P``), so its Hessian is zero and ``Jᵀg = Pᵀg``
+scatters (sums) or moves the cotangent back; index operands have no derivative.
+"""
+from __future__ import annotations
+
+from typing import List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .registry import Ctx, register
+
+LINEAR = {"hessian_is_zero": True, "jointly_affine": True}
+
+
+def _lead_zeros(g: Tensor, lead: int, shape: List[int]) -> Tensor:
+    """Zeros ``[*g.shape[:lead], *shape]`` in ``g``'s dtype and device."""
+    head: List[int] = list(g.shape[:lead])
+    return torch.zeros(head + shape, dtype=g.dtype, device=g.device)
+
+
+def gather_back(g: Tensor, x: Tensor, dim: int, index: Tensor, lead: int) -> Tensor:
+    """Jacobian-transpose of ``gather(x, dim, index)``: ``g`` scatter-added at ``index``."""
+    head: List[int] = list(g.shape[:lead])
+    full = index.expand(head + list(index.shape))
+    return _lead_zeros(g, lead, list(x.shape)).scatter_add(dim % x.dim() + lead, full, g)
+
+
+def index_select_back(g: Tensor, x: Tensor, dim: int, index: Tensor, lead: int) -> Tensor:
+    """Jacobian-transpose of ``index_select(x, dim, index)``: ``g`` index-added at ``index``."""
+    return _lead_zeros(g, lead, list(x.shape)).index_add(dim % x.dim() + lead, index, g)
+
+
+def _along(what: str):
+    """``mixes_samples`` of an op that moves entries along ``dim``: axis 0 mixes samples."""
+    return lambda b: f"it {what} along the sample axis 0" if b["dim"] == 0 else None
+
+
+register([torch.gather, "gather"], "gather", "input, dim, index, *, sparse_grad=False",
+         doc="y[..i..] = x[..index[..i..]..] along dim (index: same rank as x);  Jᵀg = zeros "
+             "of x's shape with g scatter-added at index.  Linear: zero Hessian.",
+         vjp={"input": lambda g, c: c.call(gather_back, g, c.args.input, c.bound["dim"],
+                                           c.args.index, c.lead), "index": None},
+         mixes_samples=_along("gathers"), **LINEAR)
+
+register([torch.index_select, "index_select"], "index_select", "input, dim, index",
+         doc="y = x with the entries index[k] of axis dim (index: 1-D);  Jᵀg = zeros of x's "
+             "shape with g index-added along dim.  Linear: zero Hessian.",
+         vjp={"input": lambda g, c: c.call(index_select_back, g, c.args.input, c.bound["dim"],
+                                           c.args.index, c.lead), "index": None},
+         mixes_samples=_along("selects"), **LINEAR)
+
+
+def checked_index(index: Tensor) -> Tensor:
+    """Call-time check of ``x[index]``: an integer tensor, flattened (a boolean mask selects a
+    data-dependent number of entries)."""
+    if index.dtype == torch.bool or index.dtype == torch.uint8:
+        raise ValueError("fxcurv: x[mask] with a boolean mask selects a data-dependent number "
+                         "of entries; use torch.where(mask, x, 0) or integer indices")
+    return index.reshape(-1)
+
+
+def rows_shape(index: Tensor, x: Tensor) -> List[int]:
+    """The shape of ``x[index]``: ``[*index.shape, *x.shape[1:]]``."""
+    return list(index.shape) + list(x.shape[1:])
+
+
+def lower_tensor_index(x, index):
+    """``x[index]`` for an integer tensor ``index`` (advanced indexing of axis 0), as
+    ``index_select(x, 0, index.flatten())`` reshaped to ``[*index.shape, *x.shape[1:]]``."""
+    flat = x.tracer.create_proxy("call_function", checked_index, (index,), {})
+    picked = torch.index_select(x, 0, flat)
+    shape = x.tracer.create_proxy("call_function", rows_shape, (index, x), {})
+    return picked.reshape(shape)
+
+
+register([checked_index, rows_shape], "index_check", "index, *args", constant=True,
+         doc="Call-time check / shape of x[index]: no derivative.")
+
+
+def _dims_of(b: dict) -> list:
+    dims = b["dims"]
+    if isinstance(dims, int):
+        return [dims]
+    if len(dims) == 1 and isinstance(dims[0], (list, tuple)):
+        return list(dims[0])
+    return list(dims)
+
+
+def _shifted(dims: list, lead: int) -> list:
+    return [d + lead if d >= 0 else d for d in dims]
+
+
+def _moves_samples(b: dict) -> Optional[str]:
+    return "it moves entries along the sample axis 0" if 0 in _dims_of(b) else None
+
+
+_FLIP = dict(doc="y = x reversed along dims;  Jᵀg = g reversed along the same dims.",
+             vjp={"input": lambda g, c: g.flip(_shifted(_dims_of(c.bound), c.lead))},
+             mixes_samples=_moves_samples, **LINEAR)
+register([torch.flip], "flip", "input, dims", **_FLIP)
+register(["flip"], "flip", "input, *dims", **_FLIP)
+
+
+def _roll_shifts(b: dict) -> list:
+    shifts = b["shifts"]
+    return list(shifts) if isinstance(shifts, (list, tuple)) else [shifts]
+
+
+def _roll_unsupported(b: dict) -> Optional[str]:
+    if b["dims"] is None or b["dims"] == ():
+        return "roll without dims (over the flattened tensor) has no rule: give dims"
+    return None
+
+
+def _roll_vjp(g, c: Ctx):
+    shifts = [-s for s in fx_list(c, "shifts")]
+    return torch.roll(g, shifts, _shifted(_dims_of(c.bound), c.lead))
+
+
+def fx_list(c: Ctx, name: str) -> list:
+    """A list argument as Proxies/constants (shifts may be sizes computed in the graph)."""
+    value = getattr(c.args, name)
+    return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+register([torch.roll, "roll"], "roll", "input, shifts, dims=None",
+         doc="y = x cyclically shifted by shifts along dims;  Jᵀg = g shifted back (-shifts).",
+         vjp={"input": _roll_vjp}, unsupported=_roll_unsupported,
+         mixes_samples=_moves_samples, **LINEAR)
+
+register([F.pixel_shuffle], "pixel_shuffle", "input, upscale_factor",
+         doc="y[*, C, H·r, W·r] = x[*, C·r², H, W] rearranged;  Jᵀg = pixel_unshuffle(g, r).",
+         vjp={"input": lambda g, c: F.pixel_unshuffle(g, c.bound["upscale_factor"])},
+         sandwich={"input": "shared"}, **LINEAR)
+register([F.pixel_unshuffle], "pixel_unshuffle",
+         "input, downscale_factor",
+         doc="the inverse move of pixel_shuffle;  Jᵀg = pixel_shuffle(g, r).",
+         vjp={"input": lambda g, c: F.pixel_shuffle(g, c.bound["downscale_factor"])},
+         sandwich={"input": "shared"}, **LINEAR)

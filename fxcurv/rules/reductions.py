@@ -1,0 +1,128 @@
+"""Reductions and scans beyond sum/mean: logsumexp, var/std, norms (lowered to ruled ops by
+the normalize pass, so every quantity, second order included, composes their rules) and cumsum.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+
+from .arith import _dims, _reduces_samples
+from .helpers import reduced_count
+from .registry import Ctx, register
+
+
+def _finite_max(x, dims, keepdim: bool):
+    """``max_dim x`` of a detached ``x``, 0 where it is infinite (a constant, no derivative)."""
+    peak = torch.amax(x.detach(), dims, keepdim=keepdim)
+    return peak.masked_fill(torch.isinf(peak), 0.0)
+
+
+def _lower_logsumexp(c: Ctx):
+    """``y = log Σ_dim exp(x - m) + m`` with ``m = max_dim x`` taken from ``x.detach()`` (a
+    constant shift: the value and every derivative are those of ``log Σ exp x``)."""
+    x, dims, keepdim = c.args.input, _dims(c.bound["dim"]), c.bound["keepdim"]
+    total = torch.sum(torch.exp(x - _finite_max(x, dims, True)), dims, keepdim=keepdim)
+    return torch.log(total) + _finite_max(x, dims, keepdim)
+
+
+register([torch.logsumexp, "logsumexp"], "logsumexp", "input, dim, keepdim=False",
+         doc=_lower_logsumexp.__doc__, lower=_lower_logsumexp)
+
+
+def _correction(b: dict) -> tuple[Any, float]:
+    """``(dim, correction)`` of ``var``/``std`` from any of torch's spellings
+    (``x.var(1)``, ``x.var(unbiased=False)``, ``torch.var(x, True)``, ``correction=0``)."""
+    dim, unbiased = b["dim"], b["unbiased"]
+    if isinstance(dim, bool):
+        dim, unbiased = None, dim
+    if b["correction"] is not None:
+        return dim, b["correction"]
+    return dim, 0.0 if unbiased is False else 1.0
+
+
+def _variance(c: Ctx):
+    """``var = Σ_dim (x - mean_dim x)² / (count - correction)``."""
+    dim, correction = _correction(c.bound)
+    dims, x = _dims(dim), c.args.input
+    centered = x - torch.mean(x, dims, keepdim=True)
+    total = torch.sum(centered.square(), dims, keepdim=c.bound["keepdim"])
+    return total / (c.call(reduced_count, x.shape, dims) - correction)
+
+
+def _var_mixes(b: dict) -> Optional[str]:
+    return _reduces_samples({"dim": _correction(b)[0]})
+
+
+_MOMENT = "input, dim=None, unbiased=None, keepdim=False, *, correction=None"
+register([torch.var, "var"], "var", _MOMENT, lower=_variance, mixes_samples=_var_mixes,
+         doc="var = Σ_dim (x - mean x)² / (count - correction) (correction 1 unless "
+             "unbiased=False or given), lowered to sub, mean, square, sum, div.")
+register([torch.std, "std"], "std", _MOMENT, mixes_samples=_var_mixes,
+         lower=lambda c: torch.sqrt(_variance(c)),
+         doc="std = √var, lowered as var then sqrt.")
+
+
+def _norm_order(b: dict, key: str) -> Any:
+    order = b[key]
+    return 2.0 if order in (None, "fro") else order
+
+
+def _norm_unsupported(key: str):
+    def check(b: dict) -> Optional[str]:
+        order = _norm_order(b, key)
+        if isinstance(order, bool) or not isinstance(order, (int, float)) or order <= 0 \
+                or order == float("inf"):
+            return (f"norm of order {order!r} has no rule (only finite positive p and 'fro'; "
+                    "write max/abs norms with amax of abs, nuclear norms are not supported)")
+        return None
+    return check
+
+
+def _lower_norm(key: str):
+    def lower(c: Ctx):
+        """``‖x‖_p = (Σ_dim |x|^p)^(1/p)``: ``√Σ x²`` for p = 2, ``Σ |x|`` for p = 1."""
+        order, x = _norm_order(c.bound, key), c.args.input
+        dims, keepdim = _dims(c.bound["dim"]), c.bound["keepdim"]
+        if order == 2:
+            return torch.sqrt(torch.sum(x.square(), dims, keepdim=keepdim))
+        if order == 1:
+            return torch.sum(torch.abs(x), dims, keepdim=keepdim)
+        return torch.sum(torch.abs(x) ** order, dims, keepdim=keepdim) ** (1.0 / order)
+    return lower
+
+
+def _norm_mixes(b: dict) -> Optional[str]:
+    return _reduces_samples({"dim": b["dim"]})
+
+
+register([torch.norm, "norm"], "norm", "input, p='fro', dim=None, keepdim=False, out=None, dtype=None",
+         lower=_lower_norm("p"), unsupported=_norm_unsupported("p"), mixes_samples=_norm_mixes,
+         doc="‖x‖_p over dim (all axes by default) = (Σ |x|^p)^(1/p), lowered to square/abs, "
+             "pow, sum, sqrt.")
+register([torch.linalg.vector_norm], "vector_norm",
+         "x, ord=2, dim=None, keepdim=False, *, dtype=None",
+         lower=lambda c: _lower_norm("ord")(_as_input(c)), unsupported=_norm_unsupported("ord"),
+         mixes_samples=_norm_mixes, doc="torch.linalg.vector_norm: as norm.")
+
+
+def _as_input(c: Ctx) -> Ctx:
+    """``vector_norm`` names its operand ``x``: present it as ``input`` to the norm lowering."""
+    c.args.input = c.args.x
+    return c
+
+
+def cumsum_back(g: torch.Tensor, dim: int, lead: int) -> torch.Tensor:
+    """Jacobian-transpose of ``cumsum(x, dim)``: the reversed cumulative sum of ``g``."""
+    axis = dim + lead if dim >= 0 else dim
+    return g.flip([axis]).cumsum(axis).flip([axis])
+
+
+register([torch.cumsum, "cumsum"], "cumsum", "input, dim, dtype=None",
+         doc="y_i = Σ_{j <= i} x_j along dim;  (Jᵀg)_j = Σ_{i >= j} g_i (reversed cumsum); "
+             "linear.",
+         vjp={"input": lambda g, c: c.call(cumsum_back, g, c.bound["dim"], c.lead)},
+         hessian_is_zero=True, jointly_affine=True,
+         mixes_samples=lambda b: "it accumulates along the sample axis 0"
+         if b["dim"] == 0 else None)

@@ -156,6 +156,36 @@ MODULE_LOWERINGS: dict[type, Callable] = {
 }
 
 
+def _sum_module(m: nn.Module, *inputs):
+    """BackPACK's ``SumModule``: the sum of its inputs (its forward asserts on tensor types,
+    which Proxies are not)."""
+    total = inputs[0]
+    for other in inputs[1:]:
+        total = total + other
+    return total
+
+
+def _permute_module(m: nn.Module, input):
+    """BackPACK's ``Permute``: ``transpose`` of two axes (``init_transpose``) or ``permute``
+    (its forward builds the permutation from ``input.dim()``, unknown while tracing)."""
+    if m.init_transpose:
+        return input.transpose(*m.dims)
+    return input.permute(*m.dims)
+
+
+def _backpack_lowerings() -> dict[type, Callable]:
+    """Lowerings of BackPACK's converter modules, when BackPACK is installed."""
+    try:
+        from backpack.custom_module.branching import SumModule  # noqa: PLC0415
+        from backpack.custom_module.permute import Permute  # noqa: PLC0415
+    except ImportError:
+        return {}
+    return {SumModule: _sum_module, Permute: _permute_module}
+
+
+MODULE_LOWERINGS.update(_backpack_lowerings())
+
+
 class CurvatureTracer(fx.Tracer):
     """Traces through every module, lowering the ones in ``MODULE_LOWERINGS``; records grad
     mode per node, custom autograd Functions and backward hooks (module docstring)."""

@@ -160,3 +160,35 @@ def test_hessian_of_a_non_convex_loss_keeps_its_negative_curvature():
         torch.testing.assert_close(diag_h[name], hessian.diagonal().reshape(p.shape), **TOL)
         torch.testing.assert_close(hmp[name].flatten(1), vectors[name].flatten(1) @ hessian,
                                    **TOL)
+
+
+@pytest.mark.parametrize("divisor", ["shape", "size", "numel"])
+def test_sizes_of_the_output_are_constants_in_the_loss(divisor):
+    """``/ out.shape[0]`` (or ``out.size(0)``, ``out.numel()``) divides by a number: the loss
+    Hessian is that of a sum of per-sample terms (issue 16)."""
+    torch.manual_seed(3)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(),
+                                torch.nn.Linear(4, 2)).double()
+    size = {"shape": lambda o: o.shape[0], "size": lambda o: o.size(0),
+            "numel": lambda o: o.numel()}[divisor]
+
+    def loss_fn(out, y):
+        return ((out - y) ** 2).sum() / size(out)
+
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 2, dtype=torch.float64)
+    step = fxcurv.compile(model, loss_fn, ["diag_ggn_exact", "diag_h"])
+    _, _, diag_ggn, diag_h = step(x, y)
+    params = dict(model.named_parameters())
+    scale = 2.0 / size(torch.empty(5, 2))
+    for name, p in params.items():
+        def out_of(q, name=name):
+            return torch.func.functional_call(model, {**params, name: q}, (x,))
+        jac = torch.func.jacrev(out_of)(p.detach()).reshape(10, -1)
+        torch.testing.assert_close(diag_ggn[name].reshape(-1), scale * jac.square().sum(0),
+                                   rtol=1e-10, atol=1e-12)
+
+        def loss_of(q, name=name):
+            return loss_fn(out_of(q), y)
+        hessian = torch.func.hessian(loss_of)(p.detach()).reshape(p.numel(), p.numel())
+        torch.testing.assert_close(diag_h[name].reshape(-1), hessian.diagonal(), rtol=1e-9,
+                                   atol=1e-12)

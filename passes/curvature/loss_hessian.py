@@ -32,7 +32,7 @@ from fxcurv.emit import Emitter
 from fxcurv.errors import node_error
 from fxcurv.rules import Ctx, rule_for
 
-from ..analysis import ancestors, descendants
+from ..analysis import ancestors, depends_on
 from ..backward import backward
 from . import factors
 from .factors import residual_sqrt
@@ -147,8 +147,9 @@ def _inner_loss(emit, node, rule, ctx, gradient, region, quantity) -> list:
 
 
 def _loss_region(traced) -> dict[fx.Node, None]:
-    """Nodes between the model output and the loss, in graph order."""
-    below = descendants(traced.graph, traced.model_output)
+    """Nodes between the model output and the loss, in graph order: those that depend
+    differentiably on the output (``out.shape[0]``, ``out.numel()`` are sizes, constants)."""
+    below = depends_on(traced.graph, [traced.model_output])
     above = ancestors(traced.loss)
     return {n: None for n in traced.graph.nodes if n in below and n in above
             and n is not traced.model_output}

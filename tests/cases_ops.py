@@ -7,7 +7,6 @@ import sys
 
 import torch
 import torch.nn.functional as F
-import torchvision.ops  # noqa: F401 (registers torchvision.ops.stochastic_depth)
 
 from rule_harness import case
 
@@ -83,9 +82,13 @@ MOVES = [
     case("pixel_unshuffle", lambda x: F.pixel_unshuffle(x, 2), rand(2, 2, 4, 2)),
 ]
 
+try:  # torchvision is optional
+    import torchvision.ops  # noqa: F401
+except ImportError:
+    torchvision = None
 # the module, looked up at call time, so fx sees the call torch.fx.wrap keeps as one node
-_STOCHASTIC_DEPTH = sys.modules["torchvision.ops.stochastic_depth"]
-REGULARISERS = [
+_STOCHASTIC_DEPTH = sys.modules.get("torchvision.ops.stochastic_depth")
+REGULARISERS = [] if _STOCHASTIC_DEPTH is None else [
     case("stochastic_depth_eval",
          lambda x: _STOCHASTIC_DEPTH.stochastic_depth(x, 0.3, "row", False), rand(3, 4)),
 ]

@@ -163,9 +163,9 @@ def _make_source(emit: Emitter, traced: Traced, name: str, quantity: str, cotang
     if name == "grad":
         return PerSample(emit, params, cotangents, batch_size, data, quantity=quantity)
     if name == "residuals":
-        def wrap(factors, columns):
+        def wrap(factors, columns, direct=None):
             return PerSample(emit, params, factors, batch_size, data, lead=1, label="residual",
-                             lead_size=columns, quantity=quantity)
+                             lead_size=columns, quantity=quantity, direct=direct)
         return residual_propagations(emit, traced, cotangents, quantity, wrap)
     if name == "kfra":
         return KFRA(emit, traced, cotangents, quantity)

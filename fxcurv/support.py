@@ -46,6 +46,9 @@ def _second_order(rule: OpRule) -> str:
         return "yes (residual block: " + ", ".join(
             name for key in rule.residual_block for name in key) + ")"
     zero = rule.hessian_is_zero
+    if zero is True and rule.bilinear and not rule.cross:
+        return "yes (affine; cross terms of " + ", ".join(
+            "·".join(pair) for pair in rule.bilinear[:1]) + ")"
     if zero is True:
         return "yes (affine)"
     if callable(zero):

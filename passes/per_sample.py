@@ -32,6 +32,8 @@ from fxcurv.emit import Emitter
 from fxcurv.errors import node_error
 from fxcurv.rules import Ctx, OpRule, rule_for
 
+from .analysis import ancestors
+
 
 def factor_product(factor: Tensor, vectors: Tensor) -> Tensor:
     """``Σ_{k,n} Q_kn ⟨Q_kn, v⟩`` for each ``v``: ``Q`` ``[K, N, *p]``, ``vectors`` ``[V, *p]``
@@ -77,17 +79,23 @@ class PerSample:
     def __init__(self, emit: Emitter, params: dict[str, fx.Node], cotangents: dict,
                  batch_size: Any, data: tuple[set, set], lead: int = 0,
                  label: str = "batch_grad", lead_size: Any = None,
-                 quantity: Optional[str] = None, numels: Optional[dict[str, int]] = None):
+                 quantity: Optional[str] = None, numels: Optional[dict[str, int]] = None,
+                 direct: Optional[dict[fx.Node, Any]] = None):
         """``data``: the nodes that depend on the input, and those of them that still carry
         its sample axis (``analysis.descendants``, ``analysis.sample_carriers``); ``label``
         names the emitted nodes; ``quantity`` (default: label) is named in errors; ``numels``:
-        each parameter's number of entries (what :meth:`ggn_block` returns depends on it)."""
+        each parameter's number of entries (what :meth:`ggn_block` returns depends on it);
+        ``direct``: per-sample terms ``[*lead, N, *value.shape]`` seeded on parameter-side
+        values (a tied weight's part of a cross second derivative), added where the
+        propagation reaches them."""
         self.emit, self.params, self.cotangents = emit, params, cotangents
         self.batch_size, self.lead, self.label, self.lead_size = batch_size, lead, label, \
             lead_size
         self.data, self.carriers = data
         self.quantity = quantity or label
         self.numels = numels or {}
+        self.direct = direct or {}
+        self._reaches = set().union(*[ancestors(node) for node in self.direct])
         self._memo: dict[tuple[str, str], Any] = {}
         self._terms: dict[fx.Node, Any] = {}
 
@@ -137,7 +145,8 @@ class PerSample:
         """The op's cheaper formula, when the parameter has exactly one use that has one."""
         uses = self.uses(name)
         used_elsewhere = len(uses) != sum(1 for u in self.params[name].users
-                                          if u in self.cotangents)
+                                          if u in self.cotangents) or \
+            self.params[name] in self._reaches
         if len(uses) == 1 and not used_elsewhere and uses[0][2] in getattr(uses[0][1], kind):
             node, rule, arg = uses[0]
             return self._boundary_term(node, rule, arg, kind, name, *extra)
@@ -148,9 +157,9 @@ class PerSample:
         meet the data contribute their per-sample rule; parameter-side ops carry the result
         back with their Jacobian-transpose rule, the sample axis as one more leading axis."""
         if value not in self._terms:
-            parts = []
+            parts = [self.direct[value]] if value in self.direct else []
             for user in list(value.users):
-                if user not in self.cotangents:
+                if user not in self.cotangents and user not in self._reaches:
                     continue
                 rule = rule_for(user)
                 for arg, bound in rule.bind(user).items():
@@ -158,7 +167,9 @@ class PerSample:
                                                    and value in bound):
                         continue
                     if user in self.data:  # the op meets the data here
-                        parts.append(self._boundary_term(user, rule, arg, "batch_grad", name))
+                        if user in self.cotangents:
+                            parts.append(self._boundary_term(user, rule, arg, "batch_grad",
+                                                             name))
                         continue
                     upstream = self.per_sample_term(user, name)
                     if upstream is not None:

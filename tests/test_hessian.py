@@ -291,6 +291,50 @@ class TwoUses(nn.Module):
         return self.head(torch.tanh(self.fc(x)) + x / (torch.sigmoid(self.fc(2 * x)) + 0.5))
 
 
+class BroadcastGates(nn.Module):
+    """Quotients whose arguments broadcast against each other and share parameters:
+    ``h / (1 + s)`` (``s: [N, C, 1, 1]``, a squeeze-excitation gate) and ``s / (2 + t)``
+    (``t: [N, 1, H, W]``: both broadcast)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(3, 3, 1)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x))
+        s = torch.sigmoid(self.fc(h.mean((2, 3), keepdim=True)))
+        t = torch.sigmoid(h.mean(1, keepdim=True))
+        return self.head((h / (1 + s) + s / (2 + t)).mean((2, 3)))
+
+
+class TiedLayers(nn.Module):
+    """One layer applied twice (tied weights): the second use's data argument depends on the
+    weight it is multiplied with, so the Hessian has a cross term of the two arguments.
+    ``kind``: ``nn.Linear``, ``nn.Conv2d``, a raw parameter through ``matmul`` or ``einsum``."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        if kind == "conv":
+            self.layer = nn.Conv2d(2, 2, 3, padding=1)
+        elif kind == "linear":
+            self.layer = nn.Linear(4, 4)
+        else:
+            self.weight = nn.Parameter(torch.randn(4, 4) / 2)
+        self.head = nn.Linear(2 * 4 * 3 if kind == "conv" else 4, 3)
+
+    def apply(self, h):
+        if self.kind == "matmul":
+            return h @ self.weight
+        if self.kind == "einsum":
+            return torch.einsum("ni,ij->nj", h, self.weight)
+        return self.layer(h)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.apply(torch.tanh(self.apply(x)))).flatten(1))
+
+
 def _gelu_silu_softplus():
     return nn.Sequential(nn.Linear(4, 5), nn.GELU(), nn.Linear(5, 5), nn.SiLU(),
                          nn.Linear(5, 4), nn.Softplus(), nn.Linear(4, 3))
@@ -319,6 +363,16 @@ BRUTE_CASES: dict[str, Callable] = {
                                 _labels(3, 3)),
     "two_uses_div_ce_sum": lambda: (TwoUses(), nn.CrossEntropyLoss(reduction="sum"),
                                     _randn(3, 4), _labels(3, 3)),
+    "broadcast_div_ce": lambda: (BroadcastGates(), nn.CrossEntropyLoss(), _randn(3, 2, 4, 4),
+                                 _labels(3, 3)),
+    "tied_linear_ce": lambda: (TiedLayers("linear"), nn.CrossEntropyLoss(), _randn(3, 4),
+                               _labels(3, 3)),
+    "tied_conv_mse": lambda: (TiedLayers("conv"), nn.MSELoss(), _randn(2, 2, 4, 3),
+                              _randn(2, 3)),
+    "tied_matmul_ce_sum": lambda: (TiedLayers("matmul"), nn.CrossEntropyLoss(reduction="sum"),
+                                   _randn(3, 4), _labels(3, 3)),
+    "tied_einsum_ce": lambda: (TiedLayers("einsum"), nn.CrossEntropyLoss(), _randn(3, 4),
+                               _labels(3, 3)),
     "bce_multioutput": lambda: (
         nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)), nn.BCEWithLogitsLoss(),
         _randn(4, 4), torch.rand(4, 3, dtype=DTYPE)),

@@ -19,7 +19,7 @@ second derivatives of the model's ops: ``diag_h diag_h_batch hmp pchmp_abs pchmp
 | branches       | torch.cat of two branches, chunk and split   | MSE       | -                               |
 | slicing        | h[:, :3] and h[..., 1:]                      | CE sum    | -                               |
 | many_uses      | h used thrice: tanh(h) + sigmoid(h) - h/2    | BCE [N,3] | -                               |
-| tied           | embedding weight as head, proj.t()           | CE        | 2nd (linear)                    |
+| tied           | embedding weight as head, proj.t()           | CE        | -                               |
 | gated          | h * sigmoid(h)                               | CE        | -                               |
 | reductions     | [N, T, D]: mean over T, sum over features    | MSE sum   | -                               |
 | functional     | only F.* and raw nn.Parameters               | CE        | -                               |
@@ -28,6 +28,8 @@ second derivatives of the model's ops: ``diag_h diag_h_batch hmp pchmp_abs pchmp
 | post_loss      | MLP; 2 * cross_entropy + (out ** 2).mean()/2 | callable  | -                               |
 | bilinear       | einsum("ni,kij,nj->nk", a, W, b), W param    | MSE       | -                               |
 | conv_bn        | conv2d, batch_norm (eval), adaptive pool     | CE        | -                               |
+| excite         | h * s, t * h, s * t (broadcast gates)        | CE        | -                               |
+| divided        | tanh(linear(x)) / d, d a raw parameter       | CE        | 2nd (truediv)                   |
 | nll            | log_softmax then NLLLoss                     | NLL       | -                               |
 
 (CE: ``CrossEntropyLoss``, MSE: ``MSELoss``, BCE: ``BCEWithLogitsLoss``; mean unless "sum".)
@@ -283,6 +285,35 @@ class ConvBN(nn.Module):
         return self.head(F.adaptive_avg_pool2d(h, 1).flatten(1))
 
 
+class Excite(nn.Module):
+    """15. Squeeze-excitation and spatial gates: products whose arguments broadcast against
+    each other and share parameters (``h * s``, ``s: [N, C, 1, 1]``; ``t * h``,
+    ``t: [N, 1, H, W]``; ``s * t``, both broadcast)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(2, 3, 3, padding=1), nn.Conv2d(3, 3, 1)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x))
+        s = torch.sigmoid(self.fc(h.mean((2, 3), keepdim=True)))
+        t = torch.sigmoid(h.mean(1, keepdim=True))
+        return self.head((h * s + t * h + s * t).mean((2, 3)))
+
+
+class Divided(nn.Module):
+    """16. A layer's output divided by a raw parameter (``h / d``, ``d: [3]``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+        self.d = nn.Parameter(torch.rand(3) + 1)
+
+    def forward(self, x):
+        return torch.tanh(self.fc(x)) / self.d
+
+
 class LogSoftmaxNet(nn.Module):
     """14. ``log_softmax`` output for ``NLLLoss``; ``return_logits`` (for the reference) stops
     before it."""
@@ -306,11 +337,6 @@ def _labels(gen, classes, *shape):
     return torch.randint(0, classes, shape, generator=gen)
 
 
-def _cross_rule(node: str, params: str) -> tuple[str, str]:
-    return node, (f"its arguments '.*' and '.*' both depend on parameter\\(s\\) {params}.*"
-                  f"no cross second-derivative rule")
-
-
 @dataclass
 class Spec:
     make: Callable[[], nn.Module]
@@ -330,10 +356,6 @@ class Spec:
         return tuple(q for q in QUANTITIES if q not in self.refused)
 
 
-def _refuse(quantities, reason) -> dict:
-    return {q: reason for q in quantities}
-
-
 SPECS: dict[str, Spec] = {
     "residual": Spec(Residual, nn.CrossEntropyLoss(),
                      lambda g: (_randn(g, 4, 4), _labels(g, 3, 4))),
@@ -343,8 +365,7 @@ SPECS: dict[str, Spec] = {
     "many_uses": Spec(ManyUses, nn.BCEWithLogitsLoss(),
                       lambda g: (_randn(g, 4, 4), torch.rand(4, 3, generator=g, dtype=DTYPE))),
     "tied": Spec(Tied, nn.CrossEntropyLoss(), lambda g: (_labels(g, 5, 3, 4), _labels(g, 5, 3)),
-                 refused=_refuse(RESIDUAL, _cross_rule("linear", r"\['emb.weight'\]")),
-                 kron_blocks=("emb.weight", "proj")),
+                 kron_blocks=("emb.weight", "proj"), pch_reference=False),
     "gated": Spec(Gated, nn.CrossEntropyLoss(), lambda g: (_randn(g, 3, 4), _labels(g, 3, 3))),
     "reductions": Spec(Reductions, nn.MSELoss(reduction="sum"),
                        lambda g: (_randn(g, 3, T, 4), _randn(g, 3, 2))),
@@ -363,6 +384,11 @@ SPECS: dict[str, Spec] = {
     "conv_bn": Spec(lambda: randomize_bn(ConvBN()).eval(), nn.CrossEntropyLoss(),
                     lambda g: (_randn(g, 3, 2, 4, 4), _labels(g, 3, 3)),
                     kron_blocks=("bn.weight", "bn.bias")),
+    "excite": Spec(Excite, nn.CrossEntropyLoss(), lambda g: (_randn(g, 3, 2, 4, 4),
+                                                             _labels(g, 3, 3))),
+    "divided": Spec(Divided, nn.CrossEntropyLoss(), lambda g: (_randn(g, 3, 4), _labels(g, 3, 3)),
+                    refused={q: ("truediv", "acts on 'd', a value without a sample axis")
+                             for q in RESIDUAL}),
     "nll": Spec(LogSoftmaxNet, nn.NLLLoss(), lambda g: (_randn(g, 4, 4), _labels(g, 3, 4)),
                 logits=True),
 }
@@ -583,11 +609,11 @@ def pch_references(case: Case, flat: Flat, model, loss_fn) -> dict:
             a, b = args[:2]
             if not _depends_on(a, params) & _depends_on(b, params):
                 terms.append(None)
-            elif kind == "matmul":      # the bilinear cross block of two activations
+            elif kind == "matmul" or not a.shape == b.shape == g.shape:
+                # the cross block of two activations (bilinear, or broadcast products)
                 blocks = per_sample_blocks(func, [a.detach(), b.detach()], g)
                 terms.append(("block", blocks, [a.detach(), b.detach()]))
             else:
-                assert a.shape == b.shape == g.shape
                 terms.append(([g / 2, -g / 2], [a.detach(), b.detach()]))
 
     def modified(m):
@@ -853,17 +879,6 @@ def test_refused_quantities_name_the_node_and_the_quantity(name, quantity):
     assert f"node '{node}'" in message, message
     assert f"for quantity '{quantity}'" in message, message
     assert re.search(reason, message), message
-
-
-class TiedTwice(nn.Module):
-    """The embedding weight used twice (lookup and head), no ``.t()`` in the way."""
-
-    def __init__(self):
-        super().__init__()
-        self.emb, self.fc = nn.Embedding(5, 4), nn.Linear(4, 4)
-
-    def forward(self, tokens):
-        return F.linear(torch.tanh(self.fc(self.emb(tokens).mean(1))), self.emb.weight)
 
 
 class SharedBilinear(nn.Module):

@@ -147,7 +147,7 @@ register(
     param_product={"weight": lambda g, c, v: c.call(linear_weight_product, g, c.args.input, v)},
     batch_sum_grad_squared={"weight": lambda g, c: c.call(linear_weight_batch_sum_squares, g,
                                                           c.args.input)},
-    hessian_is_zero=True,
+    hessian_is_zero=True, bilinear=(("input", "weight"),),
     kron={"weight": lambda g, c: [c.call(output_gram, g, c.lead), c.call(input_gram, c.args.input)],
           "bias": lambda g, c: [c.call(output_gram, g, c.lead)]},
     kron_matrix={"weight": lambda m, c: [_matrix_gram(m, c), c.call(input_gram, c.args.input)],

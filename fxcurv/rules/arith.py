@@ -58,7 +58,7 @@ _binary([operator.sub, torch.sub, "sub"], "sub",
 _binary([operator.mul, torch.mul, "mul"], "mul",
         "y = a·b;  ∂y/∂a = b, ∂y/∂b = a;  ∂²y/∂a² = ∂²y/∂b² = 0, ∂²y/∂a∂b = 1.",
         lambda g, c: g * c.args.other, lambda g, c: g * c.args.input, hessian_is_zero=True,
-        cross={("input", "other"): lambda g, c: g})
+        cross={("input", "other"): lambda g, c: g}, bilinear=(("input", "other"),))
 _binary([operator.truediv, torch.div, torch.true_divide, "div",
          "true_divide"], "div",
         "y = a / b;  ∂y/∂a = 1/b, ∂y/∂b = -y/b;  ∂²y/∂b² = 2y/b², ∂²y/∂a∂b = -1/b².",

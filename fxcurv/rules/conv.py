@@ -572,7 +572,8 @@ _RULES = {
         kron={"weight": _kron_weight(_conv_input_factor), "bias": _kron_bias},
         kron_matrix={"weight": _kron_matrix_weight(_conv_input_factor),
                      "bias": _kron_matrix_bias},
-        sandwich={"input": "shared"}, hessian_is_zero=True),
+        sandwich={"input": "shared"}, hessian_is_zero=True,
+        bilinear=(("input", "weight"),)),
     "conv_transpose": dict(
         doc="y = convᵀ(x, W) + b, the adjoint of conv's input map: ⟨g, convᵀ(x, W)⟩ = "
             "⟨conv(g, W), x⟩;  x: [N, Cin, *in], W: [Cin, Cout/G, *k], b: [Cout], "
@@ -595,7 +596,8 @@ _RULES = {
         kron={"weight": _kron_weight(_transpose_input_factor), "bias": _kron_bias},
         kron_matrix={"weight": _kron_matrix_weight(_transpose_input_factor),
                      "bias": _kron_matrix_bias},
-        sandwich={"input": "shared"}, hessian_is_zero=True),
+        sandwich={"input": "shared"}, hessian_is_zero=True,
+        bilinear=(("input", "weight"),)),
 }
 
 for _target, _d in SPATIAL_DIMS.items():

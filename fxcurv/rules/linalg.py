@@ -134,7 +134,7 @@ def _matmul(targets: list, name: str, params: str, batched: bool = True) -> None
              vjp={first: rule(matmul_input_vjp, True), second: rule(matmul_other_vjp, False)},
              batch_grad={first: rule(matmul_input_batch_grad, True),
                          second: rule(matmul_other_batch_grad, False)},
-             hessian_is_zero=True,
+             hessian_is_zero=True, bilinear=((first, second),),
              residual_block={(first, second): _matmul_block(first, second)} if batched else {})
 
 
@@ -363,6 +363,8 @@ register([torch.einsum], "einsum", "equation, " + ", ".join(
                      for k, n in enumerate(EINSUM_OPERANDS)},
          unsupported=_einsum_unsupported, mixes_samples=_einsum_mixes, hessian_is_zero=True,
          aliases=True,  # "ij->ji" returns a view
+         bilinear=tuple((EINSUM_OPERANDS[i], EINSUM_OPERANDS[j])
+                        for i in range(4) for j in range(i + 1, 4)),
          residual_block={(EINSUM_OPERANDS[i], EINSUM_OPERANDS[j]): _einsum_cross(i, j)
                          for i in range(4) for j in range(i + 1, 4)})
 

@@ -65,6 +65,13 @@ class OpRule:
     # gives the cross matrix ``C_n = Σ_out g ∂²f/∂a∂b`` ``[N, Da, Db]`` (``R_n = [[0, C],
     # [Cᵀ, 0]]``), used where both arguments share a parameter
     residual_block: dict[tuple, RuleFn] = field(default_factory=dict)
+    # argument pairs in which the op is jointly bilinear (``f(a, b)`` linear in each, nothing
+    # else depending on them): where a data argument and a parameter-side one share a
+    # parameter (a tied weight, ``lin(lin(x))``), their per-sample cross block
+    # ``∂²⟨g_n, f⟩/∂a_n∂b`` is the parameter-side argument's ``batch_grad`` rule with ``a``
+    # replaced by the basis of its per-sample entries. Pairs not listed (without ``cross`` or
+    # ``residual_block`` rules) have no cross term: the op is jointly affine in them (a bias)
+    bilinear: tuple = ()
     # Kronecker factors of a parameter argument from a sqrt-GGN factor ``g`` (lead 1):
     # ``kron[arg](g, c) -> [G, A]`` (weights) or ``[G]`` (biases), BackPACK's order and scaling
     kron: dict[str, RuleFn] = field(default_factory=dict)

@@ -13,15 +13,19 @@ A non-diagonal residual (softmax, layer_norm: ``residual_block``) is a dense per
 ``S₊S₊ᵀ − S₋S₋ᵀ`` (:func:`eigen_sqrt`), ``D`` columns each, seeded on the argument like the
 diagonal factors. A bilinear op whose two activations share a parameter (``q kᵀ``,
 ``weights · v``) has ``R_n = [[0, C_n], [C_nᵀ, 0]]``, split by the SVD of ``C_n``
-(:func:`cross_sqrt`, ``min(Da, Db)`` columns seeded on both). Exact, at ``O(N B K³)`` (or
+(:func:`cross_sqrt`, ``min(Da, Db)`` columns seeded on both). Elementwise products and
+quotients of two such values (``x * s``, arguments broadcast against each other) have the
+same block with a sparse ``C_n`` (:func:`broadcast_cross_sqrt`). A tied weight, a bilinear
+op whose data argument depends on its parameter-side argument ``w`` (``lin(lin(x))``), has
+the block over ``(a_n, w)``: its ``w`` part enters as direct per-sample terms of ``w``
+(:func:`_parameter_cross_seeds`). Exact, at ``O(N B K³)`` (or
 ``O(N Da Db min(Da, Db))``) time per op and step and ``O(N D²)`` memory, as a diagonal
 residual's factor; ``D`` above :data:`MAX_BLOCK_SIZE` is refused when the step runs (sizes
 are not known before).
 """
 from __future__ import annotations
 
-import operator
-from typing import Any, Callable, List
+from typing import Any, Callable, List, Optional
 
 import torch
 import torch.fx as fx
@@ -30,11 +34,14 @@ from torch import Tensor
 from fxcurv.emit import Emitter
 from fxcurv.errors import node_error
 from fxcurv.rules import Ctx, rule_for
+from fxcurv.rules.registry import Args
 
 from ..analysis import ancestors, descendants, differentiable_inputs, sample_carriers
 from ..backward import backward
 from . import factors
-from .factors import residual_sqrt
+from .factors import (broadcast_cross_sqrt, checked_cross, checked_parameter_cross,
+                      cross_sqrt, parameter_cross_sqrt, per_sample_block, repeat_samples,
+                      residual_sqrt, sample_basis)
 from .loss_hessian import eigen_sqrt, loss_negative_factor, symmetric_eigh
 
 MAX_BLOCK_SIZE = 4096  # per-sample entries D = B·K of a residual block (factor: N·D² values)
@@ -68,18 +75,20 @@ def residual_propagations(emit: Emitter, traced, gradient: dict, quantity: str,
         active = _active_args(ctx, depends)
         with emit.naming(f"{node.name}_residual", pass_="diag_hessian", node=node.name):
             seed_sets = _diagonal_seeds(emit, node, rule, ctx, active, gradient[node], quantity)
-            seed_sets += _cross_seeds(emit, node, rule, ctx, active, depends, gradient[node],
-                                      quantity)
+            seed_sets += _parameter_cross_seeds(emit, node, rule, ctx, active, depends,
+                                                carriers, gradient[node], quantity)
+            seed_sets += _cross_seeds(emit, node, rule, ctx, active, depends, carriers,
+                                      gradient[node], quantity)
             seed_sets += _block_seeds(emit, node, rule, ctx, active, depends, carriers,
                                       gradient[node], quantity)
-        for seeds, sign, tag in seed_sets:
+        for seeds, sign, tag, *direct in seed_sets:
             for arg in seeds:
                 _check_sample_axis(node, rule, arg, per_sample, quantity)
             with emit.naming(f"{node.name}_residual_{tag}", pass_="diag_hessian"):
                 columns = next(iter(seeds.values())).size(0)
             cotangents = backward(emit, seeds, params, lead=1,
                                   tag=f"{node.name}_residual_{tag}", quantity=quantity)
-            terms.append((make_source(cotangents, columns), sign))
+            terms.append((make_source(cotangents, columns, *direct), sign))
     return terms
 
 
@@ -107,33 +116,84 @@ def _where(node: fx.Node, rule) -> str:
     return f"node '{node.name}' ({rule.name})"
 
 
-def _cross_seeds(emit, node, rule, ctx, active, depends, g, quantity) -> list:
-    """Cross terms of two arguments ``a, b`` that share parameters: with ``c`` the diagonal of
-    ``Σ g ∂²f/∂a∂b``, ``2c·δa·δb = (c/2)[(δa + δb)² − (δa − δb)²]``, so the factors
-    ``√(c±/2)`` are seeded on both arguments, with equal or opposite signs."""
+def _cross_seeds(emit, node, rule, ctx, active, depends, carriers, g, quantity) -> list:
+    """Cross terms of two arguments ``a, b`` that share parameters, from the coefficient
+    ``c = Σ g ∂²f/∂a∂b`` in the output's shape (arguments broadcast against each other):
+    ``R_n = [[0, C_n], [C_nᵀ, 0]]`` with ``C_n`` summing ``c`` over the output entries each
+    pair of entries of ``a`` and ``b`` meets in, split into ``S₊S₊ᵀ − S₋S₋ᵀ``
+    (:func:`broadcast_cross_sqrt`), each part seeded on both arguments."""
     if rule.jointly_affine:
         return []
     found = []
     for i, (name_a, a) in enumerate(active):
         for name_b, b in active[i + 1:]:
-            if not (depends[a] & depends[b]) or (name_a, name_b) in rule.residual_block:
+            if not (depends[a] & depends[b]) or (name_a, name_b) in rule.residual_block or \
+                    _parameter_pair(rule, name_a, a, name_b, b, carriers) is not None:
                 continue
             fn = rule.cross.get((name_a, name_b)) or rule.cross.get((name_b, name_a))
+            if fn is None and rule.bilinear and not _listed(rule.bilinear, name_a, name_b):
+                continue  # jointly affine in this pair (a bias added to a bilinear term)
             if fn is None:
                 raise node_error(node, f"its arguments '{name_a}' and '{name_b}' both depend "
                                  f"on parameter(s) {sorted(depends[a] & depends[b])}, and "
                                  f"{rule.name} has no cross second-derivative rule",
                                  "Request the GGN (diag_ggn_exact) instead.", quantity)
-            half = emit.call(cross_half, fn(g, ctx), ctx.args.__dict__[name_a],
-                             ctx.args.__dict__[name_b])
-            roots = {sign: emit.call(residual_sqrt, half, sign, _where(node, rule),
-                               factors.MAX_RESIDUAL_FACTOR_BYTES)
-                     for sign in (1.0, -1.0)}
-            for sign, same, opposite in ((1.0, 1.0, -1.0), (-1.0, -1.0, 1.0)):
-                found.append((_pair(a, b, roots[same], roots[same]), sign, "cross_sum"))
-                found.append((_pair(a, b, roots[opposite], -roots[opposite]), sign,
-                              "cross_difference"))
+            coefficient = emit.call(checked_cross, fn(g, ctx), emit.proxy(a), emit.proxy(b),
+                                    factors.MAX_RESIDUAL_FACTOR_BYTES, _where(node, rule))
+            for sign, tag in ((1.0, "plus"), (-1.0, "minus")):
+                parts = emit.call(broadcast_cross_sqrt, coefficient, emit.proxy(a),
+                                  emit.proxy(b), sign)
+                found.append((_pair(a, b, parts[0], parts[1]), sign, f"cross_{tag}"))
     return [item for item in found if item[0]]
+
+
+def _listed(pairs: tuple, name_a: str, name_b: str) -> bool:
+    return (name_a, name_b) in pairs or (name_b, name_a) in pairs
+
+
+def _parameter_pair(rule, name_a, a, name_b, b, carriers) -> Optional[tuple]:
+    """``(data name, data node, parameter-side name, node)`` when the op is bilinear in
+    ``(a, b)``, one of them carries the samples and the other is parameter-side."""
+    if not _listed(rule.bilinear, name_a, name_b):
+        return None
+    if a in carriers and b not in carriers and name_b in rule.batch_grad:
+        return name_a, a, name_b, b
+    if b in carriers and a not in carriers and name_a in rule.batch_grad:
+        return name_b, b, name_a, a
+    return None
+
+
+def _parameter_cross_seeds(emit, node, rule, ctx, active, depends, carriers, g,
+                           quantity) -> list:
+    """A data argument ``a`` and a parameter-side argument ``w`` of a bilinear op that share a
+    parameter (a tied weight): the per-sample cross block ``C_n = ∂²⟨g_n, f⟩/∂a_n∂w``
+    ``[N, Da, Dw]`` is ``w``'s per-sample rule with ``a`` replaced by the basis of its
+    entries (:func:`sample_basis`); ``R_n = [[0, C_n], [C_nᵀ, 0]]`` is split by its SVD
+    (:func:`parameter_cross_sqrt`), the ``a`` part seeded on ``a``, the ``w`` part a direct
+    per-sample term of ``w`` (``[r, N, *w.shape]``)."""
+    found = []
+    for i, (name_a, a) in enumerate(active):
+        for name_b, b in active[i + 1:]:
+            pair = _parameter_pair(rule, name_a, a, name_b, b, carriers)
+            if not (depends[a] & depends[b]) or pair is None:
+                continue
+            data_name, data, side_name, side = pair
+            _check_block_sample_axis(node, rule, data, carriers, quantity)
+            checked = emit.call(checked_parameter_cross, g, emit.proxy(data), emit.proxy(side),
+                                factors.MAX_RESIDUAL_FACTOR_BYTES, _where(node, rule))
+            args = Args(ctx.bound, emit)
+            setattr(args, data_name, emit.call(sample_basis, emit.proxy(data)))
+            probe = Ctx(node, ctx.bound, args, None, 0, emit)
+            terms = rule.batch_grad[side_name](emit.call(repeat_samples, checked,
+                                                         emit.proxy(data)), probe)
+            block = emit.call(per_sample_block, terms, emit.proxy(data))
+            svd = emit.call(torch.linalg.svd, block, full_matrices=False)
+            for sign, tag in ((1.0, "plus"), (-1.0, "minus")):
+                parts = emit.call(parameter_cross_sqrt, svd[0], svd[1], svd[2],
+                                  emit.proxy(data), emit.proxy(side), sign)
+                found.append(({data: parts[0]}, sign, f"{data_name}_{side_name}_{tag}",
+                              {side: parts[1]}))
+    return found
 
 
 def _block_seeds(emit, node, rule, ctx, active, depends, carriers, g, quantity) -> list:
@@ -145,6 +205,9 @@ def _block_seeds(emit, node, rule, ctx, active, depends, carriers, g, quantity) 
         if None in args or (len(args) > 1 and not frozenset.intersection(
                 *[depends[arg] for arg in args])):
             continue
+        if len(args) == 2 and _parameter_pair(rule, names[0], args[0], names[1], args[1],
+                                              carriers) is not None:
+            continue  # a tied parameter: _parameter_cross_seeds
         for arg in args:
             _check_block_sample_axis(node, rule, arg, carriers, quantity)
         proxies = [emit.proxy(arg) for arg in args]
@@ -195,20 +258,6 @@ def block_sqrt(values: Tensor, vectors: Tensor, like: Tensor, sign: float) -> Te
     return full.reshape([count * size] + list(like.shape))
 
 
-def cross_sqrt(u: Tensor, sigma: Tensor, vh: Tensor, a: Tensor, b: Tensor,
-               sign: float) -> List[Tensor]:
-    """Factors of a bilinear op's block ``R_n = [[0, C_n], [C_nᵀ, 0]]`` from the SVD
-    ``C_n = U Σ Vᵀ`` (``u`` ``[N, Da, r]``, ``sigma`` ``[N, r]``, ``vh`` ``[N, r, Db]``):
-    ``R_n = S₊S₊ᵀ − S₋S₋ᵀ`` with ``S± = [U; ±V] √(Σ/2)`` (its eigen-split: eigenvalues
-    ``±σ``), ``r = min(Da, Db)`` columns; the parts on ``a`` and ``b``, ``[r, N, *a.shape[1:]]``,
-    ``[r, N, *b.shape[1:]]``."""
-    root = (sigma * 0.5).sqrt()
-    lead = [sigma.size(1)]
-    left = (u * root.unsqueeze(1)).permute(2, 0, 1)                      # [r, N, Da]
-    right = (vh * root.unsqueeze(2)).permute(1, 0, 2) * sign             # [r, N, Db]
-    return [left.reshape(lead + list(a.shape)), right.reshape(lead + list(b.shape))]
-
-
 def _check_block_sample_axis(node, rule, arg, carriers, quantity) -> None:
     if arg not in carriers or node not in carriers:
         value = arg.name if arg not in carriers else "its output"
@@ -218,25 +267,11 @@ def _check_block_sample_axis(node, rule, arg, carriers, quantity) -> None:
                          "Request the GGN (diag_ggn_exact) instead.", quantity)
 
 
-def cross_half(coefficient: Tensor, a: Tensor, b: Tensor) -> Tensor:
-    """``c / 2`` for the cross factors; the arguments must have the output's shape."""
-    if a.shape != coefficient.shape or b.shape != coefficient.shape:
-        raise ValueError("fxcurv: cross second-order terms need both arguments in the output's "
-                         "shape (no broadcasting)")
-    return coefficient * 0.5
-
-
 def _pair(a: fx.Node, b: fx.Node, factor_a: Any, factor_b: Any) -> dict:
-    """Seeds on ``a`` and ``b`` (one node: their sum, or nothing if they cancel)."""
+    """Seeds on ``a`` and ``b`` (one node, ``x * x``: their sum)."""
     if a is not b:
         return {a: factor_a, b: factor_b}
-    return {} if factor_b is not factor_a and _negated(factor_a, factor_b) else \
-        {a: factor_a + factor_b}
-
-
-def _negated(first: Any, second: Any) -> bool:
-    node = getattr(second, "node", None)
-    return node is not None and node.target is operator.neg and node.args[0] is first.node
+    return {a: factor_a + factor_b}
 
 
 def _check_sample_axis(node, rule, arg, per_sample, quantity) -> None:

@@ -318,3 +318,33 @@ def test_a_loss_cut_from_every_parameter_is_refused():
 def test_stack_of_a_whole_tuple_is_refused_at_compile_time():
     """Found by the fuzz test: the rule failed with a TypeError inside compile."""
     assert_refused(Body(lambda h: torch.stack(h.unbind(1), 1)), "one tuple value")
+
+
+# -- the invariant's second half: what a rule calls constant has no derivative ---------------
+def _constant_rules():
+    from fxcurv.rules import RULES
+    return sorted({(rule.name, target if isinstance(target, str) else target.__name__, target)
+                   for target, rule in RULES.items() if rule.constant is True},
+                  key=lambda item: item[:2])
+
+
+@pytest.mark.parametrize("name, spelling, target", _constant_rules(),
+                         ids=[f"{n}-{s}" for n, s, _ in _constant_rules()])
+def test_constant_rules_have_no_derivative(name, spelling, target):
+    """Every op a rule declares constant gives eager autograd no derivative either."""
+    x = torch.randn(3, 4, dtype=DTYPE, requires_grad=True)
+    call = getattr(torch.Tensor, target) if isinstance(target, str) else target
+    args = {"full_like": (2.0,)}.get(name, ())
+    out = call(x.sigmoid() if name == "bernoulli" else x, *args)
+    if not isinstance(out, torch.Tensor) or not out.requires_grad:
+        return
+    if out.is_floating_point():
+        grad = torch.autograd.grad((out * torch.randn_like(out)).sum(), x, allow_unused=True)[0]
+        assert grad is None or not grad.abs().sum()
+
+
+@pytest.mark.parametrize("attribute", sorted(__import__(
+    "fxcurv.rules.shape", fromlist=["x"]).NO_DERIVATIVE_ATTRIBUTES))
+def test_constant_attributes_have_no_derivative(attribute):
+    value = getattr(torch.randn(3, 4, dtype=DTYPE, requires_grad=True) * 2, attribute)
+    assert not (isinstance(value, torch.Tensor) and value.requires_grad)

@@ -126,7 +126,7 @@ register([torch.cat, torch.concat, torch.concatenate], "cat", "tensors, dim=0",
 NO_DERIVATIVE_ATTRIBUTES = frozenset((
     "shape", "dtype", "device", "ndim", "requires_grad", "layout", "is_cuda", "is_cpu",
     "is_sparse", "is_quantized", "is_meta", "is_mkldnn", "is_nested", "is_leaf", "data",
-    "names", "itemsize", "nbytes", "grad_fn"))
+    "itemsize", "nbytes", "grad_fn"))
 TRANSPOSE_ATTRIBUTES = ("T", "mT")
 
 

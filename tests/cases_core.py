@@ -96,6 +96,14 @@ SHAPES = [
     case("metadata_attributes", lambda x: x * x.shape[1] / x.ndim + torch.zeros(
         1, dtype=x.dtype, device=x.device), rand(3, 4)),
     case("matrix_mT", lambda x: x.mT * 2, rand(3, 2, 4)),
+    case("max_values", lambda x: torch.max(x, 1).values, rand(3, 4)),
+    case("max_keepdim_first", lambda x: x.max(-1, keepdim=True)[0] * x, rand(3, 2, 4)),
+    case("min_values", lambda x: torch.min(x, 2).values, rand(3, 4, 2)),
+    case("min_method", lambda x: x.min(1, True)[0], rand(3, 4)),
+    case("sort_values", lambda x: torch.sort(x, 1, descending=True).values, rand(3, 4)),
+    case("sort_method_default_dim", lambda x: x.sort()[0] * x.sort().indices, rand(3, 2, 4)),
+    case("topk_values", lambda x: torch.topk(x, 2, dim=1).values, rand(3, 4)),
+    case("topk_method_smallest", lambda x: x.topk(3, largest=False)[0], rand(3, 2, 5)),
 ]
 
 LINEAR = [

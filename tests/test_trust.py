@@ -85,12 +85,17 @@ def test_real_of_a_ruled_result_is_refused():
     assert_refused(Body(lambda h: torch.tanh(h).real * 2), "'.real'", "diag_h")
 
 
-def test_values_of_max_is_refused_not_a_zero_gradient():
-    assert_refused(Body(lambda h: torch.max(h, 1, keepdim=True).values + h), "max", "no rule")
+def test_values_of_max_is_its_result_not_a_constant():
+    assert_matches_eager(Body(lambda h: torch.max(h, 1, keepdim=True).values + h))
 
 
-def test_indices_of_sort_is_its_result_not_a_constant():
-    assert_refused(Body(lambda h: h * torch.sort(h, 1).indices), "sort", "no rule")
+def test_fields_of_sort_and_topk_are_their_results():
+    assert_matches_eager(Body(lambda h: h * torch.sort(h, 1).indices
+                              + torch.topk(h, 4, 1, largest=False).values.tanh()))
+
+
+def test_max_without_dim_is_refused():
+    assert_refused(Body(lambda h: h * torch.max(h)), "no dim")
 
 
 def test_named_fields_become_positions():

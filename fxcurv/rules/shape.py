@@ -13,6 +13,7 @@ from torch import Tensor
 from ..errors import op_name
 from .helpers import permute_back, reshape_lead, reverse_dims, split_back, sum_to_shape, unpad
 from .registry import Ctx, register, rule_for
+from .select import SELECTIONS
 
 
 AFFINE = {"hessian_is_zero": True, "jointly_affine": True}  # pure data movement: y = P x
@@ -282,7 +283,14 @@ def _index_elements(idx: Any) -> Union[list, str]:
     return elements
 
 
-TUPLE_OPS = ("split", "chunk", "unbind")  # rules whose output is a tuple of tensors
+TUPLE_OPS = ("split", "chunk", "unbind") + SELECTIONS  # rules whose output is a tuple
+
+
+def _integer_piece(b: dict) -> bool:
+    """``indices`` (odd position) of a selection's ``(values, indices)``: no derivative."""
+    obj, idx = b["obj"], b["idx"]
+    rule = rule_for(obj) if isinstance(obj, fx.Node) else None
+    return rule is not None and rule.name in SELECTIONS and isinstance(idx, int) and idx % 2 == 1
 
 
 def _tuple_source(node: Any) -> bool:
@@ -346,9 +354,10 @@ def _getitem_mixes(b: dict) -> Optional[str]:
 
 register([operator.getitem], "getitem", "obj, idx",
          doc="y = x[index] (ints, slices, None, ...);  Jᵀg scatters g into zeros of x's shape. "
-             "On the tuple of split/chunk/unbind: y = pieces[i];  Jᵀg is g at position i.",
+             "On the tuple of split/chunk/unbind/max/min/sort/topk: y = pieces[i];  Jᵀg is g "
+             "at position i (indices of max/min/sort/topk: no derivative).",
          vjp={"obj": _getitem_vjp}, unsupported=_getitem_unsupported,
-         mixes_samples=_getitem_mixes, **VIEW)
+         mixes_samples=_getitem_mixes, constant=_integer_piece, **VIEW)
 
 
 # -- split, chunk, unbind (tuples of pieces), stack ------------------------------------------

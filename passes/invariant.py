@@ -22,6 +22,7 @@ from fxcurv.errors import node_error
 from fxcurv.rules import rule_for
 
 from .analysis import depends_on
+from .expand import unexpanded_reason
 
 _NO_RULE_HINT = ("Rewrite it with supported ops (see `python -m fxcurv.support`), register a "
                  "rule in fxcurv/rules/, or .detach() its input if it should have no derivative.")
@@ -88,7 +89,8 @@ def _opaque(node: fx.Node) -> tuple[str, str]:
     if node.op == "call_method" and node.target in AUTOGRAD_SIDE_EFFECTS:
         return (f"Tensor.{node.target} changes the gradient eager autograd computes",
                 _HOOK_HINT)
-    return "this op has no rule in fxcurv's rule table", _NO_RULE_HINT
+    return ("this op has no rule in fxcurv's rule table and no expansion"
+            + unexpanded_reason(node), _NO_RULE_HINT)
 
 
 def custom_function(node: fx.Node) -> Optional[type]:

@@ -28,12 +28,12 @@ def with_backend(step: fx.GraphModule, backend: Backend) -> fx.GraphModule:
     _check_backend(backend)
     plain_forward = step.forward  # the generated code, bound to ``step``
     step.forward = torch.compile(plain_forward, backend=backend)
-    step.__prepare_scriptable__ = types.MethodType(_plain_copy, step)
+    step.__prepare_scriptable__ = types.MethodType(plain_copy, step)
     step.meta["fxcurv"]["backend"] = backend if isinstance(backend, str) else repr(backend)
     return step
 
 
-def _plain_copy(step: fx.GraphModule) -> fx.GraphModule:
+def plain_copy(step: fx.GraphModule) -> fx.GraphModule:
     """What ``torch.jit.script`` compiles: the generated code on the same parameters."""
     plain = fx.GraphModule(step, copy.deepcopy(step.graph), class_name="FxcurvStep")
     plain.meta = dict(step.meta)

@@ -7,20 +7,20 @@ they read, so big values die early) -> optional ``torch.compile`` backend.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 from torch import Tensor
 
-from . import quantities as q
+from . import guard, quantities as q
 from .backend import Backend, with_backend
 from .emit import Emitter
 from .errors import CompileError, node_error
-from .passes.analysis import ancestors, descendants, sample_carriers
+from .passes.analysis import ancestors, descendants, loss_rank, sample_carriers
 from .passes.backward import backward
-from .passes.cleanup import finalize
+from .passes.cleanup import finalize, is_random
 from .passes.normalize import normalize, pool_before_relu
 from .passes.curvature.diag_hessian import residual_propagations
 from .passes.curvature.kfra import KFRA
@@ -36,7 +36,7 @@ from .trace import Traced, trace
 
 def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (), *,
             mc_samples: int = 1, process_group: Any = None,
-            backend: Backend = None) -> fx.GraphModule:
+            backend: Backend = None, verify: bool = True) -> fx.GraphModule:
     """Compile ``loss_fn(model(x), y)`` into one step returning loss, gradient and quantities.
 
     Args:
@@ -61,6 +61,11 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
             compiled kernels). Under ``"inductor"``, Monte-Carlo quantities draw from
             inductor's own generator (same distribution, other samples than eager torch for
             the same seed, unless ``torch._inductor.config.fallback_random = True``).
+        verify: ``True`` (default): the step's first call also computes loss and gradient by
+            eager autograd on the same inputs and raises ``fxcurv.StepError`` if they differ
+            beyond the dtype's tolerance (skipped with a warning when the forward draws
+            random numbers, and for a ``process_group``); ``False``: no check. See
+            ``fxcurv/guard.py`` and docs/verify.md.
 
     Returns:
         a ``torch.fx.GraphModule`` ``step`` with ``step(x, y) -> (loss, grad, *quantities)``;
@@ -70,7 +75,9 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
 
     Raises:
         CompileError: naming the node, op, module and quantity, when something cannot be compiled;
-            for an unknown ``backend``.
+            for an unknown ``backend``. The step itself raises ``fxcurv.StepError`` when a
+            parameter of the model was replaced after ``compile`` (compile again), or when
+            the first-call check fails.
     """
     if not isinstance(mc_samples, int) or mc_samples < 1:
         raise CompileError(f"mc_samples must be a positive int, got {mc_samples!r}.")
@@ -83,6 +90,8 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
     if all(name != "kfra" for name, _ in requested):
         pool_before_relu(traced.graph, keep=(traced.model_output,))
     traced.refresh()
+    loss_output = _scalar_loss(traced)
+    skip_reason = _verify_skip_reason(traced, process_group)
     emit = Emitter(traced.graph)
     x, y = traced.inputs
     checked_x = _emit_input_check(emit, traced)
@@ -98,13 +107,15 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
         batch_size = checked_x.size(0)
     emit.rename(batch_size, "batch_size")
     results = _extract(emit, traced, requested, cotangents, grads, batch_size, mc_samples)
-    outputs = (emit.proxy(traced.loss), grads, *results)
+    outputs = (emit.proxy(loss_output), grads, *results)
     outputs = data_parallel(emit, traced, requested, outputs, process_group)
     step = finalize(traced, emit, outputs, [name for name, _ in requested])
     schedule_extractions(step.graph, traced.model_output, [quantity.extract in PER_SAMPLE_SIZED
                                                            for _, quantity in requested])
     step.recompile()
-    return with_backend(step, backend)
+    step = with_backend(step, backend)
+    guard.install(step, model, loss_fn, list(traced.params), verify, skip_reason)
+    return step
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -228,6 +239,48 @@ def _vectors_input(emit: Emitter, traced: Traced) -> dict[str, Any]:
             result[name] = emit.call(check_vectors, emit.proxy(node), name, emit.proxy(param))
         emit.rename(result[name], f"{param.name}_vector")
     return result
+
+
+def _verify_skip_reason(traced: Traced, process_group: Any) -> Optional[str]:
+    """Why the first-call check against eager autograd cannot run for this step, or None."""
+    if process_group is not None:
+        return "a data-parallel step returns the results of the global batch"
+    if any(is_random(node.target) for node in ancestors(traced.loss)):
+        return ("the forward draws random numbers (e.g. dropout in train mode), which eager "
+                "PyTorch would draw differently")
+    return None
+
+
+def check_scalar_loss(loss: Tensor) -> Tensor:
+    """Call-time check where the graph cannot tell the loss's shape: it must be 0-dim."""
+    if loss.dim() != 0:
+        raise ValueError("fxcurv: loss_fn returned a tensor of shape {}, not a scalar; reduce "
+                         "it (reduction='mean' or 'sum', or .mean() / .sum() at the end of "
+                         "the callable) and compile again".format(list(loss.shape)))
+    return loss
+
+
+def _scalar_loss(traced: Traced) -> fx.Node:
+    """The loss node the step returns. A loss the graph shows to keep the batch axis is a
+    ``CompileError``; one whose shape the graph cannot tell is checked on every call
+    (:func:`check_scalar_loss`, right after the loss is computed)."""
+    loss = traced.loss
+    rank = loss_rank(traced.graph, traced.inputs[0], traced.model_output, loss)
+    if rank == "batched":
+        raise node_error(loss, "the loss is not a scalar: it keeps the batch axis of the model "
+                         "output, and differentiating it would give the gradient of the sum "
+                         "of its entries", _SCALAR_HINT)
+    if rank == "scalar":
+        return loss
+    with traced.graph.inserting_after(loss):
+        checked = traced.graph.call_function(check_scalar_loss, (loss,))
+    checked._rename("loss_checked")
+    return checked
+
+
+_SCALAR_HINT = ("Reduce the loss to a scalar: use reduction='mean' or 'sum' (e.g. "
+                "nn.CrossEntropyLoss(reduction='mean')), or end the loss callable with .mean() "
+                "or .sum().")
 
 
 def _gradients(emit: Emitter, traced: Traced, cotangents: dict) -> dict[str, Any]:

@@ -1,8 +1,10 @@
 """Compile-time errors that say where (node, module, source line), what, and what to do."""
 from __future__ import annotations
 
+import functools
 import os
-from typing import Optional
+import re
+from typing import Any, Optional
 
 import torch.fx as fx
 
@@ -13,6 +15,12 @@ class CompileError(ValueError):
     The message names the graph node, the op and the module or function it came from, the
     user's source line when fx recorded it, the quantity that needed it, and a hint.
     """
+
+
+class StepError(RuntimeError):
+    """Raised by a compiled step's call-time guards (``fxcurv/guard.py``): a parameter of the
+    model was replaced after ``compile``, or the first call's check against eager autograd
+    found a different loss or gradient."""
 
 
 def op_name(node: fx.Node) -> str:
@@ -30,6 +38,12 @@ def module_path(node: fx.Node) -> Optional[str]:
     if not stack:
         return None
     path, cls = list(stack.values())[-1]
+    return format_module(path, cls)
+
+
+def format_module(path: str, cls: Any) -> str:
+    """A traced module path (``model.features.3``) and class as the user knows them:
+    ``features.3 (ReLU)``; the model or loss itself: ``Net (the model itself)``."""
     cls_name = cls if isinstance(cls, str) else getattr(cls, "__name__", str(cls))
     cls_name = cls_name.rsplit(".", 1)[-1]
     for prefix in ("model.", "loss_fn."):
@@ -40,22 +54,49 @@ def module_path(node: fx.Node) -> Optional[str]:
     return f"{path} ({cls_name})"
 
 
-_LIBRARY_PATHS = (f"{os.sep}torch{os.sep}", f"{os.sep}fxcurv{os.sep}", f"{os.sep}passes{os.sep}")
+@functools.lru_cache(maxsize=None)
+def _library_dirs() -> tuple[str, ...]:
+    """The real directories of the installed torch, fxcurv and fxcurv.passes packages."""
+    import torch  # noqa: PLC0415
+
+    import fxcurv  # noqa: PLC0415
+    from fxcurv import passes  # noqa: PLC0415
+    return tuple(sorted({os.path.realpath(os.path.dirname(module.__file__)) + os.sep
+                         for module in (torch, fxcurv, passes)}))
+
+
+def is_library_file(filename: str) -> bool:
+    """True for a file of torch or fxcurv itself, decided by where the file really is (not
+    by names in its path: a user's project may well sit in a folder called ``fxcurv``)."""
+    return os.path.realpath(filename).startswith(_library_dirs())
+
+
+_FRAME = re.compile(r'File "(?P<file>.+)", line (?P<line>\d+)')
 
 
 def source_line(node: fx.Node) -> Optional[str]:
-    """The user's source line that created the node (the last frame outside torch/fxcurv)."""
+    """The user's source line that created the node (the innermost frame outside torch and
+    fxcurv) as ``File "m.py", line 9: <code>``."""
     trace = node.stack_trace or node.meta.get("stack_trace")
     if not trace:
         return None
     lines = trace.strip().splitlines()
     user = None
     for i, line in enumerate(lines):
-        text = line.strip()
-        if text.startswith("File ") and not any(p in text for p in _LIBRARY_PATHS):
+        match = _FRAME.match(line.strip())
+        if match and not is_library_file(match["file"]):
             code = lines[i + 1].strip() if i + 1 < len(lines) else ""
-            user = f"{text.split(', in ')[0]}: {code}"
+            user = f'File "{match["file"]}", line {match["line"]}: {code}'
     return user
+
+
+def user_frame(frames: list) -> Optional[str]:
+    """The innermost of ``traceback.FrameSummary`` ``frames`` outside torch and fxcurv, as
+    ``File "m.py", line 9: <code>``."""
+    for frame in reversed(frames):
+        if not is_library_file(frame.filename):
+            return f'File "{frame.filename}", line {frame.lineno}: {frame.line}'
+    return None
 
 
 def describe(node: fx.Node) -> str:

@@ -30,7 +30,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode, is_tensor_method_or_property
 from torch.utils import _pytree as pytree
 
-from .errors import CompileError
+from .errors import CompileError, format_module, user_frame
 from .rules import rule_for
 from .rules.linalg import attention
 from .rules.shape import is_scalar_node
@@ -203,7 +203,12 @@ class CurvatureTracer(fx.Tracer):
             forward = _lowered_call(m, lowering)
         if _has_backward_hooks(m):
             forward = self._hook_markers(forward)
-        return super().call_module(m, forward, args, kwargs)
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception as err:
+            if not hasattr(err, "fxcurv_module"):  # the innermost module the error came from
+                err.fxcurv_module = (self.path_of_module(m), type(m))
+            raise
 
     def _hook_markers(self, forward: Callable) -> Callable:
         """``forward`` with every Proxy going in or out passed through an opaque
@@ -497,15 +502,17 @@ def _fetch(module: nn.Module, target: str) -> Any:
 
 
 def _trace_error(err: Exception) -> CompileError:
-    """Explain an fx tracing failure: where in the user's code, why, and what to change."""
-    frames = [f for f in traceback.extract_tb(err.__traceback__)
-              if "/torch/" not in f.filename and "/fxcurv/" not in f.filename]
-    where = f' at File "{frames[-1].filename}", line {frames[-1].lineno}: ' \
-            f"{frames[-1].line}" if frames else ""
+    """Explain an fx tracing failure: where in the user's code (module and source line), why,
+    and what to change."""
+    where = user_frame(traceback.extract_tb(err.__traceback__))
+    module = getattr(err, "fxcurv_module", None)
+    place = ", ".join(([f"module {format_module(*module)}"] if module else [])
+                      + ([where] if where else []))
     hint = ("fx traces the forward symbolically, so Python control flow on tensor values "
             "(if/while on a tensor, data-dependent shapes) cannot be traced. Make the branch "
             "depend on constructor arguments, use torch.where, or move it out of forward.")
     if not isinstance(err, fx.proxy.TraceError):
         hint = "Check that model(x) and loss_fn(output, y) run on ordinary tensors."
-    return CompileError(f"torch.fx could not trace the model and loss{where}: "
+    place = f" ({place})" if place else ""
+    return CompileError(f"torch.fx could not trace the model and loss{place}: "
                         f"{type(err).__name__}: {err}. {hint}")

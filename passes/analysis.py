@@ -71,3 +71,24 @@ def sample_carriers(graph: fx.Graph, data: fx.Node) -> set[fx.Node]:
                 continue
         carriers.add(node)
     return carriers
+
+
+def loss_rank(graph: fx.Graph, data: fx.Node, output: fx.Node, loss: fx.Node) -> str:
+    """What the traced graph says about the loss's shape, from the rules' shape traits:
+    ``"scalar"`` (provably 0-dim), ``"batched"`` (provably keeps the sample axis of ``data``:
+    the model output, through elementwise ops or an unreduced loss) or ``"unknown"``."""
+    batched = {data} | ({output} & sample_carriers(graph, data))
+    scalar: set[fx.Node] = set()
+    for node in graph.nodes:
+        rule = rule_for(node)
+        if rule is None or node in batched:
+            continue
+        inputs = node.all_input_nodes
+        if rule.trait("scalar_output", node):
+            scalar.add(node)
+        elif rule.trait("keeps_samples", node):
+            if any(arg in batched for arg in inputs):
+                batched.add(node)
+            elif all(arg in scalar for arg in inputs):
+                scalar.add(node)
+    return "scalar" if loss in scalar else "batched" if loss in batched else "unknown"

@@ -62,7 +62,7 @@ def eliminate_common_subexpressions(graph: fx.Graph) -> None:
     need e.g. the flattened cotangent of a layer then share one node."""
     seen: dict[Any, fx.Node] = {}
     for node in list(graph.nodes):
-        if node.op not in ("call_function", "call_method") or _is_random(node.target):
+        if node.op not in ("call_function", "call_method") or is_random(node.target):
             continue
         key = (node.op, node.target, _hashable(node.args), _hashable(node.kwargs))
         try:
@@ -169,7 +169,8 @@ def _owned_temporary(node: Any, owned: set) -> bool:
     return node.target in VIEWS and _owned_temporary(node.args[0], owned)
 
 
-def _is_random(target: Any) -> bool:
+def is_random(target: Any) -> bool:
+    """The op draws random numbers (dropout masks, Monte-Carlo samples)."""
     try:
         return target in RANDOM_OPS
     except TypeError:

@@ -144,3 +144,80 @@ def test_wrong_input_or_target_at_call_time(x, y, message):
         step(x, y)
     with pytest.raises(Exception, match=message):
         torch.jit.script(step)(x, y)
+
+
+class Nested(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.block = nn.Sequential(nn.Linear(3, 3), BranchOnValue())
+
+    def forward(self, x):
+        return self.block(x)
+
+
+def test_control_flow_error_names_the_module_path_and_the_line():
+    with pytest.raises(CompileError) as info:
+        fxcurv.compile(Nested(), nn.CrossEntropyLoss())
+    message = str(info.value)
+    assert "module block.1 (BranchOnValue)" in message
+    assert 'test_errors.py", line' in message and "if h.sum() > 0:" in message
+    assert "torch/fx" not in message
+
+
+USER_SCRIPT = '''
+import importlib.util, sys
+root = sys.argv[1]
+spec = importlib.util.spec_from_file_location(  # the checkout's fxcurv, not the installed one
+    "fxcurv", root + "/fxcurv/__init__.py", submodule_search_locations=[root + "/fxcurv", root])
+fxcurv = importlib.util.module_from_spec(spec)
+sys.modules["fxcurv"] = fxcurv
+spec.loader.exec_module(fxcurv)
+assert fxcurv.__file__.startswith(root) and fxcurv.passes.__file__.startswith(root)
+import torch, torch.nn as nn
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(3, 2)
+
+    def forward(self, x):
+        h = self.fc(x)
+        return torch.cumsum(h, 1)  # USER LINE A
+
+class Branch(nn.Module):
+    def forward(self, x):
+        if x.sum() > 0:  # USER LINE B
+            x = -x
+        return x
+
+for model in (Model(), nn.Sequential(nn.Linear(3, 2), Branch())):
+    try:
+        fxcurv.compile(model, nn.CrossEntropyLoss())
+    except fxcurv.CompileError as err:
+        print(err)
+'''
+
+
+def test_source_lines_found_in_a_checkout_named_fxcurv(tmp_path):
+    """Frames are told apart by where the files really are: a checkout (and the user's
+    code) inside a folder named ``fxcurv`` still gets the user's line, never torch's."""
+    import shutil
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    root = tmp_path / "fxcurv"
+    for package in ("fxcurv", "passes"):
+        shutil.copytree(repo / package, root / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    script = root / "user_check.py"
+    script.write_text(USER_SCRIPT)
+    result = subprocess.run([sys.executable, str(script), str(root)], cwd="/",
+                            capture_output=True, text=True, timeout=300, check=True)
+    lines = result.stdout.strip().splitlines()
+    assert len(lines) == 2, result.stdout + result.stderr
+    assert f'File "{script}", line' in lines[0] and "# USER LINE A" in lines[0]
+    assert f'File "{script}", line' in lines[1] and "# USER LINE B" in lines[1]
+    assert "module 1 (Branch)" in lines[1]
+    assert "proxy.py" not in result.stdout and "torch/fx" not in result.stdout

@@ -40,7 +40,7 @@ def _binary(targets: list, name: str, doc: str, d_input, d_other, params="input,
             **second_order):
     """Register ``y = input ∘ other`` from its elementwise factors ``d_input(g, c)``, ..."""
     register(
-        targets, name, params, doc=doc, **second_order,
+        targets, name, params, doc=doc, **second_order, keeps_samples=True,
         vjp={"input": lambda g, c: unbroadcast(d_input(g, c), c, "input"),
              "other": lambda g, c: unbroadcast(d_other(g, c), c, "other")},
         batch_grad={"input": lambda g, c: batch_unbroadcast(d_input(g, c), c, "input"),
@@ -76,7 +76,8 @@ _binary([operator.pow, torch.pow, "pow"], "pow",
             "input")})
 
 register([operator.neg, torch.neg, "neg"], "neg", "input", doc="y = -x;  y' = -1.",
-         vjp={"input": lambda g, c: -g}, hessian_is_zero=True, jointly_affine=True)
+         vjp={"input": lambda g, c: -g}, hessian_is_zero=True, jointly_affine=True,
+         keeps_samples=True)
 
 
 def _dims(dim: Any) -> Optional[list]:
@@ -93,6 +94,15 @@ def _reduces_samples(b: dict) -> Optional[str]:
     return None
 
 
+def _keeps_samples(b: dict) -> bool:
+    return _reduces_samples(b) is None
+
+
+def _all_axes(b: dict) -> bool:
+    dims = _dims(b["dim"])
+    return (dims is None or len(dims) == 0) and not b["keepdim"]
+
+
 def _sum_vjp(g, c: Ctx):
     return c.call(expand_reduced, g, c.lead, c.args.input.shape, _dims(c.bound["dim"]),
                   c.bound["keepdim"])
@@ -105,10 +115,12 @@ def _mean_vjp(g, c: Ctx):
 
 register([torch.sum, "sum"], "sum", "input, dim=None, keepdim=False, dtype=None",
          doc="y = Σ_dim x;  Jᵀg broadcasts g back over the summed axes.",
-         vjp={"input": _sum_vjp}, mixes_samples=_reduces_samples, hessian_is_zero=True)
+         vjp={"input": _sum_vjp}, mixes_samples=_reduces_samples, hessian_is_zero=True,
+         keeps_samples=_keeps_samples, scalar_output=_all_axes)
 register([torch.mean, "mean"], "mean", "input, dim=None, keepdim=False, dtype=None",
          doc="y = mean_dim x;  Jᵀg broadcasts g/count back over the averaged axes.",
-         vjp={"input": _mean_vjp}, mixes_samples=_reduces_samples, hessian_is_zero=True)
+         vjp={"input": _mean_vjp}, mixes_samples=_reduces_samples, hessian_is_zero=True,
+         keeps_samples=_keeps_samples, scalar_output=_all_axes)
 
 
 register([torch.masked_fill, "masked_fill"], "masked_fill", "input, mask, value",

@@ -22,7 +22,8 @@ SELU_SCALE = 1.0507009873554804934193349852946
 def elementwise(targets: list, name: str, params: str, **fields) -> None:
     """Register a unary elementwise op: ``J = diag(f'(x))``, so KFRA's batch-averaged
     ``(1/N) Σ_n J_nᵀ M J_n`` is its "diagonal" sandwich ``M ⊙ E[f' f'ᵀ]``."""
-    register(targets, name, params, sandwich={"input": "diagonal"}, **fields)
+    register(targets, name, params, sandwich={"input": "diagonal"}, keeps_samples=True,
+             **fields)
 
 
 def gelu_derivative(x: Tensor, approximate: str) -> Tensor:

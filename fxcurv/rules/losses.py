@@ -141,6 +141,11 @@ def _loss_vjp(grad_fn, *names, class_axis=True):
     return vjp
 
 
+# a reduced loss is 0-dim; reduction='none' keeps the input's sample axis
+REDUCED = {"scalar_output": lambda b: b["reduction"] != "none",
+           "keeps_samples": lambda b: b["reduction"] == "none"}
+
+
 def _cross_entropy_unsupported(b: dict) -> Optional[str]:
     if b["weight"] is not None and b["label_smoothing"]:
         return "cross_entropy with both class weights and label smoothing is not supported"
@@ -153,14 +158,14 @@ register([F.cross_entropy], "cross_entropy",
          doc="ℓ = -log softmax(f)_y;  ∂ℓ/∂f = softmax(f) - onehot(y).",
          vjp={"input": _loss_vjp(cross_entropy_grad, "weight", "ignore_index", "reduction",
                                  "label_smoothing", class_axis=True)},
-         unsupported=_cross_entropy_unsupported)
+         unsupported=_cross_entropy_unsupported, **REDUCED)
 register([F.nll_loss], "nll_loss",
          "input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, "
          "reduction='mean'",
          doc="ℓ = -f_y;  ∂ℓ/∂f = -onehot(y).",
          vjp={"input": _loss_vjp(nll_loss_grad, "weight", "ignore_index", "reduction",
                                  class_axis=True)},
-         unsupported=_legacy_args)
+         unsupported=_legacy_args, **REDUCED)
 
 
 def _target_vjp(sign_grad):
@@ -178,7 +183,7 @@ register([F.mse_loss], "mse_loss",
              "the 'weight' argument of mse_loss is not supported" if b["weight"] is not None
              else None),
          check_target=lambda c: c.call(check_same_shape, c.args.input, c.args.target,
-                                       "mse_loss"))
+                                       "mse_loss"), **REDUCED)
 register([F.binary_cross_entropy_with_logits], "binary_cross_entropy_with_logits",
          "input, target, weight=None, size_average=None, reduce=None, reduction='mean', "
          "pos_weight=None",
@@ -187,7 +192,7 @@ register([F.binary_cross_entropy_with_logits], "binary_cross_entropy_with_logits
                                  class_axis=False)},
          unsupported=_legacy_args,
          check_target=lambda c: c.call(check_same_shape, c.args.input, c.args.target,
-                                       "binary_cross_entropy_with_logits"))
+                                       "binary_cross_entropy_with_logits"), **REDUCED)
 
 
 def _softmax_dim(b: dict) -> Optional[str]:

@@ -110,11 +110,21 @@ class OpRule:
     # (PyTorch's mean), "hessian": what ``sqrt_hessian``/``sqrt_hessian_mc`` divide by. Data
     # parallelism rescales each rank's results by its share of the summed divisors.
     mean_divisor: Optional[Callable[["Ctx", str], Any]] = None
+    # shape traits (the scalar-loss check): the output keeps the sample axis 0 of any tensor
+    # argument that has one (elementwise ops, unreduced losses, sums over other axes); the
+    # output is 0-dim (full reductions, reduced losses). Bool or predicate of the bound args.
+    keeps_samples: Union[bool, Callable[[dict], bool]] = False
+    scalar_output: Union[bool, Callable[[dict], bool]] = False
     doc: str = ""
 
     def is_constant(self, node: fx.Node) -> bool:
         """True if this call's output has no derivative with respect to any input."""
         return self.constant(self.bind(node)) if callable(self.constant) else self.constant
+
+    def trait(self, name: str, node: fx.Node) -> bool:
+        """A bool-or-predicate trait (``keeps_samples``, ``scalar_output``) for this call."""
+        value = getattr(self, name)
+        return bool(value(self.bind(node))) if callable(value) else bool(value)
 
     def zero_hessian(self, arg: str, bound: dict) -> bool:
         """True if ``∂²f/∂arg² = 0`` (the op is affine in ``arg`` with the others fixed)."""

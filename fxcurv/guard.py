@@ -1,0 +1,192 @@
+"""Call-time guards of a compiled step on its plain Python path.
+
+* **Replaced parameters.** The step holds the model's ``Parameter`` objects. Before every call
+  it checks (a few dict look-ups per parameter) that the model still has them at the same
+  place: ``model.head.weight = nn.Parameter(...)``, ``model.head = nn.Linear(...)`` or
+  ``load_state_dict(..., assign=True)`` after ``compile`` raise :class:`StepError` ("compile
+  again") instead of silently using the old tensors. In-place changes (``optimizer.step()``,
+  ``.to()``, ``.double()``, ``load_state_dict``) keep the objects and are seen live.
+* **First-call check** (``compile(..., verify=True)``, the default). The first call also runs
+  ``loss_fn(model(x), y)`` eagerly with autograd on the same inputs (on copies of the
+  buffers, with the train/eval modes of compile time) and compares loss and gradient within
+  the dtype's tolerance: a blind spot of the symbolic trace becomes a loud
+  :class:`StepError` instead of a silently wrong number. Skipped, with a warning, when the
+  forward draws random numbers (train-mode dropout: the eager draws would differ) and for a
+  data-parallel step (it returns global results).
+
+The guards are forward hooks of the step. They do nothing while ``torch.compile`` or
+``torch.export`` traces the step, and ``torch.jit.script(step)`` scripts a plain copy without
+them (TorchScript and exported programs run the generated code alone).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import sys
+import types
+import warnings
+from typing import Any, Callable, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch import Tensor
+
+from .backend import plain_copy
+from .errors import StepError, is_library_file
+
+
+def install(step: fx.GraphModule, model: nn.Module, loss_fn: Callable, names: list[str],
+            verify: bool, skip_reason: Optional[str]) -> None:
+    """Attach the guards to ``step`` (``names``: its trainable parameters)."""
+    guard = Guard(model, loss_fn, names, verify, skip_reason)
+    step.register_forward_pre_hook(guard.before, with_kwargs=True)
+    step.register_forward_hook(guard.after, with_kwargs=True)
+    step.__prepare_scriptable__ = types.MethodType(plain_copy, step)
+    step.meta["fxcurv"]["verify"] = ("off" if not verify else f"skipped: {skip_reason}"
+                                     if skip_reason else "first call")
+
+
+class Guard:
+    """The state behind the hooks: where each parameter lives, and whether the first-call
+    check is still to run."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, names: list[str], verify: bool,
+                 skip_reason: Optional[str]):
+        self.model, self.loss_fn, self.names = model, loss_fn, names
+        self.edges, self.leaves = _locations(model, names)
+        self.pending = verify
+        self.skip_reason = skip_reason
+        self.modes = [(m, m.training) for m in model.modules()]
+
+    def before(self, step: nn.Module, args: tuple, kwargs: dict) -> None:
+        if torch.compiler.is_compiling():
+            return
+        for parent, key, child, name in self.edges:
+            if parent._modules.get(key) is not child:
+                raise _replaced(name)
+        for owner, key, param, name in self.leaves:
+            if owner._parameters.get(key) is not param:
+                raise _replaced(name)
+
+    def after(self, step: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if not self.pending or torch.compiler.is_compiling():
+            return
+        if self.skip_reason:
+            warnings.warn(f"fxcurv: the first-call check against eager autograd was skipped: "
+                          f"{self.skip_reason}. Pass verify=False to fxcurv.compile to silence "
+                          "this note.", stacklevel=_user_stacklevel())
+        else:
+            x, y = _inputs(args, kwargs)
+            with _modes(self.modes):
+                loss, grads = eager_loss_and_grad(self.model, self.loss_fn, self.names, x, y)
+            compare(output[0], output[1], loss, grads)
+        self.pending = False
+
+
+def _user_stacklevel() -> int:
+    """``warnings.warn``'s stacklevel (from the caller of this) of the user's frame."""
+    frame, level = sys._getframe(1), 1
+    while frame.f_back is not None and is_library_file(frame.f_code.co_filename):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+def _locations(model: nn.Module, names: list[str]) -> tuple[list, list]:
+    """Every (parent, key, child module) edge on the way to a parameter, and every
+    (owner module, key, parameter): what :meth:`Guard.before` checks by identity."""
+    edges: dict[tuple, tuple] = {}
+    leaves = []
+    for name in names:
+        *path, key = name.split(".")
+        module = model
+        for atom in path:
+            child = module._modules[atom]
+            edges.setdefault((id(module), atom), (module, atom, child, name))
+            module = child
+        leaves.append((module, key, module._parameters[key], name))
+    return list(edges.values()), leaves
+
+
+def _replaced(name: str) -> StepError:
+    return StepError(f"fxcurv: parameter `{name}` was replaced after compile; compile again "
+                     "(the step holds the old tensor; in-place updates such as "
+                     "optimizer.step(), load_state_dict or model.to(device) are seen live).")
+
+
+def _inputs(args: tuple, kwargs: dict) -> tuple[Any, Any]:
+    """``x`` and ``y`` of a call, given positionally or by name."""
+    values = list(args) + [kwargs[name] for name in ("x", "y")[len(args):]]
+    return values[0], values[1]
+
+
+@contextlib.contextmanager
+def _modes(modes: list):
+    """The train/eval modes of compile time (the step froze them), restored afterwards."""
+    now = [(m, m.training) for m, _ in modes]
+    try:
+        for module, training in modes:
+            module.training = training
+        yield
+    finally:
+        for module, training in now:
+            module.training = training
+
+
+def eager_loss_and_grad(model: nn.Module, loss_fn: Callable, names: list[str], x: Any,
+                        y: Any) -> tuple[Tensor, dict[str, Tensor]]:
+    """``loss_fn(model(x), y)`` and its gradient by eager autograd; the model's buffers are
+    replaced by copies for the call (BatchNorm's running statistics stay untouched)."""
+    params = [model.get_parameter(name) for name in names]
+    with torch.inference_mode(False), torch.enable_grad():
+        buffers = {name: b.clone() for name, b in model.named_buffers()}
+        x, y = (t.clone() if isinstance(t, Tensor) and t.is_inference() else t for t in (x, y))
+        output = torch.func.functional_call(model, buffers, (x,), strict=False)
+        loss = loss_fn(output, y)
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    grads = {name: torch.zeros_like(p) if g is None else g
+             for name, p, g in zip(names, params, grads)}
+    return loss.detach(), grads
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """Relative tolerance of the check: ``8·√eps`` (float32: 2.8e-3, float64: 1.2e-7)."""
+    return 8 * math.sqrt(torch.finfo(dtype).eps)
+
+
+def compare(loss: Tensor, grad: dict[str, Tensor], eager_loss: Tensor,
+            eager_grad: dict[str, Tensor]) -> None:
+    """Raise :class:`StepError` where the step's loss or gradient differs from eager autograd
+    by more than :func:`tolerance`: relative to each gradient's largest entry, with a floor of
+    1% of the largest entry of the whole gradient (a gradient that is zero up to rounding,
+    e.g. a bias before BatchNorm, is noise in both)."""
+    tol = tolerance(eager_loss.dtype)
+    error, scale = _error(loss, eager_loss), eager_loss.abs().item()
+    if not error <= tol * max(scale, loss.abs().item()) + torch.finfo(eager_loss.dtype).eps:
+        raise _mismatch("loss", loss.item(), eager_loss.item(), tol)
+    floor = 0.01 * max((g.abs().max().item() for g in eager_grad.values() if g.numel()),
+                       default=0.0)
+    for name, expected in eager_grad.items():
+        if expected.numel() == 0:
+            continue
+        error, scale = _error(grad[name], expected), expected.abs().max().item()
+        if not error <= tol * (scale + floor):
+            raise _mismatch(f"gradient of `{name}`", error, scale, tol)
+
+
+def _error(value: Tensor, expected: Tensor) -> float:
+    """Largest absolute difference; NaN where both are NaN counts as equal."""
+    diff = (value.detach().to(expected.dtype) - expected).abs()
+    both_nan = value.isnan() & expected.isnan()
+    return diff.masked_fill(both_nan, 0.0).nan_to_num(nan=math.inf).max().item()
+
+
+def _mismatch(what: str, first: float, second: float, tol: float) -> StepError:
+    numbers = (f"step {first:.6g}, eager autograd {second:.6g}" if what == "loss" else
+               f"largest difference {first:.3g}, largest entry {second:.3g}")
+    return StepError(
+        f"fxcurv: the first-call check failed: the step's {what} differs from eager autograd's "
+        f"({numbers}, relative tolerance {tol:.2g}). The compiled graph does not compute what "
+        "the model computes in eager PyTorch, which is a blind spot of the symbolic trace "
+        "(e.g. in-place ops on views, grad-mode regions, custom autograd Functions, module "
+        "hooks). Please report it with the model; compile(..., verify=False) skips the check.")

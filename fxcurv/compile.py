@@ -252,8 +252,8 @@ def _verify_skip_reason(traced: Traced, process_group: Any) -> Optional[str]:
 
 
 def check_scalar_loss(loss: Tensor) -> Tensor:
-    """Call-time check where the graph cannot tell the loss's shape: it must be 0-dim."""
-    if loss.dim() != 0:
+    """Call-time check where the graph cannot tell the loss's shape: one number."""
+    if loss.numel() != 1:
         raise ValueError("fxcurv: loss_fn returned a tensor of shape {}, not a scalar; reduce "
                          "it (reduction='mean' or 'sum', or .mean() / .sum() at the end of "
                          "the callable) and compile again".format(list(loss.shape)))

@@ -73,15 +73,26 @@ class Guard:
         if not self.pending or torch.compiler.is_compiling():
             return
         if self.skip_reason:
-            warnings.warn(f"fxcurv: the first-call check against eager autograd was skipped: "
-                          f"{self.skip_reason}. Pass verify=False to fxcurv.compile to silence "
-                          "this note.", stacklevel=_user_stacklevel())
+            _note_skipped(self.skip_reason)
         else:
             x, y = _inputs(args, kwargs)
-            with _modes(self.modes):
-                loss, grads = eager_loss_and_grad(self.model, self.loss_fn, self.names, x, y)
-            compare(output[0], output[1], loss, grads)
+            try:
+                with _modes(self.modes):
+                    loss, grads = eager_loss_and_grad(self.model, self.loss_fn, self.names, x, y)
+            except RuntimeError as err:
+                if "fork" not in str(err):
+                    raise
+                _note_skipped("autograd cannot run in a process forked after its parent used "
+                              "autograd")
+            else:
+                compare(output[0], output[1], loss, grads)
         self.pending = False
+
+
+def _note_skipped(reason: str) -> None:
+    warnings.warn(f"fxcurv: the first-call check against eager autograd was skipped: {reason}. "
+                  "Pass verify=False to fxcurv.compile to silence this note.",
+                  stacklevel=_user_stacklevel())
 
 
 def _user_stacklevel() -> int:

@@ -95,7 +95,9 @@ def _reduces_samples(b: dict) -> Optional[str]:
 
 
 def _keeps_samples(b: dict) -> bool:
-    return _reduces_samples(b) is None
+    """The sum keeps axis 0: only axes given as positive numbers are reduced."""
+    dims = _dims(b["dim"])
+    return bool(dims) and all(d > 0 for d in dims)
 
 
 def _all_axes(b: dict) -> bool:

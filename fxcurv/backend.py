@@ -9,7 +9,6 @@ compiled kernels are not TorchScript, and the scripted step computes the same va
 from __future__ import annotations
 
 import copy
-import types
 from typing import Any, Callable, Union
 
 import torch
@@ -28,7 +27,7 @@ def with_backend(step: fx.GraphModule, backend: Backend) -> fx.GraphModule:
     _check_backend(backend)
     plain_forward = step.forward  # the generated code, bound to ``step``
     step.forward = torch.compile(plain_forward, backend=backend)
-    step.__prepare_scriptable__ = types.MethodType(plain_copy, step)
+    type(step).__prepare_scriptable__ = plain_copy  # the step's own class (fx makes one each)
     step.meta["fxcurv"]["backend"] = backend if isinstance(backend, str) else repr(backend)
     return step
 

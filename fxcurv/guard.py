@@ -5,14 +5,15 @@
   place: ``model.head.weight = nn.Parameter(...)``, ``model.head = nn.Linear(...)`` or
   ``load_state_dict(..., assign=True)`` after ``compile`` raise :class:`StepError` ("compile
   again") instead of silently using the old tensors. In-place changes (``optimizer.step()``,
-  ``.to()``, ``.double()``, ``load_state_dict``) keep the objects and are seen live.
+  ``load_state_dict``, ``.to(device)``) keep the objects and are seen live.
 * **First-call check** (``compile(..., verify=True)``, the default). The first call also runs
   ``loss_fn(model(x), y)`` eagerly with autograd on the same inputs (on copies of the
   buffers, with the train/eval modes of compile time) and compares loss and gradient within
   the dtype's tolerance: a blind spot of the symbolic trace becomes a loud
   :class:`StepError` instead of a silently wrong number. Skipped, with a warning, when the
-  forward draws random numbers (train-mode dropout: the eager draws would differ) and for a
-  data-parallel step (it returns global results).
+  forward draws random numbers (train-mode dropout: the eager draws would differ), for a
+  data-parallel step (it returns global results), and in a process forked after its parent
+  ran autograd (autograd cannot run there).
 
 The guards are forward hooks of the step. They do nothing while ``torch.compile`` or
 ``torch.export`` traces the step, and ``torch.jit.script(step)`` scripts a plain copy without
@@ -23,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
-import types
 import warnings
 from typing import Any, Callable, Optional
 
@@ -42,7 +42,7 @@ def install(step: fx.GraphModule, model: nn.Module, loss_fn: Callable, names: li
     guard = Guard(model, loss_fn, names, verify, skip_reason)
     step.register_forward_pre_hook(guard.before, with_kwargs=True)
     step.register_forward_hook(guard.after, with_kwargs=True)
-    step.__prepare_scriptable__ = types.MethodType(plain_copy, step)
+    type(step).__prepare_scriptable__ = plain_copy  # the step's own class (fx makes one each)
     step.meta["fxcurv"]["verify"] = ("off" if not verify else f"skipped: {skip_reason}"
                                      if skip_reason else "first call")
 
@@ -58,6 +58,10 @@ class Guard:
         self.pending = verify
         self.skip_reason = skip_reason
         self.modes = [(m, m.training) for m in model.modules()]
+
+    def __reduce__(self):
+        """A pickled step (``torch.save``) carries an inert guard, not the model."""
+        return Guard, (nn.Module(), None, [], False, None)
 
     def before(self, step: nn.Module, args: tuple, kwargs: dict) -> None:
         if torch.compiler.is_compiling():

@@ -31,6 +31,7 @@ from .passes.invariant import check_derivative_paths
 from .passes.per_sample import PerSample, SignedSum
 from .passes.schedule import schedule_extractions
 from .rules import rule_for
+from .rules.losses import check_scalar_loss
 from .trace import Traced, trace
 
 
@@ -249,15 +250,6 @@ def _verify_skip_reason(traced: Traced, process_group: Any) -> Optional[str]:
         return ("the forward draws random numbers (e.g. dropout in train mode), which eager "
                 "PyTorch would draw differently")
     return None
-
-
-def check_scalar_loss(loss: Tensor) -> Tensor:
-    """Call-time check where the graph cannot tell the loss's shape: one number."""
-    if loss.numel() != 1:
-        raise ValueError("fxcurv: loss_fn returned a tensor of shape {}, not a scalar; reduce "
-                         "it (reduction='mean' or 'sum', or .mean() / .sum() at the end of "
-                         "the callable) and compile again".format(list(loss.shape)))
-    return loss
 
 
 def _scalar_loss(traced: Traced) -> fx.Node:

@@ -2,9 +2,13 @@
 from __future__ import annotations
 
 import torch
+import torch.fx
 import torch.nn.functional as F
 
+from fxcurv.rules.losses import check_scalar_loss
 from rule_harness import case
+
+torch.fx.wrap("check_scalar_loss")  # traced as a call, as compile emits it
 
 g = torch.Generator().manual_seed(0)
 
@@ -143,6 +147,7 @@ LOSSES = [
          lambda x, y, p: F.binary_cross_entropy_with_logits(x, y, pos_weight=p, reduction="sum"),
          rand(5, 3), torch.rand(5, 3, dtype=torch.float64, generator=g), rand(3, positive=True),
          const=("y", "p")),
+    case("check_scalar_loss", lambda x: check_scalar_loss((x * x).sum()), rand(5, 3)),
     case("log_softmax", lambda x: F.log_softmax(x, dim=1), rand(3, 4)),
     case("log_softmax_method", lambda x: x.log_softmax(-1), rand(3, 4)),
     case("softmax", lambda x: F.softmax(x, dim=-1), rand(3, 4)),

@@ -123,6 +123,20 @@ register([check_same_shape], "check_same_shape", "output, target, loss",
          jointly_affine=True)
 
 
+def check_scalar_loss(loss: Tensor) -> Tensor:
+    """Call-time check where the graph cannot tell the loss's shape: one number."""
+    if loss.numel() != 1:
+        raise ValueError("fxcurv: loss_fn returned a tensor of shape {}, not a scalar; reduce "
+                         "it (reduction='mean' or 'sum', or .mean() / .sum() at the end of "
+                         "the callable) and compile again".format(list(loss.shape)))
+    return loss
+
+
+register([check_scalar_loss], "check_scalar_loss", "loss",
+         doc="Call-time check that the loss is one number; the identity.",
+         vjp={"loss": lambda g, c: g}, hessian_is_zero=True, jointly_affine=True)
+
+
 def _legacy_args(b: dict) -> Optional[str]:
     if b.get("size_average") is not None or b.get("reduce") is not None:
         return "the deprecated 'size_average'/'reduce' arguments are not supported"

@@ -9,6 +9,7 @@ import torch.fx as fx
 
 from fxcurv.emit import Emitter, rename_freeing
 from fxcurv.passes.per_sample import variance_from_moments, variance_from_moments_
+from fxcurv.rules import RULES
 from fxcurv.rules.affine import linear_weight_sum_grad_squared
 from fxcurv.rules.conv import (conv_grads, conv_input_vjp, conv_transpose_input_vjp,
                                per_sample_weight_sum_squares)
@@ -170,9 +171,12 @@ def _owned_temporary(node: Any, owned: set) -> bool:
 
 
 def is_random(target: Any) -> bool:
-    """The op draws random numbers (dropout masks, Monte-Carlo samples)."""
+    """The op draws random numbers (dropout masks, Monte-Carlo samples): a torch sampling op
+    or a helper whose rule says so (``OpRule.random``), or an aten op tagged as seeded."""
+    if torch.Tag.nondeterministic_seeded in getattr(target, "tags", ()):
+        return True
     try:
-        return target in RANDOM_OPS
+        return target in RANDOM_OPS or (target in RULES and RULES[target].random)
     except TypeError:
         return False
 

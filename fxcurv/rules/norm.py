@@ -340,7 +340,7 @@ def stochastic_depth_mask(x: Tensor, p: float, row: bool) -> Tensor:
 
 
 register([stochastic_depth_mask], "stochastic_depth_mask", "x, p, row", constant=True,
-         doc="A random mask: no derivative.")
+         random=True, doc="A random mask: no derivative.")
 
 
 def _lower_stochastic_depth(c: Ctx):

@@ -115,6 +115,9 @@ class OpRule:
     # output is 0-dim (full reductions, reduced losses). Bool or predicate of the bound args.
     keeps_samples: Union[bool, Callable[[dict], bool]] = False
     scalar_output: Union[bool, Callable[[dict], bool]] = False
+    # the op draws random numbers (a helper drawing a mask): never merged with another call;
+    # a forward that draws makes the first-call check skip (eager would draw differently)
+    random: bool = False
     doc: str = ""
 
     def is_constant(self, node: fx.Node) -> bool:

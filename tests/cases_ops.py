@@ -93,4 +93,18 @@ REGULARISERS = [] if _STOCHASTIC_DEPTH is None else [
          lambda x: _STOCHASTIC_DEPTH.stochastic_depth(x, 0.3, "row", False), rand(3, 4)),
 ]
 
-CASES = REGULARISERS + ACTIVATIONS + SELECTIONS + REDUCTIONS + MOVES
+_SWIN = sys.modules.get("torchvision.models.swin_transformer")
+if _SWIN is None and _STOCHASTIC_DEPTH is not None:
+    import torchvision.models.swin_transformer as _SWIN
+ATTENTION = [] if _SWIN is None else [
+    case("shifted_window_attention",
+         lambda x, w, p, b: _SWIN.shifted_window_attention(x, w, p, b, [2, 2], 2, [1, 1],
+                                                           training=False),
+         rand(2, 4, 4, 4), rand(12, 4), rand(4, 4), rand(1, 2, 4, 4)),
+    case("shifted_window_attention_padded",
+         lambda x, w, p, b: _SWIN.shifted_window_attention(x, w, p, b, [2, 2], 2, [1, 1],
+                                                           training=False),
+         rand(2, 3, 5, 4), rand(12, 4), rand(4, 4), rand(1, 2, 4, 4)),
+]
+
+CASES = REGULARISERS + ATTENTION + ACTIVATIONS + SELECTIONS + REDUCTIONS + MOVES

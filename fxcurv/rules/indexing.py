@@ -95,7 +95,8 @@ def _shifted(dims: list, lead: int) -> list:
 
 
 def _moves_samples(b: dict) -> Optional[str]:
-    return "it moves entries along the sample axis 0" if 0 in _dims_of(b) else None
+    dims = _dims_of(b) if b["dims"] is not None else [0]
+    return "it moves entries along the sample axis 0" if 0 in dims else None
 
 
 _FLIP = dict(doc="y = x reversed along dims;  Jᵀg = g reversed along the same dims.",
@@ -105,26 +106,26 @@ register([torch.flip], "flip", "input, dims", **_FLIP)
 register(["flip"], "flip", "input, *dims", **_FLIP)
 
 
-def _roll_shifts(b: dict) -> list:
-    shifts = b["shifts"]
-    return list(shifts) if isinstance(shifts, (list, tuple)) else [shifts]
-
-
 def _roll_unsupported(b: dict) -> Optional[str]:
     if b["dims"] is None or b["dims"] == ():
         return "roll without dims (over the flattened tensor) has no rule: give dims"
     return None
 
 
-def _roll_vjp(g, c: Ctx):
-    shifts = [-s for s in fx_list(c, "shifts")]
-    return torch.roll(g, shifts, _shifted(_dims_of(c.bound), c.lead))
+def roll_back(g: Tensor, shifts: List[int], dims: List[int], lead: int) -> Tensor:
+    """Jacobian-transpose of ``roll(x, shifts, dims)``: ``g`` rolled back by ``-shifts``."""
+    return torch.roll(g, [-s for s in shifts], [d + lead if d >= 0 else d for d in dims])
 
 
-def fx_list(c: Ctx, name: str) -> list:
-    """A list argument as Proxies/constants (shifts may be sizes computed in the graph)."""
-    value = getattr(c.args, name)
+def _as_list(value) -> list:
     return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _roll_vjp(g, c: Ctx):
+    shifts = c.args.shifts  # a list, an int, or a node computing a list (sizes)
+    if not hasattr(shifts, "node"):
+        shifts = _as_list(shifts)
+    return c.call(roll_back, g, shifts, _as_list(c.bound["dims"]), c.lead)
 
 
 register([torch.roll, "roll"], "roll", "input, shifts, dims=None",

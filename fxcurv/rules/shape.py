@@ -95,7 +95,7 @@ def _pad_unsupported(b: dict) -> Optional[str]:
 
 register([F.pad], "pad", "input, pad, mode='constant', value=None",
          doc="y = x with constant borders;  Jᵀg = g cropped back to x.", **AFFINE,
-         vjp={"input": lambda g, c: c.call(unpad, g, list(c.bound["pad"]))},
+         vjp={"input": lambda g, c: c.call(unpad, g, list(c.args.pad))},  # pads may be sizes
          unsupported=_pad_unsupported)
 
 

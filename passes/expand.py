@@ -34,6 +34,9 @@ from fxcurv.rules.shape import is_scalar_node
 
 UNEXPANDED = "fxcurv_unexpanded"
 _ROUNDS = 8  # an inlined helper may call helpers in turn
+# node.meta entries the expansion inherits (not "is_wrapped": fx would emit torch.fx.wrap
+# calls for the new node's target into the generated code)
+_PROVENANCE = ("stack_trace", "nn_module_stack", "source_fn_stack")
 
 
 def expand(graph: fx.Graph) -> fx.Graph:
@@ -165,8 +168,8 @@ def _replace(graph: fx.Graph, node: fx.Node, fn: Callable, how: str,
     if missing is not None:
         _erase_new(graph, known)
         return f"its {how} needs {missing}, which has no rule"
-    if isinstance(value, fx.Node) and value not in known:
-        value.meta.update({k: v for k, v in node.meta.items() if k != "fxcurv"})
+    if isinstance(value, fx.Node) and value not in known:  # where it came from; not fx's
+        value.meta.update({k: v for k, v in node.meta.items() if k in _PROVENANCE})
     for new in graph.nodes:
         if new not in known and "stack_trace" not in new.meta and node.stack_trace:
             new.stack_trace = node.stack_trace

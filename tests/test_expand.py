@@ -52,6 +52,7 @@ def test_opaque_helper_decomposition_and_tensor_index_give_exact_quantities():
     x, y = torch.randn(4, 3, dtype=DTYPE), torch.tensor([0, 1, 1, 0])
     step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_grad", "diag_h"])
     assert "scaled_tanh(" not in step.code and "scaled_tanh_mul" in step.code  # inlined
+    assert "wrap(" not in step.code  # no torch.fx.wrap registration of the inlined ops
     assert "mish_mul = " in step.code  # decomposed, named after the node it replaces
     loss, grad, batch_grad, diag_h = step(x, y)
     for name, g in _brute_force(model, x, y).items():

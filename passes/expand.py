@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from fxcurv.emit import Emitter
 from fxcurv.errors import CompileError, node_error
-from fxcurv.rules import Ctx, rule_for
+from fxcurv.rules import rule_for
 from fxcurv.rules.indexing import lower_tensor_index
 from fxcurv.rules.shape import is_scalar_node
 
@@ -218,5 +218,3 @@ def unexpanded_reason(node: fx.Node) -> str:
     reason = node.meta.get(UNEXPANDED)
     return f" ({reason})" if reason else ""
 
-
-__all__ = ["expand", "unexpanded_reason", "Ctx"]

@@ -350,7 +350,8 @@ def _lower_stochastic_depth(c: Ctx):
     if not c.bound["training"] or c.bound["p"] == 0.0:
         return c.args.input
     if c.bound["mode"] not in ("row", "batch"):
-        raise ValueError(f"stochastic_depth mode must be 'row' or 'batch', got {c.bound['mode']!r}")
+        raise ValueError("stochastic_depth mode must be 'row' or 'batch', got "
+                         f"{c.bound['mode']!r}")
     return c.args.input * c.call(stochastic_depth_mask, c.args.input, c.bound["p"],
                                  c.bound["mode"] == "row")
 

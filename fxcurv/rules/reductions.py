@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
-import torch.fx as fx
 
 from .arith import _dims, _reduces_samples
 from .helpers import reduced_count
@@ -97,7 +96,8 @@ def _norm_mixes(b: dict) -> Optional[str]:
     return _reduces_samples({"dim": b["dim"]})
 
 
-register([torch.norm, "norm"], "norm", "input, p='fro', dim=None, keepdim=False, out=None, dtype=None",
+register([torch.norm, "norm"], "norm",
+         "input, p='fro', dim=None, keepdim=False, out=None, dtype=None",
          lower=_lower_norm("p"), unsupported=_norm_unsupported("p"), mixes_samples=_norm_mixes,
          doc="‖x‖_p over dim (all axes by default) = (Σ |x|^p)^(1/p), lowered to square/abs, "
              "pow, sum, sqrt.")

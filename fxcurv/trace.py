@@ -173,6 +173,18 @@ def _permute_module(m: nn.Module, input):
     return input.permute(*m.dims)
 
 
+def _instance_norm(m: nn.modules.instancenorm._InstanceNorm, x):
+    """InstanceNorm without its rank checks (Python branches on ``x.dim()``) and without the
+    running-stat update: statistics of ``x`` unless eval mode with running statistics."""
+    use_input_stats = m.training or not m.track_running_stats
+    return F.instance_norm(x, m.running_mean, m.running_var, m.weight, m.bias,
+                           use_input_stats, 0.0, m.eps)
+
+
+MODULE_LOWERINGS.update({cls: _instance_norm for cls in (
+    nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)})
+
+
 def _backpack_lowerings() -> dict[type, Callable]:
     """Lowerings of BackPACK's converter modules, when BackPACK is installed."""
     try:

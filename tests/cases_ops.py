@@ -108,3 +108,15 @@ ATTENTION = [] if _SWIN is None else [
 ]
 
 CASES = REGULARISERS + ATTENTION + ACTIVATIONS + SELECTIONS + REDUCTIONS + MOVES
+
+NORMS = [
+    case("group_norm", lambda x, w, b: F.group_norm(x, 2, w, b), rand(3, 4, 2, 3), rand(4),
+         rand(4), params=("w", "b")),
+    case("group_norm_plain", lambda x: F.group_norm(x, 1), rand(3, 4, 5)),
+    case("instance_norm", lambda x, w, b: F.instance_norm(x, weight=w, bias=b),
+         rand(3, 2, 4, 3), rand(2), rand(2), params=("w", "b")),
+    case("instance_norm_running",
+         lambda x, m, v: F.instance_norm(x, m, v, use_input_stats=False), rand(3, 2, 5),
+         rand(2), rand(2).abs() + 0.5, const=("m", "v")),
+]
+CASES = CASES + NORMS

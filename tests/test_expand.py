@@ -121,3 +121,31 @@ def test_stochastic_depth_draws_one_mask_per_call():
     eval_step = fxcurv.compile(model, nn.CrossEntropyLoss(reduction="sum"))
     torch.testing.assert_close(eval_step(x, y)[0], F.cross_entropy(model(x), y,
                                                                    reduction="sum").detach())
+
+
+class GroupNormNet(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(2, 4, 3), nn.Linear(16, 3)
+        self.gn, self.inorm = nn.GroupNorm(2, 4), nn.InstanceNorm2d(4, affine=True)
+
+    def forward(self, x):
+        h = torch.tanh(self.gn(self.conv(x)))
+        return self.fc(torch.tanh(self.inorm(h)).flatten(1))
+
+
+def test_group_and_instance_norm_give_the_exact_hessian_diagonal():
+    torch.manual_seed(4)
+    model = GroupNormNet().to(DTYPE)
+    for m in (model.gn, model.inorm):
+        nn.init.normal_(m.weight)
+    x, y = torch.randn(3, 2, 4, 4, dtype=DTYPE), torch.tensor([0, 2, 1])
+    loss, grad, diag_h = fxcurv.compile(model, nn.CrossEntropyLoss(), ["diag_h"])(x, y)
+    params = dict(model.named_parameters())
+    for name in ("gn.weight", "gn.bias", "inorm.weight", "conv.bias"):
+        def f(p, name=name):
+            return F.cross_entropy(torch.func.functional_call(model, {**params, name: p}, (x,)), y)
+        n = params[name].numel()
+        hessian = torch.func.hessian(f)(params[name].detach()).reshape(n, n)
+        torch.testing.assert_close(diag_h[name], hessian.diagonal().view_as(params[name]),
+                                   rtol=1e-9, atol=1e-12, msg=name)

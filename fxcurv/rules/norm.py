@@ -364,3 +364,43 @@ if _tv_stochastic_depth is not None:
     register([_tv_stochastic_depth], "stochastic_depth", "input, p, mode, training=True",
              doc=_lower_stochastic_depth.__doc__, lower=_lower_stochastic_depth,
              aliases=True)  # eval: y is x
+
+
+# -- group and instance norm (lowered to layer_norm over each group's entries) ---------------
+def _per_channel(t, c: Ctx, name: str, op):
+    """``t op param`` with a per-channel ``param`` ``[C]`` on axis 1 of ``t`` ``[N, C, *]``
+    (the channel axis moved last, where ``[C]`` broadcasts, and back)."""
+    param = getattr(c.args, name)
+    if param is None:
+        return t
+    return op(t.transpose(1, -1), param).transpose(1, -1)
+
+
+def _grouped_layer_norm(c: Ctx, groups):
+    """``y = x̂ γ + β``, ``x̂`` normalised over each sample's group of channels (and positions):
+    ``layer_norm`` of ``x`` reshaped to ``[N, G, C/G · positions]`` over its last axis."""
+    x = c.args.input
+    rows = x.reshape(x.size(0), groups, -1)
+    normed = F.layer_norm(rows, [rows.size(2)], None, None, c.bound["eps"]).reshape(x.shape)
+    scaled = _per_channel(normed, c, "weight", lambda a, b: a * b)
+    return _per_channel(scaled, c, "bias", lambda a, b: a + b)
+
+
+register([F.group_norm], "group_norm", "input, num_groups, weight=None, bias=None, eps=1e-05",
+         doc=_grouped_layer_norm.__doc__ + " Lowered to reshape, layer_norm, mul, add.",
+         lower=lambda c: _grouped_layer_norm(c, c.bound["num_groups"]))
+
+
+def _lower_instance_norm(c: Ctx):
+    """Statistics of the input: group norm with one group per channel. Running statistics
+    (``use_input_stats=False``): eval-mode ``batch_norm``, an affine map of ``x``."""
+    if c.bound["use_input_stats"]:
+        return _grouped_layer_norm(c, c.args.input.size(1))
+    return F.batch_norm(c.args.input, c.args.running_mean, c.args.running_var, c.args.weight,
+                        c.args.bias, False, 0.0, c.bound["eps"])
+
+
+register([F.instance_norm], "instance_norm",
+         "input, running_mean=None, running_var=None, weight=None, bias=None, "
+         "use_input_stats=True, momentum=0.1, eps=1e-05",
+         doc=_lower_instance_norm.__doc__, lower=_lower_instance_norm)

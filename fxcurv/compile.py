@@ -110,10 +110,9 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
     results = _extract(emit, traced, requested, cotangents, grads, batch_size, mc_samples)
     outputs = (emit.proxy(loss_output), grads, *results)
     outputs = data_parallel(emit, traced, requested, outputs, process_group)
-    step = finalize(traced, emit, outputs, [name for name, _ in requested])
-    schedule_extractions(step.graph, traced.model_output, [quantity.extract in PER_SAMPLE_SIZED
-                                                           for _, quantity in requested])
-    step.recompile()
+    sized = [quantity.extract in PER_SAMPLE_SIZED for _, quantity in requested]
+    step = finalize(traced, emit, outputs, [name for name, _ in requested],
+                    lambda graph: schedule_extractions(graph, traced.model_output, sized))
     step = with_backend(step, backend)
     guard.install(step, model, loss_fn, list(traced.params), verify, skip_reason)
     return step

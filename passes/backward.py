@@ -22,15 +22,17 @@ from .expand import unexpanded_reason
 
 
 def backward(emit: Emitter, seeds: dict[fx.Node, Any], sources: Iterable[fx.Node],
-             lead: int = 0, tag: str = "cotangent",
-             quantity: Optional[str] = None) -> dict[fx.Node, Any]:
+             lead: int = 0, tag: str = "cotangent", quantity: Optional[str] = None,
+             active: Optional[dict] = None) -> dict[fx.Node, Any]:
     """Emit the backward propagation of ``seeds``; return ``{node: cotangent proxy}``.
 
     ``lead`` is the number of leading vector axes of the seeds; ``tag`` names the results
-    (``relu_1_cotangent``); ``quantity`` is named in errors.
+    (``relu_1_cotangent``); ``quantity`` is named in errors; ``active``: the nodes that
+    depend on ``sources`` (``analysis.depends_on``), when the caller has them (many
+    propagations from forward nodes share one; only forward nodes get cotangents).
     """
     sources = list(sources)
-    active = depends_on(emit.graph, sources)
+    active = depends_on(emit.graph, sources) if active is None else active
     cotangents: dict[fx.Node, Any] = dict(seeds)
     for node in reversed(list(emit.graph.nodes)):
         if node in cotangents and node.op in ("call_function", "call_method"):

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import operator
-from typing import Any
+from typing import Any, Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -18,8 +18,10 @@ from fxcurv.rules.pooling import (adaptive_avg_pool_vjp, avg_pool_vjp, max_pool_
                                   max_pool_vjp, max_pool_with_indices)
 
 
-def finalize(traced, emit: Emitter, outputs: tuple, quantity_names: list[str]) -> fx.GraphModule:
-    """Return ``outputs`` from the graph, drop dead nodes, and build the step module."""
+def finalize(traced, emit: Emitter, outputs: tuple, quantity_names: list[str],
+             schedule: Optional[Callable[[fx.Graph], None]] = None) -> fx.GraphModule:
+    """Return ``outputs`` from the graph, drop dead nodes, reorder it by ``schedule`` (before
+    the module generates its code, which it does once), and build the step module."""
     graph = traced.graph
     old_output = next(n for n in graph.nodes if n.op == "output")
     graph.erase_node(old_output)
@@ -32,6 +34,8 @@ def finalize(traced, emit: Emitter, outputs: tuple, quantity_names: list[str]) -
     moments_in_place(graph)
     read_shapes_early(graph)
     detach_parameters(graph, traced.params)
+    if schedule is not None:
+        schedule(graph)
     graph.lint()
     step = fx.GraphModule(traced.attrs, graph, class_name="FxcurvStep")
     step.meta["fxcurv"] = {"quantities": list(quantity_names),

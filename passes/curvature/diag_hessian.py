@@ -36,7 +36,8 @@ from fxcurv.errors import node_error
 from fxcurv.rules import Ctx, rule_for
 from fxcurv.rules.registry import Args
 
-from ..analysis import ancestors, descendants, differentiable_inputs, sample_carriers
+from ..analysis import (ancestors, depends_on, descendants, differentiable_inputs,
+                        sample_carriers)
 from ..backward import backward
 from . import factors
 from .factors import (broadcast_cross_sqrt, checked_cross, checked_parameter_cross,
@@ -53,6 +54,7 @@ def residual_propagations(emit: Emitter, traced, gradient: dict, quantity: str,
     positive and negative square-root factors, each wrapped by ``make_source(cotangents,
     columns)``, with its sign."""
     params = list(traced.params.values())
+    dependent = depends_on(traced.graph, params)  # shared by every propagation below
     depends = _parameter_sets(traced.graph, traced.params)
     model = ancestors(traced.model_output)  # the loss region's curvature is in the GGN term
     per_sample = descendants(traced.graph, traced.inputs[0])  # values with a sample axis
@@ -64,7 +66,7 @@ def residual_propagations(emit: Emitter, traced, gradient: dict, quantity: str,
         with emit.naming("loss_hessian_negative"):
             columns = factor.size(0)
         cotangents = backward(emit, {node: factor}, params, lead=1,
-                              tag="loss_hessian_minus", quantity=quantity)
+                              tag="loss_hessian_minus", quantity=quantity, active=dependent)
         terms.append((make_source(cotangents, columns), -1.0))
     for node in list(traced.graph.nodes):
         if node not in gradient or node not in model or node.op not in ("call_function",
@@ -87,7 +89,8 @@ def residual_propagations(emit: Emitter, traced, gradient: dict, quantity: str,
             with emit.naming(f"{node.name}_residual_{tag}", pass_="diag_hessian"):
                 columns = next(iter(seeds.values())).size(0)
             cotangents = backward(emit, seeds, params, lead=1,
-                                  tag=f"{node.name}_residual_{tag}", quantity=quantity)
+                                  tag=f"{node.name}_residual_{tag}", quantity=quantity,
+                                  active=dependent)
             terms.append((make_source(cotangents, columns, *direct), sign))
     return terms
 

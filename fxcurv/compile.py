@@ -7,7 +7,7 @@ they read, so big values die early) -> optional ``torch.compile`` backend.
 """
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, Optional, Sequence, Union
 
 import torch
 import torch.fx as fx
@@ -15,12 +15,13 @@ import torch.nn as nn
 from torch import Tensor
 
 from . import guard, quantities as q
-from .backend import Backend, with_backend
+from .backend import Backend, resolve_backend, with_backend
 from .emit import Emitter
 from .errors import CompileError, node_error
 from .passes.analysis import ancestors, descendants, loss_rank, sample_carriers
 from .passes.backward import backward
-from .passes.cleanup import finalize, is_random
+from .passes.chunking import chunk_columns
+from .passes.cleanup import draws_random, finalize, is_random
 from .passes.normalize import normalize, pool_before_relu
 from .passes.curvature.diag_hessian import residual_propagations
 from .passes.curvature.kfra import KFRA
@@ -34,10 +35,14 @@ from .rules import rule_for
 from .rules.losses import check_scalar_loss
 from .trace import Traced, trace
 
+DEFAULT_COLUMN_BUDGET = 1 << 30
+
 
 def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (), *,
             mc_samples: int = 1, process_group: Any = None,
-            backend: Backend = None, verify: bool = True) -> fx.GraphModule:
+            backend: Backend = "auto", verify: bool = True,
+            column_chunk: Union[int, str, None] = "auto",
+            column_budget: int = DEFAULT_COLUMN_BUDGET) -> fx.GraphModule:
     """Compile ``loss_fn(model(x), y)`` into one step returning loss, gradient and quantities.
 
     Args:
@@ -53,11 +58,15 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
         process_group: a ``torch.distributed`` process group (e.g. ``ddp.process_group``):
             each rank passes its shard of the batch and the step's collectives make it
             return the results of the global batch (README, "Data-parallel curvature").
-        backend: ``None`` (default): the plain GraphModule. Otherwise a ``torch.compile``
-            backend (``"inductor"``, ``"aot_eager"``, ... or a callable): the step's
-            ``forward`` runs through ``torch.compile(..., backend=backend)``, compiled on the
-            first call (a new batch size may recompile once, then the batch axis is dynamic).
-            ``step.code`` / ``step.graph`` still show the generated code, and
+        backend: ``"auto"`` (default): decided from the parameters' device now: on CPU the
+            plain GraphModule; on CUDA ``torch.compile`` with inductor and CUDA graphs
+            (``mode="reduce-overhead"``; without CUDA graphs if the step draws random
+            numbers or runs collectives; the plain step without triton); see
+            ``fxcurv/backend.py``. ``None``: the plain GraphModule. Otherwise a
+            ``torch.compile`` backend (``"inductor"``, ``"aot_eager"``, ... or a callable): the
+            step's ``forward`` runs through ``torch.compile(..., backend=backend)``, compiled
+            on the first call (a new batch size may recompile once, then the batch axis is
+            dynamic). ``step.code`` / ``step.graph`` still show the generated code, and
             ``torch.jit.script(step)`` scripts that plain code (TorchScript cannot hold the
             compiled kernels). Under ``"inductor"``, Monte-Carlo quantities draw from
             inductor's own generator (same distribution, other samples than eager torch for
@@ -67,6 +76,17 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
             beyond the dtype's tolerance (skipped with a warning when the forward draws
             random numbers, and for a ``process_group``); ``False``: no check. See
             ``fxcurv/guard.py`` and docs/verify.md.
+        column_chunk: how the exact GGN factor ``[C, N, ...]`` (one column per class) is
+            propagated (``diag_ggn_exact``, ``diag_ggn_exact_batch``, ``sqrt_ggn_exact``,
+            ``kflr``, ``ggnmp``, the GGN part of ``diag_h``/``hmp``): ``"auto"`` (default) in
+            chunks of as many columns as fit ``column_budget``, chosen at each call from the
+            sizes; an int: that many columns per chunk; ``None``: all at once, inline in
+            ``step.code`` (chunked, the propagation is in
+            ``step.sqrt_ggn_exact_chunks.body.code``). Results do not depend on it (up to
+            the order of floating-point sums). Under ``torch.compile``/``torch.export``,
+            ``"auto"`` propagates all columns at once.
+        column_budget: bytes for the chunked propagation (``"auto"``), default 1 GiB:
+            estimated as 4 copies of the largest ``[N, ...]`` activation per column.
 
     Returns:
         a ``torch.fx.GraphModule`` ``step`` with ``step(x, y) -> (loss, grad, *quantities)``;
@@ -82,6 +102,7 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
     """
     if not isinstance(mc_samples, int) or mc_samples < 1:
         raise CompileError(f"mc_samples must be a positive int, got {mc_samples!r}.")
+    chunk = _column_chunk(column_chunk, column_budget)
     requested = q.resolve(quantities)
     traced = trace(model, loss_fn)
     if not traced.params:
@@ -113,9 +134,31 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
     sized = [quantity.extract in PER_SAMPLE_SIZED for _, quantity in requested]
     step = finalize(traced, emit, outputs, [name for name, _ in requested],
                     lambda graph: schedule_extractions(graph, traced.model_output, sized))
-    step = with_backend(step, backend)
+    if chunk is not None:
+        chunk_columns(step, chunk, column_budget)
+    device = next(iter(traced.attrs[name] for name in traced.params)).device
+    backend, mode = resolve_backend(backend, device, draws_random(step.graph),
+                                    process_group is not None)
+    step = with_backend(step, backend, mode)
     guard.install(step, model, loss_fn, list(traced.params), verify, skip_reason)
     return step
+
+
+def _column_chunk(column_chunk: Any, column_budget: Any) -> Optional[int]:
+    """``column_chunk`` as ``ColumnChunks.chunk`` (0: from the budget; None: no chunking)."""
+    if not isinstance(column_budget, int) or isinstance(column_budget, bool) or \
+            column_budget < 1:
+        raise CompileError(f"column_budget must be a positive number of bytes, got "
+                           f"{column_budget!r}.")
+    if column_chunk is None:
+        return None
+    if column_chunk == "auto":
+        return 0
+    if isinstance(column_chunk, int) and not isinstance(column_chunk, bool) and \
+            column_chunk >= 1:
+        return column_chunk
+    raise CompileError(f"column_chunk must be 'auto', None or a positive int, got "
+                       f"{column_chunk!r}.")
 
 
 def dtype_name(dtype: torch.dtype) -> str:

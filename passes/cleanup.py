@@ -75,8 +75,16 @@ def eliminate_common_subexpressions(graph: fx.Graph) -> None:
         except TypeError:  # an unhashable constant argument
             continue
         if first is not node:
+            _keep_extraction_tag(node, first)
             node.replace_all_uses_with(first)
             graph.erase_node(node)
+
+
+def _keep_extraction_tag(node: fx.Node, first: fx.Node) -> None:
+    """The merged node stays an extraction result (``passes/chunking.py`` reads the tag)."""
+    kind = (node.meta.get("fxcurv") or {}).get("extract")
+    if kind and "fxcurv" in first.meta:
+        first.meta["fxcurv"] = {**first.meta["fxcurv"], "extract": kind}
 
 
 def share_pool_indices(graph: fx.Graph) -> None:
@@ -172,6 +180,23 @@ def _owned_temporary(node: Any, owned: set) -> bool:
         source = node.args[0]
         return isinstance(source, fx.Node) and source.target is conv_grads
     return node.target in VIEWS and _owned_temporary(node.args[0], owned)
+
+
+def draws_random(graph: fx.Graph) -> bool:
+    """Whether the step draws random numbers (Monte-Carlo factors, dropout masks): a random
+    op, or a helper function that calls one (``cross_entropy_sqrt_hessian_mc``)."""
+    return any(node.op in ("call_function", "call_method") and
+               (is_random(node.target) or _calls_random(node.target))
+               for node in graph.nodes)
+
+
+RANDOM_NAMES = frozenset({"bernoulli", "multinomial", "normal", "rand", "randn", "randint",
+                          "randperm", "rand_like", "randn_like", "randint_like"})
+
+
+def _calls_random(target: Any) -> bool:
+    code = getattr(target, "__code__", None)
+    return code is not None and not RANDOM_NAMES.isdisjoint(code.co_names)
 
 
 def is_random(target: Any) -> bool:

@@ -120,6 +120,8 @@ class PerSample:
                     self.emit.rename(item, f"{full}_{i}")
             else:
                 self.emit.rename(value, full)
+            for item in value if isinstance(value, list) else [value]:
+                _tag_extraction(item, kind)
             self._memo[key] = value
         return self._memo[key]
 
@@ -264,6 +266,14 @@ class PerSample:
                                   self.sum_squares(name, "sum_grad_squared"), grad,
                                   self.batch_size)
         return self.memoized("variance", name, label, build)
+
+
+def _tag_extraction(value: Any, kind: str) -> None:
+    """Mark an extraction result (``meta["fxcurv"]["extract"] = kind``): where a chunked
+    propagation's partial results are combined (``passes/chunking.py``)."""
+    node = value.node if isinstance(value, fx.Proxy) else value
+    if isinstance(node, fx.Node) and "fxcurv" in node.meta:
+        node.meta["fxcurv"] = {**node.meta["fxcurv"], "extract": kind}
 
 
 def _uses_of(param: fx.Node, cotangents: dict) -> list[tuple[fx.Node, OpRule, str]]:

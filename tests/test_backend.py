@@ -12,7 +12,9 @@ import torch
 import torch.nn as nn
 
 import fxcurv
+import fxcurv.backend as fxcurv_backend
 from fxcurv import CompileError
+from fxcurv.backend import auto_backend
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 
@@ -120,3 +122,50 @@ def test_default_backend_is_the_plain_module():
 def test_unknown_backend_is_a_compile_error(backend):
     with pytest.raises(CompileError, match="is not a torch.compile backend"):
         fxcurv.compile(mlp(), nn.CrossEntropyLoss(), ["batch_l2"], backend=backend)
+
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda", 0)
+
+
+@pytest.mark.parametrize("device, random, distributed, triton, expected", [
+    (CPU, False, False, True, (None, None)),
+    (CPU, True, True, True, (None, None)),
+    (CUDA, False, False, True, ("inductor", "reduce-overhead")),
+    (CUDA, True, False, True, ("inductor", None)),
+    (CUDA, False, True, True, ("inductor", None)),
+    (CUDA, False, False, False, (None, None)),
+])
+def test_auto_backend_decision(device, random, distributed, triton, expected):
+    """``backend="auto"``: the plain step on CPU, inductor with CUDA graphs on CUDA, without
+    CUDA graphs where they are not valid (random draws, collectives), plain without triton."""
+    assert auto_backend(device, random, distributed, triton) == expected
+
+
+@pytest.mark.parametrize("quantities, random", [(["diag_ggn_exact"], False),
+                                                (["diag_ggn_mc"], True), (["kfac"], True)])
+def test_auto_on_cpu_is_the_plain_step_and_sees_random_draws(monkeypatch, quantities, random):
+    seen = []
+    monkeypatch.setattr(fxcurv_backend, "auto_backend",
+                        lambda *args: seen.append(args) or (None, None))
+    step = fxcurv.compile(mlp(), nn.CrossEntropyLoss(), quantities)
+    assert "forward" not in vars(step) and "backend" not in step.meta["fxcurv"]
+    assert [args[:3] for args in seen] == [(CPU, random, False)]
+
+
+def test_cuda_graph_results_are_copied_out_of_the_pool(monkeypatch):
+    """Under ``mode="reduce-overhead"`` the results are fresh tensors (the graph's pool is
+    overwritten by the next call); checked with a stand-in for torch.compile on CPU."""
+    pool = torch.zeros(3)
+
+    def fake_compile(forward, backend, mode):
+        assert (backend, mode) == ("inductor", "reduce-overhead")
+        return lambda *args: (pool, {"w": pool})
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    monkeypatch.setattr(fxcurv_backend, "_check_backend", lambda backend: None)
+    step = fxcurv_backend.with_backend(fxcurv.compile(mlp(), nn.CrossEntropyLoss()),
+                                       "inductor", "reduce-overhead")
+    loss, grads = step(None)
+    pool.fill_(1.0)
+    assert torch.equal(loss, torch.zeros(3)) and torch.equal(grads["w"], torch.zeros(3))
+    assert step.meta["fxcurv"]["mode"] == "reduce-overhead"

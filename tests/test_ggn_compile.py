@@ -85,8 +85,9 @@ def assert_same(actual, expected, what: str, exact: bool = True):
 # ------------------------------------------------------------------------- (a) sharing
 def test_exact_quantities_share_one_propagation():
     model, (x, y) = mlp(), mlp_batch()
-    together = fxcurv.compile(model, nn.CrossEntropyLoss(), EXACT_TRIO)
-    alone = {q: fxcurv.compile(model, nn.CrossEntropyLoss(), [q]) for q in EXACT_TRIO}
+    together = fxcurv.compile(model, nn.CrossEntropyLoss(), EXACT_TRIO, column_chunk=None)
+    alone = {q: fxcurv.compile(model, nn.CrossEntropyLoss(), [q], column_chunk=None)
+             for q in EXACT_TRIO}
     assert len(calls_to(together, loss_rules.cross_entropy_sqrt_hessian)) == 1
     assert [n.name for n in together.graph.nodes].count("loss_sqrt_hessian_exact") == 1
     cotangents = [n.name for n in together.graph.nodes if n.name.endswith("_sqrt_ggn_exact")
@@ -194,7 +195,8 @@ class FrozenFirst(nn.Module):
                                         ["diag_ggn_mc", "sqrt_ggn_mc", "kfac"]])
 def test_no_propagation_below_the_first_parameterised_op(quantities):
     kind = "exact" if quantities[0].endswith("exact") else "mc"
-    step = fxcurv.compile(Preprocessed().to(DTYPE), nn.CrossEntropyLoss(), quantities)
+    step = fxcurv.compile(Preprocessed().to(DTYPE), nn.CrossEntropyLoss(), quantities,
+                          column_chunk=None)
     names = [n.name for n in step.graph.nodes]
     for below in ("mul", "tanh", "x", "x_checked"):
         assert f"{below}_sqrt_ggn_{kind}" not in names
@@ -202,7 +204,8 @@ def test_no_propagation_below_the_first_parameterised_op(quantities):
     sources = {(n.meta.get("fxcurv") or {}).get("node") for n in step.graph.nodes
                if n.name in propagation(step, kind)}
     assert not sources & {"mul", "tanh", "x", "x_checked"}
-    frozen = fxcurv.compile(FrozenFirst().to(DTYPE), nn.CrossEntropyLoss(), quantities)
+    frozen = fxcurv.compile(FrozenFirst().to(DTYPE), nn.CrossEntropyLoss(), quantities,
+                            column_chunk=None)
     assert propagation(frozen, kind) == []          # the factor stops at `trained`'s output
     assert f"sigmoid_sqrt_ggn_{kind}" not in frozen.code
     assert list(frozen(*mlp_batch())[2]) == ["trained.weight", "trained.bias"]

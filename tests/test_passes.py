@@ -44,7 +44,10 @@ def cnn_batch():
 
 
 def compile_cnn(quantities, **kwargs):
-    return fxcurv.compile(cnn(), nn.CrossEntropyLoss(), quantities, **kwargs)
+    """The exact GGN propagation inline in the step (``column_chunk=None``), where these
+    tests read it; chunked, it runs in a submodule (``test_chunking.py``)."""
+    return fxcurv.compile(cnn(), nn.CrossEntropyLoss(), quantities,
+                          **{"column_chunk": None, **kwargs})
 
 
 def targets(step: fx.GraphModule) -> Counter:
@@ -345,14 +348,16 @@ def test_relu_passes_in_place_on_temporaries():
     (``threshold_backward(..., grad_input=g)``); the values are unchanged (float64, against
     the out-of-place step) and the peak of live values is lower."""
     model = ConvReluPool().double()
-    step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["diag_ggn_exact"])
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["diag_ggn_exact"],
+                          column_chunk=None)
     passes = [n for n in step.graph.nodes if n.target is torch.ops.aten.threshold_backward]
     assert len(passes) == 4 and all(n.kwargs["grad_input"] is n.args[0] for n in passes)
     module = sys.modules["fxcurv.passes.cleanup"]
     original = module.relu_vjps_in_place
     module.relu_vjps_in_place = lambda graph: None
     try:
-        out_of_place = fxcurv.compile(model, nn.CrossEntropyLoss(), ["diag_ggn_exact"])
+        out_of_place = fxcurv.compile(model, nn.CrossEntropyLoss(), ["diag_ggn_exact"],
+                          column_chunk=None)
     finally:
         module.relu_vjps_in_place = original
     assert not any(n.kwargs for n in out_of_place.graph.nodes
@@ -379,7 +384,8 @@ def test_shared_cotangent_is_not_overwritten():
             return self.lin2(torch.relu(a) + a)
 
     model = Residual().double()
-    step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["diag_ggn_exact"])
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["diag_ggn_exact"],
+                          column_chunk=None)
     passes = [n for n in step.graph.nodes if n.target is torch.ops.aten.threshold_backward]
     assert len(passes) == 2 and not any(n.kwargs for n in passes)
     x = torch.randn(N, 6, dtype=torch.float64)
@@ -394,7 +400,8 @@ def test_pool_inputs_die_in_the_forward():
     """The max-pool backward reads only its input's shape, taken right after the input is
     made (``cleanup.read_shapes_early``): the full-size conv outputs are freed before the
     backward pass starts."""
-    step = fxcurv.compile(ConvReluPool().double(), nn.CrossEntropyLoss(), ["diag_ggn_exact"])
+    step = fxcurv.compile(ConvReluPool().double(), nn.CrossEntropyLoss(), ["diag_ggn_exact"],
+                          column_chunk=None)
     nodes = list(step.graph.nodes)
     order = {n: i for i, n in enumerate(nodes)}
     shapes = [n for n in nodes if n.target is getattr and n.args[1] == "shape"]

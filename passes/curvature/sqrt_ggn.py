@@ -20,6 +20,8 @@ def propagate_sqrt_ggn(emit: Emitter, traced, gradient: dict, kind: str, mc_samp
     """Emit the loss factor ``S`` and its backward propagation to the parameters; return the
     cotangents and the size of the leading axis (C or M) as a graph value."""
     node, factor = loss_factor(emit, traced, gradient, kind, mc_samples, quantity)
+    if kind == "exact":  # one column per class: may run in chunks (passes/chunking.py)
+        factor.node.meta["fxcurv"] = {**factor.node.meta.get("fxcurv", {}), "columns": True}
     with emit.naming(f"sqrt_ggn_{kind}"):
         lead_size = factor.size(0)
     emit.rename(lead_size, f"sqrt_ggn_{kind}_columns")

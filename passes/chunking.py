@@ -32,8 +32,6 @@ from torch import Tensor
 # bytes of propagated factor per column, per byte of the biggest activation (factor, the
 # product of an op's Jacobian with it, its square in the extraction, the next factor)
 LIVE_COPIES = 4
-SIZE_OPS = (operator.add, operator.sub, operator.mul, operator.floordiv, operator.getitem,
-            operator.neg)
 
 
 class ColumnChunks(nn.Module):
@@ -222,10 +220,10 @@ def _size_kind(node: fx.Node) -> Optional[str]:
         return "ints" if len(node.args) > 1 or "dim" in node.kwargs else "shapes"
     if node.op == "call_method" and node.target in ("dim", "numel"):
         return "ints"
-    if node.op == "call_function" and node.target in SIZE_OPS and node.all_input_nodes and \
+    if node.op in ("call_function", "call_method") and node.all_input_nodes and \
             all(_size_kind(arg) in ("shapes", "ints", "arithmetic")
                 for arg in node.all_input_nodes):
-        return "arithmetic"
+        return "arithmetic"  # a function of sizes only (``d ** -0.5``): recomputed inside
     if node.op == "call_function" and inspect.isfunction(node.target):
         return _returns(node.target)  # a helper: its annotation says
     if node.op == "call_method" and node.target in ("item", "tolist"):

@@ -42,7 +42,8 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
             mc_samples: int = 1, process_group: Any = None,
             backend: Backend = "auto", verify: bool = True,
             column_chunk: Union[int, str, None] = "auto",
-            column_budget: int = DEFAULT_COLUMN_BUDGET) -> fx.GraphModule:
+            column_budget: int = DEFAULT_COLUMN_BUDGET,
+            sequence_length: Optional[int] = None) -> fx.GraphModule:
     """Compile ``loss_fn(model(x), y)`` into one step returning loss, gradient and quantities.
 
     Args:
@@ -87,6 +88,9 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
             ``"auto"`` propagates all columns at once.
         column_budget: bytes for the chunked propagation (``"auto"``), default 1 GiB:
             estimated as 4 copies of the largest ``[N, ...]`` activation per column.
+        sequence_length: the number of time steps ``T`` of the model's recurrent layers
+            (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``), which are unrolled over ``T`` steps when
+            tracing; the step checks ``T`` when it runs. Needed only for such models.
 
     Returns:
         a ``torch.fx.GraphModule`` ``step`` with ``step(x, y) -> (loss, grad, *quantities)``;
@@ -104,7 +108,7 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
         raise CompileError(f"mc_samples must be a positive int, got {mc_samples!r}.")
     chunk = _column_chunk(column_chunk, column_budget)
     requested = q.resolve(quantities)
-    traced = trace(model, loss_fn)
+    traced = trace(model, loss_fn, sequence_length)
     if not traced.params:
         raise CompileError("the model has no trainable parameters (requires_grad=True) that the "
                            "loss depends on; there is nothing to differentiate.")

@@ -118,18 +118,34 @@ def decomposed_rows() -> list[list[str]]:
     return table
 
 
+def module_rows() -> list[list[str]]:
+    """Modules that tracing rewrites (everything else is traced through its ``forward``)."""
+    from .recurrent import RECURRENT, SUPPORT_NOTE  # noqa: PLC0415 (tracing side)
+    from .trace import MODULE_LOWERINGS  # noqa: PLC0415
+
+    table = [[f"nn.{cls.__name__}", "unrolled over `sequence_length` steps", SUPPORT_NOTE]
+             for cls in RECURRENT]
+    for cls, lowering in MODULE_LOWERINGS.items():
+        summary = (lowering.__doc__ or "").strip().split(".")[0].replace("\n", " ")
+        table.append([f"nn.{cls.__name__}", "lowered to functional ops", " ".join(
+            summary.split())])
+    return table
+
+
 def quantity_rows() -> list[list[str]]:
     return [[q.name, q.family, "yes" if q.implemented else "not yet", q.doc]
             for q in QUANTITIES.values()]
 
 
 def render() -> str:
-    """The quantity table and the op table, as Markdown."""
+    """The quantity table, the module table and the op table, as Markdown."""
     ops = markdown_table(["op", "spellings", "grad", "first order, GGN family",
                           "diag_h, hmp, pchmp", "kfac, kflr", "notes"],
                          rows() + decomposed_rows())
     quantities = markdown_table(["quantity", "family", "implemented", "what"], quantity_rows())
-    return f"## Quantities\n\n{quantities}\n\n## Ops\n\n{ops}\n"
+    modules = markdown_table(["module", "traced as", "notes"], module_rows())
+    return (f"## Quantities\n\n{quantities}\n\n## Modules\n\n{modules}\n\n"
+            f"## Ops\n\n{ops}\n")
 
 
 def page() -> str:

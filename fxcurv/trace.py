@@ -17,6 +17,7 @@ where they lie on a derivative path.
 from __future__ import annotations
 
 import operator
+import os
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ from torch.overrides import TorchFunctionMode, is_tensor_method_or_property
 from torch.utils import _pytree as pytree
 
 from .errors import CompileError, format_module, user_frame
+from .recurrent import RECURRENT, lower_recurrent
 from .rules import rule_for
 from .rules.linalg import attention
 from .rules.shape import is_scalar_node
@@ -199,19 +201,26 @@ MODULE_LOWERINGS.update(_backpack_lowerings())
 
 
 class CurvatureTracer(fx.Tracer):
-    """Traces through every module, lowering the ones in ``MODULE_LOWERINGS``; records grad
+    """Traces through every module, lowering the ones in ``MODULE_LOWERINGS`` and unrolling
+    recurrent layers over ``sequence_length`` steps (``fxcurv/recurrent.py``); records grad
     mode per node, custom autograd Functions and backward hooks (module docstring)."""
 
-    def __init__(self):
+    def __init__(self, sequence_length: Optional[int] = None):
         super().__init__()
         self.record_stack_traces = True
+        self.sequence_length = sequence_length
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return False
 
     def call_module(self, m, forward, args, kwargs):
         lowering = MODULE_LOWERINGS.get(type(m))
-        if lowering is not None:
+        if isinstance(m, RECURRENT):
+            path, length = self.path_of_module(m), self.sequence_length
+            path = path[len(MODEL) + 1:] if path.startswith(MODEL + ".") else path
+            forward = _lowered_call(m, lambda mod, *a, **k: lower_recurrent(mod, path, length,
+                                                                           *a, **k))
+        elif lowering is not None:
             forward = _lowered_call(m, lowering)
         if _has_backward_hooks(m):
             forward = self._hook_markers(forward)
@@ -435,8 +444,9 @@ class Traced:
             self.model_output = self.loss.args[0]
 
 
-def trace(model: nn.Module, loss_fn: Callable) -> Traced:
-    """Trace ``loss_fn(model(x), y)`` into one graph; parameter nodes named like the model's."""
+def trace(model: nn.Module, loss_fn: Callable, sequence_length: Optional[int] = None) -> Traced:
+    """Trace ``loss_fn(model(x), y)`` into one graph; parameter nodes named like the model's;
+    recurrent layers unrolled over ``sequence_length`` steps."""
     if not isinstance(model, nn.Module):
         raise CompileError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     if not callable(loss_fn):
@@ -444,7 +454,9 @@ def trace(model: nn.Module, loss_fn: Callable) -> Traced:
                            f"(output, target) -> scalar, got {type(loss_fn).__name__}.")
     root = _ModelAndLoss(model, loss_fn)
     try:
-        graph = CurvatureTracer().trace(root)
+        graph = CurvatureTracer(sequence_length).trace(root)
+    except CompileError:
+        raise
     except Exception as err:  # noqa: BLE001 - re-raised with context
         raise _trace_error(err) from err
     loss, output = _split_output(graph)
@@ -525,6 +537,10 @@ def _trace_error(err: Exception) -> CompileError:
             "depend on constructor arguments, use torch.where, or move it out of forward.")
     if not isinstance(err, fx.proxy.TraceError):
         hint = "Check that model(x) and loss_fn(output, y) run on ordinary tensors."
+    if any(f.filename.endswith(os.path.join("nn", "utils", "rnn.py"))
+           for f in traceback.extract_tb(err.__traceback__)):
+        hint = ("Packed sequences (torch.nn.utils.rnn.pack_*, a PackedSequence input of a "
+                "recurrent layer) are not supported: pad the sequences to one length instead.")
     place = f" ({place})" if place else ""
     return CompileError(f"torch.fx could not trace the model and loss{place}: "
                         f"{type(err).__name__}: {err}. {hint}")

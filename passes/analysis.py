@@ -1,7 +1,7 @@
 """Read-only analyses shared by the passes: which nodes depend on the parameters."""
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch.fx as fx
 
@@ -23,10 +23,12 @@ def differentiable_inputs(node: fx.Node) -> list[fx.Node]:
     return inputs
 
 
-def depends_on(graph: fx.Graph, sources: Iterable[fx.Node]) -> dict[fx.Node, None]:
-    """Nodes whose value depends differentiably on ``sources`` (an ordered set, graph order)."""
+def depends_on(graph: fx.Graph, sources: Iterable[fx.Node],
+               nodes: Optional[Iterable[fx.Node]] = None) -> dict[fx.Node, None]:
+    """Nodes whose value depends differentiably on ``sources`` (an ordered set, graph order),
+    among ``nodes`` (graph order; default: the whole graph) when given."""
     active = dict.fromkeys(sources)
-    for node in graph.nodes:
+    for node in graph.nodes if nodes is None else nodes:
         if node in active or node.op not in ("call_function", "call_method"):
             continue
         if any(arg in active for arg in differentiable_inputs(node)):
@@ -34,9 +36,9 @@ def depends_on(graph: fx.Graph, sources: Iterable[fx.Node]) -> dict[fx.Node, Non
     return active
 
 
-def ancestors(node: fx.Node) -> set[fx.Node]:
-    """``node`` and every node its value is computed from."""
-    seen, stack = set(), [node]
+def ancestors(node: fx.Node, *more: fx.Node) -> set[fx.Node]:
+    """``node`` (and ``more``) and every node their values are computed from."""
+    seen, stack = set(), [node, *more]
     while stack:
         current = stack.pop()
         if current not in seen:

@@ -17,7 +17,7 @@ from fxcurv.emit import Emitter
 from fxcurv.errors import node_error
 from fxcurv.rules import Ctx, rule_for
 
-from .analysis import depends_on
+from .analysis import ancestors, depends_on
 from .expand import unexpanded_reason
 
 
@@ -32,9 +32,12 @@ def backward(emit: Emitter, seeds: dict[fx.Node, Any], sources: Iterable[fx.Node
     propagations from forward nodes share one; only forward nodes get cotangents).
     """
     sources = list(sources)
-    active = depends_on(emit.graph, sources) if active is None else active
+    region = ancestors(*seeds) if seeds else set()  # where cotangents can flow
+    nodes = [node for node in emit.graph.nodes if node in region]
+    if active is None:
+        active = depends_on(emit.graph, sources, nodes)
     cotangents: dict[fx.Node, Any] = dict(seeds)
-    for node in reversed(list(emit.graph.nodes)):
+    for node in reversed(nodes):
         if node in cotangents and node.op in ("call_function", "call_method"):
             with emit.naming(f"{node.name}_vjp", pass_="backward", node=node.name):
                 _propagate(node, cotangents, active, emit, lead, quantity)

@@ -10,6 +10,9 @@
 * ops with a decomposition in the rule table (``rule.lower``, e.g. dropout -> mask multiply)
   are replaced by it, so the backward reuses the forward's mask;
 * losses whose rule checks its target at call time (``rule.check_target``) get that check;
+* moves of the sample axis that cancel are removed (:func:`cancel_sample_moves`), so a
+  sequence model's ``[T, N, F]`` layout (``batch_first=False``) or its stacked final states
+  ``[L, N, H]`` picked by layer do not hide the samples from per-sample quantities;
 * ``nll_loss(log_softmax(z, dim=1), y)`` becomes ``cross_entropy(z, y)`` (the same function),
   so the loss's Hessian is taken w.r.t. the logits ``z``: the GGN of a model ending in
   ``LogSoftmax`` + ``NLLLoss`` is that of the logits with cross-entropy, not zero.
@@ -44,6 +47,7 @@ def normalize(graph: fx.Graph, quantity: Optional[str] = None) -> fx.Graph:
     expand(graph)
     for node in list(graph.nodes):
         _fuse_log_softmax_nll(graph, node)
+    cancel_sample_moves(graph)
     for node in list(graph.nodes):
         rule = rule_for(node)
         if rule is not None and rule.lower is not None:
@@ -81,6 +85,108 @@ def _field_to_position(node: fx.Node) -> None:
     fields = result_fields(source) if isinstance(source, fx.Node) else None
     if fields and name in fields:
         node.target, node.args = operator.getitem, (source, fields[name])
+
+
+def cancel_sample_moves(graph: fx.Graph) -> fx.Graph:
+    """Exact rewrites of axis moves: ``transpose``/``permute`` of a ``transpose``/``permute``
+    that compose to the identity -> the original tensor; ``stack(ts, d)[:, .., k]`` (``k`` at
+    axis ``d``) -> ``ts[k]``; ``unsqueeze(a, d)[:, .., 0]`` -> ``a``;
+    ``stack(ts, 0).transpose(0, 1)`` -> ``stack(ts, 1)``.
+    Nodes left without users are removed."""
+    for node in list(graph.nodes):
+        replacement = _moved_back(graph, node)
+        if replacement is None:
+            continue
+        node.replace_all_uses_with(replacement)
+        _erase_unused(graph, node)
+    return graph
+
+
+def _moved_back(graph: fx.Graph, node: fx.Node):
+    """The node ``node`` equals, or None."""
+    rule = rule_for(node)
+    if rule is None or rule.name not in ("transpose", "permute", "getitem"):
+        return None
+    bound = rule.bind(node)
+    source = bound["obj" if rule.name == "getitem" else "input"]
+    inner = rule_for(source) if isinstance(source, fx.Node) else None
+    if inner is None:
+        return None
+    inner_bound = inner.bind(source)
+    if rule.name == "getitem":
+        index = bound["idx"]
+        axis, position = _picked(index)
+        if position is None:
+            return None
+        if inner.name == "stack" and inner_bound["dim"] == axis:
+            return list(inner_bound["tensors"])[position]
+        if inner.name == "unsqueeze" and inner_bound["dim"] == axis and position in (0, -1):
+            return inner_bound["input"]
+        return None
+    axes = _axes(rule.name, bound, None)
+    if inner.name == "stack" and inner_bound["dim"] == 0 and axes is not None and \
+            axes[:2] == [1, 0] and axes[2:] == list(range(2, len(axes))):
+        with graph.inserting_before(node):
+            return graph.call_function(source.target, (inner_bound["tensors"], 1))
+    if inner.name in ("transpose", "permute"):
+        size = len(_varargs(bound["dims"])) if rule.name == "permute" else \
+            len(_varargs(inner_bound["dims"])) if inner.name == "permute" else None
+        outer, first = _axes(rule.name, bound, size), _axes(inner.name, inner_bound, size)
+        if outer is not None and first is not None and len(outer) == len(first) and all(
+                first[outer[k]] == k for k in range(len(outer))):
+            return inner_bound["input"]
+    return None
+
+
+def _picked(index) -> tuple:
+    """``(axis, k)`` for an index that picks position ``k`` of one axis and keeps the others
+    (``x[k]``, ``x[:, k]``, ``x[:, :, k]``); ``(None, None)`` otherwise."""
+    elements = index if isinstance(index, tuple) else (index,)
+    full = slice(None, None, None)
+    axis = 0
+    while axis < len(elements) and elements[axis] == full:
+        axis += 1
+    if axis != len(elements) - 1:
+        return None, None
+    position = elements[axis]
+    if not isinstance(position, int) or isinstance(position, bool):
+        return None, None
+    return axis, position
+
+
+def _varargs(dims) -> list:
+    return list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else \
+        list(dims)
+
+
+def _axes(name: str, bound: dict, size):
+    """The permutation ``p`` (``y`` axis k is ``x`` axis ``p[k]``) of a transpose or permute
+    of a ``size``-D tensor (a transpose of two non-negative axes without ``size``: the
+    smallest rank it needs); None when unknown."""
+    if name == "permute":
+        dims = _varargs(bound["dims"]) if not isinstance(bound["dims"], list) else bound["dims"]
+        return [d % len(dims) if isinstance(d, int) else None for d in dims]
+    a, b = bound["dim0"], bound["dim1"]
+    if not isinstance(a, int) or not isinstance(b, int):
+        return None
+    if size is None:
+        if a < 0 or b < 0:
+            return None
+        size = max(a, b) + 1
+    a, b = a % size, b % size
+    axes = list(range(size))
+    axes[a], axes[b] = axes[b], axes[a]
+    return axes
+
+
+def _erase_unused(graph: fx.Graph, node: fx.Node) -> None:
+    """Remove ``node`` and, recursively, inputs it alone used (no other effects)."""
+    if node.users or node.op not in ("call_function", "call_method"):
+        return
+    inputs = list(node.all_input_nodes)
+    graph.erase_node(node)
+    for value in inputs:
+        _erase_unused(graph, value)
 
 
 def _make_out_of_place(node: fx.Node) -> bool:

@@ -31,6 +31,8 @@ from torch import Tensor
 from fxcurv.emit import Emitter
 from fxcurv.errors import node_error
 from fxcurv.rules import Ctx, OpRule, rule_for
+from fxcurv.rules.helpers import concat_positions
+from fxcurv.rules.registry import Args
 
 from .analysis import ancestors
 
@@ -143,8 +145,47 @@ class PerSample:
                              self.quantity)
         return fn(self.cotangents[node], Ctx.of(node, rule, self.emit, self.lead), *extra)
 
+    def stacked(self, name: str) -> Optional[tuple[Any, Ctx, OpRule, str]]:
+        """``(cotangent, ctx, rule, argument)`` of one virtual use standing for all uses of a
+        parameter used several times by one op kind with ``stack_uses`` (a recurrent weight
+        at every step): their data and cotangents concatenated along a position axis, or
+        None."""
+        key = ("stacked", name)
+        if key not in self._memo:
+            self._memo[key] = self._build_stacked(name)
+        return self._memo[key]
+
+    def _build_stacked(self, name: str) -> Optional[tuple[Any, Ctx, OpRule, str]]:
+        param, uses = self.params[name], self.uses(name)
+        if len(uses) < 2 or len({(id(rule), arg) for _, rule, arg in uses}) != 1:
+            return None
+        _, rule, arg = uses[0]
+        direct = {node for node, _, _ in uses}
+        if arg not in rule.stack_uses or len(direct) != len(uses) or \
+                any(node not in self.carriers for node in direct) or \
+                any(u not in direct and (u in self.cotangents or u in self._reaches)
+                    for u in param.users):
+            return None
+        data = rule.stack_uses[arg]
+        bound = dict(rule.bind(uses[0][0]))
+        with self.emit.naming(f"{param.name}_{self.label}_uses", pass_="per_sample",
+                              param=name):
+            xs = [self.emit.proxy(rule.bind(node)[data]) for node, _, _ in uses]
+            bound[data] = self.emit.call(concat_positions, xs, 0).node
+            g = self.emit.call(concat_positions, [self.cotangents[node] for node, _, _ in uses],
+                               self.lead)
+        ctx = Ctx(uses[0][0], bound, Args(bound, self.emit), None, self.lead, self.emit)
+        return g, ctx, rule, arg
+
     def _shortcut(self, name: str, kind: str, *extra: Any) -> Optional[Any]:
-        """The op's cheaper formula, when the parameter has exactly one use that has one."""
+        """The op's cheaper formula, when the parameter has exactly one use that has one (or
+        one stacked use standing for several)."""
+        stacked = self.stacked(name)
+        if stacked is not None:
+            g, ctx, rule, arg = stacked
+            fn = getattr(rule, kind).get(arg)
+            return None if fn is None or self.params[name] in self._reaches else \
+                fn(g, ctx, *extra)
         uses = self.uses(name)
         used_elsewhere = len(uses) != sum(1 for u in self.params[name].users
                                           if u in self.cotangents) or \
@@ -160,7 +201,11 @@ class PerSample:
         back with their Jacobian-transpose rule, the sample axis as one more leading axis."""
         if value not in self._terms:
             parts = [self.direct[value]] if value in self.direct else []
-            for user in list(value.users):
+            stacked = self.stacked(name) if value is self.params[name] else None
+            if stacked is not None:
+                g, ctx, rule, arg = stacked
+                parts.append(rule.batch_grad[arg](g, ctx))
+            for user in list(value.users) if stacked is None else []:
                 if user not in self.cotangents and user not in self._reaches:
                     continue
                 rule = rule_for(user)
@@ -233,23 +278,34 @@ class PerSample:
         return self.memoized("product", name, label, build)
 
     def kron(self, name: str, label: str) -> Any:
-        """Kronecker factors ``[G, A]`` / ``[G]`` of a parameter with exactly one use whose op
-        has a Kronecker rule; any other parameter (norm scales and shifts, elementwise or
-        shared parameters) gets its GGN block (:meth:`ggn_block`)."""
+        """Kronecker factors ``[G, A]`` / ``[G]`` of a parameter with one use whose op has a
+        Kronecker rule, or with several uses by one such op kind (a recurrent weight at every
+        step, a tied layer), which count like positions of one sequence input (the "expand"
+        convention): the factors of the stacked use (linear: ``G = Σ_u G_u``, ``A`` the Gram
+        of all the uses' input rows over their number), else ``G = Σ_u G_u`` and
+        ``A = (1/U) Σ_u A_u``. Any other parameter (norm scales and shifts, elementwise
+        parameters, one read by different ops) gets its GGN block (:meth:`ggn_block`)."""
         def build():
-            use = self._kron_use(name)
-            if use is None:
+            stacked = self.stacked(name)
+            if stacked is not None and stacked[3] in stacked[2].kron:
+                g, ctx, rule, arg = stacked
+                return rule.kron[arg](g, ctx)
+            uses = self._kron_uses(name)
+            if uses is None:
                 return self.ggn_block(name, label)
-            node, rule, arg = use
-            return rule.kron[arg](self.cotangents[node], Ctx.of(node, rule, self.emit, self.lead))
+            return expand_factors([rule.kron[arg](self.cotangents[node],
+                                                  Ctx.of(node, rule, self.emit, self.lead))
+                                   for node, rule, arg in uses])
         return self.memoized("kron", name, label, build)
 
-    def _kron_use(self, name: str) -> Optional[tuple[fx.Node, OpRule, str]]:
-        """The parameter's one use, if it is its only reader and has a Kronecker rule."""
+    def _kron_uses(self, name: str) -> Optional[list[tuple[fx.Node, OpRule, str]]]:
+        """The parameter's uses, if they are its only readers and all of one op kind with a
+        Kronecker rule for that argument; else None."""
         uses = self.uses(name)
         readers = [u for u in self.params[name].users if u in self.cotangents]
-        if len(uses) == 1 and len(readers) == 1 and uses[0][2] in uses[0][1].kron:
-            return uses[0]
+        if uses and len(readers) == len(uses) and len({(id(r), a) for _, r, a in uses}) == 1 \
+                and uses[0][2] in uses[0][1].kron:
+            return uses
         return None
 
     def ggn_block(self, name: str, label: str) -> list:
@@ -260,6 +316,7 @@ class PerSample:
         if self.numels[name] > MAX_KRON_BLOCK:
             return [self.sum_squares(name, f"{label}_diagonal")]
         return [self.emit.call(block_of_terms, self.batch(name))]
+
     def variance(self, name: str, label: str, grad: Any) -> Any:
         def build():
             return self.emit.call(variance_from_moments,
@@ -274,6 +331,17 @@ def _tag_extraction(value: Any, kind: str) -> None:
     node = value.node if isinstance(value, fx.Proxy) else value
     if isinstance(node, fx.Node) and "fxcurv" in node.meta:
         node.meta["fxcurv"] = {**node.meta["fxcurv"], "extract": kind}
+
+
+def expand_factors(per_use: list) -> list:
+    """``[G, A]`` (or ``[G]``) of a parameter's uses combined: ``G = Σ_u G_u``,
+    ``A = (1/U) Σ_u A_u`` (emitted as plain sums; one use: its own factors)."""
+    if len(per_use) == 1:
+        return per_use[0]
+    combined = [_sum([factors[0] for factors in per_use])]
+    if len(per_use[0]) > 1:
+        combined.append(_sum([factors[1] for factors in per_use]) / len(per_use))
+    return combined
 
 
 def _uses_of(param: fx.Node, cotangents: dict) -> list[tuple[fx.Node, OpRule, str]]:

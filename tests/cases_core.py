@@ -6,11 +6,13 @@ import torch.fx
 import torch.nn.functional as F
 
 from fxcurv.rules.losses import check_scalar_loss
+from fxcurv.rules.recurrent import check_sequence
 from rule_harness import case
 
 torch.fx.wrap("check_scalar_loss")  # traced as a call, as compile emits it
 
 g = torch.Generator().manual_seed(0)
+torch.fx.wrap("check_sequence")  # a leaf call when cases are traced
 
 
 def rand(*shape, positive=False):
@@ -108,6 +110,7 @@ SHAPES = [
     case("sort_method_default_dim", lambda x: x.sort()[0] * x.sort().indices, rand(3, 2, 4)),
     case("topk_values", lambda x: torch.topk(x, 2, dim=1).values, rand(3, 4)),
     case("topk_method_smallest", lambda x: x.topk(3, largest=False)[0], rand(3, 2, 5)),
+    case("check_sequence", lambda x: check_sequence(x, 2, 1, "a test"), rand(3, 2, 4)),
 ]
 
 LINEAR = [

@@ -248,6 +248,36 @@ class Shared(nn.Module):
         return self.head(torch.tanh(self.shared(torch.tanh(self.shared(x)))))
 
 
+def test_kronecker_factors_of_a_shared_parameter_by_the_expand_convention():
+    """A layer applied twice: its uses count like positions of a sequence, ``G = G₁ + G₂``
+    (each the output factor's Gram at that use) and ``A = (A₁ + A₂)/2``; bias ``[G₁ + G₂]``.
+    Reference: the definition, with MSE's factor ``√2 e_c / √(N·C)`` and each use's
+    per-sample Jacobian ``∂f_n/∂z_u`` from a zero probe added to that use's output."""
+    torch.manual_seed(0)
+    model, (x, _) = Shared().to(DTYPE), mlp_batch()
+    y = torch.randn(x.size(0), 3, dtype=DTYPE)
+    _, _, kflr = fxcurv.compile(model, nn.MSELoss(), ["kflr"])(x, y)
+    w, b = model.shared.weight, model.shared.bias
+
+    def forward(probes, xn):
+        a1 = xn
+        a2 = torch.tanh(a1 @ w.T + b + probes[0])
+        return model.head(torch.tanh(a2 @ w.T + b + probes[1])), (a1, a2)
+
+    grams, inputs = [torch.zeros(4, 4, dtype=DTYPE)] * 2, [torch.zeros(4, 4, dtype=DTYPE)] * 2
+    zero = (torch.zeros(4, dtype=DTYPE),) * 2
+    for xn in x:
+        jac = torch.autograd.functional.jacobian(lambda *p: forward(p, xn)[0], zero)
+        acts = forward(zero, xn)[1]
+        for u in range(2):
+            grams[u] = grams[u] + jac[u].T @ jac[u] * 2 / (x.size(0) * 3)
+            inputs[u] = inputs[u] + torch.outer(acts[u], acts[u]).detach() / x.size(0)
+    g_factor, a_factor = grams[0] + grams[1], (inputs[0] + inputs[1]) / 2
+    torch.testing.assert_close(kflr["shared.weight"][0], g_factor)
+    torch.testing.assert_close(kflr["shared.weight"][1], a_factor)
+    torch.testing.assert_close(kflr["shared.bias"][0], g_factor)
+
+
 @pytest.mark.parametrize("quantity", ["kflr", "kfac"])
 def test_kronecker_factors_of_a_layer_norm_weight_are_its_ggn_block(quantity):
     """No Kronecker structure: ``[G]``, the parameter's (exact or sampled) GGN block, the same

@@ -324,16 +324,31 @@ def test_multihead_attention_self_attention_has_kronecker_factors():
     assert [tuple(f.shape) for f in factors] == [(3 * D, 3 * D), (D, D)]
 
 
-def test_multihead_attention_sequence_first_gives_grad_and_rejects_per_sample():
+def test_multihead_attention_sequence_first_gives_grad_and_per_sample():
+    """The model moves its samples to axis 1 for a sequence-first layer, whose lowering moves
+    them back: the moves cancel (an exact rewrite), so per-sample gradients are defined."""
     torch.manual_seed(2)
     model = Block(ModuleAttention(batch_first=False)).double()
     x, y = torch.randn(N, T, D, dtype=torch.float64), torch.randint(0, CLASSES, (N,))
-    loss, grads = fxcurv.compile(model, nn.CrossEntropyLoss(), [])(x, y)
+    loss, grads, batch_grad = fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_grad"])(x, y)
     ref_loss, ref_grads = reference_grad(model, nn.CrossEntropyLoss(), x, y)
     torch.testing.assert_close(loss, ref_loss, **TOL)
     assert_dicts_close(grads, ref_grads, "grad")
-    with pytest.raises(fxcurv.CompileError, match="moves the sample axis 0"):
-        fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_grad"])
+    assert_dicts_close(batch_grad, reference_batch_grad(model, nn.CrossEntropyLoss(), x, y),
+                       "batch_grad")
+
+
+def test_a_sample_axis_move_that_stays_is_refused_for_per_sample_quantities():
+    class Mixing(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(D, CLASSES)
+
+        def forward(self, x):
+            return self.fc(x.transpose(0, 1)).mean(0)   # [T, N, C] -> samples averaged away
+
+    with pytest.raises(fxcurv.CompileError, match="sample axis 0"):
+        fxcurv.compile(Mixing().double(), nn.CrossEntropyLoss(), ["batch_grad"])
 
 
 def test_multihead_attention_train_mode_dropout_draws_one_mask():

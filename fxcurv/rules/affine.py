@@ -148,6 +148,7 @@ register(
     batch_sum_grad_squared={"weight": lambda g, c: c.call(linear_weight_batch_sum_squares, g,
                                                           c.args.input)},
     hessian_is_zero=True, bilinear=(("input", "weight"),),
+    stack_uses={"weight": "input", "bias": "input"},
     kron={"weight": lambda g, c: [c.call(output_gram, g, c.lead), c.call(input_gram, c.args.input)],
           "bias": lambda g, c: [c.call(output_gram, g, c.lead)]},
     kron_matrix={"weight": lambda m, c: [_matrix_gram(m, c), c.call(input_gram, c.args.input)],

@@ -125,3 +125,10 @@ def block_diagonal(blocks: Tensor) -> Tensor:
     eye = torch.eye(count, dtype=blocks.dtype, device=blocks.device)
     full = blocks.unsqueeze(3) * eye.view(1, count, 1, count, 1)      # [N, B, K, B, K]
     return full.reshape(samples, count * size, count * size)
+
+
+def concat_positions(tensors: List[Tensor], lead: int) -> Tensor:
+    """``[*head, N, *, F]`` tensors (``head``: ``lead`` axes) -> ``[*head, N, P, F]``: their
+    middle axes flattened to positions and concatenated (``P`` the total)."""
+    parts = [t.reshape(list(t.shape[:lead + 1]) + [-1, t.size(-1)]) for t in tensors]
+    return torch.cat(parts, lead + 1)

@@ -72,6 +72,11 @@ class OpRule:
     # replaced by the basis of its per-sample entries. Pairs not listed (without ``cross`` or
     # ``residual_block`` rules) have no cross term: the op is jointly affine in them (a bias)
     bilinear: tuple = ()
+    # parameter argument -> data argument: several calls of this op that use the parameter
+    # there act like one call on their data concatenated along a position axis (linear: the
+    # per-sample terms sum over positions), so per-sample rules and Kronecker factors of a
+    # weight used at every step of a recurrent layer run once, on all steps
+    stack_uses: dict[str, str] = field(default_factory=dict)
     # Kronecker factors of a parameter argument from a sqrt-GGN factor ``g`` (lead 1):
     # ``kron[arg](g, c) -> [G, A]`` (weights) or ``[G]`` (biases), BackPACK's order and scaling
     kron: dict[str, RuleFn] = field(default_factory=dict)

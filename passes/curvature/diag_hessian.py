@@ -21,7 +21,8 @@ the block over ``(a_n, w)``: its ``w`` part enters as direct per-sample terms of
 (:func:`_parameter_cross_seeds`). Exact, at ``O(N B K³)`` (or
 ``O(N Da Db min(Da, Db))``) time per op and step and ``O(N D²)`` memory, as a diagonal
 residual's factor; ``D`` above :data:`MAX_BLOCK_SIZE` is refused when the step runs (sizes
-are not known before).
+are not known before). Beyond :data:`MAX_SEPARATE_PROPAGATIONS` seed sets, all sets of one
+sign share one backward pass (:func:`_combined_propagations`).
 """
 from __future__ import annotations
 
@@ -46,6 +47,9 @@ from .factors import (broadcast_cross_sqrt, checked_cross, checked_parameter_cro
 from .loss_hessian import eigen_sqrt, loss_negative_factor, symmetric_eigh
 
 MAX_BLOCK_SIZE = 4096  # per-sample entries D = B·K of a residual block (factor: N·D² values)
+# more residual seed sets than this are propagated together, one backward pass per sign
+# (unrolled recurrent layers: O(T) instead of O(T²) nodes)
+MAX_SEPARATE_PROPAGATIONS = 32
 
 
 def residual_propagations(emit: Emitter, traced, gradient: dict, quantity: str,
@@ -59,7 +63,7 @@ def residual_propagations(emit: Emitter, traced, gradient: dict, quantity: str,
     model = ancestors(traced.model_output)  # the loss region's curvature is in the GGN term
     per_sample = descendants(traced.graph, traced.inputs[0])  # values with a sample axis
     carriers = sample_carriers(traced.graph, traced.inputs[0])
-    terms = []
+    terms, pending = [], []
     negative = loss_negative_factor(emit, traced, gradient, quantity)
     if negative is not None:  # a non-convex loss: its negative curvature, subtracted
         node, factor = negative
@@ -86,13 +90,67 @@ def residual_propagations(emit: Emitter, traced, gradient: dict, quantity: str,
         for seeds, sign, tag, *direct in seed_sets:
             for arg in seeds:
                 _check_sample_axis(node, rule, arg, per_sample, quantity)
-            with emit.naming(f"{node.name}_residual_{tag}", pass_="diag_hessian"):
-                columns = next(iter(seeds.values())).size(0)
-            cotangents = backward(emit, seeds, params, lead=1,
-                                  tag=f"{node.name}_residual_{tag}", quantity=quantity,
-                                  active=dependent)
-            terms.append((make_source(cotangents, columns, *direct), sign))
+            pending.append((seeds, sign, f"{node.name}_residual_{tag}",
+                            direct[0] if direct else {}))
+    if len(pending) > MAX_SEPARATE_PROPAGATIONS:
+        return terms + _combined_propagations(emit, pending, params, quantity, make_source)
+    return terms + _separate_propagations(emit, pending, params, quantity, make_source)
+
+
+def _separate_propagations(emit, pending, params, quantity, make_source) -> list:
+    """One backward pass per seed set."""
+    terms = []
+    for seeds, sign, tag, direct in pending:
+        with emit.naming(tag, pass_="diag_hessian"):
+            columns = next(iter(seeds.values())).size(0)
+        cotangents = backward(emit, seeds, params, lead=1, tag=tag, quantity=quantity)
+        terms.append((make_source(cotangents, columns, direct or None), sign))
     return terms
+
+
+def _combined_propagations(emit, pending, params, quantity, make_source) -> list:
+    """All seed sets of one sign in one backward pass: set ``k``'s ``r_k`` columns are placed
+    at their own offset of ``R = Σ r_k`` columns (zeros elsewhere), so the squares summed over
+    the columns are the sum of the sets' squares. ``O(graph)`` nodes instead of one pass per
+    set (``O(T²)`` for ``T`` unrolled steps), at up to ``R`` columns everywhere."""
+    terms = []
+    for sign, tag in ((1.0, "plus"), (-1.0, "minus")):
+        group = [(seeds, direct) for seeds, s, _, direct in pending if s == sign]
+        if not group:
+            continue
+        with emit.naming(f"residuals_{tag}", pass_="diag_hessian"):
+            sizes = [next(iter(seeds.values())).size(0) for seeds, _ in group]
+            columns = emit.call(column_total, sizes)
+            placed: list[dict] = [{}, {}]
+            for index, parts in enumerate(group):
+                for target, part in zip(placed, parts):
+                    for node, factor in part.items():
+                        value = emit.call(place_columns, factor, index, sizes)
+                        target[node] = target[node] + value if node in target else value
+        cotangents = backward(emit, placed[0], params, lead=1, tag=f"residuals_{tag}",
+                              quantity=quantity)
+        terms.append((make_source(cotangents, columns, placed[1] or None), sign))
+    return terms
+
+
+def column_total(sizes: List[int]) -> int:
+    """``Σ sizes``: the columns of the combined residual factor."""
+    total = 0
+    for size in sizes:
+        total += size
+    return total
+
+
+def place_columns(factor: Tensor, index: int, sizes: List[int]) -> Tensor:
+    """``factor`` ``[sizes[index], ...]`` at its offset among ``Σ sizes`` columns, zeros
+    elsewhere."""
+    before = 0
+    for size in sizes[:index]:
+        before += size
+    after = column_total(sizes) - before - factor.size(0)
+    shape = list(factor.shape[1:])
+    return torch.cat([factor.new_zeros([before] + shape), factor,
+                      factor.new_zeros([after] + shape)], 0)
 
 
 def _diagonal_seeds(emit, node, rule, ctx, active, g, quantity) -> list:

@@ -1,0 +1,168 @@
+"""Recurrent layers unrolled at trace time: ``nn.RNN`` (tanh, relu), ``nn.LSTM``, ``nn.GRU``.
+
+A recurrent call becomes ops that have rules, one readable block per time step. Per layer and
+direction (inside, the batch is first: ``[N, T, F]``):
+
+* the input projection of all steps at once, ``x̂ = F.linear(x, W_ih, b_ih)`` ``[N, T, G·H]``
+  (so ``W_ih``'s Kronecker factors count the steps as positions of a sequence);
+* per step ``t`` the hidden projection ``ĥ_t = F.linear(h_{t-1}, W_hh, b_hh)`` (``h_{-1}`` the
+  given initial state or zeros: ``W_hh`` is applied at each of the ``T`` steps) and the gates
+      RNN:   ``h_t = tanh(x̂_t + ĥ_t)``  (or ``relu``)
+      LSTM:  ``i, f, g, o = chunk(x̂_t + ĥ_t, 4)``;  ``c_t = σ(f) c_{t-1} + σ(i) tanh(g)``;
+             ``h_t = σ(o) tanh(c_t)``
+      GRU:   ``r, z = σ(x̂_r + ĥ_r), σ(x̂_z + ĥ_z)``;  ``n = tanh(x̂_n + r ĥ_n)``;
+             ``h_t = n + z (h_{t-1} − n)``  (``= (1 − z) n + z h_{t-1}``)
+* the outputs stacked over time; the reverse direction runs ``t = T−1 … 0`` and its features
+  are concatenated after the forward ones; layer ``l + 1`` reads the output of layer ``l``.
+
+The graph's structure depends on the number of steps, which a symbolic trace does not know:
+``compile(..., sequence_length=T)`` fixes it, and the step checks ``T`` when it runs.
+Refused at compile time: ``proj_size > 0``, ``PackedSequence`` inputs, and dropout between
+layers in train mode (its masks would differ per step; ``model.eval()`` removes it).
+"""
+from __future__ import annotations
+
+import traceback
+from typing import Any, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.utils.rnn import PackedSequence
+
+from .errors import CompileError
+from .rules.recurrent import check_sequence
+
+RECURRENT = (nn.RNN, nn.LSTM, nn.GRU)
+SUPPORT_NOTE = ("every quantity but kfra (kfac, kflr: weights shared over the steps by the "
+                "expand convention); layers, bidirectional, batch_first, bias, initial "
+                "states; refused: proj_size > 0, PackedSequence input, dropout between layers "
+                "in train mode")
+GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}
+
+
+def lower_recurrent(m: nn.RNNBase, path: str, length: Optional[int], input: Any,
+                    hx: Any = None) -> tuple:
+    """``m(input, hx)`` as unrolled ops; returns ``(output, h_n)`` or ``(output, (h_n, c_n))``
+    as the module does."""
+    _refuse(m, path, length, input)
+    prefix = path.replace(".", "_") or type(m).__name__.lower()
+    where = f"{type(m).__name__} '{path}'"
+    x = input if m.batch_first else input.transpose(0, 1)   # [N, T, I]
+    x = _named(x.tracer.create_proxy("call_function", check_sequence, (x, length, 1, where),
+                                     {}), f"{prefix}_input")
+    h0, c0 = _initial_states(m, hx)
+    finals_h, finals_c = [], []
+    for layer in range(m.num_layers):
+        outputs = []
+        for reverse in range(2 if m.bidirectional else 1):
+            index = layer * (2 if m.bidirectional else 1) + reverse
+            name = f"{prefix}_l{layer}{'_reverse' if reverse else ''}"
+            out, h, c = _direction(m, name, layer, reverse, length, x,
+                                   _pick(h0, index), _pick(c0, index))
+            outputs.append(out)
+            finals_h.append(h)
+            finals_c.append(c)
+        x = outputs[0] if len(outputs) == 1 else _named(torch.cat(outputs, 2),
+                                                         f"{prefix}_l{layer}_output")
+    output = x if m.batch_first else x.transpose(0, 1)
+    h_n = _named(torch.stack(finals_h, 0), f"{prefix}_h_n")
+    if m.mode != "LSTM":
+        return output, h_n
+    return output, (h_n, _named(torch.stack(finals_c, 0), f"{prefix}_c_n"))
+
+
+def _refuse(m: nn.RNNBase, path: str, length: Optional[int], input: Any) -> None:
+    """CompileError for what the unrolled ops cannot represent exactly."""
+    problem = None
+    if isinstance(input, PackedSequence):
+        problem = ("its input is a PackedSequence (argument 'input'); variable lengths per "
+                   "sample are not supported", "Pad the sequences to one length instead.")
+    elif getattr(m, "proj_size", 0) > 0:
+        problem = (f"proj_size={m.proj_size} (LSTM projections) is not supported",
+                   "Use proj_size=0 (a separate nn.Linear on the output projects it).")
+    elif m.dropout > 0 and m.training and m.num_layers > 1:
+        problem = (f"dropout={m.dropout} between layers in train mode is not supported",
+                   "Call model.eval() before compiling, or use dropout=0.")
+    elif not isinstance(length, int) or length < 1:
+        problem = ("the number of time steps is not known when tracing (argument "
+                   "'sequence_length' of fxcurv.compile)",
+                   "Pass sequence_length=T to fxcurv.compile; the step checks it when it runs.")
+    if problem is not None:
+        raise CompileError(f"{type(m).__name__} at '{path}'{_caller()}: {problem[0]}. "
+                           f"{problem[1]}")
+
+
+def _caller() -> str:
+    """`` (File "model.py", line 12: out, _ = self.rnn(x))``: the user's call, if found."""
+    frames = [f for f in traceback.extract_stack()
+              if "/torch/" not in f.filename and "/fxcurv/" not in f.filename]
+    if not frames:
+        return ""
+    frame = frames[-1]
+    return f' (File "{frame.filename}", line {frame.lineno}: {frame.line})'
+
+
+def _initial_states(m: nn.RNNBase, hx: Any) -> tuple[Any, Any]:
+    """``(h0, c0)`` as given (``[L·D, N, H]`` each; ``None`` when absent)."""
+    if hx is None:
+        return None, None
+    if m.mode == "LSTM":
+        return hx[0], hx[1]
+    return hx, None
+
+
+def _pick(state: Any, index: int) -> Any:
+    return None if state is None else state[index]
+
+
+def _direction(m: nn.RNNBase, name: str, layer: int, reverse: int, length: int, x: Any,
+               h: Any, c: Any) -> tuple[Any, Any, Any]:
+    """One layer in one direction over ``x`` ``[N, T, I]``: ``([N, T, H], h_T, c_T)``."""
+    suffix = f"_l{layer}{'_reverse' if reverse else ''}"
+    w_ih, w_hh = getattr(m, "weight_ih" + suffix), getattr(m, "weight_hh" + suffix)
+    b_ih = getattr(m, "bias_ih" + suffix) if m.bias else None
+    b_hh = getattr(m, "bias_hh" + suffix) if m.bias else None
+    projected = _named(F.linear(x, w_ih, b_ih), f"{name}_x_proj")
+    by_step = projected.unbind(1)   # one Jᵀ for all steps (no scatter into [N, T, G·H] each)
+    hidden = m.hidden_size
+    steps = range(length - 1, -1, -1) if reverse else range(length)
+    outputs: list = [None] * length
+    for t in steps:
+        x_t = _named(by_step[t], f"{name}_t{t}_x")
+        if h is None:
+            h = _named(torch.zeros_like(x_t[:, :hidden]), f"{name}_h0")
+        if c is None and m.mode == "LSTM":
+            c = _named(torch.zeros_like(x_t[:, :hidden]), f"{name}_c0")
+        h_t = _named(F.linear(h, w_hh, b_hh), f"{name}_t{t}_h_proj")
+        h, c = _cell(m.mode, f"{name}_t{t}", x_t, h_t, h, c)
+        outputs[t] = h
+    return _named(torch.stack(outputs, 1), f"{name}_output"), h, c
+
+
+def _cell(mode: str, name: str, x_t: Any, h_t: Any, h: Any, c: Any) -> tuple[Any, Any]:
+    """The gates of one step: new ``(h, c)`` (``c`` is ``None`` except for LSTM)."""
+    if mode in ("RNN_TANH", "RNN_RELU"):
+        act = torch.tanh if mode == "RNN_TANH" else torch.relu
+        return _named(act(_named(x_t + h_t, f"{name}_pre")), f"{name}_h"), None
+    if mode == "LSTM":
+        i, f, g, o = _pieces(_named(x_t + h_t, f"{name}_gates"), f"{name}_gate", "ifgo")
+        c = _named(torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g), f"{name}_c")
+        return _named(torch.sigmoid(o) * torch.tanh(c), f"{name}_h"), c
+    xs, hs = _pieces(x_t, f"{name}_x", "rzn"), _pieces(h_t, f"{name}_h_proj", "rzn")
+    r = _named(torch.sigmoid(xs[0] + hs[0]), f"{name}_r")
+    z = _named(torch.sigmoid(xs[1] + hs[1]), f"{name}_z")
+    n = _named(torch.tanh(xs[2] + r * hs[2]), f"{name}_n")
+    return _named(n + z * (h - n), f"{name}_h"), None
+
+
+def _pieces(gates: Any, name: str, letters: str) -> list:
+    """The gate pre-activations ``[N, H]`` of ``gates`` ``[N, len(letters)·H]``, named."""
+    parts = gates.chunk(len(letters), 1)
+    return [_named(parts[k], f"{name}_{letter}") for k, letter in enumerate(letters)]
+
+
+def _named(proxy: Any, name: str) -> Any:
+    """Give the node behind ``proxy`` a readable name (fx keeps names unique)."""
+    proxy.node._rename(name)
+    return proxy

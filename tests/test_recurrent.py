@@ -1,0 +1,486 @@
+"""Recurrent layers (``nn.RNN`` tanh/relu, ``nn.LSTM``, ``nn.GRU``, unrolled at trace time):
+every quantity against a brute-force float64 reference, two layers, uni- and bidirectional.
+
+References: per-sample gradients, Jacobians and Hessians of the real modules by
+``torch.autograd`` (one sample at a time); the GGN as ``Σ_n J_nᵀ H_n J_n``; Kronecker factors
+by their definition (the "expand" convention: ``G = Σ`` over the uses of a weight of the
+output factor's Gram matrix, ``A`` the mean of the uses' input Gram matrices ``Σ a aᵀ / rows``)
+from a hand-unrolled copy of the layer with a zero probe added to each linear output.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.autograd.functional import hessian, jacobian
+from torch.func import functional_call
+
+import fxcurv
+
+DTYPE = torch.float64
+N, T, I, H, C = 3, 3, 3, 2, 3
+TOL = dict(rtol=1e-7, atol=1e-10)
+KINDS = {"rnn_tanh": (nn.RNN, {}), "rnn_relu": (nn.RNN, {"nonlinearity": "relu"}),
+         "lstm": (nn.LSTM, {}), "gru": (nn.GRU, {})}
+
+
+class Tagger(nn.Module):
+    """A recurrent body, then a linear head at every step: logits ``[N, C, T]``."""
+
+    def __init__(self, kind: str, bidirectional: bool, layers: int = 2, bias: bool = True):
+        super().__init__()
+        cls, extra = KINDS[kind]
+        self.rnn = cls(I, H, num_layers=layers, bidirectional=bidirectional, bias=bias,
+                       batch_first=True, **extra)
+        self.head = nn.Linear(H * (2 if bidirectional else 1), C)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)
+        return self.head(out).permute(0, 2, 1)
+
+
+def batch(seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(N, T, I, dtype=DTYPE, generator=g)
+    return x, torch.randint(0, C, (N, T), generator=g)
+
+
+def make(kind: str, bidirectional: bool, **kw) -> nn.Module:
+    torch.manual_seed(1)
+    return Tagger(kind, bidirectional, **kw).to(DTYPE)
+
+
+# -- brute force ------------------------------------------------------------------------------
+class Flat:
+    """The model as a function of one flat parameter vector."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+        self.names = [n for n, _ in model.named_parameters()]
+        self.shapes = [p.shape for _, p in model.named_parameters()]
+        self.vec = torch.cat([p.detach().flatten() for p in model.parameters()])
+
+    def split(self, vec) -> dict:
+        sizes = [s.numel() for s in self.shapes]
+        return {n: v.view(s) for n, v, s in zip(self.names, vec.split(sizes), self.shapes)}
+
+    def out(self, vec, x):
+        return functional_call(self.model, self.split(vec), (x,))
+
+    def blocks(self, vec) -> dict:
+        """``[P]`` (or ``[..., P]`` over the last axis) -> ``{name: [..., *shape]}``."""
+        sizes = [s.numel() for s in self.shapes]
+        parts = vec.split(sizes, -1)
+        return {n: p.reshape(*p.shape[:-1], *s) for n, p, s in zip(self.names, parts,
+                                                                    self.shapes)}
+
+
+def sample_loss(f, y_n):
+    """Sample n's share of the mean cross-entropy over ``N·T'`` positions (``T' = 1`` for
+    ``[N, C]`` logits)."""
+    return F.cross_entropy(f, y_n, reduction="sum") / y_n.numel() / N
+
+
+def brute_force(model: nn.Module, x, y, hessians: bool = False) -> dict:
+    """Per-sample gradients, GGN (and with ``hessians`` Hessian) blocks, the exact GGN
+    factor."""
+    flat = Flat(model)
+    grads, ggns, blocks, factors = [], [], [], []
+    for n in range(N):
+        xn, yn = x[n:n + 1], y[n:n + 1]
+        out = flat.out(flat.vec, xn)
+        jac = jacobian(lambda v: flat.out(v, xn).flatten(), flat.vec)         # [C·T, P]
+        h_out = hessian(lambda f: sample_loss(f.view(out.shape), yn), out.flatten())
+        grads.append(jacobian(lambda v: sample_loss(flat.out(v, xn), yn), flat.vec))
+        ggns.append(jac.T @ h_out @ jac)
+        if hessians:
+            blocks.append(hessian(lambda v: sample_loss(flat.out(v, xn), yn), flat.vec))
+        factors.append(jac.T @ loss_factor(out.detach().reshape(1, C, -1)))   # [P, C·T]
+    return {"flat": flat, "grads": torch.stack(grads), "ggn": torch.stack(ggns),
+            "hessian": torch.stack(blocks) if hessians else None,
+            "factor": torch.stack(factors)}
+
+
+def loss_factor(out):
+    """``S`` ``[C·T, C·T]`` with ``S Sᵀ`` the Hessian of a sample's loss w.r.t. its logits
+    ``[1, C, T]`` (flattened): column ``c·T + t`` is column c of ``diag(√p) − p √pᵀ`` at
+    position t, scaled by ``1/√(N·T)`` (CONVENTIONS.md)."""
+    steps = out.size(2)
+    s = torch.zeros(C, steps, C, steps, dtype=DTYPE)
+    for t in range(steps):
+        p = out[0, :, t].softmax(0)
+        s[:, t, :, t] = (torch.diag(p.sqrt()) - torch.outer(p, p.sqrt())) / (N * steps) ** 0.5
+    return s.reshape(C * steps, C * steps)
+
+
+def diagonal_blocks(flat: Flat, matrices) -> dict:
+    """``[..., P, P]`` -> each parameter's diagonal ``{name: [..., *shape]}``."""
+    return flat.blocks(matrices.diagonal(dim1=-2, dim2=-1))
+
+
+def block_products(flat: Flat, matrix, vectors: dict) -> dict:
+    """Each parameter's own block of ``matrix`` times its vectors ``[V, *shape]``."""
+    result, start = {}, 0
+    for name, shape in zip(flat.names, flat.shapes):
+        size = shape.numel()
+        block = matrix[start:start + size, start:start + size]
+        result[name] = (vectors[name].flatten(1) @ block).view(-1, *shape)
+        start += size
+    return result
+
+
+def assert_dicts(actual: dict, expected: dict, what: str, **tol) -> None:
+    assert list(actual) == list(expected), what
+    for key in expected:
+        torch.testing.assert_close(actual[key], expected[key], **(tol or TOL),
+                                   msg=lambda m: f"{what}[{key}]: {m}")
+
+
+# -- every quantity ---------------------------------------------------------------------------
+FIRST_AND_GGN = ["batch_grad", "batch_l2", "sum_grad_squared", "variance", "diag_ggn_exact",
+                 "diag_ggn_exact_batch", "sqrt_ggn_exact", "ggnmp"]
+
+
+def vectors_for(model: nn.Module, count: int = 2) -> dict:
+    g = torch.Generator().manual_seed(3)
+    return {n: torch.randn(count, *p.shape, dtype=DTYPE, generator=g)
+            for n, p in model.named_parameters()}
+
+
+def check_first_order_and_ggn(model: nn.Module, x, y) -> None:
+    """Every first-order and exact-GGN quantity (and ggnmp) against :func:`brute_force`."""
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), FIRST_AND_GGN, sequence_length=T)
+    vectors = vectors_for(model)
+    loss, grad, bg, l2, sgs, var, dg, dgb, sqrt, ggnmp = step(x, y, vectors)
+    ref = brute_force(model, x, y)
+    flat = ref["flat"]
+    torch.testing.assert_close(loss, F.cross_entropy(model(x), y))
+    per_sample = flat.blocks(ref["grads"])
+    assert_dicts(grad, {k: v.sum(0) for k, v in per_sample.items()}, "grad")
+    assert_dicts(bg, per_sample, "batch_grad")
+    assert_dicts(l2, {k: v.flatten(1).square().sum(1) for k, v in per_sample.items()},
+                 "batch_l2")
+    assert_dicts(sgs, {k: v.square().sum(0) for k, v in per_sample.items()},
+                 "sum_grad_squared")
+    assert_dicts(var, {k: (v.square().mean(0) - v.mean(0).square())
+                       for k, v in per_sample.items()}, "variance")
+    assert_dicts(dg, diagonal_blocks(flat, ref["ggn"].sum(0)), "diag_ggn_exact")
+    assert_dicts(dgb, diagonal_blocks(flat, ref["ggn"]), "diag_ggn_exact_batch")
+    assert_dicts(sqrt, {k: v.permute(1, 0, *range(2, v.dim()))
+                        for k, v in flat.blocks(ref["factor"].transpose(1, 2)).items()},
+                 "sqrt_ggn_exact")
+    assert_dicts(ggnmp, block_products(flat, ref["ggn"].sum(0), vectors), "ggnmp")
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_first_order_and_ggn(kind, bidirectional, one_thread):
+    model = make(kind, bidirectional)
+    check_first_order_and_ggn(model, *batch())
+
+
+class TimeMajor(nn.Module):
+    """``batch_first=False`` without bias: the model moves its samples to axis 1 and back."""
+
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.GRU(I, H, num_layers=2, bidirectional=True, bias=False)
+        self.head = nn.Linear(2 * H, C)
+
+    def forward(self, x):
+        out, _ = self.rnn(x.transpose(0, 1))
+        return self.head(out.permute(1, 0, 2)).permute(0, 2, 1)
+
+
+class FinalStates(nn.Module):
+    """Classification from the final states ``h_n[-1]``, ``c_n[-1]`` of a two-layer LSTM
+    whose initial states come from the input (``unsqueeze(0)`` / ``stack``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.init = nn.Linear(I, H)
+        self.rnn = nn.LSTM(I, H, num_layers=2, batch_first=True)
+        self.head = nn.Linear(H, C)
+
+    def forward(self, x):
+        h0 = torch.tanh(self.init(x[:, 0]))
+        _, (h, c) = self.rnn(x, (torch.stack([h0, -h0]), torch.stack([h0 * 0.5, h0])))
+        return self.head(h[-1] + c[-1])
+
+
+class GivenState(nn.Module):
+    """An RNN (relu) whose initial state is a layer of the input, ``unsqueeze(0)``-ed."""
+
+    def __init__(self):
+        super().__init__()
+        self.init = nn.Linear(I, H)
+        self.rnn = nn.RNN(I, H, nonlinearity="relu", batch_first=True)
+        self.head = nn.Linear(H, C)
+
+    def forward(self, x):
+        out, h = self.rnn(x, self.init(x[:, -1]).unsqueeze(0))
+        return self.head(out + h.transpose(0, 1)).permute(0, 2, 1)
+
+
+@pytest.mark.parametrize("make_model", [TimeMajor, FinalStates, GivenState])
+def test_layouts_states_and_no_bias(make_model, one_thread):
+    torch.manual_seed(2)
+    model = make_model().to(DTYPE)
+    x, y = batch()
+    if make_model is FinalStates:
+        y = y[:, 0]
+    check_first_order_and_ggn(model, x, y)
+
+
+# -- Kronecker factors: the expand convention -------------------------------------------------
+def _cell(mode: str, xp, hp, h, c):
+    """One step as PyTorch documents it (independent of fxcurv's lowering)."""
+    if mode in ("RNN_TANH", "RNN_RELU"):
+        return (torch.tanh if mode == "RNN_TANH" else torch.relu)(xp + hp), c
+    if mode == "LSTM":
+        i, f, g, o = (xp + hp).chunk(4, 1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(c), c
+    (xr, xz, xn), (hr, hz, hn) = xp.chunk(3, 1), hp.chunk(3, 1)
+    r, z = torch.sigmoid(xr + hr), torch.sigmoid(xz + hz)
+    n = torch.tanh(xn + r * hn)
+    return (1 - z) * n + z * h, c
+
+
+def unrolled(model: Tagger, x, probes: dict):
+    """``model(x)`` by hand, with ``probes[key]`` added to the output of each linear use of a
+    recurrent weight (key ``(layer, direction, "ih")`` for the input projection of all steps,
+    ``(layer, direction, t)`` for the hidden projection at step t); also each use's input."""
+    m, seq, inputs = model.rnn, x, {}
+    for layer in range(m.num_layers):
+        outs = []
+        for d in range(2 if m.bidirectional else 1):
+            sfx = f"_l{layer}{'_reverse' if d else ''}"
+            w_ih, w_hh = getattr(m, "weight_ih" + sfx), getattr(m, "weight_hh" + sfx)
+            b_ih = getattr(m, "bias_ih" + sfx) if m.bias else None
+            b_hh = getattr(m, "bias_hh" + sfx) if m.bias else None
+            inputs[(layer, d, "ih")] = seq
+            xp = F.linear(seq, w_ih, b_ih) + probes.get((layer, d, "ih"), 0)
+            h = c = torch.zeros(x.size(0), H, dtype=DTYPE)
+            hs = [None] * T
+            for t in (range(T - 1, -1, -1) if d else range(T)):
+                inputs[(layer, d, t)] = h
+                hp = F.linear(h, w_hh, b_hh) + probes.get((layer, d, t), 0)
+                h, c = _cell(m.mode, xp[:, t], hp, h, c)
+                hs[t] = h
+            outs.append(torch.stack(hs, 1))
+        seq = torch.cat(outs, 2)
+    return model.head(seq).permute(0, 2, 1), inputs
+
+
+def kronecker_reference(model: Tagger, x, y) -> dict:
+    """``{weight name: [G, A]}`` and ``{bias name: [G]}`` of the recurrent layer by the expand
+    convention, from per-sample probe Jacobians and the loss Hessian w.r.t. the logits."""
+    _, inputs = unrolled(model, x, {})
+    keys = list(inputs)
+    grams = {key: 0 for key in keys}
+    for n in range(N):
+        zero = tuple(torch.zeros(1, T, GATES(model) * H, dtype=DTYPE) if key[2] == "ih"
+                     else torch.zeros(1, GATES(model) * H, dtype=DTYPE) for key in keys)
+        def out(*p, n=n):
+            return unrolled(model, x[n:n + 1], dict(zip(keys, p)))[0].flatten()
+        jacs = jacobian(out, zero)
+        h_out = hessian(lambda f: sample_loss(f.view(1, C, T), y[n:n + 1]),
+                        out(*zero).detach())
+        for key, jac in zip(keys, jacs):
+            jac = jac.reshape(C * T, -1, GATES(model) * H)            # [C·T, positions, O]
+            grams[key] = grams[key] + torch.einsum("kto,kl,ltp->op", jac, h_out, jac)
+    result = {}
+    for layer in range(model.rnn.num_layers):
+        for d in range(2 if model.rnn.bidirectional else 1):
+            sfx = f"_l{layer}{'_reverse' if d else ''}"
+            seq = inputs[(layer, d, "ih")].flatten(0, 1)
+            result["rnn.weight_ih" + sfx] = [grams[(layer, d, "ih")], seq.T @ seq / (N * T)]
+            g_hh = sum(grams[(layer, d, t)] for t in range(T))
+            a_hh = sum(inputs[(layer, d, t)].T @ inputs[(layer, d, t)] / N for t in range(T))
+            result["rnn.weight_hh" + sfx] = [g_hh, a_hh / T]
+            if model.rnn.bias:
+                result["rnn.bias_ih" + sfx] = [grams[(layer, d, "ih")]]
+                result["rnn.bias_hh" + sfx] = [g_hh]
+    return {k: [f.detach() for f in v] for k, v in result.items()}
+
+
+def GATES(model: Tagger) -> int:  # noqa: N802
+    return {"RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}[model.rnn.mode]
+
+
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_kflr_by_the_expand_convention(kind, bidirectional, one_thread):
+    model = make(kind, bidirectional)
+    x, y = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(unrolled(model, x, {})[0], model(x))  # the reference is
+    _, _, kflr = fxcurv.compile(model, nn.CrossEntropyLoss(), ["kflr"],  # the model
+                                sequence_length=T)(x, y)
+    for name, factors in kronecker_reference(model, x, y).items():
+        assert len(kflr[name]) == len(factors), name
+        for i, (got, want) in enumerate(zip(kflr[name], factors)):
+            torch.testing.assert_close(got, want, **TOL, msg=lambda m: f"{name}[{i}]: {m}")
+
+
+# -- Hessian ----------------------------------------------------------------------------------
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_hessian_quantities(kind, bidirectional, one_thread):
+    """``diag_h``, ``diag_h_batch``, ``hmp``: the exact Hessian, whose residual terms include
+    every gate's second derivative and the cross terms of ``W_hh`` with the hidden state it
+    produced (linear's ``cross_factors``)."""
+    model = make(kind, bidirectional)
+    x, y = batch()
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["diag_h", "diag_h_batch", "hmp"],
+                          sequence_length=T)
+    vectors = vectors_for(model)
+    _, _, diag_h, diag_h_batch, hmp = step(x, y, vectors)
+    ref = brute_force(model, x, y, hessians=True)
+    flat = ref["flat"]
+    assert_dicts(diag_h, diagonal_blocks(flat, ref["hessian"].sum(0)), "diag_h")
+    assert_dicts(diag_h_batch, diagonal_blocks(flat, ref["hessian"]), "diag_h_batch")
+    assert_dicts(hmp, block_products(flat, ref["hessian"].sum(0), vectors), "hmp")
+
+
+# -- Monte-Carlo ------------------------------------------------------------------------------
+def test_monte_carlo_quantities_average_to_the_exact_ones(one_thread):
+    """``diag_ggn_mc(_batch)`` and ``kfac`` with many samples approach their exact
+    counterparts (bidirectional two-layer LSTM); ``sqrt_ggn_mc`` squares to ``diag_ggn_mc``
+    and ``diag_ggn_mc_batch`` sums to it in the same draw."""
+    model = make("lstm", True)
+    x, y = batch()
+    quantities = ["diag_ggn_mc", "diag_ggn_mc_batch", "sqrt_ggn_mc", "kfac",
+                  "diag_ggn_exact", "kflr"]
+    torch.manual_seed(0)
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), quantities, mc_samples=4000,
+                          sequence_length=T)
+    _, _, mc, mc_batch, sqrt_mc, kfac, exact, kflr = step(x, y)
+    for name in mc:
+        torch.testing.assert_close(mc_batch[name].sum(0), mc[name], **TOL)
+        torch.testing.assert_close(sqrt_mc[name].square().sum([0, 1]), mc[name], **TOL)
+        scale = exact[name].abs().max()
+        torch.testing.assert_close(mc[name], exact[name], rtol=0, atol=0.1 * scale)
+        g_scale = kflr[name][0].abs().max()
+        torch.testing.assert_close(kfac[name][0], kflr[name][0], rtol=0, atol=0.1 * g_scale)
+        if len(kflr[name]) > 1:
+            torch.testing.assert_close(kfac[name][1], kflr[name][1])
+
+
+# -- refusals, call-time checks, TorchScript --------------------------------------------------
+class Body(nn.Module):
+    def __init__(self, rnn: nn.Module, packed: bool = False):
+        super().__init__()
+        self.rnn, self.packed = rnn, packed
+        self.head = nn.Linear(rnn.hidden_size if not getattr(rnn, "proj_size", 0)
+                              else rnn.proj_size, C)
+
+    def forward(self, x):
+        if self.packed:
+            x = nn.utils.rnn.pack_padded_sequence(x, [T] * N, batch_first=True)
+        out, _ = self.rnn(x)
+        return self.head(out[:, -1])
+
+
+@pytest.mark.parametrize("rnn,packed,argument", [
+    (nn.LSTM(I, H, batch_first=True, proj_size=1), False, "proj_size=1"),
+    (nn.GRU(I, H, batch_first=True), True, "PackedSequence"),
+    (nn.RNN(I, H, num_layers=2, dropout=0.5, batch_first=True), False, "dropout=0.5"),
+], ids=["proj_size", "packed", "dropout"])
+def test_unsupported_arguments_are_refused(rnn, packed, argument):
+    with pytest.raises(fxcurv.CompileError) as info:
+        fxcurv.compile(Body(rnn, packed).train(), nn.CrossEntropyLoss(), ["batch_grad"],
+                       sequence_length=T)
+    message = str(info.value)
+    assert argument in message and "test_recurrent.py" in message, message
+    if not packed:  # (packing itself fails to trace, before the layer)
+        assert f"{type(rnn).__name__} at 'rnn'" in message and "self.rnn(x)" in message
+
+
+def test_dropout_in_eval_mode_and_the_sequence_length():
+    model = Body(nn.GRU(I, H, num_layers=2, dropout=0.5, batch_first=True)).to(DTYPE).eval()
+    with pytest.raises(fxcurv.CompileError, match="sequence_length"):
+        fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_grad"])
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_grad"], sequence_length=T)
+    x, y = batch()
+    with pytest.raises(ValueError, match="compiled for sequence_length=3 but its input has 4"):
+        step(torch.randn(N, T + 1, I, dtype=DTYPE), y[:, 0])
+    with pytest.raises(ValueError, match="batched 3-D input"):
+        step(torch.randn(N, I, dtype=DTYPE), y[:, 0])
+    loss, grad, _ = step(x, y[:, 0])
+    torch.testing.assert_close(loss, F.cross_entropy(model(x), y[:, 0]))
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+def test_generated_code_is_readable_and_scriptable(one_thread):
+    model = make("gru", True)
+    x, y = batch()
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["diag_ggn_exact", "kflr"],
+                          sequence_length=T)
+    for name in ("rnn_l0_t0_r", "rnn_l0_t2_z", "rnn_l1_reverse_t1_n", "rnn_l0_reverse_t0_h",
+                 "rnn_l1_x_proj"):
+        assert f"{name} = " in step.code, name
+    eager = step(x, y)
+    scripted = torch.jit.script(step)(x, y)
+    for a, b in zip(eager[1:], scripted[1:]):
+        for name in a:
+            for u, v in zip(a[name] if isinstance(a[name], list) else [a[name]],
+                            b[name] if isinstance(b[name], list) else [b[name]]):
+                torch.testing.assert_close(u, v, rtol=1e-12, atol=0)
+
+
+# -- BackPACK (RNN and LSTM: first order and the GGN diagonals) -------------------------------
+BACKPACK_EXACT = ["batch_grad", "batch_l2", "sum_grad_squared", "variance", "diag_ggn_exact",
+                  "diag_ggn_exact_batch"]
+
+
+def backpack_problem(kind):
+    """BackPACK's own shape of a recurrent test problem: ``kind(input_size=4, hidden_size=3,
+    num_layers=1, batch_first=True)`` over 5 steps, ``ReduceTuple(index=0)``, a linear head and
+    ``Permute(0, 2, 1)`` to ``[N, C, T]`` logits, cross-entropy over the time steps."""
+    from backpack.custom_module.permute import Permute
+    from backpack.custom_module.reduce_tuple import ReduceTuple
+    torch.manual_seed(0)
+    model = nn.Sequential(kind(input_size=4, hidden_size=3, num_layers=1, batch_first=True),
+                          ReduceTuple(index=0), nn.Linear(3, 3), Permute(0, 2, 1)).to(DTYPE)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(8, 5, 4, dtype=DTYPE, generator=g)
+    return model, x, torch.randint(0, 3, (8, 5), generator=g)
+
+
+def run_backpack(model, x, y, extensions) -> list:
+    import copy
+
+    import backpack
+    model = backpack.extend(copy.deepcopy(model))
+    loss_fn = backpack.extend(nn.CrossEntropyLoss())
+    with backpack.backpack(*extensions):
+        loss_fn(model(x), y).backward()
+    return [{n: getattr(p, e.savefield) for n, p in model.named_parameters()}
+            for e in extensions]
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.parametrize("kind", [nn.RNN, nn.LSTM], ids=["rnn", "lstm"])
+def test_equal_backpack(kind, one_thread):
+    """fxcurv equals BackPACK 1.7.1 on its own recurrent problem (float64), exact quantities
+    to round-off; BackPACK's Monte-Carlo diagonals (many samples) approach fxcurv's exact
+    ones."""
+    from backpack import extensions as ext
+    model, x, y = backpack_problem(kind)
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), BACKPACK_EXACT, sequence_length=5)
+    _, _, *ours = step(x, y)
+    theirs = run_backpack(model, x, y, [ext.BatchGrad(), ext.BatchL2Grad(), ext.SumGradSquared(),
+                                        ext.Variance(), ext.DiagGGNExact(),
+                                        ext.BatchDiagGGNExact()])
+    for name, a, b in zip(BACKPACK_EXACT, ours, theirs):
+        assert_dicts(a, b, f"{name} vs BackPACK")
+    torch.manual_seed(0)
+    mc, mc_batch = run_backpack(model, x, y, [ext.DiagGGNMC(mc_samples=2000),
+                                              ext.BatchDiagGGNMC(mc_samples=2000)])
+    for key, exact in ours[4].items():
+        scale = exact.abs().max()
+        torch.testing.assert_close(mc[key], exact, rtol=0, atol=0.1 * scale)
+        torch.testing.assert_close(mc_batch[key].sum(0), exact, rtol=0, atol=0.1 * scale)

@@ -29,6 +29,8 @@ import torch.fx as fx
 import torch.nn as nn
 from torch import Tensor
 
+from fxcurv.rules.shape import NO_DERIVATIVE_ATTRIBUTES
+
 # bytes of propagated factor per column, per byte of the biggest activation (factor, the
 # product of an op's Jacobian with it, its square in the extraction, the next factor)
 LIVE_COPIES = 4
@@ -220,6 +222,9 @@ def _size_kind(node: fx.Node) -> Optional[str]:
         return "ints" if len(node.args) > 1 or "dim" in node.kwargs else "shapes"
     if node.op == "call_method" and node.target in ("dim", "numel"):
         return "ints"
+    if node.op == "call_function" and node.target is getattr and \
+            node.args[1] in NO_DERIVATIVE_ATTRIBUTES and node.args[1] not in ("data", "grad_fn"):
+        return "arithmetic"  # metadata (``h.ndim``, ``h.dtype``): read inside from its tensor
     if node.op in ("call_function", "call_method") and node.all_input_nodes and \
             all(_size_kind(arg) in ("shapes", "ints", "arithmetic")
                 for arg in node.all_input_nodes):

@@ -36,7 +36,7 @@ def _first_order(rule: OpRule) -> str:
 def _second_order(rule: OpRule) -> str:
     """How the op enters diag_h / hmp / pchmp: affine, an elementwise residual, a dense
     residual block, or not."""
-    if rule.sqrt_hessian is not None:
+    if rule.has_sqrt_hessian:
         return "yes (loss Hessian square root)"
     if rule.residual:
         return "yes (residual: " + ", ".join(rule.residual) + ")"

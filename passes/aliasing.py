@@ -22,7 +22,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxcurv.errors import node_error
-from fxcurv.rules import RULES, rule_for
+from fxcurv.rules import RULES, VIEW, rule_for
 from fxcurv.rules.shape import is_scalar_node
 
 # ``x += y`` and friends: every in-place operator (those without a rule are then refused by
@@ -132,7 +132,7 @@ def _alias_root(value: fx.Node) -> Any:
             if rule is None:
                 return (f"it changes '{value.name}' in place, the result of an op without a "
                         "rule, which may share memory with its inputs")
-            if not rule.aliases:
+            if not rule.has(VIEW):
                 return value
         source = value.args[0] if value.args else None
         if not isinstance(source, fx.Node):
@@ -147,7 +147,7 @@ def _aliases(base: fx.Node) -> list[fx.Node]:
     while stack:
         for user in stack.pop().users:
             rule = rule_for(user)
-            shares = in_place_twin(user) is not None or (rule is not None and rule.aliases)
+            shares = in_place_twin(user) is not None or (rule is not None and rule.has(VIEW))
             if shares and user.args and user.args[0] in found and user not in found:
                 found.append(user)
                 stack.append(user)

@@ -68,7 +68,7 @@ def sample_carriers(graph: fx.Graph, data: fx.Node) -> set[fx.Node]:
         rule = rule_for(node)
         if rule is not None:
             bound = rule.bind(node)
-            reduced_loss = rule.sqrt_hessian is not None and bound.get("reduction") != "none"
+            reduced_loss = rule.has_sqrt_hessian and bound.get("reduction") != "none"
             if reduced_loss or (rule.mixes_samples and rule.mixes_samples(bound)):
                 continue
         carriers.add(node)

@@ -9,13 +9,8 @@ import torch.fx as fx
 
 from fxcurv.emit import Emitter, rename_freeing
 from fxcurv.passes.per_sample import variance_from_moments, variance_from_moments_
-from fxcurv.rules import RULES
-from fxcurv.rules.affine import linear_weight_sum_grad_squared
-from fxcurv.rules.conv import (conv_grads, conv_input_vjp, conv_transpose_input_vjp,
-                               per_sample_weight_sum_squares)
-from fxcurv.rules.helpers import merge_middle, reshape_lead
-from fxcurv.rules.pooling import (adaptive_avg_pool_vjp, avg_pool_vjp, max_pool_argmax,
-                                  max_pool_vjp, max_pool_with_indices)
+from fxcurv.rules import FRESH, PERMUTATION, RANDOM, VIEW, has_trait
+from fxcurv.rules.pooling import max_pool_argmax, max_pool_with_indices
 
 
 def finalize(traced, emit: Emitter, outputs: tuple, quantity_names: list[str],
@@ -55,11 +50,6 @@ def detach_parameters(graph: fx.Graph, params: dict[str, fx.Node]) -> None:
         rename_freeing(detached, node, node.name)
 
 
-
-
-RANDOM_OPS = {torch.bernoulli, "bernoulli", "bernoulli_", torch.rand_like, torch.randn_like,
-              torch.randint_like, torch.multinomial, torch.normal, torch.rand, torch.randn,
-              torch.randint, torch.randperm}
 
 
 def eliminate_common_subexpressions(graph: fx.Graph) -> None:
@@ -135,21 +125,14 @@ def read_shapes_early(graph: fx.Graph) -> None:
             node.args[0].append(node)
 
 
-# Calls whose result is new memory that aliases no graph value (cotangents, factors, sums).
-FRESH_RESULTS = {torch.matmul, torch.ops.aten.threshold_backward, conv_input_vjp,
-                 conv_transpose_input_vjp, max_pool_vjp, avg_pool_vjp, adaptive_avg_pool_vjp,
-                 "sum", linear_weight_sum_grad_squared, per_sample_weight_sum_squares}
-# Calls whose result may be a view of their first argument.
-VIEWS = {reshape_lead, merge_middle, "reshape", "view", "flatten"}
-
-
 def relu_vjps_in_place(graph: fx.Graph) -> None:
     """``threshold_backward(g, y, 0)`` (ReLU's ``x̄ = g·[y > 0]``) writes into ``g``
     (``grad_input=g``, the op's out variant; elementwise, so exact) when ``g`` is a temporary
     that nothing else reads: no new tensor of ``g``'s size (with a sqrt-GGN factor, ``C``
     times the activation) is allocated, page-faulted and written. ``g`` must be fresh memory
-    (:data:`FRESH_RESULTS`, or a ``convolution_backward`` output), possibly through views,
-    each read only by the next."""
+    (a call with the ``FRESH`` trait, or a piece of one's tuple), possibly through views
+    that rearrange it (``VIEW`` and ``PERMUTATION``: no entry twice), each read only by the
+    next."""
     owned: set[fx.Node] = set()
     for node in graph.nodes:
         if node.op != "call_function" or node.target is not torch.ops.aten.threshold_backward:
@@ -174,12 +157,13 @@ def _owned_temporary(node: Any, owned: set) -> bool:
     """``node`` is read once, and its memory is fresh or a view of such a temporary."""
     if not isinstance(node, fx.Node) or len(node.users) != 1:
         return False
-    if node in owned or node.target in FRESH_RESULTS:
+    if node in owned or has_trait(node.target, FRESH):
         return True
     if node.target is operator.getitem:
         source = node.args[0]
-        return isinstance(source, fx.Node) and source.target is conv_grads
-    return node.target in VIEWS and _owned_temporary(node.args[0], owned)
+        return isinstance(source, fx.Node) and has_trait(source.target, FRESH)
+    return has_trait(node.target, VIEW) and has_trait(node.target, PERMUTATION) and \
+        _owned_temporary(node.args[0], owned)
 
 
 def draws_random(graph: fx.Graph) -> bool:
@@ -200,14 +184,11 @@ def _calls_random(target: Any) -> bool:
 
 
 def is_random(target: Any) -> bool:
-    """The op draws random numbers (dropout masks, Monte-Carlo samples): a torch sampling op
-    or a helper whose rule says so (``OpRule.random``), or an aten op tagged as seeded."""
+    """The op draws random numbers (dropout masks, Monte-Carlo samples): it has the
+    ``RANDOM`` trait, or is an aten op tagged as seeded."""
     if torch.Tag.nondeterministic_seeded in getattr(target, "tags", ()):
         return True
-    try:
-        return target in RANDOM_OPS or (target in RULES and RULES[target].random)
-    except TypeError:
-        return False
+    return has_trait(target, RANDOM)
 
 
 def _hashable(value: Any) -> Any:

@@ -44,7 +44,7 @@ from fxcurv.errors import CompileError, node_error
 from fxcurv.rules import Ctx, rule_for
 
 from .analysis import descendants
-from .cleanup import RANDOM_OPS
+from .cleanup import is_random
 from .curvature.kfra import averages_samples, summed_outer
 
 COLLECTIVES = torch.ops._c10d_functional
@@ -135,7 +135,7 @@ class DataParallel:
     def _reduction(self) -> str:
         loss = self.traced.loss
         rule = rule_for(loss)
-        if rule is None or rule.mean_divisor is None:
+        if rule is None or rule.loss is None:
             raise node_error(loss, "data parallelism rescales each rank's results by its share "
                              "of the loss's mean divisor, which fxcurv knows for built-in "
                              "losses only", "End the loss in cross_entropy, nll_loss, mse_loss "
@@ -155,7 +155,7 @@ class DataParallel:
         rule = rule_for(loss)
         ctx = Ctx.of(loss, rule, at)
         with at.naming("loss", pass_="distributed"):
-            divisors = [rule.mean_divisor(ctx, part) if self.mean else None
+            divisors = [rule.loss.mean_divisor(ctx, part) if self.mean else None
                         for part in ("gradient", "hessian")]
             self.batch_size = at.proxy(x).size(0)
             row = at.call(helpers.rank_counts, self.batch_size, *divisors, ctx.args.input)
@@ -335,11 +335,7 @@ def _flatten(values) -> list:
 def _structure(node: fx.Node) -> tuple:
     """Two calls of the same op on the same arguments compute the same value (the nodes
     that common-subexpression elimination merges later, one level deep); random ops never."""
-    try:
-        random = node.target in RANDOM_OPS
-    except TypeError:  # an unhashable target
-        random = False
-    if node.op not in ("call_function", "call_method") or random:
+    if node.op not in ("call_function", "call_method") or is_random(node.target):
         return (node,)
     return node.op, node.target, repr(node.args), repr(node.kwargs)
 

@@ -28,7 +28,7 @@ import torch.fx as fx
 
 from fxcurv.emit import Emitter
 from fxcurv.errors import CompileError, node_error
-from fxcurv.rules import rule_for
+from fxcurv.rules import BOOLEAN, PIECES, rule_for
 from fxcurv.rules.indexing import lower_tensor_index
 from fxcurv.rules.shape import is_scalar_node
 
@@ -77,7 +77,7 @@ def _is_tensor_index(node: fx.Node) -> bool:
     if not isinstance(idx, fx.Node) or is_scalar_node(idx) or not isinstance(obj, fx.Node):
         return False
     source = rule_for(obj)
-    if source is not None and source.name in ("split", "chunk", "unbind"):
+    if source is not None and source.has(PIECES):
         return False  # picking a piece of a tuple
     if _is_boolean(idx):
         raise node_error(node, "x[mask] with a boolean mask selects a data-dependent number of "
@@ -90,8 +90,7 @@ def _is_tensor_index(node: fx.Node) -> bool:
 def _is_boolean(node: fx.Node) -> bool:
     """A node known to be a boolean tensor: a comparison or boolean logic."""
     rule = rule_for(node)
-    return rule is not None and rule.name == "comparison" and node.target not in (
-        torch.sign, "sign")
+    return rule is not None and rule.has(BOOLEAN)
 
 
 # -- opaque helpers and decompositions -------------------------------------------------------

@@ -18,7 +18,7 @@
   ``LogSoftmax`` + ``NLLLoss`` is that of the logits with cross-entropy, not zero.
 
 :func:`pool_before_relu` (run by ``compile`` unless KFRA is requested) then swaps
-``max_pool(relu(z))`` to ``relu(max_pool(z))``.
+``max_pool(relu(z))`` to ``relu(max_pool(z))`` (any monotone elementwise op for relu).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxcurv.emit import Emitter
-from fxcurv.rules import RULES, Ctx, rule_for
+from fxcurv.rules import MONOTONE, RULES, WINDOW_MAX, Ctx, rule_for
 
 from .aliasing import check_in_place, in_place_twin
 from .expand import expand
@@ -52,7 +52,7 @@ def normalize(graph: fx.Graph, quantity: Optional[str] = None) -> fx.Graph:
         rule = rule_for(node)
         if rule is not None and rule.lower is not None:
             _lower(graph, node, rule)
-        elif rule is not None and rule.check_target is not None:
+        elif rule is not None and rule.loss is not None and rule.loss.check_target is not None:
             _check_target(graph, node, rule)
     graph.lint()
     return graph
@@ -224,7 +224,7 @@ def _check_target(graph: fx.Graph, node: fx.Node, rule) -> None:
     """Insert the rule's call-time check of the target; the op then reads the checked value."""
     emit = Emitter(graph, before=node)
     with emit.naming(f"{node.name}_check", pass_="normalize", node=node.name):
-        checked = emit.as_node(rule.check_target(Ctx.of(node, rule, emit)))
+        checked = emit.as_node(rule.loss.check_target(Ctx.of(node, rule, emit)))
     target = rule.bind(node)["target"]
     node.replace_input_with(target, checked)
 
@@ -253,28 +253,31 @@ def _fuse_log_softmax_nll(graph: fx.Graph, node: fx.Node) -> None:
 
 
 def pool_before_relu(graph: fx.Graph, keep: tuple = ()) -> fx.Graph:
-    """``max_pool(relu(z))`` -> ``relu(max_pool(z))`` where the ReLU feeds only the pool.
+    """``max_pool(f(z))`` -> ``f(max_pool(z))`` for a window maximum (trait ``WINDOW_MAX``)
+    of a ``MONOTONE`` elementwise ``f`` (relu, leaky_relu, relu6, hardtanh) that feeds only
+    the pool.
 
     The two are the same function (max commutes with any non-decreasing map; the pool's
     ``-inf`` padding never wins a window that holds an input), and the same derivative
-    everywhere, ties included: where a window's maximum is positive both route ``g`` to the
-    same argmax (the first of equal values); where it is ``<= 0`` both give the window zero
-    (``relu'`` is 0 at 0 in torch). The ReLU, its mask and every backward pass through it
-    (gradient, square-root factors, products) then work on the pooled tensor, ``k^d`` times
-    smaller, and the full-size ReLU output is not kept. Exact for every quantity but KFRA,
-    whose batch-averaged per-op approximation depends on the order of the ops (``compile``
-    skips this pass when KFRA is requested). Pools in ``keep`` (the model's output, whose
-    value the step must return as it was) stay as they are.
+    everywhere, ties included: where ``f`` keeps a window's entries apart both route ``g`` to
+    the same argmax (the first of equal values); where ``f`` merges entries it is flat there,
+    ``f' = 0`` (``relu'`` is 0 at 0 in torch), so both give the window zero. ``f``, its mask
+    and every backward pass through it (gradient, square-root factors, products) then work on
+    the pooled tensor, ``k^d`` times smaller, and the full-size output of ``f`` is not kept.
+    Exact for every quantity but KFRA, whose batch-averaged per-op approximation depends on
+    the order of the ops (``compile`` skips this pass when KFRA is requested). Pools in
+    ``keep`` (the model's output, whose value the step must return as it was) stay as they
+    are.
     """
     for pool in list(graph.nodes):
         rule = rule_for(pool)
-        if rule is None or not rule.name.startswith("max_pool") or pool in keep:
+        if rule is None or not rule.has(WINDOW_MAX) or pool in keep:
             continue
         relu = rule.bind(pool)["input"]
         if not isinstance(relu, fx.Node) or len(relu.users) != 1:
             continue
         relu_rule = rule_for(relu)
-        if relu_rule is None or relu_rule.name != "relu":
+        if relu_rule is None or not relu_rule.has(MONOTONE):
             continue
         z = relu_rule.bind(relu)["input"]
         for user in list(pool.users):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fxcurv.rules import RULES
+from fxcurv.rules import AFFINE, RULES
 from rule_cases import CASES
 from rule_harness import build, cotangent, reference_batch_grads, reference_vjps
 
@@ -107,7 +107,7 @@ def test_second_order_rules(case):
     """``hessian_is_zero`` claims hold, and ``residual`` equals the diagonal of the Hessian of
     ``⟨g, f⟩`` w.r.t. the argument (which must then be diagonal), by ``torch.func.hessian``."""
     node, rule = _single_op(case)
-    if node is None or rule.sqrt_hessian is not None:
+    if node is None or rule.has_sqrt_hessian:
         pytest.skip("not a single non-loss op")
     from fxcurv.emit import Emitter
     from fxcurv.rules import Ctx
@@ -162,11 +162,10 @@ def _hessian(fn, x):
 
 def test_every_rule_states_its_second_order():
     """Each differentiable op says how it enters second-order quantities: affine (zero
-    Hessian), an elementwise residual, or (an explicit choice) neither, listed here."""
-    without = {"cross_entropy", "nll_loss", "mse_loss", "binary_cross_entropy_with_logits",
-               "log_softmax", "softmax", "layer_norm"}  # losses: sqrt_hessian; the rest: TODO
+    Hessian), an elementwise residual, a dense residual block, or a loss's own factors."""
     missing = sorted({r.name for r in RULES.values() if r.vjp and not r.constant
-                      and r.hessian_is_zero is False and not r.residual} - without)
+                      and not r.has(AFFINE) and r.hessian_is_zero is False and not r.residual
+                      and not r.residual_block and r.loss is None})
     assert not missing, f"rules that do not state their second order: {missing}"
 
 

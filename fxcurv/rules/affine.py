@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .helpers import merge_middle, sum_middle
-from .registry import Ctx, register
+from .registry import Ctx, fresh, register
 
 
 def linear_weight_batch_l2(g: Tensor, x: Tensor) -> Tensor:
@@ -33,6 +33,7 @@ def linear_weight_batch_l2(g: Tensor, x: Tensor) -> Tensor:
     return torch.einsum("nto,nti->noi", gm, xm).square_().sum([1, 2])
 
 
+@fresh
 def linear_weight_sum_grad_squared(g: Tensor, x: Tensor, lead: int) -> Tensor:
     """``Σ_{lead, n} (Σ_t g_nt x_ntᵀ)²`` ``[O, I]``; for 2-D input ``Σ_n (Σ_lead g²)_n x_n²ᵀ``
     with no ``[*lead, N, O, I]`` tensor (the GGN diagonal when ``g`` is a sqrt-GGN factor)."""

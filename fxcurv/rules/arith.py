@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from .helpers import expand_reduced, reduced_count, sum_to_batch, sum_to_shape
-from .registry import Ctx, register
+from .registry import AFFINE, BOOLEAN, Ctx, elementwise, reduction, register
 from .shape import is_scalar_node
 
 
@@ -39,8 +39,8 @@ def batch_unbroadcast(t: Any, c: Ctx, name: str) -> Any:
 def _binary(targets: list, name: str, doc: str, d_input, d_other, params="input, other",
             **second_order):
     """Register ``y = input ∘ other`` from its elementwise factors ``d_input(g, c)``, ..."""
-    register(
-        targets, name, params, doc=doc, **second_order, keeps_samples=True,
+    elementwise(
+        targets, name, params, doc=doc, **second_order,
         vjp={"input": lambda g, c: unbroadcast(d_input(g, c), c, "input"),
              "other": lambda g, c: unbroadcast(d_other(g, c), c, "other")},
         batch_grad={"input": lambda g, c: batch_unbroadcast(d_input(g, c), c, "input"),
@@ -50,11 +50,11 @@ def _binary(targets: list, name: str, doc: str, d_input, d_other, params="input,
 _binary([operator.add, torch.add, "add"], "add",
         "y = a + α·b;  ∂y/∂a = 1, ∂y/∂b = α.",
         lambda g, c: g, lambda g, c: g if c.args.alpha == 1 else g * c.args.alpha,
-        params="input, other, alpha=1", hessian_is_zero=True, jointly_affine=True)
+        params="input, other, alpha=1", traits=(AFFINE,))
 _binary([operator.sub, torch.sub, "sub"], "sub",
         "y = a - α·b;  ∂y/∂a = 1, ∂y/∂b = -α.",
         lambda g, c: g, lambda g, c: -g if c.args.alpha == 1 else g * (-c.args.alpha),
-        params="input, other, alpha=1", hessian_is_zero=True, jointly_affine=True)
+        params="input, other, alpha=1", traits=(AFFINE,))
 _binary([operator.mul, torch.mul, "mul"], "mul",
         "y = a·b;  ∂y/∂a = b, ∂y/∂b = a;  ∂²y/∂a² = ∂²y/∂b² = 0, ∂²y/∂a∂b = 1.",
         lambda g, c: g * c.args.other, lambda g, c: g * c.args.input, hessian_is_zero=True,
@@ -75,9 +75,8 @@ _binary([operator.pow, torch.pow, "pow"], "pow",
             g * (c.args.other * (c.args.other - 1) * c.args.input ** (c.args.other - 2)), c,
             "input")})
 
-register([operator.neg, torch.neg, "neg"], "neg", "input", doc="y = -x;  y' = -1.",
-         vjp={"input": lambda g, c: -g}, hessian_is_zero=True, jointly_affine=True,
-         keeps_samples=True)
+elementwise([operator.neg, torch.neg, "neg"], "neg", "input", doc="y = -x;  y' = -1.",
+            vjp={"input": lambda g, c: -g}, traits=(AFFINE,))
 
 
 def _dims(dim: Any) -> Optional[list]:
@@ -115,21 +114,22 @@ def _mean_vjp(g, c: Ctx):
     return _sum_vjp(g, c) / count
 
 
-register([torch.sum, "sum"], "sum", "input, dim=None, keepdim=False, dtype=None",
-         doc="y = Σ_dim x;  Jᵀg broadcasts g back over the summed axes.",
-         vjp={"input": _sum_vjp}, mixes_samples=_reduces_samples, hessian_is_zero=True,
-         keeps_samples=_keeps_samples, scalar_output=_all_axes)
-register([torch.mean, "mean"], "mean", "input, dim=None, keepdim=False, dtype=None",
-         doc="y = mean_dim x;  Jᵀg broadcasts g/count back over the averaged axes.",
-         vjp={"input": _mean_vjp}, mixes_samples=_reduces_samples, hessian_is_zero=True,
-         keeps_samples=_keeps_samples, scalar_output=_all_axes)
+reduction([torch.sum, "sum"], "sum", "input, dim=None, keepdim=False, dtype=None",
+          doc="y = Σ_dim x;  Jᵀg broadcasts g back over the summed axes.",
+          vjp={"input": _sum_vjp}, mixes_samples=_reduces_samples,
+          keeps_samples=_keeps_samples, scalar_output=_all_axes)
+reduction([torch.mean, "mean"], "mean", "input, dim=None, keepdim=False, dtype=None",
+          doc="y = mean_dim x;  Jᵀg broadcasts g/count back over the averaged axes.",
+          vjp={"input": _mean_vjp}, mixes_samples=_reduces_samples,
+          keeps_samples=_keeps_samples, scalar_output=_all_axes)
 
 
-register([torch.masked_fill, "masked_fill"], "masked_fill", "input, mask, value",
-         doc="y = value where mask else x (mask broadcasts to x);  Jᵀg = g with 0 where mask.",
-         vjp={"input": lambda g, c: g.masked_fill(c.args.mask, 0.0), "mask": None,
-              "value": None},
-         hessian_is_zero=True, jointly_affine=True)
+elementwise([torch.masked_fill, "masked_fill"], "masked_fill", "input, mask, value",
+            doc="y = value where mask else x (mask broadcasts to x);  Jᵀg = g with 0 where "
+                "mask.",
+            vjp={"input": lambda g, c: g.masked_fill(c.args.mask, 0.0), "mask": None,
+                 "value": None},
+            traits=(AFFINE,), keeps_samples=False)
 
 
 
@@ -143,12 +143,12 @@ _binary([torch.maximum, "maximum"], "maximum",
         "every second derivative is 0.",
         lambda g, c: _tie_share(g, c, c.args.input, c.args.other),
         lambda g, c: _tie_share(g, c, c.args.other, c.args.input),
-        hessian_is_zero=True, jointly_affine=True)
+        traits=(AFFINE,))
 _binary([torch.minimum, "minimum"], "minimum",
         "y = min(a, b);  ∂y/∂a = [a < b] (½ on ties), ∂y/∂b = [b < a];  piecewise linear.",
         lambda g, c: _tie_share(g, c, -c.args.input, -c.args.other),
         lambda g, c: _tie_share(g, c, -c.args.other, -c.args.input),
-        hessian_is_zero=True, jointly_affine=True)
+        traits=(AFFINE,))
 
 
 def _where_part(name: str, per_sample: bool):
@@ -163,19 +163,21 @@ def _where_part(name: str, per_sample: bool):
     return rule
 
 
-register([torch.where, "where"], "where", "condition, input, other",
-         doc="y = a where cond else b (cond, a, b broadcast);  ∂y/∂a = [cond], "
-             "∂y/∂b = [not cond], summed over broadcast axes; jointly linear in (a, b); cond "
-             "has no derivative.",
-         vjp={"condition": None, "input": _where_part("input", False),
-              "other": _where_part("other", False)},
-         batch_grad={"input": _where_part("input", True), "other": _where_part("other", True)},
-         hessian_is_zero=True, jointly_affine=True)
+elementwise([torch.where, "where"], "where", "condition, input, other",
+            doc="y = a where cond else b (cond, a, b broadcast);  ∂y/∂a = [cond], "
+                "∂y/∂b = [not cond], summed over broadcast axes; jointly linear in (a, b); cond "
+                "has no derivative.",
+            vjp={"condition": None, "input": _where_part("input", False),
+                 "other": _where_part("other", False)},
+            batch_grad={"input": _where_part("input", True), "other": _where_part("other", True)},
+            traits=(AFFINE,), keeps_samples=False)
 
 
 register([operator.gt, operator.ge, operator.lt, operator.le, operator.eq, operator.ne,
           operator.and_, operator.or_, operator.invert, torch.gt, torch.ge, torch.lt, torch.le,
           torch.eq, torch.ne, torch.logical_and, torch.logical_or, torch.logical_not,
-          torch.isnan, torch.isinf, torch.isfinite, torch.sign, "gt", "ge", "lt", "le", "eq",
-          "ne", "sign", "logical_not"], "comparison", "input, *args, **kwargs", constant=True,
-         doc="Comparisons, boolean logic and sign: piecewise constant, no derivative.")
+          torch.isnan, torch.isinf, torch.isfinite, "gt", "ge", "lt", "le", "eq", "ne",
+          "logical_not"], "comparison", "input, *args, **kwargs", (BOOLEAN,), constant=True,
+         doc="Comparisons and boolean logic: piecewise constant, no derivative.")
+register([torch.sign, "sign"], "sign", "input", constant=True,
+         doc="y = sign(x): piecewise constant, no derivative.")

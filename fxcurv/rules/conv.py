@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .affine import linear_weight_batch_l2
-from .registry import Ctx, register
+from .registry import Ctx, fresh, register
 
 
 # -- runtime helpers (TorchScript-scriptable) -------------------------------------------
@@ -50,6 +50,7 @@ def same_pads(weight: Tensor, dilation: List[int]) -> List[int]:
     return pads
 
 
+@fresh
 def conv_input_vjp(g: Tensor, x: Tensor, weight: Tensor, lead: int, stride: List[int],
                    pads: List[int], dilation: List[int], groups: int) -> Tensor:
     """``x̄ = convᵀ(g, W)`` without padding, then cropped by the input's padding and
@@ -64,6 +65,7 @@ def conv_input_vjp(g: Tensor, x: Tensor, weight: Tensor, lead: int, stride: List
     return pad_spatial(full, crop).reshape(list(g.shape[:lead]) + list(x.shape))
 
 
+@fresh
 def conv_transpose_input_vjp(g: Tensor, x: Tensor, weight: Tensor, lead: int,
                              stride: List[int], padding: List[int], dilation: List[int],
                              groups: int) -> Tensor:
@@ -110,6 +112,7 @@ def conv_weight_vjp(g: Tensor, x: Tensor, weight: Tensor, lead: int, stride: Lis
     return stacked.reshape(split).movedim(1, 0).reshape(head + shape)
 
 
+@fresh
 def conv_grads(g: Tensor, x: Tensor, weight: Tensor, stride: List[int], pads: List[int],
                dilation: List[int], groups: int, transposed: bool, output_padding: List[int],
                output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
@@ -203,6 +206,7 @@ def per_sample_weight(left: Tensor, right: Tensor, lead: int, weight: Tensor,
     return outer.reshape(list(left.shape[:lead + 1]) + list(weight.shape))
 
 
+@fresh
 def per_sample_weight_sum_squares(left: Tensor, right: Tensor, lead: int, weight: Tensor,
                                   swap: bool) -> Tensor:
     """``Σ_{lead, n} W̄_n²`` ``weight.shape`` (with a sqrt-GGN factor as ``left``: the GGN

@@ -13,17 +13,10 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
 
-from .registry import register
+from .registry import FRESH, MONOTONE, marked, unary
 
 SELU_ALPHA = 1.6732632423543772848170429916717
 SELU_SCALE = 1.0507009873554804934193349852946
-
-
-def elementwise(targets: list, name: str, params: str, **fields) -> None:
-    """Register a unary elementwise op: ``J = diag(f'(x))``, so KFRA's batch-averaged
-    ``(1/N) Σ_n J_nᵀ M J_n`` is its "diagonal" sandwich ``M ⊙ E[f' f'ᵀ]``."""
-    register(targets, name, params, sandwich={"input": "diagonal"}, keeps_samples=True,
-             **fields)
 
 
 def gelu_derivative(x: Tensor, approximate: str) -> Tensor:
@@ -51,45 +44,47 @@ def gelu_second_derivative(x: Tensor, approximate: str) -> Tensor:
     return pdf * (2.0 - x * x)
 
 
-elementwise([F.relu, torch.relu, "relu"], "relu", "input, inplace=False",
-         doc="y = max(x, 0);  y' = [x > 0];  y'' = 0 (x̄ = g·[y > 0] in one pass with "
-             "torch's threshold_backward, which broadcasts y over the lead axes).",
-         vjp={"input": lambda g, c: torch.ops.aten.threshold_backward(g, c.out, 0)},
-         hessian_is_zero=True)
+THRESHOLD_BACKWARD = marked(FRESH, torch.ops.aten.threshold_backward)
 
-elementwise([torch.sigmoid, F.sigmoid, "sigmoid"], "sigmoid", "input",
-         doc="y = σ(x);  y' = y(1 - y);  y'' = y'(1 - 2y).",
-         vjp={"input": lambda g, c: g * (c.out * (1 - c.out))},
-         residual={"input": lambda g, c: g * (c.out * (1 - c.out) * (1 - 2 * c.out))})
+unary([F.relu, torch.relu, "relu"], "relu", "input, inplace=False", traits=(MONOTONE,),
+      doc="y = max(x, 0);  y' = [x > 0];  y'' = 0 (x̄ = g·[y > 0] in one pass with "
+          "torch's threshold_backward, which broadcasts y over the lead axes).",
+      vjp={"input": lambda g, c: THRESHOLD_BACKWARD(g, c.out, 0)}, hessian_is_zero=True)
 
-elementwise([torch.tanh, F.tanh, "tanh"], "tanh", "input",
-         doc="y = tanh x;  y' = 1 - y²;  y'' = -2y(1 - y²).",
-         vjp={"input": lambda g, c: g * (1 - c.out * c.out)},
-         residual={"input": lambda g, c: g * (-2 * c.out * (1 - c.out * c.out))})
+unary([torch.sigmoid, F.sigmoid, "sigmoid"], "sigmoid", "input",
+      doc="y = σ(x);  y' = y(1 - y);  y'' = y'(1 - 2y).",
+      vjp={"input": lambda g, c: g * (c.out * (1 - c.out))},
+      residual={"input": lambda g, c: g * (c.out * (1 - c.out) * (1 - 2 * c.out))})
 
-elementwise([F.leaky_relu, "leaky_relu"], "leaky_relu", "input, negative_slope=0.01, inplace=False",
-         doc="y = x if x > 0 else a·x;  y' = 1 or a;  y'' = 0.",
-         vjp={"input": lambda g, c: torch.where(c.args.input > 0, g, g * c.args.negative_slope)},
-         hessian_is_zero=True)
+unary([torch.tanh, F.tanh, "tanh"], "tanh", "input",
+      doc="y = tanh x;  y' = 1 - y²;  y'' = -2y(1 - y²).",
+      vjp={"input": lambda g, c: g * (1 - c.out * c.out)},
+      residual={"input": lambda g, c: g * (-2 * c.out * (1 - c.out * c.out))})
 
-elementwise([F.elu, "elu"], "elu", "input, alpha=1.0, inplace=False",
-         doc="y = x if x > 0 else α(eˣ - 1);  y' = 1 or y + α;  y'' = 0 or y + α.",
-         vjp={"input": lambda g, c: torch.where(c.args.input > 0, g, g * (c.out + c.args.alpha))},
-         residual={"input": lambda g, c: torch.where(c.args.input > 0, g * 0,
-                                                        g * (c.out + c.args.alpha))})
+unary([F.leaky_relu, "leaky_relu"], "leaky_relu", "input, negative_slope=0.01, inplace=False",
+      traits=(MONOTONE,),
+      doc="y = x if x > 0 else a·x;  y' = 1 or a;  y'' = 0.",
+      vjp={"input": lambda g, c: torch.where(c.args.input > 0, g, g * c.args.negative_slope)},
+      hessian_is_zero=True)
 
-elementwise([F.selu, torch.selu, "selu"], "selu", "input, inplace=False",
-         doc="y = s·x if x > 0 else s·α(eˣ - 1);  y' = s or y + s·α.",
-         vjp={"input": lambda g, c: torch.where(c.args.input > 0, g * SELU_SCALE,
-                                                   g * (c.out + SELU_SCALE * SELU_ALPHA))},
-         residual={"input": lambda g, c: torch.where(c.args.input > 0, g * 0,
-                                                        g * (c.out + SELU_SCALE * SELU_ALPHA))})
+unary([F.elu, "elu"], "elu", "input, alpha=1.0, inplace=False",
+      doc="y = x if x > 0 else α(eˣ - 1);  y' = 1 or y + α;  y'' = 0 or y + α.",
+      vjp={"input": lambda g, c: torch.where(c.args.input > 0, g, g * (c.out + c.args.alpha))},
+      residual={"input": lambda g, c: torch.where(c.args.input > 0, g * 0,
+                                                     g * (c.out + c.args.alpha))})
 
-elementwise([F.logsigmoid], "log_sigmoid", "input",
-         doc="y = log σ(x);  y' = σ(-x);  y'' = -σ(x)σ(-x).",
-         vjp={"input": lambda g, c: g * torch.sigmoid(-c.args.input)},
-         residual={"input": lambda g, c: -g * (torch.sigmoid(c.args.input)
-                                               * torch.sigmoid(-c.args.input))})
+unary([F.selu, torch.selu, "selu"], "selu", "input, inplace=False",
+      doc="y = s·x if x > 0 else s·α(eˣ - 1);  y' = s or y + s·α.",
+      vjp={"input": lambda g, c: torch.where(c.args.input > 0, g * SELU_SCALE,
+                                                g * (c.out + SELU_SCALE * SELU_ALPHA))},
+      residual={"input": lambda g, c: torch.where(c.args.input > 0, g * 0,
+                                                     g * (c.out + SELU_SCALE * SELU_ALPHA))})
+
+unary([F.logsigmoid], "log_sigmoid", "input",
+      doc="y = log σ(x);  y' = σ(-x);  y'' = -σ(x)σ(-x).",
+      vjp={"input": lambda g, c: g * torch.sigmoid(-c.args.input)},
+      residual={"input": lambda g, c: -g * (torch.sigmoid(c.args.input)
+                                            * torch.sigmoid(-c.args.input))})
 
 def _gelu_vjp(g, c):
     """``g ⊙ gelu'(x)``; a gradient (no lead axes) by torch's own ``gelu_backward`` kernel."""
@@ -98,17 +93,17 @@ def _gelu_vjp(g, c):
     return g * c.call(gelu_derivative, c.args.input, c.args.approximate)
 
 
-elementwise([F.gelu, "gelu"], "gelu", "input, approximate='none'",
-         doc="y = x Φ(x);  y' = Φ(x) + x φ(x) (or the tanh approximation's derivative; "
-             "a gradient: torch's gelu_backward kernel).",
-         vjp={"input": _gelu_vjp},
-         residual={"input": lambda g, c: g * c.call(gelu_second_derivative, c.args.input,
-                                                      c.args.approximate)})
+unary([F.gelu, "gelu"], "gelu", "input, approximate='none'",
+      doc="y = x Φ(x);  y' = Φ(x) + x φ(x) (or the tanh approximation's derivative; "
+          "a gradient: torch's gelu_backward kernel).",
+      vjp={"input": _gelu_vjp},
+      residual={"input": lambda g, c: g * c.call(gelu_second_derivative, c.args.input,
+                                                   c.args.approximate)})
 
-elementwise([F.silu, "silu"], "silu", "input, inplace=False",
-         doc="y = x σ(x);  y' = σ(x)(1 + x(1 - σ(x))).",
-         vjp={"input": lambda g, c: g * _silu_derivative(c.args.input)},
-         residual={"input": lambda g, c: g * _silu_second_derivative(c.args.input)})
+unary([F.silu, "silu"], "silu", "input, inplace=False",
+      doc="y = x σ(x);  y' = σ(x)(1 + x(1 - σ(x))).",
+      vjp={"input": lambda g, c: g * _silu_derivative(c.args.input)},
+      residual={"input": lambda g, c: g * _silu_second_derivative(c.args.input)})
 
 
 def _silu_derivative(x):
@@ -129,27 +124,27 @@ def _softplus_residual(g, c):
     return torch.where(scaled > c.args.threshold, g * 0, g * (s * (1 - s) * c.args.beta))
 
 
-elementwise([F.softplus, "softplus"], "softplus", "input, beta=1.0, threshold=20.0",
-         doc="y = log(1 + e^{βx})/β (linear above threshold);  y' = σ(βx) or 1.",
-         vjp={"input": lambda g, c: torch.where(c.args.input * c.args.beta > c.args.threshold,
-                                                   g, g * torch.sigmoid(c.args.input * c.args.beta))},
-         residual={"input": _softplus_residual})
+unary([F.softplus, "softplus"], "softplus", "input, beta=1.0, threshold=20.0",
+      doc="y = log(1 + e^{βx})/β (linear above threshold);  y' = σ(βx) or 1.",
+      vjp={"input": lambda g, c: torch.where(c.args.input * c.args.beta > c.args.threshold,
+                                                g, g * torch.sigmoid(c.args.input * c.args.beta))},
+      residual={"input": _softplus_residual})
 
-elementwise([torch.exp, "exp"], "exp", "input",
-         doc="y = eˣ;  y' = y;  y'' = y.", vjp={"input": lambda g, c: g * c.out},
-         residual={"input": lambda g, c: g * c.out})
+unary([torch.exp, "exp"], "exp", "input",
+      doc="y = eˣ;  y' = y;  y'' = y.", vjp={"input": lambda g, c: g * c.out},
+      residual={"input": lambda g, c: g * c.out})
 
-elementwise([torch.log, "log"], "log", "input",
-         doc="y = log x;  y' = 1/x;  y'' = -1/x².", vjp={"input": lambda g, c: g / c.args.input},
-         residual={"input": lambda g, c: -g / c.args.input.square()})
+unary([torch.log, "log"], "log", "input",
+      doc="y = log x;  y' = 1/x;  y'' = -1/x².", vjp={"input": lambda g, c: g / c.args.input},
+      residual={"input": lambda g, c: -g / c.args.input.square()})
 
-elementwise([torch.sqrt, "sqrt"], "sqrt", "input",
-         doc="y = √x;  y' = 1/(2y);  y'' = -1/(4y³).", vjp={"input": lambda g, c: g / (2 * c.out)},
-         residual={"input": lambda g, c: -g / (4 * c.out * c.out * c.out)})
+unary([torch.sqrt, "sqrt"], "sqrt", "input",
+      doc="y = √x;  y' = 1/(2y);  y'' = -1/(4y³).", vjp={"input": lambda g, c: g / (2 * c.out)},
+      residual={"input": lambda g, c: -g / (4 * c.out * c.out * c.out)})
 
-elementwise([torch.square, "square"], "square", "input",
-         doc="y = x²;  y' = 2x;  y'' = 2.", vjp={"input": lambda g, c: g * (2 * c.args.input)},
-         residual={"input": lambda g, c: g * 2})
+unary([torch.square, "square"], "square", "input",
+      doc="y = x²;  y' = 2x;  y'' = 2.", vjp={"input": lambda g, c: g * (2 * c.args.input)},
+      residual={"input": lambda g, c: g * 2})
 
 
 # -- piecewise-linear activations (y'' = 0 almost everywhere) --------------------------------
@@ -158,26 +153,26 @@ def _inside(x, low, high, g):
     return torch.where((x > low) & (x < high), g, g * 0)
 
 
-elementwise([F.hardtanh, "hardtanh"], "hardtanh",
-            "input, min_val=-1.0, max_val=1.0, inplace=False",
-            doc="y = min(max(x, lo), hi) (ReLU6: lo = 0, hi = 6);  y' = [lo < x < hi];  y'' = 0.",
-            vjp={"input": lambda g, c: _inside(c.args.input, c.args.min_val, c.args.max_val, g)},
-            hessian_is_zero=True)
+unary([F.hardtanh, "hardtanh"], "hardtanh",
+      "input, min_val=-1.0, max_val=1.0, inplace=False", traits=(MONOTONE,),
+      doc="y = min(max(x, lo), hi) (ReLU6: lo = 0, hi = 6);  y' = [lo < x < hi];  y'' = 0.",
+      vjp={"input": lambda g, c: _inside(c.args.input, c.args.min_val, c.args.max_val, g)},
+      hessian_is_zero=True)
 
-elementwise([F.relu6, "relu6"], "relu6", "input, inplace=False",
-            doc="y = min(max(x, 0), 6);  y' = [0 < x < 6];  y'' = 0.",
-            vjp={"input": lambda g, c: _inside(c.args.input, 0.0, 6.0, g)},
-            hessian_is_zero=True)
+unary([F.relu6, "relu6"], "relu6", "input, inplace=False", traits=(MONOTONE,),
+      doc="y = min(max(x, 0), 6);  y' = [0 < x < 6];  y'' = 0.",
+      vjp={"input": lambda g, c: _inside(c.args.input, 0.0, 6.0, g)},
+      hessian_is_zero=True)
 
 # torch's hardsigmoid_backward multiplies by 1/6 rounded to float32 in every dtype
 HARDSIGMOID_SLOPE = float(torch.tensor(1.0 / 6.0, dtype=torch.float32))
 
-elementwise([F.hardsigmoid, "hardsigmoid"], "hardsigmoid", "input, inplace=False",
-            doc="y = relu6(x + 3)/6;  y' = 1/6 on -3 < x < 3, else 0 (1/6 as float32, as "
-                "torch's kernel);  y'' = 0.",
-            vjp={"input": lambda g, c: _inside(c.args.input, -3.0, 3.0,
-                                               g * HARDSIGMOID_SLOPE)},
-            hessian_is_zero=True)
+unary([F.hardsigmoid, "hardsigmoid"], "hardsigmoid", "input, inplace=False",
+      doc="y = relu6(x + 3)/6;  y' = 1/6 on -3 < x < 3, else 0 (1/6 as float32, as "
+          "torch's kernel);  y'' = 0.",
+      vjp={"input": lambda g, c: _inside(c.args.input, -3.0, 3.0,
+                                         g * HARDSIGMOID_SLOPE)},
+      hessian_is_zero=True)
 
 
 def _hardswish_vjp(g, c):
@@ -186,15 +181,15 @@ def _hardswish_vjp(g, c):
     return torch.where(x < -3.0, g * 0, torch.where(x <= 3.0, g * (x / 3.0 + 0.5), g))
 
 
-elementwise([F.hardswish, "hardswish"], "hardswish", "input, inplace=False",
-            doc="y = x·relu6(x + 3)/6;  y' = 0, x/3 + 1/2, 1 (x < -3, |x| <= 3, x > 3);  "
-                "y'' = 1/3 on -3 < x < 3, else 0 (an elementwise residual).",
-            vjp={"input": _hardswish_vjp},
-            residual={"input": lambda g, c: _inside(c.args.input, -3.0, 3.0, g / 3.0)})
+unary([F.hardswish, "hardswish"], "hardswish", "input, inplace=False",
+      doc="y = x·relu6(x + 3)/6;  y' = 0, x/3 + 1/2, 1 (x < -3, |x| <= 3, x > 3);  "
+          "y'' = 1/3 on -3 < x < 3, else 0 (an elementwise residual).",
+      vjp={"input": _hardswish_vjp},
+      residual={"input": lambda g, c: _inside(c.args.input, -3.0, 3.0, g / 3.0)})
 
-elementwise([torch.abs, "abs"], "abs", "input",
-            doc="y = |x|;  y' = sign(x) (0 at 0, as torch);  y'' = 0.",
-            vjp={"input": lambda g, c: g * torch.sign(c.args.input)}, hessian_is_zero=True)
+unary([torch.abs, "abs"], "abs", "input",
+      doc="y = |x|;  y' = sign(x) (0 at 0, as torch);  y'' = 0.",
+      vjp={"input": lambda g, c: g * torch.sign(c.args.input)}, hessian_is_zero=True)
 
 
 def _clamp_vjp(g, c):
@@ -214,6 +209,6 @@ def _clamp_unsupported(b: dict):
     return None
 
 
-elementwise([torch.clamp, torch.clip, "clamp", "clip"], "clamp", "input, min=None, max=None",
-            doc="y = min(max(x, lo), hi) with number bounds;  y' = [lo <= x <= hi];  y'' = 0.",
-            vjp={"input": _clamp_vjp}, hessian_is_zero=True, unsupported=_clamp_unsupported)
+unary([torch.clamp, torch.clip, "clamp", "clip"], "clamp", "input, min=None, max=None",
+      doc="y = min(max(x, lo), hi) with number bounds;  y' = [lo <= x <= hi];  y'' = 0.",
+      vjp={"input": _clamp_vjp}, hessian_is_zero=True, unsupported=_clamp_unsupported)

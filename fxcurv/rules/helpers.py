@@ -11,6 +11,8 @@ from typing import List, Optional
 import torch
 from torch import Tensor
 
+from .registry import reshaping
+
 
 def sum_to_shape(t: Tensor, lead: int, shape: List[int]) -> Tensor:
     """Undo broadcasting: reduce ``t`` of shape ``[*lead, *broadcast]`` to ``[*lead, *shape]``."""
@@ -38,6 +40,7 @@ def sum_to_batch(t: Tensor, lead: int, shape: List[int]) -> Tensor:
     return sum_to_shape(t, lead + 1, shape)
 
 
+@reshaping
 def merge_middle(t: Tensor, start: int) -> Tensor:
     """``[*t.shape[:start], a, b, ..., c]`` -> ``[*t.shape[:start], a*b*..., c]``."""
     head: List[int] = list(t.shape[:start])
@@ -52,6 +55,7 @@ def sum_middle(t: Tensor, start: int) -> Tensor:
     return merge_middle(t, start).sum(-2)
 
 
+@reshaping
 def reshape_lead(t: Tensor, lead: int, shape: List[int]) -> Tensor:
     """Keep the first ``lead`` axes of ``t`` and reshape the rest to ``shape``."""
     head: List[int] = list(t.shape[:lead])

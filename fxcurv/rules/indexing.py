@@ -11,9 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .registry import Ctx, register
-
-LINEAR = {"hessian_is_zero": True, "jointly_affine": True}
+from .registry import Ctx, affine, register
 
 
 def _lead_zeros(g: Tensor, lead: int, shape: List[int]) -> Tensor:
@@ -39,19 +37,19 @@ def _along(what: str):
     return lambda b: f"it {what} along the sample axis 0" if b["dim"] == 0 else None
 
 
-register([torch.gather, "gather"], "gather", "input, dim, index, *, sparse_grad=False",
-         doc="y[..i..] = x[..index[..i..]..] along dim (index: same rank as x);  Jᵀg = zeros "
-             "of x's shape with g scatter-added at index.  Linear: zero Hessian.",
-         vjp={"input": lambda g, c: c.call(gather_back, g, c.args.input, c.bound["dim"],
-                                           c.args.index, c.lead), "index": None},
-         mixes_samples=_along("gathers"), **LINEAR)
+affine([torch.gather, "gather"], "gather", "input, dim, index, *, sparse_grad=False",
+       doc="y[..i..] = x[..index[..i..]..] along dim (index: same rank as x);  Jᵀg = zeros "
+           "of x's shape with g scatter-added at index.  Linear: zero Hessian.",
+       vjp={"input": lambda g, c: c.call(gather_back, g, c.args.input, c.bound["dim"],
+                                         c.args.index, c.lead), "index": None},
+       mixes_samples=_along("gathers"))
 
-register([torch.index_select, "index_select"], "index_select", "input, dim, index",
-         doc="y = x with the entries index[k] of axis dim (index: 1-D);  Jᵀg = zeros of x's "
-             "shape with g index-added along dim.  Linear: zero Hessian.",
-         vjp={"input": lambda g, c: c.call(index_select_back, g, c.args.input, c.bound["dim"],
-                                           c.args.index, c.lead), "index": None},
-         mixes_samples=_along("selects"), **LINEAR)
+affine([torch.index_select, "index_select"], "index_select", "input, dim, index",
+       doc="y = x with the entries index[k] of axis dim (index: 1-D);  Jᵀg = zeros of x's "
+           "shape with g index-added along dim.  Linear: zero Hessian.",
+       vjp={"input": lambda g, c: c.call(index_select_back, g, c.args.input, c.bound["dim"],
+                                         c.args.index, c.lead), "index": None},
+       mixes_samples=_along("selects"))
 
 
 def checked_index(index: Tensor) -> Tensor:
@@ -101,9 +99,9 @@ def _moves_samples(b: dict) -> Optional[str]:
 
 _FLIP = dict(doc="y = x reversed along dims;  Jᵀg = g reversed along the same dims.",
              vjp={"input": lambda g, c: g.flip(_shifted(_dims_of(c.bound), c.lead))},
-             mixes_samples=_moves_samples, **LINEAR)
-register([torch.flip], "flip", "input, dims", **_FLIP)
-register(["flip"], "flip", "input, *dims", **_FLIP)
+             mixes_samples=_moves_samples)
+affine([torch.flip], "flip", "input, dims", **_FLIP)
+affine(["flip"], "flip", "input, *dims", **_FLIP)
 
 
 def _roll_unsupported(b: dict) -> Optional[str]:
@@ -128,17 +126,17 @@ def _roll_vjp(g, c: Ctx):
     return c.call(roll_back, g, shifts, _as_list(c.bound["dims"]), c.lead)
 
 
-register([torch.roll, "roll"], "roll", "input, shifts, dims=None",
-         doc="y = x cyclically shifted by shifts along dims;  Jᵀg = g shifted back (-shifts).",
-         vjp={"input": _roll_vjp}, unsupported=_roll_unsupported,
-         mixes_samples=_moves_samples, **LINEAR)
+affine([torch.roll, "roll"], "roll", "input, shifts, dims=None",
+       doc="y = x cyclically shifted by shifts along dims;  Jᵀg = g shifted back (-shifts).",
+       vjp={"input": _roll_vjp}, unsupported=_roll_unsupported,
+       mixes_samples=_moves_samples)
 
-register([F.pixel_shuffle], "pixel_shuffle", "input, upscale_factor",
-         doc="y[*, C, H·r, W·r] = x[*, C·r², H, W] rearranged;  Jᵀg = pixel_unshuffle(g, r).",
-         vjp={"input": lambda g, c: F.pixel_unshuffle(g, c.bound["upscale_factor"])},
-         sandwich={"input": "shared"}, **LINEAR)
-register([F.pixel_unshuffle], "pixel_unshuffle",
-         "input, downscale_factor",
-         doc="the inverse move of pixel_shuffle;  Jᵀg = pixel_shuffle(g, r).",
-         vjp={"input": lambda g, c: F.pixel_shuffle(g, c.bound["downscale_factor"])},
-         sandwich={"input": "shared"}, **LINEAR)
+affine([F.pixel_shuffle], "pixel_shuffle", "input, upscale_factor",
+       doc="y[*, C, H·r, W·r] = x[*, C·r², H, W] rearranged;  Jᵀg = pixel_unshuffle(g, r).",
+       vjp={"input": lambda g, c: F.pixel_unshuffle(g, c.bound["upscale_factor"])},
+       sandwich={"input": "shared"})
+affine([F.pixel_unshuffle], "pixel_unshuffle",
+       "input, downscale_factor",
+       doc="the inverse move of pixel_shuffle;  Jᵀg = pixel_shuffle(g, r).",
+       vjp={"input": lambda g, c: F.pixel_shuffle(g, c.bound["downscale_factor"])},
+       sandwich={"input": "shared"})

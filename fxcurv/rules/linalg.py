@@ -23,7 +23,7 @@ from torch import Tensor
 
 from ..errors import node_error
 from .helpers import sum_to_shape
-from .registry import Ctx, register
+from .registry import FRESH, VIEW, Ctx, bilinear, register
 from .shape import to_batch
 
 
@@ -129,12 +129,12 @@ def _matmul(targets: list, name: str, params: str, batched: bool = True) -> None
             return c.call(helper, g, data, c.lead, param.shape)
         return fn
 
-    register(targets, name, params, doc=f"y = {first} @ {second} (broadcast batch axes);  "
-             f"ā = g bᵀ, b̄ = aᵀ g summed over broadcast axes; per sample without the sum.",
+    bilinear(targets, name, params, ((first, second),), traits=(FRESH,),
+             doc=f"y = {first} @ {second} (broadcast batch axes);  ā = g bᵀ, b̄ = aᵀ g summed "
+                 "over broadcast axes; per sample without the sum.",
              vjp={first: rule(matmul_input_vjp, True), second: rule(matmul_other_vjp, False)},
              batch_grad={first: rule(matmul_input_batch_grad, True),
                          second: rule(matmul_other_batch_grad, False)},
-             hessian_is_zero=True, bilinear=((first, second),),
              residual_block={(first, second): _matmul_block(first, second)} if batched else {})
 
 
@@ -353,18 +353,18 @@ def _einsum_cross(first: int, second: int):
     return rule
 
 
-register([torch.einsum], "einsum", "equation, " + ", ".join(
+bilinear([torch.einsum], "einsum", "equation, " + ", ".join(
              f"{n}=None" if i else n for i, n in enumerate(EINSUM_OPERANDS)),
+         tuple((EINSUM_OPERANDS[i], EINSUM_OPERANDS[j]) for i in range(4)
+               for j in range(i + 1, 4)),
+         traits=(VIEW,),  # "ij->ji" returns a view
          doc="y = einsum(eq, a, b, ...) (each operand's letters distinct);  ā = einsum with "
              "the equation rearranged, '<out>,<b>-><a>', plus fresh letters for lead axes.",
          vjp={n: (lambda i: lambda g, c: _einsum_transpose(g, c, i, False))(k)
               for k, n in enumerate(EINSUM_OPERANDS)},
          batch_grad={n: (lambda i: lambda g, c: _einsum_transpose(g, c, i, True))(k)
                      for k, n in enumerate(EINSUM_OPERANDS)},
-         unsupported=_einsum_unsupported, mixes_samples=_einsum_mixes, hessian_is_zero=True,
-         aliases=True,  # "ij->ji" returns a view
-         bilinear=tuple((EINSUM_OPERANDS[i], EINSUM_OPERANDS[j])
-                        for i in range(4) for j in range(i + 1, 4)),
+         unsupported=_einsum_unsupported, mixes_samples=_einsum_mixes,
          residual_block={(EINSUM_OPERANDS[i], EINSUM_OPERANDS[j]): _einsum_cross(i, j)
                          for i in range(4) for j in range(i + 1, 4)})
 

@@ -17,8 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .helpers import block_diagonal
-from .registry import RULES as RULES_BY_TARGET
-from .registry import Ctx, register
+from .registry import Ctx, affine, loss, register
 
 
 def scale_by_loss_cotangent(g: Tensor, grad: Tensor, lead: int, reduction: str,
@@ -117,10 +116,9 @@ def check_same_shape(output: Tensor, target: Tensor, loss: str) -> Tensor:
     return target
 
 
-register([check_same_shape], "check_same_shape", "output, target, loss",
-         doc="Call-time shape check; the identity on the target.",
-         vjp={"target": lambda g, c: g, "output": None}, hessian_is_zero=True,
-         jointly_affine=True)
+affine([check_same_shape], "check_same_shape", "output, target, loss",
+       doc="Call-time shape check; the identity on the target.",
+       vjp={"target": lambda g, c: g, "output": None})
 
 
 def check_scalar_loss(loss: Tensor) -> Tensor:
@@ -132,9 +130,9 @@ def check_scalar_loss(loss: Tensor) -> Tensor:
     return loss
 
 
-register([check_scalar_loss], "check_scalar_loss", "loss",
-         doc="Call-time check that the loss is one number; the identity.",
-         vjp={"loss": lambda g, c: g}, hessian_is_zero=True, jointly_affine=True)
+affine([check_scalar_loss], "check_scalar_loss", "loss",
+       doc="Call-time check that the loss is one number; the identity.",
+       vjp={"loss": lambda g, c: g})
 
 
 def _legacy_args(b: dict) -> Optional[str]:
@@ -153,60 +151,6 @@ def _loss_vjp(grad_fn, *names, class_axis=True):
         grad = c.call(grad_fn, c.args.input, c.args.target, *consts)
         return c.call(scale_by_loss_cotangent, g, grad, c.lead, c.bound["reduction"], class_axis)
     return vjp
-
-
-# a reduced loss is 0-dim; reduction='none' keeps the input's sample axis
-REDUCED = {"scalar_output": lambda b: b["reduction"] != "none",
-           "keeps_samples": lambda b: b["reduction"] == "none"}
-
-
-def _cross_entropy_unsupported(b: dict) -> Optional[str]:
-    if b["weight"] is not None and b["label_smoothing"]:
-        return "cross_entropy with both class weights and label smoothing is not supported"
-    return _legacy_args(b)
-
-
-register([F.cross_entropy], "cross_entropy",
-         "input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, "
-         "reduction='mean', label_smoothing=0.0",
-         doc="ℓ = -log softmax(f)_y;  ∂ℓ/∂f = softmax(f) - onehot(y).",
-         vjp={"input": _loss_vjp(cross_entropy_grad, "weight", "ignore_index", "reduction",
-                                 "label_smoothing", class_axis=True)},
-         unsupported=_cross_entropy_unsupported, **REDUCED)
-register([F.nll_loss], "nll_loss",
-         "input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, "
-         "reduction='mean'",
-         doc="ℓ = -f_y;  ∂ℓ/∂f = -onehot(y).",
-         vjp={"input": _loss_vjp(nll_loss_grad, "weight", "ignore_index", "reduction",
-                                 class_axis=True)},
-         unsupported=_legacy_args, **REDUCED)
-
-
-def _target_vjp(sign_grad):
-    def vjp(g, c: Ctx):
-        return -_loss_vjp(sign_grad, "reduction", class_axis=False)(g, c)
-    return vjp
-
-
-register([F.mse_loss], "mse_loss",
-         "input, target, size_average=None, reduce=None, reduction='mean', weight=None",
-         doc="ℓ = (f - y)²;  ∂ℓ/∂f = 2(f - y) = -∂ℓ/∂y.",
-         vjp={"input": _loss_vjp(mse_grad, "reduction", class_axis=False),
-              "target": _target_vjp(mse_grad)},
-         unsupported=lambda b: _legacy_args(b) or (
-             "the 'weight' argument of mse_loss is not supported" if b["weight"] is not None
-             else None),
-         check_target=lambda c: c.call(check_same_shape, c.args.input, c.args.target,
-                                       "mse_loss"), **REDUCED)
-register([F.binary_cross_entropy_with_logits], "binary_cross_entropy_with_logits",
-         "input, target, weight=None, size_average=None, reduce=None, reduction='mean', "
-         "pos_weight=None",
-         doc="ℓ = -[y log σ(f) + (1 - y) log(1 - σ(f))];  ∂ℓ/∂f = σ(f) - y.",
-         vjp={"input": _loss_vjp(bce_with_logits_grad, "weight", "pos_weight", "reduction",
-                                 class_axis=False)},
-         unsupported=_legacy_args,
-         check_target=lambda c: c.call(check_same_shape, c.args.input, c.args.target,
-                                       "binary_cross_entropy_with_logits"), **REDUCED)
 
 
 def _softmax_dim(b: dict) -> Optional[str]:
@@ -395,30 +339,6 @@ def bce_sqrt_hessian_mc(x: Tensor, reduction: str, samples: int) -> Tensor:
     return (s.unsqueeze(0) - drawn) / math.sqrt(samples) * _mean_scale(reduction, x.numel())
 
 
-def _sqrt_rules(exact, sampled) -> dict:
-    return {"sqrt_hessian": lambda c: c.call(exact, c.args.input, c.bound["reduction"]),
-            "sqrt_hessian_mc": lambda c, m: c.call(sampled, c.args.input, c.bound["reduction"],
-                                                   m)}
-
-
-for _target, _exact, _sampled in [
-        (F.mse_loss, mse_sqrt_hessian, mse_sqrt_hessian_mc),
-        (F.binary_cross_entropy_with_logits, bce_sqrt_hessian, bce_sqrt_hessian_mc)]:
-    for _field, _fn in _sqrt_rules(_exact, _sampled).items():
-        setattr(RULES_BY_TARGET[_target], _field, _fn)
-
-
-def _ce_arguments(c: Ctx) -> list:
-    return [c.args.input, c.args.target, c.args.weight, c.bound["ignore_index"],
-            c.bound["reduction"], c.bound["label_smoothing"]]
-
-
-RULES_BY_TARGET[F.cross_entropy].sqrt_hessian = lambda c: c.call(
-    cross_entropy_sqrt_hessian, *_ce_arguments(c))
-RULES_BY_TARGET[F.cross_entropy].sqrt_hessian_mc = lambda c, m: c.call(
-    cross_entropy_sqrt_hessian_mc, *_ce_arguments(c), m)
-
-
 # -- mean divisors (data parallelism) -------------------------------------------------------
 # The divisor a rank's ``reduction='mean'`` used, computed from its local batch; the data-
 # parallel pass sums them over the ranks and rescales each rank's results by its share.
@@ -451,7 +371,67 @@ def _class_divisor(c: Ctx, part: str):
                   c.bound["ignore_index"])
 
 
-RULES_BY_TARGET[F.cross_entropy].mean_divisor = _class_divisor
-RULES_BY_TARGET[F.nll_loss].mean_divisor = _class_divisor
-for _target in (F.mse_loss, F.binary_cross_entropy_with_logits):
-    RULES_BY_TARGET[_target].mean_divisor = lambda c, part: c.call(numel_divisor, c.args.input)
+# -- the losses ------------------------------------------------------------------------------
+def _cross_entropy_unsupported(b: dict) -> Optional[str]:
+    if b["weight"] is not None and b["label_smoothing"]:
+        return "cross_entropy with both class weights and label smoothing is not supported"
+    return _legacy_args(b)
+
+
+def _ce_arguments(c: Ctx) -> list:
+    return [c.args.input, c.args.target, c.args.weight, c.bound["ignore_index"],
+            c.bound["reduction"], c.bound["label_smoothing"]]
+
+
+loss([F.cross_entropy], "cross_entropy",
+     "input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, "
+     "reduction='mean', label_smoothing=0.0",
+     doc="ℓ = -log softmax(f)_y;  ∂ℓ/∂f = softmax(f) - onehot(y).",
+     vjp={"input": _loss_vjp(cross_entropy_grad, "weight", "ignore_index", "reduction",
+                             "label_smoothing", class_axis=True)},
+     unsupported=_cross_entropy_unsupported,
+     sqrt_hessian=lambda c: c.call(cross_entropy_sqrt_hessian, *_ce_arguments(c)),
+     sqrt_hessian_mc=lambda c, m: c.call(cross_entropy_sqrt_hessian_mc, *_ce_arguments(c), m),
+     mean_divisor=_class_divisor)
+loss([F.nll_loss], "nll_loss",
+     "input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, "
+     "reduction='mean'",
+     doc="ℓ = -f_y;  ∂ℓ/∂f = -onehot(y).",
+     vjp={"input": _loss_vjp(nll_loss_grad, "weight", "ignore_index", "reduction",
+                             class_axis=True)},
+     unsupported=_legacy_args, mean_divisor=_class_divisor)
+
+
+def _target_vjp(sign_grad):
+    def vjp(g, c: Ctx):
+        return -_loss_vjp(sign_grad, "reduction", class_axis=False)(g, c)
+    return vjp
+
+
+def _regression(exact, sampled, name: str) -> dict:
+    """The Hessian factors, ``numel`` mean divisor and target shape check of MSE and
+    BCE-with-logits."""
+    return dict(
+        sqrt_hessian=lambda c: c.call(exact, c.args.input, c.bound["reduction"]),
+        sqrt_hessian_mc=lambda c, m: c.call(sampled, c.args.input, c.bound["reduction"], m),
+        mean_divisor=lambda c, part: c.call(numel_divisor, c.args.input),
+        check_target=lambda c: c.call(check_same_shape, c.args.input, c.args.target, name))
+
+
+loss([F.mse_loss], "mse_loss",
+     "input, target, size_average=None, reduce=None, reduction='mean', weight=None",
+     doc="ℓ = (f - y)²;  ∂ℓ/∂f = 2(f - y) = -∂ℓ/∂y.",
+     vjp={"input": _loss_vjp(mse_grad, "reduction", class_axis=False),
+          "target": _target_vjp(mse_grad)},
+     unsupported=lambda b: _legacy_args(b) or (
+         "the 'weight' argument of mse_loss is not supported" if b["weight"] is not None
+         else None),
+     **_regression(mse_sqrt_hessian, mse_sqrt_hessian_mc, "mse_loss"))
+loss([F.binary_cross_entropy_with_logits], "binary_cross_entropy_with_logits",
+     "input, target, weight=None, size_average=None, reduce=None, reduction='mean', "
+     "pos_weight=None",
+     doc="ℓ = -[y log σ(f) + (1 - y) log(1 - σ(f))];  ∂ℓ/∂f = σ(f) - y.",
+     vjp={"input": _loss_vjp(bce_with_logits_grad, "weight", "pos_weight", "reduction",
+                             class_axis=False)},
+     unsupported=_legacy_args,
+     **_regression(bce_sqrt_hessian, bce_sqrt_hessian_mc, "binary_cross_entropy_with_logits"))

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .registry import Ctx, register
+from .registry import RANDOM, VIEW, Ctx, register
 
 
 # -- scriptable helpers (runtime shape logic) -----------------------------------------------
@@ -326,7 +326,7 @@ def _lower_dropout(c: Ctx):
 
 
 register([F.dropout, torch.dropout], "dropout", "input, p=0.5, training=True, inplace=False",
-         doc=_lower_dropout.__doc__, lower=_lower_dropout, aliases=True)  # eval: y is x
+         doc=_lower_dropout.__doc__, lower=_lower_dropout, traits=(VIEW,))  # eval: y is x
 
 
 # -- stochastic depth (torchvision.ops.stochastic_depth) -------------------------------------
@@ -340,7 +340,7 @@ def stochastic_depth_mask(x: Tensor, p: float, row: bool) -> Tensor:
 
 
 register([stochastic_depth_mask], "stochastic_depth_mask", "x, p, row", constant=True,
-         random=True, doc="A random mask: no derivative.")
+         traits=(RANDOM,), doc="A random mask: no derivative.")
 
 
 def _lower_stochastic_depth(c: Ctx):
@@ -363,7 +363,7 @@ except ImportError:  # torchvision is optional
 if _tv_stochastic_depth is not None:
     register([_tv_stochastic_depth], "stochastic_depth", "input, p, mode, training=True",
              doc=_lower_stochastic_depth.__doc__, lower=_lower_stochastic_depth,
-             aliases=True)  # eval: y is x
+             traits=(VIEW,))  # eval: y is x
 
 
 # -- group and instance norm (lowered to layer_norm over each group's entries) ---------------

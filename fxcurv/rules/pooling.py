@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .conv import ints, numel
-from .registry import Ctx, register
+from .registry import WINDOW_MAX, Ctx, fresh, register
 
 
 # -- runtime helpers (TorchScript-scriptable) -------------------------------------------
@@ -40,6 +40,7 @@ def max_pool_argmax(pooled: Tensor, x: Tensor, kernel: List[int], stride: List[i
     return max_pool_with_indices(x, kernel, stride, padding, dilation, ceil_mode)[1]
 
 
+@fresh
 def max_pool_vjp(g: Tensor, input_shape: List[int], argmax: Tensor, lead: int,
                  kernel: List[int], stride: List[int], padding: List[int], dilation: List[int],
                  ceil_mode: bool) -> Tensor:
@@ -135,6 +136,7 @@ def lead_as_batch(g: Tensor, x: Tensor, lead: int, d: int) -> Tuple[Tensor, Tens
     return grads, inputs
 
 
+@fresh
 def avg_pool_vjp(g: Tensor, x: Tensor, lead: int, kernel: List[int], stride: List[int],
                  padding: List[int], ceil_mode: bool, count_include_pad: bool,
                  divisor_override: Optional[int]) -> Tensor:
@@ -153,6 +155,7 @@ def avg_pool_vjp(g: Tensor, x: Tensor, lead: int, kernel: List[int], stride: Lis
     return grad.reshape(shape)
 
 
+@fresh
 def adaptive_avg_pool_vjp(g: Tensor, x: Tensor, lead: int, d: int) -> Tensor:
     """``x̄[i] = Σ_{p ∋ i} g[p] / |window(p)|`` (windows from the input and output sizes)."""
     shape: List[int] = list(g.shape[:lead]) + list(x.shape)
@@ -231,7 +234,7 @@ _AVG_POOL = "input, kernel_size, stride=None, padding=0, ceil_mode=False, " \
 for _d in (1, 2, 3):
     register([getattr(F, f"max_pool{_d}d"), getattr(F, f"max_pool{_d}d_with_indices")],
              f"max_pool{_d}d", _MAX_POOL, vjp={"input": _max_pool_vjp}, hessian_is_zero=True,
-             sandwich={"input": _max_pool_sandwich},
+             sandwich={"input": _max_pool_sandwich}, traits=(WINDOW_MAX,),
              unsupported=_returns_indices,
              doc="y[p] = max_{i ∈ window(p)} x[i];  x̄[i] = Σ_{p: argmax(p) = i} g[p] "
                  "(the forward's argmax indices; overlapping windows add up).")

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from .registry import register
-from .shape import AFFINE, SHARED
+from .registry import affine
+from .shape import SHARED
 
 
 def check_sequence(input: Tensor, length: int, time_dim: int, where: str) -> Tensor:
@@ -24,5 +24,5 @@ def check_sequence(input: Tensor, length: int, time_dim: int, where: str) -> Ten
     return input
 
 
-register([check_sequence], "check_sequence", "input, length, time_dim, where", doc=__doc__,
-         vjp={"input": lambda g, c: g}, sandwich=SHARED, **AFFINE)
+affine([check_sequence], "check_sequence", "input, length, time_dim, where", doc=__doc__,
+       vjp={"input": lambda g, c: g}, sandwich=SHARED)

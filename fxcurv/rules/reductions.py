@@ -9,7 +9,7 @@ import torch
 
 from .arith import _dims, _reduces_samples
 from .helpers import reduced_count
-from .registry import Ctx, register
+from .registry import Ctx, affine, register
 
 
 def _finite_max(x, dims, keepdim: bool):
@@ -119,10 +119,9 @@ def cumsum_back(g: torch.Tensor, dim: int, lead: int) -> torch.Tensor:
     return g.flip([axis]).cumsum(axis).flip([axis])
 
 
-register([torch.cumsum, "cumsum"], "cumsum", "input, dim, dtype=None",
-         doc="y_i = Σ_{j <= i} x_j along dim;  (Jᵀg)_j = Σ_{i >= j} g_i (reversed cumsum); "
-             "linear.",
-         vjp={"input": lambda g, c: c.call(cumsum_back, g, c.bound["dim"], c.lead)},
-         hessian_is_zero=True, jointly_affine=True,
-         mixes_samples=lambda b: "it accumulates along the sample axis 0"
-         if b["dim"] == 0 else None)
+affine([torch.cumsum, "cumsum"], "cumsum", "input, dim, dtype=None",
+       doc="y_i = Σ_{j <= i} x_j along dim;  (Jᵀg)_j = Σ_{i >= j} g_i (reversed cumsum); "
+           "linear.",
+       vjp={"input": lambda g, c: c.call(cumsum_back, g, c.bound["dim"], c.lead)},
+       mixes_samples=lambda b: "it accumulates along the sample axis 0"
+       if b["dim"] == 0 else None)

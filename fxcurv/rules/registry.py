@@ -20,6 +20,11 @@ A rule is keyed by every spelling of its op in a traced graph: the function (``F
   (-> ``[V, *arg.shape]``: a curvature block times vectors) and ``Σ_lead q²``
   ``[N, *arg.shape]`` (per-sample diagonals), ``q`` the terms of ``batch_grad[arg]``, without
   building ``[*lead, N, *arg.shape]``.
+
+What an op *is* is a set of :data:`traits`, set by the combinators below (:func:`elementwise`,
+:func:`affine`, :func:`permutation`, :func:`concatenation`, :func:`reduction`,
+:func:`bilinear`, :func:`loss`) the way JAX's ``defjvp``/``deflinear``/``defbilinear`` set a
+primitive's rules; passes read the traits, never an op's name.
 """
 from __future__ import annotations
 
@@ -32,6 +37,56 @@ import torch.fx as fx
 from ..emit import Emitter
 
 RuleFn = Callable[[Any, "Ctx"], Any]
+
+# -- traits: what an op is (passes read these, never an op's name) ---------------------------
+# each output entry depends only on the same entry of each (broadcast) argument: ``J = diag``
+ELEMENTWISE = "elementwise"
+# jointly affine in all its arguments: no second derivative at all (add, cat, reshape, sum)
+AFFINE = "affine"
+# each output entry is a copy of one input entry (reshape, transpose, ...): ``J`` is a 0/1
+# selection, so ``diag(Jᵀ diag(H) J) = Jᵀ H``
+PERMUTATION = "permutation"
+# joins the tensors of a list argument (cat, stack): each piece gets its part of ``Jᵀ g``
+CONCATENATION = "concatenation"
+# reduces (sums, averages) over axes: ``Jᵀ`` broadcasts back
+REDUCTION = "reduction"
+# elementwise and non-decreasing, with ``f' = 0`` wherever two inputs give one output (relu):
+# commutes with a window maximum, value and derivative, ties included
+MONOTONE = "monotone"
+# the maximum over windows (max pooling): commutes with a :data:`MONOTONE` op
+WINDOW_MAX = "window_max"
+# the output may share memory with the first argument (views: reshape, transpose, detach)
+VIEW = "view"
+# the output is new memory that aliases no argument (generated code may write into it)
+FRESH = "fresh"
+# the op draws random numbers: never merged with another call; a forward that draws makes
+# the first-call check skip (eager would draw differently)
+RANDOM = "random"
+# returns a boolean tensor (comparisons, logic)
+BOOLEAN = "boolean"
+# returns a tuple of pieces of its input (split, chunk, unbind)
+PIECES = "pieces"
+TRAITS = frozenset({ELEMENTWISE, AFFINE, PERMUTATION, CONCATENATION, REDUCTION, MONOTONE,
+                    WINDOW_MAX, VIEW, FRESH, RANDOM, BOOLEAN, PIECES})
+
+
+@dataclass(frozen=True)
+class LossRule:
+    """What a loss op adds to its rule (:func:`loss`): a symmetric factor ``S`` of the loss
+    Hessian w.r.t. ``input``, ``H = S Sᵀ`` summed over the leading axis:
+    ``sqrt_hessian(c) -> [C, *input.shape]`` exact, ``sqrt_hessian_mc(c, m) -> [m,
+    *input.shape]`` sampled (``E[S Sᵀ] = H``), both carrying the reduction's scaling; the
+    local divisor of reduction='mean' as a 0-dim tensor in the input's dtype,
+    ``mean_divisor(c, part)`` (``part`` "gradient": what ``∂L/∂input`` divides by, PyTorch's
+    mean; "hessian": what the factors divide by; data parallelism rescales each rank's results
+    by its share of the summed divisors); and optionally a call-time validation
+    ``check_target(c)`` that emits a check of the inputs and returns the checked ``target``
+    (applied by the normalize pass, e.g. a regression target's shape)."""
+
+    mean_divisor: Callable[["Ctx", str], Any]
+    sqrt_hessian: Optional[Callable[["Ctx"], Any]] = None
+    sqrt_hessian_mc: Optional[Callable[["Ctx", int], Any]] = None
+    check_target: Optional[Callable[["Ctx"], Any]] = None
 
 
 @dataclass
@@ -53,8 +108,6 @@ class OpRule:
     # ... or, for elementwise ops, ``residual[arg](g, c)``: the diagonal of ``Σ_out g ∂²f/∂a²``
     # shaped like ``a`` (``g`` the gradient at the output, lead 0)
     residual: dict[str, RuleFn] = field(default_factory=dict)
-    # f is affine in all its arguments jointly (no cross terms ∂²f/∂a∂b): add, sub, cat, ...
-    jointly_affine: bool = False
     # ... otherwise, for elementwise ops with same-shaped arguments, ``cross[(a, b)](g, c)``:
     # the diagonal of ``Σ_out g ∂²f/∂a∂b``, shaped like the output (``mul``: ``g``)
     cross: dict[tuple, RuleFn] = field(default_factory=dict)
@@ -92,38 +145,31 @@ class OpRule:
     # the output does not depend differentiably on any input (sizes, masks, fills); a
     # predicate of the bound arguments when that depends on them (``getattr(x, "shape")``)
     constant: Union[bool, Callable[[dict], bool]] = False
-    # the output may share memory with the first argument (views: reshape, transpose,
-    # indexing, expand, split pieces, detach, ...); in-place ops read it (passes/aliasing.py)
-    aliases: bool = False
     # reason why this call mixes samples (per-sample quantities undefined), or None
     mixes_samples: Optional[Callable[[dict], Optional[str]]] = None
     # reason why this call's constant arguments are unsupported, or None
     unsupported: Optional[Callable[[dict], Optional[str]]] = None
     # decomposition: emits the op's forward from other ops (applied by the normalize pass)
     lower: Optional[Callable[["Ctx"], Any]] = None
-    # losses: a symmetric factor ``S`` of the loss Hessian w.r.t. ``input``, ``H = S Sᵀ``
-    # summed over the leading axis: ``sqrt_hessian(c) -> [C, *input.shape]`` exact,
-    # ``sqrt_hessian_mc(c, m) -> [m, *input.shape]`` sampled (E[S Sᵀ] = H); both carry the
-    # reduction's scaling
-    sqrt_hessian: Optional[Callable[["Ctx"], Any]] = None
-    sqrt_hessian_mc: Optional[Callable[["Ctx", int], Any]] = None
-    # call-time validation: emits a check of the inputs and returns the checked ``target``
-    # (applied by the normalize pass, e.g. a regression target's shape)
-    check_target: Optional[Callable[["Ctx"], Any]] = None
-    # losses: the local divisor of reduction='mean' as a 0-dim tensor in the input's dtype,
-    # ``mean_divisor(c, part)``; ``part`` "gradient": what ``∂L/∂input`` divides by
-    # (PyTorch's mean), "hessian": what ``sqrt_hessian``/``sqrt_hessian_mc`` divide by. Data
-    # parallelism rescales each rank's results by its share of the summed divisors.
-    mean_divisor: Optional[Callable[["Ctx", str], Any]] = None
+    # losses: their Hessian factors and mean divisor (:class:`LossRule`, set by :func:`loss`)
+    loss: Optional[LossRule] = None
     # shape traits (the scalar-loss check): the output keeps the sample axis 0 of any tensor
     # argument that has one (elementwise ops, unreduced losses, sums over other axes); the
     # output is 0-dim (full reductions, reduced losses). Bool or predicate of the bound args.
     keeps_samples: Union[bool, Callable[[dict], bool]] = False
     scalar_output: Union[bool, Callable[[dict], bool]] = False
-    # the op draws random numbers (a helper drawing a mask): never merged with another call;
-    # a forward that draws makes the first-call check skip (eager would draw differently)
-    random: bool = False
+    # what the op is (:data:`TRAITS`), set by the combinators
+    traits: frozenset = frozenset()
     doc: str = ""
+
+    @property
+    def has_sqrt_hessian(self) -> bool:
+        """A built-in loss with its own Hessian square roots (``loss.sqrt_hessian``)."""
+        return self.loss is not None and self.loss.sqrt_hessian is not None
+
+    def has(self, trait: str) -> bool:
+        """The op has ``trait`` (one of :data:`TRAITS`)."""
+        return trait in self.traits
 
     def is_constant(self, node: fx.Node) -> bool:
         """True if this call's output has no derivative with respect to any input."""
@@ -136,6 +182,8 @@ class OpRule:
 
     def zero_hessian(self, arg: str, bound: dict) -> bool:
         """True if ``∂²f/∂arg² = 0`` (the op is affine in ``arg`` with the others fixed)."""
+        if AFFINE in self.traits:
+            return True
         zero = self.hessian_is_zero
         zero = zero(bound) if callable(zero) else zero
         return arg in zero if isinstance(zero, tuple) else bool(zero)
@@ -159,14 +207,111 @@ def signature(params: str) -> inspect.Signature:
     return inspect.signature(eval(f"lambda {params}: None"))  # noqa: S307 (trusted literals)
 
 
-def register(targets: list, name: str, params: str, **fields: Any) -> OpRule:
-    """Register one rule under every spelling in ``targets`` (functions or method names)."""
-    rule = OpRule(name=name, signature=signature(params), **fields)
+def register(targets: list, name: str, params: str, traits: tuple = (),
+             **fields: Any) -> OpRule:
+    """Register one rule under every spelling in ``targets`` (functions or method names),
+    with ``traits`` (:data:`TRAITS`) besides those its combinator set."""
+    unknown = set(traits) - TRAITS
+    if unknown:
+        raise KeyError(f"unknown traits {sorted(unknown)} for {name}")
+    rule = OpRule(name=name, signature=signature(params), traits=frozenset(traits), **fields)
     for target in targets:
         if target in RULES:
             raise KeyError(f"a rule for {target!r} is registered twice")
         RULES[target] = rule
     return rule
+
+
+# -- combinators: one per kind of op -----------------------------------------------------------
+def elementwise(targets: list, name: str, params: str, traits: tuple = (),
+                **fields: Any) -> OpRule:
+    """``y_i = f(a_i, b_i, ...)`` (arguments broadcast): ``J = diag(∂f/∂a)`` per argument; the
+    output keeps the samples (unless ``keeps_samples`` says otherwise)."""
+    return register(targets, name, params, (ELEMENTWISE, *traits),
+                    keeps_samples=fields.pop("keeps_samples", True), **fields)
+
+
+def unary(targets: list, name: str, params: str, traits: tuple = (), **fields: Any) -> OpRule:
+    """An elementwise ``y = f(x)`` of one tensor ``input``: ``J_n = diag(f'(x_n))``, so KFRA's
+    batch-averaged ``(1/N) Σ_n J_nᵀ M J_n`` is the "diagonal" sandwich ``M ⊙ E[f' f'ᵀ]``."""
+    return elementwise(targets, name, params, traits, sandwich={"input": "diagonal"}, **fields)
+
+
+def affine(targets: list, name: str, params: str, traits: tuple = (),
+           **fields: Any) -> OpRule:
+    """``y = A(args) + b``, jointly affine in all arguments: every second derivative is 0."""
+    return register(targets, name, params, (AFFINE, *traits), **fields)
+
+
+def permutation(targets: list, name: str, params: str, traits: tuple = (),
+                **fields: Any) -> OpRule:
+    """``y = P x`` with ``P`` a 0/1 selection (each output entry a copy of one input entry);
+    ``traits=(VIEW,)`` where the result may share ``x``'s memory."""
+    return affine(targets, name, params, (PERMUTATION, *traits), **fields)
+
+
+def concatenation(targets: list, name: str, params: str, **fields: Any) -> OpRule:
+    """``y = [x₁, x₂, ...]``: the pieces of a list argument joined, ``Jᵀ g`` split back."""
+    return affine(targets, name, params, (CONCATENATION,), **fields)
+
+
+def reduction(targets: list, name: str, params: str, traits: tuple = (),
+              **fields: Any) -> OpRule:
+    """``y = Σ_axes x`` (or a mean): linear, ``Jᵀ`` broadcasts back."""
+    return register(targets, name, params, (REDUCTION, FRESH, *traits), hessian_is_zero=True,
+                    **fields)
+
+
+def bilinear(targets: list, name: str, params: str, pairs: tuple, traits: tuple = (),
+             **fields: Any) -> OpRule:
+    """``y = f(a, b)`` linear in each argument of each pair in ``pairs`` with the other fixed
+    (``∂²f/∂a² = 0``); the pairs' cross terms are the rule's ``residual_block`` or ``cross``,
+    or read off a parameter-side argument's ``batch_grad``."""
+    return register(targets, name, params, traits, hessian_is_zero=True,
+                    bilinear=pairs, **fields)
+
+
+def loss(targets: list, name: str, params: str, mean_divisor: Callable,
+         sqrt_hessian: Optional[Callable] = None, sqrt_hessian_mc: Optional[Callable] = None,
+         check_target: Optional[Callable] = None, **fields: Any) -> OpRule:
+    """A built-in loss ``L = reduce_n ℓ(input_n, target_n)``: its Hessian factors (none: the
+    Hessian is assembled from its ops), mean divisor and target check (:class:`LossRule`);
+    reduced, its output is 0-dim; with reduction='none' it keeps the input's sample axis."""
+    return register(targets, name, params, loss=LossRule(
+        mean_divisor, sqrt_hessian, sqrt_hessian_mc, check_target),
+        scalar_output=lambda b: b["reduction"] != "none",
+        keeps_samples=lambda b: b["reduction"] == "none", **fields)
+
+
+# calls without a rule (helpers that generated code calls, torch ops) marked with a trait
+# where they are defined or first used
+MARKED: dict[str, set] = {FRESH: set(), VIEW: set(), PERMUTATION: set(), RANDOM: set()}
+
+
+def marked(trait: str, target: Any) -> Any:
+    """Give ``target`` (a helper, a torch op or a method name without a rule) ``trait``;
+    returns it."""
+    MARKED[trait].add(target)
+    return target
+
+
+def fresh(fn: Callable) -> Callable:
+    """Decorator: ``fn`` returns new memory (or a tuple of it) that aliases no argument."""
+    return marked(FRESH, fn)
+
+
+def reshaping(fn: Callable) -> Callable:
+    """Decorator: ``fn`` returns its first argument's entries rearranged, possibly a view."""
+    return marked(PERMUTATION, marked(VIEW, fn))
+
+
+def has_trait(target: Any, trait: str) -> bool:
+    """The call target has ``trait``: its rule's, or one it was :func:`marked` with."""
+    try:
+        return target in MARKED.get(trait, ()) or (
+            target in RULES and trait in RULES[target].traits)
+    except TypeError:  # unhashable target
+        return False
 
 
 def rule_for(node: fx.Node) -> Optional[OpRule]:

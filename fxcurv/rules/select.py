@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 from torch import Tensor
 
-from .registry import Ctx, register
+from .registry import PIECES, Ctx, register
 
 
 def scatter_back(g: Tensor, lead: int, shape: List[int], dim: int, index: Tensor,
@@ -61,7 +61,7 @@ def _mixes(b: dict) -> Optional[str]:
     return "it selects along the sample axis 0" if isinstance(dim, int) and dim == 0 else None
 
 
-_SELECT = {"hessian_is_zero": True, "mixes_samples": _mixes}
+_SELECT = {"hessian_is_zero": True, "mixes_samples": _mixes, "traits": (PIECES,)}
 _DOC = ("(values, indices): values = x.gather(dim, indices);  Jᵀg scatters g to indices "
         "(zeros elsewhere);  second derivative 0.")
 for _targets, _name in (([torch.max, "max"], "max"), ([torch.min, "min"], "min")):

@@ -12,12 +12,10 @@ from torch import Tensor
 
 from ..errors import op_name
 from .helpers import permute_back, reshape_lead, reverse_dims, split_back, sum_to_shape, unpad
-from .registry import Ctx, register, rule_for
+from .registry import (PIECES, RANDOM, VIEW, Ctx, affine, concatenation, marked, permutation,
+                       register, rule_for)
 from .select import SELECTIONS
 
-
-AFFINE = {"hessian_is_zero": True, "jointly_affine": True}  # pure data movement: y = P x
-VIEW = {"aliases": True, **AFFINE}  # ... that may return a view sharing the input's memory
 SHARED = {"input": "shared"}  # the same move for every sample (KFRA's sandwich: Pᵀ M P)
 
 
@@ -48,43 +46,41 @@ def _moves_axis0(dims: list) -> Optional[str]:
     return "it moves the sample axis 0" if dims and dims[0] != 0 else None
 
 
-register([torch.flatten, "flatten"], "flatten", "input, start_dim=0, end_dim=-1",
-         doc="y = x reshaped (axes start..end merged);  Jᵀg = g reshaped to x.", **VIEW,
-         vjp={"input": _reshape_back}, mixes_samples=_flatten_mixes, sandwich=SHARED)
-register(["view", "reshape"], "reshape", "input, *shape",
-         doc="y = x reshaped;  Jᵀg = g reshaped to x.", **VIEW, vjp={"input": _reshape_back},
-         sandwich=SHARED)
-register([torch.reshape], "reshape", "input, shape",
-         doc="y = x reshaped;  Jᵀg = g reshaped to x.", **VIEW, vjp={"input": _reshape_back},
-         sandwich=SHARED)
-register([torch.squeeze, "squeeze"], "squeeze", "input, dim=None",
-         doc="y = x without size-1 axes;  Jᵀg = g reshaped to x.", **VIEW, vjp={"input": _reshape_back})
-register([torch.unsqueeze, "unsqueeze"], "unsqueeze", "input, dim",
-         doc="y = x with a new size-1 axis;  Jᵀg = g reshaped to x.", **VIEW, vjp={"input": _reshape_back})
-register(["contiguous"], "identity", "input, memory_format=None",
-         doc="y = x;  Jᵀg = g.", **VIEW, vjp={"input": lambda g, c: g}, sandwich=SHARED)
-register(["clone", torch.clone], "clone", "input, memory_format=None",
-         doc="y = x (a copy);  Jᵀg = g.", **AFFINE, vjp={"input": lambda g, c: g},
-         sandwich=SHARED)
+RESHAPE = dict(vjp={"input": _reshape_back}, traits=(VIEW,))  # Jᵀg = g reshaped to x
+permutation([torch.flatten, "flatten"], "flatten", "input, start_dim=0, end_dim=-1",
+            doc="y = x reshaped (axes start..end merged);  Jᵀg = g reshaped to x.",
+            mixes_samples=_flatten_mixes, sandwich=SHARED, **RESHAPE)
+permutation(["view", "reshape"], "reshape", "input, *shape",
+            doc="y = x reshaped;  Jᵀg = g reshaped to x.", sandwich=SHARED, **RESHAPE)
+permutation([torch.reshape], "reshape", "input, shape",
+            doc="y = x reshaped;  Jᵀg = g reshaped to x.", sandwich=SHARED, **RESHAPE)
+permutation([torch.squeeze, "squeeze"], "squeeze", "input, dim=None",
+            doc="y = x without size-1 axes;  Jᵀg = g reshaped to x.", **RESHAPE)
+permutation([torch.unsqueeze, "unsqueeze"], "unsqueeze", "input, dim",
+            doc="y = x with a new size-1 axis;  Jᵀg = g reshaped to x.", **RESHAPE)
+permutation(["contiguous"], "identity", "input, memory_format=None", traits=(VIEW,),
+            doc="y = x;  Jᵀg = g.", vjp={"input": lambda g, c: g}, sandwich=SHARED)
+permutation(["clone", torch.clone], "clone", "input, memory_format=None",
+            doc="y = x (a copy);  Jᵀg = g.", vjp={"input": lambda g, c: g}, sandwich=SHARED)
 
-register(["permute"], "permute", "input, *dims",
-         doc="y = x with axes permuted;  Jᵀg = g with the inverse permutation.", **VIEW,
-         vjp={"input": lambda g, c: c.call(permute_back, g, c.lead, _varargs(c.bound["dims"]))},
-         mixes_samples=lambda b: _moves_axis0(_varargs(b["dims"])))
-register([torch.permute], "permute", "input, dims",
-         doc="y = x with axes permuted;  Jᵀg = g with the inverse permutation.", **VIEW,
-         vjp={"input": lambda g, c: c.call(permute_back, g, c.lead, list(c.bound["dims"]))},
-         mixes_samples=lambda b: _moves_axis0(list(b["dims"])))
-register([torch.transpose, torch.swapaxes, torch.swapdims, "transpose", "swapaxes",
-          "swapdims"], "transpose", "input, dim0, dim1",
-         doc="y = x with two axes swapped;  Jᵀg swaps them back.", **VIEW,
-         vjp={"input": lambda g, c: g.transpose(_shift(c.bound["dim0"], c.lead),
-                                                _shift(c.bound["dim1"], c.lead))},
-         mixes_samples=lambda b: ("it moves the sample axis 0"
-                                  if 0 in (b["dim0"], b["dim1"]) else None))
-register([torch.t, "t"], "t", "input",
-         doc="y = xᵀ (2-D);  Jᵀg = gᵀ.", **VIEW, vjp={"input": lambda g, c: g.transpose(-1, -2)},
-         mixes_samples=lambda b: "it moves the sample axis 0")
+_PERMUTE_DOC = "y = x with axes permuted;  Jᵀg = g with the inverse permutation."
+permutation(["permute"], "permute", "input, *dims", doc=_PERMUTE_DOC, traits=(VIEW,),
+            vjp={"input": lambda g, c: c.call(permute_back, g, c.lead,
+                                              _varargs(c.bound["dims"]))},
+            mixes_samples=lambda b: _moves_axis0(_varargs(b["dims"])))
+permutation([torch.permute], "permute", "input, dims", doc=_PERMUTE_DOC, traits=(VIEW,),
+            vjp={"input": lambda g, c: c.call(permute_back, g, c.lead, list(c.bound["dims"]))},
+            mixes_samples=lambda b: _moves_axis0(list(b["dims"])))
+permutation([torch.transpose, torch.swapaxes, torch.swapdims, "transpose", "swapaxes",
+             "swapdims"], "transpose", "input, dim0, dim1",
+            doc="y = x with two axes swapped;  Jᵀg swaps them back.", traits=(VIEW,),
+            vjp={"input": lambda g, c: g.transpose(_shift(c.bound["dim0"], c.lead),
+                                                   _shift(c.bound["dim1"], c.lead))},
+            mixes_samples=lambda b: ("it moves the sample axis 0"
+                                     if 0 in (b["dim0"], b["dim1"]) else None))
+permutation([torch.t, "t"], "t", "input", doc="y = xᵀ (2-D);  Jᵀg = gᵀ.", traits=(VIEW,),
+            vjp={"input": lambda g, c: g.transpose(-1, -2)},
+            mixes_samples=lambda b: "it moves the sample axis 0")
 
 
 def _pad_unsupported(b: dict) -> Optional[str]:
@@ -93,10 +89,10 @@ def _pad_unsupported(b: dict) -> Optional[str]:
     return None
 
 
-register([F.pad], "pad", "input, pad, mode='constant', value=None",
-         doc="y = x with constant borders;  Jᵀg = g cropped back to x.", **AFFINE,
-         vjp={"input": lambda g, c: c.call(unpad, g, list(c.args.pad))},  # pads may be sizes
-         unsupported=_pad_unsupported)
+affine([F.pad], "pad", "input, pad, mode='constant', value=None",
+       doc="y = x with constant borders;  Jᵀg = g cropped back to x.",
+       vjp={"input": lambda g, c: c.call(unpad, g, list(c.args.pad))},  # pads may be sizes
+       unsupported=_pad_unsupported)
 
 
 def _cat_vjp(g, c: Ctx) -> list:
@@ -115,11 +111,11 @@ def _whole_tuple(b: dict) -> Optional[str]:
     return None
 
 
-register([torch.cat, torch.concat, torch.concatenate], "cat", "tensors, dim=0",
-         doc="y = [x₁, x₂, ...] along dim;  Jᵀg splits g into the pieces.", **AFFINE,
-         vjp={"tensors": _cat_vjp}, unsupported=_whole_tuple,
-         mixes_samples=lambda b: "it concatenates along the sample axis 0"
-         if b["dim"] == 0 else None)
+concatenation([torch.cat, torch.concat, torch.concatenate], "cat", "tensors, dim=0",
+              doc="y = [x₁, x₂, ...] along dim;  Jᵀg splits g into the pieces.",
+              vjp={"tensors": _cat_vjp}, unsupported=_whole_tuple,
+              mixes_samples=lambda b: "it concatenates along the sample axis 0"
+              if b["dim"] == 0 else None)
 
 
 # attributes of a tensor that carry no derivative (metadata, and ``.data``, which autograd
@@ -140,26 +136,32 @@ def _getattr_unsupported(b: dict) -> Optional[str]:
             "no derivative)")
 
 
-register([getattr], "getattr", "obj, name",
-         doc="x.T / x.mT: y = x with the axes reversed / the last two swapped;  Jᵀg moves them "
-             "back. Metadata (shape, dtype, device, ndim, ...) and .data have no derivative; "
-             "any other attribute is refused.",
-         constant=lambda b: b["name"] in NO_DERIVATIVE_ATTRIBUTES,
-         unsupported=_getattr_unsupported, **VIEW,
-         vjp={"obj": lambda g, c: g.transpose(-1, -2) if c.bound["name"] == "mT"
-              else c.call(reverse_dims, g, c.lead)})
+permutation([getattr], "getattr", "obj, name",
+            doc="x.T / x.mT: y = x with the axes reversed / the last two swapped;  Jᵀg moves them "
+                "back. Metadata (shape, dtype, device, ndim, ...) and .data have no derivative; "
+                "any other attribute is refused.",
+            constant=lambda b: b["name"] in NO_DERIVATIVE_ATTRIBUTES,
+            unsupported=_getattr_unsupported, traits=(VIEW,),
+            vjp={"obj": lambda g, c: g.transpose(-1, -2) if c.bound["name"] == "mT"
+                 else c.call(reverse_dims, g, c.lead)})
 
 
-def _constant(targets: list, name: str, params: str) -> None:
-    register(targets, name, params, constant=True,
+def _constant(targets: list, name: str, params: str, traits: tuple = ()) -> None:
+    register(targets, name, params, traits, constant=True,
              doc="No derivative: the output does not depend differentiably on the inputs.")
 
 
-_constant([torch.zeros_like, torch.ones_like, torch.empty_like, torch.rand_like,
-           torch.randn_like], "fill_like", "input, *args, **kwargs")
+_constant([torch.zeros_like, torch.ones_like, torch.empty_like], "fill_like",
+          "input, *args, **kwargs")
+_constant([torch.rand_like, torch.randn_like, torch.randint_like], "random_like",
+          "input, *args, **kwargs", (RANDOM,))
 _constant([torch.full_like], "full_like", "input, fill_value, **kwargs")
-_constant([torch.bernoulli, "bernoulli"], "bernoulli", "input, *args, **kwargs")
-register([torch.detach, "detach"], "detach", "input", constant=True, aliases=True,
+_constant([torch.bernoulli, "bernoulli"], "bernoulli", "input, *args, **kwargs", (RANDOM,))
+# draws without a rule (factories; normal is differentiable in its mean: no rule yet)
+for _draw in (torch.multinomial, torch.normal, torch.rand, torch.randn, torch.randint,
+              torch.randperm, "bernoulli_"):
+    marked(RANDOM, _draw)
+register([torch.detach, "detach"], "detach", "input", constant=True, traits=(VIEW,),
          doc="No derivative: y = x (sharing its memory) outside autograd.")
 _constant(["size", "dim", "numel", "ndimension", "nelement"], "size", "input, *args")
 _constant([torch.argmax, "argmax", torch.argmin, "argmin"], "argmax", "input, *args, **kwargs")
@@ -283,9 +285,6 @@ def _index_elements(idx: Any) -> Union[list, str]:
     return elements
 
 
-TUPLE_OPS = ("split", "chunk", "unbind") + SELECTIONS  # rules whose output is a tuple
-
-
 def _integer_piece(b: dict) -> bool:
     """``indices`` (odd position) of a selection's ``(values, indices)``: no derivative."""
     obj, idx = b["obj"], b["idx"]
@@ -294,9 +293,10 @@ def _integer_piece(b: dict) -> bool:
 
 
 def _tuple_source(node: Any) -> bool:
-    """True if ``node`` produces a tuple of tensors (split/chunk/unbind) that ``getitem`` picks."""
+    """True if ``node`` produces a tuple of tensors (split, max with a dim, ...) that
+    ``getitem`` picks."""
     rule = rule_for(node) if isinstance(node, fx.Node) else None
-    return rule is not None and rule.name in TUPLE_OPS
+    return rule is not None and rule.has(PIECES)
 
 
 class Pieces:
@@ -352,12 +352,12 @@ def _getitem_mixes(b: dict) -> Optional[str]:
     return "it indexes the sample axis 0 (anything but ':' or '...' first)"
 
 
-register([operator.getitem], "getitem", "obj, idx",
-         doc="y = x[index] (ints, slices, None, ...);  Jᵀg scatters g into zeros of x's shape. "
-             "On the tuple of split/chunk/unbind/max/min/sort/topk: y = pieces[i];  Jᵀg is g "
-             "at position i (indices of max/min/sort/topk: no derivative).",
-         vjp={"obj": _getitem_vjp}, unsupported=_getitem_unsupported,
-         mixes_samples=_getitem_mixes, constant=_integer_piece, **VIEW)
+affine([operator.getitem], "getitem", "obj, idx",
+       doc="y = x[index] (ints, slices, None, ...);  Jᵀg scatters g into zeros of x's shape. "
+           "On the tuple of split/chunk/unbind/max/min/sort/topk: y = pieces[i];  Jᵀg is g "
+           "at position i (indices of max/min/sort/topk: no derivative).",
+       vjp={"obj": _getitem_vjp}, unsupported=_getitem_unsupported,
+       mixes_samples=_getitem_mixes, constant=_integer_piece, traits=(VIEW,))
 
 
 # -- split, chunk, unbind (tuples of pieces), stack ------------------------------------------
@@ -437,17 +437,17 @@ def _along_samples(what: str):
 
 _PIECES_DOC = ("(y₁, y₂, ...) = pieces of x along dim;  Jᵀ puts each used piece's cotangent "
                "back at its place (zeros for unused pieces).")
-register([torch.split], "split", "tensor, split_size_or_sections, dim=0", doc=_PIECES_DOC,
-         vjp={"tensor": _split_vjp(split_sizes, "split_size_or_sections")},
-         mixes_samples=_along_samples("splits"), **VIEW)
-register(["split"], "split", "input, split_size, dim=0", doc=_PIECES_DOC,
-         vjp={"input": _split_vjp(split_sizes, "split_size")},
-         mixes_samples=_along_samples("splits"), **VIEW)
-register([torch.chunk, "chunk"], "chunk", "input, chunks, dim=0", doc=_PIECES_DOC,
-         vjp={"input": _split_vjp(chunk_sizes, "chunks")},
-         mixes_samples=_along_samples("chunks"), **VIEW)
-register([torch.unbind, "unbind"], "unbind", "input, dim=0", doc=_PIECES_DOC,
-         vjp={"input": _unbind_vjp}, mixes_samples=_along_samples("unbinds"), **VIEW)
+affine([torch.split], "split", "tensor, split_size_or_sections, dim=0", doc=_PIECES_DOC,
+       vjp={"tensor": _split_vjp(split_sizes, "split_size_or_sections")},
+       mixes_samples=_along_samples("splits"), traits=(VIEW, PIECES))
+affine(["split"], "split", "input, split_size, dim=0", doc=_PIECES_DOC,
+       vjp={"input": _split_vjp(split_sizes, "split_size")},
+       mixes_samples=_along_samples("splits"), traits=(VIEW, PIECES))
+affine([torch.chunk, "chunk"], "chunk", "input, chunks, dim=0", doc=_PIECES_DOC,
+       vjp={"input": _split_vjp(chunk_sizes, "chunks")},
+       mixes_samples=_along_samples("chunks"), traits=(VIEW, PIECES))
+affine([torch.unbind, "unbind"], "unbind", "input, dim=0", doc=_PIECES_DOC,
+       vjp={"input": _unbind_vjp}, mixes_samples=_along_samples("unbinds"), traits=(VIEW, PIECES))
 
 
 def _stack_vjp(g, c: Ctx) -> list:
@@ -456,10 +456,10 @@ def _stack_vjp(g, c: Ctx) -> list:
     return [pieces[i] for i in range(len(c.bound["tensors"]))]
 
 
-register([torch.stack], "stack", "tensors, dim=0",
-         doc="y = [x₁, x₂, ...] stacked along a new axis dim;  Jᵀg unbinds g along it.",
-         vjp={"tensors": _stack_vjp}, mixes_samples=_along_samples("stacks"),
-         unsupported=_whole_tuple, **AFFINE)
+concatenation([torch.stack], "stack", "tensors, dim=0",
+              doc="y = [x₁, x₂, ...] stacked along a new axis dim;  Jᵀg unbinds g along it.",
+              vjp={"tensors": _stack_vjp}, mixes_samples=_along_samples("stacks"),
+              unsupported=_whole_tuple)
 
 
 # -- broadcasting copies: expand, expand_as, broadcast_to, repeat ----------------------------
@@ -494,15 +494,16 @@ def _sum_back_per_sample(g, c: Ctx):
 
 _EXPAND_DOC = ("y = x broadcast to a larger shape (no copy);  Jᵀg sums g over the broadcast "
                "axes; per sample (a parameter expanded over the samples) all but axis 0.")
-_EXPAND = dict(vjp={"input": _sum_back}, batch_grad={"input": _sum_back_per_sample}, **VIEW)
-register(["expand"], "expand", "input, *sizes", doc=_EXPAND_DOC, **_EXPAND)
-register([torch.broadcast_to], "broadcast_to", "input, size", doc=_EXPAND_DOC, **_EXPAND)
-register(["expand_as"], "expand_as", "input, other", doc=_EXPAND_DOC,
-         vjp={"input": _sum_back, "other": None}, batch_grad={"input": _sum_back_per_sample},
-         **VIEW)
-register(["repeat"], "repeat", "input, *repeats",
-         doc="y = x tiled repeats[i] times along axis i;  Jᵀg sums the copies.",
-         vjp={"input": lambda g, c: c.call(unrepeat, g, c.lead, c.args.input.shape,
-                                           _varargs(c.args.repeats))},
-         mixes_samples=lambda b: "it repeats along the sample axis 0 (or adds axes before it)"
-         if _varargs(b["repeats"])[0] != 1 else None, **AFFINE)
+_EXPAND = dict(vjp={"input": _sum_back}, batch_grad={"input": _sum_back_per_sample},
+               traits=(VIEW,))
+affine(["expand"], "expand", "input, *sizes", doc=_EXPAND_DOC, **_EXPAND)
+affine([torch.broadcast_to], "broadcast_to", "input, size", doc=_EXPAND_DOC, **_EXPAND)
+affine(["expand_as"], "expand_as", "input, other", doc=_EXPAND_DOC,
+       vjp={"input": _sum_back, "other": None}, batch_grad={"input": _sum_back_per_sample},
+       traits=(VIEW,))
+affine(["repeat"], "repeat", "input, *repeats",
+       doc="y = x tiled repeats[i] times along axis i;  Jᵀg sums the copies.",
+       vjp={"input": lambda g, c: c.call(unrepeat, g, c.lead, c.args.input.shape,
+                                         _varargs(c.args.repeats))},
+       mixes_samples=lambda b: "it repeats along the sample axis 0 (or adds axes before it)"
+       if _varargs(b["repeats"])[0] != 1 else None)

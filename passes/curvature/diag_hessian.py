@@ -34,7 +34,7 @@ from torch import Tensor
 
 from fxcurv.emit import Emitter
 from fxcurv.errors import node_error
-from fxcurv.rules import Ctx, rule_for
+from fxcurv.rules import AFFINE, Ctx, rule_for
 from fxcurv.rules.registry import Args
 
 from ..analysis import (ancestors, depends_on, descendants, differentiable_inputs,
@@ -183,7 +183,7 @@ def _cross_seeds(emit, node, rule, ctx, active, depends, carriers, g, quantity) 
     ``R_n = [[0, C_n], [C_nᵀ, 0]]`` with ``C_n`` summing ``c`` over the output entries each
     pair of entries of ``a`` and ``b`` meets in, split into ``S₊S₊ᵀ − S₋S₋ᵀ``
     (:func:`broadcast_cross_sqrt`), each part seeded on both arguments."""
-    if rule.jointly_affine:
+    if rule.has(AFFINE):
         return []
     found = []
     for i, (name_a, a) in enumerate(active):

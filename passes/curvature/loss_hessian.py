@@ -30,7 +30,7 @@ from torch import Tensor
 
 from fxcurv.emit import Emitter
 from fxcurv.errors import node_error
-from fxcurv.rules import Ctx, rule_for
+from fxcurv.rules import AFFINE, Ctx, rule_for
 
 from ..analysis import ancestors, depends_on
 from ..backward import backward
@@ -108,7 +108,7 @@ def _second_order_sources(emit: Emitter, traced, gradient: dict, quantity: str) 
         ctx = Ctx.of(node, rule, emit)
         active = [(a, v) for a, v in ctx.bound.items() if isinstance(v, fx.Node)
                   and (v in region or v is traced.model_output)]
-        if rule.sqrt_hessian is not None:
+        if rule.has_sqrt_hessian:
             found += _inner_loss(emit, node, rule, ctx, gradient, region, quantity)
             continue
         _check_cross_terms(node, rule, active, quantity)
@@ -138,7 +138,7 @@ def _inner_loss(emit, node, rule, ctx, gradient, region, quantity) -> list:
                          "Use reduction 'mean' or 'sum'.", quantity)
     _check_separable(node, region, quantity)
     with emit.naming(f"{node.name}_sqrt_hessian"):
-        base = rule.sqrt_hessian(ctx)
+        base = rule.loss.sqrt_hessian(ctx)
     sources = []
     for sign, tag in ((1.0, "plus"), (-1.0, "minus")):
         factor = emit.call(scaled_by_root, base, gradient[node], sign)
@@ -177,7 +177,7 @@ def _mixing_ancestor(node: fx.Node, region: dict) -> Optional[fx.Node]:
 
 
 def _check_cross_terms(node, rule, active, quantity) -> None:
-    if len(active) > 1 and not rule.jointly_affine:
+    if len(active) > 1 and not rule.has(AFFINE):
         names = ", ".join(a for a, _ in active)
         raise node_error(node, f"its arguments {names} all depend on the model output, which "
                          "needs cross second derivatives (not supported yet)",
@@ -204,11 +204,11 @@ def loss_factor(emit: Emitter, traced, gradient: dict, kind: str, mc_samples: in
     """
     loss = traced.loss
     rule = rule_for(loss)
-    if rule is not None and rule.sqrt_hessian is not None:
+    if rule is not None and rule.has_sqrt_hessian:
         ctx = Ctx.of(loss, rule, emit)
         with emit.naming(f"{loss.name}_sqrt_hessian_{kind}", pass_="sqrt_ggn"):
-            factor = rule.sqrt_hessian(ctx) if kind == "exact" else \
-                rule.sqrt_hessian_mc(ctx, mc_samples)
+            factor = rule.loss.sqrt_hessian(ctx) if kind == "exact" else \
+                rule.loss.sqrt_hessian_mc(ctx, mc_samples)
         emit.rename(factor, f"loss_sqrt_hessian_{kind}")
         return ctx.bound["input"], factor
     inner = _linear_inner_loss(traced)
@@ -231,8 +231,8 @@ def _scaled_inner_factor(emit: Emitter, inner: fx.Node, gradient: dict, kind: st
     ctx = Ctx.of(inner, rule, emit)
     tag = kind if sign > 0 else "negative"
     with emit.naming(f"{inner.name}_sqrt_hessian_{tag}", pass_="sqrt_ggn"):
-        base = rule.sqrt_hessian(ctx) if kind == "exact" else \
-            rule.sqrt_hessian_mc(ctx, mc_samples)
+        base = rule.loss.sqrt_hessian(ctx) if kind == "exact" else \
+            rule.loss.sqrt_hessian_mc(ctx, mc_samples)
         factor = emit.call(scaled_by_root, base, gradient[inner], sign)
     emit.rename(factor, f"loss_sqrt_hessian_{tag}")
     return ctx.bound["input"], factor
@@ -244,7 +244,7 @@ def _linear_inner_loss(traced) -> Any:
     region = _loss_region(traced)
     inside = {**region, traced.model_output: None}
     losses = [n for n in region if rule_for(n) is not None and
-              rule_for(n).sqrt_hessian is not None]
+              rule_for(n).has_sqrt_hessian]
     if len(losses) != 1 or rule_for(losses[0]).bind(losses[0]).get("reduction") == "none" \
             or _mixing_ancestor(losses[0], region) is not None:
         return None
@@ -259,7 +259,7 @@ def _linear_inner_loss(traced) -> Any:
             isinstance(v, fx.Node) and v in inside
             for v in (value if isinstance(value, (list, tuple)) else [value]))]
         if any(not rule.zero_hessian(name, bound) for name in active) or (
-                len(active) > 1 and not rule.jointly_affine):
+                len(active) > 1 and not rule.has(AFFINE)):
             return None
     return losses[0]
 
@@ -268,7 +268,7 @@ def loss_negative_factor(emit: Emitter, traced, gradient: dict, quantity: str):
     """``(node, S₋)`` for a loss whose Hessian is assembled (it may have negative curvature,
     which the Hessian family subtracts); None for a built-in final loss (convex)."""
     rule = rule_for(traced.loss)
-    if rule is not None and rule.sqrt_hessian is not None:
+    if rule is not None and rule.has_sqrt_hessian:
         return None
     inner = _linear_inner_loss(traced)
     if inner is not None:

@@ -43,20 +43,14 @@ from torch import Tensor
 
 from fxcurv.emit import Emitter
 from fxcurv.errors import node_error
-from fxcurv.rules import Ctx, OpRule, rule_for
+from fxcurv.rules import (AFFINE, CONCATENATION, ELEMENTWISE, PERMUTATION, Ctx, OpRule,
+                          rule_for)
 
 from ..analysis import ancestors, depends_on, differentiable_inputs
 
 # quantity -> how the regulariser's Hessian diagonal enters it (None: unchanged)
 CURVATURE = {"diag_ggn_exact": None, "diag_ggn_mc": None, "diag_h": None, "hmp": None,
              "ggnmp": None, "pchmp_abs": "abs", "pchmp_clip": "clip"}
-# zero-Hessian ops whose Jacobian in each argument is diagonal (besides ops with a residual)
-ELEMENTWISE_AFFINE = ("add", "sub", "mul", "div", "neg", "relu", "leaky_relu", "masked_fill")
-# ops that only reorder elements: diag(Jᵀ diag(H) J) = Jᵀ H
-PERMUTATIONS = ("flatten", "reshape", "squeeze", "unsqueeze", "identity", "permute",
-                "transpose", "t", "getattr")
-# ... and join a list of values (each piece gets its part of Jᵀ H)
-CONCATENATIONS = ("cat", "stack")
 
 
 def elementwise_shape(hessian: Tensor, arg: Tensor, out: Tensor) -> Tensor:
@@ -188,14 +182,14 @@ class _HessianWalk:
         if rule is None or rule.is_constant(node):
             return
         ctx = Ctx.of(node, rule, self.emit)
-        if rule.name in CONCATENATIONS and self.hessian.get(node) is not None:
+        if rule.has(CONCATENATION) and self.hessian.get(node) is not None:
             return self._split(node, rule, ctx)
         curved = node in self.curved or self.hessian.get(node) is not None
         active = self._active(rule, ctx, curved)
         for name, arg in active:
             if arg in self.r.depends:                  # a data value below the reduction
                 if curved or not rule.zero_hessian(name, ctx.bound) or (
-                        len(active) > 1 and not rule.jointly_affine):
+                        len(active) > 1 and not rule.has(AFFINE)):
                     self.curved.add(arg)
                 continue
             if node not in self.branch and curved:
@@ -237,7 +231,7 @@ class _HessianWalk:
             if isinstance(value, fx.Node) and value in self.r.cotangents:
                 found.append((name, value))
             elif isinstance(value, (list, tuple)):
-                linear = rule.jointly_affine and rule.zero_hessian(name, ctx.bound) and \
+                linear = rule.has(AFFINE) and rule.zero_hessian(name, ctx.bound) and \
                     not curved
                 for item in value:
                     if linear or not isinstance(item, fx.Node) or item not in \
@@ -272,9 +266,9 @@ class _HessianWalk:
         if any(other_name != name and (other is arg or self._share(arg, other))
                for other_name, other in active):
             raise self._not_diagonal(node, arg, "its arguments share parameters")
-        if rule.name in PERMUTATIONS:
+        if rule.has(PERMUTATION):
             return rule.vjp[name](hessian, ctx)
-        if not (rule.residual or rule.name in ELEMENTWISE_AFFINE):
+        if not rule.has(ELEMENTWISE):
             raise self._not_diagonal(node, arg, f"{rule.name} is not elementwise")
         vjp = rule.vjp[name]
         twice = vjp(vjp(hessian, ctx), ctx)       # f' ⊙ (f' ⊙ H), arg shaped like the output
@@ -287,7 +281,7 @@ class _HessianWalk:
         """``2 ∂²f/∂a∂b`` when both arguments are the same value (``w * w``); cross terms
         between values that share parameters are refused (not diagonal), others lie outside
         the parameters' blocks."""
-        if rule.jointly_affine:
+        if rule.has(AFFINE):
             return []
         parts = []
         for other_name, other in active:

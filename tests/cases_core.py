@@ -30,6 +30,7 @@ ACTIVATIONS = [
     case("torch_relu", lambda x: torch.relu(x), rand(3, 4)),
     case("sigmoid", lambda x: torch.sigmoid(x), rand(3, 4)),
     case("tanh", lambda x: x.tanh(), rand(3, 4)),
+    case("erf", lambda x: torch.special.erf(x), rand(3, 4)),
     case("leaky_relu", lambda x: F.leaky_relu(x, 0.2), rand(3, 4)),
     case("elu", lambda x: F.elu(x, alpha=0.7), rand(3, 4)),
     case("selu", lambda x: F.selu(x), rand(3, 4)),

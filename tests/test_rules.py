@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fxcurv.rules import AFFINE, RULES
+from fxcurv.rules import AFFINE, ELEMENTWISE, MONOTONE, PERMUTATION, RULES
 from rule_cases import CASES
 from rule_harness import build, cotangent, reference_batch_grads, reference_vjps
 
@@ -167,6 +167,57 @@ def test_every_rule_states_its_second_order():
                       and not r.has(AFFINE) and r.hessian_is_zero is False and not r.residual
                       and not r.residual_block and r.loss is None})
     assert not missing, f"rules that do not state their second order: {missing}"
+
+
+def _traits(case) -> frozenset:
+    _, rule = _single_op(case)
+    return frozenset() if rule is None else rule.traits & CHECKED_TRAITS
+
+
+CHECKED_TRAITS = frozenset({ELEMENTWISE, AFFINE, PERMUTATION, MONOTONE})
+TRAIT_CASES = [c for c in CASES if _traits(c)]
+
+
+@pytest.mark.parametrize("case", TRAIT_CASES, ids=[c.id for c in TRAIT_CASES])
+def test_traits_hold(case):
+    """What a rule's traits claim, on its cases (``torch.func``): ``ELEMENTWISE``: the
+    Jacobian in each argument shaped like the output is diagonal; ``AFFINE``: ``⟨g, f⟩`` has
+    a zero Hessian in all differentiable arguments jointly; ``PERMUTATION``: the Jacobian is a
+    0/1 selection (at most one 1 per output entry); ``MONOTONE``: ``f`` is non-decreasing."""
+    traits = _traits(case)
+    names = case.differentiable()
+    index = [case.names.index(n) for n in names]
+
+    def f(*values):
+        args = list(case.inputs)
+        for i, v in zip(index, values):
+            args[i] = v
+        return case.fn(*args)
+
+    values = [case.inputs[i] for i in index]
+    out = f(*values)
+    jacobians = torch.func.jacrev(f, argnums=tuple(range(len(values))))(*values)
+    for x, jac in zip(values, jacobians):
+        jac = jac.reshape(out.numel(), x.numel())
+        if ELEMENTWISE in traits and x.shape == out.shape:
+            torch.testing.assert_close(jac, torch.diag(jac.diagonal()), atol=0, rtol=0)
+        if PERMUTATION in traits:
+            assert bool(((jac == 0) | (jac == 1)).all()) and bool((jac.sum(1) <= 1).all())
+    if MONOTONE in traits:
+        x = torch.linspace(-8.0, 8.0, 401, dtype=torch.float64)
+        y = f(x)
+        assert bool((y[1:] >= y[:-1]).all())
+    if AFFINE in traits:
+        g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(7))
+        flat = torch.cat([v.reshape(-1) for v in values])
+        sizes = [v.numel() for v in values]
+
+        def pairing(t):
+            parts = [p.reshape(v.shape) for p, v in zip(torch.split(t, sizes), values)]
+            return (f(*parts) * g).sum()
+
+        hessian = _hessian(pairing, flat)
+        torch.testing.assert_close(hessian, torch.zeros_like(hessian), atol=1e-10, rtol=0)
 
 
 def _has_cross_rule(case) -> bool:

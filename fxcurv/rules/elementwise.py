@@ -142,6 +142,14 @@ unary([torch.sqrt, "sqrt"], "sqrt", "input",
       doc="y = √x;  y' = 1/(2y);  y'' = -1/(4y³).", vjp={"input": lambda g, c: g / (2 * c.out)},
       residual={"input": lambda g, c: -g / (4 * c.out * c.out * c.out)})
 
+ERF_SCALE = 2.0 / math.sqrt(math.pi)
+
+unary([torch.erf, torch.special.erf, "erf"], "erf", "input",
+      doc="y = erf x;  y' = (2/√π) e^{-x²};  y'' = -2x y'.",
+      vjp={"input": lambda g, c: g * (ERF_SCALE * torch.exp(-c.args.input.square()))},
+      residual={"input": lambda g, c: g * (-2.0 * ERF_SCALE * c.args.input
+                                           * torch.exp(-c.args.input.square()))})
+
 unary([torch.square, "square"], "square", "input",
       doc="y = x²;  y' = 2x;  y'' = 2.", vjp={"input": lambda g, c: g * (2 * c.args.input)},
       residual={"input": lambda g, c: g * 2})

@@ -35,10 +35,6 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def implemented(name: str) -> bool:
-    return fxcurv.QUANTITIES[fxcurv.ALIASES.get(name, name)].implemented
-
-
 def shape(value) -> str:
     """``[10, 784]``; a list of Kronecker factors as ``[[10, 10], [784, 784]]``."""
     if isinstance(value, (list, tuple)):
@@ -48,17 +44,12 @@ def shape(value) -> str:
 
 def quantity_rows(model, x, y, names: list) -> list:
     """One row per quantity: its name and its shape for every parameter."""
-    available = [q for q in QUANTITIES if implemented(q)]
-    step = fxcurv.compile(model, torch.nn.CrossEntropyLoss(), available, mc_samples=1)
+    step = fxcurv.compile(model, torch.nn.CrossEntropyLoss(), list(QUANTITIES), mc_samples=1)
     loss, grad, *results = step(x, y)
-    print(f"Loss {loss.item():.4f}. One step computes {len(available)} quantities.")
-    computed = dict(zip(available, results))
+    print(f"Loss {loss.item():.4f}. One step computes {len(QUANTITIES)} quantities.")
     rows = [["grad"] + [shape(grad[n]) for n in names]]
-    for quantity in QUANTITIES:
-        if quantity in computed:
-            rows.append([quantity] + [shape(computed[quantity][n]) for n in names])
-        else:
-            rows.append([quantity] + ["not implemented"] * len(names))
+    for quantity, result in zip(QUANTITIES, results):
+        rows.append([quantity] + [shape(result[n]) for n in names])
     return rows
 
 

@@ -17,7 +17,7 @@ from torch import Tensor
 from . import guard, quantities as q
 from .backend import Backend, resolve_backend, with_backend
 from .emit import Emitter
-from .errors import CompileError, node_error
+from .errors import CompileError, node_error, requesting
 from .passes.analysis import ancestors, descendants, loss_rank, sample_carriers
 from .passes.backward import backward
 from .passes.chunking import chunk_columns
@@ -112,7 +112,17 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
     if not traced.params:
         raise CompileError("the model has no trainable parameters (requires_grad=True) that the "
                            "loss depends on; there is nothing to differentiate.")
-    normalize(traced.graph, requested[0][0] if requested else "grad")
+    needed_for = requested[0][0] if requested else "grad"
+    with requesting(needed_for):
+        return _compile(model, loss_fn, requested, traced, mc_samples, process_group, backend,
+                        verify, chunk, column_budget)
+
+
+def _compile(model, loss_fn, requested: list, traced: Traced, mc_samples: int, process_group,
+             backend, verify: bool, chunk: Optional[int], column_budget: int) -> fx.GraphModule:
+    """The pipeline of :func:`compile` after tracing (errors name the first quantity, or the
+    one being extracted)."""
+    normalize(traced.graph)
     if all(name != "kfra" for name, _ in requested):
         pool_before_relu(traced.graph, keep=(traced.model_output,))
     traced.refresh()
@@ -124,10 +134,9 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
     with emit.naming("loss", pass_="backward"):
         seed = torch.ones_like(emit.proxy(traced.loss))
     emit.rename(seed, "loss_cotangent")
-    needed_for = requested[0][0] if requested else "grad"
-    active = check_derivative_paths(traced.graph, traced.params.values(), needed_for)
+    active = check_derivative_paths(traced.graph, traced.params.values())
     _check_per_sample(traced, active, requested)
-    cotangents = backward(emit, {traced.loss: seed}, traced.params.values(), quantity=needed_for)
+    cotangents = backward(emit, {traced.loss: seed}, traced.params.values())
     grads = _gradients(emit, traced, cotangents)
     with emit.naming("batch_size"):
         batch_size = checked_x.size(0)
@@ -135,7 +144,7 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
     results = _extract(emit, traced, requested, cotangents, grads, batch_size, mc_samples)
     outputs = (emit.proxy(loss_output), grads, *results)
     outputs = data_parallel(emit, traced, requested, outputs, process_group)
-    sized = [quantity.extract in PER_SAMPLE_SIZED for _, quantity in requested]
+    sized = [quantity.extract.propagation_sized for _, quantity in requested]
     step = finalize(traced, emit, outputs, [name for name, _ in requested],
                     lambda graph: schedule_extractions(graph, traced.model_output, sized))
     if chunk is not None:
@@ -181,62 +190,59 @@ def _extract(emit: Emitter, traced: Traced, requested: list, cotangents: dict, g
     A regulariser added to the loss (``passes/curvature/regulariser.py``) adds its exact
     Hessian to the curvature quantities and refuses per-sample ones and Kronecker factors."""
     vectors = _vectors_input(emit, traced) if any(
-        q.extract == "product" for _, q in requested) else {}
+        "vectors" in q.extract.reads for _, q in requested) else {}
     sources: dict[str, Any] = {}
     x = traced.inputs[0]
     data = (descendants(traced.graph, x), sample_carriers(traced.graph, x))
     regulariser = Regulariser(emit, traced, cotangents, data)
     regulariser.check(requested)
 
-    def source(name: str, quantity: str) -> Any:
-        if name not in sources:
-            sources[name] = _make_source(emit, traced, name, quantity, cotangents, batch_size,
-                                         mc_samples, source, data)
-        return sources[name]
+    def source(propagation: q.Propagation) -> Any:
+        if propagation not in sources:
+            sources[propagation] = _make_source(emit, traced, propagation, cotangents,
+                                                batch_size, mc_samples, source, data)
+        return sources[propagation]
 
+    inputs = {"grad": grads, "vectors": vectors}
     results = []
     for label, quantity in requested:
-        per_sample = source(quantity.source, label)
-        method = getattr(per_sample, quantity.extract)
-        extra = {"variance": (grads,), "product": (vectors,)}.get(quantity.extract, ())
-        values = {name: method(name, quantity.name, *[e[name] for e in extra])
-                  for name in traced.params}
-        results.append(regulariser.add(quantity.name, label, values,
-                                       vectors if quantity.extract == "product" else {}))
+        with emit.requesting(label):
+            method = getattr(source(quantity.source), quantity.extract.method)
+            reads = [inputs[kind] for kind in quantity.extract.reads]
+            values = {name: method(name, quantity.name, *[r[name] for r in reads])
+                      for name in traced.params}
+            results.append(regulariser.add(quantity, label, values,
+                                           vectors if "vectors" in quantity.extract.reads
+                                           else {}))
     return results
 
 
-# quantities as big as a propagation, [*lead, N, *p]: computed last (passes/schedule.py)
-PER_SAMPLE_SIZED = ("batch", "batch_sum_squares")
-
-# the sign each residual part (+1: positive, -1: negative part) enters with
-RESIDUAL_SIGNS = {"hessian": {1.0: 1.0, -1.0: -1.0}, "pch_abs": {1.0: 1.0, -1.0: 1.0},
-                  "pch_clip": {1.0: 1.0, -1.0: 0.0}}
-
-
-def _make_source(emit: Emitter, traced: Traced, name: str, quantity: str, cotangents: dict,
-                 batch_size: Any, mc_samples: int, source, data: tuple) -> Any:
-    """The propagation ``name`` ("grad", "ggn_exact", "ggn_mc", "hessian") as a PerSample."""
+def _make_source(emit: Emitter, traced: Traced, propagation: q.Propagation,
+                 cotangents: dict, batch_size: Any, mc_samples: int, source,
+                 data: tuple) -> Any:
+    """The propagation a quantity reads (``quantities.Propagation``), as a PerSample (or a
+    signed sum of them)."""
     params = traced.params
-    if name == "grad":
-        return PerSample(emit, params, cotangents, batch_size, data, quantity=quantity)
-    if name == "residuals":
+    if propagation.factor is not None:
+        factors, columns = propagate_sqrt_ggn(emit, traced, cotangents, propagation.factor,
+                                              mc_samples)
+        numels = {n: traced.attrs[node.target].numel() for n, node in params.items()}
+        return PerSample(emit, params, factors, batch_size, data, lead=1,
+                         label=f"sqrt_ggn_{propagation.factor}", lead_size=columns,
+                         numels=numels)
+    if propagation.signs is not None:
+        weights = {1.0: propagation.signs[0], -1.0: propagation.signs[1]}
+        terms = [(term, weights[sign]) for term, sign in source(q.RESIDUALS)
+                 if weights[sign] != 0.0]
+        return SignedSum([(source(q.GGN_EXACT), 1.0)] + terms)
+    if propagation.kfra:
+        return KFRA(emit, traced, cotangents)
+    if propagation is q.RESIDUALS:
         def wrap(factors, columns, direct=None):
             return PerSample(emit, params, factors, batch_size, data, lead=1, label="residual",
-                             lead_size=columns, quantity=quantity, direct=direct)
-        return residual_propagations(emit, traced, cotangents, quantity, wrap)
-    if name == "kfra":
-        return KFRA(emit, traced, cotangents, quantity)
-    if name in RESIDUAL_SIGNS:
-        signs = RESIDUAL_SIGNS[name]
-        terms = [(term, signs[sign]) for term, sign in source("residuals", quantity)
-                 if signs[sign] != 0.0]
-        return SignedSum([(source("ggn_exact", quantity), 1.0)] + terms)
-    kind = name.split("_", 1)[1]
-    factors, columns = propagate_sqrt_ggn(emit, traced, cotangents, kind, mc_samples, quantity)
-    numels = {n: traced.attrs[node.target].numel() for n, node in params.items()}
-    return PerSample(emit, params, factors, batch_size, data, lead=1, label=f"sqrt_ggn_{kind}",
-                     lead_size=columns, quantity=quantity, numels=numels)
+                             lead_size=columns, direct=direct)
+        return residual_propagations(emit, traced, cotangents, wrap)
+    return PerSample(emit, params, cotangents, batch_size, data)
 
 
 def check_inputs(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:

@@ -13,6 +13,8 @@ from typing import Any, Callable, Optional
 
 import torch.fx as fx
 
+from . import errors
+
 
 class Emitter(fx.Tracer):
     """Appends nodes to an existing graph; proxies created here emit into it."""
@@ -35,6 +37,17 @@ class Emitter(fx.Tracer):
             yield self
         finally:
             self._prefix, self._tags = saved
+
+    @contextlib.contextmanager
+    def requesting(self, quantity: str):
+        """Emit for ``quantity``: errors raised inside name it (:func:`errors.node_error`)."""
+        with errors.requesting(quantity):
+            yield self
+
+    @property
+    def quantity(self) -> str:
+        """The quantity being emitted for (named in runtime error messages)."""
+        return errors.requested()
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         if name is None and self._prefix is not None:

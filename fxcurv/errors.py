@@ -1,10 +1,12 @@
 """Compile-time errors that say where (node, module, source line), what, and what to do."""
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import os
 import re
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch.fx as fx
 
@@ -111,7 +113,30 @@ def describe(node: fx.Node) -> str:
     return f"node '{node.name}' ({', '.join(parts)})"
 
 
+# the quantity being compiled, named by every error raised meanwhile (set by
+# ``Emitter.requesting`` and by ``compile`` around the passes before any quantity)
+_REQUESTED: contextvars.ContextVar[Optional[str]] = contextvars.ContextVar(
+    "fxcurv_requested", default=None)
+
+
+@contextlib.contextmanager
+def requesting(quantity: str) -> Iterator[None]:
+    """Errors raised inside name ``quantity`` (the one the code being compiled is for)."""
+    token = _REQUESTED.set(quantity)
+    try:
+        yield
+    finally:
+        _REQUESTED.reset(token)
+
+
+def requested() -> str:
+    """The quantity being compiled (``"grad"`` outside any :func:`requesting`)."""
+    return _REQUESTED.get() or "grad"
+
+
 def node_error(node: fx.Node, problem: str, hint: str, quantity: str | None = None) -> CompileError:
-    """Build a :class:`CompileError` for ``node``: what is wrong, for which quantity, what to do."""
+    """Build a :class:`CompileError` for ``node``: what is wrong, for which quantity (default:
+    the one being compiled, :func:`requesting`), what to do."""
+    quantity = quantity or _REQUESTED.get()
     needed = f" for quantity '{quantity}'" if quantity else ""
     return CompileError(f"{describe(node)}{needed}: {problem}. {hint}")

@@ -1,66 +1,142 @@
-"""Quantity names (BackPACK's savefields), aliases, and what each one needs."""
+"""Quantity names (BackPACK's savefields), aliases, and what each one is made of.
+
+One declarative table: each quantity names
+
+* the :class:`Propagation` it reads: the gradient, a square-root factor of the GGN (exact or
+  Monte-Carlo), KFRA's batch-averaged matrices, or the exact GGN plus the positive and
+  negative residual parts of the Hessian with their ``signs`` (``+1, -1``: the Hessian;
+  ``|·|`` and clipping: the positive-curvature Hessians);
+* the :class:`Extraction` that turns it into one value per parameter (the ``PerSample``
+  method that implements it, the extra per-parameter inputs it reads, whether its result is
+  as big as the propagation, ``[*lead, N, *p.shape]``);
+* its data-parallel :class:`Reduction` (``passes/distributed.py``);
+* how a regulariser's exact Hessian enters it (``regulariser``: ``"exact"``, ``"abs"``,
+  ``"clip"``, or None: the quantity is refused with a regulariser).
+
+``compile`` walks the table: it builds each propagation once and calls each extraction.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from .errors import CompileError
+
+
+@dataclass(frozen=True)
+class Propagation:
+    """What extractions read. ``factor``: a propagated square root of the loss Hessian
+    (``"exact"``, ``"mc"``); ``signs``: the weights of the positive and negative residual
+    parts added to the exact GGN (the Hessian family); ``kfra``: KFRA's matrices."""
+
+    name: str
+    factor: Optional[str] = None
+    signs: Optional[tuple[float, float]] = None
+    kfra: bool = False
+
+
+GRADIENT = Propagation("grad")
+GGN_EXACT = Propagation("ggn_exact", factor="exact")
+GGN_MC = Propagation("ggn_mc", factor="mc")
+KFRA = Propagation("kfra", kfra=True)
+HESSIAN = Propagation("hessian", signs=(1.0, -1.0))
+PCH_ABS = Propagation("pch_abs", signs=(1.0, 1.0))
+PCH_CLIP = Propagation("pch_clip", signs=(1.0, 0.0))
+# the square-root factors of every op's residual parts, with their signs (no quantity reads
+# them directly: the Hessian family adds them to the exact GGN)
+RESIDUALS = Propagation("residuals")
+
+
+@dataclass(frozen=True)
+class Extraction:
+    """One value per parameter from a propagation: the ``PerSample`` method ``method``
+    implements it (``passes/per_sample.py``, ``@extracts``); ``reads``: extra per-parameter
+    inputs (``"grad"``, ``"vectors"``); ``propagation_sized``: the result is
+    ``[*lead, N, *p.shape]`` (computed last, ``passes/schedule.py``)."""
+
+    method: str
+    reads: tuple = ()
+    propagation_sized: bool = False
+
+
+BATCH = Extraction("batch", propagation_sized=True)
+BATCH_L2 = Extraction("batch_l2")
+SUM_SQUARES = Extraction("sum_squares")
+BATCH_SUM_SQUARES = Extraction("batch_sum_squares", propagation_sized=True)
+VARIANCE = Extraction("variance", reads=("grad",))
+KRON = Extraction("kron")
+PRODUCT = Extraction("product", reads=("vectors",))
+
+
+@dataclass(frozen=True)
+class Reduction:
+    """How one quantity becomes global under data parallelism: ``kind`` of collective
+    ("sum", "gather", "variance", "kron", "kfra"), the divisor ``part`` its scaling comes
+    from ("gradient", "hessian", or "both": a sum of terms of each) and the ``power`` of
+    ``1/divisor`` it carries, its sample ``axis``."""
+
+    kind: str
+    part: str
+    power: float = 1.0
+    axis: int = 0
 
 
 @dataclass(frozen=True)
 class Quantity:
     name: str
     family: str          # "first_order", "ggn", "hessian", "product"
-    per_sample: bool     # needs the sample axis kept apart (undefined for BatchNorm train)
-    implemented: bool
     doc: str
-    source: str = ""     # the propagation it reads: "grad", "ggn_exact", "ggn_mc"
-    extract: str = ""    # the passes.per_sample.PerSample method that computes it
+    source: Propagation
+    extract: Extraction
+    reduction: Reduction
+    regulariser: Optional[str] = None  # "exact", "abs", "clip"; None: refused with one
+    per_sample: bool = True  # needs the sample axis kept apart (undefined for BatchNorm train)
 
 
 _ALL = [
-    Quantity("batch_grad", "first_order", True, True, "per-sample gradients [N, *p.shape]",
-             "grad", "batch"),
-    Quantity("batch_l2", "first_order", True, True, "squared norms of per-sample gradients [N]",
-             "grad", "batch_l2"),
-    Quantity("sum_grad_squared", "first_order", True, True, "Σ_n g_n² (p.shape)",
-             "grad", "sum_squares"),
-    Quantity("variance", "first_order", True, True, "Σ_n g_n²/N - (Σ_n g_n/N)² (p.shape)",
-             "grad", "variance"),
-    Quantity("diag_ggn_exact", "ggn", True, True, "diagonal of the GGN (p.shape)",
-             "ggn_exact", "sum_squares"),
-    Quantity("diag_ggn_mc", "ggn", True, True, "Monte-Carlo diagonal of the GGN (p.shape)",
-             "ggn_mc", "sum_squares"),
-    Quantity("diag_ggn_exact_batch", "ggn", True, True, "per-sample GGN diagonals [N, *p.shape]",
-             "ggn_exact", "batch_sum_squares"),
-    Quantity("diag_ggn_mc_batch", "ggn", True, True, "per-sample MC GGN diagonals [N, *p.shape]",
-             "ggn_mc", "batch_sum_squares"),
-    Quantity("sqrt_ggn_exact", "ggn", True, True, "square-root GGN factor [C, N, *p.shape]",
-             "ggn_exact", "batch"),
-    Quantity("sqrt_ggn_mc", "ggn", True, True, "MC square-root GGN factor [M, N, *p.shape]",
-             "ggn_mc", "batch"),
-    Quantity("kfac", "ggn", True, True,
+    Quantity("batch_grad", "first_order", "per-sample gradients [N, *p.shape]", GRADIENT,
+             BATCH, Reduction("gather", "gradient")),
+    Quantity("batch_l2", "first_order", "squared norms of per-sample gradients [N]", GRADIENT,
+             BATCH_L2, Reduction("gather", "gradient", 2.0)),
+    Quantity("sum_grad_squared", "first_order", "Σ_n g_n² (p.shape)", GRADIENT, SUM_SQUARES,
+             Reduction("sum", "gradient", 2.0)),
+    Quantity("variance", "first_order", "Σ_n g_n²/N - (Σ_n g_n/N)² (p.shape)", GRADIENT,
+             VARIANCE, Reduction("variance", "gradient", 2.0)),
+    Quantity("diag_ggn_exact", "ggn", "diagonal of the GGN (p.shape)", GGN_EXACT, SUM_SQUARES,
+             Reduction("sum", "hessian"), "exact"),
+    Quantity("diag_ggn_mc", "ggn", "Monte-Carlo diagonal of the GGN (p.shape)", GGN_MC,
+             SUM_SQUARES, Reduction("sum", "hessian"), "exact"),
+    Quantity("diag_ggn_exact_batch", "ggn", "per-sample GGN diagonals [N, *p.shape]",
+             GGN_EXACT, BATCH_SUM_SQUARES, Reduction("gather", "hessian")),
+    Quantity("diag_ggn_mc_batch", "ggn", "per-sample MC GGN diagonals [N, *p.shape]", GGN_MC,
+             BATCH_SUM_SQUARES, Reduction("gather", "hessian")),
+    Quantity("sqrt_ggn_exact", "ggn", "square-root GGN factor [C, N, *p.shape]", GGN_EXACT,
+             BATCH, Reduction("gather", "hessian", 0.5, axis=1)),
+    Quantity("sqrt_ggn_mc", "ggn", "MC square-root GGN factor [M, N, *p.shape]", GGN_MC,
+             BATCH, Reduction("gather", "hessian", 0.5, axis=1)),
+    Quantity("kfac", "ggn",
              "Kronecker factors [G, A] (weights) / [G] (biases; others: GGN block), MC",
-             "ggn_mc", "kron"),
-    Quantity("kflr", "ggn", True, True,
+             GGN_MC, KRON, Reduction("kron", "hessian")),
+    Quantity("kflr", "ggn",
              "Kronecker factors [G, A] (weights) / [G] (biases; others: GGN block), exact",
-             "ggn_exact", "kron"),
-    Quantity("kfra", "ggn", True, True,
+             GGN_EXACT, KRON, Reduction("kron", "hessian")),
+    Quantity("kfra", "ggn",
              "Kronecker factors [G, A] / [G] from the batch-averaged GGN (chains only)",
-             "kfra", "kron"),
-    Quantity("diag_h", "hessian", True, True, "diagonal of the Hessian (p.shape)",
-             "hessian", "sum_squares"),
-    Quantity("diag_h_batch", "hessian", True, True, "per-sample Hessian diagonals [N, *p.shape]",
-             "hessian", "batch_sum_squares"),
-    Quantity("hmp", "product", True, True, "Hessian block times vectors [V, *p.shape]",
-             "hessian", "product"),
-    Quantity("ggnmp", "product", True, True, "GGN block times vectors [V, *p.shape]",
-             "ggn_exact", "product"),
-    Quantity("pchmp_abs", "product", True, True,
+             KFRA, KRON, Reduction("kfra", "hessian")),
+    Quantity("diag_h", "hessian", "diagonal of the Hessian (p.shape)", HESSIAN, SUM_SQUARES,
+             Reduction("sum", "both"), "exact"),
+    Quantity("diag_h_batch", "hessian", "per-sample Hessian diagonals [N, *p.shape]", HESSIAN,
+             BATCH_SUM_SQUARES, Reduction("gather", "both")),
+    Quantity("hmp", "product", "Hessian block times vectors [V, *p.shape]", HESSIAN, PRODUCT,
+             Reduction("sum", "both"), "exact"),
+    Quantity("ggnmp", "product", "GGN block times vectors [V, *p.shape]", GGN_EXACT, PRODUCT,
+             Reduction("sum", "hessian"), "exact"),
+    Quantity("pchmp_abs", "product",
              "positive-curvature Hessian (|residual|) block times vectors [V, *p.shape]",
-             "pch_abs", "product"),
-    Quantity("pchmp_clip", "product", True, True,
+             PCH_ABS, PRODUCT, Reduction("sum", "both"), "abs"),
+    Quantity("pchmp_clip", "product",
              "positive-curvature Hessian (residual clipped at 0) block times vectors",
-             "pch_clip", "product"),
+             PCH_CLIP, PRODUCT, Reduction("sum", "both"), "clip"),
 ]
 QUANTITIES: dict[str, Quantity] = {q.name: q for q in _ALL}
 ALIASES = {"grad_batch": "batch_grad"}
@@ -80,11 +156,5 @@ def resolve(names) -> list[tuple[str, Quantity]]:
         if name in seen:
             raise CompileError(f"quantity {name!r} is requested twice.")
         seen.add(name)
-        quantity = QUANTITIES[canonical]
-        if not quantity.implemented:
-            done = ", ".join(q.name for q in _ALL if q.implemented)
-            raise CompileError(f"quantity {name!r} is not implemented in this version of "
-                               f"fxcurv yet (see the README's support table). "
-                               f"Implemented: {done}.")
-        resolved.append((name, quantity))
+        resolved.append((name, QUANTITIES[canonical]))
     return resolved

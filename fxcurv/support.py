@@ -133,8 +133,7 @@ def module_rows() -> list[list[str]]:
 
 
 def quantity_rows() -> list[list[str]]:
-    return [[q.name, q.family, "yes" if q.implemented else "not yet", q.doc]
-            for q in QUANTITIES.values()]
+    return [[q.name, q.family, q.doc] for q in QUANTITIES.values()]
 
 
 def render() -> str:
@@ -142,7 +141,7 @@ def render() -> str:
     ops = markdown_table(["op", "spellings", "grad", "first order, GGN family",
                           "diag_h, hmp, pchmp", "kfac, kflr", "notes"],
                          rows() + decomposed_rows())
-    quantities = markdown_table(["quantity", "family", "implemented", "what"], quantity_rows())
+    quantities = markdown_table(["quantity", "family", "what"], quantity_rows())
     modules = markdown_table(["module", "traced as", "notes"], module_rows())
     return (f"## Quantities\n\n{quantities}\n\n## Modules\n\n{modules}\n\n"
             f"## Ops\n\n{ops}\n")

@@ -74,24 +74,24 @@ def _inplace_flag(node: fx.Node) -> Optional[tuple[Any, tuple, dict]]:
     return None
 
 
-def check_in_place(graph: fx.Graph, quantity: Optional[str] = None) -> None:
+def check_in_place(graph: fx.Graph) -> None:
     """Refuse every in-place op the functional rewrite would not reproduce exactly."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     for node in graph.nodes:
         if isinstance(node.kwargs.get("out"), fx.Node):
             raise node_error(node, "an op writing into an existing tensor (out=) has no "
-                             "functional form in fxcurv", _HINT, quantity)
+                             "functional form in fxcurv", _HINT)
         twin = in_place_twin(node)
         if twin is None:
             continue
         if twin[0] is None:
-            raise node_error(node, "this in-place op has no out-of-place rule", _HINT, quantity)
+            raise node_error(node, "this in-place op has no out-of-place rule", _HINT)
         mutated = node.args[0] if node.args else None
         if isinstance(mutated, fx.Node) and not is_scalar_node(mutated):
             reason = _grad_mode_problem(node, mutated) or _aliasing_problem(node, mutated,
                                                                             order)
             if reason:
-                raise node_error(node, reason, _HINT, quantity)
+                raise node_error(node, reason, _HINT)
 
 
 def _grad_mode_problem(node: fx.Node, mutated: fx.Node) -> Optional[str]:

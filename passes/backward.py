@@ -22,13 +22,13 @@ from .expand import unexpanded_reason
 
 
 def backward(emit: Emitter, seeds: dict[fx.Node, Any], sources: Iterable[fx.Node],
-             lead: int = 0, tag: str = "cotangent", quantity: Optional[str] = None,
+             lead: int = 0, tag: str = "cotangent",
              active: Optional[dict] = None) -> dict[fx.Node, Any]:
     """Emit the backward propagation of ``seeds``; return ``{node: cotangent proxy}``.
 
     ``lead`` is the number of leading vector axes of the seeds; ``tag`` names the results
-    (``relu_1_cotangent``); ``quantity`` is named in errors; ``active``: the nodes that
-    depend on ``sources`` (``analysis.depends_on``), when the caller has them (many
+    (``relu_1_cotangent``); errors name the quantity of ``emit.requesting``; ``active``: the
+    nodes that depend on ``sources`` (``analysis.depends_on``), when the caller has them (many
     propagations from forward nodes share one; only forward nodes get cotangents).
     """
     sources = list(sources)
@@ -40,23 +40,21 @@ def backward(emit: Emitter, seeds: dict[fx.Node, Any], sources: Iterable[fx.Node
     for node in reversed(nodes):
         if node in cotangents and node.op in ("call_function", "call_method"):
             with emit.naming(f"{node.name}_vjp", pass_="backward", node=node.name):
-                _propagate(node, cotangents, active, emit, lead, quantity)
+                _propagate(node, cotangents, active, emit, lead)
     for node, value in reversed(list(cotangents.items())):
         if node not in seeds and node not in sources:
             emit.rename(value, f"{node.name}_{tag}")
     return cotangents
 
 
-def _propagate(node: fx.Node, cotangents: dict, active: dict, emit: Emitter, lead: int,
-               quantity: Optional[str]) -> None:
+def _propagate(node: fx.Node, cotangents: dict, active: dict, emit: Emitter, lead: int) -> None:
     """Emit ``Jᵀ g`` of one node for each active argument and accumulate it."""
     rule = rule_for(node)
     if rule is None:
         raise node_error(node, "this op has no rule in fxcurv's rule table and no expansion"
                          + unexpanded_reason(node),
                          "Rewrite it with supported ops (see `python -m fxcurv.support` or the "
-                         "README's support table) or register a rule in fxcurv/rules/.",
-                         quantity or "grad")
+                         "README's support table) or register a rule in fxcurv/rules/.")
     ctx = Ctx.of(node, rule, emit, lead)
     for name, value in ctx.bound.items():
         inputs = value if isinstance(value, (list, tuple)) else [value]
@@ -67,8 +65,7 @@ def _propagate(node: fx.Node, cotangents: dict, active: dict, emit: Emitter, lea
         if vjp is None:
             raise node_error(node, f"{rule.name} has no Jacobian rule for its argument "
                              f"'{name}', which depends on the parameters",
-                             "Make that argument a constant (e.g. .detach()) or add the rule.",
-                             quantity or "grad")
+                             "Make that argument a constant (e.g. .detach()) or add the rule.")
         result = vjp(cotangents[node], ctx)
         results = result if isinstance(value, (list, tuple)) else [result]
         for arg, keep, contribution in zip(inputs, wanted, results):

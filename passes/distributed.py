@@ -12,7 +12,7 @@ unequal batches follow from it). Then, for each returned quantity, it scales eve
 value by its share and issues one coalesced collective right after the last of them is
 computed (so it runs while the rest of the step computes); the waits, and what follows
 them (cutting the padding, the variance), sit before the output. Per quantity
-(:data:`REDUCTIONS`):
+(``Quantity.reduction``, ``fxcurv/quantities.py``):
 
 ======================  ==================================================================
 sum of ``w^k · q``      loss, grad (k=1); sum_grad_squared (k=2); diag_ggn_*, diag_h,
@@ -30,7 +30,6 @@ kfra                    the dense matrix is averaged over the batch at every ste
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
@@ -41,6 +40,7 @@ from fxcurv import distributed as helpers
 from fxcurv.distributed import GRADIENT, HESSIAN, SAMPLES
 from fxcurv.emit import Emitter
 from fxcurv.errors import CompileError, node_error
+from fxcurv.quantities import Reduction
 from fxcurv.rules import Ctx, rule_for
 
 from .analysis import descendants
@@ -50,39 +50,7 @@ from .curvature.kfra import averages_samples, summed_outer
 COLLECTIVES = torch.ops._c10d_functional
 
 
-@dataclass(frozen=True)
-class Reduction:
-    """How one quantity becomes global: ``kind`` of collective, the divisor ``part`` its
-    scaling comes from and the ``power`` of ``1/divisor`` it carries, its sample ``axis``."""
-
-    kind: str            # "sum", "gather", "variance", "kron", "kfra"
-    part: str            # "gradient", "hessian", or "both" (a sum of terms of each)
-    power: float = 1.0
-    axis: int = 0
-
-
-GRAD = Reduction("sum", "gradient")
-REDUCTIONS: dict[str, Reduction] = {
-    "batch_grad": Reduction("gather", "gradient"),
-    "batch_l2": Reduction("gather", "gradient", 2.0),
-    "sum_grad_squared": Reduction("sum", "gradient", 2.0),
-    "variance": Reduction("variance", "gradient", 2.0),
-    "diag_ggn_exact": Reduction("sum", "hessian"),
-    "diag_ggn_mc": Reduction("sum", "hessian"),
-    "diag_ggn_exact_batch": Reduction("gather", "hessian"),
-    "diag_ggn_mc_batch": Reduction("gather", "hessian"),
-    "sqrt_ggn_exact": Reduction("gather", "hessian", 0.5, axis=1),
-    "sqrt_ggn_mc": Reduction("gather", "hessian", 0.5, axis=1),
-    "kfac": Reduction("kron", "hessian"),
-    "kflr": Reduction("kron", "hessian"),
-    "kfra": Reduction("kfra", "hessian"),
-    "diag_h": Reduction("sum", "both"),
-    "diag_h_batch": Reduction("gather", "both"),
-    "hmp": Reduction("sum", "both"),
-    "ggnmp": Reduction("sum", "hessian"),
-    "pchmp_abs": Reduction("sum", "both"),
-    "pchmp_clip": Reduction("sum", "both"),
-}
+GRAD = Reduction("sum", "gradient")  # the gradient: summed, scaled like it
 COLUMNS = {"gradient": GRADIENT, "hessian": HESSIAN, "samples": SAMPLES}
 # the shares a step may use: (divisor column, power); unused ones are removed as dead code
 SHARES = [("gradient", 1.0), ("gradient", 2.0), ("hessian", 1.0), ("hessian", 0.5),
@@ -96,11 +64,6 @@ def data_parallel(emit: Emitter, traced, requested: list, outputs: tuple,
     if process_group is None:
         return outputs
     group = _check_group(process_group)
-    for label, quantity in requested:
-        if quantity.name not in REDUCTIONS:
-            raise CompileError(f"quantity {label!r} has no data-parallel reduction yet (add it "
-                               "to REDUCTIONS in passes/distributed.py); compile it without "
-                               "process_group.")
     _check_generators(traced, requested, group)
     plan = DataParallel(emit, traced, group, requested)
     loss, grads, *results = outputs
@@ -108,7 +71,7 @@ def data_parallel(emit: Emitter, traced, requested: list, outputs: tuple,
     global_grads = plan.reduce_sum(grads, GRAD, "grad")
     reduced = []
     for (label, quantity), values in zip(requested, results):
-        reduction = REDUCTIONS[quantity.name]
+        reduction = quantity.reduction
         if reduction.kind == "variance":
             reduced.append(plan.variance(values, grads, global_grads, label))
         elif reduction.kind in ("kron", "kfra"):
@@ -127,8 +90,8 @@ class DataParallel:
         self.emit, self.traced, self.graph = emit, traced, emit.graph
         self.group_name, self.world = group.group_name, group.size()
         self.mean = self._reduction() == "mean"
-        self._emit_counts(any(REDUCTIONS[q.name].part == "both" for _, q in requested))
-        if any(REDUCTIONS[q.name].kind == "kfra" for _, q in requested):
+        self._emit_counts(any(q.reduction.part == "both" for _, q in requested))
+        if any(q.reduction.kind == "kfra" for _, q in requested):
             self._reduce_kfra_matrices()
 
     # -- counts and shares ------------------------------------------------------------------
@@ -353,7 +316,7 @@ def _check_group(group: Any):
 
 def _check_generators(traced, requested: list, group) -> None:
     """Monte-Carlo quantities need independent samples on every rank."""
-    sampled = [label for label, q in requested if q.source == "ggn_mc"]
+    sampled = [label for label, q in requested if q.source.factor == "mc"]
     if sampled:
         device = next(iter(traced.attrs[n.target] for n in traced.params.values())).device
         helpers.check_independent_generators(group, device, sampled[0])

@@ -35,35 +35,34 @@ _HOOK_HINT = ("Remove the hook before compiling (fxcurv's backward is explicit c
 AUTOGRAD_SIDE_EFFECTS = ("register_hook", "register_post_accumulate_grad_hook")
 
 
-def check_derivative_paths(graph: fx.Graph, sources: Iterable[fx.Node],
-                           quantity: str = "grad") -> dict[fx.Node, None]:
+def check_derivative_paths(graph: fx.Graph, sources: Iterable[fx.Node]) -> dict[fx.Node, None]:
     """Refuse every node that depends on ``sources`` and is not ruled; return those nodes."""
     active = depends_on(graph, sources)
     for node in graph.nodes:
         if node.op == "call_module" and any(a in active for a in node.all_input_nodes):
             raise node_error(node, "a module call that was not traced through has no rule",
-                             _NO_RULE_HINT, quantity)
+                             _NO_RULE_HINT)
         if node in active and node.op in ("call_function", "call_method"):
-            _check_ruled(node, active, quantity)
+            _check_ruled(node, active)
     loss = next(n for n in graph.nodes if n.op == "output").args[0]
     if isinstance(loss, fx.Node) and loss not in active:
         raise node_error(loss, "the loss depends on no trainable parameter (a no_grad region, "
                          "detach or a constant cuts every path), so eager autograd could not "
                          "differentiate it either", "Check where the parameters' path to the "
-                         "loss is cut.", quantity)
+                         "loss is cut.")
     return active
 
 
-def _check_ruled(node: fx.Node, active: dict, quantity: str) -> None:
+def _check_ruled(node: fx.Node, active: dict) -> None:
     """One node on a derivative path: a rule, accepted arguments, a Jᵀ per active argument."""
     rule = rule_for(node)
     if rule is None:
         problem, hint = _opaque(node)
-        raise node_error(node, problem, hint, quantity)
+        raise node_error(node, problem, hint)
     bound = rule.bind(node)
     reason = rule.unsupported(bound) if rule.unsupported else None
     if reason:
-        raise node_error(node, reason, "Change that argument or the op.", quantity)
+        raise node_error(node, reason, "Change that argument or the op.")
     if rule.is_constant(node):
         return
     for name, value in bound.items():
@@ -71,8 +70,7 @@ def _check_ruled(node: fx.Node, active: dict, quantity: str) -> None:
         if name not in rule.vjp and any(isinstance(a, fx.Node) and a in active for a in inputs):
             raise node_error(node, f"{rule.name} has no Jacobian rule for its argument "
                              f"'{name}', which depends on the parameters",
-                             "Make that argument a constant (e.g. .detach()) or add the rule.",
-                             quantity)
+                             "Make that argument a constant (e.g. .detach()) or add the rule.")
 
 
 def _opaque(node: fx.Node) -> tuple[str, str]:

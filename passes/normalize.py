@@ -36,11 +36,11 @@ from .aliasing import check_in_place, in_place_twin
 from .expand import expand
 
 
-def normalize(graph: fx.Graph, quantity: Optional[str] = None) -> fx.Graph:
+def normalize(graph: fx.Graph) -> fx.Graph:
     """Apply the normalisations above in graph order (``quantity`` is named in errors)."""
     for node in list(graph.nodes):
         _field_to_position(node)
-    check_in_place(graph, quantity)
+    check_in_place(graph)
     for node in list(graph.nodes):
         if _make_out_of_place(node):
             _read_new_value(graph, node)

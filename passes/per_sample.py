@@ -81,11 +81,11 @@ class PerSample:
     def __init__(self, emit: Emitter, params: dict[str, fx.Node], cotangents: dict,
                  batch_size: Any, data: tuple[set, set], lead: int = 0,
                  label: str = "batch_grad", lead_size: Any = None,
-                 quantity: Optional[str] = None, numels: Optional[dict[str, int]] = None,
+                 numels: Optional[dict[str, int]] = None,
                  direct: Optional[dict[fx.Node, Any]] = None):
         """``data``: the nodes that depend on the input, and those of them that still carry
         its sample axis (``analysis.descendants``, ``analysis.sample_carriers``); ``label``
-        names the emitted nodes; ``quantity`` (default: label) is named in errors; ``numels``:
+        names the emitted nodes (errors name the quantity of ``emit.requesting``); ``numels``:
         each parameter's number of entries (what :meth:`ggn_block` returns depends on it);
         ``direct``: per-sample terms ``[*lead, N, *value.shape]`` seeded on parameter-side
         values (a tied weight's part of a cross second derivative), added where the
@@ -94,7 +94,6 @@ class PerSample:
         self.batch_size, self.lead, self.label, self.lead_size = batch_size, lead, label, \
             lead_size
         self.data, self.carriers = data
-        self.quantity = quantity or label
         self.numels = numels or {}
         self.direct = direct or {}
         self._reaches = set().union(*[ancestors(node) for node in self.direct])
@@ -135,14 +134,13 @@ class PerSample:
         if fn is None:
             raise node_error(node, f"{rule.name} has no per-sample rule for its argument "
                              f"'{arg}' (from parameter '{name}')", "Use a supported layer for "
-                             "this parameter or request only 'grad'.", self.quantity)
+                             "this parameter or request only 'grad'.")
         if node not in self.carriers:  # (a regulariser is refused before, with its node)
             raise node_error(node, f"parameter '{name}' reaches the loss here without passing "
                              "through the per-sample part of the model (e.g. a regulariser "
                              "added to the loss), so its per-sample terms are undefined",
                              "Request grad or a curvature quantity (diag_ggn_*, diag_h, "
-                             "ggnmp, hmp), which include a regulariser's exact Hessian.",
-                             self.quantity)
+                             "ggnmp, hmp), which include a regulariser's exact Hessian.")
         return fn(self.cotangents[node], Ctx.of(node, rule, self.emit, self.lead), *extra)
 
     def stacked(self, name: str) -> Optional[tuple[Any, Ctx, OpRule, str]]:

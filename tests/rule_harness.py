@@ -40,6 +40,19 @@ class Case:
         return [n for n, t in zip(self.names, self.inputs)
                 if isinstance(t, torch.Tensor) and t.is_floating_point() and n not in self.const]
 
+    def of_differentiable(self) -> tuple[Callable, list]:
+        """``(f, values)``: ``fn`` as a function of the differentiable inputs alone (the
+        others fixed), and those inputs."""
+        index = [self.names.index(n) for n in self.differentiable()]
+
+        def f(*tensors):
+            args = list(self.inputs)
+            for i, t in zip(index, tensors):
+                args[i] = t
+            return self.fn(*args)
+
+        return f, [self.inputs[i] for i in index]
+
 
 def case(case_id: str, fn: Callable, *inputs, params: tuple = (), const: tuple = ()) -> Case:
     """A rule case; ``params``: inputs without a sample axis; ``const``: float inputs that are
@@ -105,16 +118,8 @@ def cotangent(c: Case, lead: int, generator: torch.Generator) -> torch.Tensor:
 
 def reference_vjps(c: Case, ct: torch.Tensor, lead: int) -> list[torch.Tensor]:
     """``Jᵀ ct`` for every differentiable input by ``torch.func.vjp`` (vmapped over lead axes)."""
-    diff = c.differentiable()
-    index = [c.names.index(n) for n in diff]
-
-    def partial(*tensors):
-        args = list(c.inputs)
-        for i, t in zip(index, tensors):
-            args[i] = t
-        return c.fn(*args)
-
-    _, pullback = torch.func.vjp(partial, *[c.inputs[i] for i in index])
+    partial, values = c.of_differentiable()
+    _, pullback = torch.func.vjp(partial, *values)
     fn = pullback
     for _ in range(lead):
         fn = torch.func.vmap(fn)

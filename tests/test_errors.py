@@ -69,15 +69,6 @@ def test_quantity_requested_twice():
         fxcurv.compile(nn.Linear(3, 2), nn.MSELoss(), ["batch_l2", "batch_l2"])
 
 
-def test_not_yet_implemented_quantity_is_not_called_unknown(monkeypatch):
-    from fxcurv import quantities
-    pending = quantities.QUANTITIES["kfra"].__class__(**{
-        **quantities.QUANTITIES["kfra"].__dict__, "implemented": False})
-    monkeypatch.setitem(quantities.QUANTITIES, "kfra", pending)
-    with pytest.raises(CompileError, match="'kfra' is not implemented in this version"):
-        fxcurv.compile(nn.Linear(3, 2), nn.MSELoss(), ["kfra"])
-
-
 def test_bad_mc_samples():
     with pytest.raises(CompileError, match="mc_samples must be a positive int"):
         fxcurv.compile(nn.Linear(3, 2), nn.MSELoss(), mc_samples=0)

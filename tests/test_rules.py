@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from fxcurv.rules import AFFINE, ELEMENTWISE, MONOTONE, PERMUTATION, RULES
+from fxcurv.rules.helpers import block_diagonal
 from rule_cases import CASES
 from rule_harness import build, cotangent, reference_batch_grads, reference_vjps
 
@@ -47,17 +48,9 @@ def test_adjoint_identity_and_torchscript(case):
     module, _, _ = build(case, 0)
     ct = cotangent(case, 0, torch.Generator().manual_seed(7))
     vjps, _, _ = torch.jit.script(module)(ct, *case.inputs)
-    diff = case.differentiable()
-    index = [case.names.index(n) for n in diff]
-    tangents = [torch.randn_like(case.inputs[i]) for i in index]
-
-    def partial(*tensors):
-        args = list(case.inputs)
-        for i, t in zip(index, tensors):
-            args[i] = t
-        return case.fn(*args)
-
-    _, jv = torch.func.jvp(partial, tuple(case.inputs[i] for i in index), tuple(tangents))
+    partial, values = case.of_differentiable()
+    tangents = [torch.randn_like(v) for v in values]
+    _, jv = torch.func.jvp(partial, tuple(values), tuple(tangents))
     lhs = (ct * jv).sum()
     rhs = sum((v * t).sum() for v, t in zip(vjps, tangents))
     torch.testing.assert_close(lhs, rhs, rtol=1e-10, atol=1e-12)
@@ -104,13 +97,12 @@ def _single_op(case):
 
 @pytest.mark.parametrize("case", CASES, ids=IDS)
 def test_second_order_rules(case):
-    """``hessian_is_zero`` claims hold, and ``residual`` equals the diagonal of the Hessian of
-    ``⟨g, f⟩`` w.r.t. the argument (which must then be diagonal), by ``torch.func.hessian``."""
+    """``hessian_is_zero`` claims hold, ``residual`` equals the diagonal of the Hessian of
+    ``⟨g, f⟩`` w.r.t. the argument (which must then be diagonal), and ``residual_block[(a,)]``
+    its per-sample blocks (zero between samples), by ``torch.func.hessian``."""
     node, rule = _single_op(case)
-    if node is None or rule.has_sqrt_hessian:
+    if node is None or rule.loss is not None:
         pytest.skip("not a single non-loss op")
-    from fxcurv.emit import Emitter
-    from fxcurv.rules import Ctx
     bound = rule.bind(node)
     out = case.fn(*case.inputs)
     g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(3))
@@ -133,18 +125,35 @@ def test_second_order_rules(case):
         elif arg in rule.residual:
             torch.testing.assert_close(hessian, torch.diag(hessian.diagonal()), atol=1e-10,
                                        rtol=0, msg="the residual rule needs a diagonal Hessian")
-            graph = node.graph
-            with graph.inserting_before(next(iter(graph.nodes))):
-                g_node = graph.placeholder("g_out")
-            emit = Emitter(graph)
-            residual = rule.residual[arg](emit.proxy(g_node), Ctx.of(node, rule, emit))
-            out_node = next(n for n in graph.nodes if n.op == "output")
-            out_node.args = (emit.as_node(residual),)
-            graph._co_fields = {}
-            module = torch.fx.GraphModule(torch.nn.Module(), graph)
-            actual = module(g, *case.inputs)
+            actual = _run_rule(case, rule.residual[arg], g)
             torch.testing.assert_close(actual.reshape(-1), hessian.diagonal(), rtol=1e-10,
                                        atol=1e-12)
+        elif (arg,) in rule.residual_block:
+            samples, size = x.size(0), x[0].numel()
+            blocks = hessian.reshape(samples, size, samples, size)
+            within = torch.stack([blocks[n, :, n] for n in range(samples)])
+            torch.testing.assert_close(blocks.abs().sum(2) - within.abs(),
+                                       torch.zeros_like(within),
+                                       atol=1e-10, rtol=0, msg="the block mixes samples")
+            actual = block_diagonal(_run_rule(case, rule.residual_block[(arg,)], g))
+            torch.testing.assert_close(actual, within, rtol=1e-10, atol=1e-12)
+        elif not (rule.mixes_samples and rule.mixes_samples(bound)):
+            pytest.fail(f"{rule.name} states no second derivative for '{arg}'")
+
+
+def _run_rule(case, fn, g):
+    """``fn(g, ctx)`` of the case's single op, emitted into a fresh trace and run."""
+    from fxcurv.emit import Emitter
+    from fxcurv.rules import Ctx
+    node, rule = _single_op(case)
+    graph = node.graph
+    with graph.inserting_before(next(iter(graph.nodes))):
+        g_node = graph.placeholder("g_out")
+    emit = Emitter(graph)
+    value = fn(emit.proxy(g_node), Ctx.of(node, rule, emit))
+    next(n for n in graph.nodes if n.op == "output").args = (emit.as_node(value),)
+    graph._co_fields = {}
+    return torch.fx.GraphModule(torch.nn.Module(), graph)(g, *case.inputs)
 
 
 def _hessian(fn, x):
@@ -185,16 +194,7 @@ def test_traits_hold(case):
     a zero Hessian in all differentiable arguments jointly; ``PERMUTATION``: the Jacobian is a
     0/1 selection (at most one 1 per output entry); ``MONOTONE``: ``f`` is non-decreasing."""
     traits = _traits(case)
-    names = case.differentiable()
-    index = [case.names.index(n) for n in names]
-
-    def f(*values):
-        args = list(case.inputs)
-        for i, v in zip(index, values):
-            args[i] = v
-        return case.fn(*args)
-
-    values = [case.inputs[i] for i in index]
+    f, values = case.of_differentiable()
     out = f(*values)
     jacobians = torch.func.jacrev(f, argnums=tuple(range(len(values))))(*values)
     for x, jac in zip(values, jacobians):
@@ -253,14 +253,5 @@ def test_cross_second_order_rules(case):
         mixed = torch.func.hessian(pairing, argnums=(0, 1))(case.inputs[ia], case.inputs[ib])
         block = mixed[0][1].reshape(out.numel(), out.numel())
         torch.testing.assert_close(block, torch.diag(block.diagonal()), atol=1e-10, rtol=0)
-        from fxcurv.emit import Emitter
-        from fxcurv.rules import Ctx
-        graph = node.graph
-        with graph.inserting_before(next(iter(graph.nodes))):
-            g_node = graph.placeholder("g_out")
-        emit = Emitter(graph)
-        value = fn(emit.proxy(g_node), Ctx.of(node, rule, emit))
-        next(n for n in graph.nodes if n.op == "output").args = (emit.as_node(value),)
-        graph._co_fields = {}
-        actual = torch.fx.GraphModule(torch.nn.Module(), graph)(g, *case.inputs)
+        actual = _run_rule(case, fn, g)
         torch.testing.assert_close(actual.reshape(-1), block.diagonal(), rtol=1e-10, atol=1e-12)

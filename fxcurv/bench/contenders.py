@@ -24,7 +24,7 @@ NOTES = {"pchmp_abs": "BackPACK's PCHMP squares the gradient in its residual "
 def all_quantities() -> list[str]:
     """``grad`` and every quantity fxcurv implements, the core ones first."""
     from ..quantities import QUANTITIES
-    rest = [q for q, spec in QUANTITIES.items() if spec.implemented and q not in CORE_QUANTITIES]
+    rest = [q for q in QUANTITIES if q not in CORE_QUANTITIES]
     return list(CORE_QUANTITIES) + rest
 
 

@@ -68,12 +68,15 @@ _binary([operator.truediv, torch.div, torch.true_divide, "div",
         residual={"other": lambda g, c: unbroadcast(2 * g * c.out / c.args.other.square(), c,
                                                     "other")})
 _binary([operator.pow, torch.pow, "pow"], "pow",
-        "y = aᵇ;  ∂y/∂a = b·a^(b-1), ∂y/∂b = y·log a.",
+        "y = aᵇ;  ∂y/∂a = b·a^(b-1), ∂y/∂b = y·log a;  ∂²y/∂a² = b(b-1)a^(b-2), "
+        "∂²y/∂b² = y·log² a.",
         lambda g, c: g * (c.args.other * c.args.input ** (c.args.other - 1)),
         lambda g, c: g * (c.out * torch.log(c.args.input)), params="input, other",
         residual={"input": lambda g, c: unbroadcast(
             g * (c.args.other * (c.args.other - 1) * c.args.input ** (c.args.other - 2)), c,
-            "input")})
+            "input"),
+            "other": lambda g, c: unbroadcast(g * (c.out * torch.log(c.args.input).square()),
+                                              c, "other")})
 
 elementwise([operator.neg, torch.neg, "neg"], "neg", "input", doc="y = -x;  y' = -1.",
             vjp={"input": lambda g, c: -g}, traits=(AFFINE,))

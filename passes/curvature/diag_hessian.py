@@ -26,6 +26,7 @@ sign share one backward pass (:func:`_combined_propagations`).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Callable, List, Optional
 
 import torch
@@ -34,7 +35,7 @@ from torch import Tensor
 
 from fxcurv.emit import Emitter
 from fxcurv.errors import node_error
-from fxcurv.rules import AFFINE, Ctx, rule_for
+from fxcurv.rules import Ctx, rule_for
 from fxcurv.rules.registry import Args
 
 from ..analysis import (ancestors, depends_on, descendants, differentiable_inputs,
@@ -45,6 +46,7 @@ from .factors import (broadcast_cross_sqrt, checked_cross, checked_parameter_cro
                       cross_sqrt, parameter_cross_sqrt, per_sample_block, repeat_samples,
                       residual_sqrt, sample_basis)
 from .loss_hessian import eigen_sqrt, loss_negative_factor, symmetric_eigh
+from .second_order import BILINEAR, BLOCK, CROSS, MISSING, RESIDUAL, ZERO, Term, classify
 
 MAX_BLOCK_SIZE = 4096  # per-sample entries D = B·K of a residual block (factor: N·D² values)
 # more residual seed sets than this are propagated together, one backward pass per sign
@@ -52,7 +54,7 @@ MAX_BLOCK_SIZE = 4096  # per-sample entries D = B·K of a residual block (factor
 MAX_SEPARATE_PROPAGATIONS = 32
 
 
-def residual_propagations(emit: Emitter, traced, gradient: dict, quantity: str,
+def residual_propagations(emit: Emitter, traced, gradient: dict,
                           make_source: Callable[[dict, Any], Any]) -> list[tuple[Any, float]]:
     """For every op with a second-order residual (diagonal or cross), the propagations of its
     positive and negative square-root factors, each wrapped by ``make_source(cotangents,
@@ -64,13 +66,13 @@ def residual_propagations(emit: Emitter, traced, gradient: dict, quantity: str,
     per_sample = descendants(traced.graph, traced.inputs[0])  # values with a sample axis
     carriers = sample_carriers(traced.graph, traced.inputs[0])
     terms, pending = [], []
-    negative = loss_negative_factor(emit, traced, gradient, quantity)
+    negative = loss_negative_factor(emit, traced, gradient)
     if negative is not None:  # a non-convex loss: its negative curvature, subtracted
         node, factor = negative
         with emit.naming("loss_hessian_negative"):
             columns = factor.size(0)
         cotangents = backward(emit, {node: factor}, params, lead=1,
-                              tag="loss_hessian_minus", quantity=quantity, active=dependent)
+                              tag="loss_hessian_minus", active=dependent)
         terms.append((make_source(cotangents, columns), -1.0))
     for node in list(traced.graph.nodes):
         if node not in gradient or node not in model or node.op not in ("call_function",
@@ -79,36 +81,35 @@ def residual_propagations(emit: Emitter, traced, gradient: dict, quantity: str,
         rule = rule_for(node)
         ctx = Ctx.of(node, rule, emit)
         active = _active_args(ctx, depends)
+        op = _Op(node, rule, ctx, dict(active), gradient[node],
+                 classify(rule, ctx.bound, [name for name, _ in active]))
         with emit.naming(f"{node.name}_residual", pass_="diag_hessian", node=node.name):
-            seed_sets = _diagonal_seeds(emit, node, rule, ctx, active, gradient[node], quantity)
-            seed_sets += _parameter_cross_seeds(emit, node, rule, ctx, active, depends,
-                                                carriers, gradient[node], quantity)
-            seed_sets += _cross_seeds(emit, node, rule, ctx, active, depends, carriers,
-                                      gradient[node], quantity)
-            seed_sets += _block_seeds(emit, node, rule, ctx, active, depends, carriers,
-                                      gradient[node], quantity)
+            seed_sets = _diagonal_seeds(emit, op)
+            seed_sets += _parameter_cross_seeds(emit, op, depends, carriers)
+            seed_sets += _cross_seeds(emit, op, depends, carriers)
+            seed_sets += _block_seeds(emit, op, depends, carriers)
         for seeds, sign, tag, *direct in seed_sets:
             for arg in seeds:
-                _check_sample_axis(node, rule, arg, per_sample, quantity)
+                _check_sample_axis(node, rule, arg, per_sample)
             pending.append((seeds, sign, f"{node.name}_residual_{tag}",
                             direct[0] if direct else {}))
     if len(pending) > MAX_SEPARATE_PROPAGATIONS:
-        return terms + _combined_propagations(emit, pending, params, quantity, make_source)
-    return terms + _separate_propagations(emit, pending, params, quantity, make_source)
+        return terms + _combined_propagations(emit, pending, params, make_source)
+    return terms + _separate_propagations(emit, pending, params, make_source)
 
 
-def _separate_propagations(emit, pending, params, quantity, make_source) -> list:
+def _separate_propagations(emit, pending, params, make_source) -> list:
     """One backward pass per seed set."""
     terms = []
     for seeds, sign, tag, direct in pending:
         with emit.naming(tag, pass_="diag_hessian"):
             columns = next(iter(seeds.values())).size(0)
-        cotangents = backward(emit, seeds, params, lead=1, tag=tag, quantity=quantity)
+        cotangents = backward(emit, seeds, params, lead=1, tag=tag)
         terms.append((make_source(cotangents, columns, direct or None), sign))
     return terms
 
 
-def _combined_propagations(emit, pending, params, quantity, make_source) -> list:
+def _combined_propagations(emit, pending, params, make_source) -> list:
     """All seed sets of one sign in one backward pass: set ``k``'s ``r_k`` columns are placed
     at their own offset of ``R = Σ r_k`` columns (zeros elsewhere), so the squares summed over
     the columns are the sum of the sets' squares. ``O(graph)`` nodes instead of one pass per
@@ -127,8 +128,7 @@ def _combined_propagations(emit, pending, params, quantity, make_source) -> list
                     for node, factor in part.items():
                         value = emit.call(place_columns, factor, index, sizes)
                         target[node] = target[node] + value if node in target else value
-        cotangents = backward(emit, placed[0], params, lead=1, tag=f"residuals_{tag}",
-                              quantity=quantity)
+        cotangents = backward(emit, placed[0], params, lead=1, tag=f"residuals_{tag}")
         terms.append((make_source(cotangents, columns, placed[1] or None), sign))
     return terms
 
@@ -153,22 +153,36 @@ def place_columns(factor: Tensor, index: int, sizes: List[int]) -> Tensor:
                       factor.new_zeros([after] + shape)], 0)
 
 
-def _diagonal_seeds(emit, node, rule, ctx, active, g, quantity) -> list:
+@dataclass
+class _Op:
+    """One op's call as the seed builders see it: node, rule, context, active arguments
+    ``{name: node}``, the gradient at its output and its second-order terms."""
+
+    node: fx.Node
+    rule: Any
+    ctx: Ctx
+    values: dict
+    g: Any
+    terms: list
+
+
+def _diagonal_seeds(emit, op: _Op) -> list:
     """``({arg: √R±}, ±1, tag)`` for each argument with a diagonal residual ``R``."""
     found = []
-    for name, arg in active:
-        if rule.zero_hessian(name, ctx.bound) or (name,) in rule.residual_block:
+    for term in op.terms:
+        if len(term.names) != 1 or term.kind in (ZERO, BLOCK):
             continue
-        if name not in rule.residual:
-            raise node_error(node, f"{rule.name} has a non-zero second derivative in its "
-                             f"argument '{name}' but no diagonal residual rule",
+        name = term.names[0]
+        if term.kind != RESIDUAL:
+            raise node_error(op.node, f"{op.rule.name} has a non-zero second derivative in "
+                             f"its argument '{name}' but no diagonal residual rule",
                              "Request the GGN (diag_ggn_exact) instead, or add a residual "
-                             "rule to this op.", quantity)
-        residual = rule.residual[name](g, ctx)
+                             "rule to this op.")
+        residual = term.fn(op.g, op.ctx)
         for sign, tag in ((1.0, "plus"), (-1.0, "minus")):
-            factor = emit.call(residual_sqrt, residual, sign, _where(node, rule),
+            factor = emit.call(residual_sqrt, residual, sign, _where(op.node, op.rule),
                                factors.MAX_RESIDUAL_FACTOR_BYTES)
-            found.append(({arg: factor}, sign, f"{name}_{tag}"))
+            found.append(({op.values[name]: factor}, sign, f"{name}_{tag}"))
     return found
 
 
@@ -177,46 +191,48 @@ def _where(node: fx.Node, rule) -> str:
     return f"node '{node.name}' ({rule.name})"
 
 
-def _cross_seeds(emit, node, rule, ctx, active, depends, carriers, g, quantity) -> list:
+def _pairs(op: _Op, depends: dict, kinds: tuple):
+    """``(term, a, b)`` for the two-argument terms of ``kinds`` whose arguments share a
+    parameter (otherwise the term lies outside the parameters' blocks)."""
+    for term in op.terms:
+        if len(term.names) == 2 and term.kind in kinds:
+            a, b = (op.values[name] for name in term.names)
+            if depends[a] & depends[b]:
+                yield term, a, b
+
+
+def _cross_seeds(emit, op: _Op, depends, carriers) -> list:
     """Cross terms of two arguments ``a, b`` that share parameters, from the coefficient
     ``c = Σ g ∂²f/∂a∂b`` in the output's shape (arguments broadcast against each other):
     ``R_n = [[0, C_n], [C_nᵀ, 0]]`` with ``C_n`` summing ``c`` over the output entries each
     pair of entries of ``a`` and ``b`` meets in, split into ``S₊S₊ᵀ − S₋S₋ᵀ``
     (:func:`broadcast_cross_sqrt`), each part seeded on both arguments."""
-    if rule.has(AFFINE):
-        return []
     found = []
-    for i, (name_a, a) in enumerate(active):
-        for name_b, b in active[i + 1:]:
-            if not (depends[a] & depends[b]) or (name_a, name_b) in rule.residual_block or \
-                    _parameter_pair(rule, name_a, a, name_b, b, carriers) is not None:
-                continue
-            fn = rule.cross.get((name_a, name_b)) or rule.cross.get((name_b, name_a))
-            if fn is None and rule.bilinear and not _listed(rule.bilinear, name_a, name_b):
-                continue  # jointly affine in this pair (a bias added to a bilinear term)
-            if fn is None:
-                raise node_error(node, f"its arguments '{name_a}' and '{name_b}' both depend "
-                                 f"on parameter(s) {sorted(depends[a] & depends[b])}, and "
-                                 f"{rule.name} has no cross second-derivative rule",
-                                 "Request the GGN (diag_ggn_exact) instead.", quantity)
-            coefficient = emit.call(checked_cross, fn(g, ctx), emit.proxy(a), emit.proxy(b),
-                                    factors.MAX_RESIDUAL_FACTOR_BYTES, _where(node, rule))
-            for sign, tag in ((1.0, "plus"), (-1.0, "minus")):
-                parts = emit.call(broadcast_cross_sqrt, coefficient, emit.proxy(a),
-                                  emit.proxy(b), sign)
-                found.append((_pair(a, b, parts[0], parts[1]), sign, f"cross_{tag}"))
+    for term, a, b in _pairs(op, depends, (CROSS, BILINEAR, MISSING)):
+        if _parameter_pair(term, a, b, op.rule, carriers) is not None:
+            continue
+        if term.kind != CROSS:
+            raise node_error(op.node, f"its arguments '{term.names[0]}' and "
+                             f"'{term.names[1]}' both depend on parameter(s) "
+                             f"{sorted(depends[a] & depends[b])}, and {op.rule.name} has no "
+                             "cross second-derivative rule",
+                             "Request the GGN (diag_ggn_exact) instead.")
+        coefficient = emit.call(checked_cross, term.fn(op.g, op.ctx), emit.proxy(a),
+                                emit.proxy(b), factors.MAX_RESIDUAL_FACTOR_BYTES,
+                                _where(op.node, op.rule))
+        for sign, tag in ((1.0, "plus"), (-1.0, "minus")):
+            parts = emit.call(broadcast_cross_sqrt, coefficient, emit.proxy(a),
+                              emit.proxy(b), sign)
+            found.append((_pair(a, b, parts[0], parts[1]), sign, f"cross_{tag}"))
     return [item for item in found if item[0]]
 
 
-def _listed(pairs: tuple, name_a: str, name_b: str) -> bool:
-    return (name_a, name_b) in pairs or (name_b, name_a) in pairs
-
-
-def _parameter_pair(rule, name_a, a, name_b, b, carriers) -> Optional[tuple]:
+def _parameter_pair(term: Term, a: fx.Node, b: fx.Node, rule, carriers) -> Optional[tuple]:
     """``(data name, data node, parameter-side name, node)`` when the op is bilinear in
     ``(a, b)``, one of them carries the samples and the other is parameter-side."""
-    if not _listed(rule.bilinear, name_a, name_b):
+    if not term.bilinear:
         return None
+    name_a, name_b = term.names
     if a in carriers and b not in carriers and name_b in rule.batch_grad:
         return name_a, a, name_b, b
     if b in carriers and a not in carriers and name_a in rule.batch_grad:
@@ -224,8 +240,7 @@ def _parameter_pair(rule, name_a, a, name_b, b, carriers) -> Optional[tuple]:
     return None
 
 
-def _parameter_cross_seeds(emit, node, rule, ctx, active, depends, carriers, g,
-                           quantity) -> list:
+def _parameter_cross_seeds(emit, op: _Op, depends, carriers) -> list:
     """A data argument ``a`` and a parameter-side argument ``w`` of a bilinear op that share a
     parameter (a tied weight): the per-sample cross block ``C_n = ∂²⟨g_n, f⟩/∂a_n∂w``
     ``[N, Da, Dw]`` is ``w``'s per-sample rule with ``a`` replaced by the basis of its
@@ -233,61 +248,69 @@ def _parameter_cross_seeds(emit, node, rule, ctx, active, depends, carriers, g,
     (:func:`parameter_cross_sqrt`), the ``a`` part seeded on ``a``, the ``w`` part a direct
     per-sample term of ``w`` (``[r, N, *w.shape]``)."""
     found = []
-    for i, (name_a, a) in enumerate(active):
-        for name_b, b in active[i + 1:]:
-            pair = _parameter_pair(rule, name_a, a, name_b, b, carriers)
-            if not (depends[a] & depends[b]) or pair is None:
-                continue
-            data_name, data, side_name, side = pair
-            _check_block_sample_axis(node, rule, data, carriers, quantity)
-            checked = emit.call(checked_parameter_cross, g, emit.proxy(data), emit.proxy(side),
-                                factors.MAX_RESIDUAL_FACTOR_BYTES, _where(node, rule))
-            args = Args(ctx.bound, emit)
-            setattr(args, data_name, emit.call(sample_basis, emit.proxy(data)))
-            probe = Ctx(node, ctx.bound, args, None, 0, emit)
-            terms = rule.batch_grad[side_name](emit.call(repeat_samples, checked,
-                                                         emit.proxy(data)), probe)
-            block = emit.call(per_sample_block, terms, emit.proxy(data))
-            svd = emit.call(torch.linalg.svd, block, full_matrices=False)
-            for sign, tag in ((1.0, "plus"), (-1.0, "minus")):
-                parts = emit.call(parameter_cross_sqrt, svd[0], svd[1], svd[2],
-                                  emit.proxy(data), emit.proxy(side), sign)
-                found.append(({data: parts[0]}, sign, f"{data_name}_{side_name}_{tag}",
-                              {side: parts[1]}))
+    for term, a, b in _pairs(op, depends, (CROSS, BLOCK, BILINEAR)):
+        pair = _parameter_pair(term, a, b, op.rule, carriers)
+        if pair is None:
+            continue
+        data_name, data, side_name, side = pair
+        _check_block_sample_axis(op.node, op.rule, data, carriers)
+        checked = emit.call(checked_parameter_cross, op.g, emit.proxy(data), emit.proxy(side),
+                            factors.MAX_RESIDUAL_FACTOR_BYTES, _where(op.node, op.rule))
+        args = Args(op.ctx.bound, emit)
+        setattr(args, data_name, emit.call(sample_basis, emit.proxy(data)))
+        probe = Ctx(op.node, op.ctx.bound, args, None, 0, emit)
+        terms = op.rule.batch_grad[side_name](emit.call(repeat_samples, checked,
+                                                        emit.proxy(data)), probe)
+        block = emit.call(per_sample_block, terms, emit.proxy(data))
+        svd = emit.call(torch.linalg.svd, block, full_matrices=False)
+        for sign, tag in ((1.0, "plus"), (-1.0, "minus")):
+            parts = emit.call(parameter_cross_sqrt, svd[0], svd[1], svd[2],
+                              emit.proxy(data), emit.proxy(side), sign)
+            found.append(({data: parts[0]}, sign, f"{data_name}_{side_name}_{tag}",
+                          {side: parts[1]}))
     return found
 
 
-def _block_seeds(emit, node, rule, ctx, active, depends, carriers, g, quantity) -> list:
+def _block_seeds(emit, op: _Op, depends, carriers) -> list:
     """``({arg: S±}, ±1, tag)`` from each dense residual block whose arguments are all active
     (two arguments: only where they share a parameter, as for the diagonal cross terms)."""
-    found, values = [], dict(active)
-    for names, block_rule in rule.residual_block.items():
-        args = [values.get(name) for name in names]
-        if None in args or (len(args) > 1 and not frozenset.intersection(
-                *[depends[arg] for arg in args])):
+    found = []
+    for term in op.terms:
+        if term.kind != BLOCK:
             continue
-        if len(args) == 2 and _parameter_pair(rule, names[0], args[0], names[1], args[1],
+        args = [op.values[name] for name in term.names]
+        if len(args) > 1 and not frozenset.intersection(*[depends[arg] for arg in args]):
+            continue
+        if len(args) == 2 and _parameter_pair(term, args[0], args[1], op.rule,
                                               carriers) is not None:
             continue  # a tied parameter: _parameter_cross_seeds
         for arg in args:
-            _check_block_sample_axis(node, rule, arg, carriers, quantity)
+            _check_block_sample_axis(op.node, op.rule, arg, carriers)
         proxies = [emit.proxy(arg) for arg in args]
-        checked = emit.call(checked_size, g, proxies, MAX_BLOCK_SIZE,
-                            f"node '{node.name}' ({rule.name}) for quantity '{quantity}'")
-        block, tag = block_rule(checked, ctx), "_".join(names)
+        checked = emit.call(checked_size, op.g, proxies, MAX_BLOCK_SIZE,
+                            f"node '{op.node.name}' ({op.rule.name}) for quantity "
+                            f"'{emit.quantity}'")
+        block, tag = term.fn(checked, op.ctx), "_".join(term.names)
+        found += _block_factors(emit, block, args, proxies, tag)
+    return found
+
+
+def _block_factors(emit, block, args: list, proxies: list, tag: str) -> list:
+    """The seeds of a dense block ``[N, B, K, K]`` (``eigh``) or cross matrix (``svd``)."""
+    found = []
+    if len(args) == 1:
+        eigen = emit.call(symmetric_eigh, block)          # once for both signs
+    else:
+        svd = emit.call(torch.linalg.svd, block, full_matrices=False)
+    for sign, sign_tag in ((1.0, "plus"), (-1.0, "minus")):
         if len(args) == 1:
-            eigen = emit.call(symmetric_eigh, block)          # once for both signs
+            factor = emit.call(block_sqrt, eigen[0], eigen[1], proxies[0], sign)
+            seeds = {args[0]: factor}
         else:
-            svd = emit.call(torch.linalg.svd, block, full_matrices=False)
-        for sign, sign_tag in ((1.0, "plus"), (-1.0, "minus")):
-            if len(args) == 1:
-                factor = emit.call(block_sqrt, eigen[0], eigen[1], proxies[0], sign)
-                seeds = {args[0]: factor}
-            else:
-                parts = emit.call(cross_sqrt, svd[0], svd[1], svd[2], proxies[0], proxies[1],
-                                  sign)
-                seeds = _pair(args[0], args[1], parts[0], parts[1])
-            found.append((seeds, sign, f"{tag}_block_{sign_tag}"))
+            parts = emit.call(cross_sqrt, svd[0], svd[1], svd[2], proxies[0], proxies[1],
+                              sign)
+            seeds = _pair(args[0], args[1], parts[0], parts[1])
+        found.append((seeds, sign, f"{tag}_block_{sign_tag}"))
     return found
 
 
@@ -319,13 +342,13 @@ def block_sqrt(values: Tensor, vectors: Tensor, like: Tensor, sign: float) -> Te
     return full.reshape([count * size] + list(like.shape))
 
 
-def _check_block_sample_axis(node, rule, arg, carriers, quantity) -> None:
+def _check_block_sample_axis(node, rule, arg, carriers) -> None:
     if arg not in carriers or node not in carriers:
         value = arg.name if arg not in carriers else "its output"
         raise node_error(node, f"a second derivative of {rule.name} acts on '{value}', a "
                          "value without the sample axis 0 (a parameter, or after an op that "
                          "moves or reduces the samples), so it has no per-sample block",
-                         "Request the GGN (diag_ggn_exact) instead.", quantity)
+                         "Request the GGN (diag_ggn_exact) instead.")
 
 
 def _pair(a: fx.Node, b: fx.Node, factor_a: Any, factor_b: Any) -> dict:
@@ -335,12 +358,12 @@ def _pair(a: fx.Node, b: fx.Node, factor_a: Any, factor_b: Any) -> dict:
     return {a: factor_a + factor_b}
 
 
-def _check_sample_axis(node, rule, arg, per_sample, quantity) -> None:
+def _check_sample_axis(node, rule, arg, per_sample) -> None:
     if arg not in per_sample:
         raise node_error(node, f"a second derivative of {rule.name} acts on '{arg.name}', a "
                          f"value without a sample axis (a parameter used directly, e.g. "
                          f"x / w), which is not supported yet",
-                         "Request the GGN (diag_ggn_exact) instead.", quantity)
+                         "Request the GGN (diag_ggn_exact) instead.")
 
 
 def _active_args(ctx: Ctx, depends: dict) -> list[tuple[str, fx.Node]]:

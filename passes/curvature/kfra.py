@@ -180,8 +180,8 @@ def averages_samples(node: fx.Node) -> bool:
 class KFRA:
     """Emits KFRA's factors for every parameter; ``kron(name, label)`` gives one's list."""
 
-    def __init__(self, emit: Emitter, traced, gradient: dict, quantity: str):
-        self.emit, self.traced, self.quantity = emit, traced, quantity
+    def __init__(self, emit: Emitter, traced, gradient: dict):
+        self.emit, self.traced = emit, traced
         self.gradient = gradient
         self.factors: dict[str, Any] = {}
         self._propagate()
@@ -189,12 +189,12 @@ class KFRA:
     def kron(self, name: str, label: str) -> Any:
         if name not in self.factors:
             raise node_error(self.traced.params[name], f"parameter '{name}' does not reach the "
-                             "loss through a KFRA chain", "Request kflr instead.", self.quantity)
+                             "loss through a KFRA chain", "Request kflr instead.")
         return self.factors[name]
 
     def _propagate(self) -> None:
         emit = self.emit
-        node, factor = loss_factor(emit, self.traced, self.gradient, "exact", 1, self.quantity)
+        node, factor = loss_factor(emit, self.traced, self.gradient, "exact", 1)
         with emit.naming(f"{node.name}_kfra"):
             matrix = emit.call(summed_outer, factor)
             chain = self._chain(node)
@@ -203,7 +203,7 @@ class KFRA:
                                [getattr(link.ctx.args, link.data[0]) for link in steps],
                                [link.rule.sandwich.get(link.data[0]) is None for link in steps],
                                MAX_DENSE_BYTES,
-                               [f"{describe(link.ctx.node)} for quantity '{self.quantity}'"
+                               [f"{describe(link.ctx.node)} for quantity '{emit.quantity}'"
                                 for link in steps])
         emit.rename(matrix, f"{node.name}_kfra")
         for link in chain:
@@ -246,7 +246,7 @@ class KFRA:
             raise node_error(node, f"{rule.name} has neither a Kronecker factorisation nor "
                              f"a per-sample rule for its argument '{arg}' (parameter "
                              f"'{name}')", "Request diag_ggn_* or sqrt_ggn_* for this "
-                             "parameter.", self.quantity)
+                             "parameter.")
         for i, factor in enumerate(factors):
             self.emit.rename(factor, f"{param.name}_kfra_{i}")
         self.factors[name] = factors
@@ -275,7 +275,7 @@ class KFRA:
         if len(data) > 1 or (data and len(_forward_users(data[0][1])) > 1):
             raise node_error(node, "KFRA propagates one batch-averaged matrix along a chain, "
                              "and this op joins or splits branches", "Request kflr (exact) or "
-                             "kfac (MC) instead; they handle any graph.", self.quantity)
+                             "kfac (MC) instead; they handle any graph.")
         return (data[0] if data else None), param_args
 
 

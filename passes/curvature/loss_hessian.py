@@ -30,12 +30,13 @@ from torch import Tensor
 
 from fxcurv.emit import Emitter
 from fxcurv.errors import node_error
-from fxcurv.rules import AFFINE, Ctx, rule_for
+from fxcurv.rules import Ctx, rule_for
 
 from ..analysis import ancestors, depends_on
 from ..backward import backward
 from . import factors
 from .factors import residual_sqrt
+from .second_order import RESIDUAL, ZERO, classify, is_linear
 
 
 def scaled_by_root(factor: Tensor, weight: Tensor, sign: float) -> Tensor:
@@ -68,36 +69,36 @@ def eigen_sqrt(values: Tensor, vectors: Tensor, like: Tensor, sign: float) -> Te
     return factor.permute(2, 0, 1).reshape([factor.size(2)] + list(like.shape))
 
 
-def assembled_sqrt_hessian(emit: Emitter, traced, gradient: dict, quantity: str,
+def assembled_sqrt_hessian(emit: Emitter, traced, gradient: dict,
                            sign: float = 1.0) -> Any:
     """The factor ``[C, N, *f]`` of a general loss region's positive (``sign = 1``) or negative
     (``sign = -1``) curvature (see the module docstring); the Hessian is assembled once."""
     if "loss_hessian" not in traced.memo:
-        traced.memo["loss_hessian"] = _assembled_hessian(emit, traced, gradient, quantity)
+        traced.memo["loss_hessian"] = _assembled_hessian(emit, traced, gradient)
     tag = "plus" if sign > 0 else "minus"
     with emit.naming(f"loss_hessian_{tag}"):
         return emit.call(per_sample_sqrt, traced.memo["loss_hessian"],
                          emit.proxy(traced.model_output), sign)
 
 
-def _assembled_hessian(emit: Emitter, traced, gradient: dict, quantity: str) -> Any:
+def _assembled_hessian(emit: Emitter, traced, gradient: dict) -> Any:
     """``H_n = ∂²L/∂f_n²`` ``[N, C, C]`` from the loss region's second-order sources."""
     output = traced.model_output
-    sources = _second_order_sources(emit, traced, gradient, quantity)
+    sources = _second_order_sources(emit, traced, gradient)
     if not sources:
         raise node_error(traced.loss, "the loss is linear in the model output, so its Hessian "
-                         "(and the GGN) is zero", "Check the loss function.", quantity)
+                         "(and the GGN) is zero", "Check the loss function.")
     total = None
     for seed_node, factor, sign, tag in sources:
         cotangents = backward(emit, {seed_node: factor}, [output], lead=1,
-                              tag=f"loss_hessian_{tag}", quantity=quantity)
+                              tag=f"loss_hessian_{tag}")
         gram = emit.call(signed_gram, cotangents[output], sign)
         total = gram if total is None else total + gram
     emit.rename(total, "loss_hessian")
     return total
 
 
-def _second_order_sources(emit: Emitter, traced, gradient: dict, quantity: str) -> list:
+def _second_order_sources(emit: Emitter, traced, gradient: dict) -> list:
     """``(node to seed, factor, sign, tag)`` for every second-order term of the loss region."""
     region = _loss_region(traced)
     found = []
@@ -109,20 +110,24 @@ def _second_order_sources(emit: Emitter, traced, gradient: dict, quantity: str) 
         active = [(a, v) for a, v in ctx.bound.items() if isinstance(v, fx.Node)
                   and (v in region or v is traced.model_output)]
         if rule.has_sqrt_hessian:
-            found += _inner_loss(emit, node, rule, ctx, gradient, region, quantity)
+            found += _inner_loss(emit, node, rule, ctx, gradient, region)
             continue
-        _check_cross_terms(node, rule, active, quantity)
-        for arg, value in active:
-            if rule.zero_hessian(arg, ctx.bound) or rule.vjp.get(arg, 0) is None:
+        values = dict(active)
+        terms = classify(rule, ctx.bound, list(values))
+        _check_cross_terms(node, terms)
+        for term in terms:
+            if term.kind == ZERO:
                 continue
-            if arg not in rule.residual:
+            arg = term.names[0]
+            if term.kind != RESIDUAL:
                 raise node_error(node, f"{rule.name} has a non-zero second derivative in "
                                  f"'{arg}' and no diagonal residual rule, so the loss Hessian "
                                  "cannot be assembled", "Write the loss with elementwise ops "
-                                 "and built-in losses.", quantity)
-            _check_separable(node, region, quantity)
+                                 "and built-in losses.")
+            _check_separable(node, region)
+            value = values[arg]
             with emit.naming(f"{node.name}_loss_residual"):
-                residual = rule.residual[arg](gradient[node], ctx)
+                residual = term.fn(gradient[node], ctx)
             for sign, tag in ((1.0, "plus"), (-1.0, "minus")):
                 factor = emit.call(residual_sqrt, residual, sign,
                                    f"node '{node.name}' ({rule.name})",
@@ -131,12 +136,12 @@ def _second_order_sources(emit: Emitter, traced, gradient: dict, quantity: str) 
     return found
 
 
-def _inner_loss(emit, node, rule, ctx, gradient, region, quantity) -> list:
+def _inner_loss(emit, node, rule, ctx, gradient, region) -> list:
     """A built-in loss inside the loss region, weighted by the cotangent that reaches it."""
     if ctx.bound.get("reduction") == "none":
         raise node_error(node, "a built-in loss with reduction='none' inside the loss",
-                         "Use reduction 'mean' or 'sum'.", quantity)
-    _check_separable(node, region, quantity)
+                         "Use reduction 'mean' or 'sum'.")
+    _check_separable(node, region)
     with emit.naming(f"{node.name}_sqrt_hessian"):
         base = rule.loss.sqrt_hessian(ctx)
     sources = []
@@ -155,14 +160,14 @@ def _loss_region(traced) -> dict[fx.Node, None]:
             and n is not traced.model_output}
 
 
-def _check_separable(node: fx.Node, region: dict, quantity: str) -> None:
+def _check_separable(node: fx.Node, region: dict) -> None:
     """A second-order term after a reduction over samples would couple the samples."""
     ancestor = _mixing_ancestor(node, region)
     if ancestor is not None:
         raise node_error(node, "this second-order term of the loss comes after a "
                          f"reduction over the samples (node '{ancestor.name}'), so the "
                          "loss is not a sum of per-sample terms", "Write the loss as a "
-                         "sum or mean of per-sample terms.", quantity)
+                         "sum or mean of per-sample terms.")
 
 
 def _mixing_ancestor(node: fx.Node, region: dict) -> Optional[fx.Node]:
@@ -176,27 +181,27 @@ def _mixing_ancestor(node: fx.Node, region: dict) -> Optional[fx.Node]:
     return None
 
 
-def _check_cross_terms(node, rule, active, quantity) -> None:
-    if len(active) > 1 and not rule.has(AFFINE):
-        names = ", ".join(a for a, _ in active)
+def _check_cross_terms(node, terms: list) -> None:
+    crossed = [t.names for t in terms if len(t.names) == 2 and t.kind != ZERO]
+    if crossed:
+        names = ", ".join(crossed[0])
         raise node_error(node, f"its arguments {names} all depend on the model output, which "
                          "needs cross second derivatives (not supported yet)",
                          "Rewrite the loss so each op has one argument that depends on the "
-                         "model output.", quantity)
+                         "model output.")
 
 
-def check_monte_carlo(loss: fx.Node, quantity: str) -> None:
+def check_monte_carlo(loss: fx.Node) -> None:
     """MC factors sample the model's likelihood, which only a built-in final loss defines."""
     raise node_error(loss, "Monte-Carlo curvature samples targets from the likelihood of a "
                      "built-in loss, and this loss is not one", "Use the exact quantity "
                      "(e.g. diag_ggn_exact, kflr), or end the loss in cross_entropy, mse_loss "
-                     "or binary_cross_entropy_with_logits.", quantity)
+                     "or binary_cross_entropy_with_logits.")
 
 
 
 
-def loss_factor(emit: Emitter, traced, gradient: dict, kind: str, mc_samples: int,
-                quantity: str) -> tuple[fx.Node, Any]:
+def loss_factor(emit: Emitter, traced, gradient: dict, kind: str, mc_samples: int) -> tuple[fx.Node, Any]:
     """``(node, S)``: a square-root factor of the loss Hessian w.r.t. ``node``'s value.
 
     A built-in final loss gives its own factor at its input (exact or sampled); any other loss
@@ -215,8 +220,8 @@ def loss_factor(emit: Emitter, traced, gradient: dict, kind: str, mc_samples: in
     if inner is not None:
         return _scaled_inner_factor(emit, inner, gradient, kind, mc_samples, 1.0)
     if kind != "exact":
-        check_monte_carlo(loss, quantity)
-    factor = assembled_sqrt_hessian(emit, traced, gradient, quantity)
+        check_monte_carlo(loss)
+    factor = assembled_sqrt_hessian(emit, traced, gradient)
     emit.rename(factor, "loss_sqrt_hessian_exact")
     return traced.model_output, factor
 
@@ -258,13 +263,12 @@ def _linear_inner_loss(traced) -> Any:
         active = [name for name, value in bound.items() if any(
             isinstance(v, fx.Node) and v in inside
             for v in (value if isinstance(value, (list, tuple)) else [value]))]
-        if any(not rule.zero_hessian(name, bound) for name in active) or (
-                len(active) > 1 and not rule.has(AFFINE)):
+        if not is_linear(classify(rule, bound, active)):
             return None
     return losses[0]
 
 
-def loss_negative_factor(emit: Emitter, traced, gradient: dict, quantity: str):
+def loss_negative_factor(emit: Emitter, traced, gradient: dict):
     """``(node, S₋)`` for a loss whose Hessian is assembled (it may have negative curvature,
     which the Hessian family subtracts); None for a built-in final loss (convex)."""
     rule = rule_for(traced.loss)
@@ -273,6 +277,6 @@ def loss_negative_factor(emit: Emitter, traced, gradient: dict, quantity: str):
     inner = _linear_inner_loss(traced)
     if inner is not None:
         return _scaled_inner_factor(emit, inner, gradient, "exact", 1, -1.0)
-    factor = assembled_sqrt_hessian(emit, traced, gradient, quantity, sign=-1.0)
+    factor = assembled_sqrt_hessian(emit, traced, gradient, sign=-1.0)
     emit.rename(factor, "loss_sqrt_hessian_negative")
     return traced.model_output, factor

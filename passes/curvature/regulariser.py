@@ -43,15 +43,12 @@ from torch import Tensor
 
 from fxcurv.emit import Emitter
 from fxcurv.errors import node_error
+from fxcurv.quantities import KRON, Quantity
 from fxcurv.rules import (AFFINE, CONCATENATION, ELEMENTWISE, PERMUTATION, Ctx, OpRule,
                           rule_for)
 
 from ..analysis import ancestors, depends_on, differentiable_inputs
-
-# quantity -> how the regulariser's Hessian diagonal enters it (None: unchanged)
-CURVATURE = {"diag_ggn_exact": None, "diag_ggn_mc": None, "diag_h": None, "hmp": None,
-             "ggnmp": None, "pchmp_abs": "abs", "pchmp_clip": "clip"}
-
+from .second_order import CROSS, RESIDUAL, ZERO, classify
 
 def elementwise_shape(hessian: Tensor, arg: Tensor, out: Tensor) -> Tensor:
     """Call-time check that ``f'² ⊙ H`` was formed on an argument shaped like the output
@@ -96,9 +93,9 @@ class Regulariser:
         op, arg = self.entries[0]
         where = arg if arg.op in ("call_function", "call_method") else op
         for label, quantity in requested:
-            if quantity.name in CURVATURE:
+            if quantity.regulariser is not None:
                 continue
-            if quantity.extract == "kron":
+            if quantity.extract is KRON:
                 problem = ("its curvature is not a Kronecker product of a layer's factors, so "
                            "Kronecker factors cannot include it")
                 hint = "Request diag_ggn_*, diag_h or a product (ggnmp, hmp), which include it."
@@ -112,17 +109,18 @@ class Regulariser:
                              f"(a regulariser); {problem}", hint, label)
 
     # -- adding it to a quantity -------------------------------------------------------------
-    def add(self, quantity: str, label: str, values: dict, vectors: dict) -> dict:
-        """``values`` (one per parameter) plus the regulariser's term for ``quantity``:
-        ``diag ∇²R`` for a diagonal, ``diag ∇²R ⊙ v`` for products (``vectors`` given)."""
+    def add(self, quantity: Quantity, label: str, values: dict, vectors: dict) -> dict:
+        """``values`` (one per parameter) plus the regulariser's term for ``quantity`` (as its
+        ``regulariser`` field says: exact, ``abs``, ``clip``): ``diag ∇²R`` for a diagonal,
+        ``diag ∇²R ⊙ v`` for products (``vectors`` given)."""
         if not self.entries:
             return values
-        hessians = self.hessians(label)
+        hessians = self.hessians()
         result = dict(values)
         for name, diagonal in hessians.items():
             node = self.traced.params[name]
             with self.emit.naming(f"{node.name}_{label}", pass_="regulariser", param=name):
-                mode = CURVATURE[quantity]
+                mode = quantity.regulariser
                 if mode == "abs":
                     diagonal = diagonal.abs()
                 elif mode == "clip":
@@ -132,10 +130,10 @@ class Regulariser:
             self.emit.rename(result[name], f"{node.name}_{label}_regularised")
         return result
 
-    def hessians(self, quantity: str) -> dict[str, Any]:
+    def hessians(self) -> dict[str, Any]:
         """``{parameter name: diagonal of ∇²R}`` for parameters with a nonzero one (once)."""
         if self._hessians is None:
-            walk = _HessianWalk(self, quantity)
+            walk = _HessianWalk(self)
             self._hessians = walk.run()
         return self._hessians
 
@@ -143,8 +141,8 @@ class Regulariser:
 class _HessianWalk:
     """The downward propagation of the module docstring, one node at a time."""
 
-    def __init__(self, regulariser: Regulariser, quantity: str):
-        self.r, self.emit, self.quantity = regulariser, regulariser.emit, quantity
+    def __init__(self, regulariser: Regulariser):
+        self.r, self.emit = regulariser, regulariser.emit
         traced = regulariser.traced
         self.params = {node: name for name, node in traced.params.items()}
         self.branch = self._branch_nodes()
@@ -186,20 +184,20 @@ class _HessianWalk:
             return self._split(node, rule, ctx)
         curved = node in self.curved or self.hessian.get(node) is not None
         active = self._active(rule, ctx, curved)
+        terms = classify(rule, ctx.bound, [name for name, _ in active])
         for name, arg in active:
             if arg in self.r.depends:                  # a data value below the reduction
-                if curved or not rule.zero_hessian(name, ctx.bound) or (
-                        len(active) > 1 and not rule.has(AFFINE)):
+                if curved or any(t.kind != ZERO for t in terms if name in t.names):
                     self.curved.add(arg)
                 continue
             if node not in self.branch and curved:
-                raise self._error(node, f"the loss is not additive in the regulariser "
+                raise node_error(node, f"the loss is not additive in the regulariser "
                                   f"'{arg.name}' (its curvature meets the data term here)",
                                   "Add the regulariser to the loss: loss + lam * R(w).")
             self._check_reachable(node, arg)
             with self.emit.naming(f"{node.name}_regulariser", pass_="regulariser",
                                   node=node.name):
-                term = self._term(node, rule, ctx, active, name, arg)
+                term = self._term(node, rule, ctx, active, terms, name, arg)
             if term is not None:
                 self._accumulate(arg, term)
 
@@ -242,20 +240,22 @@ class _HessianWalk:
                     self.curved.add(item)
         return found
 
-    def _term(self, node, rule: OpRule, ctx: Ctx, active: list, name: str, arg: fx.Node):
+    def _term(self, node, rule: OpRule, ctx: Ctx, active: list, terms: list, name: str,
+              arg: fx.Node):
         """``arg``'s diagonal from this op: chain of ``H_node``, residual and cross terms."""
         hessian = self.hessian.get(node)
         g = self.r.cotangents[node]
         parts = []
         if hessian is not None:
             parts.append(self._chain(node, rule, ctx, active, name, arg, hessian))
-        if not rule.zero_hessian(name, ctx.bound):
-            if name not in rule.residual:
-                raise self._error(node, f"{rule.name} has a non-zero second derivative in "
-                                  f"'{name}' but no diagonal residual rule",
-                                  "Write the regulariser with elementwise ops.")
-            parts.append(rule.residual[name](g, ctx))
-        parts += self._cross(node, rule, ctx, active, name, arg, g)
+        for term in terms:
+            if term.names == (name,) and term.kind != ZERO:
+                if term.kind != RESIDUAL:
+                    raise node_error(node, f"{rule.name} has a non-zero second derivative "
+                                      f"in '{name}' but no diagonal residual rule",
+                                      "Write the regulariser with elementwise ops.")
+                parts.append(term.fn(g, ctx))
+        parts += self._cross(node, rule, ctx, terms, active, name, arg, g)
         total = None
         for part in parts:
             total = part if total is None else total + part
@@ -277,19 +277,19 @@ class _HessianWalk:
             twice = ctx.call(elementwise_shape, twice, getattr(ctx.args, name), ctx.out)
         return twice
 
-    def _cross(self, node, rule, ctx, active, name, arg, g) -> list:
+    def _cross(self, node, rule, ctx: Ctx, terms: list, active: list, name: str,
+               arg: fx.Node, g) -> list:
         """``2 ∂²f/∂a∂b`` when both arguments are the same value (``w * w``); cross terms
         between values that share parameters are refused (not diagonal), others lie outside
         the parameters' blocks."""
-        if rule.has(AFFINE):
-            return []
-        parts = []
-        for other_name, other in active:
-            if other_name == name:
+        values, parts = dict(active), []
+        for term in terms:
+            if len(term.names) != 2 or name not in term.names or term.kind == ZERO:
                 continue
-            fn = rule.cross.get((name, other_name)) or rule.cross.get((other_name, name))
-            if other is arg and fn is not None:
-                parts.append(fn(g, ctx))            # the pair is seen from both names: 2×
+            other_name = term.names[1] if term.names[0] == name else term.names[0]
+            other = values[other_name]
+            if other is arg and term.kind == CROSS:
+                parts.append(term.fn(g, ctx))   # the pair is seen from both names: 2×
             elif self._share(arg, other):
                 raise self._not_diagonal(node, arg, f"{rule.name} has a cross second "
                                          f"derivative between '{name}' and '{other_name}', "
@@ -299,7 +299,7 @@ class _HessianWalk:
     def _check_reachable(self, node: fx.Node, arg: fx.Node) -> None:
         """The walk continues below ``arg``: a regulariser value or a parameter."""
         if arg not in self.branch and arg not in self.params:
-            raise self._error(node, f"the regulariser acts on '{arg.name}', a value computed "
+            raise node_error(node, f"the regulariser acts on '{arg.name}', a value computed "
                               "from parameters that the model uses too, so its curvature "
                               "cannot be told apart from the model's",
                               "Apply the regulariser to the parameters themselves.")
@@ -313,9 +313,7 @@ class _HessianWalk:
         return bool(set(self.params) & ancestors(a) & ancestors(b))
 
     def _not_diagonal(self, node: fx.Node, arg: fx.Node, why: str):
-        return self._error(node, f"the regulariser's Hessian is not diagonal here ({why}; "
+        return node_error(node, f"the regulariser's Hessian is not diagonal here ({why}; "
                            f"value '{arg.name}')", "Write the regulariser as sums of "
                            "elementwise functions of the parameters, e.g. lam * (w ** 2).sum().")
 
-    def _error(self, node: fx.Node, problem: str, hint: str):
-        return node_error(node, problem, hint, self.quantity)

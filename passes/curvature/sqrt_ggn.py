@@ -15,16 +15,15 @@ from fxcurv.emit import Emitter
 from ..backward import backward
 from .loss_hessian import loss_factor
 
-def propagate_sqrt_ggn(emit: Emitter, traced, gradient: dict, kind: str, mc_samples: int,
-                       quantity: str) -> tuple[dict, Any]:
+def propagate_sqrt_ggn(emit: Emitter, traced, gradient: dict, kind: str, mc_samples: int) -> tuple[dict, Any]:
     """Emit the loss factor ``S`` and its backward propagation to the parameters; return the
     cotangents and the size of the leading axis (C or M) as a graph value."""
-    node, factor = loss_factor(emit, traced, gradient, kind, mc_samples, quantity)
+    node, factor = loss_factor(emit, traced, gradient, kind, mc_samples)
     if kind == "exact":  # one column per class: may run in chunks (passes/chunking.py)
         factor.node.meta["fxcurv"] = {**factor.node.meta.get("fxcurv", {}), "columns": True}
     with emit.naming(f"sqrt_ggn_{kind}"):
         lead_size = factor.size(0)
     emit.rename(lead_size, f"sqrt_ggn_{kind}_columns")
     cotangents = backward(emit, {node: factor}, traced.params.values(), lead=1,
-                          tag=f"sqrt_ggn_{kind}", quantity=quantity)
+                          tag=f"sqrt_ggn_{kind}")
     return cotangents, lead_size

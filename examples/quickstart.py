@@ -21,6 +21,7 @@ def main() -> None:
     parser.add_argument("--data-dir", default="./data")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--code-lines", type=int, default=40, help="lines of code to show")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
     args = parser.parse_args()
     start = time.perf_counter()
     torch.manual_seed(0)
@@ -28,7 +29,8 @@ def main() -> None:
     dataset, source = load_mnist(args.data_dir)
     x, y = next(iter(torch.utils.data.DataLoader(dataset, batch_size=args.batch_size,
                                                  shuffle=True)))
-    model = seed_cnn()
+    x, y = x.to(args.device), y.to(args.device)
+    model = seed_cnn().to(args.device)
     loss_fn = torch.nn.CrossEntropyLoss()
     quantities = ["batch_grad", "batch_l2", "sum_grad_squared", "variance"]
     step = fxcurv.compile(model, loss_fn, quantities)
@@ -43,7 +45,7 @@ def main() -> None:
     print("    ...\n")
 
     loss, grad, *results = step(x, y)
-    print(f"Data: {source}, batch {tuple(x.shape)}; loss {loss.item():.4f}\n")
+    print(f"Data: {source}, batch {tuple(x.shape)} on {x.device}; loss {loss.item():.4f}\n")
     rows = [[name, tuple(grad[name].shape)] + [tuple(r[name].shape) for r in results]
             for name in grad]
     print(table(["parameter", "grad"] + quantities, rows, "plain"))

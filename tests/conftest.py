@@ -1,8 +1,49 @@
-"""Fixtures shared by the test modules."""
+"""Fixtures shared by the test modules.
+
+CUDA: ``device`` runs a test on the CPU and, where a GPU is available, again on CUDA (the
+CUDA item is marked ``cuda`` and skipped without one); ``cuda_device`` is for tests that run
+on CUDA only. ``pytest -m cuda`` selects the CUDA items (``.ci/gpu_check.sh``).
+"""
 from __future__ import annotations
+
+from contextlib import contextmanager
 
 import pytest
 import torch
+
+HAS_CUDA = torch.cuda.is_available()
+requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+ON_CUDA = [pytest.mark.cuda, requires_cuda]
+
+
+@pytest.fixture(params=["cpu", pytest.param("cuda", marks=ON_CUDA)])
+def device(request) -> torch.device:
+    """``cpu``, then ``cuda`` (skipped without a GPU; TF32 off while it runs)."""
+    if request.param == "cpu":
+        yield torch.device("cpu")
+        return
+    with no_tf32():
+        yield torch.device("cuda")
+
+
+@pytest.fixture(params=[pytest.param("cuda", marks=ON_CUDA)])
+def cuda_device(request) -> torch.device:
+    """``cuda`` only (skipped without a GPU; TF32 off while it runs): for CUDA twins of CPU
+    tests."""
+    with no_tf32():
+        yield torch.device(request.param)
+
+
+@contextmanager
+def no_tf32():
+    """Full float32 precision in matmuls and cuDNN convolutions (TF32 keeps 10 mantissa
+    bits, beyond any float32 tolerance), restored after."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
 @pytest.fixture(scope="module")

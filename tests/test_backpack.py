@@ -44,6 +44,7 @@ N = 4
 QUANTITIES = ["batch_grad", "batch_l2", "sum_grad_squared", "variance"]
 SAVEFIELDS = ["grad_batch", "batch_l2", "sum_grad_squared", "variance"]
 TOL = dict(rtol=1e-8, atol=1e-12)
+FLOAT32_TOL = dict(rtol=1e-4, atol=1e-6)  # the CUDA twins run in float32
 NUM_OUT = 3
 # BackPACK's module hooks fire on outputs when the input does not require grad: expected.
 pytestmark = pytest.mark.filterwarnings("ignore:Full backward hook is firing:UserWarning")
@@ -101,11 +102,11 @@ def make_model(layer: str) -> nn.Module:
     return build().to(DTYPE).eval()
 
 
-def run_backpack(model: nn.Module, loss_fn: nn.Module, x, y):
+def run_backpack(model: nn.Module, loss_fn: nn.Module, x, y, dtype=DTYPE):
     """Loss, grad and the four first-order quantities from BackPACK on an extended copy."""
     model = backpack.extend(copy.deepcopy(model))
     loss_fn = backpack.extend(copy.deepcopy(loss_fn))
-    with default_dtype(DTYPE), backpack.backpack(BatchGrad(), BatchL2Grad(), SumGradSquared(),
+    with default_dtype(dtype), backpack.backpack(BatchGrad(), BatchL2Grad(), SumGradSquared(),
                                                  Variance()):
         loss = loss_fn(model(x), y)
         loss.backward()
@@ -115,21 +116,23 @@ def run_backpack(model: nn.Module, loss_fn: nn.Module, x, y):
     return loss.detach(), grads, quantities
 
 
-def compare(model: nn.Module, loss_fn: nn.Module, x, y, grouped: bool = False):
+def compare(model: nn.Module, loss_fn: nn.Module, x, y, grouped: bool = False, dtype=DTYPE,
+            tol=TOL):
     step = fxcurv.compile(model, loss_fn, QUANTITIES)
     loss, grads, *quantities = step(x, y)
-    ref_loss, ref_grads, ref_quantities = run_backpack(model, loss_fn, x, y)
+    ref_loss, ref_grads, ref_quantities = run_backpack(model, loss_fn, x, y, dtype)
     if grouped:  # BackPACK's batch_l2 ignores conv groups: use its own grad_batch instead
         ref_quantities[1] = {k: g.flatten(1).square().sum(1)
                              for k, g in ref_quantities[0].items()}
-    torch.testing.assert_close(loss, ref_loss, **TOL, msg="loss")
+    torch.testing.assert_close(loss, ref_loss, **tol, msg="loss")
     for what, actual, expected in zip(["grad"] + QUANTITIES, [grads, *quantities],
                                       [ref_grads, *ref_quantities]):
         assert list(actual) == list(expected), f"{what}: keys differ"
         for key in expected:
             assert actual[key].shape == expected[key].shape, \
                 f"{what}[{key}]: {tuple(actual[key].shape)} vs {tuple(expected[key].shape)}"
-            torch.testing.assert_close(actual[key], expected[key], **TOL,
+            assert actual[key].device == expected[key].device, f"{what}[{key}]: device"
+            torch.testing.assert_close(actual[key], expected[key], **tol,
                                        msg=f"{what}[{key}] vs BackPACK")
 
 
@@ -139,6 +142,17 @@ def test_first_order_equal_backpack(layer, loss):
     _, in_shape, vocab = LAYERS[layer]
     x, y = make_batch(in_shape, vocab, loss, N)
     compare(make_model(layer), LOSSES[loss](), x, y, grouped=layer in GROUPED)
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_first_order_equal_backpack_on_cuda(layer, loss, cuda_device):
+    """The same on CUDA, in float32 (float32 tolerances), fxcurv and BackPACK both there."""
+    _, in_shape, vocab = LAYERS[layer]
+    x, y = make_batch(in_shape, vocab, loss, N, dtype=torch.float32)
+    model = make_model(layer).float().to(cuda_device)
+    compare(model, LOSSES[loss](), x.to(cuda_device), y.to(cuda_device),
+            grouped=layer in GROUPED, dtype=torch.float32, tol=FLOAT32_TOL)
 
 
 @pytest.mark.parametrize("loss", list(LOSSES))

@@ -165,6 +165,16 @@ def test_update_doc(tmp_path):
     assert doc.read_text() == f"intro\n{bench.BEGIN}\nnew table\n{bench.END}\nrest\n"
 
 
+def test_update_doc_cuda_section(tmp_path):
+    """A run on CUDA writes the GPU section and leaves the CPU one alone."""
+    from fxcurv.bench.cli import CUDA_BEGIN, CUDA_END
+    doc = tmp_path / "benchmark.md"
+    doc.write_text(f"{bench.BEGIN}\ncpu\n{bench.END}\n{CUDA_BEGIN}\nold\n{CUDA_END}\n")
+    bench.update_doc(str(doc), "gpu table", cuda=True)
+    assert doc.read_text() == (f"{bench.BEGIN}\ncpu\n{bench.END}\n"
+                               f"{CUDA_BEGIN}\ngpu table\n{CUDA_END}\n")
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="memory runs read /proc")
 def test_memory_limit_kills_the_run():
     runner = bench.MemoryRunner(limit_bytes=1, timeout_s=60)

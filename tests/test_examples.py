@@ -9,6 +9,7 @@ the imports of torch, scikit-learn and matplotlib for each of them.
 from __future__ import annotations
 
 import os
+import re
 import runpy
 import subprocess
 import sys
@@ -67,3 +68,15 @@ def test_example_runs(script, tmp_path, monkeypatch, capsys):
     assert "Time: " in out                # and how long it took
     if script in PLOTS:
         assert (tmp_path / PLOTS[script]).stat().st_size > 0
+
+
+def test_quickstart_on_cuda(tmp_path, monkeypatch, capsys, cuda_device):
+    """The quickstart on CUDA: the step runs there and its gradient equals autograd's."""
+    monkeypatch.chdir(tmp_path)
+    argv = [str(EXAMPLES / "quickstart.py"), "--data-dir", str(tmp_path / "data"),
+            *RUNS["quickstart.py"], "--device", str(cuda_device)]
+    pytest.importorskip("sklearn")
+    out = run_here(argv, monkeypatch, capsys)
+    assert "on cuda" in out and "Time: " in out
+    worst = re.search(r"max \|grad - autograd grad\| = ([0-9.e+-]+)\. ", out)
+    assert worst is not None and float(worst.group(1)) < 1e-4, out

@@ -47,6 +47,7 @@ DTYPE = torch.float64
 N = 3
 NUM_OUT = 3
 TOL = dict(rtol=1e-8, atol=1e-12)
+FLOAT32_TOL = dict(rtol=1e-4, atol=1e-6)  # the CUDA twins run in float32
 # fxcurv's names are BackPACK's savefields
 QUANTITIES = ["diag_ggn_exact", "diag_ggn_exact_batch", "sqrt_ggn_exact", "kflr"]
 pytestmark = pytest.mark.filterwarnings(
@@ -148,17 +149,18 @@ EXTENSIONS = {"diag_ggn_exact": DiagGGNExact, "diag_ggn_exact_batch": BatchDiagG
               "sqrt_ggn_exact": SqrtGGNExact, "kflr": KFLR}
 
 
-def run_backpack(model: nn.Module, loss_fn: nn.Module, x, y, quantities=ALL) -> list[dict]:
+def run_backpack(model: nn.Module, loss_fn: nn.Module, x, y, quantities=ALL,
+                 dtype=DTYPE) -> list[dict]:
     """BackPACK's ``quantities`` (its savefields) from one backward pass on an extended copy."""
     model = backpack.extend(copy.deepcopy(model))
     loss_fn = backpack.extend(copy.deepcopy(loss_fn))
-    with default_dtype(DTYPE), backpack.backpack(*[EXTENSIONS[q]() for q in quantities]):
+    with default_dtype(dtype), backpack.backpack(*[EXTENSIONS[q]() for q in quantities]):
         loss_fn(model(x), y).backward()
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     return [{n: getattr(p, field) for n, p in params} for field in quantities]
 
 
-def assert_equal_backpack(what: str, actual: dict, expected: dict) -> None:
+def assert_equal_backpack(what: str, actual: dict, expected: dict, tol=TOL) -> None:
     assert list(actual) == list(expected), f"{what}: keys differ"
     for key, ref in expected.items():
         got = actual[key]
@@ -166,18 +168,20 @@ def assert_equal_backpack(what: str, actual: dict, expected: dict) -> None:
             assert len(got) == len(ref), f"{what}[{key}]: {len(got)} factors vs {len(ref)}"
             for i, (a, b) in enumerate(zip(got, ref)):
                 assert a.shape == b.shape, f"{what}[{key}][{i}]: {a.shape} vs {b.shape}"
-                torch.testing.assert_close(a, b, **TOL, msg=f"{what}[{key}][{i}] vs BackPACK")
+                torch.testing.assert_close(a, b, **tol, msg=f"{what}[{key}][{i}] vs BackPACK")
             continue
         assert got.shape == ref.shape, f"{what}[{key}]: {tuple(got.shape)} vs {tuple(ref.shape)}"
-        torch.testing.assert_close(got, ref, **TOL, msg=f"{what}[{key}] vs BackPACK")
+        assert got.device == ref.device, f"{what}[{key}]: device {got.device} vs {ref.device}"
+        torch.testing.assert_close(got, ref, **tol, msg=f"{what}[{key}] vs BackPACK")
 
 
-def compare(model: nn.Module, loss_fn: nn.Module, x, y, quantities=ALL) -> None:
+def compare(model: nn.Module, loss_fn: nn.Module, x, y, quantities=ALL, dtype=DTYPE,
+            tol=TOL) -> None:
     step = fxcurv.compile(model, loss_fn, list(quantities))
     _, _, *ours = step(x, y)
     for what, actual, expected in zip(quantities, ours,
-                                      run_backpack(model, loss_fn, x, y, quantities)):
-        assert_equal_backpack(what, actual, expected)
+                                      run_backpack(model, loss_fn, x, y, quantities, dtype)):
+        assert_equal_backpack(what, actual, expected, tol)
 
 
 @pytest.mark.parametrize("loss", list(LOSSES))
@@ -186,6 +190,17 @@ def test_ggn_equal_backpack(layer, loss):
     _, in_shape, vocab, supported = LAYERS[layer]
     x, y = make_batch(in_shape, vocab, loss, N)
     compare(make_model(layer), LOSSES[loss](), x, y, supported)
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+@pytest.mark.parametrize("layer", list(LAYERS))
+def test_ggn_equal_backpack_on_cuda(layer, loss, cuda_device):
+    """The same on CUDA, in float32 (float32 tolerances), fxcurv and BackPACK both there."""
+    _, in_shape, vocab, supported = LAYERS[layer]
+    x, y = make_batch(in_shape, vocab, loss, N, dtype=torch.float32)
+    model = make_model(layer).float().to(cuda_device)
+    compare(model, LOSSES[loss](), x.to(cuda_device), y.to(cuda_device), supported,
+            torch.float32, FLOAT32_TOL)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])

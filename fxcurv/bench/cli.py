@@ -18,6 +18,8 @@ from .memory import default_memory_limit_gib
 from .workloads import WORKLOADS, default_workloads
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+# the GPU section of the same document (a run with --device cuda writes there)
+CUDA_BEGIN, CUDA_END = "<!-- bench-cuda:begin -->", "<!-- bench-cuda:end -->"
 QUICK_WORKLOADS = ("seed_cnn", "mlp_sigmoid")
 QUICK_QUANTITIES = ("grad", "batch_l2", "diag_ggn_exact", "diag_h")
 DESCRIPTION = "fxcurv's compiled step against BackPACK and plain autograd."
@@ -120,13 +122,15 @@ def failure(rows: list) -> Optional[str]:
     return None
 
 
-def update_doc(path: str, text: str) -> None:
-    """Replace what lies between the bench markers of ``path`` with ``text``."""
+def update_doc(path: str, text: str, cuda: bool = False) -> None:
+    """Replace what lies between the bench markers of ``path`` (the CUDA ones for a run on
+    CUDA) with ``text``."""
+    begin_mark, end_mark = (CUDA_BEGIN, CUDA_END) if cuda else (BEGIN, END)
     doc = Path(path).read_text()
-    begin, end = doc.find(BEGIN), doc.find(END)
+    begin, end = doc.find(begin_mark), doc.find(end_mark)
     if begin < 0 or end < begin:
-        raise SystemExit(f"{path} has no {BEGIN} ... {END} section")
-    Path(path).write_text(doc[:begin + len(BEGIN)] + "\n" + text + "\n" + doc[end:])
+        raise SystemExit(f"{path} has no {begin_mark} ... {end_mark} section")
+    Path(path).write_text(doc[:begin + len(begin_mark)] + "\n" + text + "\n" + doc[end:])
 
 
 def _meta(opts: Options, argv, started: float, load: Optional[float]) -> dict:
@@ -164,7 +168,7 @@ def main(argv=None) -> int:
     print(rep.report(meta, rows, checked, args.tablefmt))
     save(rows, meta, checked)
     for path in filter(None, (args.update_doc, args.update_readme)):
-        update_doc(path, rep.doc_section(meta, rows, checked))
+        update_doc(path, rep.doc_section(meta, rows, checked), opts.device.startswith("cuda"))
     reason = failure(rows)
     if reason:
         print(f"fxcurv could not run: {reason}", file=sys.stderr)

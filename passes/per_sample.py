@@ -16,13 +16,14 @@ method                      shape                lead 0 (gradient)      lead 1 (
 ==========================  ===================  ===========================================
 
 ``sum_squares``, ``batch_l2``, ``batch_sum_squares`` and ``product`` (curvature block times
-vectors) of a parameter with one use take the op's cheaper formula when it has one (a linear
-layer on 2-D input never builds ``[*lead, N, O, I]``; linear and conv products never build the
-per-sample terms).
+vectors) of a parameter with one use whose op declares its per-sample term as a contraction
+(``OpRule.contraction``) are derived from that form in the cheaper contraction order
+(:mod:`fxcurv.rules.contraction`: a linear layer on 2-D input never builds
+``[*lead, N, O, I]``; products never build the per-sample terms).
 """
 from __future__ import annotations
 
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 import torch
 import torch.fx as fx
@@ -30,7 +31,7 @@ from torch import Tensor
 
 from fxcurv.emit import Emitter
 from fxcurv.errors import node_error
-from fxcurv.rules import Ctx, OpRule, rule_for
+from fxcurv.rules import Ctx, OpRule, contraction, rule_for
 from fxcurv.rules.helpers import concat_positions
 from fxcurv.rules.registry import Args
 
@@ -128,9 +129,9 @@ class PerSample:
 
     def _boundary_term(self, node: fx.Node, rule: OpRule, arg: str, kind: str, name: str,
                        *extra: Any):
-        """The op's per-sample rule ``kind`` for a parameter-side argument of ``node``
-        (``extra``: the rule's further arguments, e.g. ``param_product``'s vectors)."""
-        fn = getattr(rule, kind).get(arg)
+        """``batch_grad`` or the contraction-derived ``kind`` (:data:`contraction.DERIVED`)
+        for a parameter-side argument of ``node`` (``extra``: e.g. a product's vectors)."""
+        fn = _rule_fn(rule, arg, kind)
         if fn is None:
             raise node_error(node, f"{rule.name} has no per-sample rule for its argument "
                              f"'{arg}' (from parameter '{name}')", "Use a supported layer for "
@@ -181,14 +182,14 @@ class PerSample:
         stacked = self.stacked(name)
         if stacked is not None:
             g, ctx, rule, arg = stacked
-            fn = getattr(rule, kind).get(arg)
+            fn = _rule_fn(rule, arg, kind)
             return None if fn is None or self.params[name] in self._reaches else \
                 fn(g, ctx, *extra)
         uses = self.uses(name)
         used_elsewhere = len(uses) != sum(1 for u in self.params[name].users
                                           if u in self.cotangents) or \
             self.params[name] in self._reaches
-        if len(uses) == 1 and not used_elsewhere and uses[0][2] in getattr(uses[0][1], kind):
+        if len(uses) == 1 and not used_elsewhere and uses[0][2] in uses[0][1].contraction:
             node, rule, arg = uses[0]
             return self._boundary_term(node, rule, arg, kind, name, *extra)
         return None
@@ -236,7 +237,7 @@ class PerSample:
 
     def sum_squares(self, name: str, label: str) -> Any:
         def build():
-            quick = self._shortcut(name, "sum_grad_squared")
+            quick = self._shortcut(name, "sum_squares")
             if quick is not None:
                 return quick
             return self.batch(name).square().sum(list(range(self.lead + 1)))
@@ -246,7 +247,7 @@ class PerSample:
         """``[N, *p]``: ``Σ_lead`` of the squared per-sample terms (the op's formula when it
         has one, never ``[*lead, N, *p]`` then)."""
         def build():
-            quick = self._shortcut(name, "batch_sum_grad_squared")
+            quick = self._shortcut(name, "batch_sum_squares")
             if quick is not None:
                 return quick
             if self.per_sample_term(self.params[name], name) is None:
@@ -265,9 +266,9 @@ class PerSample:
 
     def product(self, name: str, label: str, vectors: Any) -> Any:
         """``[V, *p]``: this propagation's curvature block of ``p`` times each vector (the
-        op's ``param_product`` when it has one, never building the per-sample terms then)."""
+        op's contraction form when it has one, never building the per-sample terms then)."""
         def build():
-            quick = self._shortcut(name, "param_product", vectors)
+            quick = self._shortcut(name, "product", vectors)
             if quick is not None:
                 return quick
             if self.per_sample_term(self.params[name], name) is None:
@@ -321,6 +322,16 @@ class PerSample:
                                   self.sum_squares(name, "sum_grad_squared"), grad,
                                   self.batch_size)
         return self.memoized("variance", name, label, build)
+
+
+def _rule_fn(rule: OpRule, arg: str, kind: str) -> Optional[Callable]:
+    """``rule.batch_grad[arg]``, or quantity ``kind`` derived from ``rule.contraction[arg]``
+    (returning None where the declaration has no form for the call)."""
+    if kind == "batch_grad":
+        return rule.batch_grad.get(arg)
+    declare = rule.contraction.get(arg)
+    return None if declare is None else \
+        (lambda g, c, *extra: contraction.derive(kind, declare, g, c, *extra))
 
 
 def _tag_extraction(value: Any, kind: str) -> None:

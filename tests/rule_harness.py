@@ -17,7 +17,7 @@ import torch.fx as fx
 from fxcurv.emit import Emitter
 from fxcurv.passes.backward import backward
 from fxcurv.passes.normalize import normalize
-from fxcurv.rules import Ctx, rule_for
+from fxcurv.rules import Ctx, contraction, rule_for
 from fxcurv.trace import CurvatureTracer
 
 
@@ -97,17 +97,20 @@ def _batch_grad(emit: Emitter, param: fx.Node, cts: dict, lead: int):
 
 
 def _shortcuts(emit: Emitter, param: fx.Node, cts: dict, lead: int) -> dict:
-    """The op's cheaper ``sum_grad_squared`` (any lead) and ``batch_l2`` (lead 0) formulas."""
+    """``sum_squares`` (any lead) and ``batch_l2`` (lead 0) derived from the op's contraction
+    form, where it declares one."""
     users = [u for u in list(param.users) if u in cts]
     if len(users) != 1:
         return {}
     user, rule = users[0], rule_for(users[0])
     arg = next(a for a, v in rule.bind(user).items() if v is param)
+    declare = rule.contraction.get(arg)
     found = {}
-    for kind in ("sum_grad_squared", "batch_l2"):
-        fn = getattr(rule, kind).get(arg)
-        if fn is not None and (kind == "sum_grad_squared" or lead == 0):
-            found[kind] = fn(cts[user], Ctx.of(user, rule, emit, lead))
+    for kind in ("sum_squares", "batch_l2") if declare is not None else ():
+        if kind == "sum_squares" or lead == 0:
+            value = contraction.derive(kind, declare, cts[user], Ctx.of(user, rule, emit, lead))
+            if value is not None:
+                found[kind] = value
     return found
 
 

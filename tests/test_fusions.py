@@ -4,7 +4,7 @@
   every propagation's Jacobian-transpose reads them (no recomputed argmax);
 * convolutions: one ``convolution_backward`` call gives a gradient's ``x̄``, ``W̄`` and ``b̄``,
   with ``x̄`` left out of its output mask where nothing needs it (the first layer);
-* the conv weight's ``Σ_{lead, n} W̄_n²`` built in chunks of lead vectors.
+* a contraction's ``Σ_{lead, n} W̄_n²`` (conv layout) built one lead vector at a time.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 import fxcurv
-from fxcurv.rules.conv import per_sample_weight, per_sample_weight_sum_squares
+from fxcurv.rules.contraction import contraction_batch, contraction_sum_squares
 
 TOL = dict(rtol=1e-10, atol=1e-12)
 
@@ -56,7 +56,7 @@ def test_weight_sum_squares_by_lead_vector(lead, groups, swap):
     left = torch.randn(lead_shape + [4, groups, 6, 5], dtype=torch.float64)
     right = torch.randn(4, groups, 7, 5, dtype=torch.float64)
     weight = torch.empty(groups * 7, 6, 1, 1) if swap else torch.empty(groups * 6, 7, 1, 1)
-    expected = per_sample_weight(left, right, lead, weight, swap).square()
+    expected = contraction_batch(left, right, weight, lead, swap, True, False).square()
     expected = expected.sum(list(range(lead + 1)))
-    actual = per_sample_weight_sum_squares(left, right, lead, weight, swap)
+    actual = contraction_sum_squares(left, right, weight, lead, swap, True, False)
     torch.testing.assert_close(actual, expected, **TOL)

@@ -1,8 +1,8 @@
-"""The contraction rules ``param_product`` and ``batch_sum_grad_squared`` of every rule case
-(``rule_cases.py`` plus a few below) against their definition from the materialised per-sample
-terms, in float64: with ``q = batch_grad[arg]`` ``[*lead, N, *p]``,
-``param_product(V) = Σ_{lead,n} q ⟨q, V_v⟩`` ``[V, *p]`` and
-``batch_sum_grad_squared = Σ_lead q²`` ``[N, *p]``. A new entry is tested by registering it;
+"""The quantities derived from a contraction form (``OpRule.contraction``), ``product`` and
+``batch_sum_squares``, of every rule case (``rule_cases.py`` plus a few below) against their
+definition from the materialised per-sample terms, in float64: with ``q = batch_grad[arg]``
+``[*lead, N, *p]``, ``product(V) = Σ_{lead,n} q ⟨q, V_v⟩`` ``[V, *p]`` and
+``batch_sum_squares = Σ_lead q²`` ``[N, *p]``. A new declaration is tested by registering it;
 the emitted code must also compile with TorchScript.
 """
 from __future__ import annotations
@@ -16,12 +16,12 @@ from fxcurv.emit import Emitter
 from fxcurv.passes.backward import backward
 from fxcurv.passes.normalize import normalize
 from fxcurv.passes.per_sample import factor_product
-from fxcurv.rules import Ctx, rule_for
+from fxcurv.rules import Ctx, contraction, rule_for
 from fxcurv.trace import CurvatureTracer
 from rule_cases import CASES
 from rule_harness import _batch_grad, case, cotangent
 
-KINDS = ("param_product", "batch_sum_grad_squared")
+KINDS = ("product", "batch_sum_squares")
 g = torch.Generator().manual_seed(11)
 
 
@@ -73,12 +73,13 @@ def build(c, lead: int):
         batch = _batch_grad(emit, param, cts, lead)
         user, rule, arg = _single_use(param, cts)
         values = {}
-        for kind in KINDS if user is not None else ():
-            fn = getattr(rule, kind).get(arg)
-            if fn is not None:
-                ctx = Ctx.of(user, rule, emit, lead)
-                extra = (emit.proxy(vectors[i]),) if kind == "param_product" else ()
-                values[kind] = fn(cts[user], ctx, *extra)
+        declare = rule.contraction.get(arg) if user is not None else None
+        for kind in KINDS if declare is not None else ():
+            ctx = Ctx.of(user, rule, emit, lead)
+            extra = (emit.proxy(vectors[i]),) if kind == "product" else ()
+            value = contraction.derive(kind, declare, cts[user], ctx, *extra)
+            if value is not None:
+                values[kind] = value
         found += len(values)
         results.append((batch, values))
     graph.erase_node(out_node)
@@ -108,18 +109,20 @@ def test_contractions_match_materialised_terms(c, lead):
                                            atol=1e-12)
     for name, v, (batch, values) in zip(c.params, vectors, outputs):
         terms = batch.flatten(0, lead - 1)                                 # [K, N, *p]
-        expected = {"param_product": factor_product(terms, v),
-                    "batch_sum_grad_squared": terms.square().sum(0)}
+        expected = {"product": factor_product(terms, v),
+                    "batch_sum_squares": terms.square().sum(0)}
         for kind, actual in values.items():
             assert actual.shape == expected[kind].shape, f"{kind} of {name}: shape"
             torch.testing.assert_close(actual, expected[kind], rtol=1e-10, atol=1e-12,
                                        msg=f"{kind} of {name}")
 
 
-def test_linear_and_conv_weights_have_contractions():
-    """The layers whose per-sample terms are large carry both contraction rules."""
+def test_bilinear_ops_declare_contractions():
+    """The ops whose per-sample terms are large declare them as contractions."""
     from fxcurv.rules import RULES
     for target in (F.linear, torch.conv1d, torch.conv2d, torch.conv3d, torch.conv_transpose1d,
-                   torch.conv_transpose2d, torch.conv_transpose3d):
-        for kind in KINDS:
-            assert "weight" in getattr(RULES[target], kind), (target, kind)
+                   torch.conv_transpose2d, torch.conv_transpose3d, F.embedding):
+        assert "weight" in RULES[target].contraction, target
+    for target in (torch.matmul, torch.bmm, torch.mm):
+        assert {"input"} < set(RULES[target].contraction), target
+    assert "operand1" in RULES[torch.einsum].contraction

@@ -3,8 +3,9 @@
 
 Lead axes of ``g`` are folded into the batch axis for ``x̄``, and stacked as extra output
 channels inside each group for ``W̄`` (one ``convolution_backward`` call serves all of them).
-Per-sample weight gradients contract ``g`` with the unfolded input (im2col, exact
-sliding-window views); ``batch_l2`` uses the Gram form of ``linear`` when that is cheaper.
+Per-sample weight terms are declared as contractions (:mod:`fxcurv.rules.contraction`) of
+``g`` with the unfolded input (im2col, exact sliding-window views), or of the unfolded ``g``
+with the input for a transposed convolution.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .affine import linear_weight_batch_l2
+from .contraction import Contraction
 from .registry import Ctx, fresh, register
 
 
@@ -196,116 +197,6 @@ def conv_transpose_patches(g: Tensor, x: Tensor, weight: Tensor, lead: int, stri
     return cols.reshape(head + [groups, -1, inputs.size(-1)]), inputs
 
 
-def per_sample_weight(left: Tensor, right: Tensor, lead: int, weight: Tensor,
-                      swap: bool) -> Tensor:
-    """``W̄_n = Σ_p left_p right_pᵀ`` per group (transposed if ``swap``), ``[*lead, N, *W]``;
-    ``left: [*lead, N, G, A, P]``, ``right: [N, G, B, P]``."""
-    outer = torch.einsum("...ngap,ngbp->...ngab", left, right)
-    if swap:
-        outer = outer.transpose(-1, -2)
-    return outer.reshape(list(left.shape[:lead + 1]) + list(weight.shape))
-
-
-@fresh
-def per_sample_weight_sum_squares(left: Tensor, right: Tensor, lead: int, weight: Tensor,
-                                  swap: bool) -> Tensor:
-    """``Σ_{lead, n} W̄_n²`` ``weight.shape`` (with a sqrt-GGN factor as ``left``: the GGN
-    diagonal), ``W̄_n`` as in :func:`per_sample_weight`, one lead vector at a time: a batched
-    matmul over ``(sample, group)`` that reads ``left`` in place (no permuted copy) and
-    writes one reused ``[N·G, A, B]`` buffer, squared in place and summed over the samples.
-    Python control flow depends only on the lead size, never on the batch size (which may be
-    symbolic in an exported step)."""
-    flat = left.reshape([-1] + list(left.shape[lead:]))  # [L, N, G, A, P]
-    samples, groups, rows, positions = flat.size(1), flat.size(2), flat.size(3), flat.size(4)
-    cols = right.size(2)
-    lhs = flat.reshape([flat.size(0), samples * groups, rows, positions])
-    rhs = right.reshape([samples * groups, cols, positions]).transpose(1, 2)  # [N·G, P, B]
-    outer = torch.empty([samples * groups, rows, cols], dtype=left.dtype, device=left.device)
-    total = torch.zeros([groups, rows, cols], dtype=left.dtype, device=left.device)
-    for vector in range(lhs.size(0)):
-        torch.bmm(lhs[vector], rhs, out=outer)
-        total += outer.square_().view([samples, groups, rows, cols]).sum(0)
-    if swap:
-        total = total.transpose(-1, -2)
-    return total.reshape(weight.shape)
-
-
-def per_sample_weight_l2(left: Tensor, right: Tensor) -> Tensor:
-    """``‖W̄_n‖² = Σ_groups ‖Σ_p left_p right_pᵀ‖²`` ``[N]`` (lead 0): the Gram form of
-    :func:`linear_weight_batch_l2` when it is cheaper than building ``W̄_n``."""
-    samples, groups = left.size(0), left.size(1)
-    by_position_left = left.flatten(0, 1).transpose(1, 2)
-    by_position_right = right.flatten(0, 1).transpose(1, 2)
-    l2 = linear_weight_batch_l2(by_position_left, by_position_right)
-    return l2.reshape([samples, groups]).sum(1)
-
-
-def conv_vectors_jvp(x: Tensor, vectors: Tensor, stride: List[int], pads: List[int],
-                     dilation: List[int], groups: int, transposed: bool,
-                     output_padding: List[int]) -> Tensor:
-    """``u_v = J_W V_v``: the layer's map applied to ``x`` with each weight-shaped vector
-    ``V_v`` as the weight (no bias), ``[V, N, Cout, *out]``. One convolution: the vectors are
-    stacked as output channels inside each group (``(group, vector, channel)`` order)."""
-    count = vectors.size(0)
-    kernel: List[int] = list(vectors.shape[3:])
-    if transposed:  # [V, Cin, Cout/G, *k] -> [Cin, V·Cout/G, *k]
-        stacked = vectors.movedim(0, 1).reshape([vectors.size(1), -1] + kernel)
-    else:  # [V, Cout, Cin/G, *k] -> [G·V·Cout/G, Cin/G, *k]
-        split = [count, groups, vectors.size(1) // groups, vectors.size(2)] + kernel
-        stacked = vectors.reshape(split).movedim(0, 1).reshape([-1, vectors.size(2)] + kernel)
-    x, padding = symmetric_padding(x, pads)
-    y = torch.convolution(x, stacked, None, stride, padding, dilation, transposed,
-                          output_padding, groups)
-    spatial: List[int] = list(y.shape[2:])
-    y = y.reshape([y.size(0), groups, count, -1] + spatial).movedim(2, 0)
-    return y.reshape([count, y.size(1), -1] + spatial)
-
-
-def conv_weight_product(g: Tensor, x: Tensor, weight: Tensor, vectors: Tensor,
-                        stride: List[int], pads: List[int], dilation: List[int], groups: int,
-                        transposed: bool, output_padding: List[int]) -> Tensor:
-    """``Σ_{k,n} q_kn ⟨q_kn, V_v⟩`` ``[V, *W]`` with ``q_kn`` the per-sample weight terms of
-    ``g[k, n]``, never built: ``u = J V`` (:func:`conv_vectors_jvp`), projections
-    ``w_nkv = ⟨g_kn, u_vn⟩``, ``r_vn = Σ_k w_nkv g_kn``, then ``Jᵀ r`` with the vectors as
-    the lead axis (:func:`conv_weight_vjp`). Batched matmuls over the samples read ``g`` in
-    place (no copy of the factor)."""
-    u = conv_vectors_jvp(x, vectors, stride, pads, dilation, groups, transposed,
-                         output_padding)
-    by_sample = g.reshape([-1, u.size(1), u[0, 0].numel()]).transpose(0, 1)  # [N, K, C·P]
-    projections = torch.matmul(by_sample, u.flatten(2).permute(1, 2, 0))      # [N, K, V]
-    r = torch.matmul(projections.transpose(1, 2), by_sample)                  # [N, V, C·P]
-    r = r.transpose(0, 1).reshape(u.shape)
-    return conv_weight_vjp(r, x, weight, 1, stride, pads, dilation, groups, transposed,
-                           output_padding)
-
-
-def conv_weight_batch_sum_squares(g: Tensor, patches: Tensor, lead: int,
-                                  weight: Tensor) -> Tensor:
-    """``Σ_lead W̄_n²`` ``[N, *W]`` from ``g`` ``[*lead, N, Cout, *out]`` and ``U(x)`` by group,
-    accumulated one lead index at a time (never ``[*lead, N, *W]``)."""
-    gk = channel_groups(g.reshape([-1] + list(g.shape[lead:])), 1, patches.size(1))
-    total = per_sample_weight(gk[0], patches, 0, weight, False).square()
-    for k in range(1, gk.size(0)):
-        term = per_sample_weight(gk[k], patches, 0, weight, False)
-        total.addcmul_(term, term)
-    return total
-
-
-def conv_transpose_weight_batch_sum_squares(g: Tensor, x: Tensor, weight: Tensor, lead: int,
-                                            stride: List[int], padding: List[int],
-                                            dilation: List[int], groups: int) -> Tensor:
-    """:func:`conv_weight_batch_sum_squares` for a transposed convolution (``U(g)`` per lead
-    index)."""
-    gk = g.reshape([-1] + list(g.shape[lead:]))
-    total = torch.zeros([gk.size(1)] + list(weight.shape), dtype=g.dtype, device=g.device)
-    for k in range(gk.size(0)):
-        left, right = conv_transpose_patches(gk[k], x, weight, 0, stride, padding, dilation,
-                                             groups)
-        term = per_sample_weight(left, right, 0, weight, True)
-        total.addcmul_(term, term)
-    return total
-
-
 def conv_output_gram(g: Tensor, lead: int, groups: int) -> Tensor:
     """``G = Σ_{lead,n} b bᵀ`` with ``b = Σ_p g[..., :, p]`` (the factor summed over output
     positions: the bias's GGN), ``g: [*lead, N, Cout, *out]``; ``[Cout, Cout]``, or for
@@ -433,22 +324,6 @@ def _conv_patches(c: Ctx):
                   s.groups)
 
 
-def _conv_weight_batch(g, c: Ctx):
-    grads = c.call(channel_groups, g, c.lead, c.bound["groups"])
-    return c.call(per_sample_weight, grads, _conv_patches(c), c.lead, c.args.weight, False)
-
-
-def _conv_weight_sum_squares(g, c: Ctx):
-    grads = c.call(channel_groups, g, c.lead, c.bound["groups"])
-    return c.call(per_sample_weight_sum_squares, grads, _conv_patches(c), c.lead,
-                  c.args.weight, False)
-
-
-def _conv_weight_l2(g, c: Ctx):
-    return c.call(per_sample_weight_l2, c.call(channel_groups, g, 0, c.bound["groups"]),
-                  _conv_patches(c))
-
-
 def _transpose_input(g, c: Ctx):
     s = Setting(c)
     return c.call(conv_transpose_input_vjp, g, c.args.input, c.args.weight, c.lead, s.stride,
@@ -467,42 +342,16 @@ def _transpose_patches(g, c: Ctx, lead: int):
                   s.padding, s.dilation, s.groups)
 
 
-def _transpose_weight_batch(g, c: Ctx):
+def _conv_contraction(g, c: Ctx) -> Contraction:
+    """``W̄_n = Σ_p g_p U(x)_pᵀ`` per group: ``g`` and the unfolded input by group."""
+    grads = c.call(channel_groups, g, c.lead, c.bound["groups"])
+    return Contraction(grads, _conv_patches(c), c.args.weight, last=True)
+
+
+def _transpose_contraction(g, c: Ctx) -> Contraction:
+    """``W̄_n = Σ_p x_p U(g)_pᵀ`` per group, transposed to ``[Cin, Cout/G, *k]``."""
     patches = _transpose_patches(g, c, c.lead)
-    return c.call(per_sample_weight, patches[0], patches[1], c.lead, c.args.weight, True)
-
-
-def _transpose_weight_sum_squares(g, c: Ctx):
-    patches = _transpose_patches(g, c, c.lead)
-    return c.call(per_sample_weight_sum_squares, patches[0], patches[1], c.lead, c.args.weight,
-                  True)
-
-
-def _transpose_weight_l2(g, c: Ctx):
-    patches = _transpose_patches(g, c, 0)
-    return c.call(per_sample_weight_l2, patches[0], patches[1])
-
-
-def _conv_weight_product(g, c: Ctx, vectors):
-    s = Setting(c)
-    return c.call(conv_weight_product, g, c.args.input, c.args.weight, vectors, s.stride,
-                  s.pads, s.dilation, s.groups, False, [0] * len(s.stride))
-
-
-def _transpose_weight_product(g, c: Ctx, vectors):
-    s = Setting(c)
-    return c.call(conv_weight_product, g, c.args.input, c.args.weight, vectors, s.stride,
-                  s.pads, s.dilation, s.groups, True, s.output_padding)
-
-
-def _conv_weight_batch_sum_squares(g, c: Ctx):
-    return c.call(conv_weight_batch_sum_squares, g, _conv_patches(c), c.lead, c.args.weight)
-
-
-def _transpose_weight_batch_sum_squares(g, c: Ctx):
-    s = Setting(c)
-    return c.call(conv_transpose_weight_batch_sum_squares, g, c.args.input, c.args.weight,
-                  c.lead, s.stride, s.padding, s.dilation, s.groups)
+    return Contraction(patches[0], patches[1], c.args.weight, swap=True, last=True)
 
 
 def _bias_batch(g, c: Ctx):
@@ -568,11 +417,7 @@ _RULES = {
         vjp={"input": _gradient_of(0, False, _conv_input),
              "weight": _gradient_of(1, False, _conv_weight),
              "bias": _gradient_of(2, False, lambda g, c: _bias_batch(g, c).sum(c.lead))},
-        batch_grad={"weight": _conv_weight_batch, "bias": _bias_batch},
-        batch_l2={"weight": _conv_weight_l2},
-        sum_grad_squared={"weight": _conv_weight_sum_squares},
-        param_product={"weight": _conv_weight_product},
-        batch_sum_grad_squared={"weight": _conv_weight_batch_sum_squares},
+        contraction={"weight": _conv_contraction}, batch_grad={"bias": _bias_batch},
         kron={"weight": _kron_weight(_conv_input_factor), "bias": _kron_bias},
         kron_matrix={"weight": _kron_matrix_weight(_conv_input_factor),
                      "bias": _kron_matrix_bias},
@@ -592,11 +437,7 @@ _RULES = {
         vjp={"input": _gradient_of(0, True, _transpose_input),
              "weight": _gradient_of(1, True, _transpose_weight),
              "bias": _gradient_of(2, True, lambda g, c: _bias_batch(g, c).sum(c.lead))},
-        batch_grad={"weight": _transpose_weight_batch, "bias": _bias_batch},
-        batch_l2={"weight": _transpose_weight_l2},
-        sum_grad_squared={"weight": _transpose_weight_sum_squares},
-        param_product={"weight": _transpose_weight_product},
-        batch_sum_grad_squared={"weight": _transpose_weight_batch_sum_squares},
+        contraction={"weight": _transpose_contraction}, batch_grad={"bias": _bias_batch},
         kron={"weight": _kron_weight(_transpose_input_factor), "bias": _kron_bias},
         kron_matrix={"weight": _kron_matrix_weight(_transpose_input_factor),
                      "bias": _kron_matrix_bias},

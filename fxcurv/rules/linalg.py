@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import operator
 import string
-from typing import Any, List, Optional
+from typing import Any, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -22,9 +22,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import node_error
+from .contraction import Contraction
 from .helpers import sum_to_shape
 from .registry import FRESH, VIEW, Ctx, bilinear, register
-from .shape import to_batch
 
 
 # -- matmul: runtime helpers (TorchScript-scriptable) ----------------------------------------
@@ -57,40 +57,62 @@ def matmul_other_vjp(g: Tensor, input: Tensor, lead: int, shape: List[int]) -> T
     return t.reshape(list(t.shape[:lead]) + list(shape))
 
 
-def matmul_other_batch_grad(g: Tensor, input: Tensor, lead: int, shape: List[int]) -> Tensor:
-    """Per-sample ``b̄_n = a_nᵀ g_n`` ``[*lead, N, *shape]``: ``b`` a parameter, ``a`` data
-    ``[N, K]`` (row n is sample n) or ``[N, ..., M, K]``."""
-    if input.dim() < 2 or len(shape) > input.dim():
-        raise RuntimeError("fxcurv: per-sample matmul x @ W needs the data x to have the samples "
-                           "on axis 0 of the result (x at least 2-D, W at most as many axes)")
-    samples = input.size(0)
-    a = input.unsqueeze(1) if input.dim() == 2 else input
-    if len(shape) == 1:
-        g = g.unsqueeze(-1)
-    if input.dim() == 2:
-        g = g.unsqueeze(lead + 1)
-    promoted = list(shape) + [1] if len(shape) == 1 else list(shape)
-    if len(promoted) == 2:
-        rows = a.reshape(samples, -1, a.size(-1))                                # [N, R, K]
-        gm = g.reshape(list(g.shape[:lead]) + [samples, -1, g.size(-1)])        # [*lead, N, R, P]
-        t = torch.matmul(rows.transpose(1, 2), gm)
+def merge_axes(t: Tensor, start: int, counts: List[int]) -> Tensor:
+    """Keep ``t``'s first ``start`` axes and merge the following ones in runs of ``counts``
+    (an empty run gives a size-1 axis)."""
+    shape: List[int] = list(t.shape[:start])
+    axis = start
+    for count in counts:
+        size = 1
+        for i in range(axis, axis + count):
+            size *= t.size(i)
+        shape.append(size)
+        axis += count
+    return t.reshape(shape)
+
+
+def matmul_weight_factors(g: Tensor, data: Tensor, lead: int, shape: List[int],
+                          param_first: bool) -> Tuple[Tensor, Tensor]:
+    """Contraction factors of a parameter operand ``w`` (``shape``, no sample axis) of
+    ``x @ w`` (``L = g [*lead, N, G, P, O]``, ``R = x [N, G, P, K]``, ``w = [G, K, O]``) or
+    ``w @ x`` (positions last: ``L = g [*lead, N, G, R, P]``, ``R = x [N, G, K, P]``,
+    ``w = [G, R, K]``), 1-D operands promoted. The output's batch axes after the samples are
+    groups where ``w`` has them with size > 1, else positions (``w`` broadcast over them)."""
+    if data.dim() < 2 + int(param_first) or len(shape) > data.dim():
+        raise RuntimeError("fxcurv: per-sample matmul of a parameter needs the data operand "
+                           "to have the samples on axis 0 of the result (x @ W: x at least "
+                           "2-D; W @ x: x at least 3-D; W at most as many axes as x)")
+    shape = list(shape)
+    if param_first:
+        g = g.unsqueeze(-2) if len(shape) == 1 else g
+        shape = [1] + shape if len(shape) == 1 else shape
     else:
-        t = to_batch(torch.matmul(a.transpose(-1, -2), g), lead, promoted)
-    return t.reshape(list(t.shape[:lead]) + [samples] + list(shape))
-
-
-def matmul_input_batch_grad(g: Tensor, other: Tensor, lead: int, shape: List[int]) -> Tensor:
-    """Per-sample ``ā_n = g_n b_nᵀ`` ``[*lead, N, *shape]``: ``a`` a parameter, ``b`` data
-    ``[N, ..., K, P]`` with the samples on a batch axis."""
-    if other.dim() < 3 or len(shape) > other.dim():
-        raise RuntimeError("fxcurv: per-sample matmul W @ x needs the data x to have the samples "
-                           "on a batch axis 0 (x at least 3-D, W at most as many axes)")
-    samples = other.size(0)
-    if len(shape) == 1:
-        g = g.unsqueeze(-2)
-    promoted = [1] + list(shape) if len(shape) == 1 else list(shape)
-    t = to_batch(torch.matmul(g, other.transpose(-1, -2)), lead, promoted)
-    return t.reshape(list(t.shape[:lead]) + [samples] + list(shape))
+        g = g.unsqueeze(-1) if len(shape) == 1 else g
+        shape = shape + [1] if len(shape) == 1 else shape
+        if data.dim() == 2:
+            data, g = data.unsqueeze(1), g.unsqueeze(lead + 1)
+    batch: List[int] = list(g.shape[lead + 1:-2])
+    while data.dim() < len(batch) + 3:
+        data = data.unsqueeze(1)
+    data = data.expand([data.size(0)] + batch + list(data.shape[-2:]))
+    groups: List[int] = []
+    positions: List[int] = []
+    for i in range(len(batch)):
+        j = len(shape) - 2 - len(batch) + i
+        if j >= 0 and shape[j] != 1:
+            groups.append(i)
+        else:
+            positions.append(i)
+    order = groups + positions
+    g = g.permute(list(range(lead + 1)) + [lead + 1 + i for i in order] + [-2, -1])
+    data = data.permute([0] + [1 + i for i in order] + [-2, -1])
+    if not param_first:  # positions and rows merged: [.., G, P·R, F]
+        counts = [len(groups), len(positions) + 1, 1]
+        return merge_axes(g, lead + 1, counts), merge_axes(data, 1, counts)
+    counts = [len(groups), 1, len(positions) + 1]  # rows first, positions last: [.., G, F, P]
+    g = g.movedim(-2, lead + 1 + len(groups))
+    return merge_axes(g, lead + 1, counts), merge_axes(data.movedim(-2, 1 + len(groups)), 1,
+                                                      counts)
 
 
 def matmul_cross_block(g: Tensor, a: Tensor, b: Tensor) -> Tensor:
@@ -129,12 +151,20 @@ def _matmul(targets: list, name: str, params: str, batched: bool = True) -> None
             return c.call(helper, g, data, c.lead, param.shape)
         return fn
 
+    def contraction(param_first: bool):
+        def declare(g, c: Ctx) -> Contraction:
+            a, b = operands(c)
+            param, data = (a, b) if param_first else (b, a)
+            factors = c.call(matmul_weight_factors, g, data, c.lead, param.shape, param_first)
+            return Contraction(factors[0], factors[1], param, swap=not param_first,
+                               last=param_first)
+        return declare
+
     bilinear(targets, name, params, ((first, second),), traits=(FRESH,),
              doc=f"y = {first} @ {second} (broadcast batch axes);  ā = g bᵀ, b̄ = aᵀ g summed "
                  "over broadcast axes; per sample without the sum.",
              vjp={first: rule(matmul_input_vjp, True), second: rule(matmul_other_vjp, False)},
-             batch_grad={first: rule(matmul_input_batch_grad, True),
-                         second: rule(matmul_other_batch_grad, False)},
+             contraction={first: contraction(True), second: contraction(False)},
              residual_block={(first, second): _matmul_block(first, second)} if batched else {})
 
 
@@ -353,6 +383,50 @@ def _einsum_cross(first: int, second: int):
     return rule
 
 
+def _einsum_spec(inputs: list, output: list, index: int) -> Optional[tuple]:
+    """For a two-operand einsum without '...' whose data operand starts with the output's
+    sample letter ``n``: the parameter operand's letters split into groups (in the output and
+    the data), ``A`` (output only) and ``B`` (data only), and the positions (output and data,
+    not the parameter). Returns ``(left subscripts, right subscripts, swap)`` or None when
+    the parameter has letters of its own or is not ordered ``groups + A + B`` (or ``B + A``);
+    the subscripts' axes after ``n`` come in runs ``[groups, positions, A or B]``."""
+    if len(inputs) != 2 or "..." in output + inputs[0] + inputs[1] or not output:
+        return None
+    sample, param, data = output[0], inputs[index], inputs[1 - index]
+    if data[:1] != [sample] or sample in param:
+        return None
+    groups = [t for t in param if t in output and t in data]
+    rows = [t for t in param if t in output and t not in data]
+    cols = [t for t in param if t in data and t not in output]
+    positions = [t for t in output[1:] if t in data and t not in param]
+    if param not in (groups + rows + cols, groups + cols + rows):
+        return None
+    return ([sample] + groups + positions + rows, [sample] + groups + positions + cols,
+            [len(groups), len(positions), len(rows)], [len(groups), len(positions), len(cols)],
+            param != groups + rows + cols)
+
+
+def _einsum_contraction(index: int):
+    """Declares operand ``index``'s per-sample term (:func:`_einsum_spec`): ``L`` is ``g`` and
+    ``R`` the data operand, each rearranged by a one-operand einsum and merged to
+    ``[.., N, G, P, F]``; None for any other einsum (``batch_grad`` then computes it)."""
+    def declare(g, c: Ctx) -> Optional[Contraction]:
+        operands = [getattr(c.args, n) for n in EINSUM_OPERANDS if c.bound[n] is not None]
+        inputs, output = parse_einsum(c.bound["equation"], len(operands))
+        spec = _einsum_spec(inputs, output, index) if index < len(inputs) else None
+        if spec is None:
+            return None
+        left, right, left_runs, right_runs, swap = spec
+        lead = "".join(_fresh(inputs, output, c.lead))
+        g = torch.einsum(f"{lead}{''.join(output)}->{lead}{''.join(left)}", g)
+        data = torch.einsum(f"{''.join(inputs[1 - index])}->{''.join(right)}",
+                            operands[1 - index])
+        return Contraction(c.call(merge_axes, g, c.lead + 1, left_runs),
+                           c.call(merge_axes, data, 1, right_runs),
+                           operands[index], swap=swap)
+    return declare
+
+
 bilinear([torch.einsum], "einsum", "equation, " + ", ".join(
              f"{n}=None" if i else n for i, n in enumerate(EINSUM_OPERANDS)),
          tuple((EINSUM_OPERANDS[i], EINSUM_OPERANDS[j]) for i in range(4)
@@ -364,6 +438,7 @@ bilinear([torch.einsum], "einsum", "equation, " + ", ".join(
               for k, n in enumerate(EINSUM_OPERANDS)},
          batch_grad={n: (lambda i: lambda g, c: _einsum_transpose(g, c, i, True))(k)
                      for k, n in enumerate(EINSUM_OPERANDS)},
+         contraction={n: _einsum_contraction(k) for k, n in enumerate(EINSUM_OPERANDS)},
          unsupported=_einsum_unsupported, mixes_samples=_einsum_mixes,
          residual_block={(EINSUM_OPERANDS[i], EINSUM_OPERANDS[j]): _einsum_cross(i, j)
                          for i in range(4) for j in range(i + 1, 4)})

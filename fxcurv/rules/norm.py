@@ -15,12 +15,14 @@ every axis but the parameter's. Per sample, the sums keep the sample axis.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .contraction import Contraction
+from .helpers import merge_middle
 from .registry import RANDOM, VIEW, Ctx, register
 
 
@@ -79,16 +81,14 @@ def embedding_weight_vjp(g: Tensor, indices: Tensor, weight: Tensor, lead: int,
     return scatter_rows(g, indices, weight.size(0), lead)
 
 
-def embedding_weight_batch_grad(g: Tensor, indices: Tensor, weight: Tensor, lead: int,
-                                padding_idx: Optional[int]) -> Tensor:
-    """Per sample ``W̄_n[r] = Σ_{t: idx_nt = r} g_nt`` ``[*lead, N, V, D]``: sample ``n``'s rows
-    go to rows ``n·V + idx`` of one ``[N·V, D]`` table."""
-    samples, rows = indices.size(0), weight.size(0)
-    g = drop_padding(g, indices, rows, padding_idx)
-    offset = torch.arange(samples, device=indices.device) * rows
-    own_rows = indices + offset.reshape([samples] + [1] * (indices.dim() - 1))
-    table = scatter_rows(g, own_rows, samples * rows, lead)
-    return table.reshape(list(g.shape[:lead]) + [samples, rows, weight.size(1)])
+def embedding_factors(g: Tensor, indices: Tensor, weight: Tensor, lead: int,
+                      padding_idx: Optional[int]) -> Tuple[Tensor, Tensor]:
+    """The weight's contraction factors: ``W̄_n = Σ_t onehot(idx_nt) g_ntᵀ`` with
+    ``L = g [*lead, N, 1, T, D]`` (zero at ``padding_idx``) and the index factor
+    ``R = idx [N, 1, T]``."""
+    g = drop_padding(g, indices, weight.size(0), padding_idx)
+    samples = indices.size(0)
+    return merge_middle(g, lead + 1).unsqueeze(lead + 1), indices.reshape([samples, 1, -1])
 
 
 def embedding_index_gram(indices: Tensor, weight: Tensor, padding_idx: Optional[int]) -> Tensor:
@@ -289,6 +289,11 @@ def _embedding_weight_rule(helper):
                                c.bound["padding_idx"])
 
 
+def _embedding_contraction(g, c: Ctx) -> Contraction:
+    factors = _embedding_weight_rule(embedding_factors)(g, c)
+    return Contraction(factors[0], factors[1], c.args.weight, swap=True, index=True)
+
+
 def _embedding_kron(g, c: Ctx):
     """``[A, G]``: the input (one-hot) factor first, as the weight is ``[V, D]``."""
     padding_idx = c.bound["padding_idx"]
@@ -307,7 +312,7 @@ register([F.embedding], "embedding",
              "G = Σ s sᵀ [D, D] over the leading, sample and position axes of the factor at "
              "the output; lookups of padding_idx are left out of both.",
          vjp={"input": None, "weight": _embedding_weight_rule(embedding_weight_vjp)},
-         batch_grad={"weight": _embedding_weight_rule(embedding_weight_batch_grad)},
+         contraction={"weight": _embedding_contraction},
          kron={"weight": _embedding_kron}, hessian_is_zero=True,
          unsupported=_embedding_unsupported)
 

@@ -12,14 +12,11 @@ A rule is keyed by every spelling of its op in a traced graph: the function (``F
   same leading axes before the argument's shape.
 * ``batch_grad[arg](g, c)``: for a parameter argument, the per-sample cotangent
   ``[*lead, N, *arg.shape]``, where sample ``n`` is axis 0 of the op's data input.
-* ``batch_l2[arg]`` / ``sum_grad_squared[arg]``: optional cheaper formulas for
-  ``‖batch_grad[n]‖²`` ``[N]`` (lead 0) and ``Σ_{lead, n} batch_grad²`` ``arg.shape`` (any lead:
-  with a sqrt-GGN factor as ``g`` this is the GGN diagonal).
-* ``param_product[arg](g, c, vectors)`` / ``batch_sum_grad_squared[arg](g, c)``: optional
-  formulas for ``Σ_{lead, n} q ⟨q, v⟩`` per vector ``v`` of ``vectors`` ``[V, *arg.shape]``
-  (-> ``[V, *arg.shape]``: a curvature block times vectors) and ``Σ_lead q²``
-  ``[N, *arg.shape]`` (per-sample diagonals), ``q`` the terms of ``batch_grad[arg]``, without
-  building ``[*lead, N, *arg.shape]``.
+* ``contraction[arg](g, c)``: for a parameter argument the op is linear in, the per-sample
+  term declared as a contraction form (:class:`~fxcurv.rules.contraction.Contraction`, or
+  None where this call has none); ``batch_grad``, ``batch_l2``, ``sum_grad_squared``,
+  curvature products and per-sample square sums are derived from it
+  (:mod:`fxcurv.rules.contraction`); ``batch_grad[arg]`` is filled from it when not given.
 
 What an op *is* is a set of :data:`traits`, set by the combinators below (:func:`elementwise`,
 :func:`affine`, :func:`permutation`, :func:`concatenation`, :func:`reduction`,
@@ -97,10 +94,9 @@ class OpRule:
     signature: inspect.Signature
     vjp: dict[str, RuleFn] = field(default_factory=dict)
     batch_grad: dict[str, RuleFn] = field(default_factory=dict)
-    batch_l2: dict[str, RuleFn] = field(default_factory=dict)
-    sum_grad_squared: dict[str, RuleFn] = field(default_factory=dict)
-    param_product: dict[str, Callable[[Any, "Ctx", Any], Any]] = field(default_factory=dict)
-    batch_sum_grad_squared: dict[str, RuleFn] = field(default_factory=dict)
+    # ... or declared as a contraction form, from which every per-sample quantity is derived
+    # (``fxcurv/rules/contraction.py``; ``batch_grad`` filled from it when not given)
+    contraction: dict[str, RuleFn] = field(default_factory=dict)
     # second order (diagonal Hessian): the op is affine in each differentiable argument on its
     # own (``∂²f/∂a² = 0``; True for all, a tuple of the argument names for which it holds,
     # or a function of the bound arguments returning either)
@@ -215,6 +211,11 @@ def register(targets: list, name: str, params: str, traits: tuple = (),
     if unknown:
         raise KeyError(f"unknown traits {sorted(unknown)} for {name}")
     rule = OpRule(name=name, signature=signature(params), traits=frozenset(traits), **fields)
+    if rule.contraction:  # (imported here: the contraction module marks helpers with traits)
+        from .contraction import batch_grad_of
+        derived = {arg: batch_grad_of(declare) for arg, declare in rule.contraction.items()}
+        merged = {**derived, **rule.batch_grad}
+        rule.batch_grad = {a: merged[a] for a in rule.signature.parameters if a in merged}
     for target in targets:
         if target in RULES:
             raise KeyError(f"a rule for {target!r} is registered twice")

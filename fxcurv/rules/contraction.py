@@ -1,0 +1,292 @@
+"""Per-sample parameter Jacobians declared as contractions, and every per-sample quantity of
+a parameter derived from that one declaration.
+
+A parameter argument ``w`` of an op that is linear in it (linear, conv, conv_transpose,
+matmul, bmm, einsum, embedding) declares its per-sample term as a sum over positions ``p`` of
+outer products, per group ``γ``:
+
+    q_kn[γ, a, b] = Σ_p L[k, n, γ, p, a] R[n, γ, p, b]
+
+* ``L`` (left): the cotangent side ``[*lead, N, G, P, A]`` (``k`` runs over the lead vectors);
+* ``R`` (right): the data side ``[N, G, P, B]``, or an *index* factor, integers ``[N, G, P]``
+  in ``[0, B)`` standing for one-hot rows (embedding);
+* the index spec: ``last`` (both factors store positions last, ``[..., A, P]`` and
+  ``[N, G, B, P]``: the im2col layout of conv), ``swap`` (the parameter is ``[G, B, A]``,
+  else ``[G, A, B]``), reshaped to ``w.shape``.
+
+A rule field ``contraction[arg](g, c) -> Contraction | None`` declares it (None: no form for
+this call, e.g. an einsum with three operands). From it this module derives:
+
+================================  =============  ==========================================
+quantity                          shape          contraction order
+================================  =============  ==========================================
+``batch_grad`` (:func:`batch`)    ``[*lead,N,*w]``  one outer product per sample (P = 1: a
+                                                 broadcast multiply)
+``batch_l2`` (lead 0)             ``[N]``        Gram ``Σ_{p,p'} (L_p·L_p')(R_p·R_p')`` when
+                                                 ``P (A + B) < A B``, else explicit
+``sum_grad_squared``              ``w.shape``    P = 1: ``(Σ_k L²)ᵀ R²``; else one lead vector
+                                                 at a time into one reused buffer
+``batch_sum_grad_squared``        ``[N, *w]``    P = 1: ``(Σ_k L²) ⊗ R²``; else accumulated
+``param_product``                 ``[V, *w]``    ``u = R Vᵀ``, projections ``⟨L_kn, u_vn⟩``,
+                                                 ``Σ_{n,p} (Σ_k w L) ⊗ R``; never ``q``
+================================  =============  ==========================================
+
+With a sqrt-GGN factor as the cotangent (lead 1) ``sum_grad_squared`` is the GGN diagonal,
+``batch_sum_grad_squared`` its per-sample diagonals and ``param_product`` the GGN block times
+vectors. Every helper is TorchScript-scriptable; Python control flow depends on sizes of the
+parameter, positions and lead axes only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, List, Optional
+
+import torch
+from torch import Tensor
+
+from .registry import fresh
+
+
+@dataclass
+class Contraction:
+    """The declared form (Proxies): see the module docstring."""
+
+    left: Any
+    right: Any
+    param: Any
+    swap: bool = False
+    last: bool = False
+    index: bool = False
+
+
+# -- factor primitives (TorchScript-scriptable) ------------------------------------------------
+def positions_middle(t: Tensor, last: bool) -> Tensor:
+    """``[..., F, P]`` -> ``[..., P, F]`` (a view) when the factor stores positions last."""
+    return t.transpose(-1, -2) if last else t
+
+
+def right_width(left: Tensor, weight: Tensor, lead: int, last: bool) -> int:
+    """``B``: the parameter's entries per group and left feature."""
+    features = left.size(-2) if last else left.size(-1)
+    return weight.numel() // (left.size(lead + 1) * features)
+
+
+def outer(left: Tensor, right: Tensor, weight: Tensor, lead: int, last: bool,
+          index: bool) -> Tensor:
+    """``Σ_p L_p ⊗ R_p`` ``[*lead, N, G, A, B]``; an index factor scatters ``L``'s rows into
+    the own rows ``(n, γ, R[n, γ, p])`` of one zero table."""
+    if index:
+        rows = right_width(left, weight, lead, last)
+        by_position = positions_middle(left, last)
+        samples, groups = right.size(0), right.size(1)
+        offset = torch.arange(samples * groups, device=right.device) * rows
+        own = (right + offset.reshape([samples, groups, 1])).reshape(-1)
+        head: List[int] = list(left.shape[:lead])
+        features = by_position.size(-1)
+        table = torch.zeros(head + [samples * groups * rows, features], dtype=left.dtype,
+                            device=left.device)
+        table = table.index_add(lead, own, by_position.reshape(head + [-1, features]))
+        return table.reshape(head + [samples, groups, rows, features]).transpose(-1, -2)
+    axis = -1 if last else -2
+    if left.size(axis) == 1:  # one position: a broadcast multiply (a matmul over 1 is slower)
+        return left.select(axis, 0).unsqueeze(-1) * right.select(axis, 0).unsqueeze(-2)
+    if last:
+        return torch.einsum("...ngap,ngbp->...ngab", left, right)
+    return torch.einsum("...ngpa,ngpb->...ngab", left, right)
+
+
+def as_parameter(q: Tensor, keep: int, weight: Tensor, swap: bool) -> Tensor:
+    """``[*head, G, A, B]`` (``keep`` head axes) -> ``[*head, *w.shape]``."""
+    if swap:
+        q = q.transpose(-1, -2)
+    head: List[int] = list(q.shape[:keep])
+    return q.reshape(head + list(weight.shape))
+
+
+def right_gram(right: Tensor, last: bool, index: bool, dtype: torch.dtype) -> Tensor:
+    """``R_p · R_p'`` ``[N·G, P, P]``; for an index factor ``[R_p = R_p']``."""
+    if index:
+        flat = right.flatten(0, 1)
+        return (flat.unsqueeze(2) == flat.unsqueeze(1)).to(dtype)
+    flat = positions_middle(right, last).flatten(0, 1)
+    return torch.matmul(flat, flat.transpose(1, 2))
+
+
+def apply_right(right: Tensor, vectors: Tensor, last: bool, index: bool) -> Tensor:
+    """``u[n, v, γ, p, a] = Σ_b V[v, γ, a, b] R[n, γ, p, b]`` in ``L``'s layout (``[..., a, p]``
+    if ``last``); ``vectors`` ``[V, G, A, B]``. An index factor gathers ``V[v, γ, a, R_p]``."""
+    if index:
+        groups, rows = vectors.size(1), vectors.size(3)
+        table = vectors.permute(1, 3, 0, 2).reshape(groups * rows, vectors.size(0), -1)
+        offset = torch.arange(groups, device=right.device).reshape([1, groups, 1]) * rows
+        u = table[right + offset]                                  # [N, G, P, V, A]
+        return u.permute(0, 3, 1, 4, 2) if last else u.permute(0, 3, 1, 2, 4)
+    if last:
+        return torch.einsum("ngbp,vgab->nvgap", right, vectors)
+    return torch.einsum("ngpb,vgab->nvgpa", right, vectors)
+
+
+def apply_right_t(r: Tensor, right: Tensor, groups: int, rows: int, last: bool,
+                  index: bool) -> Tensor:
+    """``Σ_{n,p} r[n, v, γ, p, a] R[n, γ, p, b]`` ``[V, G, A, B]`` (``r`` in ``L``'s layout)."""
+    if index:
+        by_position = positions_middle(r, last)                    # [N, V, G, P, A]
+        count, features = by_position.size(1), by_position.size(-1)
+        offset = torch.arange(groups, device=right.device).reshape([1, groups, 1]) * rows
+        own = (right + offset).reshape(-1)
+        terms = by_position.transpose(0, 1).reshape(count, -1, features)
+        table = torch.zeros([count, groups * rows, features], dtype=r.dtype, device=r.device)
+        table = table.index_add(1, own, terms)
+        return table.reshape([count, groups, rows, features]).transpose(-1, -2)
+    if last:
+        return torch.einsum("nvgap,ngbp->vgab", r, right)
+    return torch.einsum("nvgpa,ngpb->vgab", r, right)
+
+
+# -- derived quantities (TorchScript-scriptable) -----------------------------------------------
+def contraction_batch(left: Tensor, right: Tensor, weight: Tensor, lead: int, swap: bool,
+                      last: bool, index: bool) -> Tensor:
+    """``batch_grad``: ``q`` ``[*lead, N, *w.shape]``."""
+    return as_parameter(outer(left, right, weight, lead, last, index), lead + 1, weight, swap)
+
+
+def contraction_l2(left: Tensor, right: Tensor, weight: Tensor, swap: bool, last: bool,
+                   index: bool) -> Tensor:
+    """``‖q_n‖²`` ``[N]`` (lead 0), in the cheaper contraction order for the shapes: one
+    position ``Σ_γ ‖L‖²‖R‖²``; the Gram form ``Σ_{p,p'} (L_p·L_p')(R_p·R_p')`` when
+    ``P (A + B) < A·B``; else the explicit ``q``."""
+    by_position = positions_middle(left, last)                      # [N, G, P, A]
+    samples, groups = by_position.size(0), by_position.size(1)
+    positions, features = by_position.size(2), by_position.size(3)
+    rows = right_width(left, weight, 0, last)
+    if positions == 1 and not index:
+        return (left.square().sum([2, 3]) * right.square().sum([2, 3])).sum(1)
+    if positions * (features + rows) < features * rows:
+        flat = by_position.flatten(0, 1)
+        gram = torch.matmul(flat, flat.transpose(1, 2))
+        total = (gram * right_gram(right, last, index, left.dtype)).sum([1, 2])
+        return total.reshape([samples, groups]).sum(1)
+    explicit = as_parameter(outer(left, right, weight, 0, last, index), 1, weight, swap)
+    return explicit.square_().flatten(1).sum(1)
+
+
+@fresh
+def contraction_sum_squares(left: Tensor, right: Tensor, weight: Tensor, lead: int,
+                            swap: bool, last: bool, index: bool) -> Tensor:
+    """``Σ_{lead, n} q²`` ``w.shape`` without ``[*lead, N, *w]``: one position
+    ``Σ_n (Σ_k L²)ᵀ R²`` (a batched matmul over the groups); else one lead vector at a time
+    (:func:`square_sums_by_vector`)."""
+    flat = left.reshape([-1] + list(left.shape[lead:]))                # [K, N, G, ., .]
+    axis = -1 if last else -2
+    if flat.size(axis) == 1 and not index:
+        squares = flat.select(axis, 0).square().sum(0)                  # [N, G, A]
+        total = torch.matmul(squares.permute(1, 2, 0),
+                             right.select(axis, 0).square().transpose(0, 1))
+        return as_parameter(total, 0, weight, swap)
+    return as_parameter(square_sums_by_vector(flat, right, weight, last, index), 0, weight,
+                        swap)
+
+
+def square_sums_by_vector(flat: Tensor, right: Tensor, weight: Tensor, last: bool,
+                          index: bool) -> Tensor:
+    """``Σ_{k,n} q_kn²`` ``[G, A, B]``, ``flat`` ``[K, N, G, ., .]``: a batched matmul over
+    ``(sample, group)`` per lead vector that reads ``L`` in place and writes one reused
+    ``[N·G, A, B]`` buffer, squared in place and summed over the samples."""
+    if index:
+        total = outer(flat[0], right, weight, 0, last, index).square().sum(0)
+        for vector in range(1, flat.size(0)):
+            total += outer(flat[vector], right, weight, 0, last, index).square().sum(0)
+        return total
+    samples, groups = flat.size(1), flat.size(2)
+    features = flat.size(3) if last else flat.size(4)
+    rows = right_width(flat[0], weight, 0, last)
+    lhs = positions_middle(flat.reshape([flat.size(0), samples * groups, flat.size(3), -1]),
+                           not last)                                  # [K, N·G, A, P] (view)
+    rhs = positions_middle(right.reshape([samples * groups, right.size(2), -1]), last)
+    buffer = torch.empty([samples * groups, features, rows], dtype=flat.dtype,
+                         device=flat.device)
+    total = torch.zeros([groups, features, rows], dtype=flat.dtype, device=flat.device)
+    for vector in range(lhs.size(0)):
+        torch.bmm(lhs[vector], rhs, out=buffer)
+        total += buffer.square_().view([samples, groups, features, rows]).sum(0)
+    return total
+
+
+def contraction_batch_sum_squares(left: Tensor, right: Tensor, weight: Tensor, lead: int,
+                                  swap: bool, last: bool, index: bool) -> Tensor:
+    """``Σ_lead q²`` ``[N, *w.shape]``, never ``[*lead, N, *w]``: one position
+    ``(Σ_k L²) ⊗ R²``; else accumulated one lead vector at a time."""
+    flat = left.reshape([-1] + list(left.shape[lead:]))
+    axis = -1 if last else -2
+    if flat.size(axis) == 1 and not index:
+        squares = flat.select(axis, 0).square().sum(0).unsqueeze(-1)   # [N, G, A, 1]
+        total = squares * right.select(axis, 0).square().unsqueeze(-2)
+        return as_parameter(total, 1, weight, swap)
+    total = outer(flat[0], right, weight, 0, last, index).square()
+    for vector in range(1, flat.size(0)):
+        term = outer(flat[vector], right, weight, 0, last, index)
+        total.addcmul_(term, term)
+    return as_parameter(total, 1, weight, swap)
+
+
+def contraction_product(left: Tensor, right: Tensor, weight: Tensor, vectors: Tensor,
+                        lead: int, swap: bool, last: bool, index: bool) -> Tensor:
+    """``Σ_{k,n} q_kn ⟨q_kn, V_v⟩`` ``[V, *w.shape]`` without ``q``: ``u = R Vᵀ``
+    (:func:`apply_right`), projections ``w_nkv = ⟨L_kn, u_vn⟩``, ``r_vn = Σ_k w_nkv L_kn``,
+    then ``Σ_{n,p} r ⊗ R``. Batched matmuls over the samples read ``L`` in place."""
+    samples, groups = left.size(lead), left.size(lead + 1)
+    features = left.size(-2) if last else left.size(-1)
+    rows = right_width(left, weight, lead, last)
+    count = vectors.size(0)
+    by_group = vectors.reshape([count, groups, rows, features]).transpose(-1, -2) if swap \
+        else vectors.reshape([count, groups, features, rows])           # [V, G, A, B]
+    u = apply_right(right, by_group, last, index)                       # [N, V, G, ., .]
+    by_sample = left.reshape([-1, samples, u[0, 0].numel()]).transpose(0, 1)  # [N, K, S]
+    projections = torch.matmul(by_sample, u.reshape([samples, count, -1]).transpose(1, 2))
+    r = torch.matmul(projections.transpose(1, 2), by_sample).reshape(u.shape)
+    return as_parameter(apply_right_t(r, right, groups, rows, last, index), 1, weight, swap)
+
+
+# -- emitting the derived quantities -----------------------------------------------------------
+def _flags(form: Contraction) -> tuple:
+    return form.swap, form.last, form.index
+
+
+def batch(form: Contraction, c) -> Any:
+    return c.call(contraction_batch, form.left, form.right, form.param, c.lead, *_flags(form))
+
+
+def batch_l2(form: Contraction, c) -> Any:
+    return c.call(contraction_l2, form.left, form.right, form.param, *_flags(form))
+
+
+def sum_squares(form: Contraction, c) -> Any:
+    return c.call(contraction_sum_squares, form.left, form.right, form.param, c.lead,
+                  *_flags(form))
+
+
+def batch_sum_squares(form: Contraction, c) -> Any:
+    return c.call(contraction_batch_sum_squares, form.left, form.right, form.param, c.lead,
+                  *_flags(form))
+
+
+def product(form: Contraction, c, vectors: Any) -> Any:
+    return c.call(contraction_product, form.left, form.right, form.param, vectors, c.lead,
+                  *_flags(form))
+
+
+# what :class:`passes.per_sample.PerSample` asks for, by name
+DERIVED: dict[str, Callable] = {"batch_l2": batch_l2, "sum_squares": sum_squares,
+                                "batch_sum_squares": batch_sum_squares, "product": product}
+
+
+def derive(kind: str, declare: Callable, g: Any, c, *extra: Any) -> Optional[Any]:
+    """Quantity ``kind`` (a key of :data:`DERIVED`) of the declared form, or None where the
+    declaration has no form for this call."""
+    form = declare(g, c)
+    return None if form is None else DERIVED[kind](form, c, *extra)
+
+
+def batch_grad_of(declare: Callable) -> Callable:
+    """The ``batch_grad`` rule of a declaration that always has a form."""
+    return lambda g, c: batch(declare(g, c), c)

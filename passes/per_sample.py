@@ -177,8 +177,9 @@ class PerSample:
         return g, ctx, rule, arg
 
     def _shortcut(self, name: str, kind: str, *extra: Any) -> Optional[Any]:
-        """The op's cheaper formula, when the parameter has exactly one use that has one (or
-        one stacked use standing for several)."""
+        """The quantity derived from the op's contraction form, when the parameter has exactly
+        one use, where it meets the data, and its op declares one (or one stacked use standing
+        for several)."""
         stacked = self.stacked(name)
         if stacked is not None:
             g, ctx, rule, arg = stacked
@@ -189,7 +190,8 @@ class PerSample:
         used_elsewhere = len(uses) != sum(1 for u in self.params[name].users
                                           if u in self.cotangents) or \
             self.params[name] in self._reaches
-        if len(uses) == 1 and not used_elsewhere and uses[0][2] in uses[0][1].contraction:
+        if len(uses) == 1 and not used_elsewhere and uses[0][0] in self.data and \
+                uses[0][2] in uses[0][1].contraction:
             node, rule, arg = uses[0]
             return self._boundary_term(node, rule, arg, kind, name, *extra)
         return None

@@ -63,6 +63,9 @@ CASES = {
     "einsum_three_operands": lambda: (
         Product(lambda x, w: torch.einsum("ni,ij,nj->nj", x, w, x), (4, 4), 4),
         torch.randn(6, 4), False),
+    "einsum_of_the_parameter": lambda: (  # parameter side: w's einsum never meets the data
+        Product(lambda x, w: x @ torch.einsum("ij,jk->ik", w, torch.eye(3, dtype=w.dtype)),
+                (4, 3), 3), torch.randn(6, 4), False),
     "embedding_gram": lambda: (_embedding(2), torch.randint(0, 7, (6, 2)), True),
     "embedding_explicit": lambda: (_embedding(5), torch.randint(0, 7, (6, 5)), True),
 }

@@ -387,9 +387,9 @@ def _einsum_spec(inputs: list, output: list, index: int) -> Optional[tuple]:
     """For a two-operand einsum without '...' whose data operand starts with the output's
     sample letter ``n``: the parameter operand's letters split into groups (in the output and
     the data), ``A`` (output only) and ``B`` (data only), and the positions (output and data,
-    not the parameter). Returns ``(left subscripts, right subscripts, swap)`` or None when
-    the parameter has letters of its own or is not ordered ``groups + A + B`` (or ``B + A``);
-    the subscripts' axes after ``n`` come in runs ``[groups, positions, A or B]``."""
+    not the parameter). Returns the left and right subscripts (after ``n``: groups, positions,
+    then ``A`` or ``B``), the lengths of those runs for each, and ``swap``; None when the
+    parameter has letters of its own or is not ordered ``groups + A + B`` (or ``B + A``)."""
     if len(inputs) != 2 or "..." in output + inputs[0] + inputs[1] or not output:
         return None
     sample, param, data = output[0], inputs[index], inputs[1 - index]

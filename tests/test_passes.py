@@ -7,7 +7,7 @@ or a request with and without the quantity):
    (``backward`` emits only for values that depend on parameters), no unused node left
    (``cleanup.finalize``: DCE), no ``[N, *p]`` tensor for ``batch_l2`` / ``sum_grad_squared``
    of a linear layer (``PerSample._shortcut``);
-3. contraction order for the shapes at hand (``linear_weight_batch_l2``'s Gram form);
+3. contraction order for the shapes at hand (the Gram form of ``contraction_l2``);
 4. intermediates freed early (``passes/schedule.py``: extractions next to their factors);
 5. work moved to smaller tensors: ``max_pool(relu(z))`` -> ``relu(max_pool(z))``
    (``normalize.pool_before_relu``) and ReLU passes in place on temporaries

@@ -24,6 +24,7 @@ from .passes.chunking import chunk_columns
 from .passes.cleanup import draws_random, finalize, is_random
 from .passes.normalize import normalize, pool_before_relu
 from .passes.curvature.diag_hessian import residual_propagations
+from .passes.curvature.products import TangentProducts
 from .passes.curvature.kfra import KFRA
 from .passes.curvature.regulariser import Regulariser
 from .passes.curvature.sqrt_ggn import propagate_sqrt_ggn
@@ -203,14 +204,30 @@ def _extract(emit: Emitter, traced: Traced, requested: list, cotangents: dict, g
                                                 batch_size, mc_samples, source, data)
         return sources[propagation]
 
+    tangents: dict = {}
+
+    def product(quantity, name: str) -> Any:
+        """A block product by forward tangents where the parameter's path allows it, else
+        from the propagated factors (passes/curvature/products.py)."""
+        if quantity.source not in tangents:
+            tangents[quantity.source] = TangentProducts(emit, traced, cotangents,
+                                                        quantity.source)
+        value = tangents[quantity.source].product(name, vectors[name])
+        if value is None:
+            value = source(quantity.source).product(name, quantity.name, vectors[name])
+        return value
+
     inputs = {"grad": grads, "vectors": vectors}
     results = []
     for label, quantity in requested:
         with emit.requesting(label):
-            method = getattr(source(quantity.source), quantity.extract.method)
-            reads = [inputs[kind] for kind in quantity.extract.reads]
-            values = {name: method(name, quantity.name, *[r[name] for r in reads])
-                      for name in traced.params}
+            if quantity.extract.method == "product":
+                values = {name: product(quantity, name) for name in traced.params}
+            else:
+                method = getattr(source(quantity.source), quantity.extract.method)
+                reads = [inputs[kind] for kind in quantity.extract.reads]
+                values = {name: method(name, quantity.name, *[r[name] for r in reads])
+                          for name in traced.params}
             results.append(regulariser.add(quantity, label, values,
                                            vectors if "vectors" in quantity.extract.reads
                                            else {}))

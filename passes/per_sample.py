@@ -23,6 +23,7 @@ vectors) of a parameter with one use whose op declares its per-sample term as a 
 """
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any, Callable, List, Optional
 
 import torch
@@ -36,6 +37,7 @@ from fxcurv.rules.helpers import concat_positions
 from fxcurv.rules.registry import Args
 
 from .analysis import ancestors
+from .curvature.factors import mask_columns
 
 
 def factor_product(factor: Tensor, vectors: Tensor) -> Tensor:
@@ -186,14 +188,25 @@ class PerSample:
             fn = _rule_fn(rule, arg, kind)
             return None if fn is None or self.params[name] in self._reaches else \
                 fn(g, ctx, *extra)
+        use = self.shortcut_use(name, "contraction")
+        if use is not None:
+            node, rule, arg = use
+            return self._boundary_term(node, rule, arg, kind, name, *extra)
+        return None
+
+    def shortcut_use(self, name: str, field: str) -> Optional[tuple[fx.Node, OpRule, str]]:
+        """``(node, rule, argument)`` of the parameter's one use when it is its only reader,
+        meets the data there, and the op's rule ``field`` (``contraction``,
+        ``signed_squares``) has an entry for it (not for stacked uses), else None."""
+        if self.stacked(name) is not None:
+            return None
         uses = self.uses(name)
         used_elsewhere = len(uses) != sum(1 for u in self.params[name].users
                                           if u in self.cotangents) or \
             self.params[name] in self._reaches
         if len(uses) == 1 and not used_elsewhere and uses[0][0] in self.data and \
-                uses[0][2] in uses[0][1].contraction:
-            node, rule, arg = uses[0]
-            return self._boundary_term(node, rule, arg, kind, name, *extra)
+                uses[0][2] in getattr(uses[0][1], field):
+            return uses[0]
         return None
 
     def per_sample_term(self, value: fx.Node, name: str) -> Optional[Any]:
@@ -374,6 +387,86 @@ def _sum(parts: list) -> Any:
     return total
 
 
+# SignedSum kinds an op's ``signed_squares`` formula computes for several factors at once
+SQUARES_KINDS = ("sum_squares", "batch_sum_squares")
+
+
+def _signed_squares(kind: str, name: str, full: str, terms: list, base: Any) -> Optional[Any]:
+    """``base + Σ_k sign_k`` of the squared quantity ``kind`` of several propagations (lead
+    1) of the parameter, by its one use's ``signed_squares`` formulas (each propagation's
+    share where its factor is, one product with the data for all of them, added to ``base``
+    in the same pass), or None where it has none."""
+    if kind not in SQUARES_KINDS or len(terms) < 2:
+        return None
+    uses = [term.shortcut_use(name, "signed_squares") for term, _ in terms]
+    if any(use is None or use[:3:2] != uses[0][:3:2] for use in uses) or \
+            any(term.lead != 1 for term, _ in terms):
+        return None
+    node, rule, arg = uses[0]
+    first = terms[0][0]
+    part, total = rule.signed_squares[arg]
+    with first.emit.naming(full, pass_="per_sample", param=name):
+        ctx = Ctx.of(node, rule, first.emit, 1)
+        factors, weights = _weighted_factors(first.emit, node, terms)
+        shares = _sum([part(factor, weight, ctx) for factor, weight in zip(factors, weights)])
+        return total(shares, ctx, kind == "batch_sum_squares", base)
+
+
+def _weighted_factors(emit: Emitter, node: fx.Node, terms: list) -> tuple[list, list]:
+    """The factors at ``node`` with their column weights: the masked parts of one
+    propagation (:class:`MaskedColumns`) as that propagation's factor once, its columns
+    weighted by ``Σ sign_k mask_k`` (no masked copies); other factors by their sign."""
+    factors, weights, masked = [], [], {}
+    for term, sign in terms:
+        cotangents = term.cotangents
+        if not isinstance(cotangents, MaskedColumns):
+            factors.append(cotangents[node])
+            weights.append(emit.call(sign_weight, factors[-1], sign))
+            continue
+        masked.setdefault(id(cotangents.cotangents), (cotangents.cotangents, []))[1].append(
+            (cotangents.mask, sign))
+    for base, parts in masked.values():
+        factors.append(base[node])
+        weights.append(emit.call(column_weights, [m for m, _ in parts], [s for _, s in parts]))
+    return factors, weights
+
+
+def sign_weight(factor: Tensor, sign: float) -> Tensor:
+    """``[1, 1]`` holding ``sign``: the same weight for every column of ``factor``."""
+    return torch.full([1, 1], sign, dtype=factor.dtype, device=factor.device)
+
+
+def column_weights(masks: List[Tensor], signs: List[float]) -> Tensor:
+    """``Σ_k sign_k mask_k`` ``[L, N]``: each column's weight in a signed sum of squares."""
+    total = masks[0] * signs[0]
+    for k in range(1, len(masks)):
+        total = total + masks[k] * signs[k]
+    return total
+
+
+class MaskedColumns(Mapping):
+    """A propagation's cotangents ``[D, N, ...]`` with the columns outside ``mask`` ``[D, N]``
+    zeroed, each emitted where it is first read (by an extraction) and once."""
+
+    def __init__(self, emit: Emitter, cotangents: dict, mask: Any):
+        self.emit, self.cotangents, self.mask = emit, cotangents, mask
+        self._masked: dict = {}
+
+    def __getitem__(self, node: fx.Node) -> Any:
+        if node not in self._masked:
+            self._masked[node] = self.emit.call(mask_columns, self.cotangents[node], self.mask)
+        return self._masked[node]
+
+    def __contains__(self, node: object) -> bool:
+        return node in self.cotangents
+
+    def __iter__(self):
+        return iter(self.cotangents)
+
+    def __len__(self) -> int:
+        return len(self.cotangents)
+
+
 class SignedSum:
     """``Σ_k sign_k · term_k`` of several propagations' squared quantities: the Hessian is the
     GGN plus the positive and minus the negative residual parts; the positive-curvature
@@ -390,13 +483,16 @@ class SignedSum:
         if key not in self._memo:
             first = self.terms[0][0]
             reached = [(term, sign) for term, sign in self.terms[1:] if term.reaches(name)]
-            parts = [(getattr(term, kind)(name, f"{label}_part", *args), sign)
-                     for term, sign in self.terms[:1] + reached]
+            parts = [(getattr(first, kind)(name, f"{label}_part", *args), 1.0)]
             full = f"{first.params[name].name}_{label}"
-            with first.emit.naming(full, pass_="per_sample", param=name):
-                total = parts[0][0]
-                for value, sign in parts[1:]:
-                    total = total + value if sign > 0 else total - value
+            total = _signed_squares(kind, name, full, reached, parts[0][0])
+            if total is None:
+                parts += [(getattr(term, kind)(name, f"{label}_part", *args), sign)
+                          for term, sign in reached]
+                with first.emit.naming(full, pass_="per_sample", param=name):
+                    total = parts[0][0]
+                    for value, sign in parts[1:]:
+                        total = total + value if sign > 0 else total - value
             first.emit.rename(total, full)
             self._memo[key] = total
         return self._memo[key]

@@ -379,6 +379,9 @@ BRUTE_CASES: dict[str, Callable] = {
     "ce_positions": lambda: (
         nn.Sequential(nn.Conv1d(2, 4, 3, padding=1), nn.Sigmoid(), nn.Conv1d(4, 3, 1)),
         nn.CrossEntropyLoss(), _randn(3, 2, 4), _labels(3, 3, 4)),
+    "sequence_tanh_mse": lambda: (
+        nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, 3)), nn.MSELoss(),
+        _randn(3, 2, 4), _randn(3, 2, 3)),
     "nll_log_softmax": lambda: (
         nn.Sequential(nn.Linear(4, 5), nn.Sigmoid(), nn.Linear(5, 3), nn.LogSoftmax(dim=1)),
         nn.NLLLoss(), _randn(4, 4), _labels(3, 4)),
@@ -465,6 +468,17 @@ def assert_dicts_close(actual: dict, expected: dict, what: str, tol=BRUTE) -> No
 def test_brute_force(case, quantity):
     ours, ref = brute_case(case)
     assert_dicts_close(ours[quantity], ref[quantity], f"{case} {quantity}")
+
+
+def test_products_by_forward_tangents_on_chains():
+    """Linear layers and elementwise ops up to the loss: block products by forward tangents,
+    no propagated factor; a residual connection: the factor products."""
+    model, loss_fn, _, _ = build_case("gelu_silu_softplus_ce_sum")
+    code = fxcurv.compile(model, loss_fn, ["hmp", "pchmp_clip"]).code
+    assert "output_hessian_product" in code
+    assert "residual_sqrt" not in code and "sqrt_ggn" not in code
+    model, loss_fn, _, _ = build_case("residual_tanh_mse")
+    assert "residual_sqrt" in fxcurv.compile(model, loss_fn, ["hmp"]).code
 
 
 @pytest.mark.parametrize("case", list(BRUTE_CASES))

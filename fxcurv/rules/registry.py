@@ -141,6 +141,20 @@ class OpRule:
     # the output does not depend differentiably on any input (sizes, masks, fills); a
     # predicate of the bound arguments when that depends on them (``getattr(x, "shape")``)
     constant: Union[bool, Callable[[dict], bool]] = False
+    # ``signed_squares[arg] = (part, total)``: the ``batch_sum_grad_squared`` (per_sample) or
+    # ``sum_grad_squared`` formulas of several factors (lead 1) of one use, their columns
+    # weighted (``[L, N]``, or ``[1, 1]``: a sign), in two steps: ``part(g, w, c)`` each
+    # factor's share (right after its propagation, a small ``[N, O]`` for a linear layer),
+    # ``total(Σ shares, c, per_sample, base)`` ``base +`` the result (one product with the
+    # data for all of them: the Hessian's residual parts added to its GGN part)
+    signed_squares: dict[str, tuple] = field(default_factory=dict)
+    # forward tangents (block curvature products, passes/curvature/products.py):
+    # ``jvp[arg](t, c)``: ``J t`` for a data argument's tangent ``t`` ``[*lead, N, *arg]``
+    # (arguments with a "diagonal" ``sandwich`` use their ``vjp``: ``J = Jᵀ``);
+    # ``param_jvp[arg](v, c)``: ``J_p v`` ``[V, N, *out]`` for vectors ``v`` ``[V, *p.shape]``
+    # of a parameter-side argument
+    jvp: dict[str, RuleFn] = field(default_factory=dict)
+    param_jvp: dict[str, RuleFn] = field(default_factory=dict)
     # reason why this call mixes samples (per-sample quantities undefined), or None
     mixes_samples: Optional[Callable[[dict], Optional[str]]] = None
     # reason why this call's constant arguments are unsupported, or None

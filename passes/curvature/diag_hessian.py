@@ -5,6 +5,10 @@ op's residual ``Σ_out g ⊙ ∂²f/∂x²`` (``g`` the gradient at its output).
 ``R`` is diagonal; it is split into its positive and negative parts, each with a square-root
 factor ``diag(√R±)`` ``[D, N, *x.shape[1:]]`` that is propagated back from the op's input like
 a sqrt-GGN factor. Then ``diag_h = diag_ggn_exact + Σ_residuals (‖J ᵀ√R₊‖² - ‖Jᵀ√R₋‖²)``.
+Both parts travel in one factor ``diag(√|R|)``: a Jacobian-transpose acts on each column
+``(d, n)`` alone, so the propagated factor's columns where ``R[n, d] > 0`` are ``Jᵀ√R₊`` and
+the others ``Jᵀ√R₋``; the parts are told apart by masking the columns where they are read
+(:class:`MaskedColumns`), one backward pass instead of two.
 Ops affine in each argument (linear, conv, relu, shape ops, ...) have no residual.
 
 A non-diagonal residual (softmax, layer_norm: ``residual_block``) is a dense per-sample
@@ -41,10 +45,11 @@ from fxcurv.rules.registry import Args
 from ..analysis import (ancestors, depends_on, descendants, differentiable_inputs,
                         sample_carriers)
 from ..backward import backward
+from ..per_sample import MaskedColumns
 from . import factors
 from .factors import (broadcast_cross_sqrt, checked_cross, checked_parameter_cross,
-                      cross_sqrt, parameter_cross_sqrt, per_sample_block, repeat_samples,
-                      residual_sqrt, sample_basis)
+                      column_mask, cross_sqrt, parameter_cross_sqrt,
+                      per_sample_block, repeat_samples, residual_sqrt, sample_basis)
 from .loss_hessian import eigen_sqrt, loss_negative_factor, symmetric_eigh
 from .second_order import BILINEAR, BLOCK, CROSS, MISSING, RESIDUAL, ZERO, Term, classify
 
@@ -105,8 +110,18 @@ def _separate_propagations(emit, pending, params, make_source) -> list:
         with emit.naming(tag, pass_="diag_hessian"):
             columns = next(iter(seeds.values())).size(0)
         cotangents = backward(emit, seeds, params, lead=1, tag=tag)
-        terms.append((make_source(cotangents, columns, direct or None), sign))
+        terms += _signed_terms(emit, cotangents, columns, sign, direct, make_source)
     return terms
+
+
+def _signed_terms(emit, cotangents, columns, sign, direct, make_source) -> list:
+    """``[(source, sign)]`` of one propagation: a seed set of one sign (``sign`` a float), or
+    of both (``sign``: the masks ``[D, N]`` of its positive and negative columns), which gives
+    a masked source per sign."""
+    if isinstance(sign, float):
+        return [(make_source(cotangents, columns, direct or None), sign)]
+    return [(make_source(MaskedColumns(emit, cotangents, mask), columns), part_sign)
+            for mask, part_sign in zip(sign, (1.0, -1.0))]
 
 
 def _combined_propagations(emit, pending, params, make_source) -> list:
@@ -115,21 +130,24 @@ def _combined_propagations(emit, pending, params, make_source) -> list:
     the columns are the sum of the sets' squares. ``O(graph)`` nodes instead of one pass per
     set (``O(T²)`` for ``T`` unrolled steps), at up to ``R`` columns everywhere."""
     terms = []
-    for sign, tag in ((1.0, "plus"), (-1.0, "minus")):
-        group = [(seeds, direct) for seeds, s, _, direct in pending if s == sign]
+    for sign, tag in ((1.0, "plus"), (-1.0, "minus"), (None, "both")):
+        group = [(seeds, direct, s) for seeds, s, _, direct in pending
+                 if (s == sign if isinstance(s, float) else sign is None)]
         if not group:
             continue
         with emit.naming(f"residuals_{tag}", pass_="diag_hessian"):
-            sizes = [next(iter(seeds.values())).size(0) for seeds, _ in group]
+            sizes = [next(iter(seeds.values())).size(0) for seeds, _, _ in group]
             columns = emit.call(column_total, sizes)
-            placed: list[dict] = [{}, {}]
-            for index, parts in enumerate(group):
-                for target, part in zip(placed, parts):
-                    for node, factor in part.items():
+            placed: list[dict] = [{}, {}, {}]
+            for index, (seeds, direct, s) in enumerate(group):
+                masks = {} if sign is not None else {"plus": s[0], "minus": s[1]}
+                for target, part in zip(placed, (seeds, direct, masks)):
+                    for key, factor in part.items():
                         value = emit.call(place_columns, factor, index, sizes)
-                        target[node] = target[node] + value if node in target else value
+                        target[key] = target[key] + value if key in target else value
         cotangents = backward(emit, placed[0], params, lead=1, tag=f"residuals_{tag}")
-        terms.append((make_source(cotangents, columns, placed[1] or None), sign))
+        both = (placed[2]["plus"], placed[2]["minus"]) if sign is None else sign
+        terms += _signed_terms(emit, cotangents, columns, both, placed[1], make_source)
     return terms
 
 
@@ -167,7 +185,8 @@ class _Op:
 
 
 def _diagonal_seeds(emit, op: _Op) -> list:
-    """``({arg: √R±}, ±1, tag)`` for each argument with a diagonal residual ``R``."""
+    """``({arg: √|R|}, (mask₊, mask₋), tag)`` for each argument with a diagonal residual
+    ``R``: both parts in one factor, its columns of either sign masked (:func:`column_mask`)."""
     found = []
     for term in op.terms:
         if len(term.names) != 1 or term.kind in (ZERO, BLOCK):
@@ -179,10 +198,10 @@ def _diagonal_seeds(emit, op: _Op) -> list:
                              "Request the GGN (diag_ggn_exact) instead, or add a residual "
                              "rule to this op.")
         residual = term.fn(op.g, op.ctx)
-        for sign, tag in ((1.0, "plus"), (-1.0, "minus")):
-            factor = emit.call(residual_sqrt, residual, sign, _where(op.node, op.rule),
-                               factors.MAX_RESIDUAL_FACTOR_BYTES)
-            found.append(({op.values[name]: factor}, sign, f"{name}_{tag}"))
+        factor = emit.call(residual_sqrt, residual, 0.0, _where(op.node, op.rule),
+                           factors.MAX_RESIDUAL_FACTOR_BYTES)
+        masks = tuple(emit.call(column_mask, residual, sign) for sign in (1.0, -1.0))
+        found.append(({op.values[name]: factor}, masks, name))
     return found
 
 

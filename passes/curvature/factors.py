@@ -17,8 +17,9 @@ MAX_RESIDUAL_FACTOR_BYTES = 256 * 2 ** 20
 
 def residual_sqrt(residual: Tensor, sign: float, where: str, limit: int) -> Tensor:
     """``diag(√max(sign·R, 0))`` as a factor ``[D, N, *R.shape[1:]]``, ``D = R[0].numel()``;
-    a RuntimeError naming ``where`` if it would exceed ``limit`` bytes per sample
-    (``MAX_RESIDUAL_FACTOR_BYTES`` when the step was compiled)."""
+    ``sign = 0``: ``diag(√|R|)``, both parts in one factor (its columns told apart by
+    :func:`column_mask`). A RuntimeError naming ``where`` if it would exceed ``limit`` bytes
+    per sample (``MAX_RESIDUAL_FACTOR_BYTES`` when the step was compiled)."""
     samples = residual.size(0)
     width = residual[0].numel()
     size = width * width * residual.element_size()
@@ -27,11 +28,27 @@ def residual_sqrt(residual: Tensor, sign: float, where: str, limit: int) -> Tens
                            "square-root factor [D, N, D] with D = {} and N = {} ({} bytes per "
                            "sample > {}); request the GGN (diag_ggn_exact, ggnmp) for this "
                            "model".format(where, width, samples, size, limit))
-    part = (residual * sign).clamp(min=0.0).sqrt()
+    if sign == 0.0:
+        part = residual.abs().sqrt()
+    else:
+        part = (residual * sign).clamp(min=0.0).sqrt()
     flat = part.reshape(samples, -1)
     eye = torch.eye(flat.size(1), dtype=part.dtype, device=part.device)
     factor = eye.unsqueeze(1) * flat.unsqueeze(0)                     # [D, N, D]
     return factor.reshape([flat.size(1)] + list(part.shape))
+
+
+def column_mask(residual: Tensor, sign: float) -> Tensor:
+    """``[D, N]``: 1 for the columns ``(d, n)`` of ``diag(√|R|)`` (:func:`residual_sqrt`) where
+    ``sign·R[n, d] > 0``, else 0."""
+    flat = residual.reshape(residual.size(0), -1).t()
+    return (flat * sign > 0).to(residual.dtype)
+
+
+def mask_columns(factor: Tensor, mask: Tensor) -> Tensor:
+    """``factor`` ``[D, N, ...]`` with its columns ``(d, n)`` scaled by ``mask`` ``[D, N]``
+    (a propagated factor's column ``(d, n)`` stays the image of seed column ``(d, n)``)."""
+    return factor * mask.reshape(list(mask.shape) + [1] * (factor.dim() - 2))
 
 
 def checked_parameter_cross(g: Tensor, data: Tensor, side: Tensor, limit: int,

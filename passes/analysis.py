@@ -5,7 +5,7 @@ from typing import Iterable, Optional
 
 import torch.fx as fx
 
-from fxcurv.rules import rule_for
+from fxcurv.rules import KEPT, REDUCED, rule_for
 
 
 def differentiable_inputs(node: fx.Node) -> list[fx.Node]:
@@ -86,9 +86,10 @@ def loss_rank(graph: fx.Graph, data: fx.Node, output: fx.Node, loss: fx.Node) ->
         if rule is None or node in batched:
             continue
         inputs = node.all_input_nodes
-        if rule.trait("scalar_output", node):
+        samples = rule.output_samples(node)
+        if samples == REDUCED:
             scalar.add(node)
-        elif rule.trait("keeps_samples", node):
+        elif samples == KEPT:
             if any(arg in batched for arg in inputs):
                 batched.add(node)
             elif all(arg in scalar for arg in inputs):

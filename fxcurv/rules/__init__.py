@@ -2,10 +2,10 @@
 from . import (affine, arith, conv, elementwise, indexing, linalg, losses,  # noqa: F401
                norm, pooling, recurrent, reductions, select, shape,
                windows)  # (registration)
-from .registry import (AFFINE, BOOLEAN, CONCATENATION, ELEMENTWISE, FRESH, MONOTONE,
-                       PERMUTATION, PIECES, RANDOM, REDUCTION, RULES, VIEW, WINDOW_MAX, Ctx,
+from .registry import (AFFINE, BOOLEAN, CONCATENATION, ELEMENTWISE, FRESH, KEPT, MONOTONE,
+                       PERMUTATION, PIECES, RANDOM, REDUCED, REDUCTION, RULES, VIEW, WINDOW_MAX, Ctx,
                        OpRule, has_trait, register, rule_for)
 
-__all__ = ["AFFINE", "BOOLEAN", "CONCATENATION", "ELEMENTWISE", "FRESH", "MONOTONE",
-           "PERMUTATION", "PIECES", "RANDOM", "REDUCTION", "RULES", "VIEW", "WINDOW_MAX", "Ctx",
+__all__ = ["AFFINE", "BOOLEAN", "CONCATENATION", "ELEMENTWISE", "FRESH", "KEPT", "MONOTONE",
+           "PERMUTATION", "PIECES", "RANDOM", "REDUCED", "REDUCTION", "RULES", "VIEW", "WINDOW_MAX", "Ctx",
            "OpRule", "has_trait", "register", "rule_for"]

@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 
 from .helpers import expand_reduced, reduced_count, sum_to_batch, sum_to_shape
-from .registry import AFFINE, BOOLEAN, Ctx, elementwise, reduction, register
+from .registry import AFFINE, BOOLEAN, KEPT, REDUCED, Ctx, elementwise, reduction, register
 from .shape import is_scalar_node
 
 
@@ -96,15 +96,13 @@ def _reduces_samples(b: dict) -> Optional[str]:
     return None
 
 
-def _keeps_samples(b: dict) -> bool:
-    """The sum keeps axis 0: only axes given as positive numbers are reduced."""
+def _sum_samples(b: dict) -> Optional[str]:
+    """KEPT where only axes given as positive numbers are reduced; REDUCED (0-dim) for a sum
+    over all axes without ``keepdim``."""
     dims = _dims(b["dim"])
-    return bool(dims) and all(d > 0 for d in dims)
-
-
-def _all_axes(b: dict) -> bool:
-    dims = _dims(b["dim"])
-    return (dims is None or len(dims) == 0) and not b["keepdim"]
+    if dims and all(d > 0 for d in dims):
+        return KEPT
+    return REDUCED if not dims and not b["keepdim"] else None
 
 
 def _sum_vjp(g, c: Ctx):
@@ -120,11 +118,11 @@ def _mean_vjp(g, c: Ctx):
 reduction([torch.sum, "sum"], "sum", "input, dim=None, keepdim=False, dtype=None",
           doc="y = Σ_dim x;  Jᵀg broadcasts g back over the summed axes.",
           vjp={"input": _sum_vjp}, mixes_samples=_reduces_samples,
-          keeps_samples=_keeps_samples, scalar_output=_all_axes)
+          samples=_sum_samples)
 reduction([torch.mean, "mean"], "mean", "input, dim=None, keepdim=False, dtype=None",
           doc="y = mean_dim x;  Jᵀg broadcasts g/count back over the averaged axes.",
           vjp={"input": _mean_vjp}, mixes_samples=_reduces_samples,
-          keeps_samples=_keeps_samples, scalar_output=_all_axes)
+          samples=_sum_samples)
 
 
 elementwise([torch.masked_fill, "masked_fill"], "masked_fill", "input, mask, value",
@@ -132,7 +130,7 @@ elementwise([torch.masked_fill, "masked_fill"], "masked_fill", "input, mask, val
                 "mask.",
             vjp={"input": lambda g, c: g.masked_fill(c.args.mask, 0.0), "mask": None,
                  "value": None},
-            traits=(AFFINE,), keeps_samples=False)
+            traits=(AFFINE,), samples=None)
 
 
 
@@ -173,7 +171,7 @@ elementwise([torch.where, "where"], "where", "condition, input, other",
             vjp={"condition": None, "input": _where_part("input", False),
                  "other": _where_part("other", False)},
             batch_grad={"input": _where_part("input", True), "other": _where_part("other", True)},
-            traits=(AFFINE,), keeps_samples=False)
+            traits=(AFFINE,), samples=None)
 
 
 register([operator.gt, operator.ge, operator.lt, operator.le, operator.eq, operator.ne,

@@ -63,6 +63,9 @@ RANDOM = "random"
 BOOLEAN = "boolean"
 # returns a tuple of pieces of its input (split, chunk, unbind)
 PIECES = "pieces"
+# what an output does with the sample axis (``OpRule.samples``)
+KEPT = "kept"
+REDUCED = "reduced"
 TRAITS = frozenset({ELEMENTWISE, AFFINE, PERMUTATION, CONCATENATION, REDUCTION, MONOTONE,
                     WINDOW_MAX, VIEW, FRESH, RANDOM, BOOLEAN, PIECES})
 
@@ -149,12 +152,10 @@ class OpRule:
     # data for all of them: the Hessian's residual parts added to its GGN part)
     signed_squares: dict[str, tuple] = field(default_factory=dict)
     # forward tangents (block curvature products, passes/curvature/products.py):
-    # ``jvp[arg](t, c)``: ``J t`` for a data argument's tangent ``t`` ``[*lead, N, *arg]``
-    # (arguments with a "diagonal" ``sandwich`` use their ``vjp``: ``J = Jᵀ``);
-    # ``param_jvp[arg](v, c)``: ``J_p v`` ``[V, N, *out]`` for vectors ``v`` ``[V, *p.shape]``
-    # of a parameter-side argument
+    # ``jvp[arg](t, c)``: ``J_arg t`` for a tangent ``t`` ``[V, *arg.shape]`` of any argument
+    # (a data argument's ``[V, N, *x]``, a parameter's vectors ``[V, *p.shape]``) ->
+    # ``[V, *out.shape]``; arguments with a "diagonal" ``sandwich`` use their ``vjp`` (``J = Jᵀ``)
     jvp: dict[str, RuleFn] = field(default_factory=dict)
-    param_jvp: dict[str, RuleFn] = field(default_factory=dict)
     # reason why this call mixes samples (per-sample quantities undefined), or None
     mixes_samples: Optional[Callable[[dict], Optional[str]]] = None
     # reason why this call's constant arguments are unsupported, or None
@@ -163,11 +164,11 @@ class OpRule:
     lower: Optional[Callable[["Ctx"], Any]] = None
     # losses: their Hessian factors and mean divisor (:class:`LossRule`, set by :func:`loss`)
     loss: Optional[LossRule] = None
-    # shape traits (the scalar-loss check): the output keeps the sample axis 0 of any tensor
-    # argument that has one (elementwise ops, unreduced losses, sums over other axes); the
-    # output is 0-dim (full reductions, reduced losses). Bool or predicate of the bound args.
-    keeps_samples: Union[bool, Callable[[dict], bool]] = False
-    scalar_output: Union[bool, Callable[[dict], bool]] = False
+    # what the output does with the sample axis 0 (the scalar-loss check): KEPT (keeps axis 0
+    # of any tensor argument that has one: elementwise ops, unreduced losses, sums over other
+    # axes), REDUCED (0-dim: full reductions, reduced losses) or None (unknown); or a function
+    # of the bound arguments returning one of these
+    samples: Union[Optional[str], Callable[[dict], Optional[str]]] = None
     # what the op is (:data:`TRAITS`), set by the combinators
     traits: frozenset = frozenset()
     doc: str = ""
@@ -185,10 +186,9 @@ class OpRule:
         """True if this call's output has no derivative with respect to any input."""
         return self.constant(self.bind(node)) if callable(self.constant) else self.constant
 
-    def trait(self, name: str, node: fx.Node) -> bool:
-        """A bool-or-predicate trait (``keeps_samples``, ``scalar_output``) for this call."""
-        value = getattr(self, name)
-        return bool(value(self.bind(node))) if callable(value) else bool(value)
+    def output_samples(self, node: fx.Node) -> Optional[str]:
+        """:data:`KEPT`, :data:`REDUCED` or None: what this call does with the sample axis."""
+        return self.samples(self.bind(node)) if callable(self.samples) else self.samples
 
     def zero_hessian(self, arg: str, bound: dict) -> bool:
         """True if ``∂²f/∂arg² = 0`` (the op is affine in ``arg`` with the others fixed)."""
@@ -241,9 +241,9 @@ def register(targets: list, name: str, params: str, traits: tuple = (),
 def elementwise(targets: list, name: str, params: str, traits: tuple = (),
                 **fields: Any) -> OpRule:
     """``y_i = f(a_i, b_i, ...)`` (arguments broadcast): ``J = diag(∂f/∂a)`` per argument; the
-    output keeps the samples (unless ``keeps_samples`` says otherwise)."""
+    output keeps the samples (unless ``samples`` says otherwise)."""
     return register(targets, name, params, (ELEMENTWISE, *traits),
-                    keeps_samples=fields.pop("keeps_samples", True), **fields)
+                    samples=fields.pop("samples", KEPT), **fields)
 
 
 def unary(targets: list, name: str, params: str, traits: tuple = (), **fields: Any) -> OpRule:
@@ -294,8 +294,7 @@ def loss(targets: list, name: str, params: str, mean_divisor: Callable,
     reduced, its output is 0-dim; with reduction='none' it keeps the input's sample axis."""
     return register(targets, name, params, loss=LossRule(
         mean_divisor, sqrt_hessian, sqrt_hessian_mc, check_target),
-        scalar_output=lambda b: b["reduction"] != "none",
-        keeps_samples=lambda b: b["reduction"] == "none", **fields)
+        samples=lambda b: KEPT if b["reduction"] == "none" else REDUCED, **fields)
 
 
 # calls without a rule (helpers that generated code calls, torch ops) marked with a trait

@@ -5,7 +5,7 @@ chain of ops ``n_1 … n_K`` (each reading the previous one, and nothing else th
 ``p``), the block ``H_pp`` times vectors ``v`` ``[V, *p.shape]`` is Pearlmutter's
 Hessian-vector product with only ``p`` perturbed:
 
-    t_0 = J_p v                      [V, N, *out_u]   (``param_jvp`` rule of u)
+    t_0 = J_p v                      [V, N, *out_u]   (``jvp`` rule of u's parameter argument)
     t_i = J_i t_{i-1}                along the chain  (``jvp``; ``vjp`` for diagonal J)
     ġ_K = S_n S_nᵀ t_K               per sample, S the exact loss factor [C, N, *out]
     ġ_{i-1} = J_iᵀ ġ_i + m(R_i) ⊙ t_{i-1}   (R_i = Σ g ∂²f/∂x² the op's elementwise residual)
@@ -74,7 +74,7 @@ class TangentProducts:
             return None
         (u, rule, arg), chain = found
         with self.emit.naming(f"{self.traced.params[name].name}_tangent", pass_="products"):
-            tangents = [rule.param_jvp[arg](vectors, Ctx.of(u, rule, self.emit))]
+            tangents = [rule.jvp[arg](vectors, Ctx.of(u, rule, self.emit, 1))]
             for node, node_rule, node_arg in chain:
                 fn = node_rule.jvp.get(node_arg) or node_rule.vjp[node_arg]
                 tangents.append(fn(tangents[-1], Ctx.of(node, node_rule, self.emit, 1)))
@@ -117,7 +117,7 @@ class TangentProducts:
         param = self.traced.params[name]
         first = _only_use(param, self.gradient)
         if first is None or first[0] not in self.carriers or \
-                first[2] not in first[1].param_jvp:
+                first[2] not in first[1].jvp:
             return None
         dependent = depends_on(self.traced.graph, [param])
         chain, node = [], first[0]

@@ -124,7 +124,7 @@ def _compile(model, loss_fn, requested: list, traced: Traced, mc_samples: int, p
     """The pipeline of :func:`compile` after tracing (errors name the first quantity, or the
     one being extracted)."""
     normalize(traced.graph)
-    if all(name != "kfra" for name, _ in requested):
+    if not any(quantity.source.kfra for _, quantity in requested):
         pool_before_relu(traced.graph, keep=(traced.model_output,))
     traced.refresh()
     loss_output = _scalar_loss(traced)

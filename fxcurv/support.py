@@ -78,7 +78,7 @@ def rows() -> list[list[str]]:
     for rule, names in sorted(by_rule.values(), key=lambda item: item[0].name):
         if rule.constant is True:
             cells = ["no derivative"] * 4
-        elif rule.lower is not None:
+        elif rule.lower is not None and not rule.vjp:
             cells = ["lowered to other ops"] * 4
         else:
             cells = ["yes" if rule.vjp else "—", _first_order(rule), _second_order(rule),

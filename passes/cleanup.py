@@ -9,8 +9,7 @@ import torch.fx as fx
 
 from fxcurv.emit import Emitter, rename_freeing
 from fxcurv.passes.per_sample import variance_from_moments, variance_from_moments_
-from fxcurv.rules import FRESH, PERMUTATION, RANDOM, VIEW, has_trait
-from fxcurv.rules.pooling import max_pool_argmax, max_pool_with_indices
+from fxcurv.rules import BY_PRODUCTS, FRESH, INTO_FIRST, PERMUTATION, RANDOM, VIEW, has_trait
 
 
 def finalize(traced, emit: Emitter, outputs: tuple, quantity_names: list[str],
@@ -22,10 +21,10 @@ def finalize(traced, emit: Emitter, outputs: tuple, quantity_names: list[str],
     graph.erase_node(old_output)
     graph.output(emit.as_node(outputs))
     eliminate_common_subexpressions(graph)
-    share_pool_indices(graph)
+    share_by_products(graph)
     graph.eliminate_dead_code()
     prune_output_masks(graph)
-    relu_vjps_in_place(graph)
+    write_into_temporaries(graph)
     moments_in_place(graph)
     read_shapes_early(graph)
     detach_parameters(graph, traced.params)
@@ -77,18 +76,20 @@ def _keep_extraction_tag(node: fx.Node, first: fx.Node) -> None:
         first.meta["fxcurv"] = {**first.meta["fxcurv"], "extract": kind}
 
 
-def share_pool_indices(graph: fx.Graph) -> None:
-    """``max_pool_argmax(y, x, ...)`` recomputes the argmax of the forward's ``y = max_pool(x)``:
-    make the forward call ``max_pool_with_indices(x, ...)`` once and read both from it."""
+def share_by_products(graph: fx.Graph) -> None:
+    """A helper ``h(y, x, ...)`` that recomputes a by-product of the forward's ``y = f(x, ...)``
+    (``BY_PRODUCTS``: a max pool's argmax): make the forward call the joint helper
+    ``(y, by-product) = joint(x, ...)`` once and read both from it."""
     shared: dict[fx.Node, fx.Node] = {}
     for node in list(graph.nodes):
-        if node.op != "call_function" or node.target is not max_pool_argmax:
+        joint = BY_PRODUCTS.get(node.target) if node.op == "call_function" else None
+        if joint is None:
             continue
         pooled, x, *window = node.args
         if pooled not in shared:
             name = pooled.name
             with graph.inserting_before(pooled):
-                both = graph.create_node("call_function", max_pool_with_indices, (x, *window),
+                both = graph.create_node("call_function", joint, (x, *window),
                                          name=f"{name}_and_indices")
                 values = graph.create_node("call_function", operator.getitem, (both, 0),
                                            name=f"{name}_values")
@@ -125,22 +126,32 @@ def read_shapes_early(graph: fx.Graph) -> None:
             node.args[0].append(node)
 
 
-def relu_vjps_in_place(graph: fx.Graph) -> None:
-    """``threshold_backward(g, y, 0)`` (ReLU's ``x̄ = g·[y > 0]``) writes into ``g``
-    (``grad_input=g``, the op's out variant; elementwise, so exact) when ``g`` is a temporary
-    that nothing else reads: no new tensor of ``g``'s size (with a sqrt-GGN factor, ``C``
-    times the activation) is allocated, page-faulted and written. ``g`` must be fresh memory
+def write_into_temporaries(graph: fx.Graph) -> None:
+    """A call with the ``INTO_FIRST`` trait (``threshold_backward(g, y, 0)``, ReLU's
+    ``x̄ = g·[y > 0]``) writes into its first argument ``g`` (its out variant, e.g.
+    ``grad_input=g``; elementwise, so exact) when ``g`` is a temporary that nothing else
+    reads: no new tensor of ``g``'s size (with a sqrt-GGN factor, ``C`` times the
+    activation) is allocated, page-faulted and written. ``g`` must be fresh memory
     (a call with the ``FRESH`` trait, or a piece of one's tuple), possibly through views
     that rearrange it (``VIEW`` and ``PERMUTATION``: no entry twice), each read only by the
     next."""
     owned: set[fx.Node] = set()
     for node in graph.nodes:
-        if node.op != "call_function" or node.target is not torch.ops.aten.threshold_backward:
+        if node.op != "call_function" or node.kwargs or not has_trait(node.target, INTO_FIRST):
             continue
-        g, _, threshold = node.args
-        if threshold == 0 and not node.kwargs and _owned_temporary(g, owned):
-            node.kwargs = {"grad_input": g}
+        g = node.args[0]
+        if _owned_temporary(g, owned):
+            node.kwargs = {out_argument(node.target): g}
             owned.add(node)
+
+
+def out_argument(op: Any) -> str:
+    """The name of the out argument of an ATen op's out variant (``grad_input``)."""
+    for overload in op.overloads():
+        names = [a.name for a in getattr(op, overload)._schema.arguments if a.is_out]
+        if len(names) == 1:
+            return names[0]
+    raise KeyError(f"{op} has no out variant with one out argument")
 
 
 def moments_in_place(graph: fx.Graph) -> None:

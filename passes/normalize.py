@@ -7,15 +7,15 @@
   alias of the value would see (views, ``passes/aliasing.py``) are refused;
 * ops without a rule are expanded (``passes/expand.py``: opaque helpers inlined, PyTorch's
   decompositions, ``x[index]`` as ``index_select``);
-* ops with a decomposition in the rule table (``rule.lower``, e.g. dropout -> mask multiply)
-  are replaced by it, so the backward reuses the forward's mask;
-* losses whose rule checks its target at call time (``rule.check_target``) get that check;
-* moves of the sample axis that cancel are removed (:func:`cancel_sample_moves`), so a
-  sequence model's ``[T, N, F]`` layout (``batch_first=False``) or its stacked final states
-  ``[L, N, H]`` picked by layer do not hide the samples from per-sample quantities;
-* ``nll_loss(log_softmax(z, dim=1), y)`` becomes ``cross_entropy(z, y)`` (the same function),
-  so the loss's Hessian is taken w.r.t. the logits ``z``: the GGN of a model ending in
-  ``LogSoftmax`` + ``NLLLoss`` is that of the logits with cross-entropy, not zero.
+* ops with a decomposition or an exact rewrite in the rule table (``rule.lower``) are
+  replaced by it: dropout -> mask multiply (the backward reuses the forward's mask); moves of
+  the sample axis that cancel (``transpose``/``permute``/``getitem`` of a ``stack``,
+  ``unsqueeze``, ``transpose``, ``permute``: a sequence model's ``[T, N, F]`` layout or its
+  stacked final states ``[L, N, H]`` picked by layer then keep the samples apart);
+  ``nll_loss(log_softmax(z, dim=1), y)`` -> ``cross_entropy(z, y)`` (so the GGN of
+  ``LogSoftmax`` + ``NLLLoss`` is that of the logits, not zero); a rule returning None keeps
+  the call;
+* losses whose rule checks its target at call time (``rule.check_target``) get that check.
 
 :func:`pool_before_relu` (run by ``compile`` unless KFRA is requested) then swaps
 ``max_pool(relu(z))`` to ``relu(max_pool(z))`` (any monotone elementwise op for relu).
@@ -27,10 +27,9 @@ from typing import Optional
 
 import torch
 import torch.fx as fx
-import torch.nn.functional as F
 
 from fxcurv.emit import Emitter
-from fxcurv.rules import MONOTONE, RULES, WINDOW_MAX, Ctx, rule_for
+from fxcurv.rules import MONOTONE, WINDOW_MAX, Ctx, rule_for
 
 from .aliasing import check_in_place, in_place_twin
 from .expand import expand
@@ -46,13 +45,10 @@ def normalize(graph: fx.Graph) -> fx.Graph:
             _read_new_value(graph, node)
     expand(graph)
     for node in list(graph.nodes):
-        _fuse_log_softmax_nll(graph, node)
-    cancel_sample_moves(graph)
-    for node in list(graph.nodes):
         rule = rule_for(node)
-        if rule is not None and rule.lower is not None:
-            _lower(graph, node, rule)
-        elif rule is not None and rule.loss is not None and rule.loss.check_target is not None:
+        if rule is not None and rule.lower is not None and _lower(graph, node, rule):
+            continue
+        if rule is not None and rule.loss is not None and rule.loss.check_target is not None:
             _check_target(graph, node, rule)
     graph.lint()
     return graph
@@ -87,98 +83,6 @@ def _field_to_position(node: fx.Node) -> None:
         node.target, node.args = operator.getitem, (source, fields[name])
 
 
-def cancel_sample_moves(graph: fx.Graph) -> fx.Graph:
-    """Exact rewrites of axis moves: ``transpose``/``permute`` of a ``transpose``/``permute``
-    that compose to the identity -> the original tensor; ``stack(ts, d)[:, .., k]`` (``k`` at
-    axis ``d``) -> ``ts[k]``; ``unsqueeze(a, d)[:, .., 0]`` -> ``a``;
-    ``stack(ts, 0).transpose(0, 1)`` -> ``stack(ts, 1)``.
-    Nodes left without users are removed."""
-    for node in list(graph.nodes):
-        replacement = _moved_back(graph, node)
-        if replacement is None:
-            continue
-        node.replace_all_uses_with(replacement)
-        _erase_unused(graph, node)
-    return graph
-
-
-def _moved_back(graph: fx.Graph, node: fx.Node):
-    """The node ``node`` equals, or None."""
-    rule = rule_for(node)
-    if rule is None or rule.name not in ("transpose", "permute", "getitem"):
-        return None
-    bound = rule.bind(node)
-    source = bound["obj" if rule.name == "getitem" else "input"]
-    inner = rule_for(source) if isinstance(source, fx.Node) else None
-    if inner is None:
-        return None
-    inner_bound = inner.bind(source)
-    if rule.name == "getitem":
-        index = bound["idx"]
-        axis, position = _picked(index)
-        if position is None:
-            return None
-        if inner.name == "stack" and inner_bound["dim"] == axis:
-            return list(inner_bound["tensors"])[position]
-        if inner.name == "unsqueeze" and inner_bound["dim"] == axis and position in (0, -1):
-            return inner_bound["input"]
-        return None
-    axes = _axes(rule.name, bound, None)
-    if inner.name == "stack" and inner_bound["dim"] == 0 and axes is not None and \
-            axes[:2] == [1, 0] and axes[2:] == list(range(2, len(axes))):
-        with graph.inserting_before(node):
-            return graph.call_function(source.target, (inner_bound["tensors"], 1))
-    if inner.name in ("transpose", "permute"):
-        size = len(_varargs(bound["dims"])) if rule.name == "permute" else \
-            len(_varargs(inner_bound["dims"])) if inner.name == "permute" else None
-        outer, first = _axes(rule.name, bound, size), _axes(inner.name, inner_bound, size)
-        if outer is not None and first is not None and len(outer) == len(first) and all(
-                first[outer[k]] == k for k in range(len(outer))):
-            return inner_bound["input"]
-    return None
-
-
-def _picked(index) -> tuple:
-    """``(axis, k)`` for an index that picks position ``k`` of one axis and keeps the others
-    (``x[k]``, ``x[:, k]``, ``x[:, :, k]``); ``(None, None)`` otherwise."""
-    elements = index if isinstance(index, tuple) else (index,)
-    full = slice(None, None, None)
-    axis = 0
-    while axis < len(elements) and elements[axis] == full:
-        axis += 1
-    if axis != len(elements) - 1:
-        return None, None
-    position = elements[axis]
-    if not isinstance(position, int) or isinstance(position, bool):
-        return None, None
-    return axis, position
-
-
-def _varargs(dims) -> list:
-    return list(dims[0]) if len(dims) == 1 and isinstance(dims[0], (list, tuple)) else \
-        list(dims)
-
-
-def _axes(name: str, bound: dict, size):
-    """The permutation ``p`` (``y`` axis k is ``x`` axis ``p[k]``) of a transpose or permute
-    of a ``size``-D tensor (a transpose of two non-negative axes without ``size``: the
-    smallest rank it needs); None when unknown."""
-    if name == "permute":
-        dims = _varargs(bound["dims"]) if not isinstance(bound["dims"], list) else bound["dims"]
-        return [d % len(dims) if isinstance(d, int) else None for d in dims]
-    a, b = bound["dim0"], bound["dim1"]
-    if not isinstance(a, int) or not isinstance(b, int):
-        return None
-    if size is None:
-        if a < 0 or b < 0:
-            return None
-        size = max(a, b) + 1
-    a, b = a % size, b % size
-    axes = list(range(size))
-    axes[a], axes[b] = axes[b], axes[a]
-    return axes
-
-
 def _erase_unused(graph: fx.Graph, node: fx.Node) -> None:
     """Remove ``node`` and, recursively, inputs it alone used (no other effects)."""
     if node.users or node.op not in ("call_function", "call_method"):
@@ -210,14 +114,26 @@ def _read_new_value(graph: fx.Graph, node: fx.Node) -> None:
             user.replace_input_with(mutated, node)
 
 
-def _lower(graph: fx.Graph, node: fx.Node, rule) -> None:
-    """Replace ``node`` by the nodes its rule's decomposition emits."""
+def _lower(graph: fx.Graph, node: fx.Node, rule) -> bool:
+    """Replace ``node`` by the nodes its rule's decomposition emits (True), or keep it where
+    the rule returns None (False). Inputs left without users are removed; a single new node
+    takes the old one's name and source location."""
     emit = Emitter(graph, before=node)
+    before = set(graph.nodes)
     with emit.naming(node.name, pass_="normalize", node=node.name):
         replacement = rule.lower(Ctx.of(node, rule, emit))
+    if replacement is None:
+        return False
     new = emit.as_node(replacement)
     node.replace_all_uses_with(new)
+    name, meta, inputs = node.name, node.meta, list(node.all_input_nodes)
     graph.erase_node(node)
+    for value in inputs:
+        _erase_unused(graph, value)
+    if isinstance(new, fx.Node) and new not in before:
+        new.meta = {**meta, **new.meta}
+        new._rename(name)
+    return True
 
 
 def _check_target(graph: fx.Graph, node: fx.Node, rule) -> None:
@@ -227,29 +143,6 @@ def _check_target(graph: fx.Graph, node: fx.Node, rule) -> None:
         checked = emit.as_node(rule.loss.check_target(Ctx.of(node, rule, emit)))
     target = rule.bind(node)["target"]
     node.replace_input_with(target, checked)
-
-
-def _fuse_log_softmax_nll(graph: fx.Graph, node: fx.Node) -> None:
-    """``nll_loss(log_softmax(z, 1), y, ...)`` -> ``cross_entropy(z, y, ...)`` when the
-    log-probabilities feed nothing else."""
-    if node.op != "call_function" or node.target is not F.nll_loss:
-        return
-    nll = RULES[F.nll_loss].bind(node)
-    source = nll["input"]
-    rule = rule_for(source) if isinstance(source, fx.Node) else None
-    if rule is None or rule.name != "log_softmax" or len(source.users) != 1:
-        return
-    if rule.bind(source)["dim"] != 1 or rule.bind(source).get("dtype") is not None:
-        return
-    kwargs = {key: nll[key] for key in ("weight", "ignore_index", "reduction")}
-    with graph.inserting_before(node):
-        fused = graph.call_function(F.cross_entropy, (rule.bind(source)["input"], nll["target"]),
-                                    kwargs)
-    fused.meta = dict(node.meta)
-    node.replace_all_uses_with(fused)
-    graph.erase_node(node)
-    graph.erase_node(source)
-    fused._rename(node.name)
 
 
 def pool_before_relu(graph: fx.Graph, keep: tuple = ()) -> fx.Graph:

@@ -11,7 +11,7 @@ or a request with and without the quantity):
 4. intermediates freed early (``passes/schedule.py``: extractions next to their factors);
 5. work moved to smaller tensors: ``max_pool(relu(z))`` -> ``relu(max_pool(z))``
    (``normalize.pool_before_relu``) and ReLU passes in place on temporaries
-   (``cleanup.relu_vjps_in_place``).
+   (``cleanup.write_into_temporaries``).
 """
 from __future__ import annotations
 
@@ -235,10 +235,10 @@ def test_extractions_scheduled_next_to_their_factors(monkeypatch, quantities, ra
     """Each layer's factor dies once its quantities are extracted, not at the end: a lower
     peak of live values, the same results. (The ReLU passes stay out of place here, so the
     saving is the scheduler's alone; in place, they leave less to reorder in this small net.)"""
-    monkeypatch.setattr(sys.modules["fxcurv.passes.cleanup"], "relu_vjps_in_place",
+    monkeypatch.setattr(sys.modules["fxcurv.passes.cleanup"], "write_into_temporaries",
                         lambda graph: None)
     unscheduled = without_scheduling(monkeypatch, quantities)
-    monkeypatch.setattr(sys.modules["fxcurv.passes.cleanup"], "relu_vjps_in_place",
+    monkeypatch.setattr(sys.modules["fxcurv.passes.cleanup"], "write_into_temporaries",
                         lambda graph: None)
     scheduled = compile_cnn(quantities)
     x, y = cnn_batch()
@@ -355,13 +355,13 @@ def test_relu_passes_in_place_on_temporaries():
     passes = [n for n in step.graph.nodes if n.target is torch.ops.aten.threshold_backward]
     assert len(passes) == 4 and all(n.kwargs["grad_input"] is n.args[0] for n in passes)
     module = sys.modules["fxcurv.passes.cleanup"]
-    original = module.relu_vjps_in_place
-    module.relu_vjps_in_place = lambda graph: None
+    original = module.write_into_temporaries
+    module.write_into_temporaries = lambda graph: None
     try:
         out_of_place = fxcurv.compile(model, nn.CrossEntropyLoss(), ["diag_ggn_exact"],
                           column_chunk=None)
     finally:
-        module.relu_vjps_in_place = original
+        module.write_into_temporaries = original
     assert not any(n.kwargs for n in out_of_place.graph.nodes
                    if n.target is torch.ops.aten.threshold_backward)
     x, y = relu_pool_batch()

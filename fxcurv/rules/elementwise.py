@@ -13,7 +13,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
 
-from .registry import FRESH, MONOTONE, marked, unary
+from .registry import FRESH, INTO_FIRST, MONOTONE, marked, unary
 
 SELU_ALPHA = 1.6732632423543772848170429916717
 SELU_SCALE = 1.0507009873554804934193349852946
@@ -44,7 +44,7 @@ def gelu_second_derivative(x: Tensor, approximate: str) -> Tensor:
     return pdf * (2.0 - x * x)
 
 
-THRESHOLD_BACKWARD = marked(FRESH, torch.ops.aten.threshold_backward)
+THRESHOLD_BACKWARD = marked(INTO_FIRST, marked(FRESH, torch.ops.aten.threshold_backward))
 
 unary([F.relu, torch.relu, "relu"], "relu", "input, inplace=False", traits=(MONOTONE,),
       doc="y = max(x, 0);  y' = [x > 0];  y'' = 0 (x̄ = g·[y > 0] in one pass with "

@@ -13,11 +13,12 @@ import math
 from typing import List, Optional
 
 import torch
+import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
 
 from .helpers import block_diagonal
-from .registry import Ctx, affine, loss, register
+from .registry import Ctx, affine, loss, register, rule_for
 
 
 def scale_by_loss_cotangent(g: Tensor, grad: Tensor, lead: int, reduction: str,
@@ -393,13 +394,30 @@ loss([F.cross_entropy], "cross_entropy",
      sqrt_hessian=lambda c: c.call(cross_entropy_sqrt_hessian, *_ce_arguments(c)),
      sqrt_hessian_mc=lambda c, m: c.call(cross_entropy_sqrt_hessian_mc, *_ce_arguments(c), m),
      mean_divisor=_class_divisor)
+def _after_log_softmax(c: Ctx):
+    """``nll_loss(log_softmax(z, 1), y, ...)`` -> ``cross_entropy(z, y, ...)`` (the same
+    function) when the log-probabilities feed nothing else, so the loss's Hessian is taken
+    w.r.t. the logits: the GGN of a model ending in ``LogSoftmax`` + ``NLLLoss`` is that of
+    the logits with cross-entropy, not zero. None otherwise (the call stays)."""
+    source = c.bound["input"]
+    rule = rule_for(source) if isinstance(source, fx.Node) else None
+    if rule is None or rule.name != "log_softmax" or len(source.users) != 1:
+        return None
+    bound = rule.bind(source)
+    if bound["dim"] != 1 or bound.get("dtype") is not None:
+        return None
+    return c.call(F.cross_entropy, c.emit.proxy(bound["input"]), c.args.target,
+                  **{key: getattr(c.args, key) for key in ("weight", "ignore_index",
+                                                           "reduction")})
+
+
 loss([F.nll_loss], "nll_loss",
      "input, target, weight=None, size_average=None, ignore_index=-100, reduce=None, "
      "reduction='mean'",
      doc="ℓ = -f_y;  ∂ℓ/∂f = -onehot(y).",
      vjp={"input": _loss_vjp(nll_loss_grad, "weight", "ignore_index", "reduction",
                              class_axis=True)},
-     unsupported=_legacy_args, mean_divisor=_class_divisor)
+     unsupported=_legacy_args, mean_divisor=_class_divisor, lower=_after_log_softmax)
 
 
 def _target_vjp(sign_grad):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .conv import ints, numel
-from .registry import WINDOW_MAX, Ctx, fresh, register
+from .registry import WINDOW_MAX, Ctx, by_product, fresh, register
 
 
 # -- runtime helpers (TorchScript-scriptable) -------------------------------------------
@@ -33,10 +33,11 @@ def max_pool_with_indices(x: Tensor, kernel: List[int], stride: List[int],
     return F.max_pool3d_with_indices(x, kernel, stride, padding, dilation, ceil_mode)
 
 
+@by_product(max_pool_with_indices)
 def max_pool_argmax(pooled: Tensor, x: Tensor, kernel: List[int], stride: List[int],
                     padding: List[int], dilation: List[int], ceil_mode: bool) -> Tensor:
     """The argmax indices behind the forward's ``pooled = max_pool(x)``; the cleanup pass
-    (``share_pool_indices``) makes that forward call return them, so they are not recomputed."""
+    (``share_by_products``) makes that forward call return them, so they are not recomputed."""
     return max_pool_with_indices(x, kernel, stride, padding, dilation, ceil_mode)[1]
 
 

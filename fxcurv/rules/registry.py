@@ -63,11 +63,14 @@ RANDOM = "random"
 BOOLEAN = "boolean"
 # returns a tuple of pieces of its input (split, chunk, unbind)
 PIECES = "pieces"
+# elementwise in its first argument, with an out variant (the out argument its schema names):
+# generated code may write the result into the first argument where that is a temporary
+INTO_FIRST = "into_first"
 # what an output does with the sample axis (``OpRule.samples``)
 KEPT = "kept"
 REDUCED = "reduced"
 TRAITS = frozenset({ELEMENTWISE, AFFINE, PERMUTATION, CONCATENATION, REDUCTION, MONOTONE,
-                    WINDOW_MAX, VIEW, FRESH, RANDOM, BOOLEAN, PIECES})
+                    WINDOW_MAX, VIEW, FRESH, RANDOM, BOOLEAN, PIECES, INTO_FIRST})
 
 
 @dataclass(frozen=True)
@@ -160,7 +163,8 @@ class OpRule:
     mixes_samples: Optional[Callable[[dict], Optional[str]]] = None
     # reason why this call's constant arguments are unsupported, or None
     unsupported: Optional[Callable[[dict], Optional[str]]] = None
-    # decomposition: emits the op's forward from other ops (applied by the normalize pass)
+    # decomposition: emits the op's forward from other ops, or returns None to keep this call
+    # (an exact rewrite that applies to some calls only); applied by the normalize pass
     lower: Optional[Callable[["Ctx"], Any]] = None
     # losses: their Hessian factors and mean divisor (:class:`LossRule`, set by :func:`loss`)
     loss: Optional[LossRule] = None
@@ -299,7 +303,8 @@ def loss(targets: list, name: str, params: str, mean_divisor: Callable,
 
 # calls without a rule (helpers that generated code calls, torch ops) marked with a trait
 # where they are defined or first used
-MARKED: dict[str, set] = {FRESH: set(), VIEW: set(), PERMUTATION: set(), RANDOM: set()}
+MARKED: dict[str, set] = {FRESH: set(), VIEW: set(), PERMUTATION: set(), RANDOM: set(),
+                          INTO_FIRST: set()}
 
 
 def marked(trait: str, target: Any) -> Any:
@@ -317,6 +322,20 @@ def fresh(fn: Callable) -> Callable:
 def reshaping(fn: Callable) -> Callable:
     """Decorator: ``fn`` returns its first argument's entries rearranged, possibly a view."""
     return marked(PERMUTATION, marked(VIEW, fn))
+
+
+# ``helper -> joint``: ``helper(y, x, *rest)`` recomputes a by-product of the forward call
+# ``y = f(x, *rest)``; ``joint(x, *rest)`` returns ``(y, by-product)`` in one call
+BY_PRODUCTS: dict[Callable, Callable] = {}
+
+
+def by_product(joint: Callable) -> Callable[[Callable], Callable]:
+    """Decorator for ``helper(y, x, *rest)``, a by-product of ``y = f(x, *rest)`` that
+    ``joint(x, *rest) -> (y, by-product)`` computes with ``y`` (a max pool's argmax)."""
+    def mark(helper: Callable) -> Callable:
+        BY_PRODUCTS[helper] = joint
+        return helper
+    return mark
 
 
 def has_trait(target: Any, trait: str) -> bool:

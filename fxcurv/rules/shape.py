@@ -36,6 +36,86 @@ def _varargs(values: tuple) -> list:
     return list(values)
 
 
+# -- exact rewrites of axis moves that cancel (``lower`` returning None keeps the call) -------
+def _axes(name: str, bound: dict, size) -> Optional[list]:
+    """The permutation ``p`` (``y`` axis k is ``x`` axis ``p[k]``) of a transpose or permute
+    of a ``size``-D tensor (a transpose of two non-negative axes without ``size``: the
+    smallest rank it needs); None when unknown."""
+    if name == "permute":
+        dims = _varargs(bound["dims"]) if not isinstance(bound["dims"], list) else bound["dims"]
+        return [d % len(dims) if isinstance(d, int) else None for d in dims]
+    a, b = bound["dim0"], bound["dim1"]
+    if not isinstance(a, int) or not isinstance(b, int):
+        return None
+    if size is None:
+        if a < 0 or b < 0:
+            return None
+        size = max(a, b) + 1
+    a, b = a % size, b % size
+    axes = list(range(size))
+    axes[a], axes[b] = axes[b], axes[a]
+    return axes
+
+
+def _source(c: Ctx, arg: str) -> tuple:
+    """``(node, rule, bound arguments)`` of the call that computed argument ``arg``."""
+    source = c.bound[arg]
+    rule = rule_for(source) if isinstance(source, fx.Node) else None
+    return (source, rule, rule.bind(source)) if rule is not None else (None, None, None)
+
+
+def _undo_moves(c: Ctx):
+    """``transpose``/``permute`` of a ``transpose``/``permute`` that compose to the identity ->
+    the original tensor; ``stack(ts, 0).transpose(0, 1)`` -> ``stack(ts, 1)``; else None
+    (the call stays). So a sequence model's ``[T, N, F]`` layout (``batch_first=False``)
+    does not hide the samples from per-sample quantities."""
+    name = rule_for(c.node).name
+    source, inner, inner_bound = _source(c, "input")
+    if inner is None:
+        return None
+    axes = _axes(name, c.bound, None)
+    if inner.name == "stack" and inner_bound["dim"] == 0 and axes is not None and \
+            axes[:2] == [1, 0] and axes[2:] == list(range(2, len(axes))):
+        return c.call(source.target, [c.emit.proxy(t) for t in inner_bound["tensors"]], 1)
+    if inner.name in ("transpose", "permute"):
+        size = len(_varargs(c.bound["dims"])) if name == "permute" else \
+            len(_varargs(inner_bound["dims"])) if inner.name == "permute" else None
+        outer, first = _axes(name, c.bound, size), _axes(inner.name, inner_bound, size)
+        if outer is not None and first is not None and len(outer) == len(first) and all(
+                first[outer[k]] == k for k in range(len(outer))):
+            return c.emit.proxy(inner_bound["input"])
+    return None
+
+
+def _picked(index) -> tuple:
+    """``(axis, k)`` for an index that picks position ``k`` of one axis and keeps the others
+    (``x[k]``, ``x[:, k]``, ``x[:, :, k]``); ``(None, None)`` otherwise."""
+    elements = index if isinstance(index, tuple) else (index,)
+    full = slice(None, None, None)
+    axis = 0
+    while axis < len(elements) and elements[axis] == full:
+        axis += 1
+    if axis != len(elements) - 1:
+        return None, None
+    position = elements[axis]
+    if not isinstance(position, int) or isinstance(position, bool):
+        return None, None
+    return axis, position
+
+
+def _pick_back(c: Ctx):
+    """``stack(ts, d)[:, .., k]`` (``k`` at axis ``d``) -> ``ts[k]``; ``unsqueeze(a, d)[:, ..,
+    0]`` -> ``a`` (stacked final states ``[L, N, H]`` picked by layer); else None."""
+    axis, position = _picked(c.bound["idx"])
+    _, inner, inner_bound = _source(c, "obj") if position is not None else (None, None, None)
+    if inner is not None and inner.name == "stack" and inner_bound["dim"] == axis:
+        return c.emit.proxy(list(inner_bound["tensors"])[position])
+    if inner is not None and inner.name == "unsqueeze" and inner_bound["dim"] == axis and \
+            position in (0, -1):
+        return c.emit.proxy(inner_bound["input"])
+    return None
+
+
 def _flatten_mixes(b: dict) -> Optional[str]:
     if b["start_dim"] == 0 and b["end_dim"] != 0:
         return "it flattens the sample axis 0 into other axes"
@@ -67,17 +147,18 @@ _PERMUTE_DOC = "y = x with axes permuted;  Jᵀg = g with the inverse permutatio
 permutation(["permute"], "permute", "input, *dims", doc=_PERMUTE_DOC, traits=(VIEW,),
             vjp={"input": lambda g, c: c.call(permute_back, g, c.lead,
                                               _varargs(c.bound["dims"]))},
-            mixes_samples=lambda b: _moves_axis0(_varargs(b["dims"])))
+            mixes_samples=lambda b: _moves_axis0(_varargs(b["dims"])), lower=_undo_moves)
 permutation([torch.permute], "permute", "input, dims", doc=_PERMUTE_DOC, traits=(VIEW,),
             vjp={"input": lambda g, c: c.call(permute_back, g, c.lead, list(c.bound["dims"]))},
-            mixes_samples=lambda b: _moves_axis0(list(b["dims"])))
+            mixes_samples=lambda b: _moves_axis0(list(b["dims"])), lower=_undo_moves)
 permutation([torch.transpose, torch.swapaxes, torch.swapdims, "transpose", "swapaxes",
              "swapdims"], "transpose", "input, dim0, dim1",
             doc="y = x with two axes swapped;  Jᵀg swaps them back.", traits=(VIEW,),
             vjp={"input": lambda g, c: g.transpose(_shift(c.bound["dim0"], c.lead),
                                                    _shift(c.bound["dim1"], c.lead))},
             mixes_samples=lambda b: ("it moves the sample axis 0"
-                                     if 0 in (b["dim0"], b["dim1"]) else None))
+                                     if 0 in (b["dim0"], b["dim1"]) else None),
+            lower=_undo_moves)
 permutation([torch.t, "t"], "t", "input", doc="y = xᵀ (2-D);  Jᵀg = gᵀ.", traits=(VIEW,),
             vjp={"input": lambda g, c: g.transpose(-1, -2)},
             mixes_samples=lambda b: "it moves the sample axis 0")
@@ -357,7 +438,7 @@ affine([operator.getitem], "getitem", "obj, idx",
            "On the tuple of split/chunk/unbind/max/min/sort/topk: y = pieces[i];  Jᵀg is g "
            "at position i (indices of max/min/sort/topk: no derivative).",
        vjp={"obj": _getitem_vjp}, unsupported=_getitem_unsupported,
-       mixes_samples=_getitem_mixes, constant=_integer_piece, traits=(VIEW,))
+       mixes_samples=_getitem_mixes, constant=_integer_piece, traits=(VIEW,), lower=_pick_back)
 
 
 # -- split, chunk, unbind (tuples of pieces), stack ------------------------------------------

@@ -120,6 +120,8 @@ EINSUM = [
     case("einsum_one_operand", lambda x: torch.einsum("nij->nji", x), rand(3, 4, 2)),
     case("einsum_spaces", lambda x, w: torch.einsum("n t i , i o -> n t o", x, w),
          rand(3, 2, 4), rand(4, 5), params=("w",)),
+    case("bilinear", lambda x1, x2, w, b: F.bilinear(x1, x2, w, b), rand(3, 2, 4),
+         rand(3, 2, 5), rand(6, 4, 5), rand(6), params=("w", "b")),
 ]
 
 ATTENTION = [

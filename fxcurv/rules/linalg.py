@@ -444,6 +444,41 @@ bilinear([torch.einsum], "einsum", "equation, " + ", ".join(
                          for i in range(4) for j in range(i + 1, 4)})
 
 
+# -- bilinear layer (nn.Bilinear) -------------------------------------------------------------
+def _bilinear_einsum(spec: str):
+    """A rule ``(g, c) -> einsum(spec, g, ...)`` with ``spec``'s ``L`` standing for ``g``'s
+    lead axes; the other operands are named after the arrow-free parts: ``w``, ``x1``, ``x2``."""
+    def rule(g, c: Ctx):
+        lead = string.ascii_uppercase[:c.lead]
+        operands = {"w": c.args.weight, "x1": c.args.input1, "x2": c.args.input2}
+        inputs, _, names = spec.partition("|")
+        return torch.einsum(inputs.replace("L", lead), g,
+                            *[operands[name] for name in names.split(",") if name])
+    return rule
+
+
+def _bilinear_cross(g, c: Ctx):
+    """``C_n = Σ_out g ∂²f/∂x₁∂x₂`` ``[N, P·I₁, P·I₂]``: ``δ_pp' Σ_k g_npk W_kij`` (positions
+    ``p`` flattened)."""
+    rows = g.reshape(g.size(0), -1, g.size(-1))                                   # [N, P, O]
+    cross = torch.einsum("npk,kij,pq->npiqj", rows, c.args.weight, c.call(axis_eye, rows, 1))
+    return cross.reshape(g.size(0), c.args.input1[0].numel(), c.args.input2[0].numel())
+
+
+bilinear([F.bilinear], "bilinear", "input1, input2, weight, bias=None",
+         (("input1", "input2"), ("input1", "weight"), ("input2", "weight")), traits=(FRESH,),
+         doc="y_k = x₁ᵀ W_k x₂ + b_k (x₁ [N, *, I₁], x₂ [N, *, I₂], W [O, I₁, I₂]);  "
+             "x̄₁ = Σ_k g_k W_k x₂, x̄₂ = Σ_k g_k W_kᵀ x₁, W̄ = Σ g ⊗ x₁ ⊗ x₂, b̄ = Σ g; "
+             "per sample without the sum over n; cross block of x₁, x₂: Σ_k g_k W_k.",
+         vjp={"input1": _bilinear_einsum("L...k,kij,...j->L...i|w,x2"),
+              "input2": _bilinear_einsum("L...k,kij,...i->L...j|w,x1"),
+              "weight": _bilinear_einsum("L...k,...i,...j->Lkij|x1,x2"),
+              "bias": _bilinear_einsum("L...k->Lk|")},
+         batch_grad={"weight": _bilinear_einsum("Ln...k,n...i,n...j->Lnkij|x1,x2"),
+                     "bias": _bilinear_einsum("Ln...k->Lnk|")},
+         residual_block={("input1", "input2"): _bilinear_cross})
+
+
 # -- attention ---------------------------------------------------------------------------------
 def causal_blocked(queries: int, keys: int, device: torch.device) -> Tensor:
     """``[L, S]`` True above the diagonal: the keys a causal query may not attend to."""

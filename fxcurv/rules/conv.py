@@ -406,6 +406,19 @@ KRON_DOC = (" Kronecker factors (kfac/kflr, BackPACK's convention): weight [G, A
             "Jᵀ M J is shared by all samples (x̄ applied to M's rows and columns).")
 
 
+def _fields(transposed: bool, input_map, weight_map, contraction, input_factor) -> dict:
+    """The rule fields of a convolution or its transpose, from its input and weight maps,
+    its weight's contraction form and its Kronecker input factor."""
+    return dict(
+        vjp={"input": _gradient_of(0, transposed, input_map),
+             "weight": _gradient_of(1, transposed, weight_map),
+             "bias": _gradient_of(2, transposed, lambda g, c: _bias_batch(g, c).sum(c.lead))},
+        contraction={"weight": contraction}, batch_grad={"bias": _bias_batch},
+        kron={"weight": _kron_weight(input_factor), "bias": _kron_bias},
+        kron_matrix={"weight": _kron_matrix_weight(input_factor), "bias": _kron_matrix_bias},
+        sandwich={"input": "shared"}, hessian_is_zero=True, bilinear=(("input", "weight"),))
+
+
 _RULES = {
     "conv": dict(
         doc="y[n,o,p] = b[o] + Σ_{c,k} W[o,c,k] x̃[n, G(o)·Cin/G + c, s·p + d·k] (x̃: x "
@@ -414,15 +427,7 @@ _RULES = {
             "x̄ = conv_transpose(g, W) cropped to x;  W̄[o,c,k] = Σ_{n,p} g[n,o,p] U(x)[n,c,k,p] "
             "within each group (per sample: Σ_p only);  b̄ = Σ_{n,p} g[n,:,p]." + KRON_DOC,
         params="input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1",
-        vjp={"input": _gradient_of(0, False, _conv_input),
-             "weight": _gradient_of(1, False, _conv_weight),
-             "bias": _gradient_of(2, False, lambda g, c: _bias_batch(g, c).sum(c.lead))},
-        contraction={"weight": _conv_contraction}, batch_grad={"bias": _bias_batch},
-        kron={"weight": _kron_weight(_conv_input_factor), "bias": _kron_bias},
-        kron_matrix={"weight": _kron_matrix_weight(_conv_input_factor),
-                     "bias": _kron_matrix_bias},
-        sandwich={"input": "shared"}, hessian_is_zero=True,
-        bilinear=(("input", "weight"),)),
+        **_fields(False, _conv_input, _conv_weight, _conv_contraction, _conv_input_factor)),
     "conv_transpose": dict(
         doc="y = convᵀ(x, W) + b, the adjoint of conv's input map: ⟨g, convᵀ(x, W)⟩ = "
             "⟨conv(g, W), x⟩;  x: [N, Cin, *in], W: [Cin, Cout/G, *k], b: [Cout], "
@@ -434,15 +439,8 @@ _RULES = {
             "unfold: y[n,o,p] = Σ_{c,k} W[c,o,k] U[n,c,k,p].",
         params="input, weight, bias=None, stride=1, padding=0, output_padding=0, groups=1, "
                "dilation=1",
-        vjp={"input": _gradient_of(0, True, _transpose_input),
-             "weight": _gradient_of(1, True, _transpose_weight),
-             "bias": _gradient_of(2, True, lambda g, c: _bias_batch(g, c).sum(c.lead))},
-        contraction={"weight": _transpose_contraction}, batch_grad={"bias": _bias_batch},
-        kron={"weight": _kron_weight(_transpose_input_factor), "bias": _kron_bias},
-        kron_matrix={"weight": _kron_matrix_weight(_transpose_input_factor),
-                     "bias": _kron_matrix_bias},
-        sandwich={"input": "shared"}, hessian_is_zero=True,
-        bilinear=(("input", "weight"),)),
+        **_fields(True, _transpose_input, _transpose_weight, _transpose_contraction,
+                  _transpose_input_factor)),
 }
 
 for _target, _d in SPATIAL_DIMS.items():

@@ -351,3 +351,27 @@ def test_ce_spatial_factor_has_no_cross_terms():
                                 ["diag_ggn_exact"])(x, y)
     p = torch.softmax(model(x), 1)[0].detach()                        # [C, d]
     torch.testing.assert_close(diag["bias"], (p * (1 - p)).sum(1), rtol=1e-12, atol=1e-15)
+
+
+@pytest.mark.parametrize("option", ["weight", "pos_weight"])
+def test_bce_with_logits_weights_enter_the_ggn(option):
+    """Regression (found by the generic loss-factor test): the loss Hessian of
+    ``BCEWithLogitsLoss(weight=w, pos_weight=p)`` is ``w σ(1-σ)(p y + 1 - y)``; the factor
+    once ignored both. With ``pos_weight`` the loss is no likelihood of sampled labels: its
+    Monte-Carlo quantities are refused, naming the quantity."""
+    torch.manual_seed(0)
+    model = nn.Linear(3, 2).to(DTYPE)
+    x, y = torch.randn(5, 3, dtype=DTYPE), torch.rand(5, 2, dtype=DTYPE)
+    loss_fn = nn.BCEWithLogitsLoss(**{option: torch.tensor([2.0, 0.5], dtype=DTYPE)})
+    _, _, diag = fxcurv.compile(model, loss_fn, ["diag_ggn_exact"])(x, y)
+    params = dict(model.named_parameters())
+    for name, p in params.items():
+        def output(t, name=name):
+            return functional_call(model, {**params, name: t}, (x,))
+        jac = jacrev(output)(p).reshape(-1, p.numel())
+        z = output(p).detach()
+        ggn = jac.t() @ hessian(lambda f: loss_fn(f, y))(z).reshape(z.numel(), -1) @ jac
+        torch.testing.assert_close(_flat(diag[name]), ggn.diagonal(), **TOL)
+    if option == "pos_weight":
+        with pytest.raises(fxcurv.CompileError, match="Monte-Carlo.*diag_ggn_mc|diag_ggn_mc.*Monte"):
+            fxcurv.compile(model, loss_fn, ["diag_ggn_mc"])

@@ -17,6 +17,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..errors import node_error
 from .helpers import block_diagonal
 from .registry import Ctx, affine, loss, register, rule_for
 
@@ -323,21 +324,49 @@ def mse_sqrt_hessian_mc(x: Tensor, reduction: str, samples: int) -> Tensor:
     return noise * (math.sqrt(2.0) / math.sqrt(samples)) * _mean_scale(reduction, x.numel())
 
 
-def bce_sqrt_hessian(x: Tensor, reduction: str) -> Tensor:
-    """``S[c, n] = √(σ(x)(1-σ(x))) e_c`` over the ``C = numel/N`` outputs (C = 1: BackPACK's)."""
-    features = x.numel() // x.size(0)
+def bce_curvature(x: Tensor, target: Tensor, weight: Optional[Tensor],
+                  pos_weight: Optional[Tensor]) -> Tensor:
+    """``∂²ℓ/∂x² = w σ(x)(1-σ(x)) (p y + 1 - y)`` per entry, ``w`` the weight and ``p`` the
+    pos_weight (1 where absent)."""
     s = torch.sigmoid(x)
-    root = (s * (1.0 - s)).sqrt().reshape(x.size(0), features)
+    curvature = s * (1.0 - s)
+    if pos_weight is not None:
+        curvature = curvature * (pos_weight * target + 1.0 - target)
+    if weight is not None:
+        curvature = curvature * weight
+    return curvature.expand(x.shape)
+
+
+def bce_sqrt_hessian(x: Tensor, reduction: str, target: Tensor, weight: Optional[Tensor],
+                     pos_weight: Optional[Tensor]) -> Tensor:
+    """``S[c, n] = √(∂²ℓ/∂x²) e_c`` (:func:`bce_curvature`) over the ``C = numel/N`` outputs
+    (C = 1: BackPACK's)."""
+    features = x.numel() // x.size(0)
+    root = bce_curvature(x, target, weight, pos_weight).sqrt().reshape(x.size(0), features)
     eye = torch.eye(features, dtype=x.dtype, device=x.device)
     factor = eye.unsqueeze(1) * root.unsqueeze(0)                       # [C, N, C]
     return factor.reshape([features] + list(x.shape)) * _mean_scale(reduction, x.numel())
 
 
-def bce_sqrt_hessian_mc(x: Tensor, reduction: str, samples: int) -> Tensor:
-    """``S[m] = (σ(x) - ŷ_m)/√M`` with ``ŷ_m ~ Bernoulli(σ(x))``."""
+def bce_sqrt_hessian_mc(x: Tensor, reduction: str, samples: int,
+                        weight: Optional[Tensor]) -> Tensor:
+    """``S[m] = √w (σ(x) - ŷ_m)/√M`` with ``ŷ_m ~ Bernoulli(σ(x))``."""
     s = torch.sigmoid(x)
     drawn = torch.bernoulli(s.unsqueeze(0).expand([samples] + list(x.shape)))
-    return (s.unsqueeze(0) - drawn) / math.sqrt(samples) * _mean_scale(reduction, x.numel())
+    factor = (s.unsqueeze(0) - drawn) / math.sqrt(samples) * _mean_scale(reduction, x.numel())
+    return factor if weight is None else factor * weight.sqrt()
+
+
+def _bce_sqrt_hessian_mc(c: Ctx, samples: int):
+    """Sampled labels give the Hessian of a weighted likelihood; with ``pos_weight`` the loss
+    is none, so its Monte-Carlo factor is refused, not approximated."""
+    if c.bound["pos_weight"] is not None:
+        raise node_error(c.node, "binary_cross_entropy_with_logits with pos_weight is not the "
+                         "likelihood of the sampled labels, so its Monte-Carlo Hessian factor "
+                         "is undefined", "Request the exact quantities (diag_ggn_exact, kflr, "
+                         "sqrt_ggn_exact) or drop pos_weight.")
+    return c.call(bce_sqrt_hessian_mc, c.args.input, c.bound["reduction"], samples,
+                  c.args.weight)
 
 
 # -- mean divisors (data parallelism) -------------------------------------------------------
@@ -426,12 +455,9 @@ def _target_vjp(sign_grad):
     return vjp
 
 
-def _regression(exact, sampled, name: str) -> dict:
-    """The Hessian factors, ``numel`` mean divisor and target shape check of MSE and
-    BCE-with-logits."""
+def _regression(name: str) -> dict:
+    """The ``numel`` mean divisor and target shape check of MSE and BCE-with-logits."""
     return dict(
-        sqrt_hessian=lambda c: c.call(exact, c.args.input, c.bound["reduction"]),
-        sqrt_hessian_mc=lambda c, m: c.call(sampled, c.args.input, c.bound["reduction"], m),
         mean_divisor=lambda c, part: c.call(numel_divisor, c.args.input),
         check_target=lambda c: c.call(check_same_shape, c.args.input, c.args.target, name))
 
@@ -444,12 +470,18 @@ loss([F.mse_loss], "mse_loss",
      unsupported=lambda b: _legacy_args(b) or (
          "the 'weight' argument of mse_loss is not supported" if b["weight"] is not None
          else None),
-     **_regression(mse_sqrt_hessian, mse_sqrt_hessian_mc, "mse_loss"))
+     sqrt_hessian=lambda c: c.call(mse_sqrt_hessian, c.args.input, c.bound["reduction"]),
+     sqrt_hessian_mc=lambda c, m: c.call(mse_sqrt_hessian_mc, c.args.input,
+                                         c.bound["reduction"], m),
+     **_regression("mse_loss"))
 loss([F.binary_cross_entropy_with_logits], "binary_cross_entropy_with_logits",
      "input, target, weight=None, size_average=None, reduce=None, reduction='mean', "
      "pos_weight=None",
-     doc="ℓ = -[y log σ(f) + (1 - y) log(1 - σ(f))];  ∂ℓ/∂f = σ(f) - y.",
+     doc="ℓ = -w[p y log σ(f) + (1 - y) log(1 - σ(f))];  ∂ℓ/∂f = w[σ(f)(p y + 1 - y) - p y];  "
+         "∂²ℓ/∂f² = w σ(f)(1 - σ(f))(p y + 1 - y) (w: weight, p: pos_weight).",
      vjp={"input": _loss_vjp(bce_with_logits_grad, "weight", "pos_weight", "reduction",
                              class_axis=False)},
      unsupported=_legacy_args,
-     **_regression(bce_sqrt_hessian, bce_sqrt_hessian_mc, "binary_cross_entropy_with_logits"))
+     sqrt_hessian=lambda c: c.call(bce_sqrt_hessian, c.args.input, c.bound["reduction"],
+                                   c.args.target, c.args.weight, c.args.pos_weight),
+     sqrt_hessian_mc=_bce_sqrt_hessian_mc, **_regression("binary_cross_entropy_with_logits"))

@@ -45,6 +45,9 @@ def gelu_second_derivative(x: Tensor, approximate: str) -> Tensor:
 
 
 THRESHOLD_BACKWARD = marked(INTO_FIRST, marked(FRESH, torch.ops.aten.threshold_backward))
+# g·y(1 - y) and g·(1 - y²) in one op each (not three), written into g where it is a temporary
+SIGMOID_BACKWARD = marked(INTO_FIRST, marked(FRESH, torch.ops.aten.sigmoid_backward))
+TANH_BACKWARD = marked(INTO_FIRST, marked(FRESH, torch.ops.aten.tanh_backward))
 
 unary([F.relu, torch.relu, "relu"], "relu", "input, inplace=False", traits=(MONOTONE,),
       doc="y = max(x, 0);  y' = [x > 0];  y'' = 0 (x̄ = g·[y > 0] in one pass with "
@@ -52,13 +55,15 @@ unary([F.relu, torch.relu, "relu"], "relu", "input, inplace=False", traits=(MONO
       vjp={"input": lambda g, c: THRESHOLD_BACKWARD(g, c.out, 0)}, hessian_is_zero=True)
 
 unary([torch.sigmoid, F.sigmoid, "sigmoid"], "sigmoid", "input",
-      doc="y = σ(x);  y' = y(1 - y);  y'' = y'(1 - 2y).",
-      vjp={"input": lambda g, c: g * (c.out * (1 - c.out))},
+      doc="y = σ(x);  y' = y(1 - y);  y'' = y'(1 - 2y) (x̄ = g·y(1 - y) in one op with "
+          "torch's sigmoid_backward, which broadcasts y over the lead axes).",
+      vjp={"input": lambda g, c: SIGMOID_BACKWARD(g, c.out)},
       residual={"input": lambda g, c: g * (c.out * (1 - c.out) * (1 - 2 * c.out))})
 
 unary([torch.tanh, F.tanh, "tanh"], "tanh", "input",
-      doc="y = tanh x;  y' = 1 - y²;  y'' = -2y(1 - y²).",
-      vjp={"input": lambda g, c: g * (1 - c.out * c.out)},
+      doc="y = tanh x;  y' = 1 - y²;  y'' = -2y(1 - y²) (x̄ = g·(1 - y²) in one op with "
+          "torch's tanh_backward).",
+      vjp={"input": lambda g, c: TANH_BACKWARD(g, c.out)},
       residual={"input": lambda g, c: g * (-2 * c.out * (1 - c.out * c.out))})
 
 unary([F.leaky_relu, "leaky_relu"], "leaky_relu", "input, negative_slope=0.01, inplace=False",

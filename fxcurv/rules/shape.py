@@ -468,6 +468,9 @@ def unsplit(pieces: List[Tensor], positions: List[int], lead: int, shape: List[i
     """Jacobian-transpose of ``split``: the used pieces' cotangents at their positions along
     ``dim``, zeros elsewhere, ``[*lead, *shape]``."""
     axis = dim + lead if dim >= 0 else dim
+    ordered = _in_order(pieces, positions, len(sizes))
+    if _exact_parts(ordered, lead, shape, dim, sizes):
+        return torch.cat(ordered, axis)   # every piece once, no broadcasting: no zeros
     parts = list(torch.split(zeros_with_lead(pieces[0], lead, shape), sizes, axis))
     for position, piece in zip(positions, pieces):
         parts[position] = parts[position] + piece
@@ -478,10 +481,48 @@ def unstack(pieces: List[Tensor], positions: List[int], lead: int, shape: List[i
             dim: int) -> Tensor:
     """Jacobian-transpose of ``unbind``: the used slices' cotangents stacked along ``dim``."""
     axis = dim + lead if dim >= 0 else dim
+    at = dim if dim >= 0 else dim + len(shape)
+    ordered = _in_order(pieces, positions, shape[at])
+    sliced = shape[:at] + shape[at + 1:]
+    if _exact_parts(ordered, lead, sliced, 0, []):
+        return torch.stack(ordered, axis)   # every slice once, no broadcasting: no zeros
     parts = list(torch.unbind(zeros_with_lead(pieces[0], lead, shape), axis))
     for position, piece in zip(positions, pieces):
         parts[position] = parts[position] + piece
     return torch.stack(parts, axis)
+
+
+def _in_order(pieces: List[Tensor], positions: List[int], count: int) -> List[Tensor]:
+    """``pieces`` sorted by position when each of the ``count`` positions occurs exactly once,
+    else ``[]``."""
+    if len(positions) != count:
+        return []
+    ordered: List[Tensor] = [pieces[0]] * count
+    seen: List[bool] = [False] * count
+    for position, piece in zip(positions, pieces):
+        if position < 0 or position >= count or seen[position]:
+            return []
+        seen[position] = True
+        ordered[position] = piece
+    return ordered
+
+
+def _exact_parts(ordered: List[Tensor], lead: int, shape: List[int], dim: int,
+                 sizes: List[int]) -> bool:
+    """Whether ``ordered`` (non-empty) are the parts of a ``[*lead, *shape]`` tensor cut along
+    ``dim`` into ``sizes`` (``[]``: slices, ``shape`` being a slice's shape) with one lead
+    shape and dtype, none broadcast (so joining them needs no zeros and no additions)."""
+    if len(ordered) == 0:
+        return False
+    head = ordered[0].shape[:lead]
+    for k, piece in enumerate(ordered):
+        expected = list(shape)
+        if len(sizes) > 0:
+            expected[dim] = sizes[k]
+        if piece.dim() != lead + len(shape) or piece.shape[:lead] != head or \
+                list(piece.shape[lead:]) != expected or piece.dtype != ordered[0].dtype:
+            return False
+    return True
 
 
 def _pieces(g) -> tuple[list, list]:

@@ -29,6 +29,8 @@ quantity                          shape          contraction order
 ``batch_sum_grad_squared``        ``[N, *w]``    P = 1: ``(Σ_k L²) ⊗ R²``; else accumulated
 ``param_product``                 ``[V, *w]``    ``u = R Vᵀ``, projections ``⟨L_kn, u_vn⟩``,
                                                  ``Σ_{n,p} (Σ_k w L) ⊗ R``; never ``q``
+                                                 (a form's own ``product``: ``u`` and the
+                                                 last step by the op's maps, e.g. conv)
 ================================  =============  ==========================================
 
 With a sqrt-GGN factor as the cotangent (lead 1) ``sum_grad_squared`` is the GGN diagonal,
@@ -57,6 +59,9 @@ class Contraction:
     swap: bool = False
     last: bool = False
     index: bool = False
+    # ``vectors -> [V, *w]``: ``param_product`` by the op's own maps (``u = J V`` and ``Jᵀ r``
+    # as the layer's forward and weight-backward calls) where they beat the factor ``R``
+    product: Optional[Callable] = None
 
 
 # -- factor primitives (TorchScript-scriptable) ------------------------------------------------
@@ -271,6 +276,8 @@ def batch_sum_squares(form: Contraction, c) -> Any:
 
 
 def product(form: Contraction, c, vectors: Any) -> Any:
+    if form.product is not None:
+        return form.product(vectors)
     return c.call(contraction_product, form.left, form.right, form.param, vectors, c.lead,
                   *_flags(form))
 

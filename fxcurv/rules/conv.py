@@ -131,6 +131,46 @@ def conv_grads(g: Tensor, x: Tensor, weight: Tensor, stride: List[int], pads: Li
     return x_bar, grads[1], grads[2]
 
 
+def conv_vectors_jvp(x: Tensor, vectors: Tensor, stride: List[int], pads: List[int],
+                     dilation: List[int], groups: int, transposed: bool,
+                     output_padding: List[int]) -> Tensor:
+    """``u_v = J_W V_v``: the layer's map applied to ``x`` with each weight-shaped vector
+    ``V_v`` as the weight (no bias), ``[V, N, Cout, *out]``. One convolution: the vectors are
+    stacked as output channels inside each group (``(group, vector, channel)`` order)."""
+    count = vectors.size(0)
+    kernel: List[int] = list(vectors.shape[3:])
+    if transposed:  # [V, Cin, Cout/G, *k] -> [Cin, V·Cout/G, *k]
+        stacked = vectors.movedim(0, 1).reshape([vectors.size(1), -1] + kernel)
+    else:  # [V, Cout, Cin/G, *k] -> [G·V·Cout/G, Cin/G, *k]
+        split = [count, groups, vectors.size(1) // groups, vectors.size(2)] + kernel
+        stacked = vectors.reshape(split).movedim(0, 1).reshape([-1, vectors.size(2)] + kernel)
+    x, padding = symmetric_padding(x, pads)
+    y = torch.convolution(x, stacked, None, stride, padding, dilation, transposed,
+                          output_padding, groups)
+    spatial: List[int] = list(y.shape[2:])
+    y = y.reshape([y.size(0), groups, count, -1] + spatial).movedim(2, 0)
+    return y.reshape([count, y.size(1), -1] + spatial)
+
+
+def conv_weight_product(g: Tensor, x: Tensor, weight: Tensor, vectors: Tensor,
+                        stride: List[int], pads: List[int], dilation: List[int], groups: int,
+                        transposed: bool, output_padding: List[int]) -> Tensor:
+    """``Σ_{k,n} q_kn ⟨q_kn, V_v⟩`` ``[V, *W]`` (``q_kn`` the per-sample weight terms of
+    ``g[k, n]``, ``g`` ``[K, N, Cout, *out]``), never built: ``u = J V``
+    (:func:`conv_vectors_jvp`), projections ``w_nkv = ⟨g_kn, u_vn⟩``, ``r_vn = Σ_k w_nkv
+    g_kn``, then ``Jᵀ r`` with the vectors as the lead axis (:func:`conv_weight_vjp`): two
+    convolution calls and two batched matmuls that read ``g`` in place, no unfolded input
+    (about twice as fast as the contraction with ``U(x)`` on 3c3d's layers, CPU)."""
+    u = conv_vectors_jvp(x, vectors, stride, pads, dilation, groups, transposed,
+                         output_padding)
+    by_sample = g.reshape([-1, u.size(1), u[0, 0].numel()]).transpose(0, 1)  # [N, K, C·P]
+    projections = torch.matmul(by_sample, u.flatten(2).permute(1, 2, 0))      # [N, K, V]
+    r = torch.matmul(projections.transpose(1, 2), by_sample)                  # [N, V, C·P]
+    r = r.transpose(0, 1).reshape(u.shape)
+    return conv_weight_vjp(r, x, weight, 1, stride, pads, dilation, groups, transposed,
+                           output_padding)
+
+
 def symmetric_padding(x: Tensor, pads: List[int]) -> Tuple[Tensor, List[int]]:
     """``x`` and the symmetric padding that torch's conv kernels take; an asymmetric one
     (``'same'`` with an even span) is applied to ``x`` explicitly."""
@@ -345,13 +385,26 @@ def _transpose_patches(g, c: Ctx, lead: int):
 def _conv_contraction(g, c: Ctx) -> Contraction:
     """``W̄_n = Σ_p g_p U(x)_pᵀ`` per group: ``g`` and the unfolded input by group."""
     grads = c.call(channel_groups, g, c.lead, c.bound["groups"])
-    return Contraction(grads, _conv_patches(c), c.args.weight, last=True)
+    return Contraction(grads, _conv_patches(c), c.args.weight, last=True,
+                       product=_weight_product(g, c, False))
 
 
 def _transpose_contraction(g, c: Ctx) -> Contraction:
     """``W̄_n = Σ_p x_p U(g)_pᵀ`` per group, transposed to ``[Cin, Cout/G, *k]``."""
     patches = _transpose_patches(g, c, c.lead)
-    return Contraction(patches[0], patches[1], c.args.weight, swap=True, last=True)
+    return Contraction(patches[0], patches[1], c.args.weight, swap=True, last=True,
+                       product=_weight_product(g, c, True))
+
+
+def _weight_product(g, c: Ctx, transposed: bool):
+    """The contraction's ``product``: :func:`conv_weight_product` (lead 1 only)."""
+    if c.lead != 1:
+        return None
+    s = Setting(c)
+    output_padding = s.output_padding if transposed else [0] * len(s.stride)
+    return lambda vectors: c.call(conv_weight_product, g, c.args.input, c.args.weight,
+                                  vectors, s.stride, s.pads, s.dilation, s.groups, transposed,
+                                  output_padding)
 
 
 def _bias_batch(g, c: Ctx):

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .helpers import merge_middle, sum_middle
+from .helpers import merge_middle, sum_middle, symmetric_gram
 from .contraction import Contraction, contraction_batch_sum_squares
 from .registry import Ctx, register
 
@@ -79,7 +79,7 @@ def linear_bias_squares_total(partial: Tensor, per_sample: bool, base: Tensor) -
 def output_gram(g: Tensor, lead: int) -> Tensor:
     """``G = Σ s sᵀ`` over every leading, sample and position axis of ``g`` ``[*lead, N, *, O]``."""
     flat = g.reshape(-1, g.size(-1))
-    return torch.matmul(flat.t(), flat)
+    return symmetric_gram(flat.t())
 
 
 def matrix_output_gram(matrix: Tensor, features: int) -> Tensor:
@@ -96,7 +96,7 @@ def input_gram(x: Tensor) -> Tensor:
     """``A = Σ_{n,t} x_nt x_ntᵀ / (N·T)`` for ``x: [N, *, I]`` (``/N`` for 2-D input, as BackPACK;
     sequence positions count as extra samples, the "expand" convention)."""
     flat = x.reshape(-1, x.size(-1))
-    return torch.matmul(flat.t(), flat).div_(flat.size(0))  # in place: no second [I, I]
+    return symmetric_gram(flat.t()).div_(flat.size(0))  # in place: no second [I, I]
 
 
 def _weight_vjp(g, c: Ctx):

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .contraction import Contraction
+from .helpers import symmetric_gram
 from .registry import Ctx, fresh, register
 
 
@@ -262,7 +263,7 @@ def conv_matrix_gram(matrix: Tensor, out: Tensor, groups: int) -> Tensor:
 def group_gram(cols: Tensor, samples: int) -> Tensor:
     """``cols cols ᵀ / N`` per group, ``cols: [G, A, M]`` (``M`` sample·position columns) ->
     ``[A, A]`` for one group, else ``[G, A, A]``."""
-    gram = torch.matmul(cols, cols.transpose(1, 2)).div_(samples)
+    gram = symmetric_gram(cols).div_(samples)
     return gram[0] if cols.size(0) == 1 else gram
 
 

@@ -99,6 +99,8 @@ SHAPES = [
     case("cat_negative_dim", lambda x, y: torch.cat((x, y, x), -1), rand(3, 2), rand(3, 4)),
     case("detach", lambda x: x * x.detach(), rand(3, 4)),
     case("clone", lambda x: x.transpose(1, 2).clone(), rand(3, 2, 4)),
+    case("clone_alone", lambda x: x.clone(), rand(3, 2)),
+    case("contiguous_alone", lambda x: x.contiguous(), rand(3, 2)),
     case("torch_clone", lambda x: torch.clone(x) * x, rand(3, 4)),
     case("metadata_attributes", lambda x: x * x.shape[1] / x.ndim + torch.zeros(
         1, dtype=x.dtype, device=x.device), rand(3, 4)),

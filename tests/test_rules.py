@@ -13,7 +13,8 @@ import operator
 import pytest
 import torch
 
-from fxcurv.rules import AFFINE, ELEMENTWISE, MONOTONE, PERMUTATION, RULES
+from fxcurv.rules import (AFFINE, CONCATENATION, ELEMENTWISE, FRESH, MONOTONE, PERMUTATION,
+                          REDUCTION, RULES, WINDOW_MAX)
 from fxcurv.rules.helpers import block_diagonal
 from rule_cases import CASES
 from rule_harness import build, cotangent, reference_batch_grads, reference_vjps
@@ -231,7 +232,8 @@ def _traits(case) -> frozenset:
     return frozenset() if rule is None else rule.traits & CHECKED_TRAITS
 
 
-CHECKED_TRAITS = frozenset({ELEMENTWISE, AFFINE, PERMUTATION, MONOTONE})
+CHECKED_TRAITS = frozenset({ELEMENTWISE, AFFINE, PERMUTATION, MONOTONE, FRESH, WINDOW_MAX,
+                            CONCATENATION, REDUCTION})
 TRAIT_CASES = [c for c in CASES if _traits(c)]
 
 
@@ -240,7 +242,10 @@ def test_traits_hold(case):
     """What a rule's traits claim, on its cases (``torch.func``): ``ELEMENTWISE``: the
     Jacobian in each argument shaped like the output is diagonal; ``AFFINE``: ``⟨g, f⟩`` has
     a zero Hessian in all differentiable arguments jointly; ``PERMUTATION``: the Jacobian is a
-    0/1 selection (at most one 1 per output entry); ``MONOTONE``: ``f`` is non-decreasing."""
+    0/1 selection (at most one 1 per output entry); ``MONOTONE``: ``f`` is non-decreasing;
+    ``FRESH``: the output shares no memory with the inputs; ``WINDOW_MAX``: every output
+    entry is an input entry; ``CONCATENATION``: the output has the entries of its pieces;
+    ``REDUCTION``: each input entry enters one output entry, with a non-negative weight."""
     traits = _traits(case)
     f, values = case.of_differentiable()
     out = f(*values)
@@ -251,6 +256,21 @@ def test_traits_hold(case):
             torch.testing.assert_close(jac, torch.diag(jac.diagonal()), atol=0, rtol=0)
         if PERMUTATION in traits:
             assert bool(((jac == 0) | (jac == 1)).all()) and bool((jac.sum(1) <= 1).all())
+        if REDUCTION in traits:
+            assert bool((jac >= 0).all()) and bool(((jac > 0).sum(0) <= 1).all())
+    if FRESH in traits:
+        memory = {t.untyped_storage().data_ptr() for t in case.inputs
+                  if isinstance(t, torch.Tensor)}
+        assert case.fn(*case.inputs).untyped_storage().data_ptr() not in memory
+    if WINDOW_MAX in traits:
+        assert bool(torch.isin(out, values[0]).all())
+    if CONCATENATION in traits:
+        node, rule = _single_op(case)
+        pieces = next(v for v in rule.bind(node).values() if isinstance(v, (list, tuple)))
+        sizes = {n.target: t.numel() for n, t in zip(
+            [n for n in node.graph.nodes if n.op == "placeholder"], case.inputs)}
+        assert out.numel() == sum(sizes[p.target] if hasattr(p, "target") else 0
+                                  for p in pieces)
     if MONOTONE in traits:
         x = torch.linspace(-8.0, 8.0, 401, dtype=torch.float64)
         y = f(x)

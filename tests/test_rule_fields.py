@@ -315,7 +315,34 @@ def test_samples_claims_hold(c):
         assert out.dim() == 0
         return
     assert _samples(c) == KEPT
+    _assert_samples_apart(c, out)
+
+
+def _keeps_apart(c: Case) -> bool:
+    """The single op states no reason why it mixes samples, and its output has an axis 0."""
+    found = _single_op(c)
+    if found is None or found[2].loss is not None:
+        return False
+    _, node, rule = found
+    out = c.fn(*c.inputs)
+    return isinstance(out, torch.Tensor) and out.dim() > 0 and not (
+        rule.mixes_samples and rule.mixes_samples(rule.bind(node)))
+
+
+APART = [c for c in CASES if _keeps_apart(c)]
+
+
+@pytest.mark.parametrize("c", APART, ids=[c.id for c in APART])
+def test_mixes_samples_states_every_mixing(c):
+    """``mixes_samples``: an op that gives no reason keeps the samples of its data apart
+    (sample ``n`` of the output reads sample ``n`` of each input with axis 0 of that size)."""
+    _assert_samples_apart(c, c.fn(*c.inputs))
+
+
+def _assert_samples_apart(c: Case, out: torch.Tensor) -> None:
     f, values = c.of_differentiable()
+    if not values:
+        return
     names = [n for n in c.names if n in c.differentiable()]
     for name, x, jac in zip(names, values, torch.func.jacrev(
             f, argnums=tuple(range(len(values))))(*values)):

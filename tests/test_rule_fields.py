@@ -17,6 +17,9 @@ every rule case (``rule_cases.py``) whose op declares the field, in float64:
   and sample ``n`` of the output depends on sample ``n`` of the data only.
 * ``signed_squares``: ``base + Σ_k Σ_l w_k[l, n] q_{k,l,n}²`` (summed over ``n``, or per
   sample) for several weighted factors, against autograd's per-sample gradients.
+* ``mixes_samples``: an op that gives no reason keeps the samples of its data apart.
+* ``bilinear`` and the second-order walk (``passes/curvature/second_order.py``): a pair it
+  classifies as having no cross term has none; a listed bilinear pair has one.
 """
 from __future__ import annotations
 
@@ -381,3 +384,48 @@ def test_signed_squares_equal_weighted_squared_terms(c, arg, name, per_sample):
         squares = (w * q.square()).sum(0)
         expected = expected + (squares if per_sample else squares.sum(0))
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
+
+
+# -- pairs: bilinear and the second-order walk's zero claims ---------------------------------------
+def _pairs(c: Case) -> list:
+    """``(term, placeholder names)`` of the pairs of distinct differentiable arguments of the
+    single op, as the second-order walk classifies them."""
+    from fxcurv.passes.curvature.second_order import classify
+    found = _single_op(c)
+    if found is None or found[2].loss is not None:
+        return []
+    _, node, rule = found
+    bound = rule.bind(node)
+    active = {k: v.target for k, v in bound.items() if getattr(v, "op", None) == "placeholder"
+              and v.target in c.differentiable()}
+    if len(set(active.values())) != len(active):
+        return []  # one input in two arguments
+    return [(term, [active[n] for n in term.names]) for term in
+            classify(rule, bound, list(active)) if len(term.names) == 2]
+
+
+PAIRS = [c for c in CASES if _pairs(c)]
+
+
+@pytest.mark.parametrize("c", PAIRS, ids=[c.id for c in PAIRS])
+def test_pairs_without_a_cross_term_have_none(c):
+    """Where the walk says a pair has no cross term (``ZERO``: jointly affine, or a pair a
+    ``bilinear`` op does not list), ``∂²⟨g, f⟩/∂a∂b = 0``; a listed ``bilinear`` pair is
+    linear in each (``test_second_order_rules``), so its cross block is the derivative of the
+    parameter-side argument's ``batch_grad`` (``test_vjp_and_batch_rules``) in the other."""
+    from fxcurv.passes.curvature.second_order import BILINEAR, ZERO
+    out = c.fn(*c.inputs)
+    g = rand(*out.shape)
+    for term, (first, second) in _pairs(c):
+        i, j = c.names.index(first), c.names.index(second)
+
+        def pairing(a, b):
+            args = list(c.inputs)
+            args[i], args[j] = a, b
+            return (c.fn(*args) * g).sum()
+
+        mixed = torch.func.hessian(pairing, argnums=(0, 1))(c.inputs[i], c.inputs[j])[0][1]
+        if term.kind == ZERO:
+            assert bool((mixed.abs() < 1e-12).all()), f"{term.names}: a cross term"
+        elif term.kind == BILINEAR:
+            assert bool((mixed.abs() > 0).any()), f"{term.names}: listed, but no cross term"

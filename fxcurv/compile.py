@@ -371,8 +371,9 @@ def _check_per_sample(traced: Traced, active: dict, requested: list) -> None:
             continue
         reason = rule.mixes_samples(rule.bind(node))
         if reason:
-            raise node_error(node, f"{reason}, so per-sample quantities are undefined",
-                             _MIXING_HINT, per_sample[0])
+            with requesting(per_sample[0]):
+                raise node_error(node, f"{reason}, so per-sample quantities are undefined",
+                                 _MIXING_HINT)
 
 
 _MIXING_HINT = ("Per-sample quantities need every sample to pass through the model on its own: "

@@ -134,9 +134,9 @@ def requested() -> str:
     return _REQUESTED.get() or "grad"
 
 
-def node_error(node: fx.Node, problem: str, hint: str, quantity: str | None = None) -> CompileError:
-    """Build a :class:`CompileError` for ``node``: what is wrong, for which quantity (default:
-    the one being compiled, :func:`requesting`), what to do."""
-    quantity = quantity or _REQUESTED.get()
+def node_error(node: fx.Node, problem: str, hint: str) -> CompileError:
+    """Build a :class:`CompileError` for ``node``: what is wrong, for which quantity (the one
+    being compiled, :func:`requesting`), what to do."""
+    quantity = _REQUESTED.get()
     needed = f" for quantity '{quantity}'" if quantity else ""
     return CompileError(f"{describe(node)}{needed}: {problem}. {hint}")

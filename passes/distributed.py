@@ -39,7 +39,7 @@ import torch.fx as fx
 from fxcurv import distributed as helpers
 from fxcurv.distributed import GRADIENT, HESSIAN, SAMPLES
 from fxcurv.emit import Emitter
-from fxcurv.errors import CompileError, node_error
+from fxcurv.errors import CompileError, node_error, requesting
 from fxcurv.quantities import Reduction
 from fxcurv.rules import Ctx, rule_for
 
@@ -98,16 +98,17 @@ class DataParallel:
     def _reduction(self) -> str:
         loss = self.traced.loss
         rule = rule_for(loss)
-        if rule is None or rule.loss is None:
-            raise node_error(loss, "data parallelism rescales each rank's results by its share "
-                             "of the loss's mean divisor, which fxcurv knows for built-in "
-                             "losses only", "End the loss in cross_entropy, nll_loss, mse_loss "
-                             "or binary_cross_entropy_with_logits (reduction 'mean' or 'sum').",
-                             "grad")
-        reduction = rule.bind(loss)["reduction"]
-        if reduction not in ("mean", "sum"):
-            raise node_error(loss, f"reduction {reduction!r} does not give a scalar loss",
-                             "Use reduction 'mean' or 'sum'.", "grad")
+        with requesting("grad"):  # the gradient's reduction already
+            if rule is None or rule.loss is None:
+                raise node_error(loss, "data parallelism rescales each rank's results by its "
+                                 "share of the loss's mean divisor, which fxcurv knows for "
+                                 "built-in losses only", "End the loss in cross_entropy, "
+                                 "nll_loss, mse_loss or binary_cross_entropy_with_logits "
+                                 "(reduction 'mean' or 'sum').")
+            reduction = rule.bind(loss)["reduction"]
+            if reduction not in ("mean", "sum"):
+                raise node_error(loss, f"reduction {reduction!r} does not give a scalar loss",
+                                 "Use reduction 'mean' or 'sum'.")
         return reduction
 
     def _emit_counts(self, check_divisors: bool) -> None:

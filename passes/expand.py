@@ -27,7 +27,7 @@ import torch
 import torch.fx as fx
 
 from fxcurv.emit import Emitter
-from fxcurv.errors import CompileError, node_error
+from fxcurv.errors import CompileError, node_error, requesting
 from fxcurv.rules import BOOLEAN, PIECES, rule_for
 from fxcurv.rules.indexing import lower_tensor_index
 from fxcurv.rules.shape import is_scalar_node
@@ -80,10 +80,11 @@ def _is_tensor_index(node: fx.Node) -> bool:
     if source is not None and source.has(PIECES):
         return False  # picking a piece of a tuple
     if _is_boolean(idx):
-        raise node_error(node, "x[mask] with a boolean mask selects a data-dependent number of "
-                         "entries, so the shapes of every derivative depend on the data",
-                         "Use torch.where(mask, x, 0) (or masked_fill) to keep shapes fixed, "
-                         "or index with integer tensors.", "grad")
+        with requesting("grad"):  # every derivative, the gradient first
+            raise node_error(node, "x[mask] with a boolean mask selects a data-dependent "
+                             "number of entries, so the shapes of every derivative depend on "
+                             "the data", "Use torch.where(mask, x, 0) (or masked_fill) to keep "
+                             "shapes fixed, or index with integer tensors.")
     return True
 
 

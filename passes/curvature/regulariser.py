@@ -42,7 +42,7 @@ import torch.fx as fx
 from torch import Tensor
 
 from fxcurv.emit import Emitter
-from fxcurv.errors import node_error
+from fxcurv.errors import node_error, requesting
 from fxcurv.quantities import KRON, Quantity
 from fxcurv.rules import (AFFINE, CONCATENATION, ELEMENTWISE, PERMUTATION, Ctx, OpRule,
                           rule_for)
@@ -104,9 +104,10 @@ class Regulariser:
                            "undefined for it")
                 hint = ("Request grad or a curvature quantity (diag_ggn_*, diag_h, ggnmp, hmp, "
                         "pchmp_*), which include the regulariser's exact Hessian.")
-            raise node_error(where, f"'{arg.name}' depends on parameters but not on the input "
-                             f"and is added to the loss after the per-sample part of the model "
-                             f"(a regulariser); {problem}", hint, label)
+            with requesting(label):
+                raise node_error(where, f"'{arg.name}' depends on parameters but not on the "
+                                 "input and is added to the loss after the per-sample part of "
+                                 f"the model (a regulariser); {problem}", hint)
 
     # -- adding it to a quantity -------------------------------------------------------------
     def add(self, quantity: Quantity, label: str, values: dict, vectors: dict) -> dict:

@@ -85,14 +85,16 @@ def _run(c: Case, emit_fn, *extra):
     return fx.GraphModule(torch.nn.Module(), graph)(*extra, *c.inputs)
 
 
-def _param_args(c: Case) -> list:
-    """``(case, argument, parameter name)`` for each parameter the single op reads."""
+def _input_args(c: Case, field: str, names) -> list:
+    """``(argument, input name)`` for each case input in ``names`` that the single op reads
+    in an argument its rule's ``field`` has an entry for."""
     found = _single_op(c)
     if found is None:
         return []
     _, node, rule = found
     return [(arg, value.target) for arg, value in rule.bind(node).items()
-            if getattr(value, "op", None) == "placeholder" and value.target in c.params]
+            if getattr(value, "op", None) == "placeholder" and value.target in names
+            and arg in getattr(rule, field)]
 
 
 def _first_sample(c: Case, copies: int = 1) -> Case:
@@ -104,12 +106,7 @@ def _first_sample(c: Case, copies: int = 1) -> Case:
 
 def _with(field: str, cases=CASES) -> list:
     """``(case, argument, parameter)`` for the cases whose op has ``field[argument]``."""
-    found = []
-    for c in cases:
-        for arg, name in _param_args(c):
-            if arg in getattr(_single_op(c)[2], field):
-                found.append((c, arg, name))
-    return found
+    return [(c, arg, name) for c in cases for arg, name in _input_args(c, field, c.params)]
 
 
 # -- kron ----------------------------------------------------------------------------------------
@@ -272,17 +269,7 @@ def test_loss_factors_divisor_and_target_check(c):
 
 
 # -- jvp -----------------------------------------------------------------------------------------
-def _jvp_args(c: Case) -> list:
-    found = _single_op(c)
-    if found is None:
-        return []
-    _, node, rule = found
-    return [(arg, value.target) for arg, value in rule.bind(node).items()
-            if arg in rule.jvp and getattr(value, "op", None) == "placeholder"
-            and value.target in c.differentiable()]
-
-
-JVP = [(c, arg, name) for c in CASES for arg, name in _jvp_args(c)]
+JVP = [(c, arg, name) for c in CASES for arg, name in _input_args(c, "jvp", c.differentiable())]
 
 
 @pytest.mark.parametrize("c, arg, name", JVP, ids=[f"{c.id}-{arg}" for c, arg, _ in JVP])

@@ -37,19 +37,22 @@ def _along(what: str):
     return lambda b: f"it {what} along the sample axis 0" if b["dim"] == 0 else None
 
 
+def _back_along(helper) -> dict:
+    """``Jᵀg`` of an op that picks entries of ``input`` at ``index`` along ``dim``: ``g`` added
+    back into zeros of the input's shape by ``helper``; the index has no derivative."""
+    return {"input": lambda g, c: c.call(helper, g, c.args.input, c.bound["dim"], c.args.index,
+                                         c.lead), "index": None}
+
+
 affine([torch.gather, "gather"], "gather", "input, dim, index, *, sparse_grad=False",
        doc="y[..i..] = x[..index[..i..]..] along dim (index: same rank as x);  Jᵀg = zeros "
            "of x's shape with g scatter-added at index.  Linear: zero Hessian.",
-       vjp={"input": lambda g, c: c.call(gather_back, g, c.args.input, c.bound["dim"],
-                                         c.args.index, c.lead), "index": None},
-       mixes_samples=_along("gathers"))
+       vjp=_back_along(gather_back), mixes_samples=_along("gathers"))
 
 affine([torch.index_select, "index_select"], "index_select", "input, dim, index",
        doc="y = x with the entries index[k] of axis dim (index: 1-D);  Jᵀg = zeros of x's "
            "shape with g index-added along dim.  Linear: zero Hessian.",
-       vjp={"input": lambda g, c: c.call(index_select_back, g, c.args.input, c.bound["dim"],
-                                         c.args.index, c.lead), "index": None},
-       mixes_samples=_along("selects"))
+       vjp=_back_along(index_select_back), mixes_samples=_along("selects"))
 
 
 def checked_index(index: Tensor) -> Tensor:

@@ -1,4 +1,5 @@
-"""Rule cases: convolutions, transposed convolutions, max / average / adaptive pooling."""
+"""Rule cases: convolutions, transposed convolutions, max / average / adaptive pooling,
+resampling (``F.interpolate``)."""
 from __future__ import annotations
 
 import torch
@@ -36,6 +37,13 @@ CONV = [
          rand(2, 2, 4, 4), rand(2, 2, 3, 3), rand(2), params=WB),
     case("conv2d_few_positions_gram_l2", lambda x, w, b: F.conv2d(x, w, b), rand(3, 4, 3, 4),
          rand(4, 4, 3, 3), rand(4), params=WB),
+    case("conv2d_depthwise_multiplier_stride",
+         lambda x, w, b: F.conv2d(x, w, b, stride=2, padding=1, groups=3),
+         rand(2, 3, 5, 4), rand(6, 1, 3, 3), rand(6), params=WB),
+    case("conv2d_depthwise_small_map", lambda x, w: F.conv2d(x, w, None, padding=2, groups=2),
+         rand(2, 2, 1, 2), rand(2, 1, 5, 3), params=("w",)),
+    case("conv1d_depthwise_dilation", lambda x, w, b: F.conv1d(x, w, b, 2, 1, 2, groups=2),
+         rand(2, 2, 7), rand(2, 1, 3), rand(2), params=WB),
     case("conv3d", lambda x, w, b: F.conv3d(x, w, b, stride=(1, 2, 1), padding=(0, 1, 1)),
          rand(2, 2, 3, 4, 3), rand(3, 2, 2, 2, 2), rand(3), params=WB),
     case("conv3d_groups_same", lambda x, w, b: F.conv3d(x, w, b, padding="same", groups=2),
@@ -109,4 +117,27 @@ ADAPTIVE_POOL = [
          rand(2, 2, 3, 5, 4)),
 ]
 
-CASES = CONV + CONV_TRANSPOSE + MAX_POOL + AVG_POOL + ADAPTIVE_POOL
+INTERPOLATE = [
+    case("interpolate_nearest_size", lambda x: F.interpolate(x, size=(5, 3)), rand(2, 3, 3, 2)),
+    case("interpolate_nearest_scale", lambda x: F.interpolate(x, scale_factor=1.7),
+         rand(2, 2, 3, 2)),
+    case("interpolate_nearest_exact_1d",
+         lambda x: F.interpolate(x, size=7, mode="nearest-exact"), rand(2, 3, 4)),
+    case("interpolate_bilinear_size_of_a_tensor",  # as torchvision's segmentation heads
+         lambda x: F.interpolate(x[..., :2, :2], size=x.shape[-2:], mode="bilinear"),
+         rand(2, 2, 5, 3)),
+    case("interpolate_bilinear_scale_align_corners",
+         lambda x: F.interpolate(x, scale_factor=(2.5, 1.5), mode="bilinear",
+                                 align_corners=True), rand(2, 2, 3, 2)),
+    case("interpolate_bicubic_down", lambda x: F.interpolate(x, size=(2, 3), mode="bicubic"),
+         rand(2, 2, 5, 4)),
+    case("interpolate_linear_recompute",
+         lambda x: F.interpolate(x, scale_factor=1.5, mode="linear",
+                                 recompute_scale_factor=True), rand(2, 3, 4)),
+    case("interpolate_trilinear", lambda x: F.interpolate(x, size=(3, 2, 4), mode="trilinear"),
+         rand(2, 2, 2, 3, 2)),
+    case("interpolate_area", lambda x: F.interpolate(x, size=(2, 3), mode="area"),
+         rand(2, 2, 5, 4)),
+]
+
+CASES = CONV + CONV_TRANSPOSE + MAX_POOL + AVG_POOL + ADAPTIVE_POOL + INTERPOLATE

@@ -58,6 +58,9 @@ def conv_input_vjp(g: Tensor, x: Tensor, weight: Tensor, lead: int, stride: List
     """``x̄ = convᵀ(g, W)`` without padding, then cropped by the input's padding and
     zero-extended over input entries that no window reaches; lead axes join the batch."""
     d = len(stride)
+    if groups > 1 and groups == x.size(1):
+        return depthwise_input_vjp(g.flatten(0, lead), x, weight, stride, pads,
+                                   dilation).reshape(list(g.shape[:lead]) + list(x.shape))
     full = torch.convolution(g.flatten(0, lead), weight, None, stride, [0] * d, dilation, True,
                              [0] * d, groups)
     crop: List[int] = []
@@ -65,6 +68,41 @@ def conv_input_vjp(g: Tensor, x: Tensor, weight: Tensor, lead: int, stride: List
         crop.append(-pads[2 * i])
         crop.append(x.size(2 + i) + pads[2 * i] - full.size(2 + i))
     return pad_spatial(full, crop).reshape(list(g.shape[:lead]) + list(x.shape))
+
+
+def depthwise_input_vjp(g: Tensor, x: Tensor, weight: Tensor, stride: List[int],
+                        pads: List[int], dilation: List[int]) -> Tensor:
+    """:func:`conv_input_vjp` of a depthwise convolution (one input channel per group, ``m``
+    output channels each), ``g: [B, C·m, *out] -> [B, C, *in]``, as one strided add per
+    kernel tap ``a``: ``x̄[c, o·s + a·d - p] += Σ_j g[c·m + j, o] W[c·m + j, 0, a]`` over the
+    positions ``o`` whose input lies inside ``x`` (torch's depthwise transposed convolution is
+    a slow loop on CPU: one tap at a time is a few elementwise passes)."""
+    d = len(stride)
+    kernel: List[int] = list(weight.shape[2:])
+    out: List[int] = list(g.shape[2:])
+    channels = x.size(1)
+    grad = g.new_zeros([g.size(0), channels] + list(x.shape[2:]))
+    taps = weight.reshape(weight.size(0), -1)
+    for tap in range(numel(kernel)):
+        target, source, rest, empty = grad, g, tap, False
+        for i in range(d - 1, -1, -1):
+            shift = (rest % kernel[i]) * dilation[i] - pads[2 * i]
+            rest = rest // kernel[i]
+            first = max(0, -((shift) // stride[i]))  # first o with o·s + shift >= 0
+            last = min(out[i] - 1, (x.size(2 + i) - 1 - shift) // stride[i])
+            if last < first:
+                empty = True
+                break
+            start = first * stride[i] + shift
+            target = torch.ops.aten.slice(target, 2 + i, start,
+                                          start + (last - first) * stride[i] + 1, stride[i])
+            source = torch.ops.aten.slice(source, 2 + i, first, last + 1, 1)
+        if not empty:
+            term = source * taps[:, tap].reshape([-1] + [1] * d)
+            if term.size(1) != channels:
+                term = term.reshape([term.size(0), channels, -1] + list(term.shape[2:])).sum(2)
+            target.add_(term)
+    return grad
 
 
 @fresh

@@ -1,4 +1,4 @@
-"""Pooling, 1-, 2- and 3-d: max, average and adaptive average.
+"""Pooling, 1-, 2- and 3-d: max, average and adaptive average; resampling (``F.interpolate``).
 
 Every pool is linear in ``x`` given the windows, so ``Jᵀ`` spreads each output's cotangent
 back over its window: ``max_pool`` routes ``g`` to the argmax of each window (the indices the
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .conv import ints, numel
-from .registry import WINDOW_MAX, Ctx, by_product, fresh, register
+from .registry import WINDOW_MAX, Ctx, affine, by_product, fresh, register
 
 
 # -- runtime helpers (TorchScript-scriptable) -------------------------------------------
@@ -170,6 +170,53 @@ def adaptive_avg_pool_vjp(g: Tensor, x: Tensor, lead: int, d: int) -> Tensor:
     return grad.reshape(shape)
 
 
+@fresh
+def interpolate_vjp(g: Tensor, x: Tensor, out_shape: List[int], lead: int, mode: str,
+                    align_corners: bool, scales: Optional[List[float]]) -> Tensor:
+    """``x̄ = Rᵀ g`` for ``y = R x = interpolate(x)`` (``R`` fixed by the sizes, mode and scale
+    factors): torch's upsample backward kernels with the forward's scales, ``area`` as the
+    adaptive average pool it is; lead axes of ``g`` join the batch axis."""
+    d = x.dim() - 2
+    if mode == "area":
+        return adaptive_avg_pool_vjp(g, x, lead, d)
+    grads = g.flatten(0, lead)
+    size: List[int] = [grads.size(0)] + list(x.shape[1:])
+    out: List[int] = list(out_shape[2:])
+    s: List[Optional[float]] = [None, None, None]
+    if scales is not None:
+        for i in range(d):
+            s[i] = scales[i]
+    if mode == "nearest":
+        if d == 1:
+            grad = torch.ops.aten.upsample_nearest1d_backward(grads, out, size, s[0])
+        elif d == 2:
+            grad = torch.ops.aten.upsample_nearest2d_backward(grads, out, size, s[0], s[1])
+        else:
+            grad = torch.ops.aten.upsample_nearest3d_backward(grads, out, size, s[0], s[1],
+                                                              s[2])
+    elif mode == "nearest-exact":
+        if d == 1:
+            grad = torch.ops.aten._upsample_nearest_exact1d_backward(grads, out, size, s[0])
+        elif d == 2:
+            grad = torch.ops.aten._upsample_nearest_exact2d_backward(grads, out, size, s[0],
+                                                                     s[1])
+        else:
+            grad = torch.ops.aten._upsample_nearest_exact3d_backward(grads, out, size, s[0],
+                                                                     s[1], s[2])
+    elif mode == "linear":
+        grad = torch.ops.aten.upsample_linear1d_backward(grads, out, size, align_corners, s[0])
+    elif mode == "bilinear":
+        grad = torch.ops.aten.upsample_bilinear2d_backward(grads, out, size, align_corners,
+                                                           s[0], s[1])
+    elif mode == "bicubic":
+        grad = torch.ops.aten.upsample_bicubic2d_backward(grads, out, size, align_corners,
+                                                          s[0], s[1])
+    else:
+        grad = torch.ops.aten.upsample_trilinear3d_backward(grads, out, size, align_corners,
+                                                            s[0], s[1], s[2])
+    return grad.reshape(list(g.shape[:lead]) + list(x.shape))
+
+
 # -- rules -------------------------------------------------------------------------------
 SPATIAL_DIMS = {F.max_pool1d: 1, F.max_pool2d: 2, F.max_pool3d: 3,
                 F.max_pool1d_with_indices: 1, F.max_pool2d_with_indices: 2,
@@ -252,3 +299,47 @@ for _d in (1, 2, 3):
              unsupported=_size_none, hessian_is_zero=True, sandwich={"input": "shared"},
              doc="y[p] = mean of x over window(p) = [⌊p·in/out⌋, ⌈(p+1)·in/out⌉) per axis;  "
                  "x̄[i] = Σ_{p ∋ i} g[p] / |window(p)|.")
+
+
+_RESAMPLE_MODES = ("nearest", "nearest-exact", "area", "linear", "bilinear", "bicubic",
+                   "trilinear")
+
+
+def _interpolate_scales(b: dict) -> Optional[list]:
+    """The scale factors torch's kernels index with (None: from the sizes), three entries."""
+    factor = b["scale_factor"]
+    if b["size"] is not None or b["recompute_scale_factor"] or b["mode"] == "area" \
+            or factor is None:
+        return None
+    if isinstance(factor, (list, tuple)):
+        return [float(f) for f in factor]
+    return [float(factor)] * 3
+
+
+def _interpolate_unsupported(b: dict) -> Optional[str]:
+    if b["mode"] not in _RESAMPLE_MODES:
+        return f"interpolate mode {b['mode']!r} has no rule"
+    if b["antialias"]:
+        return "interpolate with antialias=True has no rule; resample with antialias=False"
+    factor = b["scale_factor"]
+    factors = factor if isinstance(factor, (list, tuple)) else [factor]
+    if not all(f is None or isinstance(f, (int, float)) for f in factors):
+        return "interpolate's scale_factor must be a number (or numbers) fixed at trace time"
+    return None
+
+
+def _interpolate_vjp(g, c: Ctx):
+    b = c.bound
+    return c.call(interpolate_vjp, g, c.args.input, c.out.shape, c.lead, b["mode"],
+                  bool(b["align_corners"]), _interpolate_scales(b))
+
+
+affine([F.interpolate], "interpolate",
+       "input, size=None, scale_factor=None, mode='nearest', align_corners=None, "
+       "recompute_scale_factor=None, antialias=False",
+       vjp={"input": _interpolate_vjp}, unsupported=_interpolate_unsupported,
+       sandwich={"input": "shared"},
+       doc="y = R x, R the resampling matrix of the mode (nearest: each output copies one "
+           "input; linear, bilinear, trilinear, bicubic: fixed weights of neighbours; area: "
+           "adaptive average pooling) and sizes;  x̄ = Rᵀ g (torch's upsample backward "
+           "kernels, with the forward's scale factors).")

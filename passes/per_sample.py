@@ -235,7 +235,7 @@ class PerSample:
                     upstream = self.per_sample_term(user, name)
                     if upstream is not None:
                         ctx = Ctx.of(user, rule, self.emit, self.lead + 1)
-                        parts.append(rule.vjp[arg](upstream, ctx))
+                        parts += _pieces_of(value, bound, rule.vjp[arg](upstream, ctx))
             self._terms[value] = _sum(parts) if parts else None
         return self._terms[value]
 
@@ -378,6 +378,14 @@ def _uses_of(param: fx.Node, cotangents: dict) -> list[tuple[fx.Node, OpRule, st
             if value is param or (isinstance(value, (list, tuple)) and param in value):
                 found.append((user, rule, arg))
     return found
+
+
+def _pieces_of(value: fx.Node, bound: Any, result: Any) -> list:
+    """``Jᵀ`` results that belong to ``value``: the result, or for a list argument (``cat``,
+    ``stack``: one piece per entry) the pieces at ``value``'s places in it."""
+    if not isinstance(bound, (list, tuple)):
+        return [result]
+    return [piece for entry, piece in zip(bound, result) if entry is value]
 
 
 def _sum(parts: list) -> Any:

@@ -31,7 +31,37 @@ LOSSES = {
     "softplus_margin": lambda out, y: F.softplus(
         1.0 - (out * F.one_hot(y, 3).to(DTYPE)).sum(1)).mean(),
     "log_cosh": lambda out, y: torch.log(torch.exp(out) + torch.exp(-out)).sum(),
+    "label_smoothed_gather": lambda out, y: label_smoothed(out, y),
 }
+
+
+def label_smoothed(out, y, smoothing: float = 0.1):
+    """Label-smoothed cross-entropy written by hand: ``log_softmax`` and ``gather`` of the
+    labels' log-probabilities (issue 16)."""
+    logp = out.log_softmax(1)
+    nll = -logp.gather(1, y.unsqueeze(1)).squeeze(1)
+    return ((1 - smoothing) * nll - smoothing * logp.mean(1)).mean()
+
+
+@pytest.mark.parametrize("loss", list(LOSSES))
+def test_loss_and_grad_with_callable_losses(loss):
+    net, (x, y) = model(), batch()
+    value, grad = fxcurv.compile(net, LOSSES[loss], [])(x, y)
+    expected = LOSSES[loss](net(x), y)
+    grads = torch.autograd.grad(expected, list(net.parameters()))
+    torch.testing.assert_close(value, expected.detach(), rtol=1e-12, atol=0)
+    for (name, _), g in zip(net.named_parameters(), grads):
+        torch.testing.assert_close(grad[name], g, **TOL, msg=name)
+
+
+def test_label_smoothed_gather_equals_the_builtin_label_smoothing():
+    net, (x, y) = model(), batch()
+    ours = fxcurv.compile(net, LOSSES["label_smoothed_gather"], ["diag_ggn_exact", "diag_h"])
+    builtin = fxcurv.compile(net, nn.CrossEntropyLoss(label_smoothing=0.1),
+                             ["diag_ggn_exact", "diag_h"])
+    for a, b in zip(ours(x, y)[1:], builtin(x, y)[1:]):
+        for name in a:
+            torch.testing.assert_close(a[name], b[name], **TOL, msg=name)
 
 
 def ggn_diagonal_brute_force(net, loss_fn, x, y):
@@ -67,7 +97,7 @@ def test_diag_ggn_exact_with_callable_losses(loss):
 
 
 @pytest.mark.parametrize("loss", ["half_sum_of_squares", "scaled_cross_entropy",
-                                  "ce_plus_output_penalty"])
+                                  "ce_plus_output_penalty", "label_smoothed_gather"])
 def test_diag_h_with_callable_losses(loss):
     net, (x, y) = model(), batch()
     _, _, diag_h = fxcurv.compile(net, LOSSES[loss], ["diag_h"])(x, y)

@@ -50,7 +50,7 @@ from . import factors
 from .factors import (broadcast_cross_sqrt, checked_cross, checked_parameter_cross,
                       column_mask, cross_sqrt, parameter_cross_sqrt,
                       per_sample_block, repeat_samples, residual_sqrt, sample_basis)
-from .loss_hessian import eigen_sqrt, loss_negative_factor, symmetric_eigh
+from .loss_hessian import block_sqrt, loss_negative_factor, symmetric_eigh
 from .second_order import BILINEAR, BLOCK, CROSS, MISSING, RESIDUAL, ZERO, Term, classify
 
 MAX_BLOCK_SIZE = 4096  # per-sample entries D = B·K of a residual block (factor: N·D² values)
@@ -345,20 +345,6 @@ def checked_size(g: Tensor, values: List[Tensor], limit: int, where: str) -> Ten
                            "request the GGN (diag_ggn_exact, ggnmp) for this model, or "
                            "shrink the op (fewer positions or heads per sample)")
     return g
-
-
-def block_sqrt(values: Tensor, vectors: Tensor, like: Tensor, sign: float) -> Tensor:
-    """``S`` ``[B·K, N, *like.shape[1:]]``, ``S_n S_nᵀ`` the positive (``sign = 1``) or negated
-    negative part of the block-diagonal ``R_n`` from its blocks' eigenvalues ``[N, B, K]`` and
-    vectors ``[N, B, K, K]``: each block's factor (:func:`eigen_sqrt`), its column ``(b, j)``
-    zero outside block ``b``."""
-    samples, count, size = values.size(0), values.size(1), values.size(2)
-    flat = values.reshape(samples * count, size)
-    factor = eigen_sqrt(flat, vectors.reshape(samples * count, size, size), flat, sign)
-    factor = factor.reshape(size, samples, count, size).permute(2, 0, 1, 3)  # [B, K, N, K]
-    eye = torch.eye(count, dtype=values.dtype, device=values.device)
-    full = factor.unsqueeze(3) * eye.view(count, 1, 1, count, 1)          # [B, K, N, B, K]
-    return full.reshape([count * size] + list(like.shape))
 
 
 def _check_block_sample_axis(node, rule, arg, carriers) -> None:

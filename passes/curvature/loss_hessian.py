@@ -7,7 +7,9 @@ from second-order sources inside the loss region, each propagated back to ``f`` 
 Jacobian-transpose rules (one leading axis):
 
 * an inner built-in loss reached with cotangent ``g``: its factor ``S`` times ``√g₊`` / ``√g₋``;
-* an elementwise op with residual ``R = Σ g ⊙ f''``: ``diag(√R₊)`` / ``diag(√R₋)``.
+* an elementwise op with residual ``R = Σ g ⊙ f''``: ``diag(√R₊)`` / ``diag(√R₋)``;
+* an op with a dense per-sample residual block (``log_softmax``, ``softmax``): the eigen-parts
+  of each block.
 
 ``H_n = Σ₊ Φ Φᵀ - Σ₋ Φ Φᵀ`` ``[N, C, C]`` (``C`` entries per sample of ``f``) is then factorised
 per sample by ``eigh``: ``S_n = V √max(Λ, 0)``, ``[C, N, *f]``. Cost: one propagation per
@@ -36,7 +38,7 @@ from ..analysis import ancestors, depends_on
 from ..backward import backward
 from . import factors
 from .factors import residual_sqrt
-from .second_order import RESIDUAL, ZERO, classify, is_linear
+from .second_order import BLOCK, RESIDUAL, ZERO, classify, is_linear
 
 
 def scaled_by_root(factor: Tensor, weight: Tensor, sign: float) -> Tensor:
@@ -67,6 +69,20 @@ def eigen_sqrt(values: Tensor, vectors: Tensor, like: Tensor, sign: float) -> Te
     """:func:`per_sample_sqrt` from ``H_n``'s eigenvalues ``[N, C]`` and vectors ``[N, C, C]``."""
     factor = vectors * (values * sign).clamp(min=0.0).sqrt().unsqueeze(1)   # [N, C, C]
     return factor.permute(2, 0, 1).reshape([factor.size(2)] + list(like.shape))
+
+
+def block_sqrt(values: Tensor, vectors: Tensor, like: Tensor, sign: float) -> Tensor:
+    """``S`` ``[B·K, N, *like.shape[1:]]``, ``S_n S_nᵀ`` the positive (``sign = 1``) or negated
+    negative part of the block-diagonal ``R_n`` from its blocks' eigenvalues ``[N, B, K]`` and
+    vectors ``[N, B, K, K]``: each block's factor (:func:`eigen_sqrt`), its column ``(b, j)``
+    zero outside block ``b``."""
+    samples, count, size = values.size(0), values.size(1), values.size(2)
+    flat = values.reshape(samples * count, size)
+    factor = eigen_sqrt(flat, vectors.reshape(samples * count, size, size), flat, sign)
+    factor = factor.reshape(size, samples, count, size).permute(2, 0, 1, 3)  # [B, K, N, K]
+    eye = torch.eye(count, dtype=values.dtype, device=values.device)
+    full = factor.unsqueeze(3) * eye.view(count, 1, 1, count, 1)          # [B, K, N, B, K]
+    return full.reshape([count * size] + list(like.shape))
 
 
 def assembled_sqrt_hessian(emit: Emitter, traced, gradient: dict,
@@ -119,6 +135,10 @@ def _second_order_sources(emit: Emitter, traced, gradient: dict) -> list:
             if term.kind == ZERO:
                 continue
             arg = term.names[0]
+            if term.kind == BLOCK and len(term.names) == 1:
+                found += _block_sources(emit, node, rule, ctx, term, values[arg], gradient,
+                                        region)
+                continue
             if term.kind != RESIDUAL:
                 raise node_error(node, f"{rule.name} has a non-zero second derivative in "
                                  f"'{arg}' and no diagonal residual rule, so the loss Hessian "
@@ -134,6 +154,19 @@ def _second_order_sources(emit: Emitter, traced, gradient: dict) -> list:
                                    factors.MAX_RESIDUAL_FACTOR_BYTES)
                 found.append((value, factor, sign, f"{node.name}_{tag}"))
     return found
+
+
+def _block_sources(emit, node, rule, ctx, term, value, gradient, region) -> list:
+    """A dense per-sample residual block ``R_n`` ``[N, B, K, K]`` (``log_softmax``, ``softmax``
+    over classes): its eigen-parts ``R_n = S₊S₊ᵀ - S₋S₋ᵀ`` seeded at the argument."""
+    if rule.mixes_samples and rule.mixes_samples(ctx.bound):
+        raise node_error(node, f"{rule.name} mixes the samples, so the loss is not a sum of "
+                         "per-sample terms", "Apply it per sample (not over axis 0).")
+    _check_separable(node, region)
+    with emit.naming(f"{node.name}_loss_block"):
+        eigen = emit.call(symmetric_eigh, term.fn(gradient[node], ctx))
+    return [(value, emit.call(block_sqrt, eigen[0], eigen[1], emit.proxy(value), sign), sign,
+             f"{node.name}_{tag}") for sign, tag in ((1.0, "plus"), (-1.0, "minus"))]
 
 
 def _inner_loss(emit, node, rule, ctx, gradient, region) -> list:

@@ -133,3 +133,27 @@ def test_regulariser_gradient_is_included():
     regularised(model(x), y).backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(grad[name], p.grad, **TOL)
+
+
+class CatBias(nn.Module):
+    """A bias assembled by ``cat`` from a parameter and pieces of it (as Swin V2's q/k/v bias
+    with its k part zeroed)."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.weight = nn.Parameter(torch.randn(6, 5, dtype=DTYPE, generator=g))
+        self.b = nn.Parameter(torch.randn(3, dtype=DTYPE, generator=g))
+
+    def forward(self, x):
+        bias = torch.cat([self.b, self.b[1:] * 0.0, 2.0 * self.b[:1]])
+        return torch.tanh(F.linear(x, self.weight, bias))[:, :5]
+
+
+def test_per_sample_terms_through_a_parameter_side_cat():
+    model, (x, y) = CatBias(), batch()
+    _, _, batch_grad, l2 = fxcurv.compile(model, nn.CrossEntropyLoss(),
+                                          ["batch_grad", "batch_l2"])(x, y)
+    for name, g in per_sample_grads(model, x, y).items():
+        torch.testing.assert_close(batch_grad[name], g, **TOL)
+        torch.testing.assert_close(l2[name], g.flatten(1).square().sum(1), **TOL)

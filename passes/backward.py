@@ -113,13 +113,14 @@ def _stacked_uses(source: fx.Node, uses: list, cotangents: dict, emit: Emitter,
             if len(group) == 1:
                 g, ctx = cotangents[node], Ctx.of(node, rule, emit, lead)
             else:
-                g, ctx = _joined(group, cotangents, emit, lead)
+                g, ctx = joined_use(group, cotangents, emit, lead)
             accumulate(cotangents, source, rule.vjp[name](g, ctx))
 
 
-def _joined(group: list, cotangents: dict, emit: Emitter, lead: int) -> tuple[Any, Ctx]:
-    """``(g, ctx)`` of one virtual use standing for ``group``: the uses' cotangents and their
-    data argument (``rule.stack_uses``) concatenated along a position axis."""
+def joined_use(group: list, cotangents: Any, emit: Emitter, lead: int) -> tuple[Any, Ctx]:
+    """``(g, ctx)`` of one virtual use standing for ``group`` (``(node, rule, argument)``
+    uses of one parameter by one op kind): the uses' cotangents and their data argument
+    (``rule.stack_uses``) concatenated along a position axis."""
     first, rule, name = group[0]
     data = rule.stack_uses[name]
     bound = dict(rule.bind(first))

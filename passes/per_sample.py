@@ -33,10 +33,9 @@ from torch import Tensor
 from fxcurv.emit import Emitter
 from fxcurv.errors import node_error
 from fxcurv.rules import Ctx, OpRule, contraction, rule_for
-from fxcurv.rules.helpers import concat_positions
-from fxcurv.rules.registry import Args
 
 from .analysis import ancestors
+from .backward import joined_use
 from .curvature.factors import mask_columns
 
 
@@ -167,15 +166,9 @@ class PerSample:
                 any(u not in direct and (u in self.cotangents or u in self._reaches)
                     for u in param.users):
             return None
-        data = rule.stack_uses[arg]
-        bound = dict(rule.bind(uses[0][0]))
         with self.emit.naming(f"{param.name}_{self.label}_uses", pass_="per_sample",
                               param=name):
-            xs = [self.emit.proxy(rule.bind(node)[data]) for node, _, _ in uses]
-            bound[data] = self.emit.call(concat_positions, xs, 0).node
-            g = self.emit.call(concat_positions, [self.cotangents[node] for node, _, _ in uses],
-                               self.lead)
-        ctx = Ctx(uses[0][0], bound, Args(bound, self.emit), None, self.lead, self.emit)
+            g, ctx = joined_use(uses, self.cotangents, self.emit, self.lead)
         return g, ctx, rule, arg
 
     def _shortcut(self, name: str, kind: str, *extra: Any) -> Optional[Any]:

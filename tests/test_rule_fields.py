@@ -18,6 +18,8 @@ every rule case (``rule_cases.py``) whose op declares the field, in float64:
 * ``signed_squares``: ``base + Σ_k Σ_l w_k[l, n] q_{k,l,n}²`` (summed over ``n``, or per
   sample) for several weighted factors, against autograd's per-sample gradients.
 * ``mixes_samples``: an op that gives no reason keeps the samples of its data apart.
+* ``stack_uses``: two calls on one parameter act like one call on their data concatenated
+  along positions (Jacobian-transpose and per-sample term).
 * ``bilinear`` and the second-order walk (``passes/curvature/second_order.py``): a pair it
   classifies as having no cross term has none; a listed bilinear pair has one.
 """
@@ -416,3 +418,42 @@ def test_pairs_without_a_cross_term_have_none(c):
             assert bool((mixed.abs() < 1e-12).all()), f"{term.names}: a cross term"
         elif term.kind == BILINEAR:
             assert bool((mixed.abs() > 0).any()), f"{term.names}: listed, but no cross term"
+
+
+# -- stack_uses ----------------------------------------------------------------------------------
+STACKED = [(c, arg, name) for c in CASES for arg, name in _input_args(c, "stack_uses", c.params)]
+
+
+@pytest.mark.parametrize("c, arg, name", STACKED, ids=[f"{c.id}-{arg}" for c, arg, _ in STACKED])
+def test_stacked_uses_act_like_one_call(c, arg, name):
+    """``stack_uses[p] = x``: two calls ``f(x₁, p)``, ``f(x₂, p)`` with cotangents ``g₁, g₂``
+    give, as one call on ``x₁, x₂`` and ``g₁, g₂`` concatenated along positions (the joined
+    use the backward and per-sample passes build), the sum of the two calls' Jacobian-
+    transposes and per-sample terms for ``p``."""
+    from fxcurv.passes.backward import joined_use
+    _, node, rule = _single_op(c)
+    data = rule.bind(node)[rule.stack_uses[arg]].target
+    names, index = ", ".join(c.names), c.names.index(data)
+    second = ", ".join("other" if i == index else n for i, n in enumerate(c.names))
+    two = eval(f"lambda {names}, other: (fn({names}), fn({second}))", {"fn": c.fn})  # noqa: S307
+    graph = CurvatureTracer().trace(two)
+    normalize(graph)
+    uses = [(n, rule, arg) for n in graph.nodes if rule_for(n) is rule]
+    with graph.inserting_before(next(iter(graph.nodes))):
+        seeds = [graph.placeholder(f"g_{i}") for i in range(2)]
+    emit = Emitter(graph)
+    cotangents = {n: emit.proxy(s) for (n, _, _), s in zip(uses, seeds)}
+    fields = [f for f in (rule.vjp, rule.batch_grad) if arg in f]
+    g, ctx = joined_use(uses, cotangents, emit, 1)
+    joined = [f[arg](g, ctx) for f in fields]
+    apart = [sum(f[arg](cotangents[n], Ctx.of(n, rule, emit, 1)) for n, _, _ in uses)
+             for f in fields]
+    next(n for n in graph.nodes if n.op == "output").args = (emit.as_node([joined, apart]),)
+    graph._co_fields = {}
+    out = c.fn(*c.inputs)
+    other = rand(*c.inputs[index].shape)
+    joined, apart = fx.GraphModule(torch.nn.Module(), graph)(
+        rand(2, *out.shape), rand(2, *out.shape), *c.inputs, other)
+    assert joined
+    for a, b in zip(joined, apart):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)

@@ -13,6 +13,7 @@ GPT-2-style block small (values) and at full width (d = 768, 12 heads: compiles)
 """
 from __future__ import annotations
 
+import time
 from functools import lru_cache, partial
 
 import pytest
@@ -275,6 +276,16 @@ def test_diag_h_matches_autograd_on_small_parameters(family):
     for name, value in hessian_diagonal(model, x, y, names).items():
         assert value.abs().sum() > 0, name  # not vacuous
         torch.testing.assert_close(diag_h[name].reshape(-1)[:len(value)], value, **TOL, msg=name)
+
+
+def test_diag_h_compiles_within_seconds_on_squeeze_excitation():
+    """regnet_y's ``diag_h`` (squeeze-excitation cross terms) compiles in about half a second
+    on one core; a compile that grows with the model's size again (it once took a minute)
+    fails here."""
+    model, _, _ = prepared("regnet")
+    start = time.perf_counter()
+    fxcurv.compile(model, nn.CrossEntropyLoss(), ["diag_h"], verify=False)
+    assert time.perf_counter() - start < 15.0
 
 
 @pytest.mark.parametrize("family", ALL)

@@ -30,7 +30,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence
 
-from .errors import CompileError
+from .errors import CompileError, user_frame
 from .rules.recurrent import check_sequence
 
 RECURRENT = (nn.RNN, nn.LSTM, nn.GRU)
@@ -94,13 +94,10 @@ def _refuse(m: nn.RNNBase, path: str, length: Optional[int], input: Any) -> None
 
 
 def _caller() -> str:
-    """`` (File "model.py", line 12: out, _ = self.rnn(x))``: the user's call, if found."""
-    frames = [f for f in traceback.extract_stack()
-              if "/torch/" not in f.filename and "/fxcurv/" not in f.filename]
-    if not frames:
-        return ""
-    frame = frames[-1]
-    return f' (File "{frame.filename}", line {frame.lineno}: {frame.line})'
+    """`` (File "model.py", line 12: out, _ = self.rnn(x))``: the user's call, if found (the
+    innermost frame outside torch and fxcurv, decided by the files' real location)."""
+    frame = user_frame(traceback.extract_stack())
+    return f" ({frame})" if frame else ""
 
 
 def _initial_states(m: nn.RNNBase, hx: Any) -> tuple[Any, Any]:

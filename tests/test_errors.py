@@ -175,10 +175,21 @@ class Branch(nn.Module):
             x = -x
         return x
 
-for model, loss_fn in ((nn.Linear(3, 2), vector_loss),
-                      (nn.Sequential(nn.Linear(3, 2), Branch()), nn.CrossEntropyLoss())):
+class Recurrent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn = nn.LSTM(3, 2, proj_size=1)
+
+    def forward(self, x):
+        out, _ = self.rnn(x)  # USER LINE C
+        return out.sum(0)
+
+for model, loss_fn, options in (
+        (nn.Linear(3, 2), vector_loss, {}),
+        (nn.Sequential(nn.Linear(3, 2), Branch()), nn.CrossEntropyLoss(), {}),
+        (Recurrent(), nn.MSELoss(), {"sequence_length": 2})):
     try:
-        fxcurv.compile(model, loss_fn)
+        fxcurv.compile(model, loss_fn, **options)
     except fxcurv.CompileError as err:
         print(err)
 '''
@@ -202,8 +213,9 @@ def test_source_lines_found_in_a_checkout_named_fxcurv(tmp_path):
     result = subprocess.run([sys.executable, str(script), str(root)], cwd="/",
                             capture_output=True, text=True, timeout=300, check=True)
     lines = result.stdout.strip().splitlines()
-    assert len(lines) == 2, result.stdout + result.stderr
+    assert len(lines) == 3, result.stdout + result.stderr
     assert f'File "{script}", line' in lines[0] and "# USER LINE A" in lines[0]
     assert f'File "{script}", line' in lines[1] and "# USER LINE B" in lines[1]
+    assert f'File "{script}", line' in lines[2] and "# USER LINE C" in lines[2]
     assert "module 1 (Branch)" in lines[1]
     assert "proxy.py" not in result.stdout and "torch/fx" not in result.stdout

@@ -14,6 +14,22 @@ import torch
 HAS_CUDA = torch.cuda.is_available()
 requires_cuda = pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
 ON_CUDA = [pytest.mark.cuda, requires_cuda]
+# torch before 2.14 (2.11 tested) fixes the batch size of conv squares and Kronecker factors
+# in torch.export (docs/export.md#torch-versions); CI's torch runs these tests in full
+OLD_EXPORT = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < (2, 14)
+
+
+def pytest_collection_modifyitems(items):
+    """``dynamic_export`` tests are expected to fail on torch < 2.14 with "Constraints
+    violated" (not strict: the cases without convolution squares pass there)."""
+    if not OLD_EXPORT:
+        return
+    from torch._dynamo.exc import UserError  # noqa: PLC0415
+    for item in items:
+        if item.get_closest_marker("dynamic_export"):
+            item.add_marker(pytest.mark.xfail(
+                raises=UserError, strict=False,
+                reason="torch < 2.14 fixes the batch size there (docs/export.md)"))
 
 
 @pytest.fixture(params=["cpu", pytest.param("cuda", marks=ON_CUDA)])

@@ -113,6 +113,7 @@ def test_torchscript_runs_the_chunks(tmp_path):
     assert_same(torch.jit.load(str(path))(*x_y), step(*x_y))
 
 
+@pytest.mark.dynamic_export
 @pytest.mark.parametrize("chunk", ["auto", 3])
 def test_export_with_a_dynamic_batch(chunk):
     step = fxcurv.compile(cnn(), nn.CrossEntropyLoss(), ["diag_ggn_exact", "sqrt_ggn_exact"],

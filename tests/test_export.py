@@ -36,6 +36,7 @@ def flat(outputs):
             yield value
 
 
+@pytest.mark.dynamic_export
 @pytest.mark.parametrize("quantities", QUANTITIES, ids=["-".join(q) for q in QUANTITIES])
 def test_export_with_a_dynamic_batch_size(quantities, tmp_path):
     step = fxcurv.compile(cnn(), nn.CrossEntropyLoss(), quantities)

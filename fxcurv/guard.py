@@ -8,7 +8,8 @@
   ``load_state_dict``, ``.to(device)``) keep the objects and are seen live.
 * **First-call check** (``compile(..., verify=True)``, the default). The first call also runs
   ``loss_fn(model(x), y)`` eagerly with autograd on the same inputs (on copies of the
-  buffers, with the train/eval modes of compile time) and compares loss and gradient within
+  buffers, with the train/eval modes of compile time, without the hooks of
+  ``backpack.extend``, so an active ``with backpack(...)`` block runs nothing) and compares loss and gradient within
   the dtype's tolerance: a blind spot of the symbolic trace becomes a loud
   :class:`StepError` instead of a silently wrong number. Skipped, with a warning, when the
   forward draws random numbers (train-mode dropout: the eager draws would differ), for a
@@ -34,6 +35,7 @@ from torch import Tensor
 
 from .backend import plain_copy
 from .errors import StepError, is_library_file
+from .trace import without_backpack_hooks
 
 
 def install(step: fx.GraphModule, model: nn.Module, loss_fn: Callable, names: list[str],
@@ -81,7 +83,7 @@ class Guard:
         else:
             x, y = _inputs(args, kwargs)
             try:
-                with _modes(self.modes):
+                with _modes(self.modes), without_backpack_hooks(self.model, self.loss_fn):
                     loss, grads = eager_loss_and_grad(self.model, self.loss_fn, self.names, x, y)
             except RuntimeError as err:
                 if "fork" not in str(err):

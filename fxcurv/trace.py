@@ -12,12 +12,14 @@ What fx does not record by itself is made visible here (``docs/tracing.md``): ea
 notes whether grad mode was on when it was traced, and the values a ``no_grad`` region hands
 out are read through ``detach``; a custom ``torch.autograd.Function`` and a module with a
 backward hook become opaque calls, which the invariant check (``passes/invariant.py``) refuses
-where they lie on a derivative path.
+where they lie on a derivative path. The hooks of ``backpack.extend``, which change no value,
+are taken off for the trace (:func:`without_backpack_hooks`).
 """
 from __future__ import annotations
 
 import operator
 import os
+import sys
 import traceback
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -200,6 +202,44 @@ def _backpack_lowerings() -> dict[type, Callable]:
 MODULE_LOWERINGS.update(_backpack_lowerings())
 
 
+def _backpack_hooks() -> list[tuple[str, Callable]]:
+    """The hooks ``backpack.extend`` registers, as (module hook table, function), if BackPACK is
+    imported (a model extended by it must have imported it; fxcurv imports nothing here).
+    Neither changes a value or a gradient: ``hook_store_io`` (forward hook) stores the module's
+    inputs and output as attributes and returns None; ``hook_run_extensions`` (full backward
+    hook) runs the extensions of an active ``with backpack(...)`` block, which write attributes
+    of the parameters, and returns None (the gradients pass unchanged)."""
+    backpack = sys.modules.get("backpack")
+    found = [(table, getattr(backpack, name, None)) for table, name in (
+        ("_forward_hooks", "hook_store_io"), ("_backward_hooks", "hook_run_extensions"))]
+    return [(table, hook) for table, hook in found if callable(hook)]
+
+
+@contextmanager
+def without_backpack_hooks(*roots: Any):
+    """BackPACK's own hooks (``extend(model)``, found by identity) taken off every module of
+    ``roots`` for the block, then put back in their places: the model is traced (and checked
+    eagerly) as the un-extended one. Any other hook stays. The hook tables are edited in place,
+    so the handles BackPACK holds keep working."""
+    saved = []
+    hooks = _backpack_hooks()
+    modules = [m for root in roots if isinstance(root, nn.Module) for m in root.modules()]
+    for module in modules if hooks else ():
+        for table_name, hook in hooks:
+            table = getattr(module, table_name)
+            keys = [key for key, value in table.items() if value is hook]
+            if keys:
+                saved.append((table, list(table.items())))
+                for key in keys:
+                    del table[key]
+    try:
+        yield
+    finally:
+        for table, items in reversed(saved):
+            table.clear()
+            table.update(items)
+
+
 class CurvatureTracer(fx.Tracer):
     """Traces through every module, lowering the ones in ``MODULE_LOWERINGS`` and unrolling
     recurrent layers over ``sequence_length`` steps (``fxcurv/recurrent.py``); records grad
@@ -251,7 +291,8 @@ class CurvatureTracer(fx.Tracer):
         return node
 
     def trace(self, root, concrete_args=None) -> fx.Graph:
-        with torch.enable_grad(), _ParameterProxies(self, root), _opaque_functions(self):
+        with torch.enable_grad(), without_backpack_hooks(root), _ParameterProxies(self, root), \
+                _opaque_functions(self):
             graph = super().trace(root, concrete_args)
         _merge_attributes(graph)
         _detach_no_grad_regions(graph)

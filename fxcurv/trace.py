@@ -189,17 +189,24 @@ MODULE_LOWERINGS.update({cls: _instance_norm for cls in (
     nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)})
 
 
-def _backpack_lowerings() -> dict[type, Callable]:
-    """Lowerings of BackPACK's converter modules, when BackPACK is installed."""
-    try:
-        from backpack.custom_module.branching import SumModule  # noqa: PLC0415
-        from backpack.custom_module.permute import Permute  # noqa: PLC0415
-    except ImportError:
-        return {}
-    return {SumModule: _sum_module, Permute: _permute_module}
-
-
-MODULE_LOWERINGS.update(_backpack_lowerings())
+def backpack_lowerings(load: bool = False) -> dict[type, Callable]:
+    """Lowerings of BackPACK's converter modules. Tracing never imports BackPACK: a model that
+    holds these modules has imported them already, so they are looked up in ``sys.modules``
+    (``load=True`` imports them when BackPACK is installed, for the support page)."""
+    if load:
+        try:
+            import backpack.custom_module.branching  # noqa: F401, PLC0415
+            import backpack.custom_module.permute  # noqa: F401, PLC0415
+        except ImportError:
+            return {}
+    branching = sys.modules.get("backpack.custom_module.branching")
+    permute = sys.modules.get("backpack.custom_module.permute")
+    found = {}
+    if branching is not None:
+        found[branching.SumModule] = _sum_module
+    if permute is not None:
+        found[permute.Permute] = _permute_module
+    return found
 
 
 def _backpack_hooks() -> list[tuple[str, Callable]]:
@@ -249,12 +256,13 @@ class CurvatureTracer(fx.Tracer):
         super().__init__()
         self.record_stack_traces = True
         self.sequence_length = sequence_length
+        self.lowerings = {**MODULE_LOWERINGS, **backpack_lowerings()}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         return False
 
     def call_module(self, m, forward, args, kwargs):
-        lowering = MODULE_LOWERINGS.get(type(m))
+        lowering = self.lowerings.get(type(m))
         if isinstance(m, RECURRENT):
             path, length = self.path_of_module(m), self.sequence_length
             path = path[len(MODEL) + 1:] if path.startswith(MODEL + ".") else path

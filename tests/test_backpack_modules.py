@@ -149,3 +149,15 @@ def test_other_backward_hooks_on_an_extended_model_are_refused(hook):
         fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_grad"])
     assert "backward hook" in str(info.value) and "3 (Conv2d)" in str(info.value)
     assert hooked(model) == before  # BackPACK's hooks are put back after a refusal too
+
+
+def test_importing_fxcurv_does_not_import_backpack():
+    """BackPACK stays optional and out of the way: ``import fxcurv`` (and tracing a model
+    without BackPACK's modules) leaves it unimported; its converter modules are found in
+    ``sys.modules`` once a model built from them has imported them."""
+    import subprocess  # noqa: PLC0415
+    import sys  # noqa: PLC0415
+    code = ("import sys, torch, fxcurv\n"
+            "fxcurv.compile(torch.nn.Linear(3, 2), torch.nn.MSELoss())\n"
+            "assert 'backpack' not in sys.modules, 'backpack imported'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -9,8 +9,8 @@
 * **First-call check** (``compile(..., verify=True)``, the default). The first call also runs
   ``loss_fn(model(x), y)`` eagerly with autograd on the same inputs (on copies of the
   buffers, with the train/eval modes of compile time, without the hooks of
-  ``backpack.extend``, so an active ``with backpack(...)`` block runs nothing) and compares loss and gradient within
-  the dtype's tolerance: a blind spot of the symbolic trace becomes a loud
+  ``backpack.extend``, so an active ``with backpack(...)`` block runs nothing) and compares
+  loss and gradient within the dtype's tolerance: a blind spot of the symbolic trace becomes a loud
   :class:`StepError` instead of a silently wrong number. Skipped, with a warning, when the
   forward draws random numbers (train-mode dropout: the eager draws would differ), for a
   data-parallel step (it returns global results), and in a process forked after its parent

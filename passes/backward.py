@@ -7,8 +7,9 @@ every node that has a cotangent, emit ``Jᵀ g`` for each argument that depends 
 used twice) are summed. A parameter used several times by one op kind that declares
 ``stack_uses`` (a recurrent weight at every step) gets one Jacobian-transpose for all those
 uses, on their data and cotangents concatenated along positions (``Σ_t g_tᵀ x_t`` as one matrix
-product, not ``T`` products and ``T - 1`` sums). Nothing is emitted for values that do not depend on a source, so there
-is no input cotangent and nothing below the first parameterised op.
+product, not ``T`` products and ``T - 1`` sums). Nothing is emitted for values that do not
+depend on a source, so there is no input cotangent and nothing below the first
+parameterised op.
 """
 from __future__ import annotations
 

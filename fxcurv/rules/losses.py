@@ -423,6 +423,8 @@ loss([F.cross_entropy], "cross_entropy",
      sqrt_hessian=lambda c: c.call(cross_entropy_sqrt_hessian, *_ce_arguments(c)),
      sqrt_hessian_mc=lambda c, m: c.call(cross_entropy_sqrt_hessian_mc, *_ce_arguments(c), m),
      mean_divisor=_class_divisor)
+
+
 def _after_log_softmax(c: Ctx):
     """``nll_loss(log_softmax(z, 1), y, ...)`` -> ``cross_entropy(z, y, ...)`` (the same
     function) when the log-probabilities feed nothing else, so the loss's Hessian is taken

@@ -136,11 +136,21 @@ def _log_cosh(out, y):
     return torch.log(torch.cosh(out - y)).sum()
 
 
+def _weighted_bce(out, y):
+    """BCE-with-logits with weight and pos_weight (their Hessian factor was once ignored),
+    probabilities in (0, 1) as targets."""
+    classes = out.shape[1]
+    weight = torch.linspace(0.5, 2.0, classes, dtype=out.dtype)
+    pos_weight = torch.linspace(3.0, 0.5, classes, dtype=out.dtype)
+    return F.binary_cross_entropy_with_logits(out, torch.sigmoid(y), weight=weight,
+                                              pos_weight=pos_weight)
+
+
 LOSSES = {  # name -> (loss, classification target?)
     "mse_mean": (nn.MSELoss(), False), "mse_sum": (nn.MSELoss(reduction="sum"), False),
     "ce_mean": (nn.CrossEntropyLoss(), True), "ce_sum": (nn.CrossEntropyLoss(reduction="sum"), True),
     "half_sse": (_half_sse, False), "ce_with_penalty": (_ce_with_penalty, True),
-    "log_cosh": (_log_cosh, False),
+    "log_cosh": (_log_cosh, False), "weighted_bce": (_weighted_bce, False),
 }
 
 

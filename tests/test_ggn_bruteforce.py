@@ -375,3 +375,17 @@ def test_bce_with_logits_weights_enter_the_ggn(option):
     if option == "pos_weight":
         with pytest.raises(fxcurv.CompileError, match="Monte-Carlo.*diag_ggn_mc|diag_ggn_mc.*Monte"):
             fxcurv.compile(model, loss_fn, ["diag_ggn_mc"])
+
+
+@pytest.mark.parametrize("option, target", [("pos_weight", -1.0), ("weight", 0.5)])
+def test_bce_with_logits_negative_curvature_is_an_error(option, target):
+    """A target outside [0, 1] with ``pos_weight`` (``p y + 1 - y < 0``) or a negative weight
+    makes the loss's second derivative negative: the step raises instead of returning NaN."""
+    model = nn.Linear(3, 2).to(DTYPE)
+    values = {"pos_weight": [3.0, 0.5], "weight": [-1.0, 1.0]}[option]
+    loss_fn = nn.BCEWithLogitsLoss(**{option: torch.tensor(values, dtype=DTYPE)})
+    x, y = torch.randn(4, 3, dtype=DTYPE), torch.full((4, 2), target, dtype=DTYPE)
+    step = fxcurv.compile(model, loss_fn, ["diag_ggn_exact"])
+    for run in (step, torch.jit.script(step)):  # TorchScript re-raises as torch.jit.Error
+        with pytest.raises((RuntimeError, torch.jit.Error), match="negative second derivative"):
+            run(x, y)

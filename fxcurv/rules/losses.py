@@ -334,6 +334,16 @@ def bce_curvature(x: Tensor, target: Tensor, weight: Optional[Tensor],
         curvature = curvature * (pos_weight * target + 1.0 - target)
     if weight is not None:
         curvature = curvature * weight
+    if pos_weight is not None or weight is not None:  # no square root of a negative entry
+        message = ("fxcurv: binary_cross_entropy_with_logits has a negative second derivative "
+                   "here (a target outside [0, 1] with pos_weight, or a negative weight), which "
+                   "has no square-root factor: the GGN family and diag_h would be NaN. Keep "
+                   "targets in [0, 1] and weights >= 0")
+        if torch.jit.is_scripting():  # TorchScript drops the assertion op: test and raise
+            if not bool((curvature >= 0).all()):
+                raise RuntimeError(message)
+        else:  # an op (no host sync on CUDA, kept by torch.export)
+            torch._assert_async((curvature >= 0).all(), message)
     return curvature.expand(x.shape)
 
 

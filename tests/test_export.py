@@ -58,3 +58,25 @@ def test_export_of_a_product_step():
     for ours, reference in zip(flat(exported(*batch(4), vectors)),
                                flat(step(*batch(4), vectors))):
         torch.testing.assert_close(ours, reference, rtol=1e-12, atol=1e-14)
+
+
+def test_interpolate_with_integer_scale_factors_scripts():
+    """``F.interpolate(h, scale_factor=2)`` is valid eager code that TorchScript's
+    ``interpolate`` (float scales only) rejects: the step calls it with ``2.0`` and scripts."""
+    import torch.nn.functional as F  # noqa: PLC0415
+
+    class Upsampling(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3, padding=1)
+
+        def forward(self, x):
+            h = F.interpolate(self.conv(x), scale_factor=2, mode="bilinear")
+            return F.interpolate(h, scale_factor=(1, 2), mode="nearest").flatten(1)[:, :4]
+
+    x, y = torch.randn(3, 2, 4, 4, dtype=DTYPE), torch.tensor([0, 3, 1])
+    step = fxcurv.compile(Upsampling().to(DTYPE), nn.CrossEntropyLoss(),
+                          ["batch_grad", "diag_ggn_exact"])
+    assert "scale_factor = 2.0" in step.code
+    for expected, got in zip(flat(step(x, y)), flat(torch.jit.script(step)(x, y))):
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)

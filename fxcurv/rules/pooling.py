@@ -328,6 +328,19 @@ def _interpolate_unsupported(b: dict) -> Optional[str]:
     return None
 
 
+def _float_scales(c: Ctx):
+    """``interpolate(x, scale_factor=2)`` -> ``scale_factor=2.0`` (the same call; TorchScript's
+    ``interpolate`` takes float scale factors only); None keeps calls without integer ones."""
+    factor = c.bound["scale_factor"]
+    factors = factor if isinstance(factor, (list, tuple)) else [factor]
+    if not any(isinstance(f, int) and not isinstance(f, bool) for f in factors):
+        return None
+    floats = [float(f) for f in factors]
+    bound = dict(c.bound, input=c.args.input,
+                 scale_factor=floats if isinstance(factor, (list, tuple)) else floats[0])
+    return c.call(F.interpolate, **bound)
+
+
 def _interpolate_vjp(g, c: Ctx):
     b = c.bound
     return c.call(interpolate_vjp, g, c.args.input, c.out.shape, c.lead, b["mode"],
@@ -338,7 +351,7 @@ affine([F.interpolate], "interpolate",
        "input, size=None, scale_factor=None, mode='nearest', align_corners=None, "
        "recompute_scale_factor=None, antialias=False",
        vjp={"input": _interpolate_vjp}, unsupported=_interpolate_unsupported,
-       sandwich={"input": "shared"},
+       sandwich={"input": "shared"}, lower=_float_scales,
        doc="y = R x, R the resampling matrix of the mode (nearest: each output copies one "
            "input; linear, bilinear, trilinear, bicubic: fixed weights of neighbours; area: "
            "adaptive average pooling) and sizes;  x̄ = Rᵀ g (torch's upsample backward "

@@ -110,6 +110,26 @@ def test_unsupported_argument_is_named():
                        lambda out, y: nn.functional.mse_loss(out, y, reduction="bogus"))
 
 
+@pytest.mark.parametrize("options, message", [
+    ({"scale_factor": 2.0, "mode": "bilinear", "antialias": True}, "antialias=True has no rule"),
+    ({"size": (4, 4), "mode": "nearest-bogus"}, "interpolate mode 'nearest-bogus' has no rule"),
+])
+def test_unsupported_interpolate_arguments_are_named(options, message):
+    """Resampling the rule cannot differentiate exactly is refused at compile time, naming
+    the node and the argument."""
+
+    class Resample(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 2, 3, padding=1)
+
+        def forward(self, x):
+            return nn.functional.interpolate(self.conv(x), **options).mean((2, 3))
+
+    with pytest.raises(CompileError, match=f"node 'interpolate'.*{message}"):
+        fxcurv.compile(Resample(), nn.CrossEntropyLoss())
+
+
 def test_model_returning_a_tuple():
     class Two(nn.Module):
         def __init__(self):

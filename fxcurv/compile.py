@@ -32,7 +32,7 @@ from .passes.distributed import data_parallel
 from .passes.invariant import check_derivative_paths
 from .passes.per_sample import PerSample, SignedSum
 from .passes.schedule import schedule_extractions
-from .rules import rule_for
+from .rules import FIRST_ORDER, rule_for
 from .rules.losses import check_scalar_loss
 from .trace import Traced, trace
 
@@ -109,7 +109,7 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
         raise CompileError(f"mc_samples must be a positive int, got {mc_samples!r}.")
     chunk = _column_chunk(column_chunk, column_budget)
     requested = q.resolve(quantities)
-    traced = trace(model, loss_fn, sequence_length)
+    traced = trace(model, loss_fn, sequence_length, fuse_recurrent=not requested)
     if not traced.params:
         raise CompileError("the model has no trainable parameters (requires_grad=True) that the "
                            "loss depends on; there is nothing to differentiate.")
@@ -136,6 +136,7 @@ def _compile(model, loss_fn, requested: list, traced: Traced, mc_samples: int, p
         seed = torch.ones_like(emit.proxy(traced.loss))
     emit.rename(seed, "loss_cotangent")
     active = check_derivative_paths(traced.graph, traced.params.values())
+    _check_first_order(active, requested)
     _check_per_sample(traced, active, requested)
     cotangents = backward(emit, {traced.loss: seed}, traced.params.values())
     grads = _gradients(emit, traced, cotangents)
@@ -355,6 +356,22 @@ def _gradients(emit: Emitter, traced: Traced, cotangents: dict) -> dict[str, Any
                 grads[name] = torch.zeros_like(emit.proxy(node))
         emit.rename(grads[name], f"{node.name}_grad")
     return grads
+
+
+def _check_first_order(active: dict, requested: list) -> None:
+    """Compile-time error for an op with first-order rules only (``FIRST_ORDER``: a fused
+    kernel) on a derivative path of a step that requests quantities beyond the gradient."""
+    if not requested:
+        return
+    for node in active:
+        rule = rule_for(node)
+        if rule is not None and rule.has(FIRST_ORDER):
+            with requesting(requested[0][0]):
+                raise node_error(node, f"{rule.name} has first-order rules only (a fused "
+                                 "kernel), so it gives the gradient and no other quantity",
+                                 "Compile without quantities for the gradient alone; fxcurv "
+                                 "unrolls recurrent layers itself when quantities are "
+                                 "requested.")
 
 
 def _check_per_sample(traced: Traced, active: dict, requested: list) -> None:

@@ -15,6 +15,9 @@ direction (inside, the batch is first: ``[N, T, F]``):
 * the outputs stacked over time; the reverse direction runs ``t = T−1 … 0`` and its features
   are concatenated after the forward ones; layer ``l + 1`` reads the output of layer ``l``.
 
+A gradient-only step (no quantities) keeps each LSTM layer and direction as one node instead,
+:func:`~fxcurv.rules.recurrent.lstm_layer` (PyTorch's fused kernels on the CPU).
+
 The graph's structure depends on the number of steps, which a symbolic trace does not know:
 ``compile(..., sequence_length=T)`` fixes it, and the step checks ``T`` when it runs.
 Refused at compile time: ``proj_size > 0``, ``PackedSequence`` inputs, and dropout between
@@ -31,7 +34,7 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence
 
 from .errors import CompileError, user_frame
-from .rules.recurrent import check_sequence
+from .rules.recurrent import check_sequence, lstm_layer
 
 RECURRENT = (nn.RNN, nn.LSTM, nn.GRU)
 SUPPORT_NOTE = ("every quantity but kfra (kfac, kflr: weights shared over the steps by the "
@@ -41,10 +44,11 @@ SUPPORT_NOTE = ("every quantity but kfra (kfac, kflr: weights shared over the st
 GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}
 
 
-def lower_recurrent(m: nn.RNNBase, path: str, length: Optional[int], input: Any,
+def lower_recurrent(m: nn.RNNBase, path: str, length: Optional[int], fused: bool, input: Any,
                     hx: Any = None) -> tuple:
-    """``m(input, hx)`` as unrolled ops; returns ``(output, h_n)`` or ``(output, (h_n, c_n))``
-    as the module does."""
+    """``m(input, hx)`` as unrolled ops (with ``fused``, an LSTM's layers as one
+    :func:`~fxcurv.rules.recurrent.lstm_layer` node each); returns ``(output, h_n)`` or
+    ``(output, (h_n, c_n))`` as the module does."""
     _refuse(m, path, length, input)
     prefix = path.replace(".", "_") or type(m).__name__.lower()
     where = f"{type(m).__name__} '{path}'"
@@ -58,8 +62,9 @@ def lower_recurrent(m: nn.RNNBase, path: str, length: Optional[int], input: Any,
         for reverse in range(2 if m.bidirectional else 1):
             index = layer * (2 if m.bidirectional else 1) + reverse
             name = f"{prefix}_l{layer}{'_reverse' if reverse else ''}"
-            out, h, c = _direction(m, name, layer, reverse, length, x,
-                                   _pick(h0, index), _pick(c0, index))
+            direction = _fused_direction if fused and m.mode == "LSTM" else _direction
+            out, h, c = direction(m, name, layer, reverse, length, x,
+                                  _pick(h0, index), _pick(c0, index))
             outputs.append(out)
             finals_h.append(h)
             finals_c.append(c)
@@ -113,13 +118,29 @@ def _pick(state: Any, index: int) -> Any:
     return None if state is None else state[index]
 
 
-def _direction(m: nn.RNNBase, name: str, layer: int, reverse: int, length: int, x: Any,
-               h: Any, c: Any) -> tuple[Any, Any, Any]:
-    """One layer in one direction over ``x`` ``[N, T, I]``: ``([N, T, H], h_T, c_T)``."""
+def _weights(m: nn.RNNBase, layer: int, reverse: int) -> tuple[Any, Any, Any, Any]:
+    """``(W_ih, W_hh, b_ih, b_hh)`` of one layer and direction (biases None without bias)."""
     suffix = f"_l{layer}{'_reverse' if reverse else ''}"
     w_ih, w_hh = getattr(m, "weight_ih" + suffix), getattr(m, "weight_hh" + suffix)
     b_ih = getattr(m, "bias_ih" + suffix) if m.bias else None
     b_hh = getattr(m, "bias_hh" + suffix) if m.bias else None
+    return w_ih, w_hh, b_ih, b_hh
+
+
+def _fused_direction(m: nn.RNNBase, name: str, layer: int, reverse: int, length: int, x: Any,
+                     h: Any, c: Any) -> tuple[Any, Any, Any]:
+    """One LSTM layer in one direction as one node: ``([N, T, H], h_T, c_T)``."""
+    weights = _weights(m, layer, reverse)
+    fused = _named(x.tracer.create_proxy("call_function", lstm_layer,
+                                         (x, *weights, h, c, bool(reverse)), {}), name)
+    return (_named(fused[0], f"{name}_output"), _named(fused[1], f"{name}_h_last"),
+            _named(fused[2], f"{name}_c_last"))
+
+
+def _direction(m: nn.RNNBase, name: str, layer: int, reverse: int, length: int, x: Any,
+               h: Any, c: Any) -> tuple[Any, Any, Any]:
+    """One layer in one direction over ``x`` ``[N, T, I]``: ``([N, T, H], h_T, c_T)``."""
+    w_ih, w_hh, b_ih, b_hh = _weights(m, layer, reverse)
     projected = _named(F.linear(x, w_ih, b_ih), f"{name}_x_proj")
     by_step = projected.unbind(1)   # one Jᵀ for all steps (no scatter into [N, T, G·H] each)
     hidden = m.hidden_size

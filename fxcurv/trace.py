@@ -252,10 +252,11 @@ class CurvatureTracer(fx.Tracer):
     recurrent layers over ``sequence_length`` steps (``fxcurv/recurrent.py``); records grad
     mode per node, custom autograd Functions and backward hooks (module docstring)."""
 
-    def __init__(self, sequence_length: Optional[int] = None):
+    def __init__(self, sequence_length: Optional[int] = None, fuse_recurrent: bool = False):
         super().__init__()
         self.record_stack_traces = True
         self.sequence_length = sequence_length
+        self.fuse_recurrent = fuse_recurrent
         self.lowerings = {**MODULE_LOWERINGS, **backpack_lowerings()}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
@@ -266,8 +267,8 @@ class CurvatureTracer(fx.Tracer):
         if isinstance(m, RECURRENT):
             path, length = self.path_of_module(m), self.sequence_length
             path = path[len(MODEL) + 1:] if path.startswith(MODEL + ".") else path
-            forward = _lowered_call(m, lambda mod, *a, **k: lower_recurrent(mod, path, length,
-                                                                           *a, **k))
+            forward = _lowered_call(m, lambda mod, *a, **k: lower_recurrent(
+                mod, path, length, self.fuse_recurrent, *a, **k))
         elif lowering is not None:
             forward = _lowered_call(m, lowering)
         if _has_backward_hooks(m):
@@ -493,9 +494,11 @@ class Traced:
             self.model_output = self.loss.args[0]
 
 
-def trace(model: nn.Module, loss_fn: Callable, sequence_length: Optional[int] = None) -> Traced:
+def trace(model: nn.Module, loss_fn: Callable, sequence_length: Optional[int] = None,
+          fuse_recurrent: bool = False) -> Traced:
     """Trace ``loss_fn(model(x), y)`` into one graph; parameter nodes named like the model's;
-    recurrent layers unrolled over ``sequence_length`` steps."""
+    recurrent layers unrolled over ``sequence_length`` steps (with ``fuse_recurrent``, for a
+    gradient-only step, an LSTM layer is one node per direction)."""
     if not isinstance(model, nn.Module):
         raise CompileError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     if not callable(loss_fn):
@@ -503,7 +506,7 @@ def trace(model: nn.Module, loss_fn: Callable, sequence_length: Optional[int] = 
                            f"(output, target) -> scalar, got {type(loss_fn).__name__}.")
     root = _ModelAndLoss(model, loss_fn)
     try:
-        graph = CurvatureTracer(sequence_length).trace(root)
+        graph = CurvatureTracer(sequence_length, fuse_recurrent).trace(root)
     except CompileError:
         raise
     except Exception as err:  # noqa: BLE001 - re-raised with context

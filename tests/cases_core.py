@@ -6,13 +6,14 @@ import torch.fx
 import torch.nn.functional as F
 
 from fxcurv.rules.losses import check_scalar_loss
-from fxcurv.rules.recurrent import check_sequence
+from fxcurv.rules.recurrent import check_sequence, lstm_layer
 from rule_harness import case
 
 torch.fx.wrap("check_scalar_loss")  # traced as a call, as compile emits it
 
 g = torch.Generator().manual_seed(0)
 torch.fx.wrap("check_sequence")  # a leaf call when cases are traced
+torch.fx.wrap("lstm_layer")
 
 
 def rand(*shape, positive=False):
@@ -116,6 +117,32 @@ SHAPES = [
     case("check_sequence", lambda x: check_sequence(x, 2, 1, "a test"), rand(3, 2, 4)),
 ]
 
+
+def _lstm_all_pieces(x, w_ih, w_hh, b_ih, b_hh, h0, c0):
+    """One LSTM layer (hidden 2, 3 steps) with given states; output and both final states."""
+    out, h, c, _ = lstm_layer(x, w_ih, w_hh, b_ih, b_hh, h0, c0, False)
+    return out + (h - 2 * c).unsqueeze(1)
+
+
+def _lstm_reverse_output_squared(x, w_ih, w_hh):
+    """Backwards in time, no biases, zero initial states; only the output is used."""
+    return lstm_layer(x, w_ih, w_hh, None, None, None, None, True)[0].square()
+
+
+def _lstm_final_cell_state(x, w_ih, w_hh, b):
+    """Only the final cell state is used (a cotangent enters through ``c_T`` alone)."""
+    return 3 * lstm_layer(x, w_ih, w_hh, b, None, None, None, False)[2]
+
+
+RECURRENT = [
+    case("lstm_layer", _lstm_all_pieces, rand(3, 3, 4), rand(8, 4), rand(8, 2), rand(8),
+         rand(8), rand(3, 2), rand(3, 2)),
+    case("lstm_layer_reverse_no_bias_no_state", _lstm_reverse_output_squared,
+         rand(3, 3, 4), rand(8, 4), rand(8, 2)),
+    case("lstm_layer_final_cell_state", _lstm_final_cell_state, rand(3, 3, 4), rand(8, 4),
+         rand(8, 2), rand(8)),
+]
+
 LINEAR = [
     case("linear", lambda x, w, b: F.linear(x, w, b), rand(4, 3), rand(2, 3), rand(2),
          params=("w", "b")),
@@ -164,4 +191,4 @@ LOSSES = [
     case("torch_softmax", lambda x: torch.softmax(x, 1), rand(3, 4, 2)),
 ]
 
-CASES = ACTIVATIONS + ARITHMETIC + SHAPES + LINEAR + LOSSES
+CASES = ACTIVATIONS + ARITHMETIC + SHAPES + RECURRENT + LINEAR + LOSSES

@@ -17,6 +17,9 @@ from torch.autograd.functional import hessian, jacobian
 from torch.func import functional_call
 
 import fxcurv
+from fxcurv.rules.recurrent import lstm_layer
+
+torch.fx.wrap("lstm_layer")  # a leaf call when a model calls the fused op itself
 
 DTYPE = torch.float64
 N, T, I, H, C = 3, 3, 3, 2, 3
@@ -484,3 +487,67 @@ def test_equal_backpack(kind, one_thread):
         scale = exact.abs().max()
         torch.testing.assert_close(mc[key], exact, rtol=0, atol=0.1 * scale)
         torch.testing.assert_close(mc_batch[key].sum(0), exact, rtol=0, atol=0.1 * scale)
+
+
+# -- gradient-only steps: an LSTM layer as one fused node -------------------------------------
+def _fused_models():
+    """LSTMs the fused node must cover: two layers both ways (output used), final states from
+    given initial states (``h_n``, ``c_n`` used), time-major without bias."""
+    torch.manual_seed(3)
+    return {"tagger_bi": Tagger("lstm", True), "tagger_no_bias": Tagger("lstm", False, bias=False),
+            "final_states": FinalStates()}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["float32", "float64"])
+@pytest.mark.parametrize("which", ["tagger_bi", "tagger_no_bias", "final_states"])
+def test_gradient_only_lstm_is_one_node_per_layer_and_direction(which, dtype, one_thread):
+    """Without quantities each LSTM layer and direction is one ``lstm_layer`` node (oneDNN's
+    kernels in float32 on the CPU, plain ops in float64) and the gradient equals eager
+    autograd's, also under ``torch.no_grad()`` (the kernel needs grad mode for its workspace)."""
+    from fxcurv.rules.recurrent import FUSED_KERNELS, _fused
+    model = _fused_models()[which].to(dtype)
+    x, y = batch()
+    x = x.to(dtype)
+    if which == "final_states":
+        y = y[:, 0]
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), [], sequence_length=T)
+    layers = model.rnn.num_layers * (2 if model.rnn.bidirectional else 1)
+    assert step.code.count("fxcurv_rules_recurrent_lstm_layer(") == layers
+    assert "sigmoid" not in step.code
+    assert _fused(x, x) == (FUSED_KERNELS and dtype == torch.float32)
+    loss = nn.CrossEntropyLoss()(model(x), y)
+    expected = torch.autograd.grad(loss, list(model.parameters()))
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else TOL
+    with torch.no_grad():
+        ours, grad = step(x, y)
+    torch.testing.assert_close(ours, loss.detach(), **tol)
+    for (name, _), e in zip(model.named_parameters(), expected):
+        torch.testing.assert_close(grad[name], e, **tol, msg=name)
+
+
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+def test_gradient_only_lstm_scripts_and_quantities_unroll(one_thread):
+    """The fused step scripts (same numbers); requesting a quantity unrolls the layer, and the
+    fused op itself is refused by a step that requests one."""
+    model = _fused_models()["tagger_bi"].float()
+    x, y = batch()
+    x = x.float()
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), [], sequence_length=T)
+    eager, scripted = step(x, y), torch.jit.script(step)(x, y)
+    for name in eager[1]:
+        torch.testing.assert_close(scripted[1][name], eager[1][name], rtol=0, atol=0)
+    unrolled = fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_l2"], sequence_length=T)
+    assert "lstm_layer(" not in unrolled.code and "rnn_l1_reverse_t2_c" in unrolled.code
+
+    class Fused(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rnn = nn.LSTM(I, H, batch_first=True)
+
+        def forward(self, x):
+            w = self.rnn
+            return lstm_layer(x, w.weight_ih_l0, w.weight_hh_l0, w.bias_ih_l0, w.bias_hh_l0,
+                              None, None, False)[0][:, -1]
+
+    with pytest.raises(fxcurv.CompileError, match="diag_ggn_exact.*first-order rules only"):
+        fxcurv.compile(Fused(), nn.CrossEntropyLoss(), ["diag_ggn_exact"])

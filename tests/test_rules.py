@@ -13,8 +13,8 @@ import operator
 import pytest
 import torch
 
-from fxcurv.rules import (AFFINE, CONCATENATION, ELEMENTWISE, FRESH, MONOTONE, PERMUTATION,
-                          REDUCTION, RULES, WINDOW_MAX)
+from fxcurv.rules import (AFFINE, CONCATENATION, ELEMENTWISE, FIRST_ORDER, FRESH, MONOTONE,
+                          PERMUTATION, REDUCTION, RULES, WINDOW_MAX)
 from fxcurv.rules.helpers import block_diagonal
 from rule_cases import CASES
 from rule_harness import build, cotangent, reference_batch_grads, reference_vjps
@@ -225,10 +225,13 @@ def _hessian(fn, x):
 
 def test_every_rule_states_its_second_order():
     """Each differentiable op says how it enters second-order quantities: affine (zero
-    Hessian), an elementwise residual, a dense residual block, or a loss's own factors."""
+    Hessian), an elementwise residual, a dense residual block, or a loss's own factors; or it
+    declares that it has first-order rules only (``FIRST_ORDER``: refused by any step that
+    requests a quantity, ``test_recurrent.py``)."""
     missing = sorted({r.name for r in RULES.values() if r.vjp and not r.constant
                       and not r.has(AFFINE) and r.hessian_is_zero is False and not r.residual
-                      and not r.residual_block and r.loss is None})
+                      and not r.residual_block and r.loss is None
+                      and not r.has(FIRST_ORDER)})
     assert not missing, f"rules that do not state their second order: {missing}"
 
 

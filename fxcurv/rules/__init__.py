@@ -2,12 +2,12 @@
 from . import (affine, arith, conv, elementwise, indexing, linalg, losses,  # noqa: F401
                norm, pooling, recurrent, reductions, select, shape,
                windows)  # (registration)
-from .registry import (AFFINE, BOOLEAN, BY_PRODUCTS, CONCATENATION, ELEMENTWISE, FRESH,
-                       INTO_FIRST, KEPT, MONOTONE, PERMUTATION, PIECES, RANDOM, REDUCED,
+from .registry import (AFFINE, BOOLEAN, BY_PRODUCTS, CONCATENATION, ELEMENTWISE, FIRST_ORDER,
+                       FRESH, INTO_FIRST, KEPT, MONOTONE, PERMUTATION, PIECES, RANDOM, REDUCED,
                        REDUCTION, RULES, VIEW, WINDOW_MAX, Ctx, OpRule, has_trait, register,
                        rule_for)
 
-__all__ = ["AFFINE", "BOOLEAN", "BY_PRODUCTS", "CONCATENATION", "ELEMENTWISE", "FRESH",
-           "INTO_FIRST", "KEPT", "MONOTONE", "PERMUTATION", "PIECES", "RANDOM", "REDUCED",
+__all__ = ["AFFINE", "BOOLEAN", "BY_PRODUCTS", "CONCATENATION", "ELEMENTWISE", "FIRST_ORDER",
+           "FRESH", "INTO_FIRST", "KEPT", "MONOTONE", "PERMUTATION", "PIECES", "RANDOM", "REDUCED",
            "REDUCTION", "RULES", "VIEW", "WINDOW_MAX", "Ctx", "OpRule", "has_trait", "register",
            "rule_for"]

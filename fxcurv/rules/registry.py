@@ -63,6 +63,9 @@ RANDOM = "random"
 BOOLEAN = "boolean"
 # returns a tuple of pieces of its input (split, chunk, unbind)
 PIECES = "pieces"
+# has Jacobian-transpose rules only (a fused kernel): a step that requests any quantity
+# beyond the gradient refuses it at compile time (the lowering that emits it avoids that)
+FIRST_ORDER = "first_order"
 # elementwise in its first argument, with an out variant (the out argument its schema names):
 # generated code may write the result into the first argument where that is a temporary
 INTO_FIRST = "into_first"
@@ -70,7 +73,7 @@ INTO_FIRST = "into_first"
 KEPT = "kept"
 REDUCED = "reduced"
 TRAITS = frozenset({ELEMENTWISE, AFFINE, PERMUTATION, CONCATENATION, REDUCTION, MONOTONE,
-                    WINDOW_MAX, VIEW, FRESH, RANDOM, BOOLEAN, PIECES, INTO_FIRST})
+                    WINDOW_MAX, VIEW, FRESH, RANDOM, BOOLEAN, PIECES, INTO_FIRST, FIRST_ORDER})
 
 
 @dataclass(frozen=True)

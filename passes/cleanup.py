@@ -78,27 +78,28 @@ def _keep_extraction_tag(node: fx.Node, first: fx.Node) -> None:
 
 def share_by_products(graph: fx.Graph) -> None:
     """A helper ``h(y, x, ...)`` that recomputes a by-product of the forward's ``y = f(x, ...)``
-    (``BY_PRODUCTS``: a max pool's argmax): make the forward call the joint helper
-    ``(y, by-product) = joint(x, ...)`` once and read both from it."""
+    (``BY_PRODUCTS``: a max pool's argmax, a layer norm's statistics): make the forward call
+    the joint helper ``(y, by-product) = joint(x, ...)`` once and read both from it."""
     shared: dict[fx.Node, fx.Node] = {}
     for node in list(graph.nodes):
-        joint = BY_PRODUCTS.get(node.target) if node.op == "call_function" else None
+        joint, label = BY_PRODUCTS.get(node.target, (None, "")) if node.op == "call_function" \
+            else (None, "")
         if joint is None:
             continue
-        pooled, x, *window = node.args
-        if pooled not in shared:
-            name = pooled.name
-            with graph.inserting_before(pooled):
-                both = graph.create_node("call_function", joint, (x, *window),
-                                         name=f"{name}_and_indices")
-                values = graph.create_node("call_function", operator.getitem, (both, 0),
-                                           name=f"{name}_values")
-                shared[pooled] = graph.create_node("call_function", operator.getitem,
-                                                   (both, 1), name=f"{name}_indices")
-            both.meta, values.meta = dict(pooled.meta), dict(pooled.meta)
-            pooled.replace_all_uses_with(values)
-            graph.erase_node(pooled)
-        node.replace_all_uses_with(shared[pooled])
+        forward, x, *rest = node.args
+        if forward not in shared:
+            name = forward.name
+            with graph.inserting_before(forward):
+                both = graph.create_node("call_function", joint, (x, *rest),
+                                         name=f"{name}_and_{label}")
+                values = graph.create_node("call_function", operator.getitem, (both, 0))
+                shared[forward] = graph.create_node("call_function", operator.getitem,
+                                                    (both, 1), name=f"{name}_{label}")
+            both.meta, values.meta = dict(forward.meta), dict(forward.meta)
+            forward.replace_all_uses_with(values)
+            graph.erase_node(forward)
+            values._rename(name)
+        node.replace_all_uses_with(shared[forward])
         graph.erase_node(node)
 
 

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from .contraction import Contraction
 from .helpers import merge_middle
-from .registry import RANDOM, VIEW, Ctx, register
+from .registry import RANDOM, VIEW, Ctx, by_product, fresh, register
 
 
 # -- scriptable helpers (runtime shape logic) -----------------------------------------------
@@ -217,6 +217,52 @@ def _ln_input_vjp(g, c: Ctx):
                       - x_hat * (g_hat * x_hat).mean(axes, keepdim=True))
 
 
+def layer_norm_with_statistics(x: Tensor, normalized_shape: List[int], weight: Optional[Tensor],
+                               bias: Optional[Tensor],
+                               eps: float) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
+    """``(y, (μ, 1/σ))``: ``F.layer_norm``'s output and its statistics, ``[*, 1, ..., 1]``
+    each, from one ``native_layer_norm`` call (the kernel ``F.layer_norm`` runs)."""
+    y, mean, inv_std = torch.native_layer_norm(x, normalized_shape, weight, bias, eps)
+    return y, (mean, inv_std)
+
+
+@by_product(layer_norm_with_statistics, "statistics")
+def layer_norm_statistics(y: Tensor, x: Tensor, normalized_shape: List[int],
+                          weight: Optional[Tensor], bias: Optional[Tensor],
+                          eps: float) -> Tuple[Tensor, Tensor]:
+    """The statistics ``(μ, 1/σ)`` behind the forward's ``y = layer_norm(x)``; the cleanup pass
+    (``share_by_products``) makes that forward call return them, so they are not recomputed."""
+    return layer_norm_with_statistics(x, normalized_shape, weight, bias, eps)[1]
+
+
+@fresh
+def layer_norm_grads(g: Tensor, x: Tensor, normalized_shape: List[int],
+                     statistics: Tuple[Tensor, Tensor], weight: Optional[Tensor],
+                     bias: Optional[Tensor], output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+    """``(x̄, γ̄, β̄)`` of a gradient (lead 0) in one ``native_layer_norm_backward`` call, as
+    autograd computes them (the formulas of the rule's docstring); ``output_mask`` says which
+    are wanted (the others are undefined). The input, weight and bias rules emit the same
+    call, merged into one node by the cleanup pass."""
+    mask = [output_mask[0], output_mask[1] and weight is not None,
+            output_mask[2] and bias is not None]
+    return torch.ops.aten.native_layer_norm_backward(g, x, normalized_shape, statistics[0],
+                                                     statistics[1], weight, bias, mask)
+
+
+def _ln_gradients(g, c: Ctx):
+    """The shared ``layer_norm_grads`` call of a gradient (lead 0): ``(x̄, γ̄, β̄)``."""
+    args = (c.args.input, c.args.normalized_shape, c.args.weight, c.args.bias)
+    statistics = c.call(layer_norm_statistics, c.out, *args, c.bound["eps"])
+    return c.call(layer_norm_grads, g, args[0], args[1], statistics, *args[2:],
+                  output_mask=[True, True, True])
+
+
+def _ln_gradient_of(position: int, vjp):
+    """The vjp rule ``vjp`` for lead > 0; output ``position`` of the shared call for a
+    gradient."""
+    return lambda g, c: _ln_gradients(g, c)[position] if c.lead == 0 else vjp(g, c)
+
+
 def _ln_param_rule(per_sample: bool, times_x_hat: bool):
     """``γ̄ = Σ g x̂`` (``times_x_hat``) or ``β̄ = Σ g`` over all positions (of each sample
     when ``per_sample``)."""
@@ -262,8 +308,9 @@ register([F.layer_norm], "layer_norm", "input, normalized_shape, weight=None, bi
          doc="y = γ (x - μ)/σ + β over the last len(S) axes, x: [*, *S], γ, β: S. "
              "x̄ = 1/σ (ĝ - mean ĝ - x̂ mean(ĝ x̂)) with ĝ = g γ; γ̄ = Σ g x̂, β̄ = Σ g over "
              "the other axes; per sample [N, *S].",
-         vjp={"input": _ln_input_vjp,
-              "weight": _ln_param_rule(False, True), "bias": _ln_param_rule(False, False)},
+         vjp={"input": _ln_gradient_of(0, _ln_input_vjp),
+              "weight": _ln_gradient_of(1, _ln_param_rule(False, True)),
+              "bias": _ln_gradient_of(2, _ln_param_rule(False, False))},
          batch_grad={"weight": _ln_param_rule(True, True),
                      "bias": _ln_param_rule(True, False)},
          hessian_is_zero=("weight", "bias"),  # non-linear (not elementwise) in the input

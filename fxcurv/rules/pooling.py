@@ -33,7 +33,7 @@ def max_pool_with_indices(x: Tensor, kernel: List[int], stride: List[int],
     return F.max_pool3d_with_indices(x, kernel, stride, padding, dilation, ceil_mode)
 
 
-@by_product(max_pool_with_indices)
+@by_product(max_pool_with_indices, "indices")
 def max_pool_argmax(pooled: Tensor, x: Tensor, kernel: List[int], stride: List[int],
                     padding: List[int], dilation: List[int], ceil_mode: bool) -> Tensor:
     """The argmax indices behind the forward's ``pooled = max_pool(x)``; the cleanup pass

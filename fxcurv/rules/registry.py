@@ -327,16 +327,17 @@ def reshaping(fn: Callable) -> Callable:
     return marked(PERMUTATION, marked(VIEW, fn))
 
 
-# ``helper -> joint``: ``helper(y, x, *rest)`` recomputes a by-product of the forward call
-# ``y = f(x, *rest)``; ``joint(x, *rest)`` returns ``(y, by-product)`` in one call
-BY_PRODUCTS: dict[Callable, Callable] = {}
+# ``helper -> (joint, label)``: ``helper(y, x, *rest)`` recomputes a by-product of the forward
+# call ``y = f(x, *rest)``; ``joint(x, *rest)`` returns ``(y, by-product)`` in one call; the
+# generated code names the by-product ``{y}_{label}``
+BY_PRODUCTS: dict[Callable, tuple[Callable, str]] = {}
 
 
-def by_product(joint: Callable) -> Callable[[Callable], Callable]:
+def by_product(joint: Callable, label: str) -> Callable[[Callable], Callable]:
     """Decorator for ``helper(y, x, *rest)``, a by-product of ``y = f(x, *rest)`` that
     ``joint(x, *rest) -> (y, by-product)`` computes with ``y`` (a max pool's argmax)."""
     def mark(helper: Callable) -> Callable:
-        BY_PRODUCTS[helper] = joint
+        BY_PRODUCTS[helper] = (joint, label)
         return helper
     return mark
 

@@ -60,3 +60,24 @@ def test_weight_sum_squares_by_lead_vector(lead, groups, swap):
     expected = expected.sum(list(range(lead + 1)))
     actual = contraction_sum_squares(left, right, weight, lead, swap, True, False)
     torch.testing.assert_close(actual, expected, **TOL)
+
+
+@pytest.mark.parametrize("values", ["normal", "ties", "nan"])
+def test_channels_last_max_pool_matches_torch(values):
+    """The CPU pool in the channels-last layout: torch's values and argmax (ties and NaNs
+    included: the first maximum of the window, a NaN wins), contiguous."""
+    from fxcurv.rules.pooling import max_pool_with_indices
+    torch.manual_seed(1)
+    x = torch.randn(3, 5, 11, 10)
+    if values == "ties":
+        x = torch.randint(0, 3, x.shape).float()
+    elif values == "nan":
+        x[x > 1.2] = float("nan")
+    for kernel, stride, padding, dilation, ceil in [([3, 3], [2, 2], [1, 1], [1, 1], False),
+                                                    ([2, 3], [1, 2], [1, 1], [2, 1], True)]:
+        pooled, argmax = max_pool_with_indices(x, kernel, stride, padding, dilation, ceil)
+        expected = torch.nn.functional.max_pool2d_with_indices(x, kernel, stride, padding,
+                                                               dilation, ceil)
+        assert pooled.is_contiguous() and argmax.is_contiguous()
+        torch.testing.assert_close(pooled, expected[0], rtol=0, atol=0, equal_nan=True)
+        assert torch.equal(argmax, expected[1])

@@ -24,11 +24,19 @@ def max_pool_with_indices(x: Tensor, kernel: List[int], stride: List[int],
                           padding: List[int], dilation: List[int],
                           ceil_mode: bool) -> Tuple[Tensor, Tensor]:
     """The pooled values and each window's argmax as a flat index into the input's spatial
-    axes, both ``[*batch, *out]``."""
+    axes, both ``[*batch, *out]``. A batched 2-d pool of 4 or more channels on the CPU runs
+    in the channels-last layout (torch's CPU kernel for it vectorises over the channels:
+    3-10x faster than the one for contiguous input, same values and argmax) and returns
+    contiguous results."""
     d = len(kernel)
     if d == 1:
         return F.max_pool1d_with_indices(x, kernel, stride, padding, dilation, ceil_mode)
     if d == 2:
+        if x.dim() == 4 and x.size(1) >= 4 and x.device.type == "cpu":
+            pooled, argmax = F.max_pool2d_with_indices(
+                x.contiguous(memory_format=torch.channels_last), kernel, stride, padding,
+                dilation, ceil_mode)
+            return pooled.contiguous(), argmax.contiguous()
         return F.max_pool2d_with_indices(x, kernel, stride, padding, dilation, ceil_mode)
     return F.max_pool3d_with_indices(x, kernel, stride, padding, dilation, ceil_mode)
 

@@ -232,6 +232,8 @@ def _extract(emit: Emitter, traced: Traced, requested: list, cotangents: dict, g
             results.append(regulariser.add(quantity, label, values,
                                            vectors if "vectors" in quantity.extract.reads
                                            else {}))
+    for value in sources.values():  # gradients the first-order extractions computed anyway
+        grads.update(getattr(value, "totals", {}))
     return results
 
 

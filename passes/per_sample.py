@@ -101,6 +101,9 @@ class PerSample:
         self._reaches = set().union(*[ancestors(node) for node in self.direct])
         self._memo: dict[tuple[str, str], Any] = {}
         self._terms: dict[fx.Node, Any] = {}
+        # lead 0: ``Σ_n q_n`` of parameters whose extraction computed it on the way, the
+        # gradient that the step returns in place of the backward pass's own product
+        self.totals: dict[str, Any] = {}
 
     def reaches(self, name: str) -> bool:
         """Whether this propagation reaches parameter ``name`` (else its terms are zero)."""
@@ -187,6 +190,21 @@ class PerSample:
             return self._boundary_term(node, rule, arg, kind, name, *extra)
         return None
 
+    def _shortcut_total(self, name: str, kind: str) -> Optional[Any]:
+        """Lead 0, one use with a contraction form: ``kind`` derived with the parameter's
+        ``Σ_n q_n`` (kept in :attr:`totals`), which the per-sample terms give for a pass over
+        them (and the backward pass then need not compute); else ``kind`` alone."""
+        use = self.shortcut_use(name, "contraction") if self.lead == 0 else None
+        if use is None:  # (``batch`` has no contraction-only form)
+            return self._shortcut(name, kind) if kind in contraction.DERIVED else None
+        node, rule, arg = use
+        pair = self._boundary_term(node, rule, arg, f"{kind}_total", name)
+        if pair is None:
+            return None
+        self.totals[name] = pair[1]
+        self.emit.rename(pair[1], f"{self.params[name].name}_grad_of_terms")
+        return pair[0]
+
     def shortcut_use(self, name: str, field: str) -> Optional[tuple[fx.Node, OpRule, str]]:
         """``(node, rule, argument)`` of the parameter's one use when it is its only reader,
         meets the data there, and the op's rule ``field`` (``contraction``,
@@ -235,6 +253,9 @@ class PerSample:
     def batch(self, name: str, label: Optional[str] = None) -> Any:
         """``[*lead, N, *p.shape]``: per-sample terms, summed over the parameter's uses."""
         def build():
+            quick = self._shortcut_total(name, "batch") if self.lead == 0 else None
+            if quick is not None:
+                return quick
             term = self.per_sample_term(self.params[name], name)
             if term is None:
                 lead = [self.lead_size] * self.lead
@@ -245,7 +266,7 @@ class PerSample:
 
     def sum_squares(self, name: str, label: str) -> Any:
         def build():
-            quick = self._shortcut(name, "sum_squares")
+            quick = self._shortcut_total(name, "sum_squares")
             if quick is not None:
                 return quick
             return self.batch(name).square().sum(list(range(self.lead + 1)))
@@ -266,7 +287,7 @@ class PerSample:
 
     def batch_l2(self, name: str, label: str) -> Any:
         def build():
-            quick = self._shortcut(name, "batch_l2")
+            quick = self._shortcut_total(name, "batch_l2")
             if quick is not None:
                 return quick
             return self.batch(name).square().flatten(1).sum(1)
@@ -326,9 +347,9 @@ class PerSample:
 
     def variance(self, name: str, label: str, grad: Any) -> Any:
         def build():
-            return self.emit.call(variance_from_moments,
-                                  self.sum_squares(name, "sum_grad_squared"), grad,
-                                  self.batch_size)
+            squares = self.sum_squares(name, "sum_grad_squared")
+            return self.emit.call(variance_from_moments, squares,
+                                  self.totals.get(name, grad), self.batch_size)
         return self.memoized("variance", name, label, build)
 
 

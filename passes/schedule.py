@@ -61,14 +61,20 @@ def _anchors(nodes: list[fx.Node], moving: dict, position: dict,
 
 
 def _staying(nodes: list[fx.Node], in_place: Sequence[bool]) -> set[fx.Node]:
-    """The values of the quantities flagged in ``in_place`` and what only they read."""
+    """The values of the quantities flagged in ``in_place`` and what only they read (besides
+    the gradient: a weight's gradient summed from its ``batch_grad`` stays with it)."""
     results = nodes[-1].args[0][2:]
     staying = {value for flag, result in zip(in_place, results) if flag
                for value in result.values() if isinstance(value, fx.Node)}
+    grads = nodes[-1].args[0][1]
+    grads = {value for value in grads.values() if isinstance(value, fx.Node)} \
+        if isinstance(grads, dict) else set()
     for node in reversed(nodes):
-        if _is_extraction(node) and node.users and all(u in staying for u in node.users):
+        if _is_extraction(node) and any(u in staying for u in node.users) and \
+                all(u in staying or u in grads for u in node.users):
             staying.add(node)
-    return staying
+    return staying | {value for value in grads if _is_extraction(value) and
+                      all(a in staying for a in value.all_input_nodes)}
 
 
 def _before(node: fx.Node, moving: dict, position: dict) -> int:

@@ -4,7 +4,9 @@
   every propagation's Jacobian-transpose reads them (no recomputed argmax);
 * convolutions: one ``convolution_backward`` call gives a gradient's ``x̄``, ``W̄`` and ``b̄``,
   with ``x̄`` left out of its output mask where nothing needs it (the first layer);
-* a contraction's ``Σ_{lead, n} W̄_n²`` (conv layout) built one lead vector at a time.
+* a contraction's ``Σ_{lead, n} W̄_n²`` (conv layout) built one lead vector at a time;
+* first-order quantities: the gradient of a weight whose per-sample terms are built is their
+  sum (no ``W̄`` from the backward pass); a CPU max pool in the channels-last layout.
 """
 from __future__ import annotations
 
@@ -41,10 +43,15 @@ def test_gradient_shares_pool_indices_and_conv_backward(setup, one_thread):
     assert code.count("conv_grads(") == 2
     assert "output_mask = [False, True, True]" in code  # no x̄ for the first layer
     assert "output_mask = [True, True, True]" in code
+    assert_gradient_of_autograd(step, model, loss_fn, x, y)
+
+
+def assert_gradient_of_autograd(step, model, loss_fn, x, y):
+    """The step's gradient, plain and scripted, is autograd's."""
     model.zero_grad()
     loss_fn(model(x), y).backward()
     for scripted in (False, True):
-        loss, grad, _ = (torch.jit.script(step) if scripted else step)(x, y)
+        _, grad, _ = (torch.jit.script(step) if scripted else step)(x, y)
         for name, p in model.named_parameters():
             torch.testing.assert_close(grad[name], p.grad, **TOL)
 
@@ -81,3 +88,16 @@ def test_channels_last_max_pool_matches_torch(values):
         assert pooled.is_contiguous() and argmax.is_contiguous()
         torch.testing.assert_close(pooled, expected[0], rtol=0, atol=0, equal_nan=True)
         assert torch.equal(argmax, expected[1])
+
+
+@pytest.mark.parametrize("quantity", ["batch_grad", "batch_l2", "sum_grad_squared",
+                                      "variance"])
+def test_first_order_gradient_from_per_sample_terms(setup, quantity, one_thread):
+    """A first-order quantity that builds a weight's per-sample terms returns their sum as
+    the gradient: no ``W̄`` from ``convolution_backward`` (the bias summed on its own)."""
+    model, loss_fn, x, y = setup
+    step = fxcurv.compile(model, loss_fn, [quantity])
+    assert "output_mask = [False, False, True]" in step.code
+    assert "output_mask = [True, False, True]" in step.code
+    assert step.code.count("_weight_grad_of_terms") >= 3
+    assert_gradient_of_autograd(step, model, loss_fn, x, y)

@@ -41,7 +41,7 @@ parameter, positions and lead axes only.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -217,6 +217,70 @@ def square_sums_by_vector(flat: Tensor, right: Tensor, weight: Tensor, last: boo
     return total
 
 
+def contraction_total(left: Tensor, right: Tensor, weight: Tensor, swap: bool, last: bool,
+                      index: bool) -> Tensor:
+    """``Σ_n q_n`` ``w.shape`` (lead 0: the parameter's gradient) as one matmul per group over
+    the ``(sample, position)`` pairs, ``[G, A, N·P] @ [G, N·P, B]``."""
+    if index:
+        return as_parameter(outer(left, right, weight, 0, last, index).sum(0), 0, weight,
+                            swap)
+    by_position = positions_middle(left, last)                      # [N, G, P, A]
+    rows = positions_middle(right, last)                             # [N, G, P, B]
+    groups = by_position.size(1)
+    lhs = by_position.permute(1, 3, 0, 2).reshape(groups, by_position.size(3), -1)
+    rhs = rows.transpose(0, 1).reshape(groups, -1, rows.size(3))
+    return as_parameter(torch.matmul(lhs, rhs), 0, weight, swap)
+
+
+@fresh
+def contraction_sum_squares_total(left: Tensor, right: Tensor, weight: Tensor, swap: bool,
+                                  last: bool, index: bool) -> Tuple[Tensor, Tensor]:
+    """Lead 0: ``(Σ_n q_n², Σ_n q_n)``. Where the per-sample terms are built (several
+    positions: :func:`square_sums_by_vector`'s buffer) their sum is one pass over them
+    before they are squared, which saves the backward pass its weight-gradient product
+    (``contraction_total`` else: that product once)."""
+    axis = -1 if last else -2
+    if left.size(axis) == 1 or index:
+        return (contraction_sum_squares(left, right, weight, 0, swap, last, index),
+                contraction_total(left, right, weight, swap, last, index))
+    samples, groups = left.size(0), left.size(1)
+    features = left.size(2) if last else left.size(3)
+    rows = right_width(left, weight, 0, last)
+    lhs = positions_middle(left.reshape([samples * groups, left.size(2), -1]), not last)
+    rhs = positions_middle(right.reshape([samples * groups, right.size(2), -1]), last)
+    terms = torch.bmm(lhs, rhs).view([samples, groups, features, rows])  # q_n [N, G, A, B]
+    total = terms.sum(0)
+    squares = terms.square_().sum(0)
+    return as_parameter(squares, 0, weight, swap), as_parameter(total, 0, weight, swap)
+
+
+@fresh
+def contraction_l2_total(left: Tensor, right: Tensor, weight: Tensor, swap: bool, last: bool,
+                         index: bool) -> Tuple[Tensor, Tensor]:
+    """Lead 0: ``(‖q_n‖², Σ_n q_n)``: the sum from the explicit ``q`` where
+    :func:`contraction_l2` builds it, else :func:`contraction_total`."""
+    by_position = positions_middle(left, last)
+    positions, features = by_position.size(2), by_position.size(3)
+    rows = right_width(left, weight, 0, last)
+    if (positions == 1 and not index) or positions * (features + rows) < features * rows:
+        return (contraction_l2(left, right, weight, swap, last, index),
+                contraction_total(left, right, weight, swap, last, index))
+    explicit = as_parameter(outer(left, right, weight, 0, last, index), 1, weight, swap)
+    total = explicit.sum(0)
+    return explicit.square_().flatten(1).sum(1), total
+
+
+def contraction_batch_total(left: Tensor, right: Tensor, weight: Tensor, swap: bool,
+                            last: bool, index: bool) -> Tuple[Tensor, Tensor]:
+    """Lead 0: ``(q [N, *w], Σ_n q_n)``, the sum over ``q`` when it has several positions
+    per sample (cheaper than their product again), else :func:`contraction_total`."""
+    terms = contraction_batch(left, right, weight, 0, swap, last, index)
+    axis = -1 if last else -2
+    if left.size(axis) > 1:
+        return terms, terms.sum(0)
+    return terms, contraction_total(left, right, weight, swap, last, index)
+
+
 def contraction_batch_sum_squares(left: Tensor, right: Tensor, weight: Tensor, lead: int,
                                   swap: bool, last: bool, index: bool) -> Tensor:
     """``Σ_lead q²`` ``[N, *w.shape]``, never ``[*lead, N, *w]``: one position
@@ -282,9 +346,23 @@ def product(form: Contraction, c, vectors: Any) -> Any:
                   *_flags(form))
 
 
-# what :class:`passes.per_sample.PerSample` asks for, by name
+def _total_of(helper: Callable) -> Callable:
+    """Lead 0: ``(quantity, Σ_n q_n)`` by ``helper``, or None for other leads."""
+    def derive_total(form: Contraction, c) -> Any:
+        if c.lead != 0:
+            return None
+        pair = c.call(helper, form.left, form.right, form.param, *_flags(form))
+        return pair[0], pair[1]
+    return derive_total
+
+
+# what :class:`passes.per_sample.PerSample` asks for, by name; ``*_total``: lead 0 only,
+# ``(quantity, Σ_n q_n)``, the sum standing in for the backward's weight gradient
 DERIVED: dict[str, Callable] = {"batch_l2": batch_l2, "sum_squares": sum_squares,
-                                "batch_sum_squares": batch_sum_squares, "product": product}
+                                "batch_sum_squares": batch_sum_squares, "product": product,
+                                "batch_total": _total_of(contraction_batch_total),
+                                "batch_l2_total": _total_of(contraction_l2_total),
+                                "sum_squares_total": _total_of(contraction_sum_squares_total)}
 
 
 def derive(kind: str, declare: Callable, g: Any, c, *extra: Any) -> Optional[Any]:

@@ -159,15 +159,23 @@ def conv_grads(g: Tensor, x: Tensor, weight: Tensor, stride: List[int], pads: Li
     """``(x̄, W̄, b̄)`` of a gradient (lead 0) in one ``convolution_backward`` call, as autograd
     computes them; ``output_mask`` says which are wanted (the others are undefined). The input,
     weight and bias rules emit the same call, merged into one node by the cleanup pass, which
-    also drops the unused outputs from the mask (``prune_output_masks``)."""
+    also drops the unused outputs from the mask (``prune_output_masks``). Without ``W̄``,
+    ``b̄ = Σ_{n,p} g`` is summed here: the CPU (oneDNN) kernel computes ``W̄`` whenever
+    ``b̄`` is asked of it (e.g. when ``W̄`` comes from the per-sample terms)."""
     padded, padding = symmetric_padding(x, pads)
-    grads = torch.ops.aten.convolution_backward(
-        g, padded, weight, [g.size(1)], stride, padding, dilation, transposed, output_padding,
-        groups, output_mask)
-    x_bar = grads[0]
+    bias_alone = output_mask[2] and not output_mask[1]
+    unused = g.new_empty([0])  # (stands in for the outputs not asked for)
+    x_bar, w_bar, b_bar = unused, unused, unused
+    if output_mask[0] or output_mask[1]:
+        x_bar, w_bar, b_bar = torch.ops.aten.convolution_backward(
+            g, padded, weight, [g.size(1)], stride, padding, dilation, transposed,
+            output_padding, groups, [output_mask[0], output_mask[1], output_mask[2] and
+                                     not bias_alone])
+    if bias_alone:
+        b_bar = g.sum([0] + list(range(2, g.dim())))
     if output_mask[0] and padded.shape != x.shape:  # crop the explicit (asymmetric) padding
         x_bar = pad_spatial(x_bar, [-p for p in pads])
-    return x_bar, grads[1], grads[2]
+    return x_bar, w_bar, b_bar
 
 
 def conv_vectors_jvp(x: Tensor, vectors: Tensor, stride: List[int], pads: List[int],

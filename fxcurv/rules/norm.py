@@ -200,45 +200,64 @@ def _ln_keep(c: Ctx, sample: bool = False) -> list:
     return list(range(c.lead + int(sample))) + _ln_axes(c)
 
 
+def _ln_statistics(c: Ctx):
+    """``[μ, 1/σ]`` of the forward call (its by-product, ``layer_norm_statistics``)."""
+    return c.call(layer_norm_statistics, c.out, c.args.input, c.args.normalized_shape,
+                  c.args.weight, c.args.bias, c.bound["eps"])
+
+
 def _ln_normalized(c: Ctx):
-    """``(x̂, 1/σ)``, statistics of each position over the normalised axes (biased variance)."""
-    axes = _ln_axes(c)
-    centered = c.args.input - c.args.input.mean(axes, keepdim=True)
-    inv_std = torch.rsqrt(centered.square().mean(axes, keepdim=True) + c.bound["eps"])
-    return centered * inv_std, inv_std
+    """``x̂ = (x - μ)/σ``, from the forward's statistics."""
+    statistics = _ln_statistics(c)
+    return (c.args.input - statistics[0]) * statistics[1]
+
+
+@fresh
+def layer_norm_input_vjp(g: Tensor, x: Tensor, normalized_shape: List[int],
+                         statistics: Tensor, weight: Optional[Tensor], lead: int) -> Tensor:
+    """``x̄ = 1/σ (ĝ - mean(ĝ) - x̂ mean(ĝ x̂))`` with ``ĝ = g γ`` (means over the normalised
+    axes) for ``g`` ``[*lead, *x.shape]``: one ``native_layer_norm_backward`` call whose rows
+    are the lead vectors' copies of ``x`` (and of its statistics)."""
+    count = 1
+    for size in g.shape[:lead]:
+        count *= size
+    rows = [count] + list(x.shape)
+    mean, inv_std = statistics[0], statistics[1]
+    grads = torch.ops.aten.native_layer_norm_backward(
+        g.reshape(rows), x.expand(rows).contiguous(), normalized_shape,
+        mean.expand([count] + list(mean.shape)).contiguous(),
+        inv_std.expand([count] + list(inv_std.shape)).contiguous(), weight, None,
+        [True, False, False])  # (the kernel reads the statistics as laid out in memory)
+    return grads[0].reshape(g.shape)
 
 
 def _ln_input_vjp(g, c: Ctx):
-    """``x̄ = 1/σ (ĝ - mean(ĝ) - x̂ mean(ĝ x̂))`` with ``ĝ = g γ``, means over normalised axes."""
-    x_hat, inv_std = _ln_normalized(c)
-    axes = _ln_axes(c)
-    g_hat = g if c.bound["weight"] is None else g * c.args.weight
-    return inv_std * (g_hat - g_hat.mean(axes, keepdim=True)
-                      - x_hat * (g_hat * x_hat).mean(axes, keepdim=True))
+    return c.call(layer_norm_input_vjp, g, c.args.input, c.args.normalized_shape,
+                  _ln_statistics(c), c.args.weight, c.lead)
 
 
 def layer_norm_with_statistics(x: Tensor, normalized_shape: List[int], weight: Optional[Tensor],
                                bias: Optional[Tensor],
-                               eps: float) -> Tuple[Tensor, Tuple[Tensor, Tensor]]:
-    """``(y, (μ, 1/σ))``: ``F.layer_norm``'s output and its statistics, ``[*, 1, ..., 1]``
-    each, from one ``native_layer_norm`` call (the kernel ``F.layer_norm`` runs)."""
+                               eps: float) -> Tuple[Tensor, Tensor]:
+    """``(y, [μ, 1/σ])``: ``F.layer_norm``'s output and its statistics stacked, ``[2, *, 1,
+    ..., 1]``, from one ``native_layer_norm`` call (the kernel ``F.layer_norm`` runs)."""
     y, mean, inv_std = torch.native_layer_norm(x, normalized_shape, weight, bias, eps)
-    return y, (mean, inv_std)
+    return y, torch.stack([mean, inv_std])
 
 
 @by_product(layer_norm_with_statistics, "statistics")
 def layer_norm_statistics(y: Tensor, x: Tensor, normalized_shape: List[int],
                           weight: Optional[Tensor], bias: Optional[Tensor],
-                          eps: float) -> Tuple[Tensor, Tensor]:
-    """The statistics ``(μ, 1/σ)`` behind the forward's ``y = layer_norm(x)``; the cleanup pass
+                          eps: float) -> Tensor:
+    """The statistics ``[μ, 1/σ]`` behind the forward's ``y = layer_norm(x)``; the cleanup pass
     (``share_by_products``) makes that forward call return them, so they are not recomputed."""
     return layer_norm_with_statistics(x, normalized_shape, weight, bias, eps)[1]
 
 
 @fresh
 def layer_norm_grads(g: Tensor, x: Tensor, normalized_shape: List[int],
-                     statistics: Tuple[Tensor, Tensor], weight: Optional[Tensor],
-                     bias: Optional[Tensor], output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
+                     statistics: Tensor, weight: Optional[Tensor], bias: Optional[Tensor],
+                     output_mask: List[bool]) -> Tuple[Tensor, Tensor, Tensor]:
     """``(x̄, γ̄, β̄)`` of a gradient (lead 0) in one ``native_layer_norm_backward`` call, as
     autograd computes them (the formulas of the rule's docstring); ``output_mask`` says which
     are wanted (the others are undefined). The input, weight and bias rules emit the same
@@ -251,10 +270,8 @@ def layer_norm_grads(g: Tensor, x: Tensor, normalized_shape: List[int],
 
 def _ln_gradients(g, c: Ctx):
     """The shared ``layer_norm_grads`` call of a gradient (lead 0): ``(x̄, γ̄, β̄)``."""
-    args = (c.args.input, c.args.normalized_shape, c.args.weight, c.args.bias)
-    statistics = c.call(layer_norm_statistics, c.out, *args, c.bound["eps"])
-    return c.call(layer_norm_grads, g, args[0], args[1], statistics, *args[2:],
-                  output_mask=[True, True, True])
+    return c.call(layer_norm_grads, g, c.args.input, c.args.normalized_shape, _ln_statistics(c),
+                  c.args.weight, c.args.bias, output_mask=[True, True, True])
 
 
 def _ln_gradient_of(position: int, vjp):
@@ -267,7 +284,7 @@ def _ln_param_rule(per_sample: bool, times_x_hat: bool):
     """``γ̄ = Σ g x̂`` (``times_x_hat``) or ``β̄ = Σ g`` over all positions (of each sample
     when ``per_sample``)."""
     def rule(g, c: Ctx):
-        values = g * _ln_normalized(c)[0] if times_x_hat else g
+        values = g * _ln_normalized(c) if times_x_hat else g
         return c.call(sum_except, values, _ln_keep(c, sample=per_sample))
     return rule
 

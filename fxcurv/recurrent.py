@@ -18,6 +18,9 @@ direction (inside, the batch is first: ``[N, T, F]``):
 A gradient-only step (no quantities) keeps each LSTM layer and direction as one node instead,
 :func:`~fxcurv.rules.recurrent.lstm_layer` (PyTorch's fused kernels on the CPU).
 
+A cell (``nn.RNNCell``, ``nn.LSTMCell``, ``nn.GRUCell``) is one such step, wherever the model
+calls it (:func:`lower_cell`).
+
 The graph's structure depends on the number of steps, which a symbolic trace does not know:
 ``compile(..., sequence_length=T)`` fixes it, and the step checks ``T`` when it runs.
 Refused at compile time: ``proj_size > 0``, ``PackedSequence`` inputs, and dropout between
@@ -34,9 +37,13 @@ import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence
 
 from .errors import CompileError, user_frame
-from .rules.recurrent import check_sequence, lstm_layer
+from .rules.recurrent import check_cell_input, check_sequence, lstm_layer
 
 RECURRENT = (nn.RNN, nn.LSTM, nn.GRU)
+CELLS = (nn.RNNCell, nn.LSTMCell, nn.GRUCell)
+CELL_NOTE = ("one step as ops with rules, every quantity but kfra (a cell called in a loop: "
+             "its weights are used at every call); batched 2-D input (checked when the step "
+             "runs), given or zero states, bias")
 SUPPORT_NOTE = ("every quantity but kfra (kfac, kflr: weights shared over the steps by the "
                 "expand convention); layers, bidirectional, batch_first, bias, initial "
                 "states; refused: proj_size > 0, PackedSequence input, dropout between layers "
@@ -75,6 +82,35 @@ def lower_recurrent(m: nn.RNNBase, path: str, length: Optional[int], fused: bool
     if m.mode != "LSTM":
         return output, h_n
     return output, (h_n, _named(torch.stack(finals_c, 0), f"{prefix}_c_n"))
+
+
+def lower_cell(m: nn.RNNCellBase, path: str, input: Any, hx: Any = None) -> Any:
+    """``m(input, hx)`` of a recurrent cell as ops: one step of :func:`_cell` on the
+    projections ``x W_ihᵀ + b_ih`` and ``h W_hhᵀ + b_hh`` (zero states when ``hx`` is None);
+    returns ``h'`` or, for ``nn.LSTMCell``, ``(h', c')``."""
+    prefix = path.replace(".", "_") or type(m).__name__.lower()
+    where = f"{type(m).__name__} '{path}'"
+    x = _named(input.tracer.create_proxy("call_function", check_cell_input, (input, where), {}),
+               f"{prefix}_input")
+    mode = _cell_mode(m)
+    h, c = hx if mode == "LSTM" and hx is not None else (hx, None)
+    projected = _named(F.linear(x, m.weight_ih, m.bias_ih), f"{prefix}_x_proj")
+    if h is None:
+        h = _named(torch.zeros_like(projected[:, :m.hidden_size]), f"{prefix}_h0")
+    if c is None and mode == "LSTM":
+        c = _named(torch.zeros_like(projected[:, :m.hidden_size]), f"{prefix}_c0")
+    hidden = _named(F.linear(h, m.weight_hh, m.bias_hh), f"{prefix}_h_proj")
+    h, c = _cell(mode, prefix, projected, hidden, h, c)
+    return (h, c) if mode == "LSTM" else h
+
+
+def _cell_mode(m: nn.RNNCellBase) -> str:
+    """The :data:`GATES` key of a cell module."""
+    if isinstance(m, nn.LSTMCell):
+        return "LSTM"
+    if isinstance(m, nn.GRUCell):
+        return "GRU"
+    return "RNN_TANH" if m.nonlinearity == "tanh" else "RNN_RELU"
 
 
 def _refuse(m: nn.RNNBase, path: str, length: Optional[int], input: Any) -> None:

@@ -120,11 +120,12 @@ def decomposed_rows() -> list[list[str]]:
 
 def module_rows() -> list[list[str]]:
     """Modules that tracing rewrites (everything else is traced through its ``forward``)."""
-    from .recurrent import RECURRENT, SUPPORT_NOTE  # noqa: PLC0415 (tracing side)
+    from .recurrent import CELL_NOTE, CELLS, RECURRENT, SUPPORT_NOTE  # noqa: PLC0415
     from .trace import MODULE_LOWERINGS, backpack_lowerings  # noqa: PLC0415
 
     table = [[f"nn.{cls.__name__}", "unrolled over `sequence_length` steps", SUPPORT_NOTE]
              for cls in RECURRENT]
+    table += [[f"nn.{cls.__name__}", "lowered to one step of ops", CELL_NOTE] for cls in CELLS]
     for cls, lowering in {**MODULE_LOWERINGS, **backpack_lowerings(load=True)}.items():
         summary = (lowering.__doc__ or "").strip().split(".")[0].replace("\n", " ")
         table.append([f"nn.{cls.__name__}", "lowered to functional ops", " ".join(

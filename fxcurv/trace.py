@@ -34,7 +34,7 @@ from torch.overrides import TorchFunctionMode, is_tensor_method_or_property
 from torch.utils import _pytree as pytree
 
 from .errors import CompileError, format_module, user_frame
-from .recurrent import RECURRENT, lower_recurrent
+from .recurrent import CELLS, RECURRENT, lower_cell, lower_recurrent
 from .rules import rule_for
 from .rules.linalg import attention
 from .rules.shape import is_scalar_node
@@ -269,6 +269,10 @@ class CurvatureTracer(fx.Tracer):
             path = path[len(MODEL) + 1:] if path.startswith(MODEL + ".") else path
             forward = _lowered_call(m, lambda mod, *a, **k: lower_recurrent(
                 mod, path, length, self.fuse_recurrent, *a, **k))
+        elif isinstance(m, CELLS):
+            path = self.path_of_module(m)
+            path = path[len(MODEL) + 1:] if path.startswith(MODEL + ".") else path
+            forward = _lowered_call(m, lambda mod, *a, **k: lower_cell(mod, path, *a, **k))
         elif lowering is not None:
             forward = _lowered_call(m, lowering)
         if _has_backward_hooks(m):

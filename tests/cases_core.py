@@ -6,7 +6,7 @@ import torch.fx
 import torch.nn.functional as F
 
 from fxcurv.rules.losses import check_scalar_loss
-from fxcurv.rules.recurrent import check_sequence, lstm_layer
+from fxcurv.rules.recurrent import check_cell_input, check_sequence, lstm_layer
 from rule_harness import case
 
 torch.fx.wrap("check_scalar_loss")  # traced as a call, as compile emits it
@@ -14,6 +14,7 @@ torch.fx.wrap("check_scalar_loss")  # traced as a call, as compile emits it
 g = torch.Generator().manual_seed(0)
 torch.fx.wrap("check_sequence")  # a leaf call when cases are traced
 torch.fx.wrap("lstm_layer")
+torch.fx.wrap("check_cell_input")
 
 
 def rand(*shape, positive=False):
@@ -115,6 +116,7 @@ SHAPES = [
     case("topk_values", lambda x: torch.topk(x, 2, dim=1).values, rand(3, 4)),
     case("topk_method_smallest", lambda x: x.topk(3, largest=False)[0], rand(3, 2, 5)),
     case("check_sequence", lambda x: check_sequence(x, 2, 1, "a test"), rand(3, 2, 4)),
+    case("check_cell_input", lambda x: check_cell_input(x, "a test"), rand(3, 4)),
 ]
 
 

@@ -551,3 +551,62 @@ def test_gradient_only_lstm_scripts_and_quantities_unroll(one_thread):
 
     with pytest.raises(fxcurv.CompileError, match="diag_ggn_exact.*first-order rules only"):
         fxcurv.compile(Fused(), nn.CrossEntropyLoss(), ["diag_ggn_exact"])
+
+
+# -- recurrent cells (nn.RNNCell, nn.LSTMCell, nn.GRUCell) called in the model's own loop -----
+CELL_KINDS = {"rnn_tanh": (nn.RNNCell, {}), "rnn_relu": (nn.RNNCell, {"nonlinearity": "relu"}),
+              "lstm": (nn.LSTMCell, {}), "gru": (nn.GRUCell, {})}
+
+
+class CellLoop(nn.Module):
+    """A cell stepped over the sequence by hand, a head at every step (``[N, C, T]``); with
+    ``given_state`` the initial state is a layer of the first input (LSTM: ``(h, c)``)."""
+
+    def __init__(self, kind: str, given_state: bool, bias: bool = True):
+        super().__init__()
+        cls, extra = CELL_KINDS[kind]
+        self.cell = cls(I, H, bias=bias, **extra)
+        self.init = nn.Linear(I, H) if given_state else None
+        self.head = nn.Linear(H, C)
+
+    def forward(self, x):
+        state = None
+        if self.init is not None:
+            h0 = torch.tanh(self.init(x[:, 0]))
+            state = (h0, 0.5 * h0) if isinstance(self.cell, nn.LSTMCell) else h0
+        outputs = []
+        for t in range(T):
+            state = self.cell(x[:, t], state)
+            outputs.append(state[0] if isinstance(state, tuple) else state)
+        return self.head(torch.stack(outputs, 1)).permute(0, 2, 1)
+
+
+@pytest.mark.parametrize("given_state", [False, True], ids=["zero_state", "given_state"])
+@pytest.mark.parametrize("kind", list(CELL_KINDS))
+def test_cells_first_order_ggn_and_hessian(kind, given_state, one_thread):
+    """Every first-order and exact-GGN quantity and the exact Hessian quantities of a model
+    that loops a cell itself, against brute force (float64)."""
+    torch.manual_seed(4)
+    model = CellLoop(kind, given_state, bias=not given_state).to(DTYPE)
+    x, y = batch()
+    check_first_order_and_ggn(model, x, y)
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["diag_h", "hmp"])
+    vectors = vectors_for(model)
+    _, _, diag_h, hmp = step(x, y, vectors)
+    ref = brute_force(model, x, y, hessians=True)
+    assert_dicts(diag_h, diagonal_blocks(ref["flat"], ref["hessian"].sum(0)), "diag_h")
+    assert_dicts(hmp, block_products(ref["flat"], ref["hessian"].sum(0), vectors), "hmp")
+
+
+def test_cell_needs_batched_input():
+    """An unbatched (1-D) input has no sample axis: the step says so when it runs."""
+    model = nn.Sequential(nn.GRUCell(I, H), nn.Linear(H, C)).to(DTYPE)
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_grad"])
+    with pytest.raises(ValueError, match="GRUCell '0' needs batched 2-D input"):
+        step(torch.randn(I, dtype=DTYPE), torch.tensor(1))
+    x, y = batch()
+    _, grad, _ = step(x[:, 0], y[:, 0])
+    loss = nn.CrossEntropyLoss()(model(x[:, 0]), y[:, 0])
+    expected = torch.autograd.grad(loss, list(model.parameters()))
+    for (name, _), g in zip(model.named_parameters(), expected):
+        torch.testing.assert_close(grad[name], g, **TOL)

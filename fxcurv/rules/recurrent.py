@@ -53,6 +53,20 @@ affine([check_sequence], "check_sequence", "input, length, time_dim, where",
        vjp={"input": lambda g, c: g}, sandwich=SHARED)
 
 
+def check_cell_input(input: Tensor, where: str) -> Tensor:
+    """``input`` unchanged, after checking that it is a batch ``[N, F]`` (a recurrent cell's
+    1-D unbatched input has no sample axis)."""
+    if input.dim() != 2:
+        raise ValueError("fxcurv: {} needs batched 2-D input [N, features], got {} dimensions"
+                         .format(where, input.dim()))
+    return input
+
+
+affine([check_cell_input], "check_cell_input", "input, where",
+       doc="y = x (checked to be a batch [N, F]);  Jᵀg = g.",
+       vjp={"input": lambda g, c: g}, sandwich=SHARED)
+
+
 def _fused(x: Tensor, weight: Tensor) -> bool:
     """Whether the oneDNN kernels run this layer (CPU, float32, not empty; TorchScript,
     which cannot read the build flag, assumes a build with oneDNN, as PyTorch's own are)."""

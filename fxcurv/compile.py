@@ -198,11 +198,15 @@ def _extract(emit: Emitter, traced: Traced, requested: list, cotangents: dict, g
     data = (descendants(traced.graph, x), sample_carriers(traced.graph, x))
     regulariser = Regulariser(emit, traced, cotangents, data)
     regulariser.check(requested)
+    # the factor's columns one by one (sqrt_ggn_*): else only sums over them are read
+    columns_read = any(quantity.extract.method == "batch" and quantity.source.factor
+                       for _, quantity in requested)
 
     def source(propagation: q.Propagation) -> Any:
         if propagation not in sources:
             sources[propagation] = _make_source(emit, traced, propagation, cotangents,
-                                                batch_size, mc_samples, source, data)
+                                                batch_size, mc_samples, source, data,
+                                                not columns_read)
         return sources[propagation]
 
     tangents: dict = {}
@@ -239,13 +243,13 @@ def _extract(emit: Emitter, traced: Traced, requested: list, cotangents: dict, g
 
 def _make_source(emit: Emitter, traced: Traced, propagation: q.Propagation,
                  cotangents: dict, batch_size: Any, mc_samples: int, source,
-                 data: tuple) -> Any:
+                 data: tuple, low_rank: bool) -> Any:
     """The propagation a quantity reads (``quantities.Propagation``), as a PerSample (or a
-    signed sum of them)."""
+    signed sum of them); ``low_rank``: no quantity reads a factor's columns one by one."""
     params = traced.params
     if propagation.factor is not None:
         factors, columns = propagate_sqrt_ggn(emit, traced, cotangents, propagation.factor,
-                                              mc_samples)
+                                              mc_samples, low_rank)
         numels = {n: traced.attrs[node.target].numel() for n, node in params.items()}
         return PerSample(emit, params, factors, batch_size, data, lead=1,
                          label=f"sqrt_ggn_{propagation.factor}", lead_size=columns,

@@ -122,7 +122,9 @@ def test_mc_quantities_share_one_propagation_and_one_draw():
 def test_exact_and_mc_together_give_one_propagation_each():
     step = fxcurv.compile(mlp(), nn.CrossEntropyLoss(), ["kfac", "kflr", "diag_ggn_mc",
                                                          "diag_ggn_exact"])
-    assert len(calls_to(step, loss_rules.cross_entropy_sqrt_hessian)) == 1
+    # (no quantity reads the exact factor's columns: its C - 1 column form)
+    assert len(calls_to(step, loss_rules.cross_entropy_sqrt_hessian_low_rank)) == 1
+    assert len(calls_to(step, loss_rules.cross_entropy_sqrt_hessian)) == 0
     assert len(calls_to(step, loss_rules.cross_entropy_sqrt_hessian_mc)) == 1
     single = fxcurv.compile(mlp(), nn.CrossEntropyLoss(), ["kflr"])
     assert len(propagation(step, "exact")) == len(propagation(single, "exact"))

@@ -9,9 +9,10 @@ every rule case (``rule_cases.py``) whose op declares the field, in float64:
   for at least one such exact case (cases with one output position below).
 * ``kron_matrix``: from the dense curvature ``M = Σ_c vec(g_c) vec(g_c)ᵀ`` of one sample,
   the same factors as ``kron`` from the factor ``g``.
-* ``loss``: ``Σ_c S_c S_cᵀ`` of ``sqrt_hessian`` is the loss Hessian w.r.t. its input, the
-  sampled ``sqrt_hessian_mc`` averages to it, ``mean_divisor(c, "gradient")`` turns the
-  mean into the sum, ``check_target`` returns a valid target unchanged.
+* ``loss``: ``Σ_c S_c S_cᵀ`` of ``sqrt_hessian`` (and ``sqrt_hessian_low_rank``) is the loss
+  Hessian w.r.t. its input, the sampled ``sqrt_hessian_mc`` averages to it,
+  ``mean_divisor(c, "gradient")`` turns the mean into the sum, ``check_target`` returns a
+  valid target unchanged.
 * ``jvp``: ``J_arg t`` for a tangent with a leading axis, against ``torch.func.jvp``.
 * ``samples``: ``REDUCED`` outputs are 0-dim; ``KEPT`` outputs keep the data's sample axis 0
   and sample ``n`` of the output depends on sample ``n`` of the data only.
@@ -248,9 +249,10 @@ def test_loss_factors_divisor_and_target_check(c):
         s = s.reshape(s.size(0), samples, size)
         return torch.einsum("cni,cnj->nij", s, s)
 
-    if rule.loss.sqrt_hessian is not None:
-        s = _run(c, lambda e, n, r: r.loss.sqrt_hessian(Ctx.of(n, r, e)))
-        torch.testing.assert_close(squared(s), hessian, rtol=1e-10, atol=1e-12)
+    for exact in ("sqrt_hessian", "sqrt_hessian_low_rank"):
+        if getattr(rule.loss, exact) is not None:
+            s = _run(c, lambda e, n, r: getattr(r.loss, exact)(Ctx.of(n, r, e)))
+            torch.testing.assert_close(squared(s), hessian, rtol=1e-10, atol=1e-12)
     if rule.loss.sqrt_hessian_mc is not None:
         torch.manual_seed(0)
         try:

@@ -295,6 +295,29 @@ def cross_entropy_sqrt_hessian(x: Tensor, target: Tensor, weight: Optional[Tenso
     return blocks.reshape([-1] + list(factor.shape[1:]))
 
 
+def cross_entropy_sqrt_hessian_low_rank(x: Tensor, target: Tensor, weight: Optional[Tensor],
+                                        ignore_index: int, reduction: str,
+                                        label_smoothing: float) -> Tensor:
+    """The exact factor with ``C - 1`` columns, ``[C - 1, N, C]`` (2-d ``x``; else
+    :func:`cross_entropy_sqrt_hessian`): ``M = diag(√p) - p √pᵀ`` (``S[c] = M[:, c]``) has
+    the null vector ``v = √p`` (``|v| = 1``), so ``M Q`` with ``Q`` the first ``C - 1``
+    columns of the reflection ``R = I - 2uuᵀ/|u|²``, ``u = v + e_C`` (``R v = -e_C``, so
+    ``Q Qᵀ = I - vvᵀ``), has the same ``M Mᵀ = diag(p) - ppᵀ``; ``√pᵀ Q = 0`` leaves
+    ``M Q = diag(√p) Q``: ``S[j, n, k] = √p_k (δ_kj - 2 u_k u_j / |u|²)``, ``|u|² = 2 + 2v_C``.
+    Scaled like the exact factor."""
+    if x.dim() != 2:
+        return cross_entropy_sqrt_hessian(x, target, weight, ignore_index, reduction,
+                                          label_smoothing)
+    classes = x.size(1)
+    v = torch.softmax(x, 1).sqrt()                                    # [N, C]
+    u = torch.cat([v[:, :-1], v[:, -1:] + 1.0], 1)
+    coefficient = u[:, :-1].t() * (-2.0 / (2.0 + 2.0 * v[:, -1]))      # [C - 1, N]
+    factor = (coefficient.unsqueeze(2) * u.unsqueeze(0)).mul_(v.unsqueeze(0))
+    eye = torch.eye(classes - 1, classes, dtype=x.dtype, device=x.device)
+    factor.add_(eye.unsqueeze(1) * v.unsqueeze(0))                      # + δ_kj √p_k
+    return _ce_scaled(factor, x, target, weight, ignore_index, reduction, label_smoothing)
+
+
 def cross_entropy_sqrt_hessian_mc(x: Tensor, target: Tensor, weight: Optional[Tensor],
                                   ignore_index: int, reduction: str, label_smoothing: float,
                                   samples: int) -> Tensor:
@@ -432,6 +455,8 @@ loss([F.cross_entropy], "cross_entropy",
      unsupported=_cross_entropy_unsupported,
      sqrt_hessian=lambda c: c.call(cross_entropy_sqrt_hessian, *_ce_arguments(c)),
      sqrt_hessian_mc=lambda c, m: c.call(cross_entropy_sqrt_hessian_mc, *_ce_arguments(c), m),
+     sqrt_hessian_low_rank=lambda c: c.call(cross_entropy_sqrt_hessian_low_rank,
+                                            *_ce_arguments(c)),
      mean_divisor=_class_divisor)
 
 

@@ -87,12 +87,15 @@ class LossRule:
     mean; "hessian": what the factors divide by; data parallelism rescales each rank's results
     by its share of the summed divisors); and optionally a call-time validation
     ``check_target(c)`` that emits a check of the inputs and returns the checked ``target``
-    (applied by the normalize pass, e.g. a regression target's shape)."""
+    (applied by the normalize pass, e.g. a regression target's shape); optionally
+    ``sqrt_hessian_low_rank(c)``: an exact factor with fewer columns and the same ``S Sᵀ``
+    (for quantities that sum over the columns: less to propagate)."""
 
     mean_divisor: Callable[["Ctx", str], Any]
     sqrt_hessian: Optional[Callable[["Ctx"], Any]] = None
     sqrt_hessian_mc: Optional[Callable[["Ctx", int], Any]] = None
     check_target: Optional[Callable[["Ctx"], Any]] = None
+    sqrt_hessian_low_rank: Optional[Callable[["Ctx"], Any]] = None
 
 
 @dataclass
@@ -295,12 +298,13 @@ def bilinear(targets: list, name: str, params: str, pairs: tuple, traits: tuple 
 
 def loss(targets: list, name: str, params: str, mean_divisor: Callable,
          sqrt_hessian: Optional[Callable] = None, sqrt_hessian_mc: Optional[Callable] = None,
-         check_target: Optional[Callable] = None, **fields: Any) -> OpRule:
+         check_target: Optional[Callable] = None,
+         sqrt_hessian_low_rank: Optional[Callable] = None, **fields: Any) -> OpRule:
     """A built-in loss ``L = reduce_n ℓ(input_n, target_n)``: its Hessian factors (none: the
     Hessian is assembled from its ops), mean divisor and target check (:class:`LossRule`);
     reduced, its output is 0-dim; with reduction='none' it keeps the input's sample axis."""
     return register(targets, name, params, loss=LossRule(
-        mean_divisor, sqrt_hessian, sqrt_hessian_mc, check_target),
+        mean_divisor, sqrt_hessian, sqrt_hessian_mc, check_target, sqrt_hessian_low_rank),
         samples=lambda b: KEPT if b["reduction"] == "none" else REDUCED, **fields)
 
 

@@ -234,18 +234,22 @@ def check_monte_carlo(loss: fx.Node) -> None:
 
 
 
-def loss_factor(emit: Emitter, traced, gradient: dict, kind: str, mc_samples: int) -> tuple[fx.Node, Any]:
+def loss_factor(emit: Emitter, traced, gradient: dict, kind: str, mc_samples: int,
+                low_rank: bool = False) -> tuple[fx.Node, Any]:
     """``(node, S)``: a square-root factor of the loss Hessian w.r.t. ``node``'s value.
 
-    A built-in final loss gives its own factor at its input (exact or sampled); any other loss
-    gives the assembled exact factor at the model output.
+    A built-in final loss gives its own factor at its input (exact or sampled; ``low_rank``:
+    its exact factor with fewer columns where it has one); any other loss gives the
+    assembled exact factor at the model output.
     """
     loss = traced.loss
     rule = rule_for(loss)
     if rule is not None and rule.has_sqrt_hessian:
         ctx = Ctx.of(loss, rule, emit)
+        exact = rule.loss.sqrt_hessian_low_rank if low_rank and \
+            rule.loss.sqrt_hessian_low_rank is not None else rule.loss.sqrt_hessian
         with emit.naming(f"{loss.name}_sqrt_hessian_{kind}", pass_="sqrt_ggn"):
-            factor = rule.loss.sqrt_hessian(ctx) if kind == "exact" else \
+            factor = exact(ctx) if kind == "exact" else \
                 rule.loss.sqrt_hessian_mc(ctx, mc_samples)
         emit.rename(factor, f"loss_sqrt_hessian_{kind}")
         return ctx.bound["input"], factor

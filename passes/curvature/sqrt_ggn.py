@@ -15,10 +15,13 @@ from fxcurv.emit import Emitter
 from ..backward import backward
 from .loss_hessian import loss_factor
 
-def propagate_sqrt_ggn(emit: Emitter, traced, gradient: dict, kind: str, mc_samples: int) -> tuple[dict, Any]:
+def propagate_sqrt_ggn(emit: Emitter, traced, gradient: dict, kind: str, mc_samples: int,
+                       low_rank: bool = False) -> tuple[dict, Any]:
     """Emit the loss factor ``S`` and its backward propagation to the parameters; return the
-    cotangents and the size of the leading axis (C or M) as a graph value."""
-    node, factor = loss_factor(emit, traced, gradient, kind, mc_samples)
+    cotangents and the size of the leading axis (C or M) as a graph value. ``low_rank``: no
+    quantity reads the columns one by one, so an exact factor may have fewer of them (the
+    same ``S Sᵀ``: cross-entropy's ``C - 1``)."""
+    node, factor = loss_factor(emit, traced, gradient, kind, mc_samples, low_rank)
     if kind == "exact":  # one column per class: may run in chunks (passes/chunking.py)
         factor.node.meta["fxcurv"] = {**factor.node.meta.get("fxcurv", {}), "columns": True}
     with emit.naming(f"sqrt_ggn_{kind}"):

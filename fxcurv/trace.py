@@ -37,6 +37,7 @@ from .errors import CompileError, format_module, user_frame
 from .recurrent import CELLS, RECURRENT, lower_cell, lower_recurrent
 from .rules import rule_for
 from .rules.linalg import attention
+from .rules.losses import l1_loss_keeping_weight
 from .rules.shape import is_scalar_node
 
 MODEL, LOSS = "model", "loss_fn"
@@ -305,11 +306,24 @@ class CurvatureTracer(fx.Tracer):
 
     def trace(self, root, concrete_args=None) -> fx.Graph:
         with torch.enable_grad(), without_backpack_hooks(root), _ParameterProxies(self, root), \
-                _opaque_functions(self):
+                _opaque_functions(self), _weighted_l1_loss():
             graph = super().trace(root, concrete_args)
         _merge_attributes(graph)
         _detach_no_grad_regions(graph)
         return graph
+
+
+@contextmanager
+def _weighted_l1_loss():
+    """While tracing, ``F.l1_loss`` is :func:`~fxcurv.rules.losses.l1_loss_keeping_weight`:
+    PyTorch's dispatch for traced values drops the ``weight`` argument of ``l1_loss`` (torch
+    2.14), which would leave an unweighted loss in the graph."""
+    original = F.l1_loss
+    F.l1_loss = l1_loss_keeping_weight
+    try:
+        yield
+    finally:
+        F.l1_loss = original
 
 
 class BackwardHooked(torch.autograd.Function):

@@ -9,9 +9,10 @@ from fxcurv.rules import KEPT, REDUCED, rule_for
 
 
 def differentiable_inputs(node: fx.Node) -> list[fx.Node]:
-    """Input nodes through which ``node`` can have a derivative (all of them without a rule)."""
+    """Input nodes through which ``node`` can have a derivative (all of them without a rule,
+    or with a rule that only lowers the op and left this call as it is)."""
     rule = rule_for(node)
-    if rule is None:
+    if rule is None or (not rule.vjp and rule.lower is not None and not rule.constant):
         return list(node.all_input_nodes)
     if rule.is_constant(node):
         return []

@@ -116,8 +116,12 @@ def _read_new_value(graph: fx.Graph, node: fx.Node) -> None:
 
 def _lower(graph: fx.Graph, node: fx.Node, rule) -> bool:
     """Replace ``node`` by the nodes its rule's decomposition emits (True), or keep it where
-    the rule returns None (False). Inputs left without users are removed; a single new node
-    takes the old one's name and source location."""
+    the rule returns None (False). A call whose constant arguments the rule does not support
+    (``unsupported``) is kept as it is: it computes the right value, and the invariant refuses
+    it where a derivative must pass through it. Inputs left without users are removed; a
+    single new node takes the old one's name and source location."""
+    if rule.unsupported is not None and rule.unsupported(rule.bind(node)):
+        return False
     emit = Emitter(graph, before=node)
     before = set(graph.nodes)
     with emit.naming(node.name, pass_="normalize", node=node.name):

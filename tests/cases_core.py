@@ -40,6 +40,11 @@ ACTIVATIONS = [
     case("gelu", lambda x: F.gelu(x), rand(3, 4)),
     case("gelu_tanh", lambda x: F.gelu(x, approximate="tanh"), rand(3, 4)),
     case("silu", lambda x: F.silu(x), rand(3, 4)),
+    case("prelu_per_channel", lambda x, a: F.prelu(x, a), rand(3, 4, 5), rand(4),
+         params=("a",)),
+    case("prelu_shared", lambda x, a: F.prelu(x, a), rand(3, 4), rand(1), params=("a",)),
+    case("glu", lambda x: F.glu(x, 1), rand(3, 6, 2)),
+    case("softmin", lambda x: F.softmin(x, dim=-1), rand(3, 4)),
     case("softplus", lambda x: F.softplus(x, beta=2.0, threshold=1.0), rand(3, 4)),
     case("exp", lambda x: torch.exp(x), rand(3, 4)),
     case("log", lambda x: torch.log(x), rand(3, 4, positive=True)),
@@ -154,6 +159,14 @@ LINEAR = [
 ]
 
 LOSSES = [
+    case("huber_loss", lambda x, t: F.huber_loss(x, t, delta=0.7), rand(5, 3), rand(5, 3),
+         const=("t",)),
+    case("smooth_l1_loss_sum", lambda x, t: F.smooth_l1_loss(x, t, reduction="sum", beta=0.5),
+         rand(5, 3), rand(5, 3), const=("t",)),
+    case("smooth_l1_loss_beta_0", lambda x, t: F.smooth_l1_loss(x, t, beta=0.0), rand(5, 3),
+         rand(5, 3), const=("t",)),
+    case("l1_loss_none", lambda x, t: F.l1_loss(x, t, reduction="none"), rand(5, 3),
+         rand(5, 3), const=("t",)),
     case("cross_entropy_mean", lambda x, y: F.cross_entropy(x, y), rand(5, 4), labels(4, 5)),
     case("cross_entropy_sum", lambda x, y: F.cross_entropy(x, y, reduction="sum"),
          rand(5, 4), labels(4, 5)),

@@ -222,3 +222,78 @@ def test_sizes_of_the_output_are_constants_in_the_loss(divisor):
         hessian = torch.func.hessian(loss_of)(p.detach()).reshape(p.numel(), p.numel())
         torch.testing.assert_close(diag_h[name].reshape(-1), hessian.diagonal(), rtol=1e-9,
                                    atol=1e-12)
+
+
+# -- losses and activations lowered to ruled ops (PyTorch's own modules) ----------------------
+REGRESSION = {"huber": nn.HuberLoss(delta=0.6), "smooth_l1": nn.SmoothL1Loss(beta=0.4),
+              "smooth_l1_sum": nn.SmoothL1Loss(reduction="sum", beta=0.8),
+              "huber_sum": nn.HuberLoss(reduction="sum")}
+
+
+def lowered_model():
+    """PReLU (per channel), GLU and Softmin: modules whose ops are lowered to ruled ones."""
+    torch.manual_seed(2)
+    return nn.Sequential(nn.Linear(4, 6), nn.PReLU(6), nn.Linear(6, 6), nn.GLU(),
+                         nn.Linear(3, 3), nn.Softmin(dim=1), nn.Linear(3, 3)).to(DTYPE)
+
+
+@pytest.mark.parametrize("loss", list(REGRESSION))
+def test_lowered_losses_and_activations_against_brute_force(loss):
+    """Gradient, exact GGN diagonal and Hessian diagonal of a model with PReLU, GLU and
+    Softmin under Huber and smooth-L1 losses (before: refused, no rule), by torch.func."""
+    net, (x, _) = lowered_model(), batch()
+    y = torch.randn(x.size(0), 3, dtype=DTYPE, generator=torch.Generator().manual_seed(5))
+    loss_fn = REGRESSION[loss]
+    value, grad, diag, diag_h = fxcurv.compile(net, loss_fn, ["diag_ggn_exact", "diag_h"])(x, y)
+    expected = loss_fn(net(x), y)
+    torch.testing.assert_close(value, expected.detach(), rtol=1e-12, atol=0)
+    ggn = ggn_diagonal_brute_force(net, loss_fn, x, y)
+    for (name, p), g in zip(net.named_parameters(), torch.autograd.grad(expected,
+                                                                         list(net.parameters()))):
+        torch.testing.assert_close(grad[name], g, **TOL, msg=name)
+        torch.testing.assert_close(diag[name], ggn[name], **TOL, msg=name)
+
+        def of_param(value, name=name):
+            params = {**dict(net.named_parameters()), name: value}
+            return loss_fn(torch.func.functional_call(net, params, (x,)), y)
+        hessian = torch.func.hessian(of_param)(p.detach()).reshape(p.numel(), p.numel())
+        torch.testing.assert_close(diag_h[name], hessian.diagonal().reshape(p.shape), **TOL)
+
+
+def test_l1_loss_gives_the_gradient_and_refuses_curvature():
+    """L1 is piecewise linear in the output: the gradient is torch's (sign, 0 at 0) and the
+    GGN / Hessian quantities are refused as for any loss linear in the output."""
+    net, (x, _) = lowered_model(), batch()
+    y = torch.randn(x.size(0), 3, dtype=DTYPE)
+    _, grad = fxcurv.compile(net, nn.L1Loss(), [])(x, y)
+    expected = torch.autograd.grad(nn.L1Loss()(net(x), y), list(net.parameters()))
+    for (name, _), g in zip(net.named_parameters(), expected):
+        torch.testing.assert_close(grad[name], g, **TOL, msg=name)
+    with pytest.raises(fxcurv.CompileError, match="linear in the model output"):
+        fxcurv.compile(net, nn.L1Loss(), ["diag_ggn_exact"])
+
+
+def test_lowered_ops_refuse_what_they_cannot_represent():
+    net = nn.Sequential(nn.Linear(4, 3), nn.Softmin()).to(DTYPE)
+    with pytest.raises(fxcurv.CompileError, match="softmin without a dim"):
+        fxcurv.compile(net, nn.CrossEntropyLoss(), ["diag_ggn_exact"])
+    with pytest.raises(fxcurv.CompileError, match="'weight' argument"):
+        fxcurv.compile(model(), lambda out, y: F.huber_loss(out, y, weight=torch.ones(3)), [])
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_weighted_l1_loss_keeps_its_weight(reduction):
+    """PyTorch's dispatch for traced values drops l1_loss's ``weight`` (torch 2.14); the tracer
+    writes the weighted loss out instead (before: the unweighted loss and its gradient)."""
+    net, (x, _) = model(), batch()
+    y = torch.randn(x.size(0), 3, dtype=DTYPE)
+    weight = torch.rand(x.size(0), 3, dtype=DTYPE, generator=torch.Generator().manual_seed(2))
+
+    def loss_fn(out, target):
+        return F.l1_loss(out, target, weight=weight, reduction=reduction)
+    value, grad = fxcurv.compile(net, loss_fn, [], verify=False)(x, y)
+    expected = loss_fn(net(x), y)
+    torch.testing.assert_close(value, expected.detach(), rtol=1e-12, atol=0)
+    for (name, _), g in zip(net.named_parameters(),
+                            torch.autograd.grad(expected, list(net.parameters()))):
+        torch.testing.assert_close(grad[name], g, **TOL, msg=name)

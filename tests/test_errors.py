@@ -239,3 +239,28 @@ def test_source_lines_found_in_a_checkout_named_fxcurv(tmp_path):
     assert f'File "{script}", line' in lines[2] and "# USER LINE C" in lines[2]
     assert "module 1 (Branch)" in lines[1]
     assert "proxy.py" not in result.stdout and "torch/fx" not in result.stdout
+
+
+class _NormScaled(nn.Module):
+    """``h · ‖h‖_∞``: a lowered op (vector_norm) called with an order its rule refuses."""
+
+    def __init__(self):
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x):
+        h = self.linear(x)
+        return h * torch.linalg.vector_norm(h, ord=float("inf"), dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize("make, loss_fn", [
+    (_NormScaled, nn.CrossEntropyLoss()),
+    (lambda: nn.Sequential(nn.Linear(4, 3), nn.LogSoftmax(1)),
+     lambda out, y: nn.functional.nll_loss(out, y, reduce=False).sum()),
+], ids=["norm_of_order_inf", "nll_loss_legacy_reduce"])
+def test_unsupported_call_of_a_lowered_op_is_refused_not_lowered(make, loss_fn):
+    """A call whose arguments the rule does not support stays as it is and is refused (before:
+    lowered anyway; an inf-norm became (Σ|x|^inf)^0, the legacy ``reduce`` was dropped: wrong
+    numbers with ``verify=False``)."""
+    with pytest.raises(CompileError, match="order inf|deprecated 'size_average'/'reduce'"):
+        fxcurv.compile(make(), loss_fn, [], verify=False)

@@ -13,7 +13,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
 
-from .registry import FRESH, INTO_FIRST, MONOTONE, marked, unary
+from .registry import FRESH, INTO_FIRST, MONOTONE, Ctx, marked, register, unary
 
 SELU_ALPHA = 1.6732632423543772848170429916717
 SELU_SCALE = 1.0507009873554804934193349852946
@@ -225,3 +225,29 @@ def _clamp_unsupported(b: dict):
 unary([torch.clamp, torch.clip, "clamp", "clip"], "clamp", "input, min=None, max=None",
       doc="y = min(max(x, lo), hi) with number bounds;  y' = [lo <= x <= hi];  y'' = 0.",
       vjp={"input": _clamp_vjp}, hessian_is_zero=True, unsupported=_clamp_unsupported)
+
+
+def _lower_glu(c: Ctx):
+    """``y = a ⊙ σ(b)`` with ``a, b`` the halves of ``x`` along ``dim``: ``chunk``, ``sigmoid``,
+    ``mul``."""
+    halves = c.args.input.chunk(2, c.bound["dim"])
+    return halves[0] * torch.sigmoid(halves[1])
+
+
+register([F.glu], "glu", "input, dim=-1", doc=_lower_glu.__doc__, lower=_lower_glu)
+
+
+def _lower_softmin(c: Ctx):
+    """``y = softmax(-x, dim)``."""
+    return torch.softmax(-c.args.input, c.bound["dim"])
+
+
+def _softmin_unsupported(b: dict):
+    if b["dim"] is None or b["dtype"] is not None:
+        return ("softmin without a dim (the implicit choice depends on the rank) or with a "
+                "dtype has no rule; give nn.Softmin / F.softmin a dim")
+    return None
+
+
+register([F.softmin], "softmin", "input, dim=None, _stacklevel=3, dtype=None",
+         doc=_lower_softmin.__doc__, lower=_lower_softmin, unsupported=_softmin_unsupported)

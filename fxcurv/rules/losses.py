@@ -16,6 +16,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
+from torch.nn import _reduction as _Reduction
 
 from ..errors import node_error
 from .helpers import block_diagonal
@@ -522,3 +523,69 @@ loss([F.binary_cross_entropy_with_logits], "binary_cross_entropy_with_logits",
      sqrt_hessian=lambda c: c.call(bce_sqrt_hessian, c.args.input, c.bound["reduction"],
                                    c.args.target, c.args.weight, c.args.pos_weight),
      sqrt_hessian_mc=_bce_sqrt_hessian_mc, **_regression("binary_cross_entropy_with_logits"))
+
+
+# -- elementwise regression losses, lowered to ruled ops ---------------------------------------
+def _reduced(c: Ctx, values):
+    """``values`` reduced as the loss's ``reduction`` says."""
+    reduction = c.bound["reduction"]
+    if reduction == "mean":
+        return values.mean()
+    return values.sum() if reduction == "sum" else values
+
+
+def _huber_like(c: Ctx, width: float, scale: float):
+    """``ℓ = s·½d²/w`` where ``|d| < w``, else ``s·(|d| - ½w)``, ``d = f - y``: ``s = w``
+    (``w = δ``) is Huber, ``s = 1`` (``w = β``) smooth L1, ``w = 0`` L1 (``|d|``)."""
+    d = c.args.input - c.args.target
+    size = d.abs()
+    if width == 0:
+        return _reduced(c, size)
+    inside = d.square() * (0.5 * scale / width)
+    outside = (size - 0.5 * width) * scale if scale != 1 else size - 0.5 * width
+    return _reduced(c, torch.where(size < width, inside, outside))
+
+
+def _no_weight(b: dict) -> Optional[str]:
+    if b.get("weight") is not None:
+        return "the 'weight' argument of this loss is not supported"
+    return _legacy_args(b)
+
+
+register([F.huber_loss], "huber_loss", "input, target, reduction='mean', delta=1.0, weight=None",
+         doc="ℓ = ½d² where |d| < δ, else δ(|d| - ½δ), d = f - y;  lowered to abs, mul, where "
+             "and the reduction (ℓ'' = 1 inside, 0 outside).",
+         lower=lambda c: _huber_like(c, c.bound["delta"], c.bound["delta"]),
+         unsupported=_no_weight)
+register([F.smooth_l1_loss], "smooth_l1_loss",
+         "input, target, size_average=None, reduce=None, reduction='mean', beta=1.0",
+         doc="ℓ = ½d²/β where |d| < β, else |d| - ½β (β = 0: |d|), d = f - y;  lowered to abs, "
+             "mul, where and the reduction.",
+         lower=lambda c: _huber_like(c, c.bound["beta"], 1.0), unsupported=_no_weight)
+_L1_LOSS = F.l1_loss  # PyTorch's (the tracer puts l1_loss_keeping_weight in its place)
+
+
+def l1_loss_keeping_weight(input, target, size_average=None, reduce=None, reduction="mean",
+                           weight=None):
+    """``F.l1_loss`` while tracing: with a ``weight``, written out as PyTorch computes it
+    (``|f - y| ⊙ w``, summed, divided by ``Σ w`` for ``mean``), since PyTorch's dispatch for
+    traced values drops that argument (torch 2.14); without one, PyTorch's call (recorded as
+    a call of this function, whose rule is l1_loss's)."""
+    if weight is None:
+        return _L1_LOSS(input, target, size_average, reduce, reduction)
+    if size_average is not None or reduce is not None:
+        reduction = _Reduction.legacy_get_string(size_average, reduce)
+    errors = torch.abs(input - target) * weight
+    if reduction == "none":
+        return errors
+    if reduction == "sum":
+        return torch.sum(errors)
+    if reduction == "mean":
+        return torch.sum(errors) / torch.sum(weight)
+    raise ValueError(f"l1_loss: reduction {reduction!r} is unknown")
+
+
+register([F.l1_loss, l1_loss_keeping_weight], "l1_loss",
+         "input, target, size_average=None, reduce=None, reduction='mean', weight=None",
+         doc="ℓ = |f - y|;  lowered to abs and the reduction (ℓ'' = 0: a zero GGN).",
+         lower=lambda c: _huber_like(c, 0.0, 1.0), unsupported=_no_weight)

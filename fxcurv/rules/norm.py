@@ -436,7 +436,7 @@ if _tv_stochastic_depth is not None:
 
 
 # -- group and instance norm (lowered to layer_norm over each group's entries) ---------------
-def _per_channel(t, c: Ctx, name: str, op):
+def per_channel(t, c: Ctx, name: str, op):
     """``t op param`` with a per-channel ``param`` ``[C]`` on axis 1 of ``t`` ``[N, C, *]``
     (the channel axis moved last, where ``[C]`` broadcasts, and back)."""
     param = getattr(c.args, name)
@@ -451,8 +451,8 @@ def _grouped_layer_norm(c: Ctx, groups):
     x = c.args.input
     rows = x.reshape(x.size(0), groups, -1)
     normed = F.layer_norm(rows, [rows.size(2)], None, None, c.bound["eps"]).reshape(x.shape)
-    scaled = _per_channel(normed, c, "weight", lambda a, b: a * b)
-    return _per_channel(scaled, c, "bias", lambda a, b: a + b)
+    scaled = per_channel(normed, c, "weight", lambda a, b: a * b)
+    return per_channel(scaled, c, "bias", lambda a, b: a + b)
 
 
 register([F.group_norm], "group_norm", "input, num_groups, weight=None, bias=None, eps=1e-05",
@@ -473,3 +473,15 @@ register([F.instance_norm], "instance_norm",
          "input, running_mean=None, running_var=None, weight=None, bias=None, "
          "use_input_stats=True, momentum=0.1, eps=1e-05",
          doc=_lower_instance_norm.__doc__, lower=_lower_instance_norm)
+
+
+# -- PReLU (a parameter per channel, so beside the per-channel helper) ------------------------
+def _lower_prelu(c: Ctx):
+    """``y = x`` where ``x > 0``, else ``a·x``, with ``a`` ``[C]`` on the channel axis 1 (or one
+    ``a`` for all): ``where`` and a per-channel ``mul`` (``y' = 1`` or ``a`` as torch's, ``a``
+    also at 0; ``∂y/∂a = x`` where ``x ≤ 0``)."""
+    x = c.args.input
+    return torch.where(x > 0, x, per_channel(x, c, "weight", lambda t, a: t * a))
+
+
+register([torch.prelu], "prelu", "input, weight", doc=_lower_prelu.__doc__, lower=_lower_prelu)

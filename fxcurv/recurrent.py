@@ -62,7 +62,7 @@ def lower_recurrent(m: nn.RNNBase, path: str, length: Optional[int], fused: bool
     x = input if m.batch_first else input.transpose(0, 1)   # [N, T, I]
     x = _named(x.tracer.create_proxy("call_function", check_sequence, (x, length, 1, where),
                                      {}), f"{prefix}_input")
-    h0, c0 = _initial_states(m, hx)
+    h0, c0 = _initial_states(m.mode, hx)
     finals_h, finals_c = [], []
     for layer in range(m.num_layers):
         outputs = []
@@ -93,12 +93,8 @@ def lower_cell(m: nn.RNNCellBase, path: str, input: Any, hx: Any = None) -> Any:
     x = _named(input.tracer.create_proxy("call_function", check_cell_input, (input, where), {}),
                f"{prefix}_input")
     mode = _cell_mode(m)
-    h, c = hx if mode == "LSTM" and hx is not None else (hx, None)
     projected = _named(F.linear(x, m.weight_ih, m.bias_ih), f"{prefix}_x_proj")
-    if h is None:
-        h = _named(torch.zeros_like(projected[:, :m.hidden_size]), f"{prefix}_h0")
-    if c is None and mode == "LSTM":
-        c = _named(torch.zeros_like(projected[:, :m.hidden_size]), f"{prefix}_c0")
+    h, c = _zeros_if_absent(mode, prefix, projected, m.hidden_size, *_initial_states(mode, hx))
     hidden = _named(F.linear(h, m.weight_hh, m.bias_hh), f"{prefix}_h_proj")
     h, c = _cell(mode, prefix, projected, hidden, h, c)
     return (h, c) if mode == "LSTM" else h
@@ -141,13 +137,25 @@ def _caller() -> str:
     return f" ({frame})" if frame else ""
 
 
-def _initial_states(m: nn.RNNBase, hx: Any) -> tuple[Any, Any]:
-    """``(h0, c0)`` as given (``[L·D, N, H]`` each; ``None`` when absent)."""
+def _initial_states(mode: str, hx: Any) -> tuple[Any, Any]:
+    """``(h0, c0)`` as given (a layer's ``[L·D, N, H]`` each, a cell's ``[N, H]``; ``None``
+    when absent)."""
     if hx is None:
         return None, None
-    if m.mode == "LSTM":
+    if mode == "LSTM":
         return hx[0], hx[1]
     return hx, None
+
+
+def _zeros_if_absent(mode: str, name: str, like: Any, hidden: int, h: Any,
+                     c: Any) -> tuple[Any, Any]:
+    """``(h, c)`` with zeros ``[N, H]`` (shaped from ``like`` ``[N, ≥H]``) for an absent
+    state (``c`` of an LSTM only)."""
+    if h is None:
+        h = _named(torch.zeros_like(like[:, :hidden]), f"{name}_h0")
+    if c is None and mode == "LSTM":
+        c = _named(torch.zeros_like(like[:, :hidden]), f"{name}_c0")
+    return h, c
 
 
 def _pick(state: Any, index: int) -> Any:
@@ -184,10 +192,7 @@ def _direction(m: nn.RNNBase, name: str, layer: int, reverse: int, length: int, 
     outputs: list = [None] * length
     for t in steps:
         x_t = _named(by_step[t], f"{name}_t{t}_x")
-        if h is None:
-            h = _named(torch.zeros_like(x_t[:, :hidden]), f"{name}_h0")
-        if c is None and m.mode == "LSTM":
-            c = _named(torch.zeros_like(x_t[:, :hidden]), f"{name}_c0")
+        h, c = _zeros_if_absent(m.mode, name, x_t, hidden, h, c)
         h_t = _named(F.linear(h, w_hh, b_hh), f"{name}_t{t}_h_proj")
         h, c = _cell(m.mode, f"{name}_t{t}", x_t, h_t, h, c)
         outputs[t] = h

@@ -265,15 +265,8 @@ class CurvatureTracer(fx.Tracer):
 
     def call_module(self, m, forward, args, kwargs):
         lowering = self.lowerings.get(type(m))
-        if isinstance(m, RECURRENT):
-            path, length = self.path_of_module(m), self.sequence_length
-            path = path[len(MODEL) + 1:] if path.startswith(MODEL + ".") else path
-            forward = _lowered_call(m, lambda mod, *a, **k: lower_recurrent(
-                mod, path, length, self.fuse_recurrent, *a, **k))
-        elif isinstance(m, CELLS):
-            path = self.path_of_module(m)
-            path = path[len(MODEL) + 1:] if path.startswith(MODEL + ".") else path
-            forward = _lowered_call(m, lambda mod, *a, **k: lower_cell(mod, path, *a, **k))
+        if isinstance(m, RECURRENT + CELLS):
+            forward = _lowered_call(m, self._recurrent_lowering(m))
         elif lowering is not None:
             forward = _lowered_call(m, lowering)
         if _has_backward_hooks(m):
@@ -284,6 +277,15 @@ class CurvatureTracer(fx.Tracer):
             if not hasattr(err, "fxcurv_module"):  # the innermost module the error came from
                 err.fxcurv_module = (self.path_of_module(m), type(m))
             raise
+
+    def _recurrent_lowering(self, m: nn.Module) -> Callable:
+        """The lowering of a recurrent layer or cell, which names it by its path in the model."""
+        path = self.path_of_module(m)
+        path = path[len(MODEL) + 1:] if path.startswith(MODEL + ".") else path
+        if isinstance(m, CELLS):
+            return lambda mod, *a, **k: lower_cell(mod, path, *a, **k)
+        return lambda mod, *a, **k: lower_recurrent(mod, path, self.sequence_length,
+                                                    self.fuse_recurrent, *a, **k)
 
     def _hook_markers(self, forward: Callable) -> Callable:
         """``forward`` with every Proxy going in or out passed through an opaque

@@ -121,6 +121,8 @@ SHAPE_BLOCKS: dict[str, Callable] = {
     "base_changed_under_view": _base_changed_under_view,
     "relu_in_place": _relu_in_place,
     "custom_function": Scale5.apply,
+    "inf_norm_scale": lambda h: h * torch.linalg.vector_norm(h, ord=float("inf"), dim=1,
+                                                             keepdim=True),
 }
 
 
@@ -146,11 +148,18 @@ def _weighted_bce(out, y):
                                               pos_weight=pos_weight)
 
 
+def _weighted_l1(out, y):
+    """L1 with a weight per entry (PyTorch's dispatch for traced values drops it)."""
+    weight = torch.linspace(0.5, 2.0, out.numel(), dtype=out.dtype).reshape(out.shape)
+    return F.l1_loss(out, y, weight=weight)
+
+
 LOSSES = {  # name -> (loss, classification target?)
     "mse_mean": (nn.MSELoss(), False), "mse_sum": (nn.MSELoss(reduction="sum"), False),
     "ce_mean": (nn.CrossEntropyLoss(), True), "ce_sum": (nn.CrossEntropyLoss(reduction="sum"), True),
     "half_sse": (_half_sse, False), "ce_with_penalty": (_ce_with_penalty, True),
     "log_cosh": (_log_cosh, False), "weighted_bce": (_weighted_bce, False),
+    "huber": (nn.HuberLoss(delta=0.5), False), "weighted_l1": (_weighted_l1, False),
 }
 
 
@@ -307,6 +316,7 @@ REGRESSIONS = {
     "fft_real": "refused",              # was: .real a constant, fft never checked
     "custom_function": "refused",       # was: traced through forward, custom backward lost
     "unbind_stack_whole": "refused",    # was: a TypeError from stack's rule (no CompileError)
+    "inf_norm_scale": "refused",        # was: lowered anyway, (Σ|h|^inf)^0 in place of max|h|
 }
 
 

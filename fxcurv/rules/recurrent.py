@@ -141,11 +141,10 @@ def lstm_layer_vjp(output_bar: Optional[Tensor], h_bar: Optional[Tensor],
                    c_bar: Optional[Tensor], lead: int, input: Tensor, weight_ih: Tensor,
                    weight_hh: Tensor, bias_ih: Optional[Tensor], bias_hh: Optional[Tensor],
                    h0: Optional[Tensor], c0: Optional[Tensor], reverse: bool, output: Tensor,
-                   h_last: Tensor, c_last: Tensor, workspace: Tensor,
-                   output_mask: List[bool]) -> List[Tensor]:
+                   h_last: Tensor, c_last: Tensor, workspace: Tensor) -> List[Tensor]:
     """``[x̄, W̄_ih, W̄_hh, b̄_ih, b̄_hh, h̄_0, c̄_0]`` of :func:`lstm_layer` for cotangents of
-    its pieces (``None``: that piece is unused), each with ``lead`` leading vector axes;
-    ``output_mask`` is accepted for the cleanup pass, all seven are computed."""
+    its pieces (``None``: that piece is unused), each with ``lead`` leading vector axes (the
+    kernel computes all seven at once)."""
     hidden = weight_hh.size(1)
     h = _state_or_zeros(h0, input, hidden)
     c = _state_or_zeros(c0, input, hidden)
@@ -260,8 +259,7 @@ def _lstm_vjp(position: int):
             bars[index] = piece if bars[index] is None else bars[index] + piece
         args = [getattr(c.args, name) for name in _LSTM_ARGS] + [c.bound["reverse"]]
         pieces = [c.out[k] for k in range(4)]
-        return c.call(lstm_layer_vjp, *bars, c.lead, *args, *pieces,
-                      output_mask=[True] * 7)[position]
+        return c.call(lstm_layer_vjp, *bars, c.lead, *args, *pieces)[position]
     return vjp
 
 

@@ -598,6 +598,19 @@ def test_cells_first_order_ggn_and_hessian(kind, given_state, one_thread):
     assert_dicts(hmp, block_products(ref["flat"], ref["hessian"].sum(0), vectors), "hmp")
 
 
+@pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::FutureWarning")
+def test_cell_step_scripts(one_thread):
+    """A cell model's step (LSTM cell, given states) scripts and gives the same numbers."""
+    torch.manual_seed(4)
+    model = CellLoop("lstm", True).to(DTYPE)
+    x, y = batch()
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["diag_ggn_exact"])
+    eager, scripted = step(x, y), torch.jit.script(step)(x, y)
+    for a, b in zip(eager[1:], scripted[1:]):
+        for name in a:
+            torch.testing.assert_close(b[name], a[name], rtol=1e-12, atol=0)
+
+
 def test_cell_needs_batched_input():
     """An unbatched (1-D) input has no sample axis: the step says so when it runs."""
     model = nn.Sequential(nn.GRUCell(I, H), nn.Linear(H, C)).to(DTYPE)

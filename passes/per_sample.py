@@ -43,7 +43,7 @@ def factor_product(factor: Tensor, vectors: Tensor) -> Tensor:
     """``Σ_{k,n} Q_kn ⟨Q_kn, v⟩`` for each ``v``: ``Q`` ``[K, N, *p]``, ``vectors`` ``[V, *p]``
     -> ``[V, *p]`` (the block ``QᵀQ`` of a factorised curvature times each vector)."""
     flat = factor.reshape(factor.size(0) * factor.size(1), -1)      # [K·N, P]
-    projections = torch.matmul(flat, vectors.flatten(1).t())          # [K·N, V]
+    projections = torch.matmul(flat, vectors.reshape(vectors.size(0), -1).t())  # [K·N, V]
     return torch.matmul(projections.t(), flat).reshape(vectors.shape)
 
 
@@ -290,7 +290,8 @@ class PerSample:
             quick = self._shortcut_total(name, "batch_l2")
             if quick is not None:
                 return quick
-            return self.batch(name).square().flatten(1).sum(1)
+            terms = self.batch(name)  # [N, *p]; p may be a 0-d parameter
+            return terms.square().reshape(terms.size(0), -1).sum(1)
         return self.memoized("batch_l2", name, label, build)
 
     def product(self, name: str, label: str, vectors: Any) -> Any:

@@ -102,6 +102,12 @@ EMBEDDING = [
 DROPOUT = [
     case("dropout_eval", lambda x: F.dropout(x, 0.3, training=False), rand(3, 4)),
     case("dropout_p0_train", lambda x: F.dropout(x, 0.0, training=True), rand(3, 4)),
+    case("dropout1d_eval", lambda x: F.dropout1d(x, 0.3, training=False), rand(3, 2, 4)),
+    case("dropout2d_eval", lambda x: F.dropout2d(x, 0.3, training=False), rand(3, 2, 2, 2)),
+    case("dropout3d_p0_train", lambda x: F.dropout3d(x, 0.0), rand(3, 2, 1, 2, 2)),
+    case("alpha_dropout_eval", lambda x: F.alpha_dropout(x, 0.3), rand(3, 4)),
+    case("feature_alpha_dropout_eval", lambda x: F.feature_alpha_dropout(x, 0.3),
+         rand(3, 2, 2)),
 ]
 
 CASES = BATCH_NORM + LAYER_NORM + EMBEDDING + DROPOUT

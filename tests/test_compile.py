@@ -1,6 +1,7 @@
 """The compile contract: what the step is, returns and generates (DESIGN.md §1)."""
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
@@ -147,6 +148,66 @@ def test_train_mode_dropout_reuses_its_mask_in_the_backward():
     h = model[0](x)
     keep = torch.bernoulli(torch.full_like(h, 0.6))
     reference = nn.CrossEntropyLoss()(model[2](h * (keep / 0.6)), y)
+    reference.backward()
+    torch.testing.assert_close(loss, reference.detach(), rtol=1e-12, atol=0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grad[name], p.grad, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(batch_grad[name].sum(0), p.grad, rtol=1e-10, atol=1e-14)
+
+
+FEATURE_DROPOUTS = {"dropout1d": (nn.Dropout1d, nn.Conv1d, (6, 2, 7)),
+                    "dropout2d": (nn.Dropout2d, nn.Conv2d, (6, 2, 5, 5)),
+                    "dropout3d": (nn.Dropout3d, nn.Conv3d, (6, 2, 3, 3, 3)),
+                    "alpha_dropout": (nn.AlphaDropout, nn.Conv2d, (6, 2, 5, 5)),
+                    "feature_alpha_dropout": (nn.FeatureAlphaDropout, nn.Conv2d, (6, 2, 5, 5))}
+
+
+@pytest.mark.parametrize("kind", list(FEATURE_DROPOUTS))
+def test_train_mode_dropout_variants_match_torch_with_the_same_seed(kind):
+    """Channel-wise (``Dropout1d/2d/3d``) and alpha dropout (before: refused, no rule) draw
+    their masks as torch does: with the same seed, loss and gradient equal eager autograd's,
+    and the per-sample gradients sum to the gradient."""
+    dropout, conv, shape = FEATURE_DROPOUTS[kind]
+    torch.manual_seed(0)
+    model = nn.Sequential(conv(2, 4, 3), dropout(0.4), nn.Flatten(), nn.LazyLinear(3))
+    x = torch.randn(*shape, dtype=torch.float64)
+    model = model.double().train()
+    model(x)  # materialise the lazy layer
+    y = torch.randint(0, 3, (shape[0],))
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_grad"])
+    torch.manual_seed(3)
+    loss, grad, batch_grad = step(x, y)
+    torch.manual_seed(3)
+    reference = nn.CrossEntropyLoss()(model(x), y)
+    reference.backward()
+    torch.testing.assert_close(loss, reference.detach(), rtol=1e-12, atol=0)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grad[name], p.grad, rtol=1e-10, atol=1e-14)
+        torch.testing.assert_close(batch_grad[name].sum(0), p.grad, rtol=1e-10, atol=1e-14)
+    assert "dropout" not in fxcurv.compile(model.eval(), nn.CrossEntropyLoss()).code
+
+
+def test_rrelu_uses_the_mean_slope_in_eval_and_one_draw_per_call_in_train_mode():
+    """RReLU (before: refused): eval mode is leaky ReLU with slope (l + u)/2; train mode
+    draws a slope in [l, u] per negative entry once per call, and the backward uses it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.RReLU(0.1, 0.3), nn.Linear(8, 3)).double()
+    x, y = batch()
+    step = fxcurv.compile(model.eval(), nn.CrossEntropyLoss())
+    assert "leaky_relu" in step.code
+    _, grad = step(x, y)
+    nn.CrossEntropyLoss()(model(x), y).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grad[name], p.grad, rtol=1e-10, atol=1e-14)
+    model.zero_grad()
+    step = fxcurv.compile(model.train(), nn.CrossEntropyLoss(), ["batch_grad"])
+    torch.manual_seed(3)
+    loss, grad, batch_grad = step(x, y)
+    torch.manual_seed(3)  # replay the slopes by hand, then differentiate with autograd
+    h = model[0](x)
+    drawn = torch.empty_like(h).uniform_(0.1, 0.3)
+    assert ((drawn >= 0.1) & (drawn <= 0.3)).all()
+    reference = nn.CrossEntropyLoss()(model[2](h * torch.where(h > 0, 1.0, drawn)), y)
     reference.backward()
     torch.testing.assert_close(loss, reference.detach(), rtol=1e-12, atol=0)
     for name, p in model.named_parameters():

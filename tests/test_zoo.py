@@ -31,6 +31,9 @@ second derivatives of the model's ops: ``diag_h diag_h_batch hmp pchmp_abs pchmp
 | excite         | h * s, t * h, s * t (broadcast gates)        | CE        | -                               |
 | divided        | tanh(linear(x)) / d, d a raw parameter       | CE        | 2nd (truediv)                   |
 | nll            | log_softmax then NLLLoss                     | NLL       | -                               |
+| smooth_acts    | softsign, tanhshrink, CELU, softshrink, ...  | CE        | -                               |
+| rms_norm       | nn.RMSNorm over [D] (affine) and [T, D]      | CE        | -                               |
+| weight_norm    | weight_norm parametrizations (dim 0, None)   | MSE       | 2nd (_weight_norm_square)       |
 
 (CE: ``CrossEntropyLoss``, MSE: ``MSELoss``, BCE: ``BCEWithLogitsLoss``; mean unless "sum".)
 
@@ -328,6 +331,49 @@ class LogSoftmaxNet(nn.Module):
         return logits if self.return_logits else F.log_softmax(logits, dim=1)
 
 
+class SmoothActivations(nn.Module):
+    """17. softsign, tanhshrink, CELU, softshrink and threshold between layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(4 if i == 0 else 5, 5) for i in range(4))
+        self.acts = nn.ModuleList([nn.Softsign(), nn.Tanhshrink(), nn.CELU(0.7),
+                                   nn.Sequential(nn.Softshrink(0.2), nn.Threshold(-0.1, 0.3))])
+        self.head = nn.Linear(5, 3)
+
+    def forward(self, x):
+        for layer, act in zip(self.layers, self.acts):
+            x = act(layer(x))
+        return self.head(x)
+
+
+class RMSNormNet(nn.Module):
+    """18. ``nn.RMSNorm`` over features (default eps, affine) and over ``[T, D]`` (no affine)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.norm = nn.Linear(D, D), nn.RMSNorm(D)
+        self.plain = nn.RMSNorm([T, D], eps=1e-3, elementwise_affine=False)
+        self.head = nn.Linear(D, 3)
+
+    def forward(self, x):
+        h = self.plain(torch.tanh(self.norm(self.fc(x))))
+        return self.head(h.mean(1))
+
+
+class WeightNormed(nn.Module):
+    """19. ``weight_norm`` parametrizations: a linear layer (per output row) and a convolution
+    (``dim=None``: one norm of the whole weight)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.utils.parametrizations.weight_norm(nn.Conv1d(2, 3, 2), dim=None)
+        self.fc = nn.utils.parametrizations.weight_norm(nn.Linear(9, 3))
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.conv(x)).flatten(1))
+
+
 # ------------------------------------------------------------------------------------- specs
 def _randn(gen, *shape):
     return torch.randn(*shape, generator=gen, dtype=DTYPE)
@@ -391,6 +437,17 @@ SPECS: dict[str, Spec] = {
                              for q in RESIDUAL}),
     "nll": Spec(LogSoftmaxNet, nn.NLLLoss(), lambda g: (_randn(g, 4, 4), _labels(g, 3, 4)),
                 logits=True),
+    "smooth_acts": Spec(SmoothActivations, nn.CrossEntropyLoss(),
+                        lambda g: (_randn(g, 4, 4), _labels(g, 3, 4))),
+    "rms_norm": Spec(RMSNormNet, nn.CrossEntropyLoss(),
+                     lambda g: (_randn(g, 3, T, D), _labels(g, 3, 3)),
+                     kron_blocks=("norm.weight",), pch_reference=False),
+    "weight_norm": Spec(WeightNormed, nn.MSELoss(),
+                        lambda g: (_randn(g, 3, 2, 4), _randn(g, 3, 3)),
+                        kron_blocks=tuple(f"{m}.parametrizations.weight.original{i}"
+                                          for m in ("conv", "fc") for i in (0, 1)),
+                        refused={q: ("_weight_norm_square", "a value without a sample axis")
+                                 for q in RESIDUAL}),
 }
 NAMES = list(SPECS)
 
@@ -526,7 +583,7 @@ def ggn_per_sample(case: Case, flat: Flat, model, loss_fn) -> torch.Tensor:
 
 
 UNARY = {torch.tanh, torch.Tensor.tanh, torch.sigmoid, torch.Tensor.sigmoid, F.softplus,
-         F.gelu, F.silu}
+         F.gelu, F.silu, F.softsign, F.tanhshrink, F.celu}
 PRODUCT = {torch.mul, torch.Tensor.mul, torch.Tensor.__mul__, torch.Tensor.__rmul__}
 BLOCK = {torch.softmax, torch.Tensor.softmax, F.softmax, F.layer_norm}  # dense residual blocks
 MATMUL = {torch.matmul, torch.Tensor.matmul, torch.Tensor.__matmul__}
@@ -723,7 +780,7 @@ def test_first_order_quantities_match_vmap_grad(name):
     for p, g in ref.batch_grad.items():
         close(g.sum(0), ref.grad[p], f"reference self-check Σ_n g_n = grad [{p}]")
         close(ours(name, "batch_grad")[p], g, f"batch_grad[{p}]")
-        close(ours(name, "batch_l2")[p], g.flatten(1).square().sum(1), f"batch_l2[{p}]")
+        close(ours(name, "batch_l2")[p], g.reshape(n, -1).square().sum(1), f"batch_l2[{p}]")
         close(ours(name, "sum_grad_squared")[p], g.square().sum(0), f"sum_grad_squared[{p}]")
         close(ours(name, "variance")[p], g.square().sum(0) / n - (g.sum(0) / n).square(),
               f"variance[{p}]")
@@ -786,6 +843,8 @@ def test_kflr_shapes_and_linear_layer_factors(name):
         if x.dim() != 2:
             continue
         weight, bias = f"{layer}.weight", f"{layer}.bias"
+        if weight not in factors:  # a parametrized weight (weight_norm): its [G] above
+            continue
         g_bias = ref.flat.block(ref.ggn, bias).sum(0)
         close(factors[bias][0], g_bias, f"kflr G [{bias}]")
         close(factors[weight][0], g_bias, f"kflr G [{weight}]")

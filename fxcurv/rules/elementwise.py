@@ -13,7 +13,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import Tensor
 
-from .registry import FRESH, INTO_FIRST, MONOTONE, Ctx, marked, register, unary
+from .registry import FRESH, INTO_FIRST, MONOTONE, RANDOM, Ctx, marked, register, unary
 
 SELU_ALPHA = 1.6732632423543772848170429916717
 SELU_SCALE = 1.0507009873554804934193349852946
@@ -147,6 +147,11 @@ unary([torch.sqrt, "sqrt"], "sqrt", "input",
       doc="y = √x;  y' = 1/(2y);  y'' = -1/(4y³).", vjp={"input": lambda g, c: g / (2 * c.out)},
       residual={"input": lambda g, c: -g / (4 * c.out * c.out * c.out)})
 
+unary([torch.rsqrt, "rsqrt"], "rsqrt", "input",
+      doc="y = 1/√x;  y' = -y³/2;  y'' = 3y⁵/4.",
+      vjp={"input": lambda g, c: g * (-0.5 * c.out * c.out * c.out)},
+      residual={"input": lambda g, c: g * (0.75 * c.out.square().square() * c.out)})
+
 ERF_SCALE = 2.0 / math.sqrt(math.pi)
 
 unary([torch.erf, torch.special.erf, "erf"], "erf", "input",
@@ -158,6 +163,50 @@ unary([torch.erf, torch.special.erf, "erf"], "erf", "input",
 unary([torch.square, "square"], "square", "input",
       doc="y = x²;  y' = 2x;  y'' = 2.", vjp={"input": lambda g, c: g * (2 * c.args.input)},
       residual={"input": lambda g, c: g * 2})
+
+
+unary([F.tanhshrink], "tanhshrink", "input",
+      doc="y = x - tanh x;  y' = tanh² x;  y'' = 2 tanh x (1 - tanh² x).",
+      vjp={"input": lambda g, c: g * torch.tanh(c.args.input).square()},
+      residual={"input": lambda g, c: g * _tanhshrink_second_derivative(c.args.input)})
+
+
+def _tanhshrink_second_derivative(x):
+    t = torch.tanh(x)
+    return 2 * t * (1 - t * t)
+
+
+def _softsign_slope(x):
+    """``1/(1 + |x|)``."""
+    return 1 / (1 + x.abs())
+
+
+unary([F.softsign], "softsign", "input",
+      doc="y = x/(1 + |x|);  y' = 1/(1 + |x|)²;  y'' = -2 sign(x)/(1 + |x|)³ (0 at 0, as "
+          "torch's double backward).",
+      vjp={"input": lambda g, c: g * _softsign_slope(c.args.input).square()},
+      residual={"input": lambda g, c: g * (-2 * torch.sign(c.args.input)
+                                           * _softsign_slope(c.args.input) ** 3)})
+
+def celu_input_scale(alpha: float) -> float:
+    """``1/α`` as torch's CELU backward takes it: ``α`` rounded to float32 first."""
+    return 1.0 / torch.tensor(alpha, dtype=torch.float32).item()
+
+
+def _celu_slope(c: Ctx):
+    """torch's ``elu_backward`` for CELU, ``α s e^{x s}`` with ``s = 1/float32(α)`` (exact
+    ``e^{x/α}`` up to the float32 rounding of ``α``, which torch applies in float64 too)."""
+    scale = celu_input_scale(c.bound["alpha"])
+    return c.args.alpha * scale * torch.exp(c.args.input * scale)
+
+
+unary([F.celu, torch.celu, "celu"], "celu", "input, alpha=1.0, inplace=False",
+      doc="y = x if x > 0 else α(e^{x/α} - 1);  y' = 1 or e^{x/α};  y'' = 0 or e^{x/α}/α "
+          "(as torch's backward: 1/α from α rounded to float32).",
+      vjp={"input": lambda g, c: torch.where(c.args.input > 0, g, g * _celu_slope(c))},
+      residual={"input": lambda g, c: torch.where(
+          c.args.input > 0, g * 0,
+          g * (_celu_slope(c) * celu_input_scale(c.bound["alpha"])))})
 
 
 # -- piecewise-linear activations (y'' = 0 almost everywhere) --------------------------------
@@ -203,6 +252,41 @@ unary([F.hardswish, "hardswish"], "hardswish", "input, inplace=False",
 unary([torch.abs, "abs"], "abs", "input",
       doc="y = |x|;  y' = sign(x) (0 at 0, as torch);  y'' = 0.",
       vjp={"input": lambda g, c: g * torch.sign(c.args.input)}, hessian_is_zero=True)
+
+
+unary([F.threshold, torch.threshold, "threshold"], "threshold",
+      "input, threshold, value, inplace=False",
+      doc="y = x if x > t else v;  y' = [x > t] (torch's threshold_backward);  y'' = 0.",
+      vjp={"input": lambda g, c: torch.where(c.args.input > c.args.threshold, g, g * 0)},
+      hessian_is_zero=True)
+
+unary([F.softshrink, "softshrink"], "softshrink", "input, lambd=0.5",
+      doc="y = x - λ if x > λ, x + λ if x < -λ, else 0;  y' = [|x| > λ];  y'' = 0.",
+      vjp={"input": lambda g, c: torch.where(c.args.input.abs() > c.args.lambd, g, g * 0)},
+      hessian_is_zero=True)
+
+
+def _lower_rrelu(c: Ctx):
+    """Eval mode: ``leaky_relu`` with the mean slope ``(l + u)/2``. Train mode:
+    ``y = x ⊙ a`` with ``a = 1`` where ``x > 0``, else a slope drawn from ``U(l, u)`` once
+    per call and entry (:func:`rrelu_slopes`), so the backward multiplies by the same ``a``."""
+    low, high, x = c.bound["lower"], c.bound["upper"], c.args.input
+    if not c.bound["training"]:
+        return F.leaky_relu(x, (low + high) / 2)
+    return x * c.call(rrelu_slopes, x, low, high)
+
+
+def rrelu_slopes(x: Tensor, low: float, high: float) -> Tensor:
+    """RReLU's train-mode multiplier: 1 where ``x > 0``, else a draw from ``U(low, high)``."""
+    drawn = torch.empty_like(x).uniform_(low, high)
+    return torch.where(x > 0, torch.ones_like(x), drawn)
+
+
+register([rrelu_slopes], "rrelu_slopes", "x, low, high", constant=True, traits=(RANDOM,),
+         doc="A random multiplier: no derivative.")
+register([F.rrelu, "rrelu"], "rrelu",
+         "input, lower=1.0 / 8, upper=1.0 / 3, training=False, inplace=False",
+         doc=_lower_rrelu.__doc__, lower=_lower_rrelu)
 
 
 def _clamp_vjp(g, c):

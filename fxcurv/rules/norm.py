@@ -15,6 +15,7 @@ every axis but the parameter's. Per sample, the sums keep the sample axis.
 """
 from __future__ import annotations
 
+import math
 from typing import List, Optional, Tuple
 
 import torch
@@ -334,6 +335,54 @@ register([F.layer_norm], "layer_norm", "input, normalized_shape, weight=None, bi
          residual_block={("input",): _ln_residual_block})
 
 
+# -- RMS norm (lowered) ----------------------------------------------------------------------
+def rms_norm_default_eps(x: Tensor) -> Tensor:
+    """torch's default ``eps`` of ``rms_norm``: the machine epsilon of ``x``'s computation
+    type (float64 for float64, else float32), as a 0-d tensor of ``x``'s dtype."""
+    # torch.finfo(...).eps of float64 and float32 (TorchScript has no finfo)
+    eps = 2.220446049250313e-16 if x.dtype == torch.float64 else 1.1920928955078125e-07
+    return torch.full([], eps, dtype=x.dtype, device=x.device)
+
+
+register([rms_norm_default_eps], "rms_norm_default_eps", "x", constant=True,
+         doc="A constant of the input's dtype: no derivative.")
+
+
+def _lower_rms_norm(c: Ctx):
+    """``y = γ ⊙ x / √(mean(x²) + eps)``, the mean over the last ``len(S)`` axes
+    (``S = normalized_shape``, ``γ: S``): ``square``, ``mean``, ``rsqrt``, ``mul`` (as torch
+    computes it; ``eps = None``: the dtype's machine epsilon)."""
+    x, eps = c.args.input, c.bound["eps"]
+    axes = list(range(-len(c.bound["normalized_shape"]), 0))
+    if eps is None:
+        eps = c.call(rms_norm_default_eps, x)
+    y = x * torch.rsqrt(x.square().mean(axes, keepdim=True) + eps)
+    return y if c.args.weight is None else y * c.args.weight
+
+
+register([F.rms_norm, torch.rms_norm], "rms_norm", "input, normalized_shape, weight=None, eps=None",
+         doc=_lower_rms_norm.__doc__, lower=_lower_rms_norm)
+
+
+# -- weight norm (lowered) -------------------------------------------------------------------
+def _lower_weight_norm(c: Ctx):
+    """``w = v ⊙ g / ‖v‖`` (torch's ``_weight_norm``, behind ``nn.utils.weight_norm`` and
+    ``nn.utils.parametrizations.weight_norm``): the 2-norm of each slice of ``v`` along
+    ``dim`` (``g``: ``v.size(dim)`` entries, 1 elsewhere), of all of ``v`` for ``dim = -1``;
+    ``transpose``, ``reshape``, ``square``, ``sum``, ``sqrt``, ``div``, ``mul``."""
+    v, g, dim = c.args.v, c.args.g, c.bound["dim"]
+    if dim == -1:
+        norms = v.square().sum().sqrt()
+    else:
+        rows = v if dim == 0 else v.transpose(0, dim)
+        norms = rows.reshape(rows.size(0), -1).square().sum(1).sqrt()
+    return v * (g / norms.reshape(g.shape))
+
+
+register([torch._weight_norm], "weight_norm", "v, g, dim=0", doc=_lower_weight_norm.__doc__,
+         lower=_lower_weight_norm)
+
+
 # -- embedding -------------------------------------------------------------------------------
 def _embedding_unsupported(b: dict) -> Optional[str]:
     if b["max_norm"] is not None:
@@ -396,6 +445,65 @@ def _lower_dropout(c: Ctx):
 
 register([F.dropout, torch.dropout], "dropout", "input, p=0.5, training=True, inplace=False",
          doc=_lower_dropout.__doc__, lower=_lower_dropout, traits=(VIEW,))  # eval: y is x
+
+
+def feature_keep_mask(x: Tensor, keep: float, unbatched_rank: int) -> Tensor:
+    """A Bernoulli(``keep``) draw per channel, ``[N, C, 1, ...]``, as torch's feature dropout
+    draws it; an input of rank ``unbatched_rank`` has no batch axis in torch's reading
+    (``[C, *]``: one draw per entry of axis 0, ``[C, 1, ...]``)."""
+    if x.dim() == unbatched_rank:
+        size = [x.size(0)] + [1] * (x.dim() - 1)
+    else:
+        size = [x.size(0), x.size(1)] + [1] * (x.dim() - 2)
+    return torch.bernoulli(torch.full(size, keep, dtype=x.dtype, device=x.device))
+
+
+register([feature_keep_mask], "feature_keep_mask", "x, keep, unbatched_rank", constant=True,
+         traits=(RANDOM,), doc="A random mask: no derivative.")
+
+# torch's alpha dropout: the negative saturation value -λα of SELU
+ALPHA_DROPOUT_SATURATION = 1.7580993408473766
+
+
+def _keep_mask(c: Ctx, unbatched_rank: Optional[int]):
+    """Entrywise (``unbatched_rank`` None) or per-channel Bernoulli(1 - p) mask of the input."""
+    keep = 1.0 - c.bound["p"]
+    if unbatched_rank is None:
+        return torch.bernoulli(torch.full_like(c.args.input, keep))
+    return c.call(feature_keep_mask, c.args.input, keep, unbatched_rank)
+
+
+def _lower_dropout_variant(c: Ctx, alpha: bool, unbatched_rank: Optional[int]):
+    """Eval mode (or p = 0): ``y = x``; p = 1: ``y = 0·x``. Train mode, with a mask ``m``
+    drawn once per call (per entry, or per channel for feature dropout): dropout
+    ``y = x ⊙ m/(1 - p)``; alpha dropout ``y = x ⊙ a m + α a (m - 1 + p)`` with
+    ``α = 1.7581`` and ``a = ((α² p + 1)(1 - p))^{-1/2}`` (torch's formula: the output keeps
+    SELU's mean and variance). Every backward pass multiplies by the same ``m``."""
+    p, x = c.bound["p"], c.args.input
+    if not c.bound["training"] or p == 0:
+        return x
+    if p == 1:
+        return x * 0
+    mask = _keep_mask(c, unbatched_rank)
+    if not alpha:
+        return x * (mask / (1.0 - p))
+    a = 1.0 / math.sqrt((ALPHA_DROPOUT_SATURATION ** 2 * p + 1) * (1 - p))
+    shift = ALPHA_DROPOUT_SATURATION * a
+    return x * (mask * a) + (mask * shift + (shift * p - shift))
+
+
+_DROPOUT_PARAMS = "input, p=0.5, training=True, inplace=False"
+_ALPHA_DROPOUT_PARAMS = "input, p=0.5, training=False, inplace=False"  # F.*'s own defaults
+register([F.alpha_dropout, torch.alpha_dropout], "alpha_dropout", _ALPHA_DROPOUT_PARAMS,
+         doc=_lower_dropout_variant.__doc__,
+         lower=lambda c: _lower_dropout_variant(c, True, None), traits=(VIEW,))
+register([F.feature_alpha_dropout, torch.feature_alpha_dropout], "feature_alpha_dropout",
+         _ALPHA_DROPOUT_PARAMS, doc=_lower_dropout_variant.__doc__,
+         lower=lambda c: _lower_dropout_variant(c, True, -1), traits=(VIEW,))
+for _rank, _dropout in ((2, F.dropout1d), (-1, F.dropout2d), (4, F.dropout3d)):
+    register([_dropout], _dropout.__name__, _DROPOUT_PARAMS, doc=_lower_dropout_variant.__doc__,
+             lower=lambda c, rank=_rank: _lower_dropout_variant(c, False, rank),
+             traits=(VIEW,))
 
 
 # -- stochastic depth (torchvision.ops.stochastic_depth) -------------------------------------

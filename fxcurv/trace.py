@@ -153,11 +153,42 @@ def _transformer_encoder(m: nn.TransformerEncoder, src, mask=None, src_key_paddi
     return m.norm(src) if m.norm is not None else src
 
 
+def _transformer_decoder(m: nn.TransformerDecoder, tgt, memory, tgt_mask=None,
+                         memory_mask=None, tgt_key_padding_mask=None,
+                         memory_key_padding_mask=None, tgt_is_causal=None,
+                         memory_is_causal=False):
+    """The layers in turn, then the final norm. torch's own forward guesses ``tgt_is_causal``
+    by comparing ``tgt_mask`` with a causal mask (a branch on tensor values); the hint only
+    picks a kernel, and the attention here always applies the mask it is given."""
+    for layer in m.layers:
+        tgt = layer(tgt, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                    tgt_key_padding_mask=tgt_key_padding_mask,
+                    memory_key_padding_mask=memory_key_padding_mask,
+                    tgt_is_causal=bool(tgt_is_causal), memory_is_causal=memory_is_causal)
+    return m.norm(tgt) if m.norm is not None else tgt
+
+
+def _transformer(m: nn.Transformer, src, tgt, src_mask=None, tgt_mask=None, memory_mask=None,
+                 src_key_padding_mask=None, tgt_key_padding_mask=None,
+                 memory_key_padding_mask=None, src_is_causal=None, tgt_is_causal=None,
+                 memory_is_causal=False):
+    """Encoder then decoder, as ``nn.Transformer.forward`` without its shape checks (Python
+    branches on ``src.dim()`` and sizes, unknown while tracing)."""
+    memory = m.encoder(src, mask=src_mask, src_key_padding_mask=src_key_padding_mask,
+                       is_causal=src_is_causal)
+    return m.decoder(tgt, memory, tgt_mask=tgt_mask, memory_mask=memory_mask,
+                     tgt_key_padding_mask=tgt_key_padding_mask,
+                     memory_key_padding_mask=memory_key_padding_mask,
+                     tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal)
+
+
 MODULE_LOWERINGS: dict[type, Callable] = {
     nn.BatchNorm1d: _batch_norm, nn.BatchNorm2d: _batch_norm, nn.BatchNorm3d: _batch_norm,
     nn.MultiheadAttention: _multihead_attention,
     nn.TransformerEncoderLayer: _transformer_encoder_layer,
     nn.TransformerEncoder: _transformer_encoder,
+    nn.TransformerDecoder: _transformer_decoder,
+    nn.Transformer: _transformer,
 }
 
 

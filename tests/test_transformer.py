@@ -457,3 +457,30 @@ class PiecesSlice(nn.Module):
 def test_unsupported_indexing_and_einsum_fail_at_compile_time(model, message):
     with pytest.raises(fxcurv.CompileError, match=message):
         fxcurv.compile(model.double(), nn.CrossEntropyLoss())
+
+
+class EncoderDecoder(nn.Module):
+    """``nn.Transformer`` (one encoder and one decoder layer) translating ``x`` into a shifted
+    copy of itself, with a causal target mask built in ``forward``; mean over T, head."""
+
+    def __init__(self, norm_first: bool):
+        super().__init__()
+        self.transformer = nn.Transformer(D, HEADS, 1, 1, 2 * D, dropout=0.0,
+                                          batch_first=True, norm_first=norm_first)
+        self.head = nn.Linear(D, CLASSES)
+
+    def forward(self, x):
+        mask = nn.Transformer.generate_square_subsequent_mask(x.size(1), dtype=x.dtype)
+        out = self.transformer(x, x.roll(1, 1), tgt_mask=mask, tgt_is_causal=True)
+        return self.head(out.mean(1))
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+def test_nn_transformer_encoder_decoder(norm_first):
+    """``nn.Transformer`` and ``nn.TransformerDecoder`` (before: torch.fx could not trace
+    their shape checks and causal-mask detection): loss, gradient, per-sample gradients and
+    the exact GGN diagonal against torch.func."""
+    torch.manual_seed(3)
+    model = EncoderDecoder(norm_first).double()
+    check_all(model, nn.CrossEntropyLoss(), torch.randn(N, T, D, dtype=torch.float64),
+              torch.randint(0, CLASSES, (N,)))

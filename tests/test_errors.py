@@ -264,3 +264,34 @@ def test_unsupported_call_of_a_lowered_op_is_refused_not_lowered(make, loss_fn):
     numbers with ``verify=False``)."""
     with pytest.raises(CompileError, match="order inf|deprecated 'size_average'/'reduce'"):
         fxcurv.compile(make(), loss_fn, [], verify=False)
+
+
+class _Bags(nn.Module):
+    """An ``EmbeddingBag`` called as configured, then a head."""
+
+    def __init__(self, offsets: bool = False, **options):
+        super().__init__()
+        self.bag, self.head, self.offsets = nn.EmbeddingBag(6, 4, **options), nn.Linear(4, 3), offsets
+
+    def forward(self, x):
+        if self.offsets:
+            return self.head(self.bag(x.flatten(), torch.arange(0, x.numel(), x.size(1))))
+        return self.head(self.bag(x))
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"offsets": True}, "embedding_bag with offsets"),
+    ({"mode": "max", "padding_idx": 0}, "max mode with a padding_idx"),
+    ({"max_norm": 1.0}, "max_norm renormalises"),
+])
+def test_embedding_bag_refusals(options, message):
+    """Bags as a flat input with offsets have no sample axis; the other refusals are
+    embedding's (in-place renormalisation) or combinations without a rule."""
+    with pytest.raises(CompileError, match=f"node 'embedding_bag'.*{message}"):
+        fxcurv.compile(_Bags(**options), nn.CrossEntropyLoss(), ["batch_grad"])
+
+
+def test_embedding_bag_needs_a_2d_input_when_it_runs():
+    step = fxcurv.compile(_Bags(), nn.CrossEntropyLoss(), [], verify=False)
+    with pytest.raises(ValueError, match=r"needs a 2-D input \[N, L\]"):
+        step(torch.tensor([1, 2, 3]), torch.tensor([0, 1, 2]))

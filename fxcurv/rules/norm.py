@@ -430,6 +430,64 @@ register([F.embedding], "embedding",
          unsupported=_embedding_unsupported)
 
 
+# -- embedding bag (lowered) -----------------------------------------------------------------
+def bags_of(input: Tensor) -> Tensor:
+    """``input`` unchanged, after checking it is ``[N, L]``: one bag of ``L`` indices per
+    sample (torch's rule for ``embedding_bag`` without offsets)."""
+    if input.dim() != 2:
+        raise ValueError("fxcurv: embedding_bag without offsets needs a 2-D input [N, L] of "
+                         "bags, got {} dimensions".format(input.dim()))
+    return input
+
+
+def bag_members(input: Tensor, weight: Tensor, padding_idx: int) -> Tensor:
+    """``[N, L, 1]``: 1 for the entries of each bag that count, 0 for ``padding_idx``
+    (negative: from the end of the table), in the weight's dtype."""
+    padding = padding_idx + weight.size(0) if padding_idx < 0 else padding_idx
+    return (input != padding).unsqueeze(-1).to(weight.dtype)
+
+
+register([bags_of], "bags_of", "input", constant=True, doc="Integer indices: no derivative.")
+register([bag_members], "bag_members", "input, weight, padding_idx", constant=True,
+         doc="A 0/1 mask of integer indices: no derivative.")
+
+
+def _lower_embedding_bag(c: Ctx):
+    """``y_n = ⊕_l W[idx_nl]`` over each sample's bag ``idx_n`` (``[N, L]``): ``sum`` (times
+    ``per_sample_weights``), ``mean`` or ``max``, entries equal to ``padding_idx`` left out
+    (an empty bag gives 0): ``embedding`` then ``mul``, ``sum``/``mean``/``max`` over ``L``."""
+    b = c.bound
+    rows = F.embedding(c.call(bags_of, c.args.input), c.args.weight)  # [N, L, D]
+    if c.args.per_sample_weights is not None:
+        rows = rows * c.args.per_sample_weights.unsqueeze(-1)
+    if b["mode"] == "max":
+        return torch.max(rows, 1)[0]
+    if b["padding_idx"] is None:
+        return rows.sum(1) if b["mode"] == "sum" else rows.mean(1)
+    members = c.call(bag_members, c.args.input, c.args.weight, b["padding_idx"])
+    total = (rows * members).sum(1)
+    return total if b["mode"] == "sum" else total / members.sum(1).clamp(min=1)
+
+
+def _embedding_bag_unsupported(b: dict) -> Optional[str]:
+    if b["offsets"] is not None:
+        return ("embedding_bag with offsets (a flat 1-D input of bags) has no sample axis: "
+                "pass a 2-D input [N, L] of equal-sized bags (pad with padding_idx)")
+    if b["mode"] not in ("sum", "mean", "max"):
+        return f"embedding_bag mode {b['mode']!r} is unknown"
+    if b["mode"] == "max" and b["padding_idx"] is not None:
+        return "embedding_bag in max mode with a padding_idx has no rule"
+    return _embedding_unsupported(b)
+
+
+register([F.embedding_bag], "embedding_bag",
+         "input, weight, offsets=None, max_norm=None, norm_type=2, scale_grad_by_freq=False, "
+         "mode='mean', sparse=False, per_sample_weights=None, include_last_offset=False, "
+         "padding_idx=None",
+         doc=_lower_embedding_bag.__doc__, lower=_lower_embedding_bag,
+         unsupported=_embedding_bag_unsupported)
+
+
 # -- dropout ---------------------------------------------------------------------------------
 def _lower_dropout(c: Ctx):
     """Train mode: ``y = x ⊙ m / (1 - p)`` with ``m ~ Bernoulli(1 - p)`` drawn once, so the

@@ -34,6 +34,7 @@ second derivatives of the model's ops: ``diag_h diag_h_batch hmp pchmp_abs pchmp
 | smooth_acts    | softsign, tanhshrink, CELU, softshrink, ...  | CE        | -                               |
 | rms_norm       | nn.RMSNorm over [D] (affine) and [T, D]      | CE        | -                               |
 | weight_norm    | weight_norm parametrizations (dim 0, None)   | MSE       | 2nd (_weight_norm_square)       |
+| conv_lrn       | conv, local_response_norm, adaptive max pool | CE        | -                               |
 
 (CE: ``CrossEntropyLoss``, MSE: ``MSELoss``, BCE: ``BCEWithLogitsLoss``; mean unless "sum".)
 
@@ -374,6 +375,19 @@ class WeightNormed(nn.Module):
         return self.fc(torch.tanh(self.conv(x)).flatten(1))
 
 
+class ConvLRN(nn.Module):
+    """20. AlexNet-style: conv, local response norm, relu, adaptive max pool, linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.lrn = nn.Conv2d(2, 4, 2), nn.LocalResponseNorm(3, alpha=0.3, k=1.2)
+        self.head = nn.Linear(4 * 2, 3)
+
+    def forward(self, x):
+        h = F.adaptive_max_pool2d(F.relu(self.lrn(self.conv(x))), (2, 1))
+        return self.head(h.flatten(1))
+
+
 # ------------------------------------------------------------------------------------- specs
 def _randn(gen, *shape):
     return torch.randn(*shape, generator=gen, dtype=DTYPE)
@@ -448,6 +462,8 @@ SPECS: dict[str, Spec] = {
                                           for m in ("conv", "fc") for i in (0, 1)),
                         refused={q: ("_weight_norm_square", "a value without a sample axis")
                                  for q in RESIDUAL}),
+    "conv_lrn": Spec(ConvLRN, nn.CrossEntropyLoss(),
+                     lambda g: (_randn(g, 3, 2, 4, 3), _labels(g, 3, 3)), pch_reference=False),
 }
 NAMES = list(SPECS)
 

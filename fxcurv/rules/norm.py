@@ -383,6 +383,25 @@ register([torch._weight_norm], "weight_norm", "v, g, dim=0", doc=_lower_weight_n
          lower=_lower_weight_norm)
 
 
+# -- local response norm (lowered) -----------------------------------------------------------
+def _lower_local_response_norm(c: Ctx):
+    """``y = x / (k + α · mean_{window} x²)^β``, the mean over ``size`` neighbouring channels
+    (zero-padded: ``size//2`` before, ``(size-1)//2`` after; divided by ``size``), as torch
+    computes it: ``square``, ``reshape`` to ``[N, 1, C, positions]``, ``pad``,
+    ``avg_pool2d`` over ``(size, 1)``, ``mul``, ``add``, ``pow``, ``div``."""
+    b, x = c.bound, c.args.input
+    size = b["size"]
+    squares = x.square().reshape(x.size(0), 1, x.size(1), -1)
+    padded = F.pad(squares, (0, 0, size // 2, (size - 1) // 2))
+    window_mean = F.avg_pool2d(padded, (size, 1), stride=1).reshape(x.shape)
+    return x / (window_mean * b["alpha"] + b["k"]).pow(b["beta"])
+
+
+register([F.local_response_norm], "local_response_norm",
+         "input, size, alpha=0.0001, beta=0.75, k=1.0", doc=_lower_local_response_norm.__doc__,
+         lower=_lower_local_response_norm)
+
+
 # -- embedding -------------------------------------------------------------------------------
 def _embedding_unsupported(b: dict) -> Optional[str]:
     if b["max_norm"] is not None:

@@ -63,6 +63,34 @@ def max_pool_vjp(g: Tensor, input_shape: List[int], argmax: Tensor, lead: int,
     return routed.reshape(list(g.shape[:lead]) + list(input_shape))
 
 
+def adaptive_max_pool_with_indices(x: Tensor,
+                                   output_size: List[int]) -> Tuple[Tensor, Tensor]:
+    """The adaptively pooled values and each window's argmax (a flat index into the input's
+    spatial axes), ``[*batch, *output_size]`` both."""
+    d = len(output_size)
+    if d == 1:
+        return torch.adaptive_max_pool1d(x, output_size)
+    if d == 2:
+        return torch.ops.aten.adaptive_max_pool2d(x, output_size)
+    return torch.ops.aten.adaptive_max_pool3d(x, output_size)
+
+
+@by_product(adaptive_max_pool_with_indices, "indices")
+def adaptive_max_argmax(pooled: Tensor, x: Tensor, output_size: List[int]) -> Tensor:
+    """The argmax indices behind the forward's ``pooled = adaptive_max_pool(x)`` (shared with
+    the forward call by the cleanup pass, as :func:`max_pool_argmax`)."""
+    return adaptive_max_pool_with_indices(x, output_size)[1]
+
+
+@fresh
+def adaptive_max_pool_vjp(g: Tensor, input_shape: List[int], argmax: Tensor, lead: int,
+                          d: int) -> Tensor:
+    """``x̄[i] = Σ_{p: argmax(p) = i} g[p]`` over ``d`` spatial axes; adaptive windows may
+    overlap (an input may win several), so the routing adds up."""
+    routed = routed_to_argmax(g, input_shape, argmax, lead, d, True)
+    return routed.reshape(list(g.shape[:lead]) + list(input_shape))
+
+
 def routed_to_argmax(g: Tensor, input_shape: List[int], argmax: Tensor, lead: int, d: int,
                      overlap: bool) -> Tensor:
     """:func:`max_pool_vjp` as ``[L, B, in]`` (``L`` lead vectors, spatial axes flattened):
@@ -307,6 +335,28 @@ for _d in (1, 2, 3):
              unsupported=_size_none, hessian_is_zero=True, sandwich={"input": "shared"},
              doc="y[p] = mean of x over window(p) = [⌊p·in/out⌋, ⌈(p+1)·in/out⌉) per axis;  "
                  "x̄[i] = Σ_{p ∋ i} g[p] / |window(p)|.")
+
+
+def _adaptive_output_size(c: Ctx) -> list:
+    return ints(c.bound["output_size"], SPATIAL_DIMS[c.node.target])
+
+
+def _adaptive_max_argmax(c: Ctx):
+    return c.call(adaptive_max_argmax, c.out, c.args.input, _adaptive_output_size(c))
+
+
+for _d in (1, 2, 3):
+    _adaptive_max = getattr(F, f"adaptive_max_pool{_d}d")
+    SPATIAL_DIMS[_adaptive_max] = _d
+    register([_adaptive_max], f"adaptive_max_pool{_d}d", "input, output_size, return_indices=False",
+             vjp={"input": lambda g, c: c.call(
+                 adaptive_max_pool_vjp, g, c.args.input.shape, _adaptive_max_argmax(c), c.lead,
+                 SPATIAL_DIMS[c.node.target])},
+             unsupported=lambda b: _returns_indices(b) or _size_none(b), hessian_is_zero=True,
+             traits=(WINDOW_MAX,),
+             doc="y[p] = max of x over window(p) = [⌊p·in/out⌋, ⌈(p+1)·in/out⌉) per axis;  "
+                 "x̄[i] = Σ_{p: argmax(p) = i} g[p] (the forward's argmax indices; windows "
+                 "may overlap).")
 
 
 _RESAMPLE_MODES = ("nearest", "nearest-exact", "area", "linear", "bilinear", "bicubic",

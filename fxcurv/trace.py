@@ -182,6 +182,24 @@ def _transformer(m: nn.Transformer, src, tgt, src_mask=None, tgt_mask=None, memo
                      tgt_is_causal=tgt_is_causal, memory_is_causal=memory_is_causal)
 
 
+SPECTRAL_NORM = (nn.utils.parametrizations._SpectralNorm,)
+
+
+def spectral_normalized(m: nn.Module, weight, rank: int):
+    """Eval-mode ``spectral_norm`` parametrization: ``W / (uᵀ W_mat v)`` with the stored
+    vectors ``u``, ``v`` (buffers, read live) and ``W_mat`` the weight with axis ``dim``
+    first, flattened to a matrix, as torch computes it; a 1-d weight: ``W / max(‖W‖, eps)``."""
+    if rank == 1:
+        return weight / weight.square().sum().sqrt().clamp(min=m.eps)
+    if m.dim != 0:
+        weight_axes = [m.dim] + [d for d in range(rank) if d != m.dim]
+        matrix = weight.permute(*weight_axes).flatten(1)
+    else:
+        matrix = weight.flatten(1)
+    sigma = (m._u * torch.matmul(matrix, m._v)).sum()
+    return weight / sigma
+
+
 MODULE_LOWERINGS: dict[type, Callable] = {
     nn.BatchNorm1d: _batch_norm, nn.BatchNorm2d: _batch_norm, nn.BatchNorm3d: _batch_norm,
     nn.MultiheadAttention: _multihead_attention,
@@ -296,7 +314,9 @@ class CurvatureTracer(fx.Tracer):
 
     def call_module(self, m, forward, args, kwargs):
         lowering = self.lowerings.get(type(m))
-        if isinstance(m, RECURRENT + CELLS):
+        if isinstance(m, SPECTRAL_NORM):
+            forward = _lowered_call(m, self._spectral_norm_lowering(m))
+        elif isinstance(m, RECURRENT + CELLS):
             forward = _lowered_call(m, self._recurrent_lowering(m))
         elif lowering is not None:
             forward = _lowered_call(m, lowering)
@@ -308,6 +328,23 @@ class CurvatureTracer(fx.Tracer):
             if not hasattr(err, "fxcurv_module"):  # the innermost module the error came from
                 err.fxcurv_module = (self.path_of_module(m), type(m))
             raise
+
+    def _spectral_norm_lowering(self, m: nn.Module) -> Callable:
+        """``W / σ`` with ``σ = uᵀ W_mat v`` from the stored power-iteration vectors (eval
+        mode); the rank of ``W``, which the lowering needs, is read off the parametrized
+        tensor (``...parametrizations.<name>.original``)."""
+        path = self.path_of_module(m)
+        if m.training:
+            raise CompileError(
+                f"module {path[len(MODEL) + 1:]} (spectral_norm) is in train mode: its forward updates the "
+                "power-iteration vectors u, v in place, and the compiled step never mutates "
+                "the model. Put the parametrization in eval mode (model.<layer>."
+                "parametrizations.weight.eval()) so the step uses the stored u, v, and update "
+                "them outside the step (a train-mode forward under torch.no_grad()).")
+        stored = self.root.get_submodule(path.rsplit(".", 1)[0])._parameters["original"]
+        with torch._C.DisableTorchFunction():  # the tensor itself, not its Proxy
+            rank = stored.dim()
+        return lambda mod, weight: spectral_normalized(mod, weight, rank)
 
     def _recurrent_lowering(self, m: nn.Module) -> Callable:
         """The lowering of a recurrent layer or cell, which names it by its path in the model."""

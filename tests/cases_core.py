@@ -164,6 +164,12 @@ RECURRENT = [
          rand(8, 2), rand(8)),
 ]
 
+VECTORS = [
+    case("mv", lambda a, v: torch.mv(a, v), rand(3, 4), rand(4), params=("v",)),
+    case("vdot", lambda a, b: torch.vdot(a, b), rand(5), rand(5)),
+    case("dot_method", lambda a: a.dot(a), rand(4)),
+]
+
 LINEAR = [
     case("linear", lambda x, w, b: F.linear(x, w, b), rand(4, 3), rand(2, 3), rand(2),
          params=("w", "b")),
@@ -220,4 +226,4 @@ LOSSES = [
     case("torch_softmax", lambda x: torch.softmax(x, 1), rand(3, 4, 2)),
 ]
 
-CASES = ACTIVATIONS + ARITHMETIC + SHAPES + RECURRENT + LINEAR + LOSSES
+CASES = ACTIVATIONS + ARITHMETIC + SHAPES + RECURRENT + VECTORS + LINEAR + LOSSES

@@ -295,3 +295,13 @@ def test_embedding_bag_needs_a_2d_input_when_it_runs():
     step = fxcurv.compile(_Bags(), nn.CrossEntropyLoss(), [], verify=False)
     with pytest.raises(ValueError, match=r"needs a 2-D input \[N, L\]"):
         step(torch.tensor([1, 2, 3]), torch.tensor([0, 1, 2]))
+
+
+def test_spectral_norm_in_train_mode_is_refused():
+    """Train mode updates the power-iteration vectors in place at every forward, which the
+    compiled step never does: refused at compile time, naming the module (eval mode
+    compiles: tests/test_zoo.py, model spectral_norm)."""
+    model = nn.Sequential(nn.utils.parametrizations.spectral_norm(nn.Linear(4, 3)))
+    with pytest.raises(CompileError, match=r"module 0\.parametrizations\.weight\.0 "
+                                           r"\(spectral_norm\) is in train mode"):
+        fxcurv.compile(model, nn.CrossEntropyLoss(), [])

@@ -35,6 +35,7 @@ second derivatives of the model's ops: ``diag_h diag_h_batch hmp pchmp_abs pchmp
 | rms_norm       | nn.RMSNorm over [D] (affine) and [T, D]      | CE        | -                               |
 | weight_norm    | weight_norm parametrizations (dim 0, None)   | MSE       | 2nd (_weight_norm_square)       |
 | conv_lrn       | conv, local_response_norm, adaptive max pool | CE        | -                               |
+| spectral_norm  | spectral_norm parametrizations (eval mode)   | CE        | 2nd (truediv)                   |
 
 (CE: ``CrossEntropyLoss``, MSE: ``MSELoss``, BCE: ``BCEWithLogitsLoss``; mean unless "sum".)
 
@@ -388,6 +389,24 @@ class ConvLRN(nn.Module):
         return self.head(h.flatten(1))
 
 
+class SpectralNormed(nn.Module):
+    """21. ``spectral_norm`` parametrizations in eval mode (the stored ``u``, ``v`` after a
+    few train-mode power iterations): a transposed convolution (``dim=1``) and a linear
+    layer."""
+
+    def __init__(self):
+        super().__init__()
+        sn = nn.utils.parametrizations.spectral_norm
+        self.up, self.fc = sn(nn.ConvTranspose1d(2, 3, 2)), sn(nn.Linear(15, 3))
+        with torch.no_grad():
+            for _ in range(3):
+                self(torch.randn(2, 2, 4))
+        self.eval()
+
+    def forward(self, x):
+        return self.fc(torch.tanh(self.up(x)).flatten(1))
+
+
 # ------------------------------------------------------------------------------------- specs
 def _randn(gen, *shape):
     return torch.randn(*shape, generator=gen, dtype=DTYPE)
@@ -464,6 +483,12 @@ SPECS: dict[str, Spec] = {
                                  for q in RESIDUAL}),
     "conv_lrn": Spec(ConvLRN, nn.CrossEntropyLoss(),
                      lambda g: (_randn(g, 3, 2, 4, 3), _labels(g, 3, 3)), pch_reference=False),
+    "spectral_norm": Spec(SpectralNormed, nn.CrossEntropyLoss(),
+                          lambda g: (_randn(g, 3, 2, 4), _labels(g, 3, 3)),
+                          kron_blocks=("up.parametrizations.weight.original",
+                                       "fc.parametrizations.weight.original"),
+                          refused={q: ("truediv", "a value without a sample axis")
+                                   for q in RESIDUAL}),
 }
 NAMES = list(SPECS)
 

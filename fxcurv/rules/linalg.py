@@ -190,6 +190,14 @@ register([torch.addmm, "addmm"], "addmm", "input, mat1, mat2, beta=1, alpha=1",
          doc=_lower_addmm.__doc__, lower=_lower_addmm)
 
 
+register([torch.mv, "mv"], "mv", "input, vec", doc="y = A v (A: [m, n], v: [n]): matmul.",
+         lower=lambda c: torch.matmul(c.args.input, c.args.vec))
+register([torch.vdot, torch.dot, "vdot", "dot"], "dot", "input, other",
+         doc="y = Σ_i a_i b_i of two real vectors: mul, sum (vdot conjugates its first "
+             "argument, the identity for real tensors).",
+         lower=lambda c: (c.args.input * c.args.other).sum())
+
+
 # -- einsum ------------------------------------------------------------------------------------
 EINSUM_OPERANDS = ("operand0", "operand1", "operand2", "operand3")
 

@@ -49,6 +49,7 @@ ACTIVATIONS: dict[str, Callable] = {
     "tanh": torch.tanh, "sigmoid": torch.sigmoid, "softplus": F.softplus, "gelu": F.gelu,
     "elu": F.elu, "silu": F.silu, "relu": F.relu, "square": lambda h: h * h,
     "leaky_relu": lambda h: F.leaky_relu(h, 0.1), "exp": lambda h: torch.exp(0.3 * h),
+    "softsign": F.softsign, "tanhshrink": F.tanhshrink, "celu": lambda h: F.celu(h, 0.7),
 }
 
 

@@ -235,6 +235,13 @@ def _instance_norm(m: nn.modules.instancenorm._InstanceNorm, x):
                            use_input_stats, 0.0, m.eps)
 
 
+def _circular_pad(m: nn.Module, x):
+    """``nn.CircularPad1d/2d/3d`` without its rank check: ``F.pad(x, padding, "circular")``."""
+    return F.pad(x, m.padding, "circular")
+
+
+MODULE_LOWERINGS.update({cls: _circular_pad for cls in (
+    nn.CircularPad1d, nn.CircularPad2d, nn.CircularPad3d)})
 MODULE_LOWERINGS.update({cls: _instance_norm for cls in (
     nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)})
 

@@ -9,14 +9,14 @@ import fxcurv
 from fxcurv import CompileError
 
 
-class SineModel(nn.Module):
+class TangentModel(nn.Module):
     def __init__(self):
         super().__init__()
         self.fc = nn.Linear(3, 4)
         self.out = nn.Linear(4, 2)
 
     def forward(self, x):
-        hidden = torch.sin(self.fc(x))  # no rule; its decomposition reaches prims.sin
+        hidden = torch.tan(self.fc(x))  # no rule; its decomposition reaches prims.tan
         return self.out(hidden)
 
 
@@ -34,12 +34,12 @@ class BranchOnValue(nn.Module):
 
 def test_op_without_rule_names_node_module_line_quantity_and_hint():
     with pytest.raises(CompileError) as info:
-        fxcurv.compile(SineModel(), nn.CrossEntropyLoss(), ["batch_grad"])
+        fxcurv.compile(TangentModel(), nn.CrossEntropyLoss(), ["batch_grad"])
     message = str(info.value)
-    assert "node 'sin'" in message and "op sin" in message
-    assert "SineModel" in message                      # the module
-    assert "hidden = torch.sin(self.fc(x))" in message  # the user's source line
-    assert "prims.sin" in message                       # the primitive that is missing
+    assert "node 'tan'" in message and "op tan" in message
+    assert "TangentModel" in message                   # the module
+    assert "hidden = torch.tan(self.fc(x))" in message  # the user's source line
+    assert "prims.tan" in message                       # the primitive that is missing
     assert "test_errors.py" in message
     assert "quantity 'batch_grad'" in message
     assert "register a rule" in message                  # what to do

@@ -362,3 +362,16 @@ def test_constant_rules_have_no_derivative(name, spelling, target):
 def test_constant_attributes_have_no_derivative(attribute):
     value = getattr(torch.randn(3, 4, dtype=DTYPE, requires_grad=True) * 2, attribute)
     assert not (isinstance(value, torch.Tensor) and value.requires_grad)
+
+
+@pytest.mark.parametrize("reduce", [
+    lambda z: torch.linalg.vector_norm(z, dim=1, keepdim=True),
+    lambda z: torch.norm(z, p=3, dim=1, keepdim=True),
+    lambda z: z.std(1, keepdim=True),
+], ids=["norm_2", "norm_3", "std"])
+def test_norm_and_std_of_a_zero_vector_have_torchs_zero_subgradient(reduce):
+    """``‖z‖`` and ``std(z)`` at ``z = 0`` (here ``z = h - h.detach()``: zero, with a
+    derivative path): torch's backward gives the subgradient 0; before, the lowered
+    ``√Σz²`` gave ``0/0 = nan`` in the gradient (with ``verify=False``, on every call)."""
+    assert_matches_eager(Body(lambda h: h * (1 + reduce(h - h.detach()))),
+                         quantities=("batch_grad",))

@@ -36,6 +36,7 @@ second derivatives of the model's ops: ``diag_h diag_h_batch hmp pchmp_abs pchmp
 | weight_norm    | weight_norm parametrizations (dim 0, None)   | MSE       | 2nd (_weight_norm_square)       |
 | conv_lrn       | conv, local_response_norm, adaptive max pool | CE        | -                               |
 | spectral_norm  | spectral_norm parametrizations (eval mode)   | CE        | 2nd (truediv)                   |
+| padded         | reflect, replicate and circular padding      | CE        | -                               |
 
 (CE: ``CrossEntropyLoss``, MSE: ``MSELoss``, BCE: ``BCEWithLogitsLoss``; mean unless "sum".)
 
@@ -407,6 +408,20 @@ class SpectralNormed(nn.Module):
         return self.fc(torch.tanh(self.up(x)).flatten(1))
 
 
+class Padded(nn.Module):
+    """22. Border padding: ``Conv2d(padding_mode="reflect")``, ``ReplicationPad2d``,
+    ``CircularPad2d`` (before: refused, only constant padding had a rule)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(2, 2, 3, padding=1, padding_mode="reflect")
+        self.pads = nn.Sequential(nn.ReplicationPad2d((1, 0, 0, 1)), nn.CircularPad2d(1))
+        self.head = nn.Linear(2 * 6 * 5, 3)
+
+    def forward(self, x):
+        return self.head(self.pads(torch.tanh(self.conv(x))).flatten(1))
+
+
 # ------------------------------------------------------------------------------------- specs
 def _randn(gen, *shape):
     return torch.randn(*shape, generator=gen, dtype=DTYPE)
@@ -489,6 +504,8 @@ SPECS: dict[str, Spec] = {
                                        "fc.parametrizations.weight.original"),
                           refused={q: ("truediv", "a value without a sample axis")
                                    for q in RESIDUAL}),
+    "padded": Spec(Padded, nn.CrossEntropyLoss(),
+                   lambda g: (_randn(g, 3, 2, 3, 2), _labels(g, 3, 3))),
 }
 NAMES = list(SPECS)
 

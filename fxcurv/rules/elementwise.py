@@ -152,6 +152,53 @@ unary([torch.rsqrt, "rsqrt"], "rsqrt", "input",
       vjp={"input": lambda g, c: g * (-0.5 * c.out * c.out * c.out)},
       residual={"input": lambda g, c: g * (0.75 * c.out.square().square() * c.out)})
 
+unary([torch.reciprocal, "reciprocal"], "reciprocal", "input",
+      doc="y = 1/x;  y' = -y²;  y'' = 2y³.",
+      vjp={"input": lambda g, c: g * (-c.out.square())},
+      residual={"input": lambda g, c: g * (2 * c.out.square() * c.out)})
+
+unary([torch.log1p, "log1p"], "log1p", "input",
+      doc="y = log(1 + x);  y' = 1/(1 + x);  y'' = -1/(1 + x)².",
+      vjp={"input": lambda g, c: g / (c.args.input + 1)},
+      residual={"input": lambda g, c: -g / (c.args.input + 1).square()})
+
+unary([torch.expm1, "expm1"], "expm1", "input",
+      doc="y = eˣ - 1;  y' = y'' = eˣ (= y + 1).",
+      vjp={"input": lambda g, c: g * (c.out + 1)},
+      residual={"input": lambda g, c: g * (c.out + 1)})
+
+unary([torch.sin, "sin"], "sin", "input",
+      doc="y = sin x;  y' = cos x;  y'' = -sin x.",
+      vjp={"input": lambda g, c: g * torch.cos(c.args.input)},
+      residual={"input": lambda g, c: -g * c.out})
+
+unary([torch.cos, "cos"], "cos", "input",
+      doc="y = cos x;  y' = -sin x;  y'' = -cos x.",
+      vjp={"input": lambda g, c: -g * torch.sin(c.args.input)},
+      residual={"input": lambda g, c: -g * c.out})
+
+unary([torch.atan, torch.arctan, "atan", "arctan"], "atan", "input",
+      doc="y = atan x;  y' = 1/(1 + x²);  y'' = -2x/(1 + x²)².",
+      vjp={"input": lambda g, c: g / (c.args.input.square() + 1)},
+      residual={"input": lambda g, c: g * (-2 * c.args.input
+                                           / (c.args.input.square() + 1).square())})
+
+unary([torch.asinh, torch.arcsinh, "asinh", "arcsinh"], "asinh", "input",
+      doc="y = asinh x;  y' = (1 + x²)^{-1/2};  y'' = -x (1 + x²)^{-3/2}.",
+      vjp={"input": lambda g, c: g * torch.rsqrt(c.args.input.square() + 1)},
+      residual={"input": lambda g, c: g * (-c.args.input
+                                           * torch.rsqrt(c.args.input.square() + 1) ** 3)})
+
+unary([torch.sinh, "sinh"], "sinh", "input",
+      doc="y = sinh x;  y' = cosh x;  y'' = sinh x.",
+      vjp={"input": lambda g, c: g * torch.cosh(c.args.input)},
+      residual={"input": lambda g, c: g * c.out})
+
+unary([torch.cosh, "cosh"], "cosh", "input",
+      doc="y = cosh x;  y' = sinh x;  y'' = cosh x.",
+      vjp={"input": lambda g, c: g * torch.sinh(c.args.input)},
+      residual={"input": lambda g, c: g * c.out})
+
 ERF_SCALE = 2.0 / math.sqrt(math.pi)
 
 unary([torch.erf, torch.special.erf, "erf"], "erf", "input",

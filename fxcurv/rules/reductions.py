@@ -6,10 +6,12 @@ from __future__ import annotations
 from typing import Any, Optional
 
 import torch
+import torch.nn.functional as F
+from torch import Tensor
 
 from .arith import _dims, _reduces_samples
 from .helpers import reduced_count
-from .registry import Ctx, affine, register
+from .registry import Ctx, affine, register, unary
 
 
 def _finite_max(x, dims, keepdim: bool):
@@ -59,8 +61,9 @@ register([torch.var, "var"], "var", _MOMENT, lower=_variance, mixes_samples=_var
          doc="var = Σ_dim (x - mean x)² / (count - correction) (correction 1 unless "
              "unbiased=False or given), lowered to sub, mean, square, sum, div.")
 register([torch.std, "std"], "std", _MOMENT, mixes_samples=_var_mixes,
-         lower=lambda c: torch.sqrt(_variance(c)),
-         doc="std = √var, lowered as var then sqrt.")
+         lower=lambda c: c.call(norm_root, _variance(c), 2.0),
+         doc="std = √var, lowered as var then norm_root (zero derivative at var = 0, as "
+             "torch's std backward).")
 
 
 def _norm_order(b: dict, key: str) -> Any:
@@ -79,17 +82,42 @@ def _norm_unsupported(key: str):
     return check
 
 
+def norm_root(total: Tensor, order: float) -> Tensor:
+    """``y = s^(1/p)`` of a sum of ``p``-th powers (``√s`` for ``p = 2``): the last step of a
+    ``p``-norm or of ``std`` (``p = 2``, ``s`` the variance)."""
+    return torch.sqrt(total) if order == 2.0 else total.pow(1.0 / order)
+
+
+def _at_zero_is_zero(y: Tensor, value: Tensor) -> Tensor:
+    """``value`` where ``y != 0``, else 0 (torch's norm and std backward at ``‖x‖ = 0``)."""
+    return torch.where(y == 0, torch.zeros_like(value), value)
+
+
+unary([norm_root], "norm_root", "input, order",
+      doc="y = s^{1/p};  y' = y/(p s), y'' = y (1 - p)/(p² s²) for s > 0; both 0 at s = 0, "
+          "where torch's norm and std backward give the zero subgradient.",
+      vjp={"input": lambda g, c: _at_zero_is_zero(
+          c.out, g * (c.out / (c.args.input * c.args.order)))},
+      residual={"input": lambda g, c: _at_zero_is_zero(
+          c.out, g * (c.out * (1 - c.args.order)
+                      / (c.args.input.square() * (c.args.order * c.args.order))))})
+
+
+def norm_of(c: Ctx, x, order: float, dim: Any, keepdim: bool):
+    """``‖x‖_p = (Σ_dim |x|^p)^(1/p)``: ``√Σ x²`` for p = 2, ``Σ |x|`` for p = 1, the root
+    by :func:`norm_root`."""
+    dims = _dims(dim)
+    if order == 2:
+        return c.call(norm_root, torch.sum(x.square(), dims, keepdim=keepdim), 2.0)
+    if order == 1:
+        return torch.sum(torch.abs(x), dims, keepdim=keepdim)
+    return c.call(norm_root, torch.sum(torch.abs(x) ** order, dims, keepdim=keepdim),
+                  float(order))
+
+
 def _lower_norm(key: str):
-    def lower(c: Ctx):
-        """``‖x‖_p = (Σ_dim |x|^p)^(1/p)``: ``√Σ x²`` for p = 2, ``Σ |x|`` for p = 1."""
-        order, x = _norm_order(c.bound, key), c.args.input
-        dims, keepdim = _dims(c.bound["dim"]), c.bound["keepdim"]
-        if order == 2:
-            return torch.sqrt(torch.sum(x.square(), dims, keepdim=keepdim))
-        if order == 1:
-            return torch.sum(torch.abs(x), dims, keepdim=keepdim)
-        return torch.sum(torch.abs(x) ** order, dims, keepdim=keepdim) ** (1.0 / order)
-    return lower
+    return lambda c: norm_of(c, c.args.input, _norm_order(c.bound, key), c.bound["dim"],
+                             c.bound["keepdim"])
 
 
 def _norm_mixes(b: dict) -> Optional[str]:
@@ -111,6 +139,20 @@ def _as_input(c: Ctx) -> Ctx:
     """``vector_norm`` names its operand ``x``: present it as ``input`` to the norm lowering."""
     c.args.input = c.args.x
     return c
+
+
+def _lower_normalize(c: Ctx):
+    """``y = x / max(‖x‖_p, eps)``, the norm over ``dim`` kept for broadcasting (as torch):
+    the norm's lowering, ``clamp``, ``div``."""
+    b = c.bound
+    norm = norm_of(c, c.args.input, _norm_order(b, "p"), b["dim"], True)
+    return c.args.input / norm.clamp(min=b["eps"])
+
+
+register([F.normalize], "normalize", "input, p=2.0, dim=1, eps=1e-12, out=None",
+         lower=_lower_normalize, unsupported=lambda b: _norm_unsupported("p")(b) or (
+             "normalize with out= has no rule" if b["out"] is not None else None),
+         mixes_samples=_norm_mixes, doc=_lower_normalize.__doc__)
 
 
 def cumsum_back(g: torch.Tensor, dim: int, lead: int) -> torch.Tensor:

@@ -51,9 +51,19 @@ def _needs_int_dim(b: dict) -> Optional[str]:
     if b["dim"] is None:
         return ("max/min over all entries (no dim) has no rule; use torch.amax / torch.amin "
                 "or give a dim")
-    if isinstance(b["dim"], fx.Node) or not isinstance(b["dim"], int):
-        return "max/min of two tensors (elementwise) has no rule; use torch.where"
+    if not isinstance(b["dim"], (int, fx.Node)):
+        return "max/min with a dim that is not an int has no rule"
     return None
+
+
+def _lower_two_tensors(pairwise):
+    """``torch.max(a, b)`` / ``torch.min(a, b)`` (a tensor in place of ``dim``): the
+    elementwise ``maximum`` / ``minimum`` torch dispatches them to; other calls stay."""
+    def lower(c: Ctx):
+        if not isinstance(c.bound["dim"], fx.Node):
+            return None
+        return pairwise(c.args.input, c.args.dim)
+    return lower
 
 
 def _mixes(b: dict) -> Optional[str]:
@@ -64,9 +74,13 @@ def _mixes(b: dict) -> Optional[str]:
 _SELECT = {"hessian_is_zero": True, "mixes_samples": _mixes, "traits": (PIECES,)}
 _DOC = ("(values, indices): values = x.gather(dim, indices);  Jᵀg scatters g to indices "
         "(zeros elsewhere);  second derivative 0.")
-for _targets, _name in (([torch.max, "max"], "max"), ([torch.min, "min"], "min")):
-    register(_targets, _name, "input, dim=None, keepdim=False", doc=_DOC,
-             vjp={"input": _selection_vjp("keepdim")}, unsupported=_needs_int_dim, **_SELECT)
+for _targets, _name, _pairwise in (([torch.max, "max"], "max", torch.maximum),
+                                   ([torch.min, "min"], "min", torch.minimum)):
+    register(_targets, _name, "input, dim=None, keepdim=False",
+             doc=_DOC + " With a tensor in place of dim: lowered to the elementwise " +
+             _pairwise.__name__ + ".",
+             vjp={"input": _selection_vjp("keepdim")}, unsupported=_needs_int_dim,
+             lower=_lower_two_tensors(_pairwise), **_SELECT)
 register([torch.sort, "sort"], "sort", "input, dim=-1, descending=False, stable=False",
          doc=_DOC, vjp={"input": _selection_vjp(None)}, **_SELECT)
 register([torch.topk, "topk"], "topk", "input, k, dim=-1, largest=True, sorted=True",

@@ -164,16 +164,73 @@ permutation([torch.t, "t"], "t", "input", doc="y = xᵀ (2-D);  Jᵀg = gᵀ.", 
             mixes_samples=lambda b: "it moves the sample axis 0")
 
 
+def border_pad_vjp(g: Tensor, x: Tensor, pad: List[int], mode: str, lead: int) -> Tensor:
+    """Jacobian-transpose of ``F.pad(x, pad, mode)`` for ``reflect`` / ``replicate``: torch's
+    own backward kernels (each border entry adds its cotangent to the entry it copies), the
+    lead axes and any axes before the channel folded into one batch axis. The kernels read
+    only the input's shape: they get a zero-stride view of the right size."""
+    d = len(pad) // 2
+    tail: List[int] = list(x.shape[x.dim() - d - 1:])
+    grads = g.reshape([-1] + list(g.shape[g.dim() - d - 1:]))
+    shape_only = torch.zeros([1], dtype=g.dtype, device=g.device).expand(
+        [grads.size(0)] + tail)
+    if mode == "reflect":
+        if d == 1:
+            grad = torch.ops.aten.reflection_pad1d_backward(grads, shape_only, pad)
+        elif d == 2:
+            grad = torch.ops.aten.reflection_pad2d_backward(grads, shape_only, pad)
+        else:
+            grad = torch.ops.aten.reflection_pad3d_backward(grads, shape_only, pad)
+    elif d == 1:
+        grad = torch.ops.aten.replication_pad1d_backward(grads, shape_only, pad)
+    elif d == 2:
+        grad = torch.ops.aten.replication_pad2d_backward(grads, shape_only, pad)
+    else:
+        grad = torch.ops.aten.replication_pad3d_backward(grads, shape_only, pad)
+    return grad.reshape(list(g.shape[:lead]) + list(x.shape))
+
+
+def _pad_vjp(g, c: Ctx):
+    if c.bound["mode"] == "constant":
+        return c.call(unpad, g, list(c.args.pad))  # pads may be sizes
+    return c.call(border_pad_vjp, g, c.args.input, list(c.bound["pad"]), c.bound["mode"],
+                  c.lead)
+
+
 def _pad_unsupported(b: dict) -> Optional[str]:
-    if b["mode"] != "constant":
-        return f"padding mode '{b['mode']}' has no rule (only 'constant')"
+    mode, pad = b["mode"], b["pad"]
+    if mode not in ("constant", "reflect", "replicate", "circular"):
+        return f"padding mode '{mode}' has no rule"
+    if mode != "constant" and not all(isinstance(p, int) for p in pad):
+        return f"padding mode '{mode}' with pad widths computed from sizes has no rule"
+    if mode != "constant" and (len(pad) % 2 or not 2 <= len(pad) <= 6):
+        return f"padding mode '{mode}' pads 1 to 3 trailing axes (2, 4 or 6 widths)"
+    if mode == "circular" and any(p < 0 for p in pad):
+        return "circular padding with negative widths (cropping) has no rule"
     return None
 
 
+def _lower_circular_pad(c: Ctx):
+    """Circular padding (``Conv2d(padding_mode="circular")``): each padded axis (the last
+    first) gets its last ``left`` entries prepended and its first ``right`` appended, with
+    slicing and ``cat``; other modes stay one ``pad`` call."""
+    if c.bound["mode"] != "circular":
+        return None
+    x, pad = c.args.input, list(c.bound["pad"])
+    for i in range(len(pad) // 2):
+        left, right, axis = pad[2 * i], pad[2 * i + 1], -(i + 1)
+        trailing = (slice(None),) * i
+        pieces = ([x[(Ellipsis, slice(-left, None)) + trailing]] if left else []) + [x] + (
+            [x[(Ellipsis, slice(None, right)) + trailing]] if right else [])
+        x = torch.cat(pieces, axis) if len(pieces) > 1 else x
+    return x
+
+
 affine([F.pad], "pad", "input, pad, mode='constant', value=None",
-       doc="y = x with constant borders;  Jᵀg = g cropped back to x.",
-       vjp={"input": lambda g, c: c.call(unpad, g, list(c.args.pad))},  # pads may be sizes
-       unsupported=_pad_unsupported)
+       doc="y = x with borders: constant (Jᵀg = g cropped back to x), reflect or replicate "
+           "(Jᵀ adds each border entry's cotangent to the entry it copies: torch's backward "
+           "kernels); circular: lowered to slicing and cat.",
+       vjp={"input": _pad_vjp}, unsupported=_pad_unsupported, lower=_lower_circular_pad)
 
 
 def _cat_vjp(g, c: Ctx) -> list:

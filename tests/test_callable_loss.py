@@ -70,7 +70,7 @@ def ggn_diagonal_brute_force(net, loss_fn, x, y):
     params = dict(net.named_parameters())
     out = net(x)
     jac = torch.func.jacrev(lambda p: torch.func.functional_call(net, p, (x,)))(params)
-    hess = torch.func.hessian(lambda o: loss_fn(o, y))(out)
+    hess = torch.func.jacrev(torch.func.jacrev(lambda o: loss_fn(o, y)))(out)
     n, c = out.shape
     result = {}
     for name, p in params.items():
@@ -135,9 +135,30 @@ def test_loss_that_couples_samples_is_refused():
         fxcurv.compile(model(), coupled, ["diag_ggn_exact"])
 
 
-def test_cross_terms_in_the_loss_are_refused():
+def test_cross_terms_of_dense_ops_in_the_loss_are_refused():
     with pytest.raises(fxcurv.CompileError, match="cross second derivatives"):
-        fxcurv.compile(model(), lambda out, y: (out * out).sum(), ["diag_ggn_exact"])
+        fxcurv.compile(model(), lambda out, y: torch.einsum("ni,ni->n", out, out).sum(),
+                       ["diag_ggn_exact"])
+
+
+@pytest.mark.parametrize("loss_fn", [
+    lambda out, y: (out * out).sum(),
+    lambda out, y: (out[:, :2] * torch.sigmoid(out[:, 1:])).sum(),
+    lambda out, y: ((out[:, :2] - 1) ** 2 / torch.exp(out[:, 2:])).mean()])
+def test_elementwise_cross_terms_in_the_loss(loss_fn):
+    """Products and quotients of two values that both depend on the output (before:
+    refused): their cross second derivatives enter the assembled loss Hessian."""
+    net, (x, y) = model(), batch()
+    _, _, diag, diag_h = fxcurv.compile(net, loss_fn, ["diag_ggn_exact", "diag_h"])(x, y)
+    ggn = ggn_diagonal_brute_force(net, loss_fn, x, y)
+    for name, p in net.named_parameters():
+        torch.testing.assert_close(diag[name], ggn[name], **TOL, msg=name)
+
+        def of_param(value, name=name):
+            return loss_fn(torch.func.functional_call(
+                net, {**dict(net.named_parameters()), name: value}, (x,)), y)
+        full = torch.func.hessian(of_param)(p.detach()).reshape(p.numel(), p.numel())
+        torch.testing.assert_close(diag_h[name], full.diagonal().reshape(p.shape), **TOL)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
@@ -297,3 +318,167 @@ def test_weighted_l1_loss_keeps_its_weight(reduction):
     for (name, _), g in zip(net.named_parameters(),
                             torch.autograd.grad(expected, list(net.parameters()))):
         torch.testing.assert_close(grad[name], g, **TOL, msg=name)
+
+
+# -- more of PyTorch's losses: KL, BCE, Gaussian / Poisson NLL, soft margins, cosine ----------
+def head(outputs: int, last: nn.Module = nn.Identity()):
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(4, 5), nn.Tanh(), nn.Linear(5, outputs), last).to(DTYPE)
+
+
+def probabilities(n=4, c=3, seed=6):
+    """Teacher probabilities with one exactly zero entry (``0 log 0 = 0``)."""
+    p = torch.softmax(torch.randn(n, c, dtype=DTYPE, generator=_gen(seed)), 1)
+    p[0, 1] = 0.0
+    return p / p.sum(1, keepdim=True)
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _variance_head(out, y, **options):
+    """A mean head and a variance head (softplus of the last three outputs)."""
+    return F.gaussian_nll_loss(out[:, :3], y, F.softplus(out[:, 3:]), **options)
+
+
+MORE = {  # name: (net, loss_fn, target)
+    "distillation_batchmean": (head(3), lambda out, p: F.kl_div(
+        F.log_softmax(out, 1), p, reduction="batchmean"), probabilities()),
+    "kl_sum": (head(3), lambda out, p: F.kl_div(F.log_softmax(out, 1), p, reduction="sum"),
+               probabilities()),
+    "kl_mean": (head(3), lambda out, p: F.kl_div(F.log_softmax(out, 1), p), probabilities()),
+    "kl_log_target_none": (head(3), lambda out, t: F.kl_div(
+        F.log_softmax(out, 1), t, reduction="none", log_target=True).sum(1).mean(),
+        probabilities().clamp(min=1e-3).log()),
+    "bce_after_sigmoid": (head(3, nn.Sigmoid()), nn.BCELoss(),
+                          torch.rand(4, 3, dtype=DTYPE, generator=_gen(7))),
+    "bce_weight_sum": (head(3, nn.Sigmoid()), nn.BCELoss(
+        weight=torch.tensor([0.5, 1.0, 2.0], dtype=DTYPE), reduction="sum"),
+        torch.randint(0, 2, (4, 3), generator=_gen(7)).to(DTYPE)),
+    "gaussian_constant_var": (head(3), lambda out, y: F.gaussian_nll_loss(
+        out, y, full=True, var= torch.rand(4, 3, dtype=DTYPE, generator=_gen(8)) + 0.5),
+        torch.randn(4, 3, dtype=DTYPE)),
+    "gaussian_float_var_sum": (head(3), lambda out, y: F.gaussian_nll_loss(
+        out, y, 0.3, reduction="sum"), torch.randn(4, 3, dtype=DTYPE)),
+    "gaussian_variance_head": (head(6), _variance_head, torch.randn(4, 3, dtype=DTYPE)),
+    "gaussian_variance_column": (head(4), lambda out, y: F.gaussian_nll_loss(
+        out[:, :3], y, out[:, 3].exp(), eps=1e-3), torch.randn(4, 3, dtype=DTYPE)),
+    "poisson_log_input": (head(3), nn.PoissonNLLLoss(),
+                          torch.poisson(torch.full((4, 3), 2.0, dtype=DTYPE), generator=_gen(9))),
+    "poisson_rate_full": (head(3, nn.Softplus()), nn.PoissonNLLLoss(
+        log_input=False, full=True, reduction="sum"),
+        torch.tensor([[0.0, 1.0, 2.0], [3.0, 5.0, 0.0], [1.0, 4.0, 2.0], [7.0, 0.0, 1.0]],
+                     dtype=DTYPE)),
+    "soft_margin": (head(3), nn.SoftMarginLoss(),
+                    torch.randint(0, 2, (4, 3), generator=_gen(10)).to(DTYPE) * 2 - 1),
+    "multilabel_soft_margin_weight": (head(3), nn.MultiLabelSoftMarginLoss(
+        weight=torch.tensor([0.5, 1.0, 2.0], dtype=DTYPE)),
+        torch.randint(0, 2, (4, 3), generator=_gen(10)).to(DTYPE)),
+    "cosine_to_target": (head(3), lambda out, y: (1 - F.cosine_similarity(out, y)).mean(),
+                         torch.randn(4, 3, dtype=DTYPE)),
+    "cosine_between_heads": (head(6), lambda out, y: (
+        1 - F.cosine_similarity(out[:, :3], out[:, 3:])).sum(), torch.randn(4, 3, dtype=DTYPE)),
+}
+
+
+def _against_brute_force(net, loss_fn, x, y, hessian=True):
+    value, grad, diag, diag_h = fxcurv.compile(net, loss_fn, ["diag_ggn_exact", "diag_h"])(x, y)
+    expected = loss_fn(net(x), y)
+    torch.testing.assert_close(value, expected.detach(), rtol=1e-12, atol=0)
+    ggn = ggn_diagonal_brute_force(net, loss_fn, x, y)
+    for (name, p), g in zip(net.named_parameters(), torch.autograd.grad(expected,
+                                                                         list(net.parameters()))):
+        torch.testing.assert_close(grad[name], g, **TOL, msg=name)
+        torch.testing.assert_close(diag[name], ggn[name], **TOL, msg=name)
+
+        def of_param(value, name=name):
+            params = {**dict(net.named_parameters()), name: value}
+            return loss_fn(torch.func.functional_call(net, params, (x,)), y)
+        if hessian:
+            full = torch.func.jacrev(torch.func.jacrev(of_param))(p.detach())
+            full = full.reshape(p.numel(), p.numel())
+            torch.testing.assert_close(diag_h[name], full.diagonal().reshape(p.shape), **TOL)
+
+
+@pytest.mark.parametrize("loss", list(MORE))
+def test_more_losses_against_brute_force(loss):
+    """Gradient, exact GGN diagonal and Hessian diagonal of PyTorch's KL, BCE, Gaussian and
+    Poisson NLL, soft-margin and cosine losses (before: refused, no rule), by torch.func."""
+    net, loss_fn, y = MORE[loss]
+    _against_brute_force(net, loss_fn, batch()[0], y)
+
+
+def test_bce_with_a_saturated_probability_matches_eager_autograd():
+    """p = σ(z) rounds to exactly 1.0 and 0.0: torch's clamped log (-100) and backward
+    ``(p - y)/max(p(1 - p), 1e-12)``; the gradient and GGN are eager's, not NaN."""
+    net = head(3, nn.Sigmoid())
+    with torch.no_grad():
+        net[2].bias.copy_(torch.tensor([60.0, -800.0, 0.0], dtype=DTYPE))
+    x = batch()[0]
+    assert (net(x)[:, 0] == 1.0).all() and (net(x)[:, 1] == 0.0).all()
+    y = torch.tensor([[0.0, 1.0, 0.3]] * 4, dtype=DTYPE)
+    _against_brute_force(net, nn.BCELoss(), x, y, hessian=False)
+    _, _, diag_h = fxcurv.compile(net, nn.BCELoss(), ["diag_h"])(x, y)
+    for name in diag_h:
+        assert torch.isfinite(diag_h[name]).all()
+
+
+def test_clamped_variance_and_zero_vectors_keep_torchs_gradient():
+    """PyTorch clamps the variance (Gaussian NLL) and the norms (cosine similarity) at eps
+    under no_grad: the value is clamped, the gradient is the unclamped one."""
+    net, x = head(6, nn.ReLU()), batch()[0]
+    with torch.no_grad():
+        net[2].bias[3:] = -50.0        # variance head exactly 0 after the ReLU: below eps
+    y = torch.randn(4, 3, dtype=DTYPE)
+    for loss_fn in (lambda out, t: F.gaussian_nll_loss(out[:, :3], t, out[:, 3:] + 1e-9),
+                    lambda out, t: (1 - F.cosine_similarity(out[:, :3], out[:, 3:])).sum()):
+        value, grad = fxcurv.compile(net, loss_fn, [])(x, y)
+        expected = loss_fn(net(x), y)
+        torch.testing.assert_close(value, expected.detach(), rtol=1e-12, atol=0)
+        for (name, _), g in zip(net.named_parameters(),
+                                torch.autograd.grad(expected, list(net.parameters()))):
+            torch.testing.assert_close(grad[name], g, **TOL, msg=name)
+
+
+def test_more_losses_refuse_what_they_cannot_represent():
+    net = head(3, nn.Sigmoid())
+    with pytest.raises(fxcurv.CompileError, match="canonical link"):
+        fxcurv.compile(net, nn.BCELoss(), ["diag_ggn_mc"])
+    with pytest.raises(fxcurv.CompileError, match="'target'"):
+        fxcurv.compile(head(6, nn.Sigmoid()), lambda out, y: F.binary_cross_entropy(
+            out[:, :3], out[:, 3:]), [])
+    with pytest.raises(fxcurv.CompileError, match="size_average"):
+        fxcurv.compile(net, lambda out, y: F.binary_cross_entropy(out, y, reduce=True), [])
+    with pytest.raises(fxcurv.CompileError, match="reduction 'batch' is unknown"):
+        fxcurv.compile(head(3), lambda out, p: F.kl_div(out, p, reduction="batch"), [])
+    with pytest.raises(fxcurv.CompileError, match="negative var"):
+        fxcurv.compile(head(3), lambda out, y: F.gaussian_nll_loss(out, y, -1.0), [])
+    with pytest.raises(fxcurv.CompileError, match="linear in the model output"):
+        fxcurv.compile(head(3), lambda out, p: F.kl_div(out, p), ["diag_ggn_exact"])
+
+
+def test_gaussian_nll_checks_the_variance_when_called():
+    """PyTorch's ValueErrors for a variance of the wrong shape or with a negative entry."""
+    y = torch.randn(4, 3, dtype=DTYPE)
+    step = fxcurv.compile(head(3), lambda out, t: F.gaussian_nll_loss(out, t, t[:, :2].abs()), [],
+                          verify=False)
+    with pytest.raises(ValueError, match="var is of incorrect size"):
+        step(batch()[0], y)
+    step = fxcurv.compile(head(3), lambda out, t: F.gaussian_nll_loss(out, t, t), [],
+                          verify=False)
+    with pytest.raises(RuntimeError, match="negative"):
+        step(batch()[0], y)
+
+
+@pytest.mark.parametrize("reduction", ["batchmean", "mean", "sum"])
+def test_kl_div_module_after_a_log_softmax_layer(reduction):
+    """nn.KLDivLoss on a model ending in LogSoftmax: the gradient is eager's; the loss is
+    linear in that output, so its GGN is refused (as for any loss linear in the output)."""
+    net, loss_fn, (x, _) = head(3, nn.LogSoftmax(1)), nn.KLDivLoss(reduction=reduction), batch()
+    _, grad = fxcurv.compile(net, loss_fn, [])(x, probabilities())
+    expected = torch.autograd.grad(loss_fn(net(x), probabilities()), list(net.parameters()))
+    for (name, _), g in zip(net.named_parameters(), expected):
+        torch.testing.assert_close(grad[name], g, **TOL, msg=name)
+    with pytest.raises(fxcurv.CompileError, match="linear in the model output"):
+        fxcurv.compile(net, loss_fn, ["diag_ggn_exact"])

@@ -1,6 +1,6 @@
 """The op rule table. Importing this package registers every op family's rules in ``RULES``."""
 from . import (affine, arith, conv, elementwise, indexing, linalg, losses,  # noqa: F401
-               norm, pooling, recurrent, reductions, select, shape,
+               more_losses, norm, pooling, recurrent, reductions, select, shape,
                windows)  # (registration)
 from .registry import (AFFINE, BOOLEAN, BY_PRODUCTS, CONCATENATION, ELEMENTWISE, FIRST_ORDER,
                        FRESH, INTO_FIRST, KEPT, MONOTONE, PERMUTATION, PIECES, RANDOM, REDUCED,

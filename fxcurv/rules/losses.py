@@ -359,24 +359,38 @@ def bce_curvature(x: Tensor, target: Tensor, weight: Optional[Tensor],
     if weight is not None:
         curvature = curvature * weight
     if pos_weight is not None or weight is not None:  # no square root of a negative entry
-        message = ("fxcurv: binary_cross_entropy_with_logits has a negative second derivative "
-                   "here (a target outside [0, 1] with pos_weight, or a negative weight), which "
-                   "has no square-root factor: the GGN family and diag_h would be NaN. Keep "
-                   "targets in [0, 1] and weights >= 0")
-        if torch.jit.is_scripting():  # TorchScript drops the assertion op: test and raise
-            if not bool((curvature >= 0).all()):
-                raise RuntimeError(message)
-        else:  # an op (no host sync on CUDA, kept by torch.export)
-            torch._assert_async((curvature >= 0).all(), message)
+        assert_all((curvature >= 0).all(), NEGATIVE_CURVATURE.format(
+            "binary_cross_entropy_with_logits", "a target outside [0, 1] with pos_weight, or "
+            "a negative weight"))
     return curvature.expand(x.shape)
+
+
+NEGATIVE_CURVATURE = ("fxcurv: {} has a negative second derivative here ({}), which has no "
+                      "square-root factor: the GGN family and diag_h would be NaN. Keep "
+                      "targets in [0, 1] and weights >= 0")
+
+
+def assert_all(condition: Tensor, message: str) -> None:
+    """Raise ``message`` at call time unless the boolean 0-dim ``condition`` holds."""
+    if torch.jit.is_scripting():  # TorchScript drops the assertion op: test and raise
+        if not bool(condition):
+            raise RuntimeError(message)
+    else:  # an op (no host sync on CUDA, kept by torch.export)
+        torch._assert_async(condition, message)
 
 
 def bce_sqrt_hessian(x: Tensor, reduction: str, target: Tensor, weight: Optional[Tensor],
                      pos_weight: Optional[Tensor]) -> Tensor:
     """``S[c, n] = √(∂²ℓ/∂x²) e_c`` (:func:`bce_curvature`) over the ``C = numel/N`` outputs
     (C = 1: BackPACK's)."""
+    return diagonal_sqrt_hessian(x, bce_curvature(x, target, weight, pos_weight), reduction)
+
+
+def diagonal_sqrt_hessian(x: Tensor, curvature: Tensor, reduction: str) -> Tensor:
+    """``S[c, n] = √h e_c`` for a loss Hessian ``diag(h)`` (``h`` shaped like ``x``, >= 0)
+    over the ``C = numel/N`` entries of a sample, ``1/√numel`` for mean."""
     features = x.numel() // x.size(0)
-    root = bce_curvature(x, target, weight, pos_weight).sqrt().reshape(x.size(0), features)
+    root = curvature.sqrt().reshape(x.size(0), features)
     eye = torch.eye(features, dtype=x.dtype, device=x.device)
     factor = eye.unsqueeze(1) * root.unsqueeze(0)                       # [C, N, C]
     return factor.reshape([features] + list(x.shape)) * _mean_scale(reduction, x.numel())

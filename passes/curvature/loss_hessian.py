@@ -8,6 +8,10 @@ Jacobian-transpose rules (one leading axis):
 
 * an inner built-in loss reached with cotangent ``g``: its factor ``S`` times ``√g₊`` / ``√g₋``;
 * an elementwise op with residual ``R = Σ g ⊙ f''``: ``diag(√R₊)`` / ``diag(√R₋)``;
+* an elementwise op of two arguments that both depend on ``f`` (``(f - y)²/v`` with ``v`` a
+  variance head, ``x/‖x‖``) with cross coefficient ``c = Σ g ∂²y/∂a∂b``: ``diag(√(c/2)₊)``
+  seeded at both arguments (``e_a + e_b``) and at ``a`` and ``-b`` (``e_a - e_b``), the two
+  with opposite signs;
 * an op with a dense per-sample residual block (``log_softmax``, ``softmax``): the eigen-parts
   of each block.
 
@@ -33,12 +37,13 @@ from torch import Tensor
 from fxcurv.emit import Emitter
 from fxcurv.errors import node_error
 from fxcurv.rules import Ctx, rule_for
+from fxcurv.rules.helpers import sum_to_shape
 
 from ..analysis import ancestors, depends_on
 from ..backward import backward
 from . import factors
 from .factors import residual_sqrt
-from .second_order import BLOCK, RESIDUAL, ZERO, classify, is_linear
+from .second_order import BLOCK, CROSS, RESIDUAL, ZERO, classify, is_linear
 
 
 def scaled_by_root(factor: Tensor, weight: Tensor, sign: float) -> Tensor:
@@ -106,8 +111,8 @@ def _assembled_hessian(emit: Emitter, traced, gradient: dict) -> Any:
                          "(and the GGN) is zero", "Check the loss function.")
     total = None
     for seed_node, factor, sign, tag in sources:
-        cotangents = backward(emit, {seed_node: factor}, [output], lead=1,
-                              tag=f"loss_hessian_{tag}")
+        seeds = seed_node if isinstance(seed_node, dict) else {seed_node: factor}
+        cotangents = backward(emit, seeds, [output], lead=1, tag=f"loss_hessian_{tag}")
         gram = emit.call(signed_gram, cotangents[output], sign)
         total = gram if total is None else total + gram
     emit.rename(total, "loss_hessian")
@@ -133,6 +138,10 @@ def _second_order_sources(emit: Emitter, traced, gradient: dict) -> list:
         _check_cross_terms(node, terms)
         for term in terms:
             if term.kind == ZERO:
+                continue
+            if term.kind == CROSS:
+                _check_separable(node, region)
+                found += _cross_sources(emit, node, ctx, term, values, gradient)
                 continue
             arg = term.names[0]
             if term.kind == BLOCK and len(term.names) == 1:
@@ -214,8 +223,31 @@ def _mixing_ancestor(node: fx.Node, region: dict) -> Optional[fx.Node]:
     return None
 
 
+def _cross_sources(emit, node, ctx, term, values, gradient) -> list:
+    """An elementwise cross term ``c = Σ g ∂²f/∂a∂b`` (shaped like the output, ``a`` and ``b``
+    broadcast to it): per output entry ``i`` it adds ``c_i (e_aᵢ e_bᵢᵀ + e_bᵢ e_aᵢᵀ) =
+    ½c_i (u uᵀ - w wᵀ)`` with ``u = e_aᵢ + e_bᵢ``, ``w = e_aᵢ - e_bᵢ``. Each of ``u``, ``w`` is
+    seeded at both arguments (summed back over broadcast axes) with ``diag(√max(±c/2, 0))``:
+    ``√(c₊/2) u`` and ``√(c₋/2) w`` add curvature, the other two subtract it."""
+    a, b = (values[name] for name in term.names)
+    with emit.naming(f"{node.name}_loss_cross"):
+        half = term.fn(gradient[node], ctx) * 0.5
+    sources = []
+    for sign, tag in ((1.0, "plus"), (-1.0, "minus")):
+        diagonal = emit.call(residual_sqrt, half, sign, f"node '{node.name}' (cross term)",
+                             factors.MAX_RESIDUAL_FACTOR_BYTES)
+        for pair, flip in (("u", 1.0), ("w", -1.0)):
+            seeds: dict = {}
+            for value, scale in ((a, 1.0), (b, flip)):
+                part = emit.call(sum_to_shape, diagonal if scale > 0 else -diagonal, 1,
+                                 emit.proxy(value).shape)
+                seeds[value] = part if value not in seeds else seeds[value] + part
+            sources.append((seeds, None, sign * flip, f"{node.name}_{pair}_{tag}"))
+    return sources
+
+
 def _check_cross_terms(node, terms: list) -> None:
-    crossed = [t.names for t in terms if len(t.names) == 2 and t.kind != ZERO]
+    crossed = [t.names for t in terms if len(t.names) == 2 and t.kind not in (ZERO, CROSS)]
     if crossed:
         names = ", ".join(crossed[0])
         raise node_error(node, f"its arguments {names} all depend on the model output, which "

@@ -382,11 +382,14 @@ MORE = {  # name: (net, loss_fn, target)
 }
 
 
-def _against_brute_force(net, loss_fn, x, y, hessian=True):
+def _against_brute_force(net, loss_fn, x, y, hessian=True, reference=None):
+    """``reference``: the same loss for torch.func's second derivatives where PyTorch's own
+    has none."""
     value, grad, diag, diag_h = fxcurv.compile(net, loss_fn, ["diag_ggn_exact", "diag_h"])(x, y)
     expected = loss_fn(net(x), y)
     torch.testing.assert_close(value, expected.detach(), rtol=1e-12, atol=0)
-    ggn = ggn_diagonal_brute_force(net, loss_fn, x, y)
+    reference = reference or loss_fn
+    ggn = ggn_diagonal_brute_force(net, reference, x, y)
     for (name, p), g in zip(net.named_parameters(), torch.autograd.grad(expected,
                                                                          list(net.parameters()))):
         torch.testing.assert_close(grad[name], g, **TOL, msg=name)
@@ -394,7 +397,7 @@ def _against_brute_force(net, loss_fn, x, y, hessian=True):
 
         def of_param(value, name=name):
             params = {**dict(net.named_parameters()), name: value}
-            return loss_fn(torch.func.functional_call(net, params, (x,)), y)
+            return reference(torch.func.functional_call(net, params, (x,)), y)
         if hessian:
             full = torch.func.jacrev(torch.func.jacrev(of_param))(p.detach())
             full = full.reshape(p.numel(), p.numel())
@@ -482,3 +485,42 @@ def test_kl_div_module_after_a_log_softmax_layer(reduction):
         torch.testing.assert_close(grad[name], g, **TOL, msg=name)
     with pytest.raises(fxcurv.CompileError, match="linear in the model output"):
         fxcurv.compile(net, loss_fn, ["diag_ggn_exact"])
+
+
+@pytest.mark.parametrize("loss_fn, y", [
+    (nn.MarginRankingLoss(margin=0.1), torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=DTYPE)),
+    (nn.HingeEmbeddingLoss(margin=0.5),
+     torch.tensor([[1.0, -1.0, 1.0], [-1.0, 1.0, -1.0]] * 2, dtype=DTYPE)),
+    (nn.MultiMarginLoss(), torch.tensor([0, 2, 1, 1]))])
+def test_piecewise_linear_margin_losses(loss_fn, y):
+    """Margin ranking (the model's two outputs ranked), hinge embedding and multi-margin
+    (p = 1): eager's gradient, ties included (none passes); curvature refused (ℓ'' = 0)."""
+    net, x = head(2 if isinstance(loss_fn, nn.MarginRankingLoss) else 3), batch()[0]
+    if isinstance(loss_fn, nn.MarginRankingLoss):
+        def loss(out, t):
+            return F.margin_ranking_loss(out[:, 0], out[:, 1], t, margin=loss_fn.margin)
+    else:
+        loss = loss_fn
+    with torch.no_grad():   # one tie: the hinge of sample 1 exactly at the margin
+        out = net(x)
+        if isinstance(loss_fn, nn.HingeEmbeddingLoss):
+            net[2].bias[0] += 0.5 - out[1, 0]
+    _, grad = fxcurv.compile(net, loss, [])(x, y)
+    expected = torch.autograd.grad(loss(net(x), y), list(net.parameters()))
+    for (name, _), g in zip(net.named_parameters(), expected):
+        torch.testing.assert_close(grad[name], g, **TOL, msg=name)
+    with pytest.raises(fxcurv.CompileError, match="linear in the model output"):
+        fxcurv.compile(net, loss, ["diag_ggn_exact"])
+
+
+def test_squared_multi_margin_loss_against_brute_force():
+    """p = 2: piecewise quadratic (PyTorch has no second derivative of its kernel: the brute
+    force differentiates the same loss written out)."""
+    weight = torch.tensor([0.5, 1.0, 2.0], dtype=DTYPE)
+    loss_fn = nn.MultiMarginLoss(p=2, margin=2.0, weight=weight)
+
+    def written_out(out, y):
+        z = (2.0 - out.gather(1, y.unsqueeze(1)) + out).clamp(min=0) ** 2
+        return ((z.sum(1) - 4.0) / 3 * weight[y]).mean()   # the term i = y is 2² = 4
+    x, y = batch()
+    _against_brute_force(head(3), loss_fn, x, y, reference=written_out)

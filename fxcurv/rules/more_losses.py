@@ -59,6 +59,14 @@ def _clamped_min(v, low: float):
     return torch.where(v < low, v - v.detach() + low, v)
 
 
+def _reduced_loss(targets: list, name: str, params: str, doc: str, values, **fields):
+    """Register a loss lowered to ``values(c)`` (per entry or per sample) and PyTorch's
+    reduction (the deprecated ``size_average``/``reduce`` honoured)."""
+    fields.setdefault("unsupported", _known_reduction())
+    register(targets, name, params, doc=doc, **fields,
+             lower=lambda c: _reduce(values(c), _reduction_of(c.bound)))
+
+
 # -- KL divergence ----------------------------------------------------------------------------
 def _lower_kl_div(c: Ctx):
     """``ℓ = xlogy(t, t) - t f`` (``log_target``: ``eᵗ (t - f)``), ATen's ``kl_div``;
@@ -161,28 +169,27 @@ def _lower_poisson_nll(c: Ctx):
     if c.bound["full"]:
         stirling = t * torch.log(t) - t + 0.5 * torch.log(2 * math.pi * t)
         values = values + stirling.masked_fill(t <= 1, 0)
-    return _reduce(values, _reduction_of(c.bound))
+    return values
 
 
-register([F.poisson_nll_loss], "poisson_nll_loss",
-         "input, target, log_input=True, full=False, size_average=None, eps=1e-08, "
-         "reduce=None, reduction='mean'",
-         doc="ℓ = eᶠ - y f (log_input) or f - y log(f + eps);  ∂²ℓ/∂f² = eᶠ or "
-             "y/(f + eps)²;  lowered to exp, log, mul and the reduction.",
-         lower=_lower_poisson_nll, unsupported=_known_reduction())
+_reduced_loss([F.poisson_nll_loss], "poisson_nll_loss",
+              "input, target, log_input=True, full=False, size_average=None, eps=1e-08, "
+              "reduce=None, reduction='mean'",
+              doc="ℓ = eᶠ - y f (log_input) or f - y log(f + eps);  ∂²ℓ/∂f² = eᶠ or "
+                  "y/(f + eps)²;  lowered to exp, log, mul and the reduction.",
+              values=_lower_poisson_nll)
 
 
 # -- soft-margin losses ---------------------------------------------------------------------------
 def _lower_soft_margin(c: Ctx):
     """ATen's ``log1p(exp(-y f))``: ``softplus`` without its linear threshold."""
-    values = F.softplus(-c.args.input * c.args.target, 1.0, math.inf)
-    return _reduce(values, _reduction_of(c.bound))
+    return F.softplus(-c.args.input * c.args.target, 1.0, math.inf)
 
 
-register([F.soft_margin_loss], "soft_margin_loss", f"input, target, {_LEGACY}",
-         doc="ℓ = log(1 + e^{-y f});  ∂ℓ/∂f = -y σ(-y f), ∂²ℓ/∂f² = y² σ(y f)σ(-y f);  "
-             "lowered to softplus and the reduction.",
-         lower=_lower_soft_margin, unsupported=_known_reduction())
+_reduced_loss([F.soft_margin_loss], "soft_margin_loss", f"input, target, {_LEGACY}",
+              doc="ℓ = log(1 + e^{-y f});  ∂ℓ/∂f = -y σ(-y f), ∂²ℓ/∂f² = y² σ(y f)σ(-y f);  "
+                  "lowered to softplus and the reduction.",
+              values=_lower_soft_margin)
 
 
 def _lower_multilabel_soft_margin(c: Ctx):
@@ -192,15 +199,14 @@ def _lower_multilabel_soft_margin(c: Ctx):
     values = -(t * F.logsigmoid(x) + (1 - t) * F.logsigmoid(-x))
     if c.bound["weight"] is not None:
         values = values * c.args.weight
-    values = values.sum(dim=-1) / x.size(-1)
-    return _reduce(values, _reduction_of(c.bound))
+    return values.sum(dim=-1) / x.size(-1)
 
 
-register([F.multilabel_soft_margin_loss], "multilabel_soft_margin_loss",
-         f"input, target, weight=None, {_LEGACY}",
-         doc="ℓ = -(1/C) Σ_c w_c[y_c log σ(f_c) + (1 - y_c) log σ(-f_c)];  lowered to "
-             "logsigmoid, mul, sum and the reduction.",
-         lower=_lower_multilabel_soft_margin, unsupported=_known_reduction())
+_reduced_loss([F.multilabel_soft_margin_loss], "multilabel_soft_margin_loss",
+              f"input, target, weight=None, {_LEGACY}",
+              doc="ℓ = -(1/C) Σ_c w_c[y_c log σ(f_c) + (1 - y_c) log σ(-f_c)];  lowered to "
+                  "logsigmoid, mul, sum and the reduction.",
+              values=_lower_multilabel_soft_margin)
 
 
 # -- cosine similarity ------------------------------------------------------------------------
@@ -311,3 +317,67 @@ loss([F.binary_cross_entropy], "binary_cross_entropy",
      sqrt_hessian=lambda c: c.call(bce_probability_sqrt_hessian, c.args.input, c.args.target,
                                    c.args.weight, c.bound["reduction"]),
      sqrt_hessian_mc=_bce_no_monte_carlo, **_regression("binary_cross_entropy"))
+
+
+# -- margin losses (piecewise linear or quadratic) ----------------------------------------------
+def _positive_part(z):
+    """``max(z, 0)`` (PyTorch's ``clamp_min``, NaN kept) with the gradient only where ``z > 0``
+    (PyTorch's margin losses pass none at a tie)."""
+    return torch.where(z > 0, z, torch.clamp(z, min=0).detach())
+
+
+def _lower_margin_ranking(c: Ctx):
+    """ATen's ``max(0, -y (x₁ - x₂) + margin)``."""
+    return _positive_part(-c.args.target * (c.args.input1 - c.args.input2) + c.bound["margin"])
+
+
+_reduced_loss([F.margin_ranking_loss], "margin_ranking_loss",
+              f"input1, input2, target, margin=0, {_LEGACY}",
+              doc="ℓ = max(0, -y(x₁ - x₂) + margin);  ∂ℓ/∂x₁ = -y where positive (0 at a tie, as "
+                  "PyTorch);  piecewise linear: ℓ'' = 0, so curvature quantities are refused.",
+              values=_lower_margin_ranking)
+
+
+def _lower_hinge_embedding(c: Ctx):
+    """ATen's ``where(y ≠ 1, max(0, margin - x), 0) + where(y ≠ -1, x, 0)``."""
+    x, t = c.args.input, c.args.target
+    zeros = torch.zeros_like(x)
+    return torch.where(t != 1, _positive_part(c.bound["margin"] - x), zeros) \
+        + torch.where(t != -1, x, zeros)
+
+
+_reduced_loss([F.hinge_embedding_loss], "hinge_embedding_loss",
+              f"input, target, margin=1.0, {_LEGACY}",
+              doc="ℓ = x (y = 1), max(0, margin - x) (y = -1);  piecewise linear: ℓ'' = 0, so "
+                  "curvature quantities are refused.",
+              values=_lower_hinge_embedding)
+
+
+def _lower_multi_margin(c: Ctx):
+    """ATen's ``(1/C) Σ_{i≠y} w_y max(0, margin - x_y + x_i)^p`` per sample (``[N, C]``
+    input, ``[N]`` classes)."""
+    x, y = c.args.input, c.args.target
+    picked = x.gather(1, y.unsqueeze(1))
+    others = torch.ones_like(x).scatter(1, y.unsqueeze(1), 0.0) > 0
+    z = torch.where(others, c.bound["margin"] - picked + x, torch.zeros_like(x))
+    hinge = _positive_part(z)
+    if c.bound["p"] == 2:
+        hinge = hinge * hinge
+    values = hinge.sum(1) / x.size(1)
+    if c.bound["weight"] is not None:
+        values = values * c.args.weight[y]
+    return values
+
+
+def _multi_margin_unsupported(b: dict) -> Optional[str]:
+    if b["p"] not in (1, 2):
+        return "multi_margin_loss supports only p = 1 and p = 2"
+    return _known_reduction()(b)
+
+
+_reduced_loss([F.multi_margin_loss], "multi_margin_loss",
+              f"input, target, p=1, margin=1.0, weight=None, {_LEGACY}",
+              doc="ℓ = (1/C) Σ_{i≠y} w_y max(0, margin - f_y + f_i)^p;  p = 1 piecewise linear "
+                  "(curvature refused), p = 2: ∂²ℓ/∂f² = (2w_y/C) Σ_{active i} (e_i - e_y)(e_i - "
+                  "e_y)ᵀ;  lowered to gather, where, mul and the reduction.",
+              values=_lower_multi_margin, unsupported=_multi_margin_unsupported)

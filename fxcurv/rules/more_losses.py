@@ -24,6 +24,7 @@ from ..errors import node_error
 from .losses import (NEGATIVE_CURVATURE, _legacy_args, _loss_vjp, _regression, assert_all,
                      diagonal_sqrt_hessian)
 from .registry import Ctx, affine, loss, register
+from .reductions import norm_of
 
 _LEGACY = "size_average=None, reduce=None, reduction='mean'"
 
@@ -218,13 +219,10 @@ def broadcast_sizes(a: List[int], b: List[int]) -> List[int]:
     return [x if y == 1 else y for x, y in zip(a, b)]
 
 
-def _clamped_norm(x, dim: int, eps: float):
+def _clamped_norm(c: Ctx, x, dim: int, eps: float):
     """``max(‖x‖, eps)`` along ``dim`` (kept), with the gradient of ``‖x‖`` (0 at ``x = 0``,
-    as PyTorch's norm backward): ``√s`` taken of ``s`` or 1 where ``s = Σ x² = 0``."""
-    squares = torch.sum(x.square(), [dim], keepdim=True)
-    zero = squares == 0
-    norm = torch.where(zero, squares, torch.sqrt(torch.where(zero, squares + 1.0, squares)))
-    return _clamped_min(norm, eps)
+    as PyTorch's norm backward: :func:`norm_of`)."""
+    return _clamped_min(norm_of(c, x, 2.0, dim, True), eps)
 
 
 def _lower_cosine_similarity(c: Ctx):
@@ -233,7 +231,8 @@ def _lower_cosine_similarity(c: Ctx):
     x1, x2, dim, eps = c.args.x1, c.args.x2, c.bound["dim"], c.bound["eps"]
     shape = c.call(broadcast_sizes, x1.shape, x2.shape)
     x1, x2 = torch.broadcast_to(x1, shape), torch.broadcast_to(x2, shape)
-    return ((x1 / _clamped_norm(x1, dim, eps)) * (x2 / _clamped_norm(x2, dim, eps))).sum(dim)
+    return ((x1 / _clamped_norm(c, x1, dim, eps)) * (x2 / _clamped_norm(c, x2, dim, eps))).sum(
+        dim)
 
 
 register([F.cosine_similarity], "cosine_similarity",

@@ -255,6 +255,8 @@ LOSSES = [
     case("multi_margin_loss", lambda x, y, w: F.multi_margin_loss(x, y, p=2, weight=w),
          rand(5, 4), labels(4, 5), rand(4, positive=True), const=("w",)),
     case("cross_entropy_mean", lambda x, y: F.cross_entropy(x, y), rand(5, 4), labels(4, 5)),
+    case("nll_after_log_softmax_last_axis",
+         lambda x, y: F.nll_loss(F.log_softmax(x, -1), y), rand(5, 4), labels(4, 5)),
     case("cross_entropy_sum", lambda x, y: F.cross_entropy(x, y, reduction="sum"),
          rand(5, 4), labels(4, 5)),
     case("cross_entropy_none", lambda x, y: F.cross_entropy(x, y, reduction="none"),

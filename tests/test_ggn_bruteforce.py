@@ -389,3 +389,23 @@ def test_bce_with_logits_negative_curvature_is_an_error(option, target):
     for run in (step, torch.jit.script(step)):  # TorchScript re-raises as torch.jit.Error
         with pytest.raises((RuntimeError, torch.jit.Error), match="negative second derivative"):
             run(x, y)
+
+
+def test_nll_after_log_softmax_over_the_last_axis_is_cross_entropy_too():
+    """``F.log_softmax(z, dim=-1)`` + ``NLLLoss`` (before: only dim=1 was recognised, so the
+    curvature quantities were refused): the same results as cross-entropy on the logits;
+    logits that are not ``[N, C]`` (the last axis is then not the class axis) raise when the
+    step runs."""
+    case, _, _ = computed("logsoftmax_nll")
+    logits = case.model[:-1]
+    model = nn.Sequential(logits, nn.LogSoftmax(dim=-1))
+    _, _, *values = fxcurv.compile(model, nn.NLLLoss(), EXACT)(case.x, case.y)
+    _, _, *expected = fxcurv.compile(logits, nn.CrossEntropyLoss(), EXACT)(case.x, case.y)
+    for quantity, value, want in zip(EXACT, values, expected):
+        for p in want:
+            torch.testing.assert_close(_flat(value[f"0.{p}"]), _flat(want[p]), rtol=1e-12,
+                                       atol=1e-15, msg=f"{quantity}[{p}]")
+    step = fxcurv.compile(nn.Sequential(nn.Conv1d(2, 3, 1), nn.LogSoftmax(dim=-1)).to(DTYPE),
+                          nn.NLLLoss(), ["diag_ggn_exact"], verify=False)
+    with pytest.raises(ValueError, match=r"only for \[N, C\] logits, got 3 dimensions"):
+        step(torch.randn(2, 2, 4, dtype=DTYPE), torch.randint(0, 3, (2, 4)))

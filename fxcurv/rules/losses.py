@@ -359,15 +359,17 @@ def bce_curvature(x: Tensor, target: Tensor, weight: Optional[Tensor],
     if weight is not None:
         curvature = curvature * weight
     if pos_weight is not None or weight is not None:  # no square root of a negative entry
-        assert_all((curvature >= 0).all(), NEGATIVE_CURVATURE.format(
+        assert_all((curvature >= 0).all(), negative_curvature(
             "binary_cross_entropy_with_logits", "a target outside [0, 1] with pos_weight, or "
             "a negative weight"))
     return curvature.expand(x.shape)
 
 
-NEGATIVE_CURVATURE = ("fxcurv: {} has a negative second derivative here ({}), which has no "
-                      "square-root factor: the GGN family and diag_h would be NaN. Keep "
-                      "targets in [0, 1] and weights >= 0")
+def negative_curvature(loss: str, cause: str) -> str:
+    """The call-time error of a loss whose second derivative is negative somewhere."""
+    return ("fxcurv: " + loss + " has a negative second derivative here (" + cause + "), "
+            "which has no square-root factor: the GGN family and diag_h would be NaN. Keep "
+            "targets in [0, 1] and weights >= 0")
 
 
 def assert_all(condition: Tensor, message: str) -> None:
@@ -475,19 +477,37 @@ loss([F.cross_entropy], "cross_entropy",
      mean_divisor=_class_divisor)
 
 
+def class_rows(logits: Tensor) -> Tensor:
+    """``logits`` unchanged, after checking they are ``[N, C]`` (where ``log_softmax`` over
+    the last axis is over the classes, axis 1, as ``nll_loss`` reads them)."""
+    if logits.dim() != 2:
+        raise ValueError("fxcurv: log_softmax(dim=-1) before nll_loss is a cross-entropy only "
+                         "for [N, C] logits, got {} dimensions; use log_softmax(dim=1)"
+                         .format(logits.dim()))
+    return logits
+
+
+affine([class_rows], "class_rows", "logits",
+       doc="y = x (checked to be [N, C]);  Jᵀg = g.", vjp={"logits": lambda g, c: g})
+
+
 def _after_log_softmax(c: Ctx):
     """``nll_loss(log_softmax(z, 1), y, ...)`` -> ``cross_entropy(z, y, ...)`` (the same
     function) when the log-probabilities feed nothing else, so the loss's Hessian is taken
     w.r.t. the logits: the GGN of a model ending in ``LogSoftmax`` + ``NLLLoss`` is that of
-    the logits with cross-entropy, not zero. None otherwise (the call stays)."""
+    the logits with cross-entropy, not zero. ``log_softmax(z, -1)`` too, with a call-time
+    check that ``z`` is ``[N, C]`` (:func:`class_rows`). None otherwise (the call stays)."""
     source = c.bound["input"]
     rule = rule_for(source) if isinstance(source, fx.Node) else None
     if rule is None or rule.name != "log_softmax" or len(source.users) != 1:
         return None
     bound = rule.bind(source)
-    if bound["dim"] != 1 or bound.get("dtype") is not None:
+    if bound["dim"] not in (1, -1) or bound.get("dtype") is not None:
         return None
-    return c.call(F.cross_entropy, c.emit.proxy(bound["input"]), c.args.target,
+    logits = c.emit.proxy(bound["input"])
+    if bound["dim"] == -1:
+        logits = c.call(class_rows, logits)
+    return c.call(F.cross_entropy, logits, c.args.target,
                   **{key: getattr(c.args, key) for key in ("weight", "ignore_index",
                                                            "reduction")})
 

@@ -21,7 +21,7 @@ from torch import Tensor
 from torch.nn import _reduction as _Reduction
 
 from ..errors import node_error
-from .losses import (NEGATIVE_CURVATURE, _legacy_args, _loss_vjp, _regression, assert_all,
+from .losses import (negative_curvature, _legacy_args, _loss_vjp, _regression, assert_all,
                      diagonal_sqrt_hessian)
 from .registry import Ctx, affine, loss, register
 from .reductions import norm_of
@@ -286,7 +286,7 @@ def bce_probability_curvature(p: Tensor, target: Tensor, weight: Optional[Tensor
         (p + BCE_EPSILON).pow(2) * (1 - p + BCE_EPSILON).pow(2))
     if weight is not None:
         curvature = curvature * weight
-    assert_all((curvature >= 0).all(), NEGATIVE_CURVATURE.format(
+    assert_all((curvature >= 0).all(), negative_curvature(
         "binary_cross_entropy", "a target outside [0, 1] or a negative weight"))
     return curvature.expand(p.shape)
 

@@ -264,21 +264,7 @@ def test_lowered_losses_and_activations_against_brute_force(loss):
     Softmin under Huber and smooth-L1 losses (before: refused, no rule), by torch.func."""
     net, (x, _) = lowered_model(), batch()
     y = torch.randn(x.size(0), 3, dtype=DTYPE, generator=torch.Generator().manual_seed(5))
-    loss_fn = REGRESSION[loss]
-    value, grad, diag, diag_h = fxcurv.compile(net, loss_fn, ["diag_ggn_exact", "diag_h"])(x, y)
-    expected = loss_fn(net(x), y)
-    torch.testing.assert_close(value, expected.detach(), rtol=1e-12, atol=0)
-    ggn = ggn_diagonal_brute_force(net, loss_fn, x, y)
-    for (name, p), g in zip(net.named_parameters(), torch.autograd.grad(expected,
-                                                                         list(net.parameters()))):
-        torch.testing.assert_close(grad[name], g, **TOL, msg=name)
-        torch.testing.assert_close(diag[name], ggn[name], **TOL, msg=name)
-
-        def of_param(value, name=name):
-            params = {**dict(net.named_parameters()), name: value}
-            return loss_fn(torch.func.functional_call(net, params, (x,)), y)
-        hessian = torch.func.hessian(of_param)(p.detach()).reshape(p.numel(), p.numel())
-        torch.testing.assert_close(diag_h[name], hessian.diagonal().reshape(p.shape), **TOL)
+    _against_brute_force(net, REGRESSION[loss], x, y)
 
 
 def test_l1_loss_gives_the_gradient_and_refuses_curvature():

@@ -305,3 +305,21 @@ def test_spectral_norm_in_train_mode_is_refused():
     with pytest.raises(CompileError, match=r"module 0\.parametrizations\.weight\.0 "
                                            r"\(spectral_norm\) is in train mode"):
         fxcurv.compile(model, nn.CrossEntropyLoss(), [])
+
+
+def test_unflatten_of_the_sample_axis_is_refused():
+    """Splitting axis 0 would make part of a sample's batch index a feature: refused at
+    compile time (and a negative ``dim`` that lands on it when the step runs)."""
+    class Split(nn.Module):
+        def __init__(self, dim):
+            super().__init__()
+            self.fc, self.dim = nn.Linear(4, 3), dim
+
+        def forward(self, x):
+            return self.fc(x).unflatten(self.dim, (2, -1)).flatten(0, 1)
+
+    with pytest.raises(CompileError, match="unflatten of the sample axis 0"):
+        fxcurv.compile(Split(0), nn.MSELoss(), ["batch_grad"])
+    step = fxcurv.compile(Split(-2), nn.MSELoss(), [], verify=False)
+    with pytest.raises(ValueError, match="unflatten would split the sample axis 0"):
+        step(torch.randn(4, 4), torch.randn(4, 3))

@@ -37,6 +37,7 @@ second derivatives of the model's ops: ``diag_h diag_h_batch hmp pchmp_abs pchmp
 | conv_lrn       | conv, local_response_norm, adaptive max pool | CE        | -                               |
 | spectral_norm  | spectral_norm parametrizations (eval mode)   | CE        | 2nd (truediv)                   |
 | padded         | reflect, replicate and circular padding      | CE        | -                               |
+| patches        | unfold, unflatten, ChannelShuffle, fold      | CE        | -                               |
 
 (CE: ``CrossEntropyLoss``, MSE: ``MSELoss``, BCE: ``BCEWithLogitsLoss``; mean unless "sum".)
 
@@ -422,6 +423,23 @@ class Padded(nn.Module):
         return self.head(self.pads(torch.tanh(self.conv(x))).flatten(1))
 
 
+class Patches(nn.Module):
+    """23. Patch embedding by ``F.unfold`` (im2col), a linear map per patch, ``unflatten``
+    back to channels, ``ChannelShuffle``, ``F.fold`` (col2im) and a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.shuffle = nn.Linear(2 * 2 * 2, 4), nn.ChannelShuffle(2)
+        self.head = nn.Linear(4 * 3 * 3, 3)
+
+    def forward(self, x):
+        patches = F.unfold(x, 2, stride=2).transpose(1, 2)       # [N, L=4, 8]
+        h = torch.tanh(self.embed(patches)).transpose(1, 2)       # [N, 4, L]
+        h = self.shuffle(h.unflatten(2, (2, 2)))                  # [N, 4, 2, 2]
+        back = F.fold(h.flatten(2).repeat(1, 4, 1), (3, 3), 2, stride=1)  # [N, 4, 3, 3]
+        return self.head(back.flatten(1))
+
+
 # ------------------------------------------------------------------------------------- specs
 def _randn(gen, *shape):
     return torch.randn(*shape, generator=gen, dtype=DTYPE)
@@ -506,6 +524,8 @@ SPECS: dict[str, Spec] = {
                                    for q in RESIDUAL}),
     "padded": Spec(Padded, nn.CrossEntropyLoss(),
                    lambda g: (_randn(g, 3, 2, 3, 2), _labels(g, 3, 3))),
+    "patches": Spec(Patches, nn.CrossEntropyLoss(),
+                    lambda g: (_randn(g, 3, 2, 4, 4), _labels(g, 3, 3))),
 }
 NAMES = list(SPECS)
 

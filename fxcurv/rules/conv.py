@@ -17,7 +17,7 @@ from torch import Tensor
 
 from .contraction import Contraction
 from .helpers import symmetric_gram
-from .registry import Ctx, fresh, register
+from .registry import AFFINE, Ctx, fresh, register
 
 
 # -- runtime helpers (TorchScript-scriptable) -------------------------------------------
@@ -546,3 +546,41 @@ _RULES = {
 for _target, _d in SPATIAL_DIMS.items():
     _family = "conv_transpose" if "transpose" in _target.__name__ else "conv"
     register([_target], f"{_family}{_d}d", **_RULES[_family])
+
+
+# -- unfold / fold (im2col and its adjoint) ----------------------------------------------------
+def unfold_vjp(g: Tensor, input_shape: List[int], lead: int, kernel: List[int],
+               dilation: List[int], padding: List[int], stride: List[int]) -> Tensor:
+    """Jᵀ of ``unfold`` (``[N, C, H, W] -> [N, C·kh·kw, L]``): ``fold`` of ``g``, each patch
+    entry added back where it was read; lead axes join the batch axis."""
+    grads = g.reshape([-1] + list(g.shape[g.dim() - 2:]))
+    spatial: List[int] = list(input_shape[len(input_shape) - 2:])
+    back = F.fold(grads, spatial, kernel, dilation, padding, stride)
+    return back.reshape(list(g.shape[:lead]) + list(input_shape))
+
+
+def fold_vjp(g: Tensor, input_shape: List[int], lead: int, kernel: List[int],
+             dilation: List[int], padding: List[int], stride: List[int]) -> Tensor:
+    """Jᵀ of ``fold`` (``[N, C·kh·kw, L] -> [N, C, H, W]``): ``unfold`` of ``g``."""
+    grads = g.reshape([-1] + list(g.shape[g.dim() - 3:]))
+    back = F.unfold(grads, kernel, dilation, padding, stride)
+    return back.reshape(list(g.shape[:lead]) + list(input_shape))
+
+
+def _patches(c: Ctx) -> list:
+    b = c.bound
+    return [ints(b[k], 2) for k in ("kernel_size", "dilation", "padding", "stride")]
+
+
+register([F.unfold], "unfold", "input, kernel_size, dilation=1, padding=0, stride=1",
+         traits=(AFFINE,),
+         doc="y[n, (c, i, j), l] = x[n, c, patch l at (i, j)] (im2col);  Jᵀg = fold(g) "
+             "(entries of overlapping patches add up);  linear.",
+         vjp={"input": lambda g, c: c.call(unfold_vjp, g, c.args.input.shape, c.lead,
+                                           *_patches(c))})
+register([F.fold], "fold",
+         "input, output_size, kernel_size, dilation=1, padding=0, stride=1", traits=(AFFINE,),
+         doc="y = Σ of the patches in x put back in place (col2im, the adjoint of unfold);  "
+             "Jᵀg = unfold(g);  linear.",
+         vjp={"input": lambda g, c: c.call(fold_vjp, g, c.args.input.shape, c.lead,
+                                           *_patches(c))})

@@ -134,6 +134,46 @@ permutation(["view", "reshape"], "reshape", "input, *shape",
             doc="y = x reshaped;  Jᵀg = g reshaped to x.", sandwich=SHARED, **RESHAPE)
 permutation([torch.reshape], "reshape", "input, shape",
             doc="y = x reshaped;  Jᵀg = g reshaped to x.", sandwich=SHARED, **RESHAPE)
+def unflattened_shape(shape: List[int], dim: int, sizes: List[int]) -> List[int]:
+    """``shape`` with axis ``dim`` split into ``sizes`` (one may be -1), as ``unflatten``;
+    never the sample axis 0."""
+    axis = dim + len(shape) if dim < 0 else dim
+    if axis == 0:
+        raise ValueError("fxcurv: unflatten would split the sample axis 0")
+    return list(shape[:axis]) + sizes + list(shape[axis + 1:])
+
+
+register([unflattened_shape], "unflattened_shape", "shape, dim, sizes", constant=True,
+         doc="Integer sizes: no derivative.")
+
+
+def _lower_unflatten(c: Ctx):
+    """``reshape`` to :func:`unflattened_shape` (checked when the step runs)."""
+    x = c.args.input
+    return x.reshape(c.call(unflattened_shape, x.shape, c.bound["dim"],
+                            list(c.bound["sizes"])))
+
+
+register([torch.unflatten, "unflatten"], "unflatten", "input, dim, sizes",
+         doc="y = x with axis dim split into sizes;  lowered to reshape.",
+         lower=_lower_unflatten,
+         unsupported=lambda b: "unflatten of the sample axis 0 mixes the samples"
+         if b["dim"] == 0 else None)
+
+
+def _lower_channel_shuffle(c: Ctx):
+    """``[N, g·k, *] -> [N, g, k, *] -> [N, k, g, *] -> [N, g·k, *]``: ``reshape``,
+    ``transpose``, ``reshape``."""
+    x = c.args.input
+    split = x.reshape(c.call(unflattened_shape, x.shape, 1, [c.bound["groups"], -1]))
+    return split.transpose(1, 2).reshape(x.shape)
+
+
+register([torch.channel_shuffle, torch.native_channel_shuffle],
+         "channel_shuffle", "input, groups", doc=_lower_channel_shuffle.__doc__,
+         lower=_lower_channel_shuffle)
+
+
 permutation([torch.squeeze, "squeeze"], "squeeze", "input, dim=None",
             doc="y = x without size-1 axes;  Jᵀg = g reshaped to x.", **RESHAPE)
 permutation([torch.unsqueeze, "unsqueeze"], "unsqueeze", "input, dim",

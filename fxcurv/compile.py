@@ -32,7 +32,8 @@ from .passes.distributed import data_parallel
 from .passes.invariant import check_derivative_paths
 from .passes.per_sample import PerSample, SignedSum
 from .passes.schedule import schedule_extractions
-from .rules import FIRST_ORDER, rule_for
+from .rules import FIRST_ORDER, RESHAPES, rule_for
+from .rules.shape import keeps_sample_axis
 from .rules.losses import check_scalar_loss
 from .trace import Traced, trace
 
@@ -138,6 +139,8 @@ def _compile(model, loss_fn, requested: list, traced: Traced, mc_samples: int, p
     active = check_derivative_paths(traced.graph, traced.params.values())
     _check_first_order(active, requested)
     _check_per_sample(traced, active, requested)
+    if requested:
+        _guard_sample_axis(traced, checked_x.node)
     cotangents = backward(emit, {traced.loss: seed}, traced.params.values())
     grads = _gradients(emit, traced, cotangents)
     with emit.naming("batch_size"):
@@ -397,6 +400,33 @@ def _check_per_sample(traced: Traced, active: dict, requested: list) -> None:
             with requesting(per_sample[0]):
                 raise node_error(node, f"{reason}, so per-sample quantities are undefined",
                                  _MIXING_HINT)
+
+
+def _guard_sample_axis(traced: Traced, data: fx.Node) -> None:
+    """After each reshape-like op (trait ``RESHAPES``) of a sample-carrying value inside the
+    model, a call-time check that axis 0 still has one row per sample of ``data``
+    (:func:`keeps_sample_axis`): the shape comes from the call's arguments
+    (``x.view(-1, D)``), so only the running step can tell whether the rows are still the
+    samples, which every quantity relies on."""
+    model_nodes = ancestors(traced.model_output) & descendants(traced.graph, traced.inputs[0])
+    carriers = sample_carriers(traced.graph, traced.inputs[0])
+    samples = None
+    for node in list(traced.graph.nodes):
+        rule = rule_for(node)
+        if node not in model_nodes or rule is None or not rule.has(RESHAPES) or \
+                rule.bind(node)["input"] not in carriers:
+            continue
+        if samples is None:
+            with traced.graph.inserting_after(data):
+                samples = traced.graph.call_method("size", (data, 0))
+            samples._rename("samples")
+        with traced.graph.inserting_after(node):
+            checked = traced.graph.call_function(keeps_sample_axis,
+                                                 (node, samples, f"node '{node.name}'"))
+        node.replace_all_uses_with(checked, delete_user_cb=lambda user: user is not checked)
+        checked._rename(f"{node.name}_checked")
+        if traced.model_output is node:
+            traced.model_output = checked
 
 
 _MIXING_HINT = ("Per-sample quantities need every sample to pass through the model on its own: "

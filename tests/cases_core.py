@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from fxcurv.rules.losses import check_scalar_loss
 from fxcurv.rules.recurrent import check_cell_input, check_sequence, lstm_layer
+from fxcurv.rules.shape import keeps_sample_axis
 from rule_harness import case
 
 torch.fx.wrap("check_scalar_loss")  # traced as a call, as compile emits it
@@ -15,6 +16,7 @@ g = torch.Generator().manual_seed(0)
 torch.fx.wrap("check_sequence")  # a leaf call when cases are traced
 torch.fx.wrap("lstm_layer")
 torch.fx.wrap("check_cell_input")
+torch.fx.wrap("keeps_sample_axis")
 
 
 def rand(*shape, positive=False):
@@ -130,6 +132,8 @@ SHAPES = [
     case("matrix_T", lambda x: x.T, rand(3, 4)),
     case("pad", lambda x: F.pad(x, (1, 2, 0, 1)), rand(3, 2, 4)),
     case("unflatten", lambda x: x.unflatten(-1, (2, -1)), rand(3, 2, 4)),
+    case("keeps_sample_axis", lambda x: keeps_sample_axis(x.reshape(3, -1), 3, "here"),
+         rand(3, 2, 4)),
     case("unflatten_function", lambda x: torch.unflatten(x, 1, (2, 3)), rand(3, 6)),
     case("channel_shuffle", lambda x: torch.channel_shuffle(x, 3), rand(2, 6, 2, 1)),
     case("unfold_overlapping", lambda x: F.unfold(x, (2, 3), padding=1, stride=(1, 2)),

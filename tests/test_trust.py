@@ -375,3 +375,42 @@ def test_norm_and_std_of_a_zero_vector_have_torchs_zero_subgradient(reduce):
     ``√Σz²`` gave ``0/0 = nan`` in the gradient (with ``verify=False``, on every call)."""
     assert_matches_eager(Body(lambda h: h * (1 + reduce(h - h.detach()))),
                          quantities=("batch_grad",))
+
+
+class TokensAsRows(nn.Module):
+    """``[N, T, D]`` viewed as ``[N·T, D]`` rows for a linear layer, then back: rows are no
+    longer samples inside the model."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner, self.outer = nn.Linear(3, 3), nn.Linear(3, 2)
+        self.to(DTYPE)
+
+    def forward(self, x):
+        h = torch.tanh(self.inner(x.view(-1, 3))).view(x.size(0), -1, 3)
+        return self.outer(h.mean(1))
+
+
+@pytest.mark.parametrize("quantity", ["diag_ggn_exact", "batch_grad", "kfac", "diag_h"])
+def test_a_reshape_of_the_sample_axis_inside_the_model_raises_when_the_step_runs(quantity):
+    """Before: every quantity treated the ``N·T`` rows as samples (``diag_ggn_exact`` of
+    ``inner.weight`` off by a third, ``batch_grad`` with 12 rows for 3 samples). The shape
+    comes from the call's arguments, so the step checks each reshape inside the model when
+    it runs; the gradient alone needs no check."""
+    x, y = torch.randn(3, 4, 3, dtype=DTYPE), torch.randn(3, 2, dtype=DTYPE)
+    step = fxcurv.compile(TokensAsRows(), nn.MSELoss(), [quantity])
+    with pytest.raises(ValueError, match=r"node 'view' reshapes the sample axis 0 \(3 "
+                                         r"samples, shape \[12, 3\] after\)"):
+        step(x, y)
+    model = TokensAsRows()
+    _, grad = fxcurv.compile(model, nn.MSELoss(), [])(x, y)
+    expected = torch.autograd.grad(nn.MSELoss()(model(x), y), list(model.parameters()))
+    for (name, _), g in zip(model.named_parameters(), expected):
+        torch.testing.assert_close(grad[name], g, **TOL)
+
+
+def test_a_reshape_that_keeps_the_samples_passes_its_check():
+    """``x.view(-1, F)`` after a convolution (the classic LeNet) keeps axis 0's size: the
+    check passes and the quantities are exact."""
+    assert_matches_eager(Body(lambda h: h.view(-1, 2, 2).flatten(1) * 2))

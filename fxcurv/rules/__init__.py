@@ -4,10 +4,10 @@ from . import (affine, arith, conv, elementwise, indexing, linalg, losses,  # no
                windows)  # (registration)
 from .registry import (AFFINE, BOOLEAN, BY_PRODUCTS, CONCATENATION, ELEMENTWISE, FIRST_ORDER,
                        FRESH, INTO_FIRST, KEPT, MONOTONE, PERMUTATION, PIECES, RANDOM, REDUCED,
-                       REDUCTION, RULES, VIEW, WINDOW_MAX, Ctx, OpRule, has_trait, register,
-                       rule_for)
+                       REDUCTION, RESHAPES, RULES, VIEW, WINDOW_MAX, Ctx, OpRule, has_trait,
+                       register, rule_for)
 
 __all__ = ["AFFINE", "BOOLEAN", "BY_PRODUCTS", "CONCATENATION", "ELEMENTWISE", "FIRST_ORDER",
            "FRESH", "INTO_FIRST", "KEPT", "MONOTONE", "PERMUTATION", "PIECES", "RANDOM", "REDUCED",
-           "REDUCTION", "RULES", "VIEW", "WINDOW_MAX", "Ctx", "OpRule", "has_trait", "register",
+           "REDUCTION", "RESHAPES", "RULES", "VIEW", "WINDOW_MAX", "Ctx", "OpRule", "has_trait", "register",
            "rule_for"]

@@ -69,11 +69,15 @@ FIRST_ORDER = "first_order"
 # elementwise in its first argument, with an out variant (the out argument its schema names):
 # generated code may write the result into the first argument where that is a temporary
 INTO_FIRST = "into_first"
+# the output's shape comes from the call's arguments (reshape, view, squeeze, flatten): its
+# axis 0 holds the samples only if it keeps axis 0's size (a call-time check in the model)
+RESHAPES = "reshapes"
 # what an output does with the sample axis (``OpRule.samples``)
 KEPT = "kept"
 REDUCED = "reduced"
 TRAITS = frozenset({ELEMENTWISE, AFFINE, PERMUTATION, CONCATENATION, REDUCTION, MONOTONE,
-                    WINDOW_MAX, VIEW, FRESH, RANDOM, BOOLEAN, PIECES, INTO_FIRST, FIRST_ORDER})
+                    WINDOW_MAX, VIEW, FRESH, RANDOM, BOOLEAN, PIECES, INTO_FIRST, FIRST_ORDER,
+                    RESHAPES})
 
 
 @dataclass(frozen=True)

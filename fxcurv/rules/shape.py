@@ -12,8 +12,8 @@ from torch import Tensor
 
 from ..errors import op_name
 from .helpers import permute_back, reshape_lead, reverse_dims, split_back, sum_to_shape, unpad
-from .registry import (PIECES, RANDOM, VIEW, Ctx, affine, concatenation, marked, permutation,
-                       register, rule_for)
+from .registry import (PIECES, RANDOM, RESHAPES, VIEW, Ctx, affine, concatenation, marked,
+                       permutation, register, rule_for)
 from .select import SELECTIONS
 
 SHARED = {"input": "shared"}  # the same move for every sample (KFRA's sandwich: Pᵀ M P)
@@ -126,7 +126,28 @@ def _moves_axis0(dims: list) -> Optional[str]:
     return "it moves the sample axis 0" if dims and dims[0] != 0 else None
 
 
-RESHAPE = dict(vjp={"input": _reshape_back}, traits=(VIEW,))  # Jᵀg = g reshaped to x
+RESHAPE = dict(vjp={"input": _reshape_back}, traits=(VIEW, RESHAPES))  # Jᵀg = g reshaped to x
+
+
+def keeps_sample_axis(output: Tensor, samples: int, where: str) -> Tensor:
+    """``output`` unchanged, after checking that a reshape inside the model left one row of
+    axis 0 per sample: a row-major reshape that keeps axis 0's size keeps each sample's
+    entries in its own row. Merging samples into rows (``x.view(-1, D)`` of ``[N, T, D]``)
+    or splitting them would make every quantity but the gradient wrong, which rely on rows
+    being samples."""
+    if output.dim() == 0 or output.size(0) != samples:
+        raise ValueError(
+            "fxcurv: {} reshapes the sample axis 0 ({} samples, shape {} after): fxcurv's "
+            "quantities need axis 0 to stay the samples inside the model. Keep the batch "
+            "axis first (x.reshape(x.size(0), ...); nn.Linear acts on the last axis of "
+            "[N, T, D] directly), or compile for the gradient alone".format(
+                where, samples, list(output.shape)))
+    return output
+
+
+affine([keeps_sample_axis], "keeps_sample_axis", "output, samples, where",
+       doc="y = the reshape's output (checked to keep one row per sample);  Jᵀg = g.",
+       vjp={"output": lambda g, c: g}, sandwich={"output": "shared"})
 permutation([torch.flatten, "flatten"], "flatten", "input, start_dim=0, end_dim=-1",
             doc="y = x reshaped (axes start..end merged);  Jᵀg = g reshaped to x.",
             mixes_samples=_flatten_mixes, sandwich=SHARED, **RESHAPE)

@@ -67,8 +67,7 @@ ACTIVATIONS = [
     case("min_of_two_tensors_method", lambda x, y: x.min(y), rand(3, 4), rand(3, 4)),
     case("normalize", lambda x: F.normalize(x, dim=-1), rand(3, 2, 4)),
     case("normalize_p3", lambda x: F.normalize(x, p=3.0), rand(3, 4)),
-    case("rms_norm", lambda x, w: F.rms_norm(x, [4], w), rand(3, 2, 4), rand(4),
-         params=("w",)),
+    case("rms_norm", lambda x, w: F.rms_norm(x, [4], w), rand(3, 2, 4), rand(4)),
     case("rms_norm_default_eps", lambda x: F.rms_norm(x, [2, 4]), rand(3, 2, 4)),
     case("weight_norm_rows", lambda v, g: torch._weight_norm(v, g, 0), rand(3, 4, 2),
          rand(3, 1, 1)),
@@ -305,4 +304,41 @@ LOSSES = [
     case("torch_softmax", lambda x: torch.softmax(x, 1), rand(3, 4, 2)),
 ]
 
-CASES = ACTIVATIONS + ARITHMETIC + SHAPES + RECURRENT + VECTORS + LINEAR + LOSSES
+
+
+def _with_zero_distance(x, w):
+    """``x`` with row 1 equal to row 2 of ``w`` (a zero distance: PyTorch's 0 subgradient)."""
+    x = x.clone()
+    x[1] = w[2]
+    return x
+
+
+_PROTOTYPES = rand(4, 3)
+METRIC = [
+    case("cdist_prototypes", lambda x, w: torch.cdist(x, w), rand(5, 3), rand(4, 3)),
+    case("cdist_zero_distance", lambda x, w: torch.cdist(x, w),
+         _with_zero_distance(rand(5, 3), _PROTOTYPES), _PROTOTYPES),
+    case("cdist_p1_zero_distance", lambda x, w: torch.cdist(x, w, p=1.0),
+         _with_zero_distance(rand(5, 3), _PROTOTYPES), _PROTOTYPES),
+    case("cdist_p3_batched", lambda x, w: torch.cdist(x, w, p=3.0), rand(5, 2, 3), rand(4, 3)),
+    case("cdist_matmul_mode", lambda x, w: torch.cdist(x, w), rand(30, 3), rand(27, 3)),
+    case("cdist_per_sample_pairs", lambda a, b: torch.cdist(a, b, p=1.5), rand(5, 2, 3),
+         rand(5, 4, 3)),
+    case("cdist_rows_of_two_activations", lambda a: torch.cdist(a, torch.tanh(a)), rand(5, 3)),
+    case("pairwise_distance", lambda a, b: F.pairwise_distance(a, b, keepdim=True), rand(5, 3),
+         rand(5, 3)),
+    case("tensor_split_sections", lambda x: torch.tensor_split(x, 3, dim=1)[1], rand(3, 7)),
+    case("tensor_split_indices", lambda x: x.tensor_split([1, 4, 9], -1)[1] * 2, rand(3, 2, 5)),
+    case("triplet_margin_loss", lambda a, p, n: F.triplet_margin_loss(a, p, n, margin=0.5),
+         rand(6, 3), rand(6, 3), rand(6, 3)),
+    case("triplet_margin_loss_swap_p1", lambda a, p, n: F.triplet_margin_loss(
+        a, p, n, margin=2.0, p=1, swap=True, reduction="none"), rand(6, 3), rand(6, 3),
+         rand(6, 3)),
+    case("cosine_embedding_loss", lambda a, b, t: F.cosine_embedding_loss(a, b, t, margin=-0.2),
+         rand(6, 3), rand(6, 3), torch.tensor([1.0, -1.0, 1.0, -1.0, 0.0, -1.0],
+                                              dtype=torch.float64), const=("t",)),
+    case("multilabel_margin_loss", lambda x, y: F.multilabel_margin_loss(x, y), rand(4, 5),
+         torch.tensor([[3, 0, -1, 1, 1], [1, 1, 4, 2, 0], [-1, 2, 0, 0, 0], [4, 4, -1, 0, 2]])),
+]
+
+CASES = ACTIVATIONS + ARITHMETIC + SHAPES + RECURRENT + VECTORS + LINEAR + LOSSES + METRIC

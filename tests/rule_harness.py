@@ -120,13 +120,19 @@ def cotangent(c: Case, lead: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def reference_vjps(c: Case, ct: torch.Tensor, lead: int) -> list[torch.Tensor]:
-    """``Jᵀ ct`` for every differentiable input by ``torch.func.vjp`` (vmapped over lead axes)."""
+    """``Jᵀ ct`` for every differentiable input by ``torch.func.vjp``, looped over the lead
+    axes (not vmapped: torch's batching of ``cdist``'s backward gives wrong values)."""
     partial, values = c.of_differentiable()
     _, pullback = torch.func.vjp(partial, *values)
     fn = pullback
     for _ in range(lead):
-        fn = torch.func.vmap(fn)
+        fn = _looped(fn)
     return list(fn(ct))
+
+
+def _looped(fn: Callable) -> Callable:
+    """``fn`` applied to each slice of its argument's axis 0, the results stacked."""
+    return lambda ct: [torch.stack(parts) for parts in zip(*[fn(row) for row in ct])]
 
 
 def reference_batch_grads(c: Case, ct: torch.Tensor, lead: int) -> list[torch.Tensor]:

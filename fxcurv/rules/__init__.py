@@ -1,6 +1,6 @@
 """The op rule table. Importing this package registers every op family's rules in ``RULES``."""
-from . import (affine, arith, conv, elementwise, indexing, linalg, losses,  # noqa: F401
-               more_losses, norm, pooling, recurrent, reductions, select, shape,
+from . import (affine, arith, conv, distances, elementwise, indexing, linalg,  # noqa: F401
+               losses, more_losses, norm, pooling, recurrent, reductions, select, shape,
                windows)  # (registration)
 from .registry import (AFFINE, BOOLEAN, BY_PRODUCTS, CONCATENATION, ELEMENTWISE, FIRST_ORDER,
                        FRESH, INTO_FIRST, KEPT, MONOTONE, PERMUTATION, PIECES, RANDOM, REDUCED,

@@ -747,3 +747,60 @@ affine(["repeat"], "repeat", "input, *repeats",
                                          _varargs(c.args.repeats))},
        mixes_samples=lambda b: "it repeats along the sample axis 0 (or adds axes before it)"
        if _varargs(b["repeats"])[0] != 1 else None)
+
+
+# -- tensor_split: lowered to split ------------------------------------------------------------
+def section_size(length: int, sections: int, k: int) -> int:
+    """Size of piece ``k`` of ``tensor_split(x, sections)`` along an axis of ``length``: the
+    first ``length % sections`` pieces one longer."""
+    return (length + sections - 1 - k) // sections
+
+
+def index_piece_size(length: int, start: int, stop: int) -> int:
+    """Size of ``x[start:stop]`` along an axis of ``length`` (``0 <= start <= stop``)."""
+    return min(stop, length) - min(start, length)
+
+
+register([section_size, index_piece_size], "tensor_split_size", "length, *bounds",
+         constant=True, doc="Integer sizes: no derivative.")
+
+
+def _split_spec(b: dict):
+    """``tensor_split``'s sections (an int) or indices (a list) from any of its spellings."""
+    for key in ("indices_or_sections", "sections", "indices"):
+        if b[key] is not None:
+            return b[key]
+    return None
+
+
+def _tensor_split_unsupported(b: dict) -> Optional[str]:
+    spec = _split_spec(b)
+    if isinstance(spec, int) and not isinstance(spec, bool) and spec > 0:
+        return None
+    if isinstance(spec, (list, tuple)) and all(
+            isinstance(i, int) and not isinstance(i, bool) for i in spec) and \
+            all(0 <= i <= j for i, j in zip([0, *spec], spec)):
+        return None
+    return (f"tensor_split by {spec!r} has no rule (only a positive number of sections or "
+            "non-negative, non-decreasing integer indices)")
+
+
+def _lower_tensor_split(c: Ctx):
+    """``split`` with the sizes of ``tensor_split``'s pieces (from the axis length when the
+    step runs)."""
+    x, dim, spec = c.args.input, c.bound["dim"], _split_spec(c.bound)
+    length = x.size(dim)
+    if isinstance(spec, int):
+        sizes = [c.call(section_size, length, spec, k) for k in range(spec)]
+    else:
+        bounds = [0, *spec]
+        sizes = [c.call(index_piece_size, length, a, b) for a, b in zip(bounds, spec)]
+        sizes.append(c.call(index_piece_size, length, spec[-1] if spec else 0, 2 ** 62))
+    return torch.split(x, sizes, dim)
+
+
+register([torch.tensor_split, "tensor_split"], "tensor_split",
+         "input, indices_or_sections=None, dim=0, *, sections=None, indices=None",
+         doc="(y₁, y₂, ...) = x cut along dim into n near-equal sections or at indices;  "
+             "lowered to split (the piece sizes from the axis length).",
+         lower=_lower_tensor_split, unsupported=_tensor_split_unsupported)

@@ -38,6 +38,7 @@ second derivatives of the model's ops: ``diag_h diag_h_batch hmp pchmp_abs pchmp
 | spectral_norm  | spectral_norm parametrizations (eval mode)   | CE        | 2nd (truediv)                   |
 | padded         | reflect, replicate and circular padding      | CE        | -                               |
 | patches        | unfold, unflatten, ChannelShuffle, fold      | CE        | -                               |
+| prototypes     | tensor_split, -cdist to prototypes, p = 2, 1 | CE        | -                               |
 
 (CE: ``CrossEntropyLoss``, MSE: ``MSELoss``, BCE: ``BCEWithLogitsLoss``; mean unless "sum".)
 
@@ -440,6 +441,27 @@ class Patches(nn.Module):
         return self.head(back.flatten(1))
 
 
+class Prototypes(nn.Module):
+    """24. Prototypical head: an embedding cut by ``tensor_split``, logits the negative
+    ``cdist`` (p = 2, and p = 1 halved) of each part to prototype parameters. References set
+    ``written_out``: torch's cdist has no forward-mode derivative, and its batched backward
+    (vmap) gives wrong values."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.written_out = nn.Linear(4, 5), False
+        self.prototypes = nn.Parameter(torch.randn(3, 2))
+
+    def forward(self, x):
+        parts = torch.tensor_split(torch.tanh(self.embed(x)), [2, 3], dim=1)
+        return -self.distances(parts[0], 2.0) - 0.5 * self.distances(parts[2], 1.0)
+
+    def distances(self, h, p: float):
+        if self.written_out:
+            return ((h[:, None] - self.prototypes[None]).abs() ** p).sum(-1) ** (1 / p)
+        return torch.cdist(h, self.prototypes, p=p)
+
+
 # ------------------------------------------------------------------------------------- specs
 def _randn(gen, *shape):
     return torch.randn(*shape, generator=gen, dtype=DTYPE)
@@ -526,6 +548,9 @@ SPECS: dict[str, Spec] = {
                    lambda g: (_randn(g, 3, 2, 3, 2), _labels(g, 3, 3))),
     "patches": Spec(Patches, nn.CrossEntropyLoss(),
                     lambda g: (_randn(g, 3, 2, 4, 4), _labels(g, 3, 3))),
+    "prototypes": Spec(Prototypes, nn.CrossEntropyLoss(),
+                       lambda g: (_randn(g, 3, 4), _labels(g, 3, 3)),
+                       kron_blocks=("prototypes",), pch_reference=False),
 }
 NAMES = list(SPECS)
 
@@ -554,9 +579,13 @@ class Case:
     def reference_pair(self) -> tuple[nn.Module, Callable]:
         """The model and loss the references differentiate: the same ``L(θ)``, split at the
         output whose loss Hessian fxcurv uses (the logits for NLL after log_softmax)."""
-        if not self.spec.logits:
+        if not self.spec.logits and not hasattr(self.model, "written_out"):
             return self.model, self.spec.loss_fn
         model = copy.deepcopy(self.model)
+        if hasattr(model, "written_out"):   # the same function without torch's own kernel
+            model.written_out = True
+        if not self.spec.logits:
+            return model, self.spec.loss_fn
         model.return_logits = True
         return model, lambda z, y: F.nll_loss(F.log_softmax(z, dim=1), y)
 

@@ -3,6 +3,8 @@ post-loss arithmetic: the loss Hessian is assembled from second-order sources in
 region and factorised per sample. Compared with torch.func brute force in float64."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -510,3 +512,107 @@ def test_squared_multi_margin_loss_against_brute_force():
         return ((z.sum(1) - 4.0) / 3 * weight[y]).mean()   # the term i = y is 2² = 4
     x, y = batch()
     _against_brute_force(head(3), loss_fn, x, y, reference=written_out)
+
+
+# -- metric-learning losses: triplet margin, cosine embedding, multilabel margin ----------------
+def _triplet(**options):
+    """Anchor, positive and negative: the three thirds of a [N, 9] model output."""
+    return lambda out, y: F.triplet_margin_loss(out[:, :3], out[:, 3:6], out[:, 6:], **options)
+
+
+METRIC_LOSSES = {  # name: (loss_fn, target); the net is head(9) or head(6)
+    "triplet": (_triplet(margin=3.0), None),
+    "triplet_swap_sum": (_triplet(margin=3.0, swap=True, reduction="sum"), None),
+    "triplet_p3": (_triplet(margin=4.0, p=3.0, eps=1e-3), None),
+    "cosine_embedding": (lambda out, t: F.cosine_embedding_loss(
+        out[:, :3], out[:, 3:6], t, margin=-0.5), torch.tensor([1.0, -1.0, -1.0, 1.0],
+                                                               dtype=DTYPE)),
+}
+
+
+@pytest.mark.parametrize("loss", list(METRIC_LOSSES))
+def test_metric_learning_losses_against_brute_force(loss):
+    """Triplet margin (p = 2, 3; swap) and cosine embedding losses with every input from the
+    model: gradient, exact GGN diagonal (positive part of the indefinite loss Hessian) and
+    Hessian diagonal by torch.func (before: refused, no rule)."""
+    loss_fn, t = METRIC_LOSSES[loss]
+    x = batch()[0]
+    _against_brute_force(head(9 if t is None else 6), loss_fn, x, t if t is not None else x)
+
+
+def _eager_gradient_matches(net, loss_fn, x, y):
+    _, grad = fxcurv.compile(net, loss_fn, [])(x, y)
+    expected = torch.autograd.grad(loss_fn(net(x), y), list(net.parameters()))
+    for (name, _), g in zip(net.named_parameters(), expected):
+        torch.testing.assert_close(grad[name], g, **TOL, msg=name)
+
+
+def test_metric_losses_at_ties_and_piecewise_linear_ones():
+    """Ties at the hinge pass no gradient, as PyTorch's: a triplet whose margin is met exactly
+    (p = 1), a cosine embedding at its margin; multilabel margin (labels until the first -1,
+    a repeated label counted twice) is piecewise linear: eager's gradient, curvature
+    refused (ℓ'' = 0)."""
+    net, x = head(9), batch()[0]
+    with torch.no_grad():
+        out = net(x)
+        d = lambda a, b: (a - b + 1e-6).abs().sum(-1)  # noqa: E731
+        gaps = d(out[:, :3], out[:, 6:]) - d(out[:, :3], out[:, 3:6])
+        margin = float(gaps[gaps > 0][0])   # the first sample with a positive gap ties
+    _eager_gradient_matches(net, _triplet(margin=margin, p=1), x, x)
+    net = head(6)
+    with torch.no_grad():
+        out = net(x)
+        cos = F.cosine_similarity(out[1:2, :3], out[1:2, 3:], eps=0)[0]
+    t = torch.tensor([1.0, -1.0, -1.0, 1.0], dtype=DTYPE)
+    _eager_gradient_matches(net, lambda o, y: F.cosine_embedding_loss(
+        o[:, :3], o[:, 3:], y, margin=float(cos)), x, t)
+    labels = torch.tensor([[2, 0, -1], [1, 1, 2], [-1, 0, 2], [0, 2, 1]])
+    net = head(3)
+    _eager_gradient_matches(net, nn.MultiLabelMarginLoss(), x, labels)
+    with pytest.raises(fxcurv.CompileError, match="linear in the model output"):
+        fxcurv.compile(net, nn.MultiLabelMarginLoss(), ["diag_ggn_exact"])
+
+
+def test_metric_ops_refuse_what_they_cannot_represent():
+    """cdist and pairwise distances of order p < 1 or ∞, a triplet margin <= 0, tensor_split
+    at decreasing indices; per-sample quantities of a cdist in the model whose x2 comes from
+    the model (its rows mix samples), the GGN of a loss whose cdist pairs samples; a parameter
+    x2 with more axes than x1 when the step runs."""
+    net = head(6)
+    for loss_fn, reason in [
+            (lambda o, y: torch.cdist(o[:, :3], y, p=0.5).sum(), "p = 0.5 has no rule"),
+            (lambda o, y: F.pairwise_distance(o[:, :3], y, p=math.inf).sum(), "p = inf"),
+            (lambda o, y: F.triplet_margin_loss(o[:, :2], o[:, 2:4], o[:, 4:], margin=0.0),
+             "margin > 0"),
+            (lambda o, y: torch.tensor_split(o, [4, 2], 1)[0].sum(), "non-decreasing")]:
+        with pytest.raises(fxcurv.CompileError, match=reason):
+            fxcurv.compile(net, loss_fn, [])
+    x, y = batch()
+
+    class Pairs(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 6)
+
+        def forward(self, x):
+            h = self.lin(x)
+            return torch.cdist(h[:, :3], h[:, 3:])       # [N, N]: row n reads every sample
+    pairs, target = Pairs().to(DTYPE), torch.randn(4, 4, dtype=DTYPE)
+    _eager_gradient_matches(pairs, nn.MSELoss(), x, target)
+    with pytest.raises(fxcurv.CompileError, match="cdist pairs every row"):
+        fxcurv.compile(pairs, nn.MSELoss(), ["batch_grad"])
+    coupled = lambda o, y: torch.cdist(o[:, :3], o[:, 3:]).sum(1).mean()  # noqa: E731
+    _eager_gradient_matches(net, coupled, x, y)
+    with pytest.raises(fxcurv.CompileError, match="not a sum of per-sample terms"):
+        fxcurv.compile(net, coupled, ["diag_ggn_exact"])
+
+    class Batched(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin, self.prototypes = nn.Linear(4, 3), nn.Parameter(torch.randn(2, 5, 3))
+
+        def forward(self, x):
+            return torch.cdist(self.lin(x), self.prototypes).sum(-1).t()
+    step = fxcurv.compile(Batched().to(DTYPE), nn.MSELoss(), [], verify=False)
+    with pytest.raises(ValueError, match="more axes than x1"):
+        step(x, torch.randn(4, 2, dtype=DTYPE))

@@ -18,7 +18,7 @@ from . import guard, quantities as q
 from .backend import Backend, resolve_backend, with_backend
 from .emit import Emitter
 from .errors import CompileError, node_error, requesting
-from .passes.analysis import ancestors, descendants, loss_rank, sample_carriers
+from .passes.analysis import ancestors, descendants, loss_rank, sample_carriers, sample_data
 from .passes.backward import backward
 from .passes.chunking import chunk_columns
 from .passes.cleanup import draws_random, finalize, is_random
@@ -33,7 +33,7 @@ from .passes.invariant import check_derivative_paths
 from .passes.per_sample import PerSample, SignedSum
 from .passes.schedule import schedule_extractions
 from .rules import FIRST_ORDER, RESHAPES, rule_for
-from .rules.shape import keeps_sample_axis
+from .rules.shape import keeps_sample_axis, loss_rows_are_samples
 from .rules.losses import check_scalar_loss
 from .trace import Traced, trace
 
@@ -140,7 +140,10 @@ def _compile(model, loss_fn, requested: list, traced: Traced, mc_samples: int, p
     _check_first_order(active, requested)
     _check_per_sample(traced, active, requested)
     if requested:
-        _guard_sample_axis(traced, checked_x.node)
+        samples = _guard_sample_axis(traced, checked_x.node)
+        if any(_needs_loss_rows(quantity) for _, quantity in requested) and \
+                not any(quantity.source.kfra for _, quantity in requested):
+            _guard_loss_rows(traced, checked_x.node, samples)
     cotangents = backward(emit, {traced.loss: seed}, traced.params.values())
     grads = _gradients(emit, traced, cotangents)
     with emit.naming("batch_size"):
@@ -198,7 +201,7 @@ def _extract(emit: Emitter, traced: Traced, requested: list, cotangents: dict, g
         "vectors" in q.extract.reads for _, q in requested) else {}
     sources: dict[str, Any] = {}
     x = traced.inputs[0]
-    data = (descendants(traced.graph, x), sample_carriers(traced.graph, x))
+    data = (sample_data(traced.graph, x), sample_carriers(traced.graph, x))
     regulariser = Regulariser(emit, traced, cotangents, data)
     regulariser.check(requested)
     # the factor's columns one by one (sqrt_ggn_*): else only sums over them are read
@@ -402,12 +405,20 @@ def _check_per_sample(traced: Traced, active: dict, requested: list) -> None:
                                  _MIXING_HINT)
 
 
-def _guard_sample_axis(traced: Traced, data: fx.Node) -> None:
+def _sample_count(traced: Traced, data: fx.Node) -> fx.Node:
+    """A node ``data.size(0)``, right after ``data``."""
+    with traced.graph.inserting_after(data):
+        samples = traced.graph.call_method("size", (data, 0))
+    samples._rename("samples")
+    return samples
+
+
+def _guard_sample_axis(traced: Traced, data: fx.Node) -> Optional[fx.Node]:
     """After each reshape-like op (trait ``RESHAPES``) of a sample-carrying value inside the
     model, a call-time check that axis 0 still has one row per sample of ``data``
     (:func:`keeps_sample_axis`): the shape comes from the call's arguments
     (``x.view(-1, D)``), so only the running step can tell whether the rows are still the
-    samples, which every quantity relies on."""
+    samples, which every quantity relies on. Returns the sample-count node, if it made one."""
     model_nodes = ancestors(traced.model_output) & descendants(traced.graph, traced.inputs[0])
     carriers = sample_carriers(traced.graph, traced.inputs[0])
     samples = None
@@ -416,10 +427,7 @@ def _guard_sample_axis(traced: Traced, data: fx.Node) -> None:
         if node not in model_nodes or rule is None or not rule.has(RESHAPES) or \
                 rule.bind(node)["input"] not in carriers:
             continue
-        if samples is None:
-            with traced.graph.inserting_after(data):
-                samples = traced.graph.call_method("size", (data, 0))
-            samples._rename("samples")
+        samples = samples or _sample_count(traced, data)
         with traced.graph.inserting_after(node):
             checked = traced.graph.call_function(keeps_sample_axis,
                                                  (node, samples, f"node '{node.name}'"))
@@ -427,6 +435,35 @@ def _guard_sample_axis(traced: Traced, data: fx.Node) -> None:
         checked._rename(f"{node.name}_checked")
         if traced.model_output is node:
             traced.model_output = checked
+    return samples
+
+
+def _needs_loss_rows(quantity: q.Quantity) -> bool:
+    """Whether the quantity reads the exact loss factor's columns per sample (the GGN and
+    the Hessian family); first-order and Monte-Carlo ones do not (summed Monte-Carlo columns
+    of one sample's rows keep their expectation). Not checked yet: the block products and
+    steps that also compute KFRA, whose chain analyses do not see through the check node."""
+    source = quantity.source
+    return (source.factor == "exact" or source.signs is not None) and \
+        quantity.family != "product"
+
+
+def _guard_loss_rows(traced: Traced, data: fx.Node, samples: Optional[fx.Node]) -> None:
+    """Before each built-in loss on a sample-carrying value, a call-time check that its input
+    has one row per sample (:func:`loss_rows_are_samples`)."""
+    carriers = sample_carriers(traced.graph, traced.inputs[0])
+    for node in list(traced.graph.nodes):
+        rule = rule_for(node)
+        if rule is None or not rule.has_sqrt_hessian:
+            continue
+        source = rule.bind(node)["input"]
+        if source not in carriers:
+            continue
+        samples = samples or _sample_count(traced, data)
+        with traced.graph.inserting_before(node):
+            checked = traced.graph.call_function(loss_rows_are_samples,
+                                                 (source, samples, f"node '{node.name}'"))
+        node.replace_input_with(source, checked)
 
 
 _MIXING_HINT = ("Per-sample quantities need every sample to pass through the model on its own: "

@@ -312,6 +312,9 @@ class CurvatureTracer(fx.Tracer):
     def __init__(self, sequence_length: Optional[int] = None, fuse_recurrent: bool = False):
         super().__init__()
         self.record_stack_traces = True
+        # buffers read in forward become get_attr Proxies, so slicing one by a traced size
+        # (nanoGPT's causal mask ``self.bias[:, :, :T, :T]``) is recorded, not evaluated
+        self.proxy_buffer_attributes = True
         self.sequence_length = sequence_length
         self.fuse_recurrent = fuse_recurrent
         self.lowerings = {**MODULE_LOWERINGS, **backpack_lowerings()}

@@ -1,6 +1,8 @@
 """Read-only analyses shared by the passes: which nodes depend on the parameters."""
 from __future__ import annotations
 
+import operator
+
 from typing import Iterable, Optional
 
 import torch.fx as fx
@@ -57,6 +59,43 @@ def descendants(graph: fx.Graph, source: fx.Node) -> set[fx.Node]:
     return found
 
 
+_METADATA = ("device", "dtype", "ndim", "is_cuda", "layout", "requires_grad")
+
+
+def _size_of_a_later_axis(node: fx.Node) -> bool:
+    """``t.size(d)`` or ``t.size()[d]`` / ``t.shape[d]`` for a literal ``d > 0``, or metadata
+    (``t.device``, ``t.dtype``, ``t.dim()``): a value that is not the number of samples and
+    holds none (``pos = torch.arange(x.size(1), device=x.device)`` has no sample axis)."""
+    if node.op == "call_function" and node.target is getattr and node.args[1] in _METADATA:
+        return True
+    if node.op == "call_method" and node.target in ("dim", "ndimension"):
+        return True
+    if node.op == "call_method" and node.target == "size":
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return isinstance(dim, int) and dim > 0
+    if node.op == "call_function" and node.target is operator.getitem:
+        whole, index = node.args[0], node.args[1]
+        reads_shape = isinstance(whole, fx.Node) and (
+            (whole.op == "call_method" and whole.target == "size" and len(whole.args) == 1
+             and not whole.kwargs)
+            or (whole.op == "call_function" and whole.target is getattr
+                and whole.args[1] == "shape"))
+        return reads_shape and isinstance(index, int) and index > 0
+    return False
+
+
+def sample_data(graph: fx.Graph, data: fx.Node) -> set[fx.Node]:
+    """``data`` and the values computed from it, except through the size of a later axis
+    (:func:`_size_of_a_later_axis`): what the later axis's size builds (positions, masks)
+    holds no samples."""
+    found = {data}
+    for node in graph.nodes:
+        if not _size_of_a_later_axis(node) and \
+                any(arg in found for arg in node.all_input_nodes):
+            found.add(node)
+    return found
+
+
 def sample_carriers(graph: fx.Graph, data: fx.Node) -> set[fx.Node]:
     """Nodes whose value still has the sample axis of ``data``: its descendants, up to (not
     through) ops that reduce over samples — a reduced loss, a sum over axis 0, ..."""
@@ -64,7 +103,8 @@ def sample_carriers(graph: fx.Graph, data: fx.Node) -> set[fx.Node]:
 
     carriers = {data}
     for node in graph.nodes:
-        if not any(arg in carriers for arg in node.all_input_nodes):
+        if _size_of_a_later_axis(node) or not any(arg in carriers
+                                                   for arg in node.all_input_nodes):
             continue
         rule = rule_for(node)
         if rule is not None:

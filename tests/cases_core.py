@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from fxcurv.rules.losses import check_scalar_loss
 from fxcurv.rules.recurrent import check_cell_input, check_sequence, lstm_layer
-from fxcurv.rules.shape import keeps_sample_axis
+from fxcurv.rules.shape import keeps_sample_axis, loss_rows_are_samples
 from rule_harness import case
 
 torch.fx.wrap("check_scalar_loss")  # traced as a call, as compile emits it
@@ -17,6 +17,7 @@ torch.fx.wrap("check_sequence")  # a leaf call when cases are traced
 torch.fx.wrap("lstm_layer")
 torch.fx.wrap("check_cell_input")
 torch.fx.wrap("keeps_sample_axis")
+torch.fx.wrap("loss_rows_are_samples")
 
 
 def rand(*shape, positive=False):
@@ -131,8 +132,11 @@ SHAPES = [
     case("matrix_T", lambda x: x.T, rand(3, 4)),
     case("pad", lambda x: F.pad(x, (1, 2, 0, 1)), rand(3, 2, 4)),
     case("unflatten", lambda x: x.unflatten(-1, (2, -1)), rand(3, 2, 4)),
-    case("keeps_sample_axis", lambda x: keeps_sample_axis(x.reshape(3, -1), 3, "here"),
+    case("keeps_sample_axis",
+         lambda x: keeps_sample_axis(x.reshape(x.size(0), -1), x.size(0), "here"),
          rand(3, 2, 4)),
+    case("loss_rows_are_samples", lambda x: loss_rows_are_samples(x, x.size(0), "here"),
+         rand(3, 4)),
     case("unflatten_function", lambda x: torch.unflatten(x, 1, (2, 3)), rand(3, 6)),
     case("channel_shuffle", lambda x: torch.channel_shuffle(x, 3), rand(2, 6, 2, 1)),
     case("unfold_overlapping", lambda x: F.unfold(x, (2, 3), padding=1, stride=(1, 2)),

@@ -414,3 +414,68 @@ def test_a_reshape_that_keeps_the_samples_passes_its_check():
     """``x.view(-1, F)`` after a convolution (the classic LeNet) keeps axis 0's size: the
     check passes and the quantities are exact."""
     assert_matches_eager(Body(lambda h: h.view(-1, 2, 2).flatten(1) * 2))
+
+
+class Positions(nn.Module):
+    """Token and position embeddings, ``pos = arange(T)`` from ``x.size(1)`` on ``x``'s
+    device (nanoGPT), a tanh layer, a head per token."""
+
+    def __init__(self, vocab=7, length=4, width=3):
+        super().__init__()
+        torch.manual_seed(0)
+        self.tokens, self.positions = nn.Embedding(vocab, width), nn.Embedding(length, width)
+        self.inner, self.head = nn.Linear(width, width), nn.Linear(width, vocab)
+        self.to(DTYPE)
+
+    def forward(self, idx):
+        _, length = idx.size()
+        pos = torch.arange(0, length, dtype=torch.long, device=idx.device)
+        return self.head(torch.tanh(self.inner(self.tokens(idx) + self.positions(pos))))
+
+
+def _token_loss(logits, y):
+    return F.cross_entropy(logits.view(-1, logits.size(-1)), y.view(-1))
+
+
+def _spatial_token_loss(logits, y):
+    return F.cross_entropy(logits.transpose(1, 2), y)
+
+
+def test_positions_built_from_a_later_axis_size_hold_no_samples():
+    """``arange(x.size(1))`` was taken for data with a sample axis (it is computed from
+    ``x``): the position table's per-sample gradients came out ``[T, ...]``, per position,
+    not per sample. Sizes of later axes and metadata carry no samples."""
+    model, gen = Positions(), torch.Generator().manual_seed(3)
+    idx, y = torch.randint(0, 7, (3, 4), generator=gen), torch.randint(0, 7, (3, 4), generator=gen)
+    _, _, batch_grad = fxcurv.compile(model, _token_loss, ["batch_grad"])(idx, y)
+    _, _, diag = fxcurv.compile(model, _spatial_token_loss, ["diag_ggn_exact"])(idx, y)
+    params = {n: p.detach() for n, p in model.named_parameters()}
+
+    def sample_loss(p, i, t):
+        return _token_loss(torch.func.functional_call(model, p, (i[None],)), t[None]) / 3
+    expected = torch.func.vmap(torch.func.grad(sample_loss), in_dims=(None, 0, 0))(params, idx, y)
+    names, sizes = list(params), [p.numel() for p in params.values()]
+    theta = torch.cat([p.reshape(-1) for p in params.values()])
+
+    def logits_of(flat):
+        pieces = {n: t.reshape(params[n].shape) for n, t in zip(names, flat.split(sizes))}
+        return torch.func.functional_call(model, pieces, (idx,))
+    logits = logits_of(theta).detach()
+    hessian = torch.func.hessian(lambda z: _token_loss(z, y))(logits).reshape(logits.numel(), -1)
+    jac = torch.func.jacrev(logits_of)(theta).reshape(logits.numel(), -1)
+    ggn = dict(zip(names, torch.einsum("ip,ij,jp->p", jac, hessian, jac).split(sizes)))
+    for name in names:
+        torch.testing.assert_close(batch_grad[name], expected[name], **TOL)
+        torch.testing.assert_close(diag[name].reshape(-1), ggn[name], **TOL)
+
+
+@pytest.mark.parametrize("quantity", ["diag_ggn_exact", "kflr", "diag_h"])
+def test_a_loss_on_rows_that_merge_samples_raises_for_exact_curvature(quantity):
+    """``cross_entropy(logits.view(-1, C), y.view(-1))`` of ``[N, T, C]`` logits (nanoGPT's
+    loss): before, the exact factor's columns of a sample's T rows were summed into one
+    (``diag_ggn_exact`` of the token table 86 % off). Exact curvature now raises when the
+    step runs and names the fix; per-sample gradients need no check (exact above)."""
+    model = Positions()
+    idx, y = torch.randint(0, 7, (3, 4)), torch.randint(0, 7, (3, 4))
+    with pytest.raises(ValueError, match=r"has 12 rows for 3 samples.*logits.transpose\(1, 2\)"):
+        fxcurv.compile(model, _token_loss, [quantity])(idx, y)

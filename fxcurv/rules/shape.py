@@ -145,6 +145,26 @@ def keeps_sample_axis(output: Tensor, samples: int, where: str) -> Tensor:
     return output
 
 
+def loss_rows_are_samples(input: Tensor, samples: int, where: str) -> Tensor:
+    """``input`` of a built-in loss unchanged, after checking it has one row per sample: the
+    exact square-root factor of the loss Hessian has one column per class and row, and the
+    step gives each sample the columns of its row; rows that merge samples and positions
+    (``logits.view(-1, C)`` of ``[N, T, C]``) would be summed into one column per sample."""
+    if input.dim() == 0 or input.size(0) != samples:
+        raise ValueError(
+            "fxcurv: the input of {} has {} rows for {} samples (a reshape such as "
+            "logits.view(-1, C) merged the sample axis): exact curvature (GGN, Hessian, "
+            "kflr, products) needs one row per sample. Pass the [N, C, T] layout instead "
+            "(cross_entropy(logits.transpose(1, 2), y) with y of shape [N, T]), or request "
+            "first-order or Monte-Carlo quantities".format(where, input.size(0), samples))
+    return input
+
+
+affine([loss_rows_are_samples], "loss_rows_are_samples", "input, samples, where",
+       doc="y = the loss input (checked to have one row per sample);  Jᵀg = g.",
+       vjp={"input": lambda g, c: g}, sandwich={"input": "shared"})
+
+
 affine([keeps_sample_axis], "keeps_sample_axis", "output, samples, where",
        doc="y = the reshape's output (checked to keep one row per sample);  Jᵀg = g.",
        vjp={"output": lambda g, c: g}, sandwich={"output": "shared"})

@@ -42,7 +42,7 @@ from fxcurv.errors import node_error
 from fxcurv.rules import Ctx, rule_for
 from fxcurv.rules.registry import Args
 
-from ..analysis import (ancestors, depends_on, descendants, differentiable_inputs,
+from ..analysis import (ancestors, depends_on, descendants, differentiable_inputs, sample_data,
                         sample_carriers)
 from ..backward import backward
 from ..per_sample import MaskedColumns
@@ -68,7 +68,7 @@ def residual_propagations(emit: Emitter, traced, gradient: dict,
     dependent = depends_on(traced.graph, params)  # shared by every propagation below
     depends = _parameter_sets(traced.graph, traced.params)
     model = ancestors(traced.model_output)  # the loss region's curvature is in the GGN term
-    per_sample = descendants(traced.graph, traced.inputs[0])  # values with a sample axis
+    per_sample = sample_data(traced.graph, traced.inputs[0])  # values with a sample axis
     carriers = sample_carriers(traced.graph, traced.inputs[0])
     terms, pending = [], []
     negative = loss_negative_factor(emit, traced, gradient)

@@ -439,13 +439,13 @@ def _guard_sample_axis(traced: Traced, data: fx.Node) -> Optional[fx.Node]:
 
 
 def _needs_loss_rows(quantity: q.Quantity) -> bool:
-    """Whether the quantity reads the exact loss factor's columns per sample (the GGN and
-    the Hessian family); first-order and Monte-Carlo ones do not (summed Monte-Carlo columns
-    of one sample's rows keep their expectation). Not checked yet: the block products and
-    steps that also compute KFRA, whose chain analyses do not see through the check node."""
+    """Whether the quantity reads the exact loss factor's columns per sample (the GGN, the
+    Hessian family, the block products); first-order and Monte-Carlo ones do not (summed
+    Monte-Carlo columns of one sample's rows keep their expectation). Not checked yet:
+    steps that also compute KFRA, whose chain analysis does not pass the check node."""
     source = quantity.source
-    return (source.factor == "exact" or source.signs is not None) and \
-        quantity.family != "product"
+    return source.factor == "exact" or source.signs is not None or \
+        quantity.family == "product"
 
 
 def _guard_loss_rows(traced: Traced, data: fx.Node, samples: Optional[fx.Node]) -> None:

@@ -469,7 +469,7 @@ def test_positions_built_from_a_later_axis_size_hold_no_samples():
         torch.testing.assert_close(diag[name].reshape(-1), ggn[name], **TOL)
 
 
-@pytest.mark.parametrize("quantity", ["diag_ggn_exact", "kflr", "diag_h"])
+@pytest.mark.parametrize("quantity", ["diag_ggn_exact", "kflr", "diag_h", "ggnmp"])
 def test_a_loss_on_rows_that_merge_samples_raises_for_exact_curvature(quantity):
     """``cross_entropy(logits.view(-1, C), y.view(-1))`` of ``[N, T, C]`` logits (nanoGPT's
     loss): before, the exact factor's columns of a sample's T rows were summed into one
@@ -477,5 +477,7 @@ def test_a_loss_on_rows_that_merge_samples_raises_for_exact_curvature(quantity):
     step runs and names the fix; per-sample gradients need no check (exact above)."""
     model = Positions()
     idx, y = torch.randint(0, 7, (3, 4)), torch.randint(0, 7, (3, 4))
+    vectors = {n: torch.randn(1, *p.shape, dtype=DTYPE) for n, p in model.named_parameters()}
+    args = (idx, y, vectors) if quantity == "ggnmp" else (idx, y)
     with pytest.raises(ValueError, match=r"has 12 rows for 3 samples.*logits.transpose\(1, 2\)"):
-        fxcurv.compile(model, _token_loss, [quantity])(idx, y)
+        fxcurv.compile(model, _token_loss, [quantity])(*args)

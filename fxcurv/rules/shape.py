@@ -162,12 +162,14 @@ def loss_rows_are_samples(input: Tensor, samples: int, where: str) -> Tensor:
 
 affine([loss_rows_are_samples], "loss_rows_are_samples", "input, samples, where",
        doc="y = the loss input (checked to have one row per sample);  Jᵀg = g.",
-       vjp={"input": lambda g, c: g}, sandwich={"input": "shared"})
+       vjp={"input": lambda g, c: g}, jvp={"input": lambda t, c: t},
+       sandwich={"input": "shared"})
 
 
 affine([keeps_sample_axis], "keeps_sample_axis", "output, samples, where",
        doc="y = the reshape's output (checked to keep one row per sample);  Jᵀg = g.",
-       vjp={"output": lambda g, c: g}, sandwich={"output": "shared"})
+       vjp={"output": lambda g, c: g}, jvp={"output": lambda t, c: t},
+       sandwich={"output": "shared"})
 permutation([torch.flatten, "flatten"], "flatten", "input, start_dim=0, end_dim=-1",
             doc="y = x reshaped (axes start..end merged);  Jᵀg = g reshaped to x.",
             mixes_samples=_flatten_mixes, sandwich=SHARED, **RESHAPE)

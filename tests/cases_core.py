@@ -25,6 +25,15 @@ def rand(*shape, positive=False):
     return t.abs() + 0.5 if positive else t
 
 
+def tied_maxima(*shape):
+    """``rand(*shape)`` with each sample's maximum attained twice (a tie)."""
+    t = rand(*shape)
+    top = t.flatten(1).amax(1) + 1.0
+    t.view(shape[0], -1)[:, 0] = top
+    t.view(shape[0], -1)[:, -1] = top
+    return t
+
+
 def labels(high, *shape):
     return torch.randint(0, high, shape, generator=g)
 
@@ -65,6 +74,9 @@ ACTIVATIONS = [
     case("sinh", lambda x: torch.sinh(x), rand(3, 4)),
     case("cosh", lambda x: torch.cosh(x), rand(3, 4)),
     case("max_of_two_tensors", lambda x, y: torch.max(x, y), rand(3, 4), rand(4)),
+    case("amax", lambda x: torch.amax(x, 1), rand(3, 4, 2)),
+    case("amax_ties_keepdim", lambda x: x.amax((1, 2), keepdim=True), tied_maxima(3, 4, 2)),
+    case("amin_negative_dim", lambda x: x.amin(-1), rand(3, 2, 4)),
     case("min_of_two_tensors_method", lambda x, y: x.min(y), rand(3, 4), rand(3, 4)),
     case("normalize", lambda x: F.normalize(x, dim=-1), rand(3, 2, 4)),
     case("normalize_p3", lambda x: F.normalize(x, p=3.0), rand(3, 4)),
@@ -132,6 +144,8 @@ SHAPES = [
     case("matrix_T", lambda x: x.T, rand(3, 4)),
     case("pad", lambda x: F.pad(x, (1, 2, 0, 1)), rand(3, 2, 4)),
     case("unflatten", lambda x: x.unflatten(-1, (2, -1)), rand(3, 2, 4)),
+    case("select_last_position", lambda x: x.select(1, -1), rand(3, 4, 2)),
+    case("select_negative_dim", lambda x: torch.select(x, -2, 1), rand(3, 4, 2)),
     case("keeps_sample_axis",
          lambda x: keeps_sample_axis(x.reshape(x.size(0), -1), x.size(0), "here"),
          rand(3, 2, 4)),

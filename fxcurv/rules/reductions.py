@@ -3,7 +3,7 @@ the normalize pass, so every quantity, second order included, composes their rul
 """
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -153,6 +153,39 @@ register([F.normalize], "normalize", "input, p=2.0, dim=1, eps=1e-12, out=None",
          lower=_lower_normalize, unsupported=lambda b: _norm_unsupported("p")(b) or (
              "normalize with out= has no rule" if b["out"] is not None else None),
          mixes_samples=_norm_mixes, doc=_lower_normalize.__doc__)
+
+
+def extreme_vjp(g: Tensor, x: Tensor, dims: List[int], keepdim: bool, largest: bool,
+                lead: int) -> Tensor:
+    """Jᵀ of ``amax`` / ``amin`` over ``dims`` (all axes when empty), torch's: ``g`` shared
+    equally among the entries that attain the extreme (``g · [x = y] / #ties``)."""
+    axes: List[int] = []
+    for d in dims:
+        axes.append(d % x.dim())
+    if len(axes) == 0:
+        axes = list(range(x.dim()))
+    extreme = torch.amax(x, axes, keepdim=True) if largest else torch.amin(x, axes, True)
+    hits = (x == extreme).to(g.dtype)
+    share = hits / hits.sum(axes, keepdim=True)
+    if not keepdim:
+        for axis in sorted(axes):
+            g = g.unsqueeze(axis + lead)
+    return g * share
+
+
+def _extreme_mixes(b: dict) -> Optional[str]:
+    return _reduces_samples({"dim": b["dim"] if len(_dims(b["dim"]) or []) else None})
+
+
+for _target, _name, _largest in ((torch.amax, "amax", True), (torch.amin, "amin", False)):
+    register([_target, _name], _name, "input, dim=(), keepdim=False",
+             doc=f"y = {'max' if _largest else 'min'} of x over dim (all axes when empty);  "
+                 "x̄ = g shared equally among the entries attaining it (torch's);  piecewise "
+                 "linear: y'' = 0.",
+             vjp={"input": lambda g, c, largest=_largest: c.call(
+                 extreme_vjp, g, c.args.input, list(_dims(c.bound["dim"]) or []),
+                 c.bound["keepdim"], largest, c.lead)},
+             hessian_is_zero=True, mixes_samples=_extreme_mixes)
 
 
 def cumsum_back(g: torch.Tensor, dim: int, lead: int) -> torch.Tensor:

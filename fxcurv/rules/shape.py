@@ -204,6 +204,22 @@ register([torch.unflatten, "unflatten"], "unflatten", "input, dim, sizes",
          if b["dim"] == 0 else None)
 
 
+def _lower_select(c: Ctx):
+    """``x.select(dim, i)`` is ``x[:, ..., i]`` (``i`` on axis ``dim``): basic indexing."""
+    dim, index = c.bound["dim"], c.bound["index"]
+    if dim >= 0:
+        key = (slice(None),) * dim + (index,)
+    else:
+        key = (Ellipsis, index) + (slice(None),) * (-dim - 1)
+    return c.args.input[key]
+
+
+register([torch.select, "select"], "select", "input, dim, index",
+         doc=_lower_select.__doc__ + " Lowered to getitem.", lower=_lower_select,
+         unsupported=lambda b: None if isinstance(b["dim"], int) and isinstance(b["index"], int)
+         else "select with a traced dim or index has no rule")
+
+
 def _lower_channel_shuffle(c: Ctx):
     """``[N, g·k, *] -> [N, g, k, *] -> [N, k, g, *] -> [N, g·k, *]``: ``reshape``,
     ``transpose``, ``reshape``."""

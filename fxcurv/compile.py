@@ -31,9 +31,9 @@ from .passes.curvature.sqrt_ggn import propagate_sqrt_ggn
 from .passes.distributed import data_parallel
 from .passes.invariant import check_derivative_paths
 from .passes.per_sample import PerSample, SignedSum
+from .passes.sample_axis import guard_sample_axis
 from .passes.schedule import schedule_extractions
-from .rules import FIRST_ORDER, RESHAPES, rule_for
-from .rules.shape import keeps_sample_axis, loss_rows_are_samples
+from .rules import FIRST_ORDER, rule_for
 from .rules.losses import check_scalar_loss
 from .trace import Traced, trace
 
@@ -140,10 +140,7 @@ def _compile(model, loss_fn, requested: list, traced: Traced, mc_samples: int, p
     _check_first_order(active, requested)
     _check_per_sample(traced, active, requested)
     if requested:
-        samples = _guard_sample_axis(traced, checked_x.node)
-        if any(_needs_loss_rows(quantity) for _, quantity in requested) and \
-                not any(quantity.source.kfra for _, quantity in requested):
-            _guard_loss_rows(traced, checked_x.node, samples)
+        guard_sample_axis(traced, checked_x.node, [quantity for _, quantity in requested])
     cotangents = backward(emit, {traced.loss: seed}, traced.params.values())
     grads = _gradients(emit, traced, cotangents)
     with emit.naming("batch_size"):
@@ -403,67 +400,6 @@ def _check_per_sample(traced: Traced, active: dict, requested: list) -> None:
             with requesting(per_sample[0]):
                 raise node_error(node, f"{reason}, so per-sample quantities are undefined",
                                  _MIXING_HINT)
-
-
-def _sample_count(traced: Traced, data: fx.Node) -> fx.Node:
-    """A node ``data.size(0)``, right after ``data``."""
-    with traced.graph.inserting_after(data):
-        samples = traced.graph.call_method("size", (data, 0))
-    samples._rename("samples")
-    return samples
-
-
-def _guard_sample_axis(traced: Traced, data: fx.Node) -> Optional[fx.Node]:
-    """After each reshape-like op (trait ``RESHAPES``) of a sample-carrying value inside the
-    model, a call-time check that axis 0 still has one row per sample of ``data``
-    (:func:`keeps_sample_axis`): the shape comes from the call's arguments
-    (``x.view(-1, D)``), so only the running step can tell whether the rows are still the
-    samples, which every quantity relies on. Returns the sample-count node, if it made one."""
-    model_nodes = ancestors(traced.model_output) & descendants(traced.graph, traced.inputs[0])
-    carriers = sample_carriers(traced.graph, traced.inputs[0])
-    samples = None
-    for node in list(traced.graph.nodes):
-        rule = rule_for(node)
-        if node not in model_nodes or rule is None or not rule.has(RESHAPES) or \
-                rule.bind(node)["input"] not in carriers:
-            continue
-        samples = samples or _sample_count(traced, data)
-        with traced.graph.inserting_after(node):
-            checked = traced.graph.call_function(keeps_sample_axis,
-                                                 (node, samples, f"node '{node.name}'"))
-        node.replace_all_uses_with(checked, delete_user_cb=lambda user: user is not checked)
-        checked._rename(f"{node.name}_checked")
-        if traced.model_output is node:
-            traced.model_output = checked
-    return samples
-
-
-def _needs_loss_rows(quantity: q.Quantity) -> bool:
-    """Whether the quantity reads the exact loss factor's columns per sample (the GGN, the
-    Hessian family, the block products); first-order and Monte-Carlo ones do not (summed
-    Monte-Carlo columns of one sample's rows keep their expectation). Not checked yet:
-    steps that also compute KFRA, whose chain analysis does not pass the check node."""
-    source = quantity.source
-    return source.factor == "exact" or source.signs is not None or \
-        quantity.family == "product"
-
-
-def _guard_loss_rows(traced: Traced, data: fx.Node, samples: Optional[fx.Node]) -> None:
-    """Before each built-in loss on a sample-carrying value, a call-time check that its input
-    has one row per sample (:func:`loss_rows_are_samples`)."""
-    carriers = sample_carriers(traced.graph, traced.inputs[0])
-    for node in list(traced.graph.nodes):
-        rule = rule_for(node)
-        if rule is None or not rule.has_sqrt_hessian:
-            continue
-        source = rule.bind(node)["input"]
-        if source not in carriers:
-            continue
-        samples = samples or _sample_count(traced, data)
-        with traced.graph.inserting_before(node):
-            checked = traced.graph.call_function(loss_rows_are_samples,
-                                                 (source, samples, f"node '{node.name}'"))
-        node.replace_input_with(source, checked)
 
 
 _MIXING_HINT = ("Per-sample quantities need every sample to pass through the model on its own: "

@@ -190,7 +190,7 @@ def spectral_normalized(m: nn.Module, weight, rank: int):
     vectors ``u``, ``v`` (buffers, read live) and ``W_mat`` the weight with axis ``dim``
     first, flattened to a matrix, as torch computes it; a 1-d weight: ``W / max(‖W‖, eps)``."""
     if rank == 1:
-        return weight / weight.square().sum().sqrt().clamp(min=m.eps)
+        return F.normalize(weight, dim=0, eps=m.eps)
     if m.dim != 0:
         weight_axes = [m.dim] + [d for d in range(rank) if d != m.dim]
         matrix = weight.permute(*weight_axes).flatten(1)

@@ -24,6 +24,7 @@ from torch import Tensor
 
 from .contraction import Contraction
 from .helpers import merge_middle
+from .reductions import norm_of
 from .registry import RANDOM, VIEW, Ctx, by_product, fresh, register
 
 
@@ -369,13 +370,13 @@ def _lower_weight_norm(c: Ctx):
     """``w = v ⊙ g / ‖v‖`` (torch's ``_weight_norm``, behind ``nn.utils.weight_norm`` and
     ``nn.utils.parametrizations.weight_norm``): the 2-norm of each slice of ``v`` along
     ``dim`` (``g``: ``v.size(dim)`` entries, 1 elsewhere), of all of ``v`` for ``dim = -1``;
-    ``transpose``, ``reshape``, ``square``, ``sum``, ``sqrt``, ``div``, ``mul``."""
+    ``transpose``, ``reshape``, the 2-norm (:func:`norm_of`), ``div``, ``mul``."""
     v, g, dim = c.args.v, c.args.g, c.bound["dim"]
     if dim == -1:
-        norms = v.square().sum().sqrt()
+        norms = norm_of(c, v, 2.0, None, False)
     else:
         rows = v if dim == 0 else v.transpose(0, dim)
-        norms = rows.reshape(rows.size(0), -1).square().sum(1).sqrt()
+        norms = norm_of(c, rows.reshape(rows.size(0), -1), 2.0, 1, False)
     return v * (g / norms.reshape(g.shape))
 
 
@@ -508,20 +509,6 @@ register([F.embedding_bag], "embedding_bag",
 
 
 # -- dropout ---------------------------------------------------------------------------------
-def _lower_dropout(c: Ctx):
-    """Train mode: ``y = x ⊙ m / (1 - p)`` with ``m ~ Bernoulli(1 - p)`` drawn once, so the
-    backward multiplies by the same mask; eval mode (or p = 0): ``y = x``."""
-    p, x = c.bound["p"], c.args.input
-    if not c.bound["training"] or p == 0:
-        return x
-    if p == 1:
-        return x * 0
-    keep = torch.bernoulli(torch.full_like(x, 1.0 - p))
-    return x * (keep / (1.0 - p))
-
-
-register([F.dropout, torch.dropout], "dropout", "input, p=0.5, training=True, inplace=False",
-         doc=_lower_dropout.__doc__, lower=_lower_dropout, traits=(VIEW,))  # eval: y is x
 
 
 def feature_keep_mask(x: Tensor, keep: float, unbatched_rank: int) -> Tensor:
@@ -570,6 +557,9 @@ def _lower_dropout_variant(c: Ctx, alpha: bool, unbatched_rank: Optional[int]):
 
 
 _DROPOUT_PARAMS = "input, p=0.5, training=True, inplace=False"
+register([F.dropout, torch.dropout], "dropout", _DROPOUT_PARAMS,
+         doc=_lower_dropout_variant.__doc__,
+         lower=lambda c: _lower_dropout_variant(c, False, None), traits=(VIEW,))  # eval: y is x
 _ALPHA_DROPOUT_PARAMS = "input, p=0.5, training=False, inplace=False"  # F.*'s own defaults
 register([F.alpha_dropout, torch.alpha_dropout], "alpha_dropout", _ALPHA_DROPOUT_PARAMS,
          doc=_lower_dropout_variant.__doc__,

@@ -86,7 +86,13 @@ def _copying(forward: Callable) -> Callable:
 
 
 def plain_copy(step: fx.GraphModule) -> fx.GraphModule:
-    """What ``torch.jit.script`` compiles: the generated code on the same parameters."""
+    """What ``torch.jit.script`` compiles: the generated code on the same parameters (not for
+    a tuple/list/dict input or target, which the code reads by key: TorchScript types ``x``
+    and ``y`` as tensors)."""
+    if step.meta["fxcurv"].get("structured"):
+        raise RuntimeError("fxcurv: torch.jit.script cannot script a step whose input x or "
+                           "target y is a tuple, list or dict of tensors (TorchScript types "
+                           "them as tensors); torch.export.export(step, (x, y)) exports it")
     plain = fx.GraphModule(step, copy.deepcopy(step.graph), class_name="FxcurvStep")
     plain.meta = dict(step.meta)
     return plain

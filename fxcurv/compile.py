@@ -35,6 +35,7 @@ from .passes.sample_axis import guard_sample_axis
 from .passes.schedule import schedule_extractions
 from .rules import FIRST_ORDER, rule_for
 from .rules.losses import check_scalar_loss
+from .inputs import check_structured_inputs, samples_of
 from .trace import Traced, trace
 
 DEFAULT_COLUMN_BUDGET = 1 << 30
@@ -94,6 +95,9 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
             (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``), which are unrolled over ``T`` steps when
             tracing; the step checks ``T`` when it runs. Needed only for such models.
 
+    ``x`` and ``y`` may be tensors or tuples, lists or dicts of tensors, each with the samples
+    along axis 0, and the model may return several tensors (``fxcurv/inputs.py``).
+
     Returns:
         a ``torch.fx.GraphModule`` ``step`` with ``step(x, y) -> (loss, grad, *quantities)``;
         ``grad`` and each quantity are dicts keyed by ``model.named_parameters()`` names
@@ -139,22 +143,21 @@ def _compile(model, loss_fn, requested: list, traced: Traced, mc_samples: int, p
     active = check_derivative_paths(traced.graph, traced.params.values())
     _check_first_order(active, requested)
     _check_per_sample(traced, active, requested)
+    batch_size = _emit_batch_size(emit, traced, checked_x.node)
     if requested:
-        guard_sample_axis(traced, checked_x.node, [quantity for _, quantity in requested])
+        guard_sample_axis(traced, batch_size.node, [quantity for _, quantity in requested])
     cotangents = backward(emit, {traced.loss: seed}, traced.params.values())
     grads = _gradients(emit, traced, cotangents)
-    with emit.naming("batch_size"):
-        batch_size = checked_x.size(0)
-    emit.rename(batch_size, "batch_size")
     results = _extract(emit, traced, requested, cotangents, grads, batch_size, mc_samples)
     outputs = (emit.proxy(loss_output), grads, *results)
     outputs = data_parallel(emit, traced, requested, outputs, process_group)
     sized = [quantity.extract.propagation_sized for _, quantity in requested]
     step = finalize(traced, emit, outputs, [name for name, _ in requested],
                     lambda graph: schedule_extractions(graph, traced.model_output, sized))
+    step.meta["fxcurv"]["structured"] = traced.structured
     if chunk is not None:
         chunk_columns(step, chunk, column_budget)
-    device = next(iter(traced.attrs[name] for name in traced.params)).device
+    device = next(iter(traced.attrs[n.target] for n in traced.params.values())).device
     backend, mode = resolve_backend(backend, device, draws_random(step.graph),
                                     process_group is not None)
     step = with_backend(step, backend, mode)
@@ -289,11 +292,22 @@ def check_inputs(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:
 def _emit_input_check(emit: Emitter, traced: Traced) -> Any:
     """Insert ``check_inputs(x, y, dtype)`` first; every reader of ``x`` reads the checked one."""
     x, y = traced.inputs
-    dtype = next(iter(traced.attrs[name] for name in traced.params)).dtype
+    dtype = next(iter(traced.attrs[n.target] for n in traced.params.values())).dtype
+    check = check_structured_inputs if traced.structured else check_inputs
     with emit.graph.inserting_after(y):
-        node = emit.graph.call_function(check_inputs, (x, y, dtype))
+        node = emit.graph.call_function(check, (x, y, dtype))
     node._rename("x_checked")
     x.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+    return emit.proxy(node)
+
+
+def _emit_batch_size(emit: Emitter, traced: Traced, checked_x: fx.Node) -> fx.Proxy:
+    """``batch_size``, right after the input check: axis 0 of ``x`` (of its first part for a
+    structured input)."""
+    with emit.graph.inserting_after(checked_x):
+        node = emit.graph.call_function(samples_of, (checked_x,)) if traced.structured else \
+            emit.graph.call_method("size", (checked_x, 0))
+    node._rename("batch_size")
     return emit.proxy(node)
 
 

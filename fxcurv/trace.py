@@ -34,6 +34,8 @@ from torch.overrides import TorchFunctionMode, is_tensor_method_or_property
 from torch.utils import _pytree as pytree
 
 from .errors import CompileError, format_module, user_frame
+from .inputs import join_outputs, structured
+from .passes.analysis import sample_carriers, sample_data
 from .recurrent import CELLS, RECURRENT, lower_cell, lower_recurrent
 from .rules import rule_for
 from .rules.linalg import attention
@@ -582,6 +584,7 @@ class Traced:
     model_output: fx.Node
     loss: fx.Node
     memo: dict = field(default_factory=dict)  # values passes share (e.g. the loss Hessian)
+    structured: bool = False  # x or y is a tuple/list/dict of tensors (fxcurv/inputs.py)
 
     def refresh(self) -> None:
         """Re-read the loss and model-output nodes after a pass replaced them (the loss is what
@@ -609,11 +612,12 @@ def trace(model: nn.Module, loss_fn: Callable, sequence_length: Optional[int] = 
         raise
     except Exception as err:  # noqa: BLE001 - re-raised with context
         raise _trace_error(err) from err
-    loss, output = _split_output(graph)
+    x, y = [n for n in graph.nodes if n.op == "placeholder"]
+    parts = [structured(graph, x), structured(graph, y)]
+    loss, output = _split_output(graph, x)
     attrs = _rename_attributes(graph, root)
     params = _parameter_nodes(graph, model, attrs)
-    x, y = [n for n in graph.nodes if n.op == "placeholder"]
-    return Traced(graph, attrs, params, (x, y), output, loss)
+    return Traced(graph, attrs, params, (x, y), output, loss, structured=any(parts))
 
 
 def _parameter_nodes(graph: fx.Graph, model: nn.Module, attrs: dict) -> dict[str, fx.Node]:
@@ -624,29 +628,41 @@ def _parameter_nodes(graph: fx.Graph, model: nn.Module, attrs: dict) -> dict[str
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
-        if name not in found:
+        target = step_target(name)
+        if target not in found:
             with graph.inserting_before(next(n for n in graph.nodes if n.op != "placeholder")):
-                found[name] = graph.get_attr(name)
-            found[name]._rename(_readable(model, name))
-            attrs[name] = param
-        params[name] = found[name]
+                found[target] = graph.get_attr(target)
+            found[target]._rename(_readable(model, name))
+            attrs[target] = param
+        params[name] = found[target]
     return params
 
 
-def _split_output(graph: fx.Graph) -> tuple[fx.Node, fx.Node]:
-    """Make the graph return the loss alone; give back the loss and model-output nodes."""
+def step_target(name: str) -> str:
+    """Where the step holds the model's attribute ``name``: at the same path, unless its first
+    component is an attribute of every GraphModule (a submodule ``meta``, ``graph`` or
+    ``code`` would replace the step's own): then under ``model.``."""
+    if hasattr(fx.GraphModule, name.split(".")[0]) or name.split(".")[0] == "meta":
+        return f"{MODEL}.{name}"
+    return name
+
+
+def _split_output(graph: fx.Graph, x: fx.Node) -> tuple[fx.Node, fx.Node]:
+    """Make the graph return the loss alone; give back the loss and the model-output node
+    (several outputs joined into one, :func:`fxcurv.inputs.join_outputs`)."""
     out_node = next(n for n in graph.nodes if n.op == "output")
     loss, output = out_node.args[0]
-    for value, what in ((output, "the model's forward"), (loss, "loss_fn")):
-        if not isinstance(value, fx.Node):
-            raise CompileError(f"{what} must return a single tensor, got {value!r}.")
+    if not isinstance(loss, fx.Node):
+        raise CompileError(f"loss_fn must return a single tensor, got {loss!r}.")
     out_node.args = (loss,)
+    output = join_outputs(graph, output, sample_carriers(graph, x), sample_data(graph, x))
     loss._rename("loss")
     return loss, output
 
 
 def _rename_attributes(graph: fx.Graph, root: nn.Module) -> dict[str, Any]:
-    """``model.fc1.weight`` -> ``fc1.weight`` (the model's own parameter name)."""
+    """``model.fc1.weight`` -> ``fc1.weight`` (the model's own parameter name; see
+    :func:`step_target`)."""
     attrs: dict[str, Any] = {}
     prefix = MODEL + "."
     for node in graph.nodes:
@@ -654,8 +670,9 @@ def _rename_attributes(graph: fx.Graph, root: nn.Module) -> dict[str, Any]:
             continue
         value = _fetch(root, node.target)
         if node.target.startswith(prefix):
-            node.target = node.target[len(prefix):]
-            node._rename(_readable(root.model, node.target))
+            name = node.target[len(prefix):]
+            node.target = step_target(name)
+            node._rename(_readable(root.model, name))
         attrs[node.target] = value
     return attrs
 

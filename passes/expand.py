@@ -12,7 +12,9 @@ Run first by :func:`fxcurv.passes.normalize.normalize`. For every ``call_functio
   expands in turn). Emitted nodes are named after the node they replace (``mish_tanh``);
 
 and ``x[index]`` with an integer tensor ``index`` becomes ``index_select`` (``x[mask]`` with a
-boolean mask, which selects a data-dependent number of entries, is refused). What cannot be
+boolean mask, which selects a data-dependent number of entries, is refused);
+``x[torch.arange(n), index]`` (one entry per sample: last-token pooling) becomes
+``per_sample_take``, which keeps the samples apart. What cannot be
 expanded stays as it is, with the reason in ``node.meta["fxcurv_unexpanded"]``: the backward
 pass names it when the node turns out to need a derivative (an expansion is only ever tried,
 never required: a mask built by an opaque helper needs none).
@@ -29,7 +31,7 @@ import torch.fx as fx
 from fxcurv.emit import Emitter
 from fxcurv.errors import CompileError, node_error, requesting
 from fxcurv.rules import BOOLEAN, PIECES, rule_for
-from fxcurv.rules.indexing import lower_tensor_index
+from fxcurv.rules.indexing import lower_tensor_index, per_sample_take
 from fxcurv.rules.shape import is_scalar_node
 
 UNEXPANDED = "fxcurv_unexpanded"
@@ -54,6 +56,9 @@ def _expand_node(graph: fx.Graph, node: fx.Node) -> bool:
         return False
     if _is_tensor_index(node):
         return _replace(graph, node, lower_tensor_index, "indexing with a tensor") is None
+    if _is_per_sample_index(node):
+        node.target, node.args = per_sample_take, (node.args[0], *node.args[1])
+        return True
     if rule_for(node) is not None:
         return False
     for how, fn in (("inlining", _opaque_helper(node)), ("decomposition", _decomposition(node))):
@@ -92,6 +97,20 @@ def _is_boolean(node: fx.Node) -> bool:
     """A node known to be a boolean tensor: a comparison or boolean logic."""
     rule = rule_for(node)
     return rule is not None and rule.has(BOOLEAN)
+
+
+def _is_per_sample_index(node: fx.Node) -> bool:
+    """``x[torch.arange(n), index]``: a tensor ``index`` with an ``arange`` of one argument
+    over the rows (the step checks that ``n`` is the number of samples)."""
+    if node.op != "call_function" or node.target is not operator.getitem:
+        return False
+    idx = node.args[1]
+    if not (isinstance(idx, tuple) and len(idx) == 2 and
+            all(isinstance(i, fx.Node) and not is_scalar_node(i) for i in idx)):
+        return False
+    rows = idx[0]
+    return rows.op == "call_function" and rows.target is torch.arange and \
+        len(rows.args) == 1 and set(rows.kwargs) <= {"device", "dtype"}
 
 
 # -- opaque helpers and decompositions -------------------------------------------------------

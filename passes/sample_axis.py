@@ -21,24 +21,23 @@ from fxcurv.rules.shape import keeps_sample_axis, loss_rows_are_samples
 from .analysis import ancestors, descendants, sample_carriers
 
 
-def guard_sample_axis(traced, data: fx.Node, quantities: list) -> None:
-    """Insert the checks into ``traced.graph``; ``data`` is the (checked) model input whose
-    axis 0 counts the samples. Not for a step that also computes KFRA, whose chain analysis
-    does not pass the loss check (the reshape checks stay)."""
+def guard_sample_axis(traced, samples: fx.Node, quantities: list) -> None:
+    """Insert the checks into ``traced.graph``; ``samples`` is the node holding the number of
+    samples (axis 0 of the checked model input). Not for a step that also computes KFRA, whose
+    chain analysis does not pass the loss check (the reshape checks stay)."""
     carriers = sample_carriers(traced.graph, traced.inputs[0])
-    count = _SampleCount(traced.graph, data)
     model = ancestors(traced.model_output) & descendants(traced.graph, traced.inputs[0])
     for node in list(traced.graph.nodes):
         rule = rule_for(node)
         if node in model and rule is not None and rule.has(RESHAPES) and \
                 rule.bind(node)["input"] in carriers:
-            _check_after(traced, node, count())
+            _check_after(traced, node, samples)
     if any(q.source.kfra for q in quantities) or not any(map(_reads_exact_rows, quantities)):
         return
     for node in list(traced.graph.nodes):
         rule = rule_for(node)
         if rule is not None and rule.has_sqrt_hessian and rule.bind(node)["input"] in carriers:
-            _check_before(traced, node, rule.bind(node)["input"], count())
+            _check_before(traced, node, rule.bind(node)["input"], samples)
 
 
 def _reads_exact_rows(quantity: Quantity) -> bool:
@@ -48,20 +47,6 @@ def _reads_exact_rows(quantity: Quantity) -> bool:
     source = quantity.source
     return source.factor == "exact" or source.signs is not None or \
         quantity.family == "product"
-
-
-class _SampleCount:
-    """``data.size(0)``, one node made on first use, right after ``data``."""
-
-    def __init__(self, graph: fx.Graph, data: fx.Node):
-        self.graph, self.data, self.node = graph, data, None
-
-    def __call__(self) -> fx.Node:
-        if self.node is None:
-            with self.graph.inserting_after(self.data):
-                self.node = self.graph.call_method("size", (self.data, 0))
-            self.node._rename("samples")
-        return self.node
 
 
 def _check_after(traced, node: fx.Node, samples: fx.Node) -> None:

@@ -254,3 +254,31 @@ def test_post_loss_arithmetic_and_callable_loss():
     loss_fn(model(x), y).backward()
     for name, p in model.named_parameters():
         torch.testing.assert_close(grad[name], p.grad, rtol=1e-10, atol=1e-14)
+
+
+def test_submodules_named_like_step_attributes():
+    """Submodules called ``graph``, ``meta`` and a parameter called ``code`` (attributes every
+    GraphModule has) are held by the step under ``model.`` and keep their names in the
+    results; TorchScript and the replaced-parameter guard still work."""
+    class Named(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.graph, self.meta = nn.Linear(3, 4), nn.Linear(4, 2)
+            self.code = nn.Parameter(torch.ones(2))
+
+        def forward(self, x):
+            return self.meta(torch.tanh(self.graph(x))) * self.code
+
+    model = Named().double()
+    x, y = torch.randn(5, 3, dtype=torch.float64), torch.randint(0, 2, (5,))
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_grad"])
+    loss, grad, batch_grad = step(x, y)
+    expected = nn.CrossEntropyLoss()(model(x), y)
+    expected.backward()
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(grad[name], param.grad)
+        assert batch_grad[name].shape == (5, *param.shape)
+    torch.testing.assert_close(torch.jit.script(step)(x, y)[0], loss)
+    model.graph = nn.Linear(3, 4).double()
+    with pytest.raises(fxcurv.StepError, match="graph.weight"):
+        step(x, y)

@@ -130,17 +130,23 @@ def test_unsupported_interpolate_arguments_are_named(options, message):
         fxcurv.compile(Resample(), nn.CrossEntropyLoss())
 
 
-def test_model_returning_a_tuple():
+def test_loss_returning_a_tuple():
+    """A model may return several tensors (tests/test_structured.py); the loss returns one."""
+    with pytest.raises(CompileError, match="loss_fn must return a single tensor"):
+        fxcurv.compile(nn.Linear(3, 2), lambda out, y: (out.sum(), out.mean()))
+
+
+def test_loss_reading_no_model_output():
     class Two(nn.Module):
         def __init__(self):
             super().__init__()
             self.fc = nn.Linear(3, 2)
 
         def forward(self, x):
-            return self.fc(x), x
+            return self.fc(x), self.fc.weight
 
-    with pytest.raises(CompileError, match="must return a single tensor"):
-        fxcurv.compile(Two(), lambda out, y: out[0].sum())
+    with pytest.raises(CompileError, match="reads no output of the model's forward"):
+        fxcurv.compile(Two(), lambda out, y: out[1].sum())
 
 
 @pytest.mark.parametrize("x, y, message", [

@@ -5,13 +5,13 @@ scatters (sums) or moves the cotangent back; index operands have no derivative.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import Any, List, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .registry import Ctx, affine, register
+from .registry import KEPT, Ctx, affine, register
 
 
 def _lead_zeros(g: Tensor, lead: int, shape: List[int]) -> Tensor:
@@ -43,6 +43,22 @@ def _back_along(helper) -> dict:
     return {"input": lambda g, c: c.call(helper, g, c.args.input, c.bound["dim"], c.args.index,
                                          c.lead), "index": None}
 
+
+def input_part(inputs: Any, key: Any) -> Any:
+    """``inputs[key]`` of a structured model input or target (``fxcurv/inputs.py``): one of a
+    tuple, list or dict of tensors. A tensor is refused: its ``x[0]`` would be sample 0, not a
+    part, and the step was compiled for parts."""
+    if isinstance(inputs, Tensor):
+        raise ValueError(f"fxcurv: the step reads [{key!r}] of the input x or target y as a "
+                         "part of a tuple, list or dict of tensors, but got a tensor of shape "
+                         f"{list(inputs.shape)}; pass the parts (indexing the samples of a "
+                         "tensor by a constant is not supported)")
+    return inputs[key]
+
+
+register([input_part], "input_part", "inputs, key", constant=True, samples=KEPT,
+         doc="A part of a structured input or target (a tuple, list or dict of tensors, each "
+             "with the samples along axis 0): data, no derivative.")
 
 affine([torch.gather, "gather"], "gather", "input, dim, index, *, sparse_grad=False",
        doc="y[..i..] = x[..index[..i..]..] along dim (index: same rank as x);  Jᵀg = zeros "
@@ -80,6 +96,46 @@ def lower_tensor_index(x, index):
 
 register([checked_index, rows_shape], "index_check", "index, *args", constant=True,
          doc="Call-time check / shape of x[index]: no derivative.")
+
+
+def per_sample_take(input: Tensor, rows: Tensor, index: Tensor) -> Tensor:
+    """``input[rows, index]`` where ``rows = torch.arange(N)``: row ``n`` of the result is
+    ``input[n, index[n]]`` (last-token pooling, ``h[torch.arange(N), lengths - 1]``). Checked
+    when the step runs: ``rows`` covers the ``N`` samples and ``index`` has one entry each."""
+    samples = input.size(0)
+    if rows.numel() != samples or index.dim() != 1 or index.size(0) != samples:
+        raise ValueError(f"fxcurv: x[torch.arange(n), index] picks one entry per sample: x has "
+                         f"{samples} samples, arange {rows.numel()} and index shape "
+                         f"{list(index.shape)} (one entry per sample needed)")
+    return input[rows, index]
+
+
+def take_with_lead(t: Tensor, rows: Tensor, index: Tensor, lead: int) -> Tensor:
+    """:func:`per_sample_take` of ``t`` ``[*lead, N, T, *rest]`` -> ``[*lead, N, *rest]``."""
+    head: List[int] = list(t.shape[:lead])
+    flat = t.reshape([-1] + list(t.shape[lead:]))
+    return flat[:, rows, index].reshape(head + [t.size(lead)] + list(t.shape[lead + 2:]))
+
+
+def put_with_lead(g: Tensor, x: Tensor, rows: Tensor, index: Tensor, lead: int) -> Tensor:
+    """Jacobian-transpose of :func:`per_sample_take`: ``g`` ``[*lead, N, *rest]`` put at
+    ``[n, index[n]]`` of zeros ``[*lead, *x.shape]``."""
+    head: List[int] = list(g.shape[:lead])
+    flat = g.reshape([-1] + list(g.shape[lead:]))
+    zeros = torch.zeros([flat.size(0)] + list(x.shape), dtype=g.dtype, device=g.device)
+    vectors = torch.arange(flat.size(0), device=g.device).unsqueeze(1)
+    filled = zeros.index_put((vectors, rows.unsqueeze(0), index.unsqueeze(0)), flat)
+    return filled.reshape(head + list(x.shape))
+
+
+affine([per_sample_take], "per_sample_take", "input, rows, index",
+       doc="y[n] = x[n, index[n]] (x[torch.arange(N), index]: last-token pooling);  "
+           "Jᵀg = zeros of x's shape with g[n] at [n, index[n]].  Linear: zero Hessian; row n "
+           "reads sample n alone.",
+       vjp={"input": lambda g, c: c.call(put_with_lead, g, c.args.input, c.args.rows,
+                                         c.args.index, c.lead),
+            "rows": None, "index": None},
+       jvp={"input": lambda t, c: c.call(take_with_lead, t, c.args.rows, c.args.index, 1)})
 
 
 def _dims_of(b: dict) -> list:

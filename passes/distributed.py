@@ -40,6 +40,7 @@ from fxcurv import distributed as helpers
 from fxcurv.distributed import GRADIENT, HESSIAN, SAMPLES
 from fxcurv.emit import Emitter
 from fxcurv.errors import CompileError, node_error, requesting
+from fxcurv.inputs import samples_of
 from fxcurv.quantities import Reduction
 from fxcurv.rules import Ctx, rule_for
 
@@ -121,7 +122,8 @@ class DataParallel:
         with at.naming("loss", pass_="distributed"):
             divisors = [rule.loss.mean_divisor(ctx, part) if self.mean else None
                         for part in ("gradient", "hessian")]
-            self.batch_size = at.proxy(x).size(0)
+            self.batch_size = at.call(samples_of, at.proxy(x)) if self.traced.structured \
+                else at.proxy(x).size(0)
             row = at.call(helpers.rank_counts, self.batch_size, *divisors, ctx.args.input)
         at.rename(self.batch_size, "local_batch_size")
         at.rename(row, "rank_counts")

@@ -9,6 +9,13 @@ loss's exact factor has one column per class and input row (``logits.view(-1, C)
 sample several rows). So the pass puts an identity check after each such reshape inside the
 model (:func:`keeps_sample_axis`) and, for the quantities that read the exact factor, before
 each built-in loss (:func:`loss_rows_are_samples`); both raise naming the node.
+
+An op that mixes samples along some axes is refused at compile time where its axis arguments
+name axis 0 (``sum(0)``, ``transpose(0, 1)``); a *negative* axis is axis 0 at one rank only
+(``transpose(-3, -2)`` of a 3-D value, ``x[..., 0, :]`` of a 2-D one), which only the running
+step knows. For such a call the pass evaluates the rule's ``mixes_samples`` with the negative
+axes (and ``...``) resolved at every rank where they could reach axis 0, and reads the op's
+data input through :func:`axes_keep_samples`, which raises at those ranks.
 """
 from __future__ import annotations
 
@@ -16,7 +23,8 @@ import torch.fx as fx
 
 from fxcurv.quantities import Quantity
 from fxcurv.rules import RESHAPES, rule_for
-from fxcurv.rules.shape import keeps_sample_axis, loss_rows_are_samples
+from fxcurv.errors import describe
+from fxcurv.rules.shape import axes_keep_samples, keeps_sample_axis, loss_rows_are_samples
 
 from .analysis import ancestors, descendants, sample_carriers
 
@@ -32,6 +40,8 @@ def guard_sample_axis(traced, samples: fx.Node, quantities: list) -> None:
         if node in model and rule is not None and rule.has(RESHAPES) and \
                 rule.bind(node)["input"] in carriers:
             _check_after(traced, node, samples)
+        if node in model and rule is not None and rule.mixes_samples:
+            _check_negative_axes(traced.graph, node, rule, carriers)
     if any(q.source.kfra for q in quantities) or not any(map(_reads_exact_rows, quantities)):
         return
     for node in list(traced.graph.nodes):
@@ -67,3 +77,78 @@ def _check_before(traced, loss: fx.Node, source: fx.Node, samples: fx.Node) -> N
         checked = traced.graph.call_function(loss_rows_are_samples,
                                              (source, samples, f"node '{loss.name}'"))
     loss.replace_input_with(source, checked)
+
+
+AXIS_ARGUMENTS = ("dim", "dim0", "dim1", "dims", "start_dim", "end_dim", "source",
+                  "destination", "dimension")
+
+
+def _check_negative_axes(graph: fx.Graph, node: fx.Node, rule, carriers: set) -> None:
+    """Read ``node``'s data input through :func:`axes_keep_samples` where a negative axis (or
+    an ``...`` index) makes the rule's ``mixes_samples`` hold at some rank."""
+    bound = rule.bind(node)
+    data = bound[next(iter(rule.signature.parameters))]
+    data = data[0] if isinstance(data, (list, tuple)) and data else data
+    if not isinstance(data, fx.Node) or data not in carriers:
+        return
+    reach = _reach(bound)
+    if not reach:
+        return
+    ranks, reasons = [], []
+    for rank in range(1, reach + 1):
+        resolved = _resolved(bound, rank + rule.axis_rank_offset, rank)
+        reason = resolved is not None and rule.mixes_samples(resolved)
+        if reason:
+            ranks.append(rank)
+            reasons.append(reason)
+    if ranks:
+        with graph.inserting_before(node):
+            checked = graph.call_function(axes_keep_samples, (data, ranks, reasons,
+                                                              describe(node)))
+        node.replace_input_with(data, checked)
+
+
+def _reach(bound: dict) -> int:
+    """The largest rank at which a negative axis argument or an ``...`` index can name axis 0
+    (0: none can)."""
+    reach = 0
+    for name in AXIS_ARGUMENTS:
+        for axis in _ints(bound.get(name)):
+            if axis < 0:
+                reach = max(reach, -axis)
+    index = bound.get("idx")
+    if isinstance(index, tuple) and Ellipsis in index:
+        reach = max(reach, len(index) + 1)
+    return reach
+
+
+def _ints(value) -> list:
+    if isinstance(value, int) and not isinstance(value, bool):
+        return [value]
+    if isinstance(value, (list, tuple)):
+        return [v for v in value if isinstance(v, int) and not isinstance(v, bool)]
+    return []
+
+
+def _resolved(bound: dict, axes_rank: int, rank: int):
+    """``bound`` with negative axes counted from ``axes_rank`` and ``...`` expanded for an
+    input of ``rank`` axes; None where the call would be invalid at that rank."""
+    resolved = dict(bound)
+    for name in AXIS_ARGUMENTS:
+        value = bound.get(name)
+        if isinstance(value, (list, tuple)):
+            value = type(value)(v + axes_rank if isinstance(v, int) and v < 0 else v
+                                for v in value)
+        elif isinstance(value, int) and not isinstance(value, bool) and value < 0:
+            value = value + axes_rank
+        if any(v < 0 for v in _ints(value)):
+            return None
+        resolved[name] = value
+    index = bound.get("idx")
+    if isinstance(index, tuple) and Ellipsis in index:
+        consumed = sum(1 for item in index if item is not None and item is not Ellipsis)
+        if consumed > rank:
+            return None
+        at = index.index(Ellipsis)
+        resolved["idx"] = index[:at] + (slice(None),) * (rank - consumed) + index[at + 1:]
+    return resolved

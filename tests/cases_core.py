@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from fxcurv.rules.losses import check_scalar_loss
 from fxcurv.rules.recurrent import check_cell_input, check_sequence, lstm_layer
-from fxcurv.rules.shape import keeps_sample_axis, loss_rows_are_samples
+from fxcurv.rules.shape import axes_keep_samples, keeps_sample_axis, loss_rows_are_samples
 from rule_harness import case
 
 torch.fx.wrap("check_scalar_loss")  # traced as a call, as compile emits it
@@ -18,6 +18,7 @@ torch.fx.wrap("lstm_layer")
 torch.fx.wrap("check_cell_input")
 torch.fx.wrap("keeps_sample_axis")
 torch.fx.wrap("loss_rows_are_samples")
+torch.fx.wrap("axes_keep_samples")
 
 
 def rand(*shape, positive=False):
@@ -88,6 +89,7 @@ ACTIVATIONS = [
          rand(1, 4)),
     case("weight_norm_whole", lambda v, g: torch._weight_norm(v, g, -1), rand(3, 4), rand([])),
     case("exp", lambda x: torch.exp(x), rand(3, 4)),
+    case("exp2", lambda x: torch.exp2(x), rand(3, 4)),
     case("log", lambda x: torch.log(x), rand(3, 4, positive=True)),
     case("sqrt", lambda x: x.sqrt(), rand(3, 4, positive=True)),
     case("square", lambda x: x.square(), rand(3, 4)),
@@ -151,6 +153,17 @@ SHAPES = [
          rand(3, 2, 4)),
     case("loss_rows_are_samples", lambda x: loss_rows_are_samples(x, x.size(0), "here"),
          rand(3, 4)),
+    case("axes_keep_samples", lambda x: axes_keep_samples(x, [2], ["it moves"], "here") * 2,
+         rand(3, 2, 4)),
+    case("narrow", lambda x: x.narrow(1, 1, 2), rand(3, 4, 2)),
+    case("narrow_negative", lambda x: torch.narrow(x, -1, -3, 3), rand(3, 2, 4)),
+    case("movedim", lambda x: torch.movedim(x, 1, -1), rand(3, 4, 2, 2)),
+    case("moveaxis_several", lambda x: x.moveaxis((1, 2), (3, 1)), rand(3, 4, 2, 5)),
+    case("repeat_interleave", lambda x: x.repeat_interleave(2, dim=1), rand(3, 4, 2)),
+    case("repeat_interleave_negative", lambda x: torch.repeat_interleave(x, 3, -2),
+         rand(3, 2, 2)),
+    case("sliding_windows", lambda x: x.unfold(1, 3, 2), rand(3, 7, 2)),
+    case("sliding_windows_negative", lambda x: x.unfold(-1, 2, 1), rand(3, 2, 5)),
     case("unflatten_function", lambda x: torch.unflatten(x, 1, (2, 3)), rand(3, 6)),
     case("channel_shuffle", lambda x: torch.channel_shuffle(x, 3), rand(2, 6, 2, 1)),
     case("unfold_overlapping", lambda x: F.unfold(x, (2, 3), padding=1, stride=(1, 2)),

@@ -481,3 +481,49 @@ def test_a_loss_on_rows_that_merge_samples_raises_for_exact_curvature(quantity):
     args = (idx, y, vectors) if quantity == "ggnmp" else (idx, y)
     with pytest.raises(ValueError, match=r"has 12 rows for 3 samples.*logits.transpose\(1, 2\)"):
         fxcurv.compile(model, _token_loss, [quantity])(*args)
+
+
+class NegativeAxis(nn.Module):
+    """``op(h)`` of the hidden ``[N, T, D]`` (or ``[N, D]`` with ``flat``) values, where the
+    op's negative axis argument is axis 0 at that rank."""
+
+    def __init__(self, op, flat: bool = False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.op, self.flat = op, flat
+        self.inner, self.outer = nn.Linear(3, 3), nn.LazyLinear(2)
+        self.outer(op(torch.zeros(4, 3) if flat else torch.zeros(4, 5, 3)).flatten(1))
+        self.to(DTYPE)
+
+    def forward(self, x):
+        h = torch.tanh(self.inner(x[:, 0] if self.flat else x))
+        return self.outer(self.op(h).flatten(1))
+
+
+@pytest.mark.parametrize("op, flat, what", [
+    (lambda h: h.transpose(-3, -2).reshape(h.size(0), -1), False, "moves the sample axis"),
+    (lambda h: h - h.mean(-2, keepdim=True), True, "reduces over the sample axis"),
+    (lambda h: h[..., 0, :].unsqueeze(0).expand(h.size(0), -1), True, "indexes the sample"),
+    (lambda h: torch.cumsum(h, -2), True, "accumulates along the sample axis"),
+    (lambda h: torch.flip(h, (-2,)), True, "moves entries along the sample axis"),
+])
+def test_a_negative_axis_that_is_the_sample_axis_raises_when_the_step_runs(op, flat, what):
+    """Before: ``transpose(-3, -2)`` of ``[N, T, D]``, ``mean(-2)`` of ``[N, D]``, ``x[..., 0,
+    :]`` of ``[N, D]`` passed the compile-time check (which saw no axis 0) and per-sample
+    quantities came out silently wrong (``batch_grad`` 95 % off for the transpose). Only the
+    running step knows the rank, so it checks such axes; the gradient is exact."""
+    x, y = torch.randn(4, 5, 3, dtype=DTYPE), torch.randn(4, 2, dtype=DTYPE)
+    step = fxcurv.compile(NegativeAxis(op, flat), nn.MSELoss(), ["batch_grad"])
+    with pytest.raises(ValueError, match=f"negative axis is the sample axis 0: it {what}"):
+        step(x, y)
+    model = NegativeAxis(op, flat)
+    _, grad = fxcurv.compile(model, nn.MSELoss(), [])(x, y)
+    expected = torch.autograd.grad(nn.MSELoss()(model(x), y), list(model.parameters()))
+    for (name, _), g in zip(model.named_parameters(), expected):
+        torch.testing.assert_close(grad[name], g, **TOL)
+
+
+def test_negative_axes_off_the_sample_axis_pass_their_check():
+    """The same ops on ranks where the negative axis is not axis 0 are exact."""
+    assert_matches_eager(Body(lambda h: h.unsqueeze(1).transpose(-1, -2).flatten(1) -
+                              h[..., :].mean(-1, keepdim=True)))

@@ -139,6 +139,11 @@ unary([torch.exp, "exp"], "exp", "input",
       doc="y = eˣ;  y' = y;  y'' = y.", vjp={"input": lambda g, c: g * c.out},
       residual={"input": lambda g, c: g * c.out})
 
+unary([torch.exp2, "exp2"], "exp2", "input",
+      doc="y = 2ˣ;  y' = ln2·y;  y'' = ln²2·y.",
+      vjp={"input": lambda g, c: g * c.out * math.log(2.0)},
+      residual={"input": lambda g, c: g * c.out * math.log(2.0) ** 2})
+
 unary([torch.log, "log"], "log", "input",
       doc="y = log x;  y' = 1/x;  y'' = -1/x².", vjp={"input": lambda g, c: g / c.args.input},
       residual={"input": lambda g, c: -g / c.args.input.square()})

@@ -171,6 +171,10 @@ class OpRule:
     jvp: dict[str, RuleFn] = field(default_factory=dict)
     # reason why this call mixes samples (per-sample quantities undefined), or None
     mixes_samples: Optional[Callable[[dict], Optional[str]]] = None
+    # the rank its negative axis arguments count from, less the data argument's rank: 1 where
+    # they count the output's axes and the op adds one (stack, unsqueeze); see
+    # ``passes/sample_axis.py``, which resolves negative axes when the step runs
+    axis_rank_offset: int = 0
     # reason why this call's constant arguments are unsupported, or None
     unsupported: Optional[Callable[[dict], Optional[str]]] = None
     # decomposition: emits the op's forward from other ops, or returns None to keep this call

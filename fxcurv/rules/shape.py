@@ -166,6 +166,28 @@ affine([loss_rows_are_samples], "loss_rows_are_samples", "input, samples, where"
        sandwich={"input": "shared"})
 
 
+def axes_keep_samples(input: Tensor, ranks: List[int], reasons: List[str],
+                      where: str) -> Tensor:
+    """``input`` of an op with negative axis arguments unchanged, after checking that at its
+    rank none of them is the sample axis 0: ``reasons[i]`` is what the op does to the samples
+    at rank ``ranks[i]`` (``x.transpose(-3, -2)`` of a 3-D ``x`` moves axis 0)."""
+    for rank, reason in zip(ranks, reasons):
+        if input.dim() == rank:
+            raise ValueError(
+                "fxcurv: {} has a {}-D input, so its negative axis is the sample axis 0: {}, "
+                "so per-sample quantities are undefined. Count axes from the front (dim=1, "
+                "...) or keep the samples on axis 0, or compile for the gradient "
+                "alone".format(where, rank, reason))
+    return input
+
+
+affine([axes_keep_samples], "axes_keep_samples", "input, ranks, reasons, where",
+       doc="y = the op's input (checked not to have the sample axis among its negative "
+           "axes);  Jᵀg = g.",
+       vjp={"input": lambda g, c: g}, jvp={"input": lambda t, c: t},
+       sandwich={"input": "shared"})
+
+
 affine([keeps_sample_axis], "keeps_sample_axis", "output, samples, where",
        doc="y = the reshape's output (checked to keep one row per sample);  Jᵀg = g.",
        vjp={"output": lambda g, c: g}, jvp={"output": lambda t, c: t},
@@ -236,7 +258,8 @@ register([torch.channel_shuffle, torch.native_channel_shuffle],
 permutation([torch.squeeze, "squeeze"], "squeeze", "input, dim=None",
             doc="y = x without size-1 axes;  Jᵀg = g reshaped to x.", **RESHAPE)
 permutation([torch.unsqueeze, "unsqueeze"], "unsqueeze", "input, dim",
-            doc="y = x with a new size-1 axis;  Jᵀg = g reshaped to x.", **RESHAPE)
+            doc="y = x with a new size-1 axis;  Jᵀg = g reshaped to x.", axis_rank_offset=1,
+            **RESHAPE)
 permutation(["contiguous"], "identity", "input, memory_format=None", traits=(VIEW,),
             doc="y = x;  Jᵀg = g.", vjp={"input": lambda g, c: g}, sandwich=SHARED)
 permutation(["clone", torch.clone], "clone", "input, memory_format=None",
@@ -737,7 +760,7 @@ def _stack_vjp(g, c: Ctx) -> list:
 concatenation([torch.stack], "stack", "tensors, dim=0",
               doc="y = [x₁, x₂, ...] stacked along a new axis dim;  Jᵀg unbinds g along it.",
               vjp={"tensors": _stack_vjp}, mixes_samples=_along_samples("stacks"),
-              unsupported=_whole_tuple)
+              unsupported=_whole_tuple, axis_rank_offset=1)
 
 
 # -- broadcasting copies: expand, expand_as, broadcast_to, repeat ----------------------------
@@ -842,3 +865,97 @@ register([torch.tensor_split, "tensor_split"], "tensor_split",
          doc="(y₁, y₂, ...) = x cut along dim into n near-equal sections or at indices;  "
              "lowered to split (the piece sizes from the axis length).",
          lower=_lower_tensor_split, unsupported=_tensor_split_unsupported)
+
+
+# -- narrow, movedim, repeat_interleave, Tensor.unfold ---------------------------------------
+def _lower_narrow(c: Ctx):
+    """``x.narrow(dim, start, length)`` is ``x[:, ..., start:start + length]`` (on axis
+    ``dim``): basic indexing."""
+    dim, start, length = c.bound["dim"], c.bound["start"], c.bound["length"]
+    stop = start + length
+    piece = slice(start, None if start < 0 <= stop else stop)
+    if dim >= 0:
+        key = (slice(None),) * dim + (piece,)
+    else:
+        key = (Ellipsis, piece) + (slice(None),) * (-dim - 1)
+    return c.args.input[key]
+
+
+register([torch.narrow, "narrow"], "narrow", "input, dim, start, length",
+         doc=_lower_narrow.__doc__ + " Lowered to getitem.", lower=_lower_narrow,
+         unsupported=lambda b: None if all(isinstance(b[k], int) for k in
+                                           ("dim", "start", "length"))
+         else "narrow with a traced dim, start or length has no rule")
+
+
+def _axes_list(value) -> List[int]:
+    return [value] if isinstance(value, int) else list(value)
+
+
+def _movedim_back(g, c: Ctx):
+    """``Jᵀg``: the moved axes moved back (axes of the operand shifted past ``c.lead``)."""
+    source = [_shift(d, c.lead) for d in _axes_list(c.bound["source"])]
+    destination = [_shift(d, c.lead) for d in _axes_list(c.bound["destination"])]
+    return torch.movedim(g, destination, source)
+
+
+def _movedim_forward(t, c: Ctx):
+    """``J t`` of a tangent with one leading axis: the same move."""
+    source = [_shift(d, 1) for d in _axes_list(c.bound["source"])]
+    destination = [_shift(d, 1) for d in _axes_list(c.bound["destination"])]
+    return torch.movedim(t, source, destination)
+
+
+permutation([torch.movedim, torch.moveaxis, "movedim", "moveaxis"], "movedim",
+            "input, source, destination", traits=(VIEW,),
+            doc="y = x with the axes source moved to destination;  Jᵀg moves them back.",
+            vjp={"input": _movedim_back}, jvp={"input": _movedim_forward},
+            mixes_samples=lambda b: "it moves the sample axis 0" if 0 in
+            _axes_list(b["source"]) + _axes_list(b["destination"]) else None)
+
+
+def repeat_interleave_back(g: Tensor, repeats: int, dim: int, lead: int) -> Tensor:
+    """``Jᵀg`` of ``repeat_interleave(x, repeats, dim)``: the ``repeats`` copies of each entry
+    summed (``g`` with ``lead`` leading axes)."""
+    if dim >= 0:
+        return g.unflatten(dim + lead, (-1, repeats)).sum(dim + lead + 1)
+    return g.unflatten(dim, (-1, repeats)).sum(dim)
+
+
+def _repeat_interleave_unsupported(b: dict) -> Optional[str]:
+    if not isinstance(b["repeats"], int) or not isinstance(b["dim"], int):
+        return ("repeat_interleave has a rule for an int repeats along a given dim (a tensor "
+                "of repeats, or dim=None, flattens first: use .flatten() then dim=0)")
+    return None
+
+
+affine([torch.repeat_interleave, "repeat_interleave"], "repeat_interleave",
+       "input, repeats, dim=None, *, output_size=None",
+       doc="y = x with each entry along dim repeated r times;  Jᵀg = g summed over each "
+           "entry's r copies.  Linear: zero Hessian.",
+       vjp={"input": lambda g, c: c.call(repeat_interleave_back, g, c.bound["repeats"],
+                                         c.bound["dim"], c.lead)},
+       jvp={"input": lambda t, c: t.repeat_interleave(c.bound["repeats"],
+                                                      _shift(c.bound["dim"], 1))},
+       unsupported=_repeat_interleave_unsupported,
+       mixes_samples=lambda b: "it repeats along the sample axis 0" if b["dim"] == 0 else None)
+
+
+def sliding_windows_back(g: Tensor, x: Tensor, dim: int, size: int, step: int,
+                         lead: int) -> Tensor:
+    """``Jᵀg`` of ``x.unfold(dim, size, step)``: each window's cotangent added back at its
+    entries (overlapping windows add up); ``g`` with ``lead`` leading axes."""
+    sizes: List[int] = list(g.shape[:lead]) + list(x.shape)
+    return torch.ops.aten.unfold_backward(g, sizes, dim % x.dim() + lead, size, step)
+
+
+affine(["unfold"], "sliding_windows", "input, dimension, size, step",
+       doc="Tensor.unfold: y[..., i, ..., k] = x[..., i·step + k, ...] (windows of size along "
+           "dimension, as a last axis);  Jᵀg adds each window back (overlaps sum).  Linear.",
+       vjp={"input": lambda g, c: c.call(sliding_windows_back, g, c.args.input,
+                                         c.bound["dimension"], c.bound["size"],
+                                         c.bound["step"], c.lead)},
+       jvp={"input": lambda t, c: t.unfold(_shift(c.bound["dimension"], 1), c.bound["size"],
+                                           c.bound["step"])},
+       mixes_samples=lambda b: ("it takes windows along the sample axis 0"
+                                if b["dimension"] == 0 else None))

@@ -506,6 +506,8 @@ class NegativeAxis(nn.Module):
     (lambda h: h[..., 0, :].unsqueeze(0).expand(h.size(0), -1), True, "indexes the sample"),
     (lambda h: torch.cumsum(h, -2), True, "accumulates along the sample axis"),
     (lambda h: torch.flip(h, (-2,)), True, "moves entries along the sample axis"),
+    (lambda h: torch.softmax(h, -2), True, "normalises over the sample axis"),
+    (lambda h: (h.mT * 2).mT, True, "moves the sample axis"),
 ])
 def test_a_negative_axis_that_is_the_sample_axis_raises_when_the_step_runs(op, flat, what):
     """Before: ``transpose(-3, -2)`` of ``[N, T, D]``, ``mean(-2)`` of ``[N, D]``, ``x[..., 0,
@@ -527,3 +529,15 @@ def test_negative_axes_off_the_sample_axis_pass_their_check():
     """The same ops on ranks where the negative axis is not axis 0 are exact."""
     assert_matches_eager(Body(lambda h: h.unsqueeze(1).transpose(-1, -2).flatten(1) -
                               h[..., :].mean(-1, keepdim=True)))
+
+
+@pytest.mark.parametrize("f, what", [
+    (lambda h: torch.softmax(h, 0), "normalises over the sample axis 0"),
+    (lambda h: F.log_softmax(h, dim=0), "normalises over the sample axis 0"),
+    (lambda h: (h @ h.T) @ h, "reverses the axes, moving the sample axis 0"),
+])
+def test_ops_coupling_samples_are_refused_for_per_sample_quantities(f, what):
+    """Before: a softmax over axis 0 and ``h @ h.T`` inside the model were not known to couple
+    the samples, and ``batch_grad`` came out silently wrong (88 % off for the softmax)."""
+    with pytest.raises(fxcurv.CompileError, match=what):
+        fxcurv.compile(Body(f), nn.MSELoss(), ["batch_grad"])

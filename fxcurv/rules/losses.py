@@ -162,6 +162,11 @@ def _softmax_dim(b: dict) -> Optional[str]:
     return None
 
 
+def _normalises_samples(b: dict) -> Optional[str]:
+    """A softmax over axis 0 couples the samples (each row's value depends on every row)."""
+    return "it normalises over the sample axis 0" if b["dim"] == 0 else None
+
+
 def _shift(dim: int, lead: int) -> int:
     return dim + lead if dim >= 0 else dim
 
@@ -231,9 +236,11 @@ for _name, _vjp, _doc in [
                                   "torch's fused backward kernel).")]:
     _block = {("input",): _softmax_block(_name == "log_softmax")}
     register([getattr(F, _name)], _name, "input, dim=None, _stacklevel=3, dtype=None",
-             doc=_doc, vjp={"input": _vjp}, unsupported=_softmax_dim, residual_block=_block)
+             doc=_doc, vjp={"input": _vjp}, unsupported=_softmax_dim, residual_block=_block,
+             mixes_samples=_normalises_samples)
     register([getattr(torch, _name), _name], _name, "input, dim=None, dtype=None",
-             doc=_doc, vjp={"input": _vjp}, unsupported=_softmax_dim, residual_block=_block)
+             doc=_doc, vjp={"input": _vjp}, unsupported=_softmax_dim, residual_block=_block,
+             mixes_samples=_normalises_samples)
 
 
 # -- square roots of the loss Hessian (GGN family) -------------------------------------------

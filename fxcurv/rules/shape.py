@@ -396,12 +396,27 @@ def _getattr_unsupported(b: dict) -> Optional[str]:
             "no derivative)")
 
 
+def _lower_transpose_attribute(c: Ctx):
+    """``x.mT`` is ``x.transpose(-2, -1)`` (its sample check then reads the rank when the step
+    runs); ``x.T.T`` is ``x``; other attributes stay."""
+    obj, name = c.bound["obj"], c.bound["name"]
+    if name == "mT":
+        return c.args.obj.transpose(-2, -1)
+    if name == "T" and isinstance(obj, fx.Node) and obj.op == "call_function" and \
+            obj.target is getattr and obj.args[1] == "T":
+        return c.emit.proxy(obj.args[0])
+    return None
+
+
 permutation([getattr], "getattr", "obj, name",
-            doc="x.T / x.mT: y = x with the axes reversed / the last two swapped;  Jᵀg moves them "
-                "back. Metadata (shape, dtype, device, ndim, ...) and .data have no derivative; "
+            doc="x.T / x.mT: y = x with the axes reversed / the last two swapped (lowered to "
+                "transpose(-2, -1); x.T.T to x);  Jᵀg moves them back. Metadata (shape, dtype, device, ndim, ...) and .data have no derivative; "
                 "any other attribute is refused.",
             constant=lambda b: b["name"] in NO_DERIVATIVE_ATTRIBUTES,
             unsupported=_getattr_unsupported, traits=(VIEW,),
+            lower=_lower_transpose_attribute,
+            mixes_samples=lambda b: ("its .T reverses the axes, moving the sample axis 0"
+                                     if b["name"] == "T" else None),
             vjp={"obj": lambda g, c: g.transpose(-1, -2) if c.bound["name"] == "mT"
                  else c.call(reverse_dims, g, c.lead)})
 

@@ -21,6 +21,7 @@ import operator
 import os
 import sys
 import traceback
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -388,11 +389,50 @@ class CurvatureTracer(fx.Tracer):
 
     def trace(self, root, concrete_args=None) -> fx.Graph:
         with torch.enable_grad(), without_backpack_hooks(root), _ParameterProxies(self, root), \
-                _opaque_functions(self), _weighted_l1_loss():
+                _opaque_functions(self), _weighted_l1_loss(), _module_state_kept(root):
             graph = super().trace(root, concrete_args)
         _merge_attributes(graph)
         _detach_no_grad_regions(graph)
         return graph
+
+
+@contextmanager
+def _module_state_kept(root: Any):
+    """Tracing runs the forward once, on Proxies: whatever it assigns to modules (a counter,
+    a cached activation, a reassigned buffer such as an EMA ``self.ema = 0.9 * self.ema + ...``)
+    is undone afterwards, so compiling leaves the model as it was. A reassigned buffer gets a
+    warning: the step computes with the new value within a call but never stores it."""
+    modules = root.modules() if isinstance(root, nn.Module) else []
+    saved = {m: (dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
+             for m in modules}
+    try:
+        yield
+    finally:
+        replaced = []
+        for module, (attributes, params, buffers, children) in saved.items():
+            replaced += [(module, name) for name, value in module._buffers.items()
+                         if buffers.get(name) is not value]
+            for now, before in ((module._parameters, params), (module._buffers, buffers),
+                                (module._modules, children)):
+                now.clear()
+                now.update(before)
+            added = {name: value for name, value in module.__dict__.items()
+                     if name not in attributes and isinstance(value, Tensor)}
+            module.__dict__.clear()
+            module.__dict__.update(attributes, **added)  # fx's own constants (_tensor_constant0)
+        if replaced:
+            _warn_buffer_updates(root, replaced)
+
+
+def _warn_buffer_updates(root: nn.Module, replaced: list) -> None:
+    names = {m: n for n, m in root.named_modules()}
+    listed = ", ".join(f"`{names[m] + '.' if names.get(m) else ''}{name}`"
+                       for m, name in replaced if m in names and names[m] != "loss_fn")
+    if listed:
+        warnings.warn(f"fxcurv: the forward reassigns the buffer(s) {listed.replace('model.', '')}"
+                      "; the compiled step uses the new value within each call but does not "
+                      "store it (the step never mutates the model, as for BatchNorm's running "
+                      "statistics). Update them outside the step if you need them.", stacklevel=7)
 
 
 @contextmanager

@@ -541,3 +541,41 @@ def test_ops_coupling_samples_are_refused_for_per_sample_quantities(f, what):
     the samples, and ``batch_grad`` came out silently wrong (88 % off for the softmax)."""
     with pytest.raises(fxcurv.CompileError, match=what):
         fxcurv.compile(Body(f), nn.MSELoss(), ["batch_grad"])
+
+
+class Stateful(nn.Module):
+    """A forward that counts its calls, caches an activation and reassigns an EMA buffer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner, self.outer = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.register_buffer("ema", torch.zeros(4))
+        self.calls, self.cached = 0, None
+        self.to(DTYPE)
+
+    def forward(self, x):
+        self.calls += 1
+        h = torch.tanh(self.inner(x))
+        self.ema = 0.9 * self.ema + 0.1 * h.mean(0).detach()
+        self.cached = h
+        return self.outer(h + self.ema)
+
+
+def test_tracing_leaves_the_model_as_it_was():
+    """Before: compiling left Proxies in the model (``model.cached``, and the buffer ``ema``,
+    after which the step failed with a TypeError). Tracing's assignments are undone; a
+    reassigned buffer gets a warning (the step does not store it); the step is exact."""
+    model = Stateful()
+    with pytest.warns(UserWarning, match=r"reassigns the buffer\(s\) `ema`"):
+        step = fxcurv.compile(model, nn.MSELoss())
+    assert model.calls == 0 and model.cached is None
+    assert isinstance(model.ema, torch.Tensor) and not model.ema.any()
+    x, y = batch()
+    loss, grad = step(x, y)
+    assert not model.ema.any()
+    eager = nn.MSELoss()(model(x), y)
+    torch.testing.assert_close(loss, eager, **TOL)
+    for (name, p), g in zip(model.named_parameters(),
+                            torch.autograd.grad(eager, list(model.parameters()))):
+        torch.testing.assert_close(grad[name], g, **TOL)

@@ -19,11 +19,13 @@ data input through :func:`axes_keep_samples`, which raises at those ranks.
 """
 from __future__ import annotations
 
+import torch
 import torch.fx as fx
 
 from fxcurv.quantities import Quantity
-from fxcurv.rules import RESHAPES, rule_for
-from fxcurv.errors import describe
+from fxcurv.errors import describe, node_error
+from fxcurv.rules import REDUCED, RESHAPES, rule_for
+from fxcurv.rules.losses import classes_last, targets_of_rows
 from fxcurv.rules.shape import axes_keep_samples, keeps_sample_axis, loss_rows_are_samples
 
 from .analysis import ancestors, descendants, sample_carriers
@@ -35,19 +37,49 @@ def guard_sample_axis(traced, samples: fx.Node, quantities: list) -> None:
     chain analysis does not pass the loss check (the reshape checks stay)."""
     carriers = sample_carriers(traced.graph, traced.inputs[0])
     model = ancestors(traced.model_output) & descendants(traced.graph, traced.inputs[0])
+    rows = row_values(traced, carriers)
     for node in list(traced.graph.nodes):
         rule = rule_for(node)
         if node in model and rule is not None and rule.has(RESHAPES) and \
                 rule.bind(node)["input"] in carriers:
             _check_after(traced, node, samples)
-        if node in model and rule is not None and rule.mixes_samples:
+        if rule is not None and rule.mixes_samples and (node in model or node in rows):
             _check_negative_axes(traced.graph, node, rule, carriers)
     if any(q.source.kfra for q in quantities) or not any(map(_reads_exact_rows, quantities)):
         return
     for node in list(traced.graph.nodes):
         rule = rule_for(node)
-        if rule is not None and rule.has_sqrt_hessian and rule.bind(node)["input"] in carriers:
+        if rule is not None and rule.has_sqrt_hessian and rule.bind(node)["input"] in rows:
+            _classes_back_on_their_axis(traced, node, rule)
             _check_before(traced, node, rule.bind(node)["input"], samples)
+
+
+def row_values(traced, carriers: set) -> set:
+    """The values between the model output and the loss whose rows (axis 0) each belong to
+    one sample: the carriers, and what reshapes (``logits.view(-1, C)``, ``flatten(0, 1)``)
+    and ops that keep the rows make of them. Raises :class:`CompileError` for an op there
+    that couples the samples (``z @ z.T``, ``z - z.mean(0)``, a softmax over the batch): the
+    loss is then not a sum of per-sample terms, and only its gradient is defined."""
+    region = descendants(traced.graph, traced.model_output) & ancestors(traced.loss)
+    rows = set(carriers)
+    for node in traced.graph.nodes:
+        rule = rule_for(node)
+        if node not in region or node in rows or rule is None or \
+                not any(arg in rows for arg in node.all_input_nodes):
+            continue
+        if rule.has(RESHAPES) or rule.output_samples(node) == REDUCED or \
+                (rule.loss is not None and rule.bind(node).get("reduction") != "none"):
+            rows.add(node) if rule.has(RESHAPES) else None
+            continue
+        reason = rule.mixes_samples and rule.mixes_samples(rule.bind(node))
+        if reason:
+            raise node_error(node, f"{reason}, so the loss couples the samples: it is not a "
+                             "sum of per-sample terms, and per-sample and curvature quantities "
+                             "are undefined", "Write the loss as a reduction over per-sample "
+                             "terms (a built-in loss, or (...).mean() of values computed per "
+                             "sample), or request only 'grad'.")
+        rows.add(node)
+    return rows
 
 
 def _reads_exact_rows(quantity: Quantity) -> bool:
@@ -68,6 +100,52 @@ def _check_after(traced, node: fx.Node, samples: fx.Node) -> None:
     checked._rename(f"{node.name}_checked")
     if traced.model_output is node:
         traced.model_output = checked
+
+
+def _classes_back_on_their_axis(traced, loss: fx.Node, rule) -> None:
+    """``loss(x.reshape(-1, C), t)`` of a loss with a class axis (nanoGPT's
+    ``cross_entropy(logits.view(-1, C), y.view(-1))``; also ``x.flatten(0, -2)``, or
+    ``x.flatten(0, 1)`` of a 3-D ``x``) -> ``loss(x.movedim(-1, 1),
+    targets_of_rows(t, x))``, the same function where ``x``'s last axis holds the ``C``
+    classes (:func:`classes_last` checks that when the step runs): each sample's rows are then
+    its positions, and the exact factor has one column per class and position. The targets
+    must not depend on the parameters."""
+    bound = rule.bind(loss)
+    rows, target = bound["input"], bound["target"]
+    shape_rule = rule_for(rows) if isinstance(rows, fx.Node) else None
+    if not rule.loss.class_axis or shape_rule is None or not shape_rule.has(RESHAPES) or \
+            not isinstance(target, fx.Node) or \
+            ancestors(target) & set(traced.params.values()):
+        return
+    reshaped = shape_rule.bind(rows)
+    classes_and_rank = _rows_of_classes(reshaped)
+    if classes_and_rank is None:
+        return
+    graph = traced.graph
+    with graph.inserting_before(loss):
+        checked = graph.call_function(classes_last, (reshaped["input"], *classes_and_rank,
+                                                     f"node '{loss.name}'"))
+        moved = graph.call_function(torch.movedim, (checked, -1, 1))
+        targets = graph.call_function(targets_of_rows, (target, checked))
+    loss.replace_input_with(rows, moved)
+    loss.replace_input_with(target, targets)
+
+
+def _rows_of_classes(reshaped: dict):
+    """``(classes, rank)`` for :func:`classes_last` where a reshape makes rows of the classes
+    on the last axis: ``x.view(-1, C)`` (``(C, -1)``), ``x.flatten(0, -2)`` (``(-1, -1)``),
+    ``x.flatten(0, e)`` (``(-1, e + 2)``); None for any other reshape."""
+    if "shape" in reshaped:
+        shape = reshaped["shape"]
+        if isinstance(shape, tuple) and len(shape) == 1 and isinstance(shape[0], (list, tuple)):
+            shape = shape[0]
+        if isinstance(shape, (list, tuple)) and len(shape) == 2 and shape[0] == -1:
+            return shape[1], -1
+        return None
+    start, end = reshaped.get("start_dim"), reshaped.get("end_dim")
+    if start != 0 or not isinstance(end, int):
+        return None
+    return (-1, -1) if end == -2 else (-1, end + 2) if end >= 1 else None
 
 
 def _check_before(traced, loss: fx.Node, source: fx.Node, samples: fx.Node) -> None:

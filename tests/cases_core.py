@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from fxcurv.rules.losses import check_scalar_loss
 from fxcurv.rules.recurrent import check_cell_input, check_sequence, lstm_layer
+from fxcurv.rules.losses import classes_last
 from fxcurv.rules.shape import axes_keep_samples, keeps_sample_axis, loss_rows_are_samples
 from rule_harness import case
 
@@ -19,6 +20,7 @@ torch.fx.wrap("check_cell_input")
 torch.fx.wrap("keeps_sample_axis")
 torch.fx.wrap("loss_rows_are_samples")
 torch.fx.wrap("axes_keep_samples")
+torch.fx.wrap("classes_last")
 
 
 def rand(*shape, positive=False):
@@ -155,6 +157,7 @@ SHAPES = [
          rand(3, 4)),
     case("axes_keep_samples", lambda x: axes_keep_samples(x, [2], ["it moves"], "here") * 2,
          rand(3, 2, 4)),
+    case("classes_last", lambda x: classes_last(x, 4, -1, "here") * 2, rand(3, 2, 4)),
     case("narrow", lambda x: x.narrow(1, 1, 2), rand(3, 4, 2)),
     case("narrow_negative", lambda x: torch.narrow(x, -1, -3, 3), rand(3, 2, 4)),
     case("movedim", lambda x: torch.movedim(x, 1, -1), rand(3, 4, 2, 2)),

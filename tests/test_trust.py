@@ -469,18 +469,56 @@ def test_positions_built_from_a_later_axis_size_hold_no_samples():
         torch.testing.assert_close(diag[name].reshape(-1), ggn[name], **TOL)
 
 
+def _flattened_token_loss(logits, y):
+    return F.cross_entropy(logits.reshape(logits.size(0) * logits.size(1), -1), y.flatten())
+
+
 @pytest.mark.parametrize("quantity", ["diag_ggn_exact", "kflr", "diag_h", "ggnmp"])
 def test_a_loss_on_rows_that_merge_samples_raises_for_exact_curvature(quantity):
-    """``cross_entropy(logits.view(-1, C), y.view(-1))`` of ``[N, T, C]`` logits (nanoGPT's
-    loss): before, the exact factor's columns of a sample's T rows were summed into one
-    (``diag_ggn_exact`` of the token table 86 % off). Exact curvature now raises when the
-    step runs and names the fix; per-sample gradients need no check (exact above)."""
+    """``cross_entropy(logits.reshape(N * T, -1), y.flatten())`` of ``[N, T, C]`` logits: before,
+    the exact factor's columns of a sample's T rows were summed into one (``diag_ggn_exact``
+    of the token table 86 % off). Exact curvature raises when the step runs and names the
+    fix; per-sample gradients need no check (exact above)."""
     model = Positions()
     idx, y = torch.randint(0, 7, (3, 4)), torch.randint(0, 7, (3, 4))
     vectors = {n: torch.randn(1, *p.shape, dtype=DTYPE) for n, p in model.named_parameters()}
     args = (idx, y, vectors) if quantity == "ggnmp" else (idx, y)
     with pytest.raises(ValueError, match=r"has 12 rows for 3 samples.*logits.transpose\(1, 2\)"):
-        fxcurv.compile(model, _token_loss, [quantity])(*args)
+        fxcurv.compile(model, _flattened_token_loss, [quantity])(*args)
+
+
+@pytest.mark.parametrize("quantity", ["diag_ggn_exact", "kflr", "diag_h", "ggnmp",
+                                      "sqrt_ggn_exact"])
+@pytest.mark.parametrize("loss_fn", [_token_loss, lambda z, y: F.cross_entropy(
+    z.flatten(0, 1), y.flatten())], ids=["view", "flatten"])
+def test_a_loss_on_logits_viewed_as_rows_of_classes_is_exact(quantity, loss_fn):
+    """nanoGPT's ``cross_entropy(logits.view(-1, C), y.view(-1))`` (and Hugging Face's shifted
+    version) is the cross-entropy of ``logits.transpose(1, 2)`` against ``y``: the step puts
+    the classes back on axis 1 (checking they were the last axis) and every exact quantity
+    equals that of the ``[N, C, T]`` layout (before: a ``ValueError`` when the step ran, and
+    for ``flatten(0, 1)`` silently wrong numbers: ``diag_ggn_exact`` 48 % off)."""
+    model = Positions()
+    idx, y = torch.randint(0, 7, (3, 4)), torch.randint(0, 7, (3, 4))
+    vectors = {n: torch.randn(1, *p.shape, dtype=DTYPE) for n, p in model.named_parameters()}
+    args = (idx, y, vectors) if quantity == "ggnmp" else (idx, y)
+    merged = fxcurv.compile(model, loss_fn, [quantity])(*args)
+    layout = fxcurv.compile(model, _spatial_token_loss, [quantity])(*args)
+    for ours, expected in zip(merged, layout):
+        for a, b in zip(torch.utils._pytree.tree_leaves(ours),
+                        torch.utils._pytree.tree_leaves(expected)):
+            torch.testing.assert_close(a, b, **TOL)
+
+
+def test_rows_of_classes_that_are_not_the_last_axis_raise():
+    """``logits.view(-1, C)`` of ``[N, T·C]`` logits: the rows are not the entries of an axis,
+    so exact curvature raises when the step runs."""
+    def loss_fn(out, y):
+        return F.cross_entropy(out.view(-1, 7), y.view(-1))
+
+    model = nn.Sequential(nn.Linear(5, 14)).to(DTYPE)
+    with pytest.raises(ValueError, match="viewed as rows of 7 classes, which are not its last"):
+        fxcurv.compile(model, loss_fn, ["diag_ggn_exact"])(
+            torch.randn(3, 5, dtype=DTYPE), torch.randint(0, 7, (3, 2)))
 
 
 class NegativeAxis(nn.Module):
@@ -578,4 +616,24 @@ def test_tracing_leaves_the_model_as_it_was():
     torch.testing.assert_close(loss, eager, **TOL)
     for (name, p), g in zip(model.named_parameters(),
                             torch.autograd.grad(eager, list(model.parameters()))):
+        torch.testing.assert_close(grad[name], g, **TOL)
+
+
+@pytest.mark.parametrize("loss_fn, where", [
+    (lambda z, y: F.cross_entropy(z @ z.T, y), "reverses the axes"),
+    (lambda z, y: F.mse_loss(z - z.mean(0, keepdim=True), y.to(DTYPE)[:, None].expand(-1, 2)),
+     "reduces over the sample axis"),
+    (lambda z, y: F.cross_entropy(z.softmax(0), y), "normalises over the sample axis"),
+])
+def test_a_loss_that_couples_the_samples_is_refused(loss_fn, where):
+    """A contrastive loss over ``z @ z.T``, a loss of batch-centred outputs: not a sum of
+    per-sample terms. Before: ``diag_ggn_exact`` 180x off the full-batch GGN, per-sample
+    gradients of terms that do not exist. Only the gradient is defined (and exact)."""
+    model = Body(lambda h: h)
+    with pytest.raises(fxcurv.CompileError, match=f"{where}.*loss couples the samples"):
+        fxcurv.compile(model, loss_fn, ["diag_ggn_exact"])
+    x, y = batch()[0], torch.tensor([1, 0, 1, 0, 1])
+    _, grad = fxcurv.compile(model, loss_fn)(x, y)
+    expected = torch.autograd.grad(loss_fn(model(x), y), list(model.parameters()))
+    for (name, _), g in zip(model.named_parameters(), expected):
         torch.testing.assert_close(grad[name], g, **TOL)

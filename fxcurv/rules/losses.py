@@ -481,7 +481,43 @@ loss([F.cross_entropy], "cross_entropy",
      sqrt_hessian_mc=lambda c, m: c.call(cross_entropy_sqrt_hessian_mc, *_ce_arguments(c), m),
      sqrt_hessian_low_rank=lambda c: c.call(cross_entropy_sqrt_hessian_low_rank,
                                             *_ce_arguments(c)),
-     mean_divisor=_class_divisor)
+     mean_divisor=_class_divisor, class_axis=True)
+
+
+def classes_last(x: Tensor, classes: int, rank: int, where: str) -> Tensor:
+    """``x`` unchanged, after checking that its last axis holds the ``classes`` (-1: any
+    number) and it has ``rank`` axes (-1: any, at least 2), so that the rows of
+    ``x.reshape(-1, classes)`` (or ``x.flatten(0, rank - 2)``) are its entries over the other
+    axes (row-major)."""
+    if x.dim() < 2 or (classes != -1 and x.size(-1) != classes) or \
+            (rank != -1 and x.dim() != rank):
+        raise ValueError(
+            "fxcurv: the input of {} is a {} value viewed as rows of {} classes, which are not "
+            "its last axis ({} axes expected): exact curvature (GGN, Hessian, kflr, products) needs one row per "
+            "sample. Pass the [N, C, T] layout (cross_entropy(logits.transpose(1, 2), y)), or "
+            "request first-order or Monte-Carlo quantities".format(where, list(x.shape),
+                                                                   classes, rank))
+    return x
+
+
+affine([classes_last], "classes_last", "x, classes, rank, where",
+       doc="y = x (checked to have the classes on its last axis);  Jᵀg = g.",
+       vjp={"x": lambda g, c: g}, jvp={"x": lambda t, c: t}, sandwich={"x": "shared"})
+
+
+def targets_of_rows(target: Tensor, x: Tensor) -> Tensor:
+    """The targets of the rows of ``x.reshape(-1, C)`` laid out for ``x.movedim(-1, 1)``:
+    class indices ``[N·T...]`` -> ``[N, T...]`` (``x``'s shape without the classes);
+    probabilities ``[N·T..., C]`` -> ``[N, C, T...]``."""
+    if target.is_floating_point():
+        return target.reshape(x.shape).movedim(-1, 1)
+    return target.reshape(x.shape[:-1])
+
+
+register([targets_of_rows], "targets_of_rows", "target, x", constant=True,
+         doc="Targets of merged rows put on the input's own axes (a reshape; probabilities also "
+             "move their class axis): inserted only for targets that do not depend on the "
+             "parameters (passes/sample_axis.py), so no derivative.")
 
 
 def class_rows(logits: Tensor) -> Tensor:
@@ -525,7 +561,8 @@ loss([F.nll_loss], "nll_loss",
      doc="ℓ = -f_y;  ∂ℓ/∂f = -onehot(y).",
      vjp={"input": _loss_vjp(nll_loss_grad, "weight", "ignore_index", "reduction",
                              class_axis=True)},
-     unsupported=_legacy_args, mean_divisor=_class_divisor, lower=_after_log_softmax)
+     unsupported=_legacy_args, mean_divisor=_class_divisor, lower=_after_log_softmax,
+     class_axis=True)
 
 
 def _target_vjp(sign_grad):

@@ -100,6 +100,10 @@ class LossRule:
     sqrt_hessian_mc: Optional[Callable[["Ctx", int], Any]] = None
     check_target: Optional[Callable[["Ctx"], Any]] = None
     sqrt_hessian_low_rank: Optional[Callable[["Ctx"], Any]] = None
+    # input ``[N, C, d...]`` with the classes on axis 1, target ``[N, d...]`` of class indices
+    # (or probabilities ``[N, C, d...]``): rows merged by ``x.reshape(-1, C)`` can be put
+    # back on their own axes (``passes/sample_axis.py``)
+    class_axis: bool = False
 
 
 @dataclass
@@ -307,12 +311,14 @@ def bilinear(targets: list, name: str, params: str, pairs: tuple, traits: tuple 
 def loss(targets: list, name: str, params: str, mean_divisor: Callable,
          sqrt_hessian: Optional[Callable] = None, sqrt_hessian_mc: Optional[Callable] = None,
          check_target: Optional[Callable] = None,
-         sqrt_hessian_low_rank: Optional[Callable] = None, **fields: Any) -> OpRule:
+         sqrt_hessian_low_rank: Optional[Callable] = None, class_axis: bool = False,
+         **fields: Any) -> OpRule:
     """A built-in loss ``L = reduce_n ℓ(input_n, target_n)``: its Hessian factors (none: the
     Hessian is assembled from its ops), mean divisor and target check (:class:`LossRule`);
     reduced, its output is 0-dim; with reduction='none' it keeps the input's sample axis."""
     return register(targets, name, params, loss=LossRule(
-        mean_divisor, sqrt_hessian, sqrt_hessian_mc, check_target, sqrt_hessian_low_rank),
+        mean_divisor, sqrt_hessian, sqrt_hessian_mc, check_target, sqrt_hessian_low_rank,
+        class_axis),
         samples=lambda b: KEPT if b["reduction"] == "none" else REDUCED, **fields)
 
 

@@ -24,11 +24,12 @@ import torch.fx as fx
 
 from fxcurv.quantities import Quantity
 from fxcurv.errors import describe, node_error
-from fxcurv.rules import REDUCED, RESHAPES, rule_for
+from fxcurv.rules import REDUCED, REDUCTION, RESHAPES, rule_for
 from fxcurv.rules.losses import classes_last, targets_of_rows
 from fxcurv.rules.shape import axes_keep_samples, keeps_sample_axis, loss_rows_are_samples
 
 from .analysis import ancestors, descendants, sample_carriers
+from .curvature.second_order import classify, is_linear
 
 
 def guard_sample_axis(traced, samples: fx.Node, quantities: list) -> None:
@@ -72,6 +73,8 @@ def row_values(traced, carriers: set) -> set:
             rows.add(node) if rule.has(RESHAPES) else None
             continue
         reason = rule.mixes_samples and rule.mixes_samples(rule.bind(node))
+        if reason and rule.has(REDUCTION) and _linear_up_to_loss(traced, node, region):
+            continue  # a sum or mean over the samples that only linear ops follow
         if reason:
             raise node_error(node, f"{reason}, so the loss couples the samples: it is not a "
                              "sum of per-sample terms, and per-sample and curvature quantities "
@@ -230,3 +233,23 @@ def _resolved(bound: dict, axes_rank: int, rank: int):
         at = index.index(Ellipsis)
         resolved["idx"] = index[:at] + (slice(None),) * (rank - consumed) + index[at + 1:]
     return resolved
+
+
+def _linear_up_to_loss(traced, reduced: fx.Node, region: set) -> bool:
+    """Every op between ``reduced`` and the loss is linear in the values that depend on it
+    (``0.5 * x.sum(0) / 2``, ``x.mean(0).sum()``): a sum over the samples stays a sum of
+    per-sample terms."""
+    after = descendants(traced.graph, reduced) & region
+    for node in after - {reduced}:
+        rule = rule_for(node)
+        if rule is None:
+            return False
+        if rule.is_constant(node):
+            continue
+        bound = rule.bind(node)
+        active = [name for name, value in bound.items() if any(
+            isinstance(v, fx.Node) and v in after
+            for v in (value if isinstance(value, (list, tuple)) else [value]))]
+        if rule.loss is not None or not is_linear(classify(rule, bound, active)):
+            return False
+    return True

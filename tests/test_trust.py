@@ -637,3 +637,20 @@ def test_a_loss_that_couples_the_samples_is_refused(loss_fn, where):
     expected = torch.autograd.grad(loss_fn(model(x), y), list(model.parameters()))
     for (name, _), g in zip(model.named_parameters(), expected):
         torch.testing.assert_close(grad[name], g, **TOL)
+
+
+def test_a_mean_over_the_samples_that_only_linear_ops_follow_is_separable():
+    """``((out - 1) ** 2).mean(0).sum()`` reduces over the samples, but only a sum follows: the
+    loss is a sum of per-sample terms, and every quantity equals that of ``.sum() / N``;
+    a square after the reduction couples them and is refused."""
+    model = Body(torch.tanh)
+    x, y = batch()
+    quantities = ["diag_ggn_exact", "batch_grad", "diag_h"]
+    ours = fxcurv.compile(model, lambda z, t: ((z - t) ** 2).mean(0).sum(), quantities)(x, y)
+    plain = fxcurv.compile(model, lambda z, t: ((z - t) ** 2).sum() / z.shape[0],
+                           quantities)(x, y)
+    for got, want in zip(ours[2:], plain[2:]):
+        for name in got:
+            torch.testing.assert_close(got[name], want[name], **TOL)
+    with pytest.raises(fxcurv.CompileError, match="loss couples the samples"):
+        fxcurv.compile(model, lambda z, t: (((z - t) ** 2).sum(0) ** 2).sum(), quantities)

@@ -189,23 +189,29 @@ def test_several_outputs_kfac_runs():
         fxcurv.compile(model, multitask, ["kfac"])
 
 
+class BodyAndHead(nn.Module):
+    """``wrap(logits, features)`` of a one-layer body and a head: the container under test."""
+
+    def __init__(self, wrap):
+        super().__init__()
+        self.wrap = wrap
+        self.body, self.head = nn.Linear(D, D), nn.Linear(D, C)
+
+    def forward(self, x):
+        h = torch.tanh(self.body(x))
+        return self.wrap(self.head(h), h)
+
+
 def test_one_output_read():
     """A model returning ``(logits, features)`` whose loss reads the logits alone: the logits
     are the model output, nothing is joined."""
-    class WithFeatures(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.body, self.head = nn.Linear(D, D), nn.Linear(D, C)
-
-        def forward(self, x):
-            h = torch.tanh(self.body(x))
-            return self.head(h), h
-
     def loss_fn(out, y):
         return F.cross_entropy(out[0], y, reduction="sum")
 
-    assert_matches(WithFeatures(), loss_fn, _randn(N, D), _labels(C, N))
-    step = fxcurv.compile(WithFeatures().double(), loss_fn, ["diag_ggn_exact"])
+    assert_matches(BodyAndHead(lambda logits, h: (logits, h)), loss_fn, _randn(N, D),
+                   _labels(C, N))
+    step = fxcurv.compile(BodyAndHead(lambda logits, h: (logits, h)).double(), loss_fn,
+                          ["diag_ggn_exact"])
     assert "model_outputs" not in step.code
 
 
@@ -305,19 +311,12 @@ def test_dataclass_output():
         hidden: torch.Tensor = None
 
     pytree.register_dataclass(Output)  # for the reference's flattening only
-    class WithOutput(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.body, self.head = nn.Linear(D, D), nn.Linear(D, C)
-
-        def forward(self, x):
-            h = torch.tanh(self.body(x))
-            return Output(logits=self.head(h), hidden=h)
 
     def loss_fn(out, y):
         return F.cross_entropy(out.logits, y, reduction="sum") + (out.hidden ** 2).sum()
 
-    assert_matches(WithOutput(), loss_fn, _randn(N, D), _labels(C, N),
+    model = BodyAndHead(lambda logits, h: Output(logits=logits, hidden=h))
+    assert_matches(model, loss_fn, _randn(N, D), _labels(C, N),
                    ("batch_grad", "diag_ggn_exact", "diag_h"))
 
 

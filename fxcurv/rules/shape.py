@@ -226,14 +226,16 @@ register([torch.unflatten, "unflatten"], "unflatten", "input, dim, sizes",
          if b["dim"] == 0 else None)
 
 
+def on_axis(dim: int, item: Any) -> tuple:
+    """The basic index that applies ``item`` (an int or a slice) to axis ``dim`` alone."""
+    if dim >= 0:
+        return (slice(None),) * dim + (item,)
+    return (Ellipsis, item) + (slice(None),) * (-dim - 1)
+
+
 def _lower_select(c: Ctx):
     """``x.select(dim, i)`` is ``x[:, ..., i]`` (``i`` on axis ``dim``): basic indexing."""
-    dim, index = c.bound["dim"], c.bound["index"]
-    if dim >= 0:
-        key = (slice(None),) * dim + (index,)
-    else:
-        key = (Ellipsis, index) + (slice(None),) * (-dim - 1)
-    return c.args.input[key]
+    return c.args.input[on_axis(c.bound["dim"], c.bound["index"])]
 
 
 register([torch.select, "select"], "select", "input, dim, index",
@@ -886,14 +888,10 @@ register([torch.tensor_split, "tensor_split"], "tensor_split",
 def _lower_narrow(c: Ctx):
     """``x.narrow(dim, start, length)`` is ``x[:, ..., start:start + length]`` (on axis
     ``dim``): basic indexing."""
-    dim, start, length = c.bound["dim"], c.bound["start"], c.bound["length"]
+    start, length = c.bound["start"], c.bound["length"]
     stop = start + length
     piece = slice(start, None if start < 0 <= stop else stop)
-    if dim >= 0:
-        key = (slice(None),) * dim + (piece,)
-    else:
-        key = (Ellipsis, piece) + (slice(None),) * (-dim - 1)
-    return c.args.input[key]
+    return c.args.input[on_axis(c.bound["dim"], piece)]
 
 
 register([torch.narrow, "narrow"], "narrow", "input, dim, start, length",

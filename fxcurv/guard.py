@@ -176,18 +176,20 @@ def compare(loss: Tensor, grad: dict[str, Tensor], eager_loss: Tensor,
     """Raise :class:`StepError` where the step's loss or gradient differs from eager autograd
     by more than :func:`tolerance`: relative to each gradient's largest entry, with a floor of
     1% of the largest entry of the whole gradient (a gradient that is zero up to rounding,
-    e.g. a bias before BatchNorm, is noise in both)."""
+    e.g. a bias before BatchNorm, is noise in both), plus ``10 eps |loss|`` (a whole gradient
+    at rounding level, e.g. of a loss flat in the parameters)."""
     tol = tolerance(eager_loss.dtype)
     error, scale = _error(loss, eager_loss), eager_loss.abs().item()
     if not error <= tol * max(scale, loss.abs().item()) + torch.finfo(eager_loss.dtype).eps:
         raise _mismatch("loss", loss.item(), eager_loss.item(), tol)
     floor = 0.01 * max((g.abs().max().item() for g in eager_grad.values() if g.numel()),
                        default=0.0)
+    rounding = 10 * torch.finfo(eager_loss.dtype).eps * scale
     for name, expected in eager_grad.items():
         if expected.numel() == 0:
             continue
         error, scale = _error(grad[name], expected), expected.abs().max().item()
-        if not error <= tol * (scale + floor):
+        if not error <= tol * (scale + floor) + rounding:
             raise _mismatch(f"gradient of `{name}`", error, scale, tol)
 
 

@@ -389,11 +389,36 @@ class CurvatureTracer(fx.Tracer):
 
     def trace(self, root, concrete_args=None) -> fx.Graph:
         with torch.enable_grad(), without_backpack_hooks(root), _ParameterProxies(self, root), \
-                _opaque_functions(self), _weighted_l1_loss(), _module_state_kept(root):
+                _opaque_functions(self), _weighted_l1_loss(), _module_state_kept(root), \
+                _attributes_keep_grad_mode():
             graph = super().trace(root, concrete_args)
         _merge_attributes(graph)
         _detach_no_grad_regions(graph)
         return graph
+
+
+@contextmanager
+def _attributes_keep_grad_mode():
+    """fx adds an attribute's node (``h.T``) when the attribute is first *used*, not when it
+    is read: ``h = x.T`` read with grad mode on and first used inside ``torch.no_grad()``
+    would be taken for a value of the no-grad region (and detached where read outside it).
+    While tracing, the node gets the grad mode of the read."""
+    attribute = fx.proxy.Attribute
+    init, node = attribute.__init__, attribute.node
+
+    def read(self, root, attr):
+        init(self, root, attr)
+        self.fxcurv_grad_enabled = torch.is_grad_enabled()
+
+    def materialize(self):
+        with torch.set_grad_enabled(getattr(self, "fxcurv_grad_enabled", True)):
+            return node.fget(self)
+
+    attribute.__init__, attribute.node = read, property(materialize)
+    try:
+        yield
+    finally:
+        attribute.__init__, attribute.node = init, node
 
 
 @contextmanager

@@ -43,7 +43,7 @@ def guard_sample_axis(traced, samples: fx.Node, quantities: list) -> None:
         rule = rule_for(node)
         if node in model and rule is not None and rule.has(RESHAPES) and \
                 rule.bind(node)["input"] in carriers:
-            _check_after(traced, node, samples)
+            carriers.add(_check_after(traced, node, samples))
         if rule is not None and rule.mixes_samples and (node in model or node in rows):
             _check_negative_axes(traced.graph, node, rule, carriers)
     if any(q.source.kfra for q in quantities) or not any(map(_reads_exact_rows, quantities)):
@@ -94,8 +94,9 @@ def _reads_exact_rows(quantity: Quantity) -> bool:
         quantity.family == "product"
 
 
-def _check_after(traced, node: fx.Node, samples: fx.Node) -> None:
-    """Every reader of the reshape ``node`` reads it through :func:`keeps_sample_axis`."""
+def _check_after(traced, node: fx.Node, samples: fx.Node) -> fx.Node:
+    """Every reader of the reshape ``node`` reads it through :func:`keeps_sample_axis` (the
+    node returned)."""
     with traced.graph.inserting_after(node):
         checked = traced.graph.call_function(keeps_sample_axis,
                                              (node, samples, f"node '{node.name}'"))
@@ -103,6 +104,7 @@ def _check_after(traced, node: fx.Node, samples: fx.Node) -> None:
     checked._rename(f"{node.name}_checked")
     if traced.model_output is node:
         traced.model_output = checked
+    return checked
 
 
 def _classes_back_on_their_axis(traced, loss: fx.Node, rule) -> None:

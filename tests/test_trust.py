@@ -654,3 +654,17 @@ def test_a_mean_over_the_samples_that_only_linear_ops_follow_is_separable():
             torch.testing.assert_close(got[name], want[name], **TOL)
     with pytest.raises(fxcurv.CompileError, match="loss couples the samples"):
         fxcurv.compile(model, lambda z, t: (((z - t) ** 2).sum(0) ** 2).sum(), quantities)
+
+
+def _attribute_first_used_under_no_grad(h):
+    t = h.T  # read with grad mode on; fx adds its node where it is first used
+    with torch.no_grad():
+        gate = torch.sigmoid(t)
+    return (t * gate).T
+
+
+def test_an_attribute_read_outside_no_grad_keeps_its_derivative():
+    """Before: ``t = h.T`` first used inside ``torch.no_grad()`` was taken for a value of the
+    region and detached where read outside it (the gradient wrong; the first-call check
+    caught it, ``verify=False`` would not). The node now records the grad mode of the read."""
+    assert_matches_eager(Body(_attribute_first_used_under_no_grad), quantities=())

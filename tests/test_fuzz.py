@@ -133,6 +133,19 @@ SHAPE_BLOCKS: dict[str, Callable] = {
     "narrow_cat": lambda h: torch.cat([h.narrow(1, 2, 2), h.narrow(-1, 0, 2)], 1),
     "windows": lambda h: h.unfold(1, 2, 2).flatten(1) * h.unfold(-1, 2, 2).flip(-1).flatten(1),
     "take_per_sample": lambda h: h + h[torch.arange(h.shape[0]), h.argmax(1)][:, None],
+    "stack_cat_split_last": lambda h: torch.cat(torch.stack([h, h * 2], -1).sum(-1).split(
+        2, -1)[::-1], -1),
+    "flip_roll_cumsum_last": lambda h: torch.roll(h.flip(-1), 1, -1).cumsum(-1) / 4,
+    "amax_logsumexp_last": lambda h: h - h.amax(-1, keepdim=True) - torch.logsumexp(
+        h, -1, keepdim=True),
+    "layer_norm": lambda h: F.layer_norm(h, (4,)),
+    "gather_sorted": lambda h: torch.gather(h, -1, h.argsort(-1)),
+    "einsum_ellipsis": lambda h: torch.einsum("...i,...i->...", h, h)[:, None] * h / 4,
+    "normalize_std": lambda h: F.normalize(h, dim=-1) / (h.std(-1, keepdim=True) + 1),
+    "rows_3d_negative": lambda h: torch.softmax(h.view(-1, 2, 2), -2).transpose(
+        -1, -2).reshape(-1, 4),
+    "mean_over_rows_3d": lambda h: (h.view(-1, 2, 2) - h.view(-1, 2, 2).mean(
+        -3, keepdim=True)).reshape(-1, 4),
 }
 
 

@@ -24,7 +24,8 @@ non-convex loss (``pchmp_abs`` adds it, ``pchmp_clip`` drops it).
 A loss linear in one built-in loss ``ℓ`` (``2 * ce``, ``ce + lam * (w ** 2).sum()``: a
 regulariser lies outside the loss region) skips the assembly: its factor is ``ℓ``'s, scaled by
 ``√max(±g, 0)`` (``g`` the cotangent reaching ``ℓ``). Monte-Carlo factors need a likelihood,
-so they require a built-in final loss or such a linear one.
+so they require a built-in final loss, such a linear one, or a sum of built-in losses with
+non-negative weights (multi-task heads, auxiliary classifiers: :func:`loss_seeds`).
 """
 from __future__ import annotations
 
@@ -261,9 +262,47 @@ def check_monte_carlo(loss: fx.Node) -> None:
     raise node_error(loss, "Monte-Carlo curvature samples targets from the likelihood of a "
                      "built-in loss, and this loss is not one", "Use the exact quantity "
                      "(e.g. diag_ggn_exact, kflr), or end the loss in cross_entropy, mse_loss "
-                     "or binary_cross_entropy_with_logits.")
+                     "or binary_cross_entropy_with_logits (or a sum of such losses with "
+                     "non-negative weights).")
 
 
+
+
+def loss_seeds(emit: Emitter, traced, gradient: dict, kind: str, mc_samples: int,
+               low_rank: bool = False) -> dict:
+    """``{node: S}``, square-root factors whose backward propagations sum to one of the loss
+    Hessian: :func:`loss_factor`'s one factor, or, for Monte-Carlo factors of a loss that is
+    a weighted sum of several built-in losses (``ce(out["out"]) + 0.5 * ce(out["aux"])``),
+    each loss's sampled factor times ``√weight`` at its input: drawn independently with the
+    same number of columns, their propagated sum ``S`` has ``E[S Sᵀ] = Σ_i w_i J_iᵀ H_i J_i``,
+    the loss Hessian (the weights are checked to be non-negative when the step runs)."""
+    final = rule_for(traced.loss)
+    builtin = final is not None and final.has_sqrt_hessian
+    losses = [] if kind == "exact" or builtin else _linear_inner_losses(traced)
+    if len(losses) < 2:
+        node, factor = loss_factor(emit, traced, gradient, kind, mc_samples, low_rank)
+        return {node: factor}
+    seeds = {}
+    for inner in losses:
+        rule = rule_for(inner)
+        ctx = Ctx.of(inner, rule, emit)
+        with emit.naming(f"{inner.name}_sqrt_hessian_{kind}", pass_="sqrt_ggn"):
+            base = rule.loss.sqrt_hessian_mc(ctx, mc_samples)
+            factor = emit.call(scaled_by_weight_root, base, gradient[inner],
+                               f"node '{inner.name}'")
+        node = ctx.bound["input"]
+        seeds[node] = seeds[node] + factor if node in seeds else factor
+    return seeds
+
+
+def scaled_by_weight_root(factor: Tensor, weight: Tensor, where: str) -> Tensor:
+    """``factor · √weight`` for a built-in loss's weight ``∂L/∂ℓ`` in a sum of losses,
+    after checking it is not negative (the sum's sampled factors need convex terms)."""
+    if bool(weight < 0):
+        raise ValueError("fxcurv: {} enters the loss with a negative weight, so Monte-Carlo "
+                         "curvature of the sum is undefined; use the exact quantity"
+                         .format(where))
+    return factor * weight.sqrt()
 
 
 def loss_factor(emit: Emitter, traced, gradient: dict, kind: str, mc_samples: int,
@@ -315,26 +354,34 @@ def _scaled_inner_factor(emit: Emitter, inner: fx.Node, gradient: dict, kind: st
 def _linear_inner_loss(traced) -> Any:
     """The loss region's one built-in loss (reduced), if every other op of the region is
     linear in its region arguments (no residual, no cross terms); else None."""
+    losses = _linear_inner_losses(traced)
+    return losses[0] if len(losses) == 1 else None
+
+
+def _linear_inner_losses(traced) -> list:
+    """The loss region's built-in losses (reduced), if every other op of the region is
+    linear in its region arguments (a weighted sum of built-in losses, of pieces of the
+    output or of several outputs: ``ce(out["out"]) + 0.5 * ce(out["aux"])``); else []."""
     region = _loss_region(traced)
     inside = {**region, traced.model_output: None}
     losses = [n for n in region if rule_for(n) is not None and
               rule_for(n).has_sqrt_hessian]
-    if len(losses) != 1 or rule_for(losses[0]).bind(losses[0]).get("reduction") == "none" \
-            or _mixing_ancestor(losses[0], region) is not None:
-        return None
+    if any(rule_for(n).bind(n).get("reduction") == "none" or
+           _mixing_ancestor(n, region) is not None for n in losses):
+        return []
     for node in region:
         rule = rule_for(node)
-        if node is losses[0] or (rule is not None and rule.is_constant(node)):
+        if node in losses or (rule is not None and rule.is_constant(node)):
             continue
         if rule is None:
-            return None
+            return []
         bound = rule.bind(node)
         active = [name for name, value in bound.items() if any(
             isinstance(v, fx.Node) and v in inside
             for v in (value if isinstance(value, (list, tuple)) else [value]))]
         if not is_linear(classify(rule, bound, active)):
-            return None
-    return losses[0]
+            return []
+    return losses
 
 
 def loss_negative_factor(emit: Emitter, traced, gradient: dict):

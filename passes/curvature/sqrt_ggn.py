@@ -13,7 +13,7 @@ from typing import Any
 from fxcurv.emit import Emitter
 
 from ..backward import backward
-from .loss_hessian import loss_factor
+from .loss_hessian import loss_seeds
 
 def propagate_sqrt_ggn(emit: Emitter, traced, gradient: dict, kind: str, mc_samples: int,
                        low_rank: bool = False) -> tuple[dict, Any]:
@@ -21,12 +21,13 @@ def propagate_sqrt_ggn(emit: Emitter, traced, gradient: dict, kind: str, mc_samp
     cotangents and the size of the leading axis (C or M) as a graph value. ``low_rank``: no
     quantity reads the columns one by one, so an exact factor may have fewer of them (the
     same ``S Sᵀ``: cross-entropy's ``C - 1``)."""
-    node, factor = loss_factor(emit, traced, gradient, kind, mc_samples, low_rank)
+    seeds = loss_seeds(emit, traced, gradient, kind, mc_samples, low_rank)
+    factor = next(iter(seeds.values()))
     if kind == "exact":  # one column per class: may run in chunks (passes/chunking.py)
         factor.node.meta["fxcurv"] = {**factor.node.meta.get("fxcurv", {}), "columns": True}
     with emit.naming(f"sqrt_ggn_{kind}"):
         lead_size = factor.size(0)
     emit.rename(lead_size, f"sqrt_ggn_{kind}_columns")
-    cotangents = backward(emit, {node: factor}, traced.params.values(), lead=1,
+    cotangents = backward(emit, seeds, traced.params.values(), lead=1,
                           tag=f"sqrt_ggn_{kind}")
     return cotangents, lead_size

@@ -85,7 +85,52 @@ class Block(nn.Module):
         return self.head(x.mean(1))
 
 
+def _rotate_half(x):
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+class LlamaBlock(nn.Module):
+    """A LLaMA-style block: RMSNorm, rotary position embeddings, grouped-query attention (3
+    query heads share one key/value head, ``repeat_interleave``), causal SDPA, SwiGLU MLP;
+    mean over T, linear head."""
+
+    def __init__(self):
+        super().__init__()
+        self.heads, self.head_dim = 3, D // 3
+        self.norm1, self.norm2 = nn.RMSNorm(D), nn.RMSNorm(D)
+        self.q = nn.Linear(D, D, bias=False)
+        self.kv = nn.Linear(D, 2 * self.head_dim, bias=False)
+        self.o = nn.Linear(D, D, bias=False)
+        self.gate, self.up = nn.Linear(D, 2 * D, bias=False), nn.Linear(D, 2 * D, bias=False)
+        self.down = nn.Linear(2 * D, D, bias=False)
+        self.head = nn.Linear(D, CLASSES)
+        inv_freq = 1.0 / 10000 ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def rotary(self, t, cos, sin):
+        return t * cos + _rotate_half(t) * sin
+
+    def forward(self, x):
+        n, t, _ = x.shape
+        h = self.norm1(x)
+        q = self.q(h).view(n, t, self.heads, self.head_dim).transpose(1, 2)
+        k, v = self.kv(h).view(n, t, 1, 2 * self.head_dim).transpose(1, 2).chunk(2, -1)
+        freqs = torch.outer(torch.arange(t, device=x.device).to(x.dtype),
+                            self.inv_freq.to(x.dtype))
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos, sin = emb.cos()[None, None], emb.sin()[None, None]
+        q, k = self.rotary(q, cos, sin), self.rotary(k, cos, sin)
+        k, v = k.repeat_interleave(self.heads, dim=1), v.repeat_interleave(self.heads, dim=1)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        x = x + self.o(a.transpose(1, 2).reshape(n, t, D))
+        h = self.norm2(x)
+        x = x + self.down(F.silu(self.gate(h)) * self.up(h))
+        return self.head(x.mean(1))
+
+
 MODELS = {
+    "llama": LlamaBlock,
     "multihead_attention": lambda: Block(ModuleAttention()),
     "multihead_attention_no_bias": lambda: Block(ModuleAttention(bias=False)),
     "by_hand": lambda: Block(HandAttention()),

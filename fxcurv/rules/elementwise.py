@@ -301,6 +301,18 @@ unary([F.hardswish, "hardswish"], "hardswish", "input, inplace=False",
       vjp={"input": _hardswish_vjp},
       residual={"input": lambda g, c: _inside(c.args.input, -3.0, 3.0, g / 3.0)})
 
+unary([torch.nan_to_num, "nan_to_num"], "nan_to_num", "input, nan=0.0, posinf=None, neginf=None",
+      doc="y = x where finite, else the replacement;  y' = [x finite] (torch's);  y'' = 0.",
+      vjp={"input": lambda g, c: g * torch.isfinite(c.args.input)}, hessian_is_zero=True)
+
+register([torch.lerp, "lerp"], "lerp", "input, end, weight",
+         doc="y = x + w (e - x): lowered to sub, mul, add.",
+         lower=lambda c: c.args.input + c.args.weight * (c.args.end - c.args.input))
+register([torch.hypot, "hypot"], "hypot", "input, other",
+         doc="y = √(a² + b²): lowered to mul, add, sqrt (torch's backward a/y, b/y; 0/0 at the "
+             "origin as torch's).",
+         lower=lambda c: (c.args.input * c.args.input + c.args.other * c.args.other).sqrt())
+
 unary([torch.abs, "abs"], "abs", "input",
       doc="y = |x|;  y' = sign(x) (0 at 0, as torch);  y'' = 0.",
       vjp={"input": lambda g, c: g * torch.sign(c.args.input)}, hessian_is_zero=True)

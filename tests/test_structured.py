@@ -354,3 +354,25 @@ def test_dict_input_monte_carlo_as_joined_input():
         for k in ours:
             for a, b in zip(pytree.tree_leaves(ours[k]), pytree.tree_leaves(joined[k])):
                 torch.testing.assert_close(a, b)
+
+
+def test_deeplabv3_with_its_auxiliary_head():
+    """torchvision's DeepLabV3 returns ``{"out": ..., "aux": ...}``; its training loss adds
+    half the auxiliary head's cross-entropy. The gradient equals autograd, ``kfac`` (sampled
+    from both losses) gives every parameter its factors."""
+    torchvision = pytest.importorskip("torchvision")
+    torch.manual_seed(0)
+    model = torchvision.models.segmentation.deeplabv3_mobilenet_v3_large(
+        weights=None, weights_backbone=None, num_classes=3, aux_loss=True).eval()
+
+    def loss_fn(out, y):
+        return F.cross_entropy(out["out"], y) + 0.5 * F.cross_entropy(out["aux"], y)
+
+    x, y = torch.randn(2, 3, 32, 32), torch.randint(0, 3, (2, 32, 32))
+    loss, gradient, kfac = fxcurv.compile(model, loss_fn, ["kfac"])(x, y)
+    expected = loss_fn(model(x), y)
+    expected.backward()
+    torch.testing.assert_close(loss, expected.detach(), rtol=1e-5, atol=1e-6)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(gradient[name], p.grad, rtol=1e-4, atol=1e-6)
+        assert all(torch.isfinite(f).all() for f in kfac[name]), name

@@ -98,6 +98,8 @@ ACTIVATIONS = [
     case("lerp_tensor_weight", lambda x, y: x.lerp(y.tanh(), torch.sigmoid(x)), rand(3, 4),
          rand(3, 4)),
     case("hypot", lambda x, y: torch.hypot(x, y), rand(3, 4), rand(3, 4)),
+    case("atan2", lambda x, y: torch.atan2(x, y), rand(3, 4), rand(3, 4)),
+    case("atan2_broadcast", lambda x, y: x.atan2(y), rand(3, 4), rand(3, 1)),
     case("log", lambda x: torch.log(x), rand(3, 4, positive=True)),
     case("sqrt", lambda x: x.sqrt(), rand(3, 4, positive=True)),
     case("square", lambda x: x.square(), rand(3, 4)),

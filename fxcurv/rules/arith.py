@@ -67,6 +67,25 @@ _binary([operator.truediv, torch.div, torch.true_divide, "div",
         cross={("input", "other"): lambda g, c: -g / c.args.other.square()},
         residual={"other": lambda g, c: unbroadcast(2 * g * c.out / c.args.other.square(), c,
                                                     "other")})
+def _atan2_second(g, c: Ctx, kind: str):
+    """``g`` times a second derivative of ``θ = atan2(a, b)``, ``r² = a² + b²``:
+    ``∂²θ/∂a² = -2ab/r⁴``, ``∂²θ/∂b² = 2ab/r⁴``, ``∂²θ/∂a∂b = (a² - b²)/r⁴``."""
+    a, b = c.args.input, c.args.other
+    r4 = (a * a + b * b).square()
+    if kind == "cross":
+        return g * (a * a - b * b) / r4
+    value = g * (2 * a * b) / r4
+    return unbroadcast(-value if kind == "input" else value, c, kind)
+
+
+_binary([torch.atan2, torch.arctan2, "atan2", "arctan2"], "atan2",
+        "θ = atan2(a, b);  ∂θ/∂a = b/r², ∂θ/∂b = -a/r² (r² = a² + b², torch's backward);  "
+        "∂²θ/∂a² = -2ab/r⁴, ∂²θ/∂b² = 2ab/r⁴, ∂²θ/∂a∂b = (a² - b²)/r⁴.",
+        lambda g, c: g * c.args.other / (c.args.input.square() + c.args.other.square()),
+        lambda g, c: -g * c.args.input / (c.args.input.square() + c.args.other.square()),
+        residual={"input": lambda g, c: _atan2_second(g, c, "input"),
+                  "other": lambda g, c: _atan2_second(g, c, "other")},
+        cross={("input", "other"): lambda g, c: _atan2_second(g, c, "cross")})
 _binary([operator.pow, torch.pow, "pow"], "pow",
         "y = aᵇ;  ∂y/∂a = b·a^(b-1), ∂y/∂b = y·log a;  ∂²y/∂a² = b(b-1)a^(b-2), "
         "∂²y/∂b² = y·log² a.",

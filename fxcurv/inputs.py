@@ -35,6 +35,7 @@ from torch.utils import _pytree as pytree
 
 from .errors import CompileError
 from .passes.analysis import ancestors
+from .rules import rule_for
 from .rules.indexing import input_part
 
 
@@ -112,7 +113,8 @@ def samples_of(x: Any) -> int:
 def join_outputs(graph: fx.Graph, output: Any, carriers: set, data: set) -> fx.Node:
     """The one node the loss is applied to (see the module docstring): ``output`` itself when
     it is a node, else the concatenation of its sample-carrying leaves (``carriers``) the loss
-    reads; where none carries the samples (BatchNorm in train mode mixes them), of those that
+    reads, except values without a derivative (``out.argmax(1)``: integers, read as they
+    are); where none carries the samples (BatchNorm in train mode mixes them), of those that
     depend on the input (``data``: per-sample quantities are refused there anyway)."""
     output = _fields(output)
     if isinstance(output, fx.Node):
@@ -121,8 +123,10 @@ def join_outputs(graph: fx.Graph, output: Any, carriers: set, data: set) -> fx.N
     model = ancestors(*leaves)
     read = {leaf: [u for u in leaf.users if u not in model and u.op != "output"]
             for leaf in leaves}
-    joined = [leaf for leaf in dict.fromkeys(leaves) if read[leaf] and leaf in carriers] or \
-        [leaf for leaf in dict.fromkeys(leaves) if read[leaf] and leaf in data]
+    differentiable = [leaf for leaf in dict.fromkeys(leaves) if read[leaf] and
+                      not (rule_for(leaf) is not None and rule_for(leaf).is_constant(leaf))]
+    joined = [leaf for leaf in differentiable if leaf in carriers] or \
+        [leaf for leaf in differentiable if leaf in data]
     if not joined:
         raise CompileError(f"the loss reads no output of the model's forward that depends on "
                            f"the input; the forward returned {output!r}.")

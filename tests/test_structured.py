@@ -26,8 +26,8 @@ def _sample(tree, n: int):
 
 
 def _flat(tree) -> torch.Tensor:
-    """The tensors of ``tree`` flattened and joined."""
-    return torch.cat([t.reshape(-1) for t in pytree.tree_leaves(tree)])
+    """The floating tensors of ``tree`` flattened and joined (integers have no derivative)."""
+    return torch.cat([t.reshape(-1) for t in pytree.tree_leaves(tree) if t.is_floating_point()])
 
 
 def reference(model: nn.Module, loss_fn, x, y) -> dict:
@@ -43,12 +43,13 @@ def reference(model: nn.Module, loss_fn, x, y) -> dict:
             result["batch_grad"][k].append(per_sample[k])
         out = functional_call(model, params, (xn,))
         leaves, spec = pytree.tree_flatten(out)
-        sizes = [leaf.numel() for leaf in leaves]
+        sizes = [leaf.numel() if leaf.is_floating_point() else 0 for leaf in leaves]
 
         def unflat(flat):
-            pieces = torch.split(flat, sizes)
-            return pytree.tree_unflatten([p.reshape(l.shape) for p, l in zip(pieces, leaves)],
-                                         spec)
+            pieces = iter(torch.split(flat, sizes))
+            return pytree.tree_unflatten([next(pieces).reshape(l.shape)
+                                          if l.is_floating_point() else (next(pieces), l)[1]
+                                          for l in leaves], spec)
         jac = jacrev(lambda p: _flat(functional_call(model, p, (xn,))))(params)
         hess = hessian(lambda flat: loss_fn(unflat(flat), yn))(_flat(out))
         for k in params:
@@ -376,3 +377,15 @@ def test_deeplabv3_with_its_auxiliary_head():
     for name, p in model.named_parameters():
         torch.testing.assert_close(gradient[name], p.grad, rtol=1e-4, atol=1e-6)
         assert all(torch.isfinite(f).all() for f in kfac[name]), name
+
+
+def test_an_integer_output_is_read_as_it_is():
+    """A model returning ``(logits, logits.argmax(1))`` whose loss reads both: the
+    predictions (no derivative) are not joined with the logits, so they stay integers."""
+    def loss_fn(out, y):
+        logits, predicted = out
+        picked = logits.gather(1, predicted[:, None]).sum()
+        return F.cross_entropy(logits, y, reduction="sum") + 0.1 * picked
+
+    model = BodyAndHead(lambda logits, h: (logits, logits.argmax(1)))
+    assert_matches(model, loss_fn, _randn(N, D), _labels(C, N))

@@ -450,11 +450,12 @@ def _module_state_kept(root: Any):
 
 
 def _warn_buffer_updates(root: nn.Module, replaced: list) -> None:
-    names = {m: n for n, m in root.named_modules()}
-    listed = ", ".join(f"`{names[m] + '.' if names.get(m) else ''}{name}`"
-                       for m, name in replaced if m in names and names[m] != "loss_fn")
+    """One warning naming the model's reassigned buffers (``block.ema``)."""
+    model = root.model if isinstance(root, _ModelAndLoss) else root
+    names = {m: f"{n}." if n else "" for n, m in model.named_modules()}
+    listed = ", ".join(f"`{names[m]}{name}`" for m, name in replaced if m in names)
     if listed:
-        warnings.warn(f"fxcurv: the forward reassigns the buffer(s) {listed.replace('model.', '')}"
+        warnings.warn(f"fxcurv: the forward reassigns the buffer(s) {listed}"
                       "; the compiled step uses the new value within each call but does not "
                       "store it (the step never mutates the model, as for BatchNorm's running "
                       "statistics). Update them outside the step if you need them.", stacklevel=7)

@@ -26,10 +26,11 @@ from fxcurv.quantities import Quantity
 from fxcurv.errors import describe, node_error
 from fxcurv.rules import REDUCED, REDUCTION, RESHAPES, rule_for
 from fxcurv.rules.losses import classes_last, targets_of_rows
-from fxcurv.rules.shape import axes_keep_samples, keeps_sample_axis, loss_rows_are_samples
+from fxcurv.rules.shape import (axes_keep_samples, keeps_sample_axis, loss_rows_are_samples,
+                                varargs)
 
 from .analysis import ancestors, descendants, sample_carriers
-from .curvature.second_order import classify, is_linear
+from .curvature.second_order import linear_in
 
 
 def guard_sample_axis(traced, samples: fx.Node, quantities: list) -> None:
@@ -141,12 +142,8 @@ def _rows_of_classes(reshaped: dict):
     on the last axis: ``x.view(-1, C)`` (``(C, -1)``), ``x.flatten(0, -2)`` (``(-1, -1)``),
     ``x.flatten(0, e)`` (``(-1, e + 2)``); None for any other reshape."""
     if "shape" in reshaped:
-        shape = reshaped["shape"]
-        if isinstance(shape, tuple) and len(shape) == 1 and isinstance(shape[0], (list, tuple)):
-            shape = shape[0]
-        if isinstance(shape, (list, tuple)) and len(shape) == 2 and shape[0] == -1:
-            return shape[1], -1
-        return None
+        shape = varargs(reshaped["shape"])
+        return (shape[1], -1) if len(shape) == 2 and shape[0] == -1 else None
     start, end = reshaped.get("start_dim"), reshaped.get("end_dim")
     if start != 0 or not isinstance(end, int):
         return None
@@ -248,10 +245,6 @@ def _linear_up_to_loss(traced, reduced: fx.Node, region: set) -> bool:
             return False
         if rule.is_constant(node):
             continue
-        bound = rule.bind(node)
-        active = [name for name, value in bound.items() if any(
-            isinstance(v, fx.Node) and v in after
-            for v in (value if isinstance(value, (list, tuple)) else [value]))]
-        if rule.loss is not None or not is_linear(classify(rule, bound, active)):
+        if rule.loss is not None or not linear_in(node, rule, after):
             return False
     return True

@@ -29,7 +29,7 @@ def _shift(dim: int, lead: int) -> int:
     return dim + lead if dim >= 0 else dim
 
 
-def _varargs(values: tuple) -> list:
+def varargs(values: tuple) -> list:
     """``x.view(2, 3)`` and ``x.view((2, 3))`` both give ``[2, 3]``."""
     if len(values) == 1 and isinstance(values[0], (list, tuple)):
         return list(values[0])
@@ -42,7 +42,7 @@ def _axes(name: str, bound: dict, size) -> Optional[list]:
     of a ``size``-D tensor (a transpose of two non-negative axes without ``size``: the
     smallest rank it needs); None when unknown."""
     if name == "permute":
-        dims = _varargs(bound["dims"]) if not isinstance(bound["dims"], list) else bound["dims"]
+        dims = varargs(bound["dims"]) if not isinstance(bound["dims"], list) else bound["dims"]
         return [d % len(dims) if isinstance(d, int) else None for d in dims]
     a, b = bound["dim0"], bound["dim1"]
     if not isinstance(a, int) or not isinstance(b, int):
@@ -78,8 +78,8 @@ def _undo_moves(c: Ctx):
             axes[:2] == [1, 0] and axes[2:] == list(range(2, len(axes))):
         return c.call(source.target, [c.emit.proxy(t) for t in inner_bound["tensors"]], 1)
     if inner.name in ("transpose", "permute"):
-        size = len(_varargs(c.bound["dims"])) if name == "permute" else \
-            len(_varargs(inner_bound["dims"])) if inner.name == "permute" else None
+        size = len(varargs(c.bound["dims"])) if name == "permute" else \
+            len(varargs(inner_bound["dims"])) if inner.name == "permute" else None
         outer, first = _axes(name, c.bound, size), _axes(inner.name, inner_bound, size)
         if outer is not None and first is not None and len(outer) == len(first) and all(
                 first[outer[k]] == k for k in range(len(outer))):
@@ -270,8 +270,8 @@ permutation(["clone", torch.clone], "clone", "input, memory_format=None",
 _PERMUTE_DOC = "y = x with axes permuted;  Jᵀg = g with the inverse permutation."
 permutation(["permute"], "permute", "input, *dims", doc=_PERMUTE_DOC, traits=(VIEW,),
             vjp={"input": lambda g, c: c.call(permute_back, g, c.lead,
-                                              _varargs(c.bound["dims"]))},
-            mixes_samples=lambda b: _moves_axis0(_varargs(b["dims"])), lower=_undo_moves)
+                                              varargs(c.bound["dims"]))},
+            mixes_samples=lambda b: _moves_axis0(varargs(b["dims"])), lower=_undo_moves)
 permutation([torch.permute], "permute", "input, dims", doc=_PERMUTE_DOC, traits=(VIEW,),
             vjp={"input": lambda g, c: c.call(permute_back, g, c.lead, list(c.bound["dims"]))},
             mixes_samples=lambda b: _moves_axis0(list(b["dims"])), lower=_undo_moves)
@@ -822,9 +822,9 @@ affine(["expand_as"], "expand_as", "input, other", doc=_EXPAND_DOC,
 affine(["repeat"], "repeat", "input, *repeats",
        doc="y = x tiled repeats[i] times along axis i;  Jᵀg sums the copies.",
        vjp={"input": lambda g, c: c.call(unrepeat, g, c.lead, c.args.input.shape,
-                                         _varargs(c.args.repeats))},
+                                         varargs(c.args.repeats))},
        mixes_samples=lambda b: "it repeats along the sample axis 0 (or adds axes before it)"
-       if _varargs(b["repeats"])[0] != 1 else None)
+       if varargs(b["repeats"])[0] != 1 else None)
 
 
 # -- tensor_split: lowered to split ------------------------------------------------------------

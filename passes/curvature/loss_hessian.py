@@ -44,7 +44,7 @@ from ..analysis import ancestors, depends_on
 from ..backward import backward
 from . import factors
 from .factors import residual_sqrt
-from .second_order import BLOCK, CROSS, RESIDUAL, ZERO, classify, is_linear
+from .second_order import BLOCK, CROSS, RESIDUAL, ZERO, classify, linear_in
 
 
 def scaled_by_root(factor: Tensor, weight: Tensor, sign: float) -> Tensor:
@@ -373,13 +373,7 @@ def _linear_inner_losses(traced) -> list:
         rule = rule_for(node)
         if node in losses or (rule is not None and rule.is_constant(node)):
             continue
-        if rule is None:
-            return []
-        bound = rule.bind(node)
-        active = [name for name, value in bound.items() if any(
-            isinstance(v, fx.Node) and v in inside
-            for v in (value if isinstance(value, (list, tuple)) else [value]))]
-        if not is_linear(classify(rule, bound, active)):
+        if rule is None or not linear_in(node, rule, inside):
             return []
     return losses
 

@@ -24,6 +24,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
+import torch.fx as fx
+
 from fxcurv.rules import AFFINE, OpRule
 
 ZERO, RESIDUAL, CROSS, BLOCK, BILINEAR, MISSING = (
@@ -85,3 +87,13 @@ def _pair(rule: OpRule, a: str, b: str) -> Term:
 def is_linear(terms: list[Term]) -> bool:
     """No second derivative at all in the active arguments."""
     return all(term.kind == ZERO for term in terms)
+
+
+def linear_in(node: fx.Node, rule: OpRule, inside) -> bool:
+    """``node``'s op has no second derivative in the arguments whose values are in
+    ``inside`` (a node, or a list of nodes, of ``inside``)."""
+    bound = rule.bind(node)
+    active = [name for name, value in bound.items() if any(
+        isinstance(v, fx.Node) and v in inside
+        for v in (value if isinstance(value, (list, tuple)) else [value]))]
+    return is_linear(classify(rule, bound, active))

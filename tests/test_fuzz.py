@@ -91,6 +91,15 @@ def _base_changed_under_view(h):  # the view sees the change in eager: refused
     return torch.cat([v, h[:, 2:]], 1)
 
 
+def _attribute_under_no_grad(h):
+    """``t = h.mT`` read with grad mode on; fx adds its node where it is first used, under
+    no_grad."""
+    t = h.unsqueeze(1).mT
+    with torch.no_grad():
+        gate = torch.sigmoid(t)
+    return (t * gate).squeeze(-1)
+
+
 def _relu_in_place(h):
     return F.relu(h * 1, inplace=True)
 
@@ -133,6 +142,9 @@ SHAPE_BLOCKS: dict[str, Callable] = {
     "narrow_cat": lambda h: torch.cat([h.narrow(1, 2, 2), h.narrow(-1, 0, 2)], 1),
     "windows": lambda h: h.unfold(1, 2, 2).flatten(1) * h.unfold(-1, 2, 2).flip(-1).flatten(1),
     "take_per_sample": lambda h: h + h[torch.arange(h.shape[0]), h.argmax(1)][:, None],
+    "attribute_under_no_grad": _attribute_under_no_grad,
+    "reshaped_negative_mean": lambda h: h.reshape(h.size(0), -1) - h.reshape(
+        h.size(0), -1).mean(-2, keepdim=True),
     "stack_cat_split_last": lambda h: torch.cat(torch.stack([h, h * 2], -1).sum(-1).split(
         2, -1)[::-1], -1),
     "flip_roll_cumsum_last": lambda h: torch.roll(h.flip(-1), 1, -1).cumsum(-1) / 4,
@@ -361,6 +373,8 @@ REGRESSIONS = {
     "softmax_batch": "refused",         # was: a softmax over the batch not known to mix samples
     "gram": "refused",                  # was: h @ h.T not known to mix samples
     "negative_mean": "refused when run",  # was: mean(-2) of [N, D] not seen as axis 0
+    "attribute_under_no_grad": "match",  # was: detached (its node made under no_grad)
+    "reshaped_negative_mean": "refused when run",  # was: the check skipped after a reshape
 }
 
 

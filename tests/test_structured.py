@@ -194,6 +194,20 @@ def test_several_outputs_monte_carlo():
         assert (sampled[name] - exact[name]).norm() <= 0.02 * exact[name].norm(), name
     _, _, kfac, kflr = fxcurv.compile(model, multitask, ["kfac", "kflr"])(x, y)
     assert kfac["body.weight"][0].shape == kflr["body.weight"][0].shape == (D, D)
+    joined = BodyAndHead(lambda logits, h: torch.cat([logits, h[:, :2]], 1)).double()
+
+    def joined_loss(out, labels):
+        boxes = labels.to(out.dtype)[:, None].expand(-1, 2)
+        return multitask({"logits": out[:, :C], "box": out[:, C:]}, (labels, boxes))
+
+    step = fxcurv.compile(joined, joined_loss, ["kfac"])  # tensors only: scriptable
+    torch.manual_seed(1)
+    ours = step(x, y[0])[2]
+    torch.manual_seed(1)
+    scripted = torch.jit.script(step)(x, y[0])[2]
+    for name in ours:
+        for a, b in zip(ours[name], scripted[name]):
+            torch.testing.assert_close(a, b)
 
     def less_box(out, t):
         return multitask(out, t) - 0.1 * F.mse_loss(_box(out), t[1], reduction="sum")

@@ -501,9 +501,11 @@ def test_a_loss_on_logits_viewed_as_rows_of_classes_is_exact(quantity, loss_fn):
     idx, y = torch.randint(0, 7, (3, 4)), torch.randint(0, 7, (3, 4))
     vectors = {n: torch.randn(1, *p.shape, dtype=DTYPE) for n, p in model.named_parameters()}
     args = (idx, y, vectors) if quantity == "ggnmp" else (idx, y)
-    merged = fxcurv.compile(model, loss_fn, [quantity])(*args)
+    step = fxcurv.compile(model, loss_fn, [quantity])
+    merged = step(*args)
     layout = fxcurv.compile(model, _spatial_token_loss, [quantity])(*args)
-    for ours, expected in zip(merged, layout):
+    scripted = torch.jit.script(step)(*args)
+    for ours, expected in [*zip(merged, layout), *zip(scripted, merged)]:
         for a, b in zip(torch.utils._pytree.tree_leaves(ours),
                         torch.utils._pytree.tree_leaves(expected)):
             torch.testing.assert_close(a, b, **TOL)
@@ -546,6 +548,8 @@ class NegativeAxis(nn.Module):
     (lambda h: torch.flip(h, (-2,)), True, "moves entries along the sample axis"),
     (lambda h: torch.softmax(h, -2), True, "normalises over the sample axis"),
     (lambda h: (h.mT * 2).mT, True, "moves the sample axis"),
+    (lambda h: h.reshape(h.size(0), -1) - h.reshape(h.size(0), -1).mean(-2, keepdim=True),
+     True, "reduces over the sample axis"),
 ])
 def test_a_negative_axis_that_is_the_sample_axis_raises_when_the_step_runs(op, flat, what):
     """Before: ``transpose(-3, -2)`` of ``[N, T, D]``, ``mean(-2)`` of ``[N, D]``, ``x[..., 0,

@@ -33,7 +33,7 @@ from .passes.invariant import check_derivative_paths
 from .passes.per_sample import PerSample, SignedSum
 from .passes.sample_axis import guard_sample_axis
 from .passes.schedule import schedule_extractions
-from .rules import FIRST_ORDER, rule_for
+from .rules import COUPLES_ROWS, FIRST_ORDER, rule_for
 from .rules.losses import check_scalar_loss
 from .inputs import check_structured_inputs, samples_of
 from .trace import Traced, trace
@@ -219,7 +219,10 @@ def _extract(emit: Emitter, traced: Traced, requested: list, cotangents: dict, g
 
     def product(quantity, name: str) -> Any:
         """A block product by forward tangents where the parameter's path allows it, else
-        from the propagated factors (passes/curvature/products.py)."""
+        from the propagated factors (passes/curvature/products.py; a coupled batch: from
+        the factors)."""
+        if traced.memo["coupled"]:
+            return source(quantity.source).product(name, quantity.name, vectors[name])
         if quantity.source not in tangents:
             tangents[quantity.source] = TangentProducts(emit, traced, cotangents,
                                                         quantity.source)
@@ -259,7 +262,7 @@ def _make_source(emit: Emitter, traced: Traced, propagation: q.Propagation,
         numels = {n: traced.attrs[node.target].numel() for n, node in params.items()}
         return PerSample(emit, params, factors, batch_size, data, lead=1,
                          label=f"sqrt_ggn_{propagation.factor}", lead_size=columns,
-                         numels=numels)
+                         numels=numels, coupled=bool(traced.memo["coupled"]))
     if propagation.signs is not None:
         weights = {1.0: propagation.signs[0], -1.0: propagation.signs[1]}
         terms = [(term, weights[sign]) for term, sign in source(q.RESIDUALS)
@@ -399,25 +402,37 @@ def _check_first_order(active: dict, requested: list) -> None:
 
 def _check_per_sample(traced: Traced, active: dict, requested: list) -> None:
     """Compile-time errors, for per-sample quantities, for ops that mix samples inside the
-    model (BatchNorm in train mode, reductions over axis 0). Whether each node on a derivative
-    path is ruled at all is checked before (``passes/invariant.py``)."""
+    model (BatchNorm in train mode, reductions over axis 0). An op that couples the rows
+    (``COUPLES_ROWS``) is allowed for the quantities defined on a coupled batch
+    (``Quantity.coupled``), and recorded in ``traced.memo["coupled"]``. Whether each node on a
+    derivative path is ruled at all is checked before (``passes/invariant.py``)."""
     model_nodes = ancestors(traced.model_output) & descendants(traced.graph, traced.inputs[0])
-    per_sample = [name for name, quantity in requested if quantity.per_sample]
-    if not per_sample:
-        return
+    traced.memo["coupled"] = []
+    per_sample = [(name, quantity) for name, quantity in requested if quantity.per_sample]
     for node in active:
         rule = rule_for(node)
         if rule is None or node not in model_nodes or not rule.mixes_samples:
             continue
         reason = rule.mixes_samples(rule.bind(node))
-        if reason:
-            with requesting(per_sample[0]):
-                raise node_error(node, f"{reason}, so per-sample quantities are undefined",
-                                 _MIXING_HINT)
+        if not reason:
+            continue
+        couples = rule.has(COUPLES_ROWS)
+        if couples:
+            traced.memo["coupled"].append(node)
+        refused = [name for name, quantity in per_sample if not (couples and quantity.coupled)]
+        if refused:
+            with requesting(refused[0]):
+                raise node_error(node, f"{reason}, so per-sample quantities such as "
+                                 f"'{refused[0]}' are undefined",
+                                 _COUPLED_HINT if couples else _MIXING_HINT)
 
 
 _MIXING_HINT = ("Per-sample quantities need every sample to pass through the model on its own: "
                 "put BatchNorm layers in eval mode (model.eval()) before compiling, avoid "
                 "reductions over the batch axis in forward, or request only 'grad'.")
+_COUPLED_HINT = (f"In train mode BatchNorm couples the batch; {', '.join(q.coupled_names())} "
+                 "are defined on it (the batch as one sample whose positions are its rows, see "
+                 "docs/conventions.md). For the other quantities put BatchNorm layers in eval "
+                 "mode (model.eval()) before compiling, or request only 'grad'.")
 
 

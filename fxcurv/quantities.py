@@ -91,6 +91,10 @@ class Quantity:
     reduction: Reduction
     regulariser: Optional[str] = None  # "exact", "abs", "clip"; None: refused with one
     per_sample: bool = True  # needs the sample axis kept apart (undefined for BatchNorm train)
+    # defined too where an op couples the rows of the batch (``COUPLES_ROWS``: BatchNorm in
+    # train mode), the batch counting as one sample whose positions are its rows
+    # (conventions.md, "BatchNorm in train mode")
+    coupled: bool = False
 
 
 _ALL = [
@@ -103,7 +107,7 @@ _ALL = [
     Quantity("variance", "first_order", "Σ_n g_n²/N - (Σ_n g_n/N)² (p.shape)", GRADIENT,
              VARIANCE, Reduction("variance", "gradient", 2.0)),
     Quantity("diag_ggn_exact", "ggn", "diagonal of the GGN (p.shape)", GGN_EXACT, SUM_SQUARES,
-             Reduction("sum", "hessian"), "exact"),
+             Reduction("sum", "hessian"), "exact", coupled=True),
     Quantity("diag_ggn_mc", "ggn", "Monte-Carlo diagonal of the GGN (p.shape)", GGN_MC,
              SUM_SQUARES, Reduction("sum", "hessian"), "exact"),
     Quantity("diag_ggn_exact_batch", "ggn", "per-sample GGN diagonals [N, *p.shape]",
@@ -111,15 +115,15 @@ _ALL = [
     Quantity("diag_ggn_mc_batch", "ggn", "per-sample MC GGN diagonals [N, *p.shape]", GGN_MC,
              BATCH_SUM_SQUARES, Reduction("gather", "hessian")),
     Quantity("sqrt_ggn_exact", "ggn", "square-root GGN factor [C, N, *p.shape]", GGN_EXACT,
-             BATCH, Reduction("gather", "hessian", 0.5, axis=1)),
+             BATCH, Reduction("gather", "hessian", 0.5, axis=1), coupled=True),
     Quantity("sqrt_ggn_mc", "ggn", "MC square-root GGN factor [M, N, *p.shape]", GGN_MC,
              BATCH, Reduction("gather", "hessian", 0.5, axis=1)),
     Quantity("kfac", "ggn",
              "Kronecker factors [G, A] (weights) / [G] (biases; others: GGN block), MC",
-             GGN_MC, KRON, Reduction("kron", "hessian")),
+             GGN_MC, KRON, Reduction("kron", "hessian"), coupled=True),
     Quantity("kflr", "ggn",
              "Kronecker factors [G, A] (weights) / [G] (biases; others: GGN block), exact",
-             GGN_EXACT, KRON, Reduction("kron", "hessian")),
+             GGN_EXACT, KRON, Reduction("kron", "hessian"), coupled=True),
     Quantity("kfra", "ggn",
              "Kronecker factors [G, A] / [G] from the batch-averaged GGN (chains only)",
              KFRA, KRON, Reduction("kfra", "hessian")),
@@ -130,7 +134,7 @@ _ALL = [
     Quantity("hmp", "product", "Hessian block times vectors [V, *p.shape]", HESSIAN, PRODUCT,
              Reduction("sum", "both"), "exact"),
     Quantity("ggnmp", "product", "GGN block times vectors [V, *p.shape]", GGN_EXACT, PRODUCT,
-             Reduction("sum", "hessian"), "exact"),
+             Reduction("sum", "hessian"), "exact", coupled=True),
     Quantity("pchmp_abs", "product",
              "positive-curvature Hessian (|residual|) block times vectors [V, *p.shape]",
              PCH_ABS, PRODUCT, Reduction("sum", "both"), "abs"),
@@ -140,6 +144,11 @@ _ALL = [
 ]
 QUANTITIES: dict[str, Quantity] = {q.name: q for q in _ALL}
 ALIASES = {"grad_batch": "batch_grad"}
+
+
+def coupled_names() -> list[str]:
+    """The quantities defined where BatchNorm in train mode couples the batch."""
+    return [name for name, quantity in QUANTITIES.items() if quantity.coupled]
 
 
 def resolve(names) -> list[tuple[str, Quantity]]:

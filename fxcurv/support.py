@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .bench.report import render as markdown_table
 from .quantities import QUANTITIES
-from .rules import RULES, OpRule
+from .rules import COUPLES_ROWS, RULES, OpRule
 
 _MODULE_ALIASES = {"torch.nn.functional": "F", "torch._C._nn": "F", "torch._C._VariableFunctions":
                    "torch", "_operator": "operator", "builtins": ""}
@@ -84,6 +84,8 @@ def rows() -> list[list[str]]:
             cells = ["yes" if rule.vjp else "—", _first_order(rule), _second_order(rule),
                      _kronecker(rule)]
         notes = "mixes samples in some settings" if rule.mixes_samples else ""
+        if rule.has(COUPLES_ROWS):
+            notes += " (GGN quantities on the batch as one sample)"
         table.append([rule.name, ", ".join(sorted(set(names))), *cells, notes])
     return table
 

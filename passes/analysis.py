@@ -98,8 +98,10 @@ def sample_data(graph: fx.Graph, data: fx.Node) -> set[fx.Node]:
 
 def sample_carriers(graph: fx.Graph, data: fx.Node) -> set[fx.Node]:
     """Nodes whose value still has the sample axis of ``data``: its descendants, up to (not
-    through) ops that reduce over samples — a reduced loss, a sum over axis 0, ..."""
-    from fxcurv.rules import rule_for  # noqa: PLC0415 (analysis is imported by rules users)
+    through) ops that reduce over samples — a reduced loss, a sum over axis 0, ... An op that
+    couples the rows but keeps one per sample (``COUPLES_ROWS``: BatchNorm in train mode)
+    carries them: which quantities such a model has is ``compile``'s check."""
+    from fxcurv.rules import COUPLES_ROWS, rule_for  # noqa: PLC0415 (imported by rules users)
 
     carriers = {data}
     for node in graph.nodes:
@@ -110,7 +112,8 @@ def sample_carriers(graph: fx.Graph, data: fx.Node) -> set[fx.Node]:
         if rule is not None:
             bound = rule.bind(node)
             reduced_loss = rule.has_sqrt_hessian and bound.get("reduction") != "none"
-            if reduced_loss or (rule.mixes_samples and rule.mixes_samples(bound)):
+            mixes = rule.mixes_samples and rule.mixes_samples(bound)
+            if reduced_loss or (mixes and not rule.has(COUPLES_ROWS)):
                 continue
         carriers.add(node)
     return carriers

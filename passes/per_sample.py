@@ -36,7 +36,7 @@ from fxcurv.rules import Ctx, OpRule, contraction, rule_for
 
 from .analysis import ancestors
 from .backward import joined_use
-from .curvature.factors import mask_columns
+from .curvature.factors import columns_by_sample, mask_columns
 
 
 def factor_product(factor: Tensor, vectors: Tensor) -> Tensor:
@@ -84,7 +84,7 @@ class PerSample:
                  batch_size: Any, data: tuple[set, set], lead: int = 0,
                  label: str = "batch_grad", lead_size: Any = None,
                  numels: Optional[dict[str, int]] = None,
-                 direct: Optional[dict[fx.Node, Any]] = None):
+                 direct: Optional[dict[fx.Node, Any]] = None, coupled: bool = False):
         """``data``: the nodes that depend on the input, and those of them that still carry
         its sample axis (``analysis.descendants``, ``analysis.sample_carriers``); ``label``
         names the emitted nodes (errors name the quantity of ``emit.requesting``); ``numels``:
@@ -98,6 +98,7 @@ class PerSample:
         self.data, self.carriers = data
         self.numels = numels or {}
         self.direct = direct or {}
+        self.coupled = coupled
         self._reaches = set().union(*[ancestors(node) for node in self.direct])
         self._memo: dict[tuple[str, str], Any] = {}
         self._terms: dict[fx.Node, Any] = {}
@@ -251,7 +252,16 @@ class PerSample:
         return self._terms[value]
 
     def batch(self, name: str, label: Optional[str] = None) -> Any:
-        """``[*lead, N, *p.shape]``: per-sample terms, summed over the parameter's uses."""
+        """``[*lead, N, *p.shape]``: per-sample terms, summed over the parameter's uses. A
+        coupled batch's columns are sample-local (:func:`~.curvature.factors.rows_apart`):
+        the totals of column ``(k, n)`` by sample."""
+        if self.coupled:
+            columns = self.memoized("batch", name, f"{label or self.label}_columns",
+                                    lambda: self.column_totals(name).view_as(
+                                        self.column_totals(name)))
+            return self.memoized("by_sample", name, label or self.label, lambda: self.emit.call(
+                columns_by_sample, columns, self.batch_size))
+
         def build():
             quick = self._shortcut_total(name, "batch") if self.lead == 0 else None
             if quick is not None:
@@ -264,8 +274,19 @@ class PerSample:
             return term
         return self.memoized("batch", name, label or self.label, build)
 
+    def column_totals(self, name: str) -> Any:
+        """``[*lead, *p.shape]``: each column's cotangent of the parameter, ``Σ_n q_n`` over the
+        rows (the terms of the one sample a coupled batch counts as)."""
+        total = self.cotangents.get(self.params[name])
+        if total is None:
+            lead = [self.lead_size] * self.lead
+            return self.emit.call(batch_zeros, self.emit.proxy(self.params[name]), lead)
+        return total
+
     def sum_squares(self, name: str, label: str) -> Any:
         def build():
+            if self.coupled:
+                return self.column_totals(name).square().sum(list(range(self.lead)))
             quick = self._shortcut_total(name, "sum_squares")
             if quick is not None:
                 return quick
@@ -298,6 +319,9 @@ class PerSample:
         """``[V, *p]``: this propagation's curvature block of ``p`` times each vector (the
         op's contraction form when it has one, never building the per-sample terms then)."""
         def build():
+            if self.coupled:
+                return self.emit.call(factor_product, self.column_totals(name).unsqueeze(
+                    self.lead), vectors)
             quick = self._shortcut(name, "product", vectors)
             if quick is not None:
                 return quick
@@ -341,10 +365,13 @@ class PerSample:
         """``[G]``: the parameter's curvature block ``Σ_{k,n} q_kn q_knᵀ`` ``[P, P]`` (``q`` its
         per-sample terms flattened, ``P = p.numel()``), for ``P`` up to
         :data:`MAX_KRON_BLOCK`; above, ``[G_diag]``, its diagonal in ``p.shape``. With a
-        sqrt-GGN factor this is the exact (kflr) or Monte-Carlo (kfac) GGN block."""
+        sqrt-GGN factor this is the exact (kflr) or Monte-Carlo (kfac) GGN block. A coupled
+        batch is one sample: ``q_k`` are the columns' totals (:meth:`column_totals`)."""
         if self.numels[name] > MAX_KRON_BLOCK:
             return [self.sum_squares(name, f"{label}_diagonal")]
-        return [self.emit.call(block_of_terms, self.batch(name))]
+        terms = self.column_totals(name).unsqueeze(self.lead) if self.coupled else \
+            self.batch(name)
+        return [self.emit.call(block_of_terms, terms)]
 
     def variance(self, name: str, label: str, grad: Any) -> Any:
         def build():

@@ -43,7 +43,8 @@ CHECKS = [f"{case}/{q}" for case, (_, _, qs) in CASES.items() for q in ["loss", 
     "torch.export", "torch.export refuses gathers",
     "ddp module", "ddp hooks untouched", "mc: diag_ggn_mc mean -> exact",
     "mc: kfac G mean -> kflr G", "mc: samples differ across ranks",
-    "mc: equal generators refused", "error: callable loss", "error: regulariser",
+    "mc: equal generators refused", "batchnorm train: sum of the ranks' GGNs",
+    "error: callable loss", "error: regulariser",
     "error: not a process group",
     "same result on every rank"]
 
@@ -227,6 +228,27 @@ def check_monte_carlo(report: Report, sizes: list, rank: int, group) -> None:
     report.check("mc: samples differ across ranks", lambda: _rank_blocks_differ(factor, 3))
 
 
+def check_coupled(report: Report, sizes: list, rank: int, group) -> None:
+    """BatchNorm in train mode normalises each rank's shard with its own statistics (DDP
+    without SyncBatchNorm): with a summed loss the step's GGN quantities are the sum of the
+    single-process ones on each shard (shards of at least two samples: twice SHARDS)."""
+    import fxcurv
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3))
+    loss_fn, quantities = nn.CrossEntropyLoss(reduction="sum"), ["diag_ggn_exact", "ggnmp"]
+    sizes = [2 * size for size in sizes]
+    x, y = global_batch("ce_sum", sum(sizes))
+    vectors = vectors_for(model)
+    single = fxcurv.compile(model, loss_fn, quantities)
+    parts = [single(shard(x, sizes, r), shard(y, sizes, r), vectors) for r in range(len(sizes))]
+    expected = [{name: sum(part[i][name] for part in parts) for name in parts[0][i]}
+                for i in (2, 3)]
+    step = fxcurv.compile(model, loss_fn, quantities, process_group=group)
+    result = step(shard(x, sizes, rank), shard(y, sizes, rank), vectors)
+    report.check("batchnorm train: sum of the ranks' GGNs",
+                 lambda: close(list(result[2:]), expected))
+
+
 def _compile_raises(error, text, *args):
     import fxcurv
     try:
@@ -279,6 +301,7 @@ def worker(rank: int, world: int, port: int, out: str) -> None:
     sections = [(c, lambda c=c: check_case(report, c, sizes, rank, group)) for c in CASES]
     sections += [("ddp", lambda: check_ddp(report, sizes, rank)),
                  ("mc", lambda: check_monte_carlo(report, sizes, rank, group)),
+                 ("coupled", lambda: check_coupled(report, sizes, rank, group)),
                  ("errors", lambda: check_errors(report, group))]
     for name, run in sections:
         started = time.perf_counter()

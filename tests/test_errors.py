@@ -100,7 +100,7 @@ def test_reduction_over_the_batch_inside_the_model_with_per_sample_quantity():
             h = self.fc(x)
             return h - h.mean(0)
 
-    with pytest.raises(CompileError, match="sample axis 0.*per-sample quantities are undefined"):
+    with pytest.raises(CompileError, match="sample axis 0.*per-sample quantities such as .batch_grad. are undefined"):
         fxcurv.compile(Centered(), nn.MSELoss(), ["batch_grad"])
 
 

@@ -229,14 +229,17 @@ def test_monte_carlo_with_a_callable_loss_names_the_loss_node_and_quantity(quant
     assert "cross_entropy" in message                           # what to use instead
 
 
-@pytest.mark.parametrize("quantity", ["diag_ggn_exact", "sqrt_ggn_mc", "kflr"])
+@pytest.mark.parametrize("quantity", ["diag_ggn_mc", "sqrt_ggn_mc", "diag_ggn_exact_batch"])
 def test_batchnorm_train_names_the_node_and_quantity(quantity):
+    """Quantities that need the samples apart (``Quantity.coupled`` False) are refused on a
+    batch that BatchNorm couples; the message names the ones that are defined there."""
     model = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.Linear(5, 3)).to(DTYPE)
     with pytest.raises(fxcurv.CompileError) as info:
         fxcurv.compile(model.train(), nn.CrossEntropyLoss(), [quantity])
     message = str(info.value)
     assert "node 'batch_norm'" in message and "BatchNorm1d" in message
     assert f"'{quantity}'" in message and "eval" in message
+    assert "kfac, kflr" in message
     fxcurv.compile(model.eval(), nn.CrossEntropyLoss(), [quantity])  # eval mode is fine
 
 

@@ -245,7 +245,8 @@ def test_one_output_read():
 def test_googlenet_train_mode_aux_logits():
     """torchvision's GoogLeNet in train mode returns ``GoogLeNetOutputs(logits, aux2, aux1)``;
     the usual loss weighs the auxiliary heads by 0.3. Its gradient equals eager autograd
-    (BatchNorm in train mode: per-sample quantities are refused)."""
+    (BatchNorm in train mode: per-sample quantities are refused, ``kfac`` runs on the coupled
+    batch)."""
     torchvision = pytest.importorskip("torchvision")
     torch.manual_seed(0)
     model = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False,
@@ -264,7 +265,9 @@ def test_googlenet_train_mode_aux_logits():
     for name, p in model.named_parameters():
         torch.testing.assert_close(gradient[name], p.grad, rtol=1e-8, atol=1e-12)
     with pytest.raises(fxcurv.CompileError, match="BatchNorm in train mode"):
-        fxcurv.compile(model, loss_fn, ["diag_ggn_exact"])
+        fxcurv.compile(model, loss_fn, ["batch_l2"])
+    kfac = fxcurv.compile(model, loss_fn, ["kfac"])(x, y)[2]
+    assert all(torch.isfinite(f).all() for factors in kfac.values() for f in factors)
 
 
 def test_structured_input_errors():

@@ -427,3 +427,37 @@ def test_resnet_converted_by_backpack_gives_the_same_quantities():
     for got, expected in zip(ours[1:4], results("resnet")[1:4]):
         for name, value in expected.items():
             torch.testing.assert_close(got[name], value, rtol=1e-10, atol=1e-14, msg=name)
+
+
+@pytest.mark.parametrize("family", ["resnet", "mobilenet_v2", "shufflenet"])
+def test_train_mode_batchnorm_gets_the_full_batch_ggn(family):
+    """In train mode BatchNorm couples the batch: ``diag_ggn_exact`` is the diagonal of the
+    full-batch GGN ``Jᵀ H J``, checked against one autograd VJP per column of the square root
+    of ``H`` (``[N·K, N·K]``, from ``torch.func.hessian`` of the loss in all logits), the
+    model run in train mode (dropout off); ``kfac`` runs (finite factors)."""
+    model, x, y = prepared(family)
+    model = model.train()
+    for module in model.modules():  # (dropout would draw differently in eager mode)
+        if isinstance(module, nn.Dropout):
+            module.eval()
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["diag_ggn_exact", "kfac"])
+    _, _, diag, kfac = step(x, y)
+    params = dict(model.named_parameters())
+    logits = model(x)
+    hessian = torch.func.hessian(lambda out: F.cross_entropy(out, y))(logits.detach())
+    values, vectors = torch.linalg.eigh(hessian.reshape(logits.numel(), logits.numel()))
+    columns = vectors * values.clamp(min=0).sqrt()
+    expected = {name: torch.zeros_like(p) for name, p in params.items()}
+    for column in columns.T:
+        vjps = torch.autograd.grad(logits, list(params.values()), column.reshape(logits.shape),
+                                   retain_graph=True, allow_unused=True)
+        for name, vjp in zip(params, vjps):
+            if vjp is not None:
+                expected[name] += vjp.square()
+    model.load_state_dict(state)  # (the eager call updated the running statistics)
+    for name in params:
+        torch.testing.assert_close(diag[name], expected[name], **TOL)
+    assert sum(v.sum() for v in expected.values()) > 0
+    for name, factors in kfac.items():
+        assert all(torch.isfinite(f).all() for f in factors), name

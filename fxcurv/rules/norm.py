@@ -25,7 +25,7 @@ from torch import Tensor
 from .contraction import Contraction
 from .helpers import merge_middle
 from .reductions import norm_of
-from .registry import RANDOM, VIEW, Ctx, by_product, fresh, register
+from .registry import COUPLES_ROWS, RANDOM, VIEW, Ctx, by_product, fresh, register
 
 
 # -- scriptable helpers (runtime shape logic) -----------------------------------------------
@@ -186,6 +186,7 @@ register([F.batch_norm], "batch_norm",
          batch_grad={"weight": _bn_param_rule(True, True),
                      "bias": _bn_param_rule(True, False)},
          mixes_samples=lambda b: BN_TRAIN_MIXES if b["training"] else None,
+         traits=(COUPLES_ROWS,),  # train mode: x̄ above is the full-batch Jacobian-transpose
          # eval: affine in x, γ, β; train: the batch statistics make it non-linear in x
          hessian_is_zero=lambda b: ("weight", "bias") if b["training"] else True,
          unsupported=_bn_unsupported)

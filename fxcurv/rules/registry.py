@@ -72,12 +72,17 @@ INTO_FIRST = "into_first"
 # the output's shape comes from the call's arguments (reshape, view, squeeze, flatten): its
 # axis 0 holds the samples only if it keeps axis 0's size (a call-time check in the model)
 RESHAPES = "reshapes"
+# couples the rows of a batch as batch statistics do (BatchNorm in train mode) where its
+# ``mixes_samples`` holds, keeping each sample's row on axis 0, and its Jacobian-transpose rule
+# is the full-batch one for every leading vector: a propagated factor's columns are then
+# back-propagated through the coupled batch (the "one big sample" convention, conventions.md)
+COUPLES_ROWS = "couples_rows"
 # what an output does with the sample axis (``OpRule.samples``)
 KEPT = "kept"
 REDUCED = "reduced"
 TRAITS = frozenset({ELEMENTWISE, AFFINE, PERMUTATION, CONCATENATION, REDUCTION, MONOTONE,
                     WINDOW_MAX, VIEW, FRESH, RANDOM, BOOLEAN, PIECES, INTO_FIRST, FIRST_ORDER,
-                    RESHAPES})
+                    RESHAPES, COUPLES_ROWS})
 
 
 @dataclass(frozen=True)

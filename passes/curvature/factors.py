@@ -74,6 +74,21 @@ def sample_basis(data: Tensor) -> Tensor:
     return rows.reshape([data.size(0) * width] + list(data.shape[1:]))
 
 
+def rows_apart(factor: Tensor) -> Tensor:
+    """``[K, N, *f]`` -> ``[K·N, N, *f]``: column ``(k, n)`` holds ``factor[k, n]`` at row
+    ``n`` and zeros elsewhere (``N`` sample-local columns for each of ``K``), so that a
+    propagation through ops that couple the rows keeps each sample's column apart."""
+    samples = factor.size(1)
+    eye = torch.eye(samples, dtype=factor.dtype, device=factor.device)
+    apart = factor.unsqueeze(1) * eye.view([1, samples, samples] + [1] * (factor.dim() - 2))
+    return apart.reshape([factor.size(0) * samples] + list(factor.shape[1:]))
+
+
+def columns_by_sample(columns: Tensor, samples: int) -> Tensor:
+    """``[K·N, *p]`` -> ``[K, N, *p]``: the totals of :func:`rows_apart`'s columns by sample."""
+    return columns.reshape([columns.size(0) // samples, samples] + list(columns.shape[1:]))
+
+
 def repeat_samples(g: Tensor, data: Tensor) -> Tensor:
     """``g`` ``[N, *out]`` with each sample repeated ``D = data[0].numel()`` times."""
     return g.repeat_interleave(data[0].numel(), dim=0)

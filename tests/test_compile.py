@@ -187,6 +187,72 @@ def test_train_mode_dropout_variants_match_torch_with_the_same_seed(kind):
     assert "dropout" not in fxcurv.compile(model.eval(), nn.CrossEntropyLoss()).code
 
 
+def _timm_drop_path(x, drop_prob: float, training: bool):
+    """timm's ``drop_path`` (``timm/layers/drop.py``): a per-sample mask by an in-place fill of
+    a new tensor."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep_prob = 1 - drop_prob
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    random_tensor = x.new_empty(shape).bernoulli_(keep_prob)
+    if keep_prob > 0.0:
+        random_tensor.div_(keep_prob)
+    return x * random_tensor
+
+
+def _floor_drop_path(x, drop_prob: float, training: bool):
+    """The older form: ``(keep + rand).floor_()``."""
+    if drop_prob == 0.0 or not training:
+        return x
+    keep_prob = 1 - drop_prob
+    shape = (x.shape[0],) + (1,) * (x.ndim - 1)
+    random_tensor = keep_prob + torch.rand(shape, dtype=x.dtype, device=x.device)
+    random_tensor.floor_()
+    return x.div(keep_prob) * random_tensor
+
+
+class DropPathBlock(nn.Module):
+    """A residual block with drop path and a layer-scale parameter, as in timm's ViT."""
+
+    def __init__(self, drop_path):
+        super().__init__()
+        self.fc, self.drop_path = nn.Linear(8, 8), drop_path
+        self.gamma = nn.Parameter(torch.full((8,), 0.5))
+
+    def forward(self, x):
+        return x + self.drop_path(self.gamma * torch.tanh(self.fc(x)), 0.5, self.training)
+
+
+@pytest.mark.parametrize("drop_path", [_timm_drop_path, _floor_drop_path],
+                         ids=["new_empty_bernoulli_", "rand_floor_"])
+def test_drop_path_masks_match_torch_with_the_same_seed(drop_path):
+    """timm-style stochastic depth (before: refused, an in-place fill of ``new_empty``'s result,
+    an op without a rule; ``floor_`` had no rule) draws its per-sample mask as eager does:
+    loss, gradient and each per-sample gradient equal autograd's with the same seed."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), DropPathBlock(drop_path), DropPathBlock(drop_path),
+                          nn.Linear(8, 3)).double().train()
+    x, y = batch()
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_grad", "kfac"])
+    torch.manual_seed(3)
+    loss, grad, batch_grad, kfac = step(x, y)
+    assert all(torch.isfinite(f).all() for factors in kfac.values() for f in factors)
+    torch.manual_seed(3)
+    outputs = model(x)
+    losses = nn.CrossEntropyLoss(reduction="none")(outputs, y) / len(y)
+    torch.testing.assert_close(loss, losses.sum().detach(), rtol=1e-12, atol=0)
+    params = dict(model.named_parameters())
+    dropped = 0
+    for n in range(len(y)):
+        per_sample = torch.autograd.grad(losses[n], list(params.values()), retain_graph=True)
+        dropped += int(per_sample[list(params).index("1.gamma")].abs().sum() == 0)
+        for name, expected in zip(params, per_sample):
+            torch.testing.assert_close(batch_grad[name][n], expected, rtol=1e-10, atol=1e-14)
+    assert 0 < dropped < len(y)  # (the seed drops some samples' branch and keeps others)
+    for name, p in params.items():
+        torch.testing.assert_close(grad[name], batch_grad[name].sum(0), rtol=1e-10, atol=1e-14)
+
+
 def test_rrelu_uses_the_mean_slope_in_eval_and_one_draw_per_call_in_train_mode():
     """RReLU (before: refused): eval mode is leaky ReLU with slope (l + u)/2; train mode
     draws a slope in [l, u] per negative entry once per call, and the backward uses it."""

@@ -201,3 +201,7 @@ register([operator.gt, operator.ge, operator.lt, operator.le, operator.eq, opera
          doc="Comparisons and boolean logic: piecewise constant, no derivative.")
 register([torch.sign, "sign"], "sign", "input", constant=True,
          doc="y = sign(x): piecewise constant, no derivative.")
+register([torch.floor, "floor", torch.ceil, "ceil", torch.round, "round", torch.trunc, "trunc"],
+         "rounding", "input, *args, **kwargs", constant=True,
+         doc="y = floor / ceil / round / trunc of x: piecewise constant, no derivative (autograd "
+             "gives zero; e.g. an old drop-path mask (keep + rand).floor_()).")

@@ -12,8 +12,8 @@ from torch import Tensor
 
 from ..errors import op_name
 from .helpers import permute_back, reshape_lead, reverse_dims, split_back, sum_to_shape, unpad
-from .registry import (PIECES, RANDOM, RESHAPES, VIEW, Ctx, affine, concatenation, marked,
-                       permutation, register, rule_for)
+from .registry import (FRESH, PIECES, RANDOM, RESHAPES, VIEW, Ctx, affine, concatenation,
+                       marked, permutation, register, rule_for)
 from .select import SELECTIONS
 
 SHARED = {"input": "shared"}  # the same move for every sample (KFRA's sandwich: Pᵀ M P)
@@ -433,6 +433,12 @@ _constant([torch.zeros_like, torch.ones_like, torch.empty_like], "fill_like",
 _constant([torch.rand_like, torch.randn_like, torch.randint_like], "random_like",
           "input, *args, **kwargs", (RANDOM,))
 _constant([torch.full_like], "full_like", "input, fill_value, **kwargs")
+# new tensors of a given size (new memory: an in-place fill of one is exact, e.g. timm's
+# drop path ``x.new_empty([N, 1, 1]).bernoulli_(keep)``)
+_constant(["new_empty", "new_zeros", "new_ones", "new_full"], "new_filled",
+          "input, *args, **kwargs", (FRESH,))
+_constant([torch.empty, torch.zeros, torch.ones, torch.full], "filled", "*args, **kwargs",
+          (FRESH,))
 _constant([torch.bernoulli, "bernoulli"], "bernoulli", "input, *args, **kwargs", (RANDOM,))
 # draws without a rule (factories; normal is differentiable in its mean: no rule yet)
 for _draw in (torch.multinomial, torch.normal, torch.rand, torch.randn, torch.randint,

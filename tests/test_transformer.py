@@ -68,6 +68,29 @@ class HandAttention(nn.Module):
         return self.out(out.transpose(1, 2).reshape(x.size(0), x.size(1), D))
 
 
+class TimmAttention(nn.Module):
+    """timm's ``Attention`` (ViT, DeiT, MAE): one ``qkv`` linear, ``[N, T, 3, H, d]`` permuted
+    to ``[3, N, H, T, d]`` and split along axis 0 (``unbind(0)``, or ``qkv[0]``, ``qkv[1]``,
+    ``qkv[2]`` in older versions), fused SDPA or written out. The permute moves the sample axis
+    only to pick q, k and v; the pieces are rewritten as ``x[:, :, i].permute(0, 2, 1, 3)``."""
+
+    def __init__(self, fused: bool = True, indexed: bool = False):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(D, 3 * D), nn.Linear(D, D)
+        self.fused, self.indexed = fused, indexed
+
+    def forward(self, x):
+        n, t, c = x.shape
+        qkv = self.qkv(x).reshape(n, t, 3, HEADS, c // HEADS).permute(2, 0, 3, 1, 4)
+        q, k, v = (qkv[0], qkv[1], qkv[2]) if self.indexed else qkv.unbind(0)
+        if self.fused:
+            x = F.scaled_dot_product_attention(q, k, v)
+        else:
+            attn = (q * (c // HEADS) ** -0.5) @ k.transpose(-2, -1)
+            x = attn.softmax(dim=-1) @ v
+        return self.proj(x.transpose(1, 2).reshape(n, t, c))
+
+
 class Block(nn.Module):
     """layer_norm -> attention -> residual -> layer_norm -> GELU MLP -> residual -> mean over
     T -> linear head."""
@@ -137,6 +160,8 @@ MODELS = {
     "by_hand_causal": lambda: Block(HandAttention(causal=True)),
     "sdpa": lambda: Block(HandAttention(sdpa=True)),
     "sdpa_causal": lambda: Block(HandAttention(sdpa=True, causal=True)),
+    "timm": lambda: Block(TimmAttention()),
+    "timm_written_out_indexed": lambda: Block(TimmAttention(fused=False, indexed=True)),
 }
 QUANTITIES = ["batch_grad", "diag_ggn_exact"]
 
@@ -394,6 +419,28 @@ def test_a_sample_axis_move_that_stays_is_refused_for_per_sample_quantities():
 
     with pytest.raises(fxcurv.CompileError, match="sample axis 0"):
         fxcurv.compile(Mixing().double(), nn.CrossEntropyLoss(), ["batch_grad"])
+
+
+class Picked(nn.Module):
+    """``x.permute(1, 2, 0)[0]`` is ``x[:, 0]`` transposed, ``[D, N]``: transposed back it is a
+    per-sample value; a softmax over its last axis (the samples) first mixes them."""
+
+    def __init__(self, mix: bool):
+        super().__init__()
+        self.inp, self.fc, self.mix = nn.Linear(D, D), nn.Linear(D, CLASSES), mix
+
+    def forward(self, x):
+        h = self.inp(x).permute(1, 2, 0)[0]
+        return self.fc((h.softmax(-1) if self.mix else h).transpose(0, 1))
+
+
+def test_a_pick_after_a_permute_keeps_the_samples_where_they_come_back():
+    model, loss_fn, x, y = Picked(mix=False).double(), nn.CrossEntropyLoss(), \
+        torch.randn(N, T, D, dtype=torch.float64), torch.randint(0, CLASSES, (N,))
+    _, _, batch_grad = fxcurv.compile(model, loss_fn, ["batch_grad"])(x, y)
+    assert_dicts_close(batch_grad, reference_batch_grad(model, loss_fn, x, y), "batch_grad")
+    with pytest.raises(fxcurv.CompileError, match="sample axis 0"):
+        fxcurv.compile(Picked(mix=True).double(), loss_fn, ["batch_grad"])
 
 
 def test_multihead_attention_train_mode_dropout_draws_one_mask():

@@ -105,15 +105,43 @@ def _picked(index) -> tuple:
 
 def _pick_back(c: Ctx):
     """``stack(ts, d)[:, .., k]`` (``k`` at axis ``d``) -> ``ts[k]``; ``unsqueeze(a, d)[:, ..,
-    0]`` -> ``a`` (stacked final states ``[L, N, H]`` picked by layer); else None."""
+    0]`` -> ``a`` (stacked final states ``[L, N, H]`` picked by layer); a piece ``k`` of a
+    moved tensor, ``x.permute(p)[k]`` or ``x.permute(p).unbind(0)[k]`` (timm's attention:
+    ``qkv.permute(2, 0, 3, 1, 4).unbind(0)``) -> ``x.select(p[0], k)`` with the other axes in
+    ``p``'s order (:func:`_select_moved`); else None."""
     axis, position = _picked(c.bound["idx"])
-    _, inner, inner_bound = _source(c, "obj") if position is not None else (None, None, None)
+    source, inner, inner_bound = _source(c, "obj") if position is not None else \
+        (None, None, None)
     if inner is not None and inner.name == "stack" and inner_bound["dim"] == axis:
         return c.emit.proxy(list(inner_bound["tensors"])[position])
     if inner is not None and inner.name == "unsqueeze" and inner_bound["dim"] == axis and \
             position in (0, -1):
         return c.emit.proxy(inner_bound["input"])
+    if inner is not None and inner.name == "unbind" and inner_bound["dim"] == 0 and axis == 0:
+        source = inner_bound["input"]
+        inner = rule_for(source) if isinstance(source, fx.Node) else None
+        inner_bound = inner.bind(source) if inner is not None else None
+    if inner is not None and inner.name in ("permute", "transpose") and axis == 0:
+        return _select_moved(c, inner.name, inner_bound, position)
     return None
+
+
+def _select_moved(c: Ctx, name: str, bound: dict, position: int):
+    """Entry ``position`` of axis 0 of ``x.permute(p)`` (or ``x.transpose(0, 1)``) as
+    ``x[:, .., position].permute(q)`` (the index at axis ``p[0]``), ``q`` the rest of ``p``
+    renumbered: the same values without moving the sample axis where ``p`` only moves it to
+    pick along another axis. None if the permutation is unknown or starts at axis 0 (nothing
+    to rewrite)."""
+    axes = _axes(name, bound, None)
+    if axes is None or None in axes or axes[0] == 0:
+        return None
+    picked = axes[0]
+    rest = [a - (a > picked) for a in axes[1:]]
+    if name == "transpose" and picked != 1:
+        return None  # (x's axis 0 would go to picked - 1: a move of the samples either way)
+    piece = c.emit.proxy(bound["input"])[on_axis(picked, position)]
+    return piece if name == "transpose" or rest == list(range(len(rest))) else \
+        piece.permute(rest)
 
 
 def _flatten_mixes(b: dict) -> Optional[str]:

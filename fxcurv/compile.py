@@ -407,12 +407,14 @@ def _check_per_sample(traced: Traced, active: dict, requested: list) -> None:
     (``Quantity.coupled``), and recorded in ``traced.memo["coupled"]``. Whether each node on a
     derivative path is ruled at all is checked before (``passes/invariant.py``)."""
     model_nodes = ancestors(traced.model_output) & descendants(traced.graph, traced.inputs[0])
+    from_samples = sample_carriers(traced.graph, traced.inputs[0], through_mixing=True)
     traced.memo["coupled"] = []
     per_sample = [(name, quantity) for name, quantity in requested if quantity.per_sample]
     for node in active:
         rule = rule_for(node)
-        if rule is None or node not in model_nodes or not rule.mixes_samples:
-            continue
+        if rule is None or node not in model_nodes or not rule.mixes_samples or \
+                not any(arg in from_samples for arg in node.all_input_nodes):
+            continue  # (a value computed from sizes only, x.size(1), has no sample axis)
         reason = rule.mixes_samples(rule.bind(node))
         if not reason:
             continue

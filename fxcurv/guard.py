@@ -35,7 +35,7 @@ from torch import Tensor
 
 from .backend import plain_copy
 from .errors import StepError, is_library_file
-from .trace import without_backpack_hooks
+from .trace import module_state_kept, without_backpack_hooks
 
 
 def install(step: fx.GraphModule, model: nn.Module, loss_fn: Callable, names: list[str],
@@ -153,9 +153,10 @@ def _modes(modes: list):
 def eager_loss_and_grad(model: nn.Module, loss_fn: Callable, names: list[str], x: Any,
                         y: Any) -> tuple[Tensor, dict[str, Tensor]]:
     """``loss_fn(model(x), y)`` and its gradient by eager autograd; the model's buffers are
-    replaced by copies for the call (BatchNorm's running statistics stay untouched)."""
+    replaced by copies for the call (BatchNorm's running statistics stay untouched), and what
+    the forward stores on modules is undone (``trace.module_state_kept``: caches)."""
     params = [model.get_parameter(name) for name in names]
-    with torch.inference_mode(False), torch.enable_grad():
+    with torch.inference_mode(False), torch.enable_grad(), module_state_kept(model, warn=False):
         buffers = {name: b.clone() for name, b in model.named_buffers()}
         x, y = (t.clone() if isinstance(t, Tensor) and t.is_inference() else t for t in (x, y))
         output = torch.func.functional_call(model, buffers, (x,), strict=False)

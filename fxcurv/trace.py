@@ -17,6 +17,7 @@ are taken off for the trace (:func:`without_backpack_hooks`).
 """
 from __future__ import annotations
 
+import copy
 import operator
 import os
 import sys
@@ -389,7 +390,7 @@ class CurvatureTracer(fx.Tracer):
 
     def trace(self, root, concrete_args=None) -> fx.Graph:
         with torch.enable_grad(), without_backpack_hooks(root), _ParameterProxies(self, root), \
-                _opaque_functions(self), _weighted_l1_loss(), _module_state_kept(root), \
+                _opaque_functions(self), _weighted_l1_loss(), module_state_kept(root), \
                 _attributes_keep_grad_mode():
             graph = super().trace(root, concrete_args)
         _merge_attributes(graph)
@@ -422,14 +423,19 @@ def _attributes_keep_grad_mode():
 
 
 @contextmanager
-def _module_state_kept(root: Any):
+def module_state_kept(root: Any, warn: bool = True):
     """Tracing runs the forward once, on Proxies: whatever it assigns to modules (a counter,
     a cached activation, a reassigned buffer such as an EMA ``self.ema = 0.9 * self.ema + ...``)
-    is undone afterwards, so compiling leaves the model as it was. A reassigned buffer gets a
-    warning: the step computes with the new value within a call but never stores it."""
-    modules = root.modules() if isinstance(root, nn.Module) else []
+    is undone afterwards, so compiling leaves the model as it was; so is what it puts into a
+    dict or list attribute (timm's EfficientFormer caches its attention biases in a dict in
+    eval mode: a Proxy left there would be read by the next trace). A reassigned buffer gets a
+    warning (``warn``): the step computes with the new value within a call but never stores
+    it. The first-call check's eager run is wrapped too (no warning)."""
+    modules = list(root.modules()) if isinstance(root, nn.Module) else []
     saved = {m: (dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
              for m in modules}
+    contents = [(value, copy.copy(value)) for m in modules for value in m.__dict__.values()
+                if type(value) in (dict, list)]
     try:
         yield
     finally:
@@ -445,7 +451,11 @@ def _module_state_kept(root: Any):
                      if name not in attributes and isinstance(value, Tensor)}
             module.__dict__.clear()
             module.__dict__.update(attributes, **added)  # fx's own constants (_tensor_constant0)
-        if replaced:
+        for container, before in contents:
+            container.clear()
+            container.update(before) if isinstance(container, dict) else \
+                container.extend(before)
+        if replaced and warn:
             _warn_buffer_updates(root, replaced)
 
 

@@ -96,11 +96,14 @@ def sample_data(graph: fx.Graph, data: fx.Node) -> set[fx.Node]:
     return found
 
 
-def sample_carriers(graph: fx.Graph, data: fx.Node) -> set[fx.Node]:
+def sample_carriers(graph: fx.Graph, data: fx.Node, through_mixing: bool = False
+                    ) -> set[fx.Node]:
     """Nodes whose value still has the sample axis of ``data``: its descendants, up to (not
     through) ops that reduce over samples — a reduced loss, a sum over axis 0, ... An op that
     couples the rows but keeps one per sample (``COUPLES_ROWS``: BatchNorm in train mode)
-    carries them: which quantities such a model has is ``compile``'s check."""
+    carries them: which quantities such a model has is ``compile``'s check.
+    ``through_mixing``: also through ops that mix samples (the values computed from the
+    samples at all, as opposed to from sizes of later axes or metadata)."""
     from fxcurv.rules import COUPLES_ROWS, rule_for  # noqa: PLC0415 (imported by rules users)
 
     carriers = {data}
@@ -113,7 +116,7 @@ def sample_carriers(graph: fx.Graph, data: fx.Node) -> set[fx.Node]:
             bound = rule.bind(node)
             reduced_loss = rule.has_sqrt_hessian and bound.get("reduction") != "none"
             mixes = rule.mixes_samples and rule.mixes_samples(bound)
-            if reduced_loss or (mixes and not rule.has(COUPLES_ROWS)):
+            if reduced_loss or (mixes and not rule.has(COUPLES_ROWS) and not through_mixing):
                 continue
         carriers.add(node)
     return carriers

@@ -54,8 +54,11 @@ def _expand_node(graph: fx.Graph, node: fx.Node) -> bool:
     """Replace ``node`` by its expansion; True if it was replaced."""
     if node.op not in ("call_function", "call_method") or UNEXPANDED in node.meta:
         return False
-    if _is_tensor_index(node):
-        return _replace(graph, node, lower_tensor_index, "indexing with a tensor") is None
+    axis = _tensor_index_axis(node)
+    if axis is not None:
+        def lowered(x, index):
+            return lower_tensor_index(x, index[-1] if isinstance(index, tuple) else index, axis)
+        return _replace(graph, node, lowered, "indexing with a tensor") is None
     if _is_per_sample_index(node):
         node.target, node.args = per_sample_take, (node.args[0], *node.args[1])
         return True
@@ -74,23 +77,28 @@ def _expand_node(graph: fx.Graph, node: fx.Node) -> bool:
 
 
 # -- advanced indexing -----------------------------------------------------------------------
-def _is_tensor_index(node: fx.Node) -> bool:
-    """``x[t]`` with a single tensor ``t`` (not a size, not a tuple of indices)."""
+def _tensor_index_axis(node: fx.Node) -> Optional[int]:
+    """``k`` for ``x[:, .., :, t]``: a single tensor ``t`` (not a size) after ``k`` full
+    slices (``x[t]``: 0; EfficientFormer's ``biases[:, idxs]``: 1); None for anything else."""
     if node.op != "call_function" or node.target is not operator.getitem:
-        return False
+        return None
     obj, idx = node.args
-    if not isinstance(idx, fx.Node) or is_scalar_node(idx) or not isinstance(obj, fx.Node):
-        return False
+    items = idx if isinstance(idx, tuple) else (idx,)
+    index, axis = items[-1], len(items) - 1
+    if not isinstance(index, fx.Node) or is_scalar_node(index) or \
+            not isinstance(obj, fx.Node) or \
+            any(item != slice(None) for item in items[:-1]):
+        return None
     source = rule_for(obj)
     if source is not None and source.has(PIECES):
-        return False  # picking a piece of a tuple
-    if _is_boolean(idx):
+        return None  # picking a piece of a tuple
+    if _is_boolean(index):
         with requesting("grad"):  # every derivative, the gradient first
             raise node_error(node, "x[mask] with a boolean mask selects a data-dependent "
                              "number of entries, so the shapes of every derivative depend on "
                              "the data", "Use torch.where(mask, x, 0) (or masked_fill) to keep "
                              "shapes fixed, or index with integer tensors.")
-    return True
+    return axis
 
 
 def _is_boolean(node: fx.Node) -> bool:

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from fxcurv.rules.losses import check_scalar_loss
 from fxcurv.rules.recurrent import check_cell_input, check_sequence, lstm_layer
+from fxcurv.rules.linalg import sdpa_mask
 from fxcurv.rules.losses import classes_last
 from fxcurv.rules.shape import axes_keep_samples, keeps_sample_axis, loss_rows_are_samples
 from rule_harness import case
@@ -21,6 +22,7 @@ torch.fx.wrap("keeps_sample_axis")
 torch.fx.wrap("loss_rows_are_samples")
 torch.fx.wrap("axes_keep_samples")
 torch.fx.wrap("classes_last")
+torch.fx.wrap("sdpa_mask")
 
 
 def rand(*shape, positive=False):
@@ -166,6 +168,13 @@ SHAPES = [
     case("axes_keep_samples", lambda x: axes_keep_samples(x, [2], ["it moves"], "here") * 2,
          rand(3, 2, 4)),
     case("classes_last", lambda x: classes_last(x, 4, -1, "here") * 2, rand(3, 2, 4)),
+    case("convert_methods", lambda x: x.double() * x.cpu(), rand(3, 4)),
+    case("convert_to_dtype_of", lambda x: x.to(x.dtype).exp() + x.type_as(x) + x.to(x),
+         rand(3, 4)),
+    case("convert_to_integers", lambda x: x * (3 * x).round().to(torch.int64), rand(3, 4)),
+    case("sdpa_float_mask", lambda x: sdpa_mask(x, x.dtype) * x, rand(3, 4)),
+    case("reshape_as", lambda x: x.reshape_as(x.flatten(1)), rand(3, 4, 2)),
+    case("view_as", lambda x: x.flatten(1).view_as(x) * 2, rand(3, 2, 4)),
     case("narrow", lambda x: x.narrow(1, 1, 2), rand(3, 4, 2)),
     case("narrow_negative", lambda x: torch.narrow(x, -1, -3, 3), rand(3, 2, 4)),
     case("movedim", lambda x: torch.movedim(x, 1, -1), rand(3, 4, 2, 2)),

@@ -253,6 +253,39 @@ def test_drop_path_masks_match_torch_with_the_same_seed(drop_path):
         torch.testing.assert_close(grad[name], batch_grad[name].sum(0), rtol=1e-10, atol=1e-14)
 
 
+class MixedPrecision(nn.Module):
+    """A float64 model computing a branch in float32 and converting back (HF's RMSNorm
+    pattern: ``h.to(torch.float32)`` ... ``.to(input_dtype)``), with ``type_as`` and
+    ``.to(other)``; before: ``to`` had no rule."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(5, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        h = self.fc(x)
+        low = torch.tanh(h.to(torch.float32)).to(dtype=x.dtype)
+        return self.head(low.type_as(h) + h.float().to(h) * 0.5)
+
+
+def test_dtype_conversions_differentiate_like_autograd():
+    """Per-sample gradients through float32 conversions equal torch.func's (which rounds the
+    same way); integer conversions are in the generic rule test (no derivative)."""
+    from torch.func import functional_call, grad, vmap
+    torch.manual_seed(0)
+    model, loss_fn = MixedPrecision().double(), nn.CrossEntropyLoss()
+    x, y = batch()
+    _, _, batch_grad = fxcurv.compile(model, loss_fn, ["batch_grad"])(x, y)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def sample_loss(p, xn, yn):
+        return loss_fn(functional_call(model, p, (xn[None],)), yn[None]) / len(y)
+
+    expected = vmap(grad(sample_loss), in_dims=(None, 0, 0))(params, x, y)
+    for name in params:
+        torch.testing.assert_close(batch_grad[name], expected[name], rtol=1e-10, atol=1e-14)
+
+
 def test_rrelu_uses_the_mean_slope_in_eval_and_one_draw_per_call_in_train_mode():
     """RReLU (before: refused): eval mode is leaky ReLU with slope (l + u)/2; train mode
     draws a slope in [l, u] per negative entry once per call, and the backward uses it."""

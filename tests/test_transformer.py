@@ -91,6 +91,25 @@ class TimmAttention(nn.Module):
         return self.proj(x.transpose(1, 2).reshape(n, t, c))
 
 
+class BiasedAttention(nn.Module):
+    """BEiT's attention: a learned relative position bias ``[H, T, T]`` (from a table) passed
+    to SDPA as a float ``attn_mask``, so the mask depends on parameters."""
+
+    def __init__(self):
+        super().__init__()
+        self.qkv, self.proj = nn.Linear(D, 3 * D), nn.Linear(D, D)
+        self.table = nn.Parameter(0.5 * torch.randn(2 * T - 1, HEADS))
+        index = torch.arange(T)[:, None] - torch.arange(T)[None, :] + T - 1
+        self.register_buffer("index", index, persistent=False)
+
+    def forward(self, x):
+        n, t, c = x.shape
+        q, k, v = self.qkv(x).reshape(n, t, 3, HEADS, c // HEADS).permute(2, 0, 3, 1, 4).unbind(0)
+        bias = self.table[self.index.view(-1)].view(t, t, HEADS).permute(2, 0, 1)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.unsqueeze(0))
+        return self.proj(x.transpose(1, 2).reshape(n, t, c))
+
+
 class Block(nn.Module):
     """layer_norm -> attention -> residual -> layer_norm -> GELU MLP -> residual -> mean over
     T -> linear head."""
@@ -162,6 +181,7 @@ MODELS = {
     "sdpa_causal": lambda: Block(HandAttention(sdpa=True, causal=True)),
     "timm": lambda: Block(TimmAttention()),
     "timm_written_out_indexed": lambda: Block(TimmAttention(fused=False, indexed=True)),
+    "relative_position_bias": lambda: Block(BiasedAttention()),
 }
 QUANTITIES = ["batch_grad", "diag_ggn_exact"]
 
@@ -518,8 +538,30 @@ class Gather(nn.Module):
         super().__init__()
         self.fc = nn.Linear(D, CLASSES)
 
+    def forward(self, x):  # two index tensors (one tensor after slices is index_select)
+        return self.fc(x)[:, torch.tensor([0, 2]), torch.tensor([1, 0])]
+
+
+class PickPositions(nn.Module):
+    """``h[:, index]`` with a constant index tensor at axis 1 (before: refused)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(D, D), nn.Linear(D, CLASSES)
+        self.register_buffer("positions", torch.tensor([[0, 2], [3, 3]]))
+
     def forward(self, x):
-        return self.fc(x)[:, torch.tensor([0, 2])].sum(1)
+        return self.head(torch.tanh(self.fc(x))[:, self.positions].sum((1, 2)))
+
+
+def test_a_tensor_index_after_slices_is_an_index_select():
+    model, loss_fn = PickPositions().double(), nn.CrossEntropyLoss()
+    x, y = torch.randn(N, T, D, dtype=torch.float64), torch.randint(0, CLASSES, (N,))
+    step = fxcurv.compile(model, loss_fn, ["batch_grad", "diag_ggn_exact"])
+    assert "index_select" in step.code
+    _, _, batch_grad, diag = step(x, y)
+    assert_dicts_close(batch_grad, reference_batch_grad(model, loss_fn, x, y), "batch_grad")
+    assert_dicts_close(diag, reference_diag_ggn(model, loss_fn, x, y), "diag_ggn_exact")
 
 
 class EinsumDiagonal(nn.Module):

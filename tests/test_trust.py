@@ -623,6 +623,40 @@ def test_tracing_leaves_the_model_as_it_was():
         torch.testing.assert_close(grad[name], g, **TOL)
 
 
+class CachedBias(nn.Module):
+    """timm's EfficientFormer in eval mode: a parameter-derived bias cached in a dict on the
+    first forward and reused after."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.inner, self.outer = nn.Linear(3, 4), nn.Linear(4, 2)
+        self.table = nn.Parameter(torch.randn(4))
+        self.cache = {}
+        self.to(DTYPE)
+
+    def forward(self, x):
+        if "bias" not in self.cache:
+            self.cache["bias"] = self.table * 2
+        return self.outer(torch.tanh(self.inner(x)) + self.cache["bias"])
+
+
+def test_a_cache_filled_in_forward_is_emptied_after_tracing_and_checking():
+    """Before: the first compile left a Proxy in ``model.cache`` (the next compile failed:
+    a node of another graph) and the first-call check left a tensor whose graph was freed.
+    Both are undone; each step recomputes the bias, so its derivative reaches ``table``."""
+    model = CachedBias().eval()
+    x, y = batch()
+    for _ in range(2):
+        _, grad = fxcurv.compile(model, nn.MSELoss(), ["batch_grad"])(x, y)[:2]
+        assert model.cache == {}
+    eager = nn.MSELoss()(model(x), y)
+    model.cache.clear()
+    for (name, p), g in zip(model.named_parameters(),
+                            torch.autograd.grad(eager, list(model.parameters()))):
+        torch.testing.assert_close(grad[name], g, **TOL)
+
+
 @pytest.mark.parametrize("loss_fn, where", [
     (lambda z, y: F.cross_entropy(z @ z.T, y), "reverses the axes"),
     (lambda z, y: F.mse_loss(z - z.mean(0, keepdim=True), y.to(DTYPE)[:, None].expand(-1, 2)),

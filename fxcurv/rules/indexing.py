@@ -80,17 +80,19 @@ def checked_index(index: Tensor) -> Tensor:
     return index.reshape(-1)
 
 
-def rows_shape(index: Tensor, x: Tensor) -> List[int]:
-    """The shape of ``x[index]``: ``[*index.shape, *x.shape[1:]]``."""
-    return list(index.shape) + list(x.shape[1:])
+def rows_shape(index: Tensor, x: Tensor, axis: int) -> List[int]:
+    """The shape of ``x[:, .., index]`` (``index`` at ``axis``):
+    ``[*x.shape[:axis], *index.shape, *x.shape[axis + 1:]]``."""
+    return list(x.shape[:axis]) + list(index.shape) + list(x.shape[axis + 1:])
 
 
-def lower_tensor_index(x, index):
-    """``x[index]`` for an integer tensor ``index`` (advanced indexing of axis 0), as
-    ``index_select(x, 0, index.flatten())`` reshaped to ``[*index.shape, *x.shape[1:]]``."""
+def lower_tensor_index(x, index, axis: int = 0):
+    """``x[:, .., index]`` for an integer tensor ``index`` at ``axis`` (advanced indexing of
+    one axis), as ``index_select(x, axis, index.flatten())`` reshaped to
+    :func:`rows_shape`."""
     flat = x.tracer.create_proxy("call_function", checked_index, (index,), {})
-    picked = torch.index_select(x, 0, flat)
-    shape = x.tracer.create_proxy("call_function", rows_shape, (index, x), {})
+    picked = torch.index_select(x, axis, flat)
+    shape = x.tracer.create_proxy("call_function", rows_shape, (index, x, axis), {})
     return picked.reshape(shape)
 
 

@@ -24,7 +24,7 @@ from torch import Tensor
 from ..errors import node_error
 from .contraction import Contraction
 from .helpers import sum_to_shape
-from .registry import FRESH, VIEW, Ctx, bilinear, register
+from .registry import FRESH, VIEW, Ctx, affine, bilinear, register
 
 
 # -- matmul: runtime helpers (TorchScript-scriptable) ----------------------------------------
@@ -520,6 +520,12 @@ def sdpa_mask(mask: Tensor, dtype: torch.dtype) -> Tensor:
         return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(
             mask.logical_not(), float("-inf"))
     return mask
+
+
+affine([sdpa_mask], "sdpa_mask", "mask, dtype",
+       doc="A boolean attention mask as an additive 0 / -inf mask (no derivative); a float one "
+           "(a relative position bias, BEiT's) as it is;  Jᵀg = g.",
+       vjp={"mask": lambda g, c: g, "dtype": None}, sandwich={"mask": "shared"})
 
 
 def _lower_sdpa(c: Ctx):

@@ -227,6 +227,9 @@ permutation(["view", "reshape"], "reshape", "input, *shape",
             doc="y = x reshaped;  Jᵀg = g reshaped to x.", sandwich=SHARED, **RESHAPE)
 permutation([torch.reshape], "reshape", "input, shape",
             doc="y = x reshaped;  Jᵀg = g reshaped to x.", sandwich=SHARED, **RESHAPE)
+register(["reshape_as", "view_as"], "reshape_as", "input, other",
+         doc="y = x reshaped to other's shape (timm's ScaledStdConv2d);  lowered to reshape.",
+         lower=lambda c: c.args.input.reshape(c.args.other.shape))
 def unflattened_shape(shape: List[int], dim: int, sizes: List[int]) -> List[int]:
     """``shape`` with axis ``dim`` split into ``sizes`` (one may be -1), as ``unflatten``;
     never the sample axis 0."""
@@ -294,6 +297,29 @@ permutation(["contiguous"], "identity", "input, memory_format=None", traits=(VIE
             doc="y = x;  Jᵀg = g.", vjp={"input": lambda g, c: g}, sandwich=SHARED)
 permutation(["clone", torch.clone], "clone", "input, memory_format=None",
             doc="y = x (a copy);  Jᵀg = g.", vjp={"input": lambda g, c: g}, sandwich=SHARED)
+
+def cast_back(g: Tensor, like: Tensor) -> Tensor:
+    """``g`` in ``like``'s dtype and on its device (the Jacobian-transpose of a conversion)."""
+    return g.to(dtype=like.dtype, device=like.device)
+
+
+def _to_integers(b: dict) -> bool:
+    """A conversion to a non-floating dtype (``x.to(torch.long)``): no derivative. A dtype
+    read from a tensor (``x.to(h.dtype)``) is taken to be floating (it converts a value the
+    parameters reach; an integer one would have no derivative to lose)."""
+    targets = list(b["args"]) + [b["kwargs"].get("dtype")]
+    return any(isinstance(t, torch.dtype) and not t.is_floating_point and not t.is_complex
+               for t in targets)
+
+
+permutation(["to", "type_as", "float", "double", "half", "bfloat16", "cpu", "cuda"], "convert",
+            "input, *args, **kwargs",
+            doc="y = x in another dtype or on another device (rounded where the dtype is "
+                "narrower);  Jᵀg = g converted back, as autograd does. To an integer dtype: "
+                "no derivative.",
+            vjp={"input": lambda g, c: c.call(cast_back, g, c.args.input), "args": None,
+                 "kwargs": None},
+            constant=_to_integers, sandwich=SHARED)
 
 _PERMUTE_DOC = "y = x with axes permuted;  Jᵀg = g with the inverse permutation."
 permutation(["permute"], "permute", "input, *dims", doc=_PERMUTE_DOC, traits=(VIEW,),

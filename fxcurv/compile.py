@@ -17,6 +17,7 @@ from torch import Tensor
 from . import guard, quantities as q
 from .backend import Backend, resolve_backend, with_backend
 from .emit import Emitter
+from .example import check_example_leaves, check_example_shapes
 from .errors import CompileError, node_error, requesting
 from .passes.analysis import ancestors, descendants, loss_rank, sample_carriers, sample_data
 from .passes.backward import backward
@@ -46,7 +47,8 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
             backend: Backend = "auto", verify: bool = True,
             column_chunk: Union[int, str, None] = "auto",
             column_budget: int = DEFAULT_COLUMN_BUDGET,
-            sequence_length: Optional[int] = None) -> fx.GraphModule:
+            sequence_length: Optional[int] = None,
+            example: Optional[tuple] = None) -> fx.GraphModule:
     """Compile ``loss_fn(model(x), y)`` into one step returning loss, gradient and quantities.
 
     Args:
@@ -94,6 +96,12 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
         sequence_length: the number of time steps ``T`` of the model's recurrent layers
             (``nn.RNN``, ``nn.LSTM``, ``nn.GRU``), which are unrolled over ``T`` steps when
             tracing; the step checks ``T`` when it runs. Needed only for such models.
+        example: one batch ``(x, y)``, for a forward with Python branches on sizes
+            (``if x.shape[-1] < k``, a padding amount, ``v.device.type``), which fx cannot
+            trace alone: each branch takes the way it takes for the example, the same for any
+            number of samples (else a ``CompileError``), and the step then checks that it is
+            called with the example's shapes past axis 0 (``fxcurv/example.py``). Not needed
+            (and without effect on the step) for a forward without such branches.
 
     ``x`` and ``y`` may be tensors or tuples, lists or dicts of tensors, each with the samples
     along axis 0, and the model may return several tensors (``fxcurv/inputs.py``).
@@ -114,7 +122,8 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
         raise CompileError(f"mc_samples must be a positive int, got {mc_samples!r}.")
     chunk = _column_chunk(column_chunk, column_budget)
     requested = q.resolve(quantities)
-    traced = trace(model, loss_fn, sequence_length, fuse_recurrent=not requested)
+    traced = trace(model, loss_fn, sequence_length, fuse_recurrent=not requested,
+                   example=example)
     if not traced.params:
         raise CompileError("the model has no trainable parameters (requires_grad=True) that the "
                            "loss depends on; there is nothing to differentiate.")
@@ -301,6 +310,13 @@ def _emit_input_check(emit: Emitter, traced: Traced) -> Any:
         node = emit.graph.call_function(check, (x, y, dtype))
     node._rename("x_checked")
     x.replace_all_uses_with(node, delete_user_cb=lambda user: user is not node)
+    if traced.example_shapes is not None:  # the trace took branches on the example's sizes
+        check = check_example_leaves if traced.structured else check_example_shapes
+        with emit.graph.inserting_after(node):
+            shaped = emit.graph.call_function(check, (node, y, traced.example_shapes))
+        node.replace_all_uses_with(shaped, delete_user_cb=lambda user: user is not shaped)
+        shaped._rename("x_example_shaped")
+        node = shaped
     return emit.proxy(node)
 
 

@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode, is_tensor_method_or_property
 from torch.utils import _pytree as pytree
 
+from .example import ExampleValues, example_shapes
 from .errors import CompileError, format_module, user_frame
 from .inputs import join_outputs, structured
 from .passes.analysis import sample_carriers, sample_data
@@ -311,10 +312,13 @@ def without_backpack_hooks(*roots: Any):
 class CurvatureTracer(fx.Tracer):
     """Traces through every module, lowering the ones in ``MODULE_LOWERINGS`` and unrolling
     recurrent layers over ``sequence_length`` steps (``fxcurv/recurrent.py``); records grad
-    mode per node, custom autograd Functions and backward hooks (module docstring)."""
+    mode per node, custom autograd Functions and backward hooks (module docstring). With an
+    ``example`` batch, Python branches on sizes take the example's (``fxcurv/example.py``)."""
 
-    def __init__(self, sequence_length: Optional[int] = None, fuse_recurrent: bool = False):
+    def __init__(self, sequence_length: Optional[int] = None, fuse_recurrent: bool = False,
+                 example: Optional[tuple] = None):
         super().__init__()
+        self.example, self.examples = example, None
         self.record_stack_traces = True
         # buffers read in forward become get_attr Proxies, so slicing one by a traced size
         # (nanoGPT's causal mask ``self.bias[:, :, :T, :T]``) is recorded, not evaluated
@@ -386,9 +390,17 @@ class CurvatureTracer(fx.Tracer):
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
         node.meta["grad_enabled"] = torch.is_grad_enabled()
+        if self.examples is not None:
+            self.examples.record(node)
         return node
 
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        decided = None if self.examples is None else self.examples.decide(obj.node)
+        return super().to_bool(obj) if decided is None else decided
+
     def trace(self, root, concrete_args=None) -> fx.Graph:
+        if self.example is not None:
+            self.examples = ExampleValues(self.example, root)
         with torch.enable_grad(), without_backpack_hooks(root), _ParameterProxies(self, root), \
                 _opaque_functions(self), _weighted_l1_loss(), module_state_kept(root), \
                 _attributes_keep_grad_mode():
@@ -661,6 +673,8 @@ class Traced:
     loss: fx.Node
     memo: dict = field(default_factory=dict)  # values passes share (e.g. the loss Hessian)
     structured: bool = False  # x or y is a tuple/list/dict of tensors (fxcurv/inputs.py)
+    # shapes past axis 0 of the example's tensors, where the trace took a branch on sizes
+    example_shapes: Optional[list] = None
 
     def refresh(self) -> None:
         """Re-read the loss and model-output nodes after a pass replaced them (the loss is what
@@ -672,18 +686,21 @@ class Traced:
 
 
 def trace(model: nn.Module, loss_fn: Callable, sequence_length: Optional[int] = None,
-          fuse_recurrent: bool = False) -> Traced:
+          fuse_recurrent: bool = False, example: Optional[tuple] = None) -> Traced:
     """Trace ``loss_fn(model(x), y)`` into one graph; parameter nodes named like the model's;
     recurrent layers unrolled over ``sequence_length`` steps (with ``fuse_recurrent``, for a
-    gradient-only step, an LSTM layer is one node per direction)."""
+    gradient-only step, an LSTM layer is one node per direction); Python branches on sizes
+    decided on ``example`` (``fxcurv/example.py``; ``Traced.example_shapes`` then holds the
+    shapes past axis 0 the step must be called with)."""
     if not isinstance(model, nn.Module):
         raise CompileError(f"model must be a torch.nn.Module, got {type(model).__name__}.")
     if not callable(loss_fn):
         raise CompileError("loss_fn must be a torch loss module or a callable "
                            f"(output, target) -> scalar, got {type(loss_fn).__name__}.")
     root = _ModelAndLoss(model, loss_fn)
+    tracer = CurvatureTracer(sequence_length, fuse_recurrent, example)
     try:
-        graph = CurvatureTracer(sequence_length, fuse_recurrent).trace(root)
+        graph = tracer.trace(root)
     except CompileError:
         raise
     except Exception as err:  # noqa: BLE001 - re-raised with context
@@ -693,7 +710,9 @@ def trace(model: nn.Module, loss_fn: Callable, sequence_length: Optional[int] = 
     loss, output = _split_output(graph, x)
     attrs = _rename_attributes(graph, root)
     params = _parameter_nodes(graph, model, attrs)
-    return Traced(graph, attrs, params, (x, y), output, loss, structured=any(parts))
+    decided = tracer.examples is not None and tracer.examples.decisions > 0
+    return Traced(graph, attrs, params, (x, y), output, loss, structured=any(parts),
+                  example_shapes=example_shapes(example) if decided else None)
 
 
 def _parameter_nodes(graph: fx.Graph, model: nn.Module, attrs: dict) -> dict[str, fx.Node]:
@@ -776,8 +795,10 @@ def _trace_error(err: Exception) -> CompileError:
     place = ", ".join(([f"module {format_module(*module)}"] if module else [])
                       + ([where] if where else []))
     hint = ("fx traces the forward symbolically, so Python control flow on tensor values "
-            "(if/while on a tensor, data-dependent shapes) cannot be traced. Make the branch "
-            "depend on constructor arguments, use torch.where, or move it out of forward.")
+            "(if/while on a tensor, data-dependent shapes) cannot be traced. If it branches on "
+            "sizes (x.shape[-1] < k, a padding amount), pass an example batch: "
+            "fxcurv.compile(..., example=(x, y)). Otherwise make the branch depend on "
+            "constructor arguments, use torch.where, or move it out of forward.")
     if not isinstance(err, fx.proxy.TraceError):
         hint = "Check that model(x) and loss_fn(output, y) run on ordinary tensors."
     if any(f.filename.endswith(os.path.join("nn", "utils", "rnn.py"))

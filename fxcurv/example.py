@@ -1,0 +1,246 @@
+"""Python control flow on sizes, decided on an example batch (``compile(..., example=(x, y))``).
+
+fx traces symbolically: ``x.shape[-1] < k``, ``if pad_r > 0`` or ``v.device.type != "meta"``
+in a forward (timm's VGG head, Twins, MobileViT, ConViT, CrossViT, EfficientViT) has no value
+to branch on, and tracing stops. Given an example batch, the tracer also evaluates every node
+on fake tensors (``torch._subclasses.FakeTensorMode``: shapes, dtypes and devices, no data)
+and a Python ``bool`` of a traced value takes the branch that value has for the example.
+
+The branch must not depend on the number of samples (the step serves every batch size): every
+node is evaluated twice, on the example and on the example with one more sample, and a
+branch that differs between the two is a :class:`CompileError`. Sizes themselves stay
+symbolic in the graph (``x.view(B, H // ws, ...)`` reads them when the step runs); only the
+branches are fixed, so a step whose trace took one raises a ``ValueError`` when called with
+inputs whose shapes, past the sample axis, differ from the example's
+(:func:`check_example_shapes`). A branch on data (``if x.sum() > 0``) has no fake value and
+stays a trace error.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import operator
+from typing import Any, List, Optional
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch import Tensor
+
+from .errors import CompileError
+
+_MISSING = object()
+
+
+def check_example_shapes(x: Tensor, y: Tensor, encoded: List[int]) -> Tensor:
+    """Call-time check that ``x`` and ``y`` have the example's shapes past axis 0 (the
+    traced branches assumed them), ``encoded`` as :func:`encode_shapes`; returns ``x``."""
+    expected = decode_shapes(encoded)
+    for name, value, shape in (("x", x, expected[0]), ("y", y, expected[1])):
+        if list(value.shape[1:]) != shape:
+            raise ValueError("fxcurv: {} has shape {} past the sample axis, but the step was "
+                             "traced on an example with {} and its forward branches on sizes; "
+                             "compile another step with an example of these shapes"
+                             .format(name, list(value.shape[1:]), shape))
+    return x
+
+
+def check_example_leaves(x: Any, y: Any, encoded: List[int]) -> Any:
+    """:func:`check_example_shapes` for structured ``x``/``y`` (every tensor leaf)."""
+    leaves = [t for t in pytree.tree_leaves((x, y)) if isinstance(t, Tensor)]
+    for i, (leaf, shape) in enumerate(zip(leaves, decode_shapes(encoded))):
+        if list(leaf.shape[1:]) != shape:
+            raise ValueError("fxcurv: input leaf {} has shape {} past the sample axis, but the "
+                             "step was traced on an example with {} and its forward branches on "
+                             "sizes".format(i, list(leaf.shape[1:]), shape))
+    return x
+
+
+def encode_shapes(shapes: List[List[int]]) -> List[int]:
+    """``[[3, 4], []]`` -> ``[2, 3, 4, 0]``: each shape's length, then its sizes (one flat,
+    never empty list: TorchScript types ``[]`` as a list of tensors)."""
+    return [item for shape in shapes for item in [len(shape), *shape]]
+
+
+def decode_shapes(encoded: List[int]) -> List[List[int]]:
+    shapes: List[List[int]] = []
+    i = 0
+    while i < len(encoded):
+        shapes.append(encoded[i + 1:i + 1 + encoded[i]])
+        i += 1 + encoded[i]
+    return shapes
+
+
+def example_shapes(example: tuple) -> List[int]:
+    """The shapes past axis 0 of the example's tensors (``x``, ``y``, or every leaf), encoded
+    (:func:`encode_shapes`)."""
+    return encode_shapes([list(t.shape[1:]) for t in pytree.tree_leaves(example)
+                          if isinstance(t, Tensor)])
+
+
+class ExampleValues:
+    """Fake values of every traced node for the example and for the example with one more
+    sample; :meth:`decide` is the tracer's ``to_bool``."""
+
+    def __init__(self, example: tuple, root: torch.nn.Module):
+        from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: PLC0415 (private)
+        if not (isinstance(example, (tuple, list)) and len(example) == 2):
+            raise CompileError("example must be a pair (x, y) of one batch, as the step takes "
+                               f"it, got {type(example).__name__}.")
+        self.mode = FakeTensorMode(allow_non_fake_inputs=True)
+        self.root = root
+        self.fakes: dict[int, Tensor] = {}
+        # (before tracing: while it runs, parameters dispatch to Proxies)
+        self.states = {name: self._fake(t) for name, t in
+                       [*root.named_parameters(remove_duplicate=False),
+                        *root.named_buffers(remove_duplicate=False)]}
+        batches = (example, pytree.tree_map(_one_more_sample, example))
+        self.inputs = [[self._fake(part) for part in batch] for batch in batches]
+        self.values: List[dict] = [{}, {}]
+        self.decisions = 0
+
+    def _fake(self, value: Any) -> Any:
+        def convert(t):
+            if not isinstance(t, Tensor):
+                return t
+            if id(t) not in self.fakes:
+                with torch._C.DisableTorchFunction():  # (no tracer dispatch)
+                    self.fakes[id(t)] = self.mode.from_tensor(t)
+            return self.fakes[id(t)]
+        return pytree.tree_map(convert, value)
+
+    def record(self, node: fx.Node) -> None:
+        """Evaluate ``node`` on both fake batches (no value where that fails)."""
+        for which in (0, 1):
+            value = self._evaluate(node, which)
+            if value is not _MISSING:
+                self.values[which][node] = value
+
+    def _evaluate(self, node: fx.Node, which: int) -> Any:
+        if node.op == "placeholder":
+            count = sum(1 for n in self.values[which] if n.op == "placeholder")
+            return self.inputs[which][count] if count < 2 else _MISSING
+        if node.op == "get_attr":
+            if node.target in self.states:
+                return self.states[node.target]
+            return self._fake(_attribute(self.root, node.target))
+        missing = []
+
+        def read(arg):
+            if arg not in self.values[which]:
+                missing.append(arg)
+                return None
+            return self.values[which][arg]
+        args = fx.node.map_arg(node.args, read)
+        kwargs = fx.node.map_arg(node.kwargs, read)
+        if missing:
+            return _MISSING
+        try:
+            with self.mode, torch.no_grad(), _quiet_fake_tensors():
+                if node.op == "call_function":
+                    return node.target(*args, **kwargs)
+                if node.op == "call_method":
+                    return getattr(args[0], node.target)(*args[1:], **kwargs)
+        except Exception:  # noqa: BLE001 - no fake value: a branch on it stays an error
+            return _MISSING
+        return _MISSING
+
+    def decide(self, node: fx.Node) -> Optional[bool]:
+        """The branch ``bool(node)`` takes on the example; None if it has no fake value.
+        Raises :class:`CompileError` where the branch depends on the number of samples."""
+        try:
+            branches = [bool(values[node]) for values in self.values]
+        except Exception:  # noqa: BLE001 - missing, or a branch on data
+            return None
+        if branches[0] != branches[1] or _reads_sample_count(node, self.values[0]):
+            raise CompileError(f"the forward branches on the number of samples at node "
+                               f"'{node.name}' ({node.format_node()}): one compiled step serves "
+                               "every batch size, so the branch must not depend on it.")
+        self.decisions += 1
+        return branches[0]
+
+
+@contextlib.contextmanager
+def _quiet_fake_tensors():
+    """Fake tensors log each op that fails on them (here: no fake value, not an error)."""
+    logger = logging.getLogger("torch._subclasses.fake_tensor")
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def _reads_sample_count(node: fx.Node, values: dict) -> bool:
+    """Whether ``node`` is computed from axis 0's size of an input-derived tensor
+    (``x.shape[0]``, ``x.size(0)``, ``len(x)``, a whole ``x.shape`` compared), following size
+    arithmetic only (a tensor reshaped with ``B`` does not make its later sizes depend on
+    it; a later size that does, ``x.view(2, -1).shape[1]``, differs between the two fake
+    batches); ``values``: the fake values (negative indices resolved with the rank)."""
+    ancestors, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current not in ancestors:
+            ancestors.add(current)
+            if not isinstance(values.get(current), Tensor):  # (sizes read of a tensor: its
+                stack.extend(current.all_input_nodes)        # own shape, checked above)
+    return any(_sample_count_read(n, ancestors, values) for n in ancestors)
+
+
+def _sample_count_read(node: fx.Node, ancestors: set, values: dict) -> bool:
+    if node.op == "call_function" and node.target is len:
+        return _from_inputs(node.args[0])
+    if node.op == "call_method" and node.target == "size" and len(node.args) > 1:
+        rank = len(values.get(node.args[0]).shape) if node.args[0] in values else None
+        axis = node.args[1] % rank if isinstance(node.args[1], int) and rank else node.args[1]
+        return axis == 0 and _from_inputs(node.args[0])
+    whole = (node.op == "call_function" and node.target is getattr and node.args[1] == "shape") \
+        or (node.op == "call_method" and node.target == "size" and len(node.args) == 1)
+    if not whole or not _from_inputs(node.args[0]):
+        return False
+    rank = len(values[node]) if node in values else None
+    for user in node.users:
+        if user not in ancestors:
+            continue
+        index = user.args[1] if user.op == "call_function" and \
+            user.target is operator.getitem else None
+        if isinstance(index, slice) and isinstance(index.start, int) and rank and \
+                index.start % rank != 0 and (index.step or 1) > 0:
+            continue  # x.shape[2:]
+        if not isinstance(index, int) or rank is None or index % rank == 0:
+            return True  # axis 0, or the whole shape, read on the way to the branch
+    return False
+
+
+def _from_inputs(value: Any) -> bool:
+    """Whether a node is computed from the step's inputs (a placeholder is an ancestor)."""
+    if not isinstance(value, fx.Node):
+        return False
+    seen, stack = set(), [value]
+    while stack:
+        current = stack.pop()
+        if current.op == "placeholder":
+            return True
+        if current not in seen:
+            seen.add(current)
+            stack.extend(current.all_input_nodes)
+    return False
+
+
+def _attribute(root: torch.nn.Module, target: str) -> Any:
+    """``root.<target>`` read from the modules' own tables (fx patches ``Module.__getattr__``
+    while tracing, to return Proxies)."""
+    value: Any = root
+    for part in target.split("."):
+        tables = [value._parameters, value._buffers, value._modules, value.__dict__] \
+            if isinstance(value, torch.nn.Module) else [value.__dict__]
+        value = next(table[part] for table in tables if part in table)
+    return value
+
+
+def _one_more_sample(t: Any) -> Any:
+    """``t`` with its first sample repeated at the end (a batch of one more sample)."""
+    if isinstance(t, Tensor) and t.dim() > 0:
+        return torch.cat([t, t[:1]])
+    return t

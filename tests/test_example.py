@@ -1,0 +1,154 @@
+"""``compile(..., example=(x, y))``: Python branches on sizes decided on an example batch.
+
+Models written like timm's VGG head (``if x.shape[-2] < k: pool``) and Twins' windowed
+attention (pad to a multiple of the window when ``pad > 0``, crop after): without an example
+fx cannot trace them (the error says to pass one); with one, every quantity matches
+brute force in float64, for the example's batch size and others, and a call with other
+shapes past the sample axis raises. A branch on the number of samples is refused.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call, grad, vmap
+
+import fxcurv
+
+DTYPE = torch.float64
+TOL = dict(rtol=1e-10, atol=1e-12)
+
+
+class PooledHead(nn.Module):
+    """timm's ``ConvMlp``: pool the map up to the kernel size only when it is smaller."""
+
+    def __init__(self, kernel: int = 3):
+        super().__init__()
+        self.kernel = kernel
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.head = nn.Conv2d(4, 3, kernel)
+
+    def forward(self, x):
+        x = torch.tanh(self.conv(x))
+        if x.shape[-2] < self.kernel or x.shape[-1] < self.kernel:
+            x = F.adaptive_avg_pool2d(x, self.kernel)
+        if x.shape[-1] > self.kernel:
+            x = F.adaptive_avg_pool2d(x, self.kernel)
+        return self.head(x).flatten(1)
+
+
+class PaddedWindows(nn.Module):
+    """Twins' locally grouped attention: pad the map to whole windows when needed, attend
+    within each window, crop back."""
+
+    def __init__(self, window: int = 3):
+        super().__init__()
+        self.window = window
+        self.embed = nn.Conv2d(2, 4, 1)
+        self.mix = nn.Linear(4, 4)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x):
+        x = self.embed(x).permute(0, 2, 3, 1)                     # [N, H, W, C]
+        n, h, w, c = x.shape
+        pad_r = (self.window - w % self.window) % self.window
+        pad_b = (self.window - h % self.window) % self.window
+        if pad_r > 0 or pad_b > 0:
+            x = F.pad(x, (0, 0, 0, pad_r, 0, pad_b))
+        hp, wp = x.shape[1], x.shape[2]
+        windows = x.reshape(n, hp // self.window, self.window, wp // self.window,
+                            self.window, c).transpose(2, 3)
+        windows = windows.reshape(n, -1, self.window * self.window, c)
+        attended = torch.softmax(windows @ windows.transpose(-2, -1), -1) @ self.mix(windows)
+        x = attended.reshape(n, hp // self.window, wp // self.window, self.window,
+                             self.window, c).transpose(2, 3).reshape(n, hp, wp, c)
+        if pad_r > 0 or pad_b > 0:
+            x = x[:, :h, :w, :].contiguous()
+        return self.head(x.mean((1, 2)))
+
+
+class BatchBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 3)
+
+    def forward(self, x):
+        if x.shape[0] > 2:
+            return self.fc(x) * 2
+        return self.fc(x)
+
+
+def data(n: int, side: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, 2, side, side, dtype=DTYPE, generator=g), \
+        torch.randint(0, 3, (n,), generator=g)
+
+
+def per_sample_grads(model, x, y):
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, xn, yn):
+        return F.cross_entropy(functional_call(model, p, (xn[None],)), yn[None]) / len(y)
+    return vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+
+
+@pytest.mark.parametrize("build, side", [(PooledHead, 2), (PooledHead, 5),
+                                         (PaddedWindows, 4)],
+                         ids=["pooled_small", "pooled_large", "padded_windows"])
+def test_branches_on_sizes_follow_the_example(build, side):
+    torch.manual_seed(0)
+    model, loss_fn = build().to(DTYPE), nn.CrossEntropyLoss()
+    x, y = data(4, side)
+    with pytest.raises(fxcurv.CompileError, match=r"example=\(x, y\)"):
+        fxcurv.compile(model, loss_fn, ["batch_grad"])
+    step = fxcurv.compile(model, loss_fn, ["batch_grad", "diag_ggn_exact"], example=(x, y))
+    for n in (4, 3, 1):  # any number of samples
+        xn, yn = data(n, side, seed=n)
+        loss, gradient, batch_grad, _ = step(xn, yn)
+        torch.testing.assert_close(loss, loss_fn(model(xn), yn).detach(), **TOL)
+        expected = per_sample_grads(model, xn, yn)
+        for name, value in expected.items():
+            torch.testing.assert_close(batch_grad[name], value, **TOL, msg=name)
+            torch.testing.assert_close(gradient[name], value.sum(0), **TOL, msg=name)
+    with pytest.raises(ValueError, match="traced on an example"):
+        step(*data(2, side + 1))
+
+
+def test_a_branch_on_the_number_of_samples_is_refused():
+    x, y = torch.randn(4, 4, dtype=DTYPE), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(fxcurv.CompileError, match="branches on the number of samples"):
+        fxcurv.compile(BatchBranch().to(DTYPE), nn.CrossEntropyLoss(), example=(x, y))
+
+
+def test_an_example_without_branches_changes_nothing():
+    """No branch taken: no shape check, the step serves any shape as without an example."""
+    model = nn.Sequential(nn.Conv2d(2, 3, 3), nn.AdaptiveAvgPool2d(1), nn.Flatten()).to(DTYPE)
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), example=data(2, 5))
+    assert "example" not in step.code
+    step(*data(3, 7))
+
+
+def test_a_branch_on_data_stays_a_trace_error():
+    class DataBranch(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.fc(x) if x.sum() > 0 else -self.fc(x)
+
+    x, y = torch.randn(4, 4, dtype=DTYPE), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(fxcurv.CompileError, match="could not trace"):
+        fxcurv.compile(DataBranch().to(DTYPE), nn.CrossEntropyLoss(), example=(x, y))
+
+
+def test_a_stepped_example_keeps_torchscript():
+    model = PooledHead().to(DTYPE)
+    x, y = data(2, 2)
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_l2"], example=(x, y))
+    scripted = torch.jit.script(step)
+    for got, want in zip(scripted(x, y)[2].values(), step(x, y)[2].values()):
+        torch.testing.assert_close(got, want, **TOL)
+    with pytest.raises(Exception, match="traced on an example"):
+        scripted(*data(2, 3))

@@ -22,14 +22,13 @@ from functools import lru_cache
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import fxcurv
 
 timm = pytest.importorskip("timm")
-from test_torchvision_zoo import ggn_diagonal, per_sample_grads  # noqa: E402
+from test_torchvision_zoo import (assert_diag_ggn_matches, assert_first_order_matches,  # noqa: E402
+                                  assert_logits_of_order_one)
 
-TOL = dict(rtol=1e-8, atol=1e-12)
 CLASSES = 5
 VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=16, num_heads=2)
 FAMILIES = {  # family -> (timm name or builder, keyword arguments, image side)
@@ -76,9 +75,7 @@ def prepared(family: str):
     gen = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, side, side, dtype=torch.float64, generator=gen)
     y = torch.tensor([1, 3])
-    with torch.no_grad():
-        spread = model(x).std().item()
-    assert 0.1 < spread < 10, f"logits of {family} are not O(1): std {spread}"
+    assert_logits_of_order_one(model, x, family)
     return model, x, y
 
 
@@ -92,23 +89,13 @@ def results(family: str) -> tuple:
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_grad_and_batch_l2_match_per_sample_autograd(family):
     model, x, y = prepared(family)
-    loss, grad, batch_l2 = results(family)[:3]
-    per_sample = per_sample_grads(model, x, y)
-    torch.testing.assert_close(loss, F.cross_entropy(model(x), y).detach(), rtol=1e-12, atol=0)
-    for name in grad:
-        torch.testing.assert_close(grad[name], sum(g[name] for g in per_sample), **TOL,
-                                   msg=name)
-        expected = torch.stack([g[name].square().sum() for g in per_sample])
-        torch.testing.assert_close(batch_l2[name], expected, **TOL, msg=name)
+    assert_first_order_matches(model, x, y, *results(family)[:3])
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_diag_ggn_exact_matches_square_root_columns(family):
     model, x, y = prepared(family)
-    expected = ggn_diagonal(model, x, y)
-    assert sum(v.abs().sum() for v in expected.values()) > 1e-6  # not vacuous
-    for name, value in expected.items():
-        torch.testing.assert_close(results(family)[3][name], value, **TOL, msg=name)
+    assert_diag_ggn_matches(model, x, y, results(family)[3])
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

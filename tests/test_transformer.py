@@ -554,6 +554,32 @@ class PickPositions(nn.Module):
         return self.head(torch.tanh(self.fc(x))[:, self.positions].sum((1, 2)))
 
 
+class HeadEnsemble(nn.Module):
+    """timm's CrossViT: several heads stacked along axis 0 and averaged over it (before:
+    refused, the stack moves the samples to axis 1)."""
+
+    def __init__(self, reduce):
+        super().__init__()
+        self.heads = nn.ModuleList([nn.Linear(D, CLASSES) for _ in range(3)])
+        self.reduce = reduce
+
+    def forward(self, x):
+        h = x.mean(1)
+        return self.reduce(torch.stack([head(h) for head in self.heads], dim=0))
+
+
+@pytest.mark.parametrize("reduce", [lambda t: torch.mean(t, dim=0), lambda t: t.sum(0)],
+                         ids=["mean", "sum"])
+def test_a_stack_reduced_over_its_axis_is_a_sum(reduce):
+    model, loss_fn = HeadEnsemble(reduce).double(), nn.CrossEntropyLoss()
+    x, y = torch.randn(N, T, D, dtype=torch.float64), torch.randint(0, CLASSES, (N,))
+    step = fxcurv.compile(model, loss_fn, ["batch_grad", "diag_ggn_exact"])
+    assert "stack" not in step.code
+    _, _, batch_grad, diag = step(x, y)
+    assert_dicts_close(batch_grad, reference_batch_grad(model, loss_fn, x, y), "batch_grad")
+    assert_dicts_close(diag, reference_diag_ggn(model, loss_fn, x, y), "diag_ggn_exact")
+
+
 def test_a_tensor_index_after_slices_is_an_index_select():
     model, loss_fn = PickPositions().double(), nn.CrossEntropyLoss()
     x, y = torch.randn(N, T, D, dtype=torch.float64), torch.randint(0, CLASSES, (N,))

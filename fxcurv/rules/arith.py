@@ -13,7 +13,8 @@ import torch
 import torch.fx as fx
 
 from .helpers import expand_reduced, reduced_count, sum_to_batch, sum_to_shape
-from .registry import AFFINE, BOOLEAN, KEPT, REDUCED, Ctx, elementwise, reduction, register
+from .registry import (AFFINE, BOOLEAN, KEPT, REDUCED, Ctx, elementwise, reduction, register,
+                       rule_for)
 from .shape import is_scalar_node
 
 
@@ -134,14 +135,36 @@ def _mean_vjp(g, c: Ctx):
     return _sum_vjp(g, c) / count
 
 
+def _unstacked(average: bool):
+    """``stack(ts, d).sum(d)`` -> ``t₁ + t₂ + ...`` (``mean``: over their number): an ensemble
+    of heads stacked along axis 0 and averaged (timm's CrossViT) never moves the samples;
+    else None (the call stays)."""
+    def lower(c: Ctx):
+        source = c.bound["input"]
+        stack = rule_for(source) if isinstance(source, fx.Node) else None
+        if stack is None or stack.name != "stack" or c.bound["keepdim"] or \
+                c.bound["dtype"] is not None:
+            return None
+        bound = stack.bind(source)
+        if not isinstance(c.bound["dim"], int) or c.bound["dim"] != bound["dim"] or \
+                c.bound["dim"] < 0 or not isinstance(bound["tensors"], (list, tuple)):
+            return None
+        pieces = [c.emit.proxy(t) for t in bound["tensors"]]
+        total = pieces[0]
+        for piece in pieces[1:]:
+            total = total + piece
+        return total / len(pieces) if average else total
+    return lower
+
+
 reduction([torch.sum, "sum"], "sum", "input, dim=None, keepdim=False, dtype=None",
           doc="y = Σ_dim x;  Jᵀg broadcasts g back over the summed axes.",
           vjp={"input": _sum_vjp}, mixes_samples=_reduces_samples,
-          samples=_sum_samples)
+          samples=_sum_samples, lower=_unstacked(False))
 reduction([torch.mean, "mean"], "mean", "input, dim=None, keepdim=False, dtype=None",
           doc="y = mean_dim x;  Jᵀg broadcasts g/count back over the averaged axes.",
           vjp={"input": _mean_vjp}, mixes_samples=_reduces_samples,
-          samples=_sum_samples)
+          samples=_sum_samples, lower=_unstacked(True))
 
 
 elementwise([torch.masked_fill, "masked_fill"], "masked_fill", "input, mask, value",

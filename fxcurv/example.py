@@ -4,7 +4,8 @@ fx traces symbolically: ``x.shape[-1] < k``, ``if pad_r > 0`` or ``v.device.type
 in a forward (timm's VGG head, Twins, MobileViT, ConViT, CrossViT, EfficientViT) has no value
 to branch on, and tracing stops. Given an example batch, the tracer also evaluates every node
 on fake tensors (``torch._subclasses.FakeTensorMode``: shapes, dtypes and devices, no data)
-and a Python ``bool`` of a traced value takes the branch that value has for the example.
+and a Python ``bool`` of a traced value takes the branch that value has for the example
+(``int()`` of one: its value, ConViT's ``int(num_patches ** .5)``).
 
 The branch must not depend on the number of samples (the step serves every batch size): every
 node is evaluated twice, on the example and on the example with one more sample, and a
@@ -145,19 +146,42 @@ class ExampleValues:
             return _MISSING
         return _MISSING
 
-    def decide(self, node: fx.Node) -> Optional[bool]:
-        """The branch ``bool(node)`` takes on the example; None if it has no fake value.
-        Raises :class:`CompileError` where the branch depends on the number of samples."""
+    def decide(self, node: fx.Node, convert: Any = bool) -> Any:
+        """The branch ``bool(node)`` takes on the example (``convert=int``: the Python int it
+        is, ``int(n ** .5)``); None if it has no fake value. Raises :class:`CompileError`
+        where it depends on the number of samples."""
         try:
-            branches = [bool(values[node]) for values in self.values]
+            taken = [convert(values[node]) for values in self.values]
         except Exception:  # noqa: BLE001 - missing, or a branch on data
             return None
-        if branches[0] != branches[1] or _reads_sample_count(node, self.values[0]):
-            raise CompileError(f"the forward branches on the number of samples at node "
+        if taken[0] != taken[1] or _reads_sample_count(node, self.values[0]):
+            what = "branches" if convert is bool else "converts to a Python number"
+            raise CompileError(f"the forward {what} on the number of samples at node "
                                f"'{node.name}' ({node.format_node()}): one compiled step serves "
-                               "every batch size, so the branch must not depend on it.")
+                               "every batch size, so it must not depend on it.")
         self.decisions += 1
-        return branches[0]
+        return taken[0]
+
+    @contextlib.contextmanager
+    def python_numbers(self):
+        """While tracing: ``int(proxy)`` / ``operator.index(proxy)`` of a size (ConViT's
+        ``int(num_patches ** .5)``) is the example's value, like a branch."""
+        def as_int(proxy):
+            value = self.decide(proxy.node, int)
+            if value is None:
+                raise fx.proxy.TraceError(f"int() of the traced value '{proxy.node.name}', "
+                                          "which has no value on the example")
+            return value
+        saved = {name: getattr(fx.Proxy, name, None) for name in ("__int__", "__index__")}
+        fx.Proxy.__int__ = fx.Proxy.__index__ = as_int
+        try:
+            yield
+        finally:
+            for name, method in saved.items():
+                if method is None:
+                    delattr(fx.Proxy, name)
+                else:
+                    setattr(fx.Proxy, name, method)
 
 
 @contextlib.contextmanager

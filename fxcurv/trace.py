@@ -17,6 +17,7 @@ are taken off for the trace (:func:`without_backpack_hooks`).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import operator
 import os
@@ -401,9 +402,10 @@ class CurvatureTracer(fx.Tracer):
     def trace(self, root, concrete_args=None) -> fx.Graph:
         if self.example is not None:
             self.examples = ExampleValues(self.example, root)
+        numbers = self.examples.python_numbers() if self.examples else contextlib.nullcontext()
         with torch.enable_grad(), without_backpack_hooks(root), _ParameterProxies(self, root), \
                 _opaque_functions(self), _weighted_l1_loss(), module_state_kept(root), \
-                _attributes_keep_grad_mode():
+                _attributes_keep_grad_mode(), numbers:
             graph = super().trace(root, concrete_args)
         _merge_attributes(graph)
         _detach_no_grad_regions(graph)
@@ -795,11 +797,12 @@ def _trace_error(err: Exception) -> CompileError:
     place = ", ".join(([f"module {format_module(*module)}"] if module else [])
                       + ([where] if where else []))
     hint = ("fx traces the forward symbolically, so Python control flow on tensor values "
-            "(if/while on a tensor, data-dependent shapes) cannot be traced. If it branches on "
-            "sizes (x.shape[-1] < k, a padding amount), pass an example batch: "
+            "(if/while on a tensor, data-dependent shapes, int() of a size) cannot be traced. If "
+            "it branches on sizes (x.shape[-1] < k, a padding amount, int(n ** .5)), pass an "
+            "example batch: "
             "fxcurv.compile(..., example=(x, y)). Otherwise make the branch depend on "
             "constructor arguments, use torch.where, or move it out of forward.")
-    if not isinstance(err, fx.proxy.TraceError):
+    if not isinstance(err, fx.proxy.TraceError) and "not 'Proxy'" not in str(err):
         hint = "Check that model(x) and loss_fn(output, y) run on ordinary tensors."
     if any(f.filename.endswith(os.path.join("nn", "utils", "rnn.py"))
            for f in traceback.extract_tb(err.__traceback__)):

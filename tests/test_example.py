@@ -68,6 +68,22 @@ class PaddedWindows(nn.Module):
         return self.head(x.mean((1, 2)))
 
 
+class TokenGrid(nn.Module):
+    """Tokens ``[N, T, C]`` folded back into a ``√T × √T`` map: ``int(T ** .5)`` of a traced
+    size (segmentation heads on ViTs, ConViT) is the example's value."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Conv2d(2, 4, 1)
+        self.conv = nn.Conv2d(4, 3, 3, padding=1)
+
+    def forward(self, x):
+        tokens = self.embed(x).flatten(2).transpose(1, 2)          # [N, T, C]
+        side = int(tokens.shape[1] ** 0.5)
+        grid = tokens.transpose(1, 2).reshape(tokens.shape[0], -1, side, side)
+        return self.conv(torch.tanh(grid)).mean((2, 3))
+
+
 class BatchBranch(nn.Module):
     def __init__(self):
         super().__init__()
@@ -94,8 +110,8 @@ def per_sample_grads(model, x, y):
 
 
 @pytest.mark.parametrize("build, side", [(PooledHead, 2), (PooledHead, 5),
-                                         (PaddedWindows, 4)],
-                         ids=["pooled_small", "pooled_large", "padded_windows"])
+                                         (PaddedWindows, 4), (TokenGrid, 3)],
+                         ids=["pooled_small", "pooled_large", "padded_windows", "int_of_a_size"])
 def test_branches_on_sizes_follow_the_example(build, side):
     torch.manual_seed(0)
     model, loss_fn = build().to(DTYPE), nn.CrossEntropyLoss()

@@ -37,12 +37,8 @@ def check_example_shapes(x: Tensor, y: Tensor, encoded: List[int]) -> Tensor:
     """Call-time check that ``x`` and ``y`` have the example's shapes past axis 0 (the
     traced branches assumed them), ``encoded`` as :func:`encode_shapes`; returns ``x``."""
     expected = decode_shapes(encoded)
-    for name, value, shape in (("x", x, expected[0]), ("y", y, expected[1])):
-        if list(value.shape[1:]) != shape:
-            raise ValueError("fxcurv: {} has shape {} past the sample axis, but the step was "
-                             "traced on an example with {} and its forward branches on sizes; "
-                             "compile another step with an example of these shapes"
-                             .format(name, list(value.shape[1:]), shape))
+    _check_shape("x", x, expected[0])
+    _check_shape("y", y, expected[1])
     return x
 
 
@@ -50,11 +46,16 @@ def check_example_leaves(x: Any, y: Any, encoded: List[int]) -> Any:
     """:func:`check_example_shapes` for structured ``x``/``y`` (every tensor leaf)."""
     leaves = [t for t in pytree.tree_leaves((x, y)) if isinstance(t, Tensor)]
     for i, (leaf, shape) in enumerate(zip(leaves, decode_shapes(encoded))):
-        if list(leaf.shape[1:]) != shape:
-            raise ValueError("fxcurv: input leaf {} has shape {} past the sample axis, but the "
-                             "step was traced on an example with {} and its forward branches on "
-                             "sizes".format(i, list(leaf.shape[1:]), shape))
+        _check_shape(f"input leaf {i}", leaf, shape)
     return x
+
+
+def _check_shape(what: str, value: Tensor, shape: List[int]) -> None:
+    if list(value.shape[1:]) != shape:
+        raise ValueError("fxcurv: {} has shape {} past the sample axis, but the step was "
+                         "traced on an example with {} and its forward branches on sizes; "
+                         "compile another step with an example of these shapes"
+                         .format(what, list(value.shape[1:]), shape))
 
 
 def encode_shapes(shapes: List[List[int]]) -> List[int]:

@@ -17,14 +17,13 @@ are taken off for the trace (:func:`without_backpack_hooks`).
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import operator
 import os
 import sys
 import traceback
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -402,7 +401,7 @@ class CurvatureTracer(fx.Tracer):
     def trace(self, root, concrete_args=None) -> fx.Graph:
         if self.example is not None:
             self.examples = ExampleValues(self.example, root)
-        numbers = self.examples.python_numbers() if self.examples else contextlib.nullcontext()
+        numbers = self.examples.python_numbers() if self.examples else nullcontext()
         with torch.enable_grad(), without_backpack_hooks(root), _ParameterProxies(self, root), \
                 _opaque_functions(self), _weighted_l1_loss(), module_state_kept(root), \
                 _attributes_keep_grad_mode(), numbers:
@@ -436,6 +435,9 @@ def _attributes_keep_grad_mode():
         attribute.__init__, attribute.node = init, node
 
 
+_MODULE_TABLES = ("_parameters", "_buffers", "_modules")  # (restored by name, below)
+
+
 @contextmanager
 def module_state_kept(root: Any, warn: bool = True):
     """Tracing runs the forward once, on Proxies: whatever it assigns to modules (a counter,
@@ -448,8 +450,8 @@ def module_state_kept(root: Any, warn: bool = True):
     modules = list(root.modules()) if isinstance(root, nn.Module) else []
     saved = {m: (dict(m.__dict__), dict(m._parameters), dict(m._buffers), dict(m._modules))
              for m in modules}
-    contents = [(value, copy.copy(value)) for m in modules for value in m.__dict__.values()
-                if type(value) in (dict, list)]
+    contents = [(value, copy.copy(value)) for m in modules for name, value in m.__dict__.items()
+                if type(value) in (dict, list) and name not in _MODULE_TABLES]
     try:
         yield
     finally:

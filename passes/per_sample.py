@@ -256,9 +256,10 @@ class PerSample:
         coupled batch's columns are sample-local (:func:`~.curvature.factors.rows_apart`):
         the totals of column ``(k, n)`` by sample."""
         if self.coupled:
-            columns = self.memoized("batch", name, f"{label or self.label}_columns",
-                                    lambda: self.column_totals(name).view_as(
-                                        self.column_totals(name)))
+            def own_node():  # (a node of its own to tag: not the backward's cotangent)
+                total = self.column_totals(name)
+                return total.view_as(total)
+            columns = self.memoized("batch", name, f"{label or self.label}_columns", own_node)
             return self.memoized("by_sample", name, label or self.label, lambda: self.emit.call(
                 columns_by_sample, columns, self.batch_size))
 

@@ -168,3 +168,10 @@ def test_a_stepped_example_keeps_torchscript():
         torch.testing.assert_close(got, want, **TOL)
     with pytest.raises(Exception, match="traced on an example"):
         scripted(*data(2, 3))
+
+
+@pytest.mark.parametrize("example", [torch.zeros(2, 4), (torch.zeros(2, 4),)],
+                         ids=["a_tensor", "one_item"])
+def test_an_example_that_is_not_a_pair_is_refused(example):
+    with pytest.raises(fxcurv.CompileError, match=r"example must be a pair \(x, y\)"):
+        fxcurv.compile(BatchBranch().to(DTYPE), nn.CrossEntropyLoss(), example=example)

@@ -158,6 +158,14 @@ SHAPE_BLOCKS: dict[str, Callable] = {
         -1, -2).reshape(-1, 4),
     "mean_over_rows_3d": lambda h: (h.view(-1, 2, 2) - h.view(-1, 2, 2).mean(
         -3, keepdim=True)).reshape(-1, 4),
+    # rewrites of this session: picks of a permute (timm's q/k/v), a stack averaged over its
+    # axis (CrossViT's heads), conversions, one index tensor after a slice
+    "permute_unbind": lambda h: h.view(-1, 2, 2).permute(1, 0, 2).unbind(0)[1].repeat(1, 2) * h,
+    "permute_pick": lambda h: torch.cat([h.view(-1, 2, 2).permute(2, 0, 1)[k] for k in (1, 0)],
+                                        1),
+    "stack_mean": lambda h: torch.stack([h, torch.tanh(h), h * 2], 0).mean(0),
+    "conversions": lambda h: h.to(h.dtype) * h.type_as(h) + h.double(),
+    "index_after_slice": lambda h: h[:, torch.tensor([3, 0, 1, 1])] * h,
 }
 
 
@@ -359,6 +367,11 @@ def test_fuzz_cases_match_or_are_refused():
 # silent-wrong bugs the fuzzer's blocks hit on the code before issue 12 (each now fixed): the
 # block alone, with the expected answer
 REGRESSIONS = {
+    "permute_unbind": "match",          # was: refused (the permute moves the sample axis)
+    "permute_pick": "match",            # was: refused
+    "stack_mean": "match",              # was: refused (the stack moves the sample axis)
+    "conversions": "match",             # was: no rule for to / type_as / double
+    "index_after_slice": "match",       # was: no rule for a tensor index after a slice
     "no_grad_gate": "match",            # was: the no_grad region differentiated
     "set_grad_enabled": "match",        # was: the set_grad_enabled(False) region differentiated
     "in_place_slice": "refused",        # was: the slice's change missing from h

@@ -271,7 +271,8 @@ def _make_source(emit: Emitter, traced: Traced, propagation: q.Propagation,
         numels = {n: traced.attrs[node.target].numel() for n, node in params.items()}
         return PerSample(emit, params, factors, batch_size, data, lead=1,
                          label=f"sqrt_ggn_{propagation.factor}", lead_size=columns,
-                         numels=numels, coupled=bool(traced.memo["coupled"]))
+                         numels=numels, coupled=bool(traced.memo["coupled"]),
+                         merged=traced.memo.get("merged_rows", frozenset()))
     if propagation.signs is not None:
         weights = {1.0: propagation.signs[0], -1.0: propagation.signs[1]}
         terms = [(term, weights[sign]) for term, sign in source(q.RESIDUALS)
@@ -284,7 +285,8 @@ def _make_source(emit: Emitter, traced: Traced, propagation: q.Propagation,
             return PerSample(emit, params, factors, batch_size, data, lead=1, label="residual",
                              lead_size=columns, direct=direct)
         return residual_propagations(emit, traced, cotangents, wrap)
-    return PerSample(emit, params, cotangents, batch_size, data)
+    return PerSample(emit, params, cotangents, batch_size, data,
+                     merged=traced.memo.get("merged_rows", frozenset()))
 
 
 def check_inputs(x: Tensor, y: Tensor, dtype: torch.dtype) -> Tensor:

@@ -84,15 +84,19 @@ class PerSample:
                  batch_size: Any, data: tuple[set, set], lead: int = 0,
                  label: str = "batch_grad", lead_size: Any = None,
                  numels: Optional[dict[str, int]] = None,
-                 direct: Optional[dict[fx.Node, Any]] = None, coupled: bool = False):
+                 direct: Optional[dict[fx.Node, Any]] = None, coupled: bool = False,
+                 merged: frozenset = frozenset()):
         """``data``: the nodes that depend on the input, and those of them that still carry
         its sample axis (``analysis.descendants``, ``analysis.sample_carriers``); ``label``
         names the emitted nodes (errors name the quantity of ``emit.requesting``); ``numels``:
         each parameter's number of entries (what :meth:`ggn_block` returns depends on it);
         ``direct``: per-sample terms ``[*lead, N, *value.shape]`` seeded on parameter-side
         values (a tied weight's part of a cross second derivative), added where the
-        propagation reaches them."""
+        propagation reaches them; ``merged``: the values whose rows may be merged, several per
+        sample (``passes/sample_axis.merged_rows``): an op reading one gets its terms by
+        sample (:func:`rows_by_sample`, or its contraction with the rows as positions)."""
         self.emit, self.params, self.cotangents = emit, params, cotangents
+        self.merged = merged
         self.batch_size, self.lead, self.label, self.lead_size = batch_size, lead, label, \
             lead_size
         self.data, self.carriers = data
@@ -136,7 +140,7 @@ class PerSample:
                        *extra: Any):
         """``batch_grad`` or the contraction-derived ``kind`` (:data:`contraction.DERIVED`)
         for a parameter-side argument of ``node`` (``extra``: e.g. a product's vectors)."""
-        fn = _rule_fn(rule, arg, kind)
+        fn = _rule_fn(rule, arg, kind, self.batch_size if node in self.merged else None)
         if fn is None:
             raise node_error(node, f"{rule.name} has no per-sample rule for its argument "
                              f"'{arg}' (from parameter '{name}')", "Use a supported layer for "
@@ -166,7 +170,7 @@ class PerSample:
         _, rule, arg = uses[0]
         direct = {node for node, _, _ in uses}
         if arg not in rule.stack_uses or len(direct) != len(uses) or \
-                any(node not in self.carriers for node in direct) or \
+                any(node not in self.carriers or node in self.merged for node in direct) or \
                 any(u not in direct and (u in self.cotangents or u in self._reaches)
                     for u in param.users):
             return None
@@ -382,14 +386,38 @@ class PerSample:
         return self.memoized("variance", name, label, build)
 
 
-def _rule_fn(rule: OpRule, arg: str, kind: str) -> Optional[Callable]:
+def _rule_fn(rule: OpRule, arg: str, kind: str, samples: Any = None) -> Optional[Callable]:
     """``rule.batch_grad[arg]``, or quantity ``kind`` derived from ``rule.contraction[arg]``
-    (returning None where the declaration has no form for the call)."""
+    (returning None where the declaration has no form for the call). ``samples``: the number
+    of samples where the op's rows may be merged: its per-row terms summed by sample, its
+    contraction with a sample's rows as positions."""
     if kind == "batch_grad":
-        return rule.batch_grad.get(arg)
+        terms = rule.batch_grad.get(arg)
+        if terms is None or samples is None:
+            return terms
+        return lambda g, c: c.call(rows_by_sample, terms(g, c), c.lead, samples)
     declare = rule.contraction.get(arg)
-    return None if declare is None else \
-        (lambda g, c, *extra: contraction.derive(kind, declare, g, c, *extra))
+    if declare is None:
+        return None
+    if samples is not None:
+        declare = _rows_as_positions(declare, samples)
+    return lambda g, c, *extra: contraction.derive(kind, declare, g, c, *extra)
+
+
+def _rows_as_positions(declare: Callable, samples: Any) -> Callable:
+    return lambda g, c: contraction.rows_as_positions(declare(g, c), c, samples)
+
+
+def rows_by_sample(terms: Tensor, axis: int, samples: int) -> Tensor:
+    """Per-row terms ``[*lead, N·k, *p]`` of an op whose ``k`` rows per sample follow the
+    sample order (``passes/sample_axis.merged_rows``) summed by sample, ``[*lead, N, *p]``;
+    unchanged at one row per sample."""
+    rows = terms.size(axis)
+    if rows == samples:
+        return terms
+    shape: List[int] = list(terms.shape)
+    return terms.reshape(shape[:axis] + [samples, rows // samples] + shape[axis + 1:]).sum(
+        axis + 1)
 
 
 def _tag_extraction(value: Any, kind: str) -> None:

@@ -1,14 +1,25 @@
 """Call-time checks that the rows of axis 0 stay the samples where only the running step
 knows the shapes.
 
-Every quantity but the gradient relies on axis 0 holding one row per sample inside the model
-(per-sample terms, the square-root factor's columns). A reshape-like op (trait ``RESHAPES``)
-takes its shape from the call's arguments (``x.view(-1, D)`` of ``[N, T, D]`` merges samples
-and positions into rows; ``x.view(-1, F)`` after a convolution does not), and a built-in
-loss's exact factor has one column per class and input row (``logits.view(-1, C)`` gives a
-sample several rows). So the pass puts an identity check after each such reshape inside the
-model (:func:`keeps_sample_axis`) and, for the quantities that read the exact factor, before
-each built-in loss (:func:`loss_rows_are_samples`); both raise naming the node.
+Every quantity but the gradient relies on each row of axis 0 inside the model belonging to
+one sample (per-sample terms, the square-root factor's columns). A reshape-like op (trait
+``RESHAPES``) takes its shape from the call's arguments: ``x.view(-1, F)`` after a convolution
+keeps one row per sample, ``x.flatten(0, 1)`` of frames ``[N, T, C, H, W]`` (a CNN applied to
+every frame) or a window partition ``[N·W, w, w, C]`` (Swin) gives each sample ``k`` rows, in
+sample order, and ``x.view(2, -1)`` puts samples together in one row. So the pass puts an
+identity check after each such reshape inside the model, which raises naming the node:
+
+* first-order, GGN and Kronecker quantities allow ``k`` rows per sample
+  (:func:`rows_hold_samples`): every column they read starts at the loss, so a sample's
+  per-row parameter terms add up to its own (:func:`merged_rows` marks the values whose rows
+  may be merged; ``passes/per_sample.py`` regroups their terms by sample). Kronecker factors
+  count such rows as samples of the layer, as hook-based K-FAC sees them;
+* the Hessian family (its residual columns start at each op's rows), KFRA and a coupled batch
+  (BatchNorm in train mode) need one row per sample (:func:`keeps_sample_axis`).
+
+A built-in loss's exact factor has one column per class and input row (``logits.view(-1, C)``
+gives a sample several rows), so the quantities that read it check each built-in loss's input
+(:func:`loss_rows_are_samples`).
 
 An op that mixes samples along some axes is refused at compile time where its axis arguments
 name axis 0 (``sum(0)``, ``transpose(0, 1)``); a *negative* axis is axis 0 at one rank only
@@ -19,6 +30,8 @@ data input through :func:`axes_keep_samples`, which raises at those ranks.
 """
 from __future__ import annotations
 
+import operator
+
 import torch
 import torch.fx as fx
 
@@ -27,7 +40,7 @@ from fxcurv.errors import describe, node_error
 from fxcurv.rules import REDUCED, REDUCTION, RESHAPES, rule_for
 from fxcurv.rules.losses import classes_last, targets_of_rows
 from fxcurv.rules.shape import (axes_keep_samples, keeps_sample_axis, loss_rows_are_samples,
-                                varargs)
+                                rows_hold_samples, varargs)
 
 from .analysis import ancestors, descendants, sample_carriers
 from .curvature.second_order import linear_in
@@ -35,18 +48,24 @@ from .curvature.second_order import linear_in
 
 def guard_sample_axis(traced, samples: fx.Node, quantities: list) -> None:
     """Insert the checks into ``traced.graph``; ``samples`` is the node holding the number of
-    samples (axis 0 of the checked model input). Not for a step that also computes KFRA, whose
-    chain analysis does not pass the loss check (the reshape checks stay)."""
+    samples (axis 0 of the checked model input). Records in ``traced.memo["merged_rows"]`` the
+    values whose rows may be merged (empty where the step needs one row per sample). The loss
+    check is not for a step that also computes KFRA, whose chain analysis does not pass it
+    (the reshape checks stay)."""
     carriers = sample_carriers(traced.graph, traced.inputs[0])
     model = ancestors(traced.model_output) & descendants(traced.graph, traced.inputs[0])
     rows = row_values(traced, carriers)
+    merges = all(map(allows_merged_rows, quantities)) and not traced.memo.get("coupled")
+    check = rows_hold_samples if merges else keeps_sample_axis
     for node in list(traced.graph.nodes):
         rule = rule_for(node)
         if node in model and rule is not None and rule.has(RESHAPES) and \
                 rule.bind(node)["input"] in carriers:
-            carriers.add(_check_after(traced, node, samples))
+            carriers.add(_check_after(traced, node, samples, check))
         if rule is not None and rule.mixes_samples and (node in model or node in rows):
             _check_negative_axes(traced.graph, node, rule, carriers)
+    traced.memo["merged_rows"] = merged_rows(traced.graph, carriers, samples) if merges \
+        else set()
     if any(q.source.kfra for q in quantities) or not any(map(_reads_exact_rows, quantities)):
         return
     for node in list(traced.graph.nodes):
@@ -86,6 +105,68 @@ def row_values(traced, carriers: set) -> set:
     return rows
 
 
+def allows_merged_rows(quantity: Quantity) -> bool:
+    """Whether the quantity is defined where a sample has several rows of axis 0 inside the
+    model: every column it reads starts at the loss (the gradient, the exact and Monte-Carlo
+    factors), so per-row terms add up to the sample's. Not the Hessian family (residual columns
+    start at each op's rows) nor KFRA (its per-sample matrices propagate through the rows)."""
+    return quantity.source.signs is None and not quantity.source.kfra
+
+
+def merged_rows(graph: fx.Graph, carriers: set, samples: fx.Node) -> set:
+    """The values among ``carriers`` whose axis 0 may hold several rows per sample: what a
+    reshape that may merge rows makes, and what ops compute from it, up to a reshape whose
+    first size is read from a value with one row per sample (``h.view(B, T, -1)``, ``B =
+    x.shape[0]``), or the number of samples itself. A reshape keeps its input's rows where it
+    leaves axis 0 alone (``flatten(1)``, ``unsqueeze(1)``) or takes its first size from a
+    value's axis 0 (``qkv.reshape(B_, T, 3, H, D)``, ``B_ = x.shape[0]``)."""
+    merged: set = set()
+    for node in graph.nodes:
+        rule = rule_for(node)
+        if rule is None or not rule.has(RESHAPES):
+            if any(arg in merged for arg in node.all_input_nodes):
+                merged.add(node)
+            continue
+        if rule.bind(node)["input"] not in carriers | merged:
+            continue  # (a reshape of a parameter-side value)
+        rows_of = _rows_from(rule.name, rule.bind(node), samples)
+        if rows_of is not samples and (rows_of not in carriers or rows_of in merged):
+            merged.add(node)
+    return merged
+
+
+def _rows_from(name: str, bound: dict, samples: fx.Node):
+    """The value whose rows a reshape's output has (its input where it leaves axis 0 alone,
+    the value whose axis-0 size it reads as its first size, ``samples``), None if unknown."""
+    if name in ("flatten", "squeeze", "unsqueeze"):
+        axes = _ints(bound.get("start_dim", bound.get("dim")))
+        keeps = axes and all(a >= 1 for a in axes) or \
+            (name == "flatten" and bound.get("start_dim") == 0 and bound.get("end_dim") == 0)
+        return bound["input"] if keeps else None
+    shape = varargs(bound["shape"]) if isinstance(bound.get("shape"), (list, tuple)) else []
+    first = shape[0] if shape else None
+    if first is samples:
+        return samples
+    return _axis0_size_of(first) if isinstance(first, fx.Node) else None
+
+
+def _axis0_size_of(node: fx.Node):
+    """``v`` where ``node`` is ``v.size(0)``, ``v.shape[0]`` or ``v.size()[0]``, else None."""
+    if node.op == "call_method" and node.target == "size" and \
+            (node.args[1:] == (0,) or node.kwargs.get("dim") == 0):
+        return node.args[0]
+    if node.op == "call_function" and node.target is operator.getitem and \
+            node.args[1] == 0 and isinstance(node.args[0], fx.Node):
+        sizes = node.args[0]
+        if sizes.op == "call_function" and sizes.target is getattr and \
+                sizes.args[1] == "shape":
+            return sizes.args[0]
+        if sizes.op == "call_method" and sizes.target == "size" and len(sizes.args) == 1 \
+                and not sizes.kwargs:
+            return sizes.args[0]
+    return None
+
+
 def _reads_exact_rows(quantity: Quantity) -> bool:
     """Whether the quantity reads the exact loss factor's columns per sample (the GGN, the
     Hessian family, the block products); first-order and Monte-Carlo ones do not (summed
@@ -95,12 +176,11 @@ def _reads_exact_rows(quantity: Quantity) -> bool:
         quantity.family == "product"
 
 
-def _check_after(traced, node: fx.Node, samples: fx.Node) -> fx.Node:
-    """Every reader of the reshape ``node`` reads it through :func:`keeps_sample_axis` (the
-    node returned)."""
+def _check_after(traced, node: fx.Node, samples: fx.Node, check) -> fx.Node:
+    """Every reader of the reshape ``node`` reads it through ``check``
+    (:func:`rows_hold_samples` or :func:`keeps_sample_axis`; the node returned)."""
     with traced.graph.inserting_after(node):
-        checked = traced.graph.call_function(keeps_sample_axis,
-                                             (node, samples, f"node '{node.name}'"))
+        checked = traced.graph.call_function(check, (node, samples, f"node '{node.name}'"))
     node.replace_all_uses_with(checked, delete_user_cb=lambda user: user is not checked)
     checked._rename(f"{node.name}_checked")
     if traced.model_output is node:

@@ -9,7 +9,8 @@ from fxcurv.rules.losses import check_scalar_loss
 from fxcurv.rules.recurrent import check_cell_input, check_sequence, lstm_layer
 from fxcurv.rules.linalg import sdpa_mask
 from fxcurv.rules.losses import classes_last
-from fxcurv.rules.shape import axes_keep_samples, keeps_sample_axis, loss_rows_are_samples
+from fxcurv.rules.shape import (axes_keep_samples, keeps_sample_axis, loss_rows_are_samples,
+                                rows_hold_samples)
 from rule_harness import case
 
 torch.fx.wrap("check_scalar_loss")  # traced as a call, as compile emits it
@@ -19,6 +20,7 @@ torch.fx.wrap("check_sequence")  # a leaf call when cases are traced
 torch.fx.wrap("lstm_layer")
 torch.fx.wrap("check_cell_input")
 torch.fx.wrap("keeps_sample_axis")
+torch.fx.wrap("rows_hold_samples")
 torch.fx.wrap("loss_rows_are_samples")
 torch.fx.wrap("axes_keep_samples")
 torch.fx.wrap("classes_last")
@@ -162,6 +164,9 @@ SHAPES = [
     case("select_negative_dim", lambda x: torch.select(x, -2, 1), rand(3, 4, 2)),
     case("keeps_sample_axis",
          lambda x: keeps_sample_axis(x.reshape(x.size(0), -1), x.size(0), "here"),
+         rand(3, 2, 4)),
+    case("rows_hold_samples",
+         lambda x: rows_hold_samples(x.reshape(x.size(0), -1), x.size(0), "here"),
          rand(3, 2, 4)),
     case("loss_rows_are_samples", lambda x: loss_rows_are_samples(x, x.size(0), "here"),
          rand(3, 4)),

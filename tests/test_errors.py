@@ -313,9 +313,10 @@ def test_spectral_norm_in_train_mode_is_refused():
         fxcurv.compile(model, nn.CrossEntropyLoss(), [])
 
 
-def test_unflatten_of_the_sample_axis_is_refused():
-    """Splitting axis 0 would make part of a sample's batch index a feature: refused at
-    compile time (and a negative ``dim`` that lands on it when the step runs)."""
+def test_unflatten_that_splits_samples_raises_when_the_step_runs():
+    """``unflatten(0, (2, -1))`` of 4 samples puts two samples in each row: a reshape of the
+    sample axis, checked when the step runs (a negative ``dim`` that lands on axis 0 too).
+    The gradient alone needs no rows and stays right."""
     class Split(nn.Module):
         def __init__(self, dim):
             super().__init__()
@@ -324,8 +325,14 @@ def test_unflatten_of_the_sample_axis_is_refused():
         def forward(self, x):
             return self.fc(x).unflatten(self.dim, (2, -1)).flatten(0, 1)
 
-    with pytest.raises(CompileError, match="unflatten of the sample axis 0"):
-        fxcurv.compile(Split(0), nn.MSELoss(), ["batch_grad"])
-    step = fxcurv.compile(Split(-2), nn.MSELoss(), [], verify=False)
-    with pytest.raises(ValueError, match="unflatten would split the sample axis 0"):
-        step(torch.randn(4, 4), torch.randn(4, 3))
+    x, y = torch.randn(4, 4), torch.randn(4, 3)
+    for dim in (0, -2):
+        step = fxcurv.compile(Split(dim), nn.MSELoss(), ["batch_grad"])
+        with pytest.raises(ValueError, match=r"puts samples together in one row of the "
+                                             r"sample axis 0 "
+                                             r"\(4 samples, shape \[2, 2, 3\] after\)"):
+            step(x, y)
+    model = Split(0)
+    _, grad = fxcurv.compile(model, nn.MSELoss(), [], verify=False)(x, y)
+    expected = torch.autograd.grad(nn.MSELoss()(model(x), y), list(model.parameters()))
+    torch.testing.assert_close(list(grad.values()), list(expected))

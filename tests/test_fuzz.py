@@ -1,7 +1,8 @@
 """Seeded fuzz test: random small models and losses either match torch.func or are refused.
 
 Each case builds a model from random blocks — chains and residual branches of linear layers
-(shared ones too) and activations from the rule table, attributes and multi-result ops, views,
+(shared ones too) and activations from the rule table, branches run on two rows per sample
+(``flatten(0, 1)`` of a stack, summed back: merged rows), attributes and multi-result ops, views,
 slices and in-place ops, grad-mode regions, custom autograd Functions — and a random loss (a
 torch loss module or a callable). For each of ``grad``, ``batch_grad``, ``diag_ggn_exact``,
 ``diag_h`` and ``hmp`` it compiles the step: a ``CompileError`` at compile time is an accepted
@@ -238,6 +239,9 @@ class FuzzNet(nn.Module):
             return SHAPE_BLOCKS[arg](h)
         if kind == "residual":
             return h + self.run_all(arg, h)
+        if kind == "rows":  # two rows per sample (frames through a shared layer), summed back
+            rows = torch.stack([h, h.flip(-1)], 1).flatten(0, 1)
+            return self.run_all(arg, rows).view(h.size(0), 2, -1).sum(1)
         return self.run_all(arg[0], h) * torch.sigmoid(self.run_all(arg[1], h))  # gate
 
     def run_all(self, steps, h):
@@ -260,8 +264,10 @@ def random_steps(rng: random.Random, pool: int, depth: int) -> list:
             steps.append(("act", rng.choice(sorted(ACTIVATIONS))))
         elif roll < 0.75:
             steps.append(("block", rng.choice(sorted(SHAPE_BLOCKS))))
-        elif depth > 0 and roll < 0.88:
+        elif depth > 0 and roll < 0.83:
             steps.append(("residual", random_steps(rng, pool, depth - 1)))
+        elif depth > 0 and roll < 0.88:
+            steps.append(("rows", random_steps(rng, pool, depth - 1)))
         elif depth > 0:
             steps.append(("gate", (random_steps(rng, pool, depth - 1),
                                    random_steps(rng, pool, depth - 1))))

@@ -12,7 +12,9 @@ What each family exercises: ``vit`` and ``cait`` timm's attention (``qkv.permute
 parameter-dependent float mask, ``eva02`` rotary embeddings with dtype conversions and a
 SwiGLU MLP, ``pit`` pooling-based token stages, ``mixer`` token-mixing MLPs, ``convnext``
 LayerNorm over channels-last permutes, ``efficientnet`` (tinynet) squeeze-excitation and
-BatchNorm.
+BatchNorm, ``swin``, ``swinv2`` and ``davit`` window attention on windows partitioned into
+rows of axis 0 (``[N·nW, w·w, C]``: several rows per sample, ``test_merged_rows.py``; before,
+every quantity but ``grad`` raised when the step ran).
 """
 from __future__ import annotations
 
@@ -41,6 +43,14 @@ FAMILIES = {  # family -> (timm name or builder, keyword arguments, image side)
     "mixer": ("mixer", dict(img_size=32, patch_size=8, num_blocks=2, embed_dim=16), 32),
     "convnext": ("convnext_atto", dict(depths=(1, 1, 1, 1), dims=(8, 16, 16, 16)), 32),
     "efficientnet": ("tinynet_e", {}, 32),
+    "swin": ("swin_tiny_patch4_window7_224", dict(img_size=32, patch_size=4, window_size=4,
+                                                  embed_dim=8, depths=(1, 1),
+                                                  num_heads=(2, 2)), 32),
+    "swinv2": ("swinv2_tiny_window8_256", dict(img_size=32, patch_size=4, window_size=4,
+                                               embed_dim=8, depths=(1, 1), num_heads=(2, 2)),
+               32),
+    "davit": ("davit_tiny", dict(depths=(1, 1), embed_dims=(8, 16), num_heads=(2, 2),
+                                 window_size=2), 32),
 }
 
 

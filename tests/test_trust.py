@@ -378,36 +378,57 @@ def test_norm_and_std_of_a_zero_vector_have_torchs_zero_subgradient(reduce):
 
 
 class TokensAsRows(nn.Module):
-    """``[N, T, D]`` viewed as ``[N·T, D]`` rows for a linear layer, then back: rows are no
-    longer samples inside the model."""
+    """``[N, T, D]`` viewed as ``[N·T, D]`` rows for a linear layer, then back: each sample
+    has ``T`` rows inside the model (``rows=False``: the same function on ``[N, T, D]``)."""
 
-    def __init__(self):
+    def __init__(self, rows: bool = True):
         super().__init__()
         torch.manual_seed(0)
         self.inner, self.outer = nn.Linear(3, 3), nn.Linear(3, 2)
+        self.rows = rows
         self.to(DTYPE)
 
     def forward(self, x):
+        if not self.rows:
+            return self.outer(torch.tanh(self.inner(x)).mean(1))
         h = torch.tanh(self.inner(x.view(-1, 3))).view(x.size(0), -1, 3)
         return self.outer(h.mean(1))
 
 
-@pytest.mark.parametrize("quantity", ["diag_ggn_exact", "batch_grad", "kfac", "diag_h"])
+@pytest.mark.parametrize("quantity", ["diag_h", "hmp"])
 def test_a_reshape_of_the_sample_axis_inside_the_model_raises_when_the_step_runs(quantity):
     """Before: every quantity treated the ``N·T`` rows as samples (``diag_ggn_exact`` of
     ``inner.weight`` off by a third, ``batch_grad`` with 12 rows for 3 samples). The shape
     comes from the call's arguments, so the step checks each reshape inside the model when
-    it runs; the gradient alone needs no check."""
+    it runs; the Hessian family needs one row per sample and raises; the gradient alone
+    needs no check."""
     x, y = torch.randn(3, 4, 3, dtype=DTYPE), torch.randn(3, 2, dtype=DTYPE)
     step = fxcurv.compile(TokensAsRows(), nn.MSELoss(), [quantity])
+    vectors = {n: torch.randn(1, *p.shape, dtype=DTYPE)
+               for n, p in TokensAsRows().named_parameters()}
     with pytest.raises(ValueError, match=r"node 'view' reshapes the sample axis 0 \(3 "
                                          r"samples, shape \[12, 3\] after\)"):
-        step(x, y)
+        step(x, y) if quantity == "diag_h" else step(x, y, vectors)
     model = TokensAsRows()
     _, grad = fxcurv.compile(model, nn.MSELoss(), [])(x, y)
     expected = torch.autograd.grad(nn.MSELoss()(model(x), y), list(model.parameters()))
     for (name, _), g in zip(model.named_parameters(), expected):
         torch.testing.assert_close(grad[name], g, **TOL)
+
+
+def test_tokens_merged_into_rows_give_what_the_unmerged_model_gives():
+    """Each sample's ``T`` rows add up to its own terms: the per-sample and GGN quantities
+    equal those of the same function with the sample axis kept (``kflr`` too: its rows count
+    as positions, the "expand" convention)."""
+    x, y = torch.randn(3, 4, 3, dtype=DTYPE), torch.randn(3, 2, dtype=DTYPE)
+    quantities = ["batch_grad", "batch_l2", "variance", "diag_ggn_exact",
+                  "diag_ggn_exact_batch", "sqrt_ggn_exact", "kflr"]
+    _, grad, *merged = fxcurv.compile(TokensAsRows(), nn.MSELoss(), quantities)(x, y)
+    _, grad_kept, *kept = fxcurv.compile(TokensAsRows(rows=False), nn.MSELoss(),
+                                         quantities)(x, y)
+    torch.testing.assert_close(grad, grad_kept, **TOL)
+    for quantity, ours, reference in zip(quantities, merged, kept):
+        torch.testing.assert_close(ours, reference, **TOL, msg=quantity)
 
 
 def test_a_reshape_that_keeps_the_samples_passes_its_check():

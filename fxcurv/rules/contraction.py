@@ -40,7 +40,7 @@ parameter, positions and lead axes only.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, List, Optional, Tuple
 
 import torch
@@ -363,6 +363,33 @@ DERIVED: dict[str, Callable] = {"batch_l2": batch_l2, "sum_squares": sum_squares
                                 "batch_total": _total_of(contraction_batch_total),
                                 "batch_l2_total": _total_of(contraction_l2_total),
                                 "sum_squares_total": _total_of(contraction_sum_squares_total)}
+
+
+def rows_into_positions(factor: Tensor, axis: int, samples: int, last: bool) -> Tensor:
+    """A factor whose sample axis ``axis`` holds ``k`` rows per sample, in sample order (a
+    reshape inside the model merged positions or frames into rows), with each sample's rows as
+    ``k`` more positions of it: ``[.., N·k, G, P, F]`` -> ``[.., N, G, k·P, F]``
+    (``[.., F, P]`` -> ``[.., F, k·P]`` if ``last``: also an index factor ``[N·k, G, P]``).
+    Unchanged at one row per sample."""
+    rows = factor.size(axis)
+    if rows == samples:
+        return factor
+    shape: List[int] = list(factor.shape)
+    split = factor.reshape(shape[:axis] + [samples, rows // samples] + shape[axis + 1:])
+    position = -1 if last else -2
+    return split.movedim(axis + 1, position - 1).flatten(position - 1, position)
+
+
+def rows_as_positions(form: Optional[Contraction], c, samples: Any) -> Optional[Contraction]:
+    """``form`` of an op whose rows may be merged (several per sample,
+    ``passes/sample_axis.merged_rows``): the same sums over a sample's positions with its rows
+    among them, so every derived quantity is per sample. The op's own ``product`` (which
+    reads its rows as samples) is dropped for the generic one."""
+    if form is None:
+        return None
+    left = c.call(rows_into_positions, form.left, c.lead, samples, form.last)
+    right = c.call(rows_into_positions, form.right, 0, samples, form.last or form.index)
+    return replace(form, left=left, right=right, product=None)
 
 
 def derive(kind: str, declare: Callable, g: Any, c, *extra: Any) -> Optional[Any]:

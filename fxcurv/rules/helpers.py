@@ -155,6 +155,16 @@ def block_diagonal(blocks: Tensor) -> Tensor:
 
 def concat_positions(tensors: List[Tensor], lead: int) -> Tensor:
     """``[*head, N, *, F]`` tensors (``head``: ``lead`` axes) -> ``[*head, N, P, F]``: their
-    middle axes flattened to positions and concatenated (``P`` the total)."""
-    parts = [t.reshape(list(t.shape[:lead + 1]) + [-1, t.size(-1)]) for t in tensors]
+    middle axes flattened to positions and concatenated (``P`` the total). Tensors with
+    different numbers of rows (a layer also applied to several rows per sample,
+    ``passes/sample_axis.merged_rows``) -> ``[*head, 1, P, F]``, every row a position of one
+    sample: the sums over samples that the backward pass reads are the same."""
+    rows = tensors[0].size(lead)
+    kept = lead + 1
+    for t in tensors:
+        if t.size(lead) != rows:
+            kept = lead
+    parts = [t.reshape(list(t.shape[:kept]) + [-1, t.size(-1)]) for t in tensors]
+    if kept == lead:
+        parts = [part.unsqueeze(lead) for part in parts]
     return torch.cat(parts, lead + 1)

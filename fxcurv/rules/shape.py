@@ -144,12 +144,6 @@ def _select_moved(c: Ctx, name: str, bound: dict, position: int):
         piece.permute(rest)
 
 
-def _flatten_mixes(b: dict) -> Optional[str]:
-    if b["start_dim"] == 0 and b["end_dim"] != 0:
-        return "it flattens the sample axis 0 into other axes"
-    return None
-
-
 def _moves_axis0(dims: list) -> Optional[str]:
     return "it moves the sample axis 0" if dims and dims[0] != 0 else None
 
@@ -160,16 +154,35 @@ RESHAPE = dict(vjp={"input": _reshape_back}, traits=(VIEW, RESHAPES))  # Jᵀg =
 def keeps_sample_axis(output: Tensor, samples: int, where: str) -> Tensor:
     """``output`` unchanged, after checking that a reshape inside the model left one row of
     axis 0 per sample: a row-major reshape that keeps axis 0's size keeps each sample's
-    entries in its own row. Merging samples into rows (``x.view(-1, D)`` of ``[N, T, D]``)
-    or splitting them would make every quantity but the gradient wrong, which rely on rows
-    being samples."""
+    entries in its own row. The check of a step whose quantities need it (the Hessian family,
+    KFRA, BatchNorm in train mode); the others allow :func:`rows_hold_samples`."""
     if output.dim() == 0 or output.size(0) != samples:
         raise ValueError(
-            "fxcurv: {} reshapes the sample axis 0 ({} samples, shape {} after): fxcurv's "
-            "quantities need axis 0 to stay the samples inside the model. Keep the batch "
-            "axis first (x.reshape(x.size(0), ...); nn.Linear acts on the last axis of "
-            "[N, T, D] directly), or compile for the gradient alone".format(
+            "fxcurv: {} reshapes the sample axis 0 ({} samples, shape {} after): the Hessian "
+            "family (diag_h, hmp, pchmp_*), kfra and a model with BatchNorm in train mode "
+            "need axis 0 to stay the samples inside the model (first-order, GGN and "
+            "Kronecker quantities allow several rows per sample). Keep the batch axis first "
+            "(x.reshape(x.size(0), ...); nn.Linear acts on the last axis of [N, T, D] "
+            "directly), or compile for the gradient alone".format(
                 where, samples, list(output.shape)))
+    return output
+
+
+def rows_hold_samples(output: Tensor, samples: int, where: str) -> Tensor:
+    """``output`` unchanged, after checking that a reshape inside the model left each row of
+    axis 0 within one sample: ``k`` rows per sample in sample order (``x.flatten(0, 1)`` of
+    frames ``[N, T, C, H, W]``, a window partition ``[N·W, w, w, C]``), which holds for a
+    row-major reshape of a value whose axis 0 holds the samples' rows in order exactly when
+    its ``R`` rows are a multiple of the ``N`` samples. Fewer rows, or a number that is not a
+    multiple, split a row between samples (``x.view(2, -1)``)."""
+    rows = output.size(0) if output.dim() > 0 else 0
+    if rows < samples or rows % max(samples, 1) != 0:
+        raise ValueError(
+            "fxcurv: {} puts samples together in one row of the sample axis 0 ({} samples, "
+            "shape {} after): fxcurv's per-sample and curvature quantities need each row of "
+            "axis 0 inside the model to belong to one sample (a multiple of the samples, in "
+            "their order). Keep the batch axis first (x.reshape(x.size(0), ...)), or compile for "
+            "the gradient alone".format(where, samples, list(output.shape)))
     return output
 
 
@@ -220,9 +233,13 @@ affine([keeps_sample_axis], "keeps_sample_axis", "output, samples, where",
        doc="y = the reshape's output (checked to keep one row per sample);  Jᵀg = g.",
        vjp={"output": lambda g, c: g}, jvp={"output": lambda t, c: t},
        sandwich={"output": "shared"})
+affine([rows_hold_samples], "rows_hold_samples", "output, samples, where",
+       doc="y = the reshape's output (checked to keep each row within one sample);  Jᵀg = g.",
+       vjp={"output": lambda g, c: g}, jvp={"output": lambda t, c: t},
+       sandwich={"output": "shared"})
 permutation([torch.flatten, "flatten"], "flatten", "input, start_dim=0, end_dim=-1",
             doc="y = x reshaped (axes start..end merged);  Jᵀg = g reshaped to x.",
-            mixes_samples=_flatten_mixes, sandwich=SHARED, **RESHAPE)
+            sandwich=SHARED, **RESHAPE)
 permutation(["view", "reshape"], "reshape", "input, *shape",
             doc="y = x reshaped;  Jᵀg = g reshaped to x.", sandwich=SHARED, **RESHAPE)
 permutation([torch.reshape], "reshape", "input, shape",
@@ -231,11 +248,10 @@ register(["reshape_as", "view_as"], "reshape_as", "input, other",
          doc="y = x reshaped to other's shape (timm's ScaledStdConv2d);  lowered to reshape.",
          lower=lambda c: c.args.input.reshape(c.args.other.shape))
 def unflattened_shape(shape: List[int], dim: int, sizes: List[int]) -> List[int]:
-    """``shape`` with axis ``dim`` split into ``sizes`` (one may be -1), as ``unflatten``;
-    never the sample axis 0."""
+    """``shape`` with axis ``dim`` split into ``sizes`` (one may be -1), as ``unflatten``.
+    Splitting the sample axis 0 (``h.unflatten(0, (N, T))`` of frames merged into rows) is a
+    reshape that the step checks to keep rows within samples (``passes/sample_axis.py``)."""
     axis = dim + len(shape) if dim < 0 else dim
-    if axis == 0:
-        raise ValueError("fxcurv: unflatten would split the sample axis 0")
     return list(shape[:axis]) + sizes + list(shape[axis + 1:])
 
 
@@ -247,14 +263,12 @@ def _lower_unflatten(c: Ctx):
     """``reshape`` to :func:`unflattened_shape` (checked when the step runs)."""
     x = c.args.input
     return x.reshape(c.call(unflattened_shape, x.shape, c.bound["dim"],
-                            list(c.bound["sizes"])))
+                            list(c.args.sizes)))
 
 
 register([torch.unflatten, "unflatten"], "unflatten", "input, dim, sizes",
          doc="y = x with axis dim split into sizes;  lowered to reshape.",
-         lower=_lower_unflatten,
-         unsupported=lambda b: "unflatten of the sample axis 0 mixes the samples"
-         if b["dim"] == 0 else None)
+         lower=_lower_unflatten)
 
 
 def on_axis(dim: int, item: Any) -> tuple:

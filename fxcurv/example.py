@@ -28,7 +28,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 from torch import Tensor
 
-from .errors import CompileError
+from .errors import CompileError, describe
 
 _MISSING = object()
 
@@ -100,6 +100,9 @@ class ExampleValues:
         self.inputs = [[self._fake(part) for part in batch] for batch in batches]
         self.values: List[dict] = [{}, {}]
         self.decisions = 0
+        # branches that read the number of samples, the same way for both fake batches
+        # (``N != 1``, ``N > 2``): checked when the step runs (:func:`guard_sample_branches`)
+        self.sample_branches: dict[fx.Node, tuple[bool, bool]] = {}
 
     def _fake(self, value: Any) -> Any:
         def convert(t):
@@ -149,32 +152,48 @@ class ExampleValues:
 
     def decide(self, node: fx.Node, convert: Any = bool) -> Any:
         """The branch ``bool(node)`` takes on the example (``convert=int``: the Python int it
-        is, ``int(n ** .5)``); None if it has no fake value. Raises :class:`CompileError`
-        where it depends on the number of samples."""
+        is, ``int(n ** .5)``; ``convert=len``: how many items iterating it gives, Hugging
+        Face's ``(*x.shape[:-1], -1, d)``); None if it has no fake value. Raises
+        :class:`CompileError` where it depends on the number of samples (for ``len``: where
+        the two fake batches give different lengths, as iterating over the samples does)."""
         try:
             taken = [convert(values[node]) for values in self.values]
         except Exception:  # noqa: BLE001 - missing, or a branch on data
             return None
-        if taken[0] != taken[1] or _reads_sample_count(node, self.values[0]):
-            what = "branches" if convert is bool else "converts to a Python number"
+        reads = convert is not len and _reads_sample_count(node, self.values[0])
+        if taken[0] != taken[1] or (reads and convert is not bool):
+            what = {bool: "branches", len: "iterates"}.get(convert,
+                                                           "converts to a Python number")
             raise CompileError(f"the forward {what} on the number of samples at node "
                                f"'{node.name}' ({node.format_node()}): one compiled step serves "
                                "every batch size, so it must not depend on it.")
+        if reads:  # (with whether the value is a bool already, not a size to test)
+            self.sample_branches[node] = (taken[0],
+                                          isinstance(self.values[0][node], bool))
         self.decisions += 1
         return taken[0]
 
     @contextlib.contextmanager
     def python_numbers(self):
         """While tracing: ``int(proxy)`` / ``operator.index(proxy)`` of a size (ConViT's
-        ``int(num_patches ** .5)``) is the example's value, like a branch."""
+        ``int(num_patches ** .5)``) and ``len(proxy)`` of a shape are the example's values,
+        like a branch."""
         def as_int(proxy):
             value = self.decide(proxy.node, int)
             if value is None:
                 raise fx.proxy.TraceError(f"int() of the traced value '{proxy.node.name}', "
                                           "which has no value on the example")
             return value
-        saved = {name: getattr(fx.Proxy, name, None) for name in ("__int__", "__index__")}
+        def as_length(proxy):  # (``*proxy`` asks for its length first)
+            value = self.decide(proxy.node, len)
+            if value is None:
+                raise RuntimeError(f"len() of the traced value '{proxy.node.name}', which has "
+                                   "no value on the example")
+            return value
+        saved = {name: getattr(fx.Proxy, name, None)
+                 for name in ("__int__", "__index__", "__len__")}
         fx.Proxy.__int__ = fx.Proxy.__index__ = as_int
+        fx.Proxy.__len__ = as_length
         try:
             yield
         finally:
@@ -183,6 +202,33 @@ class ExampleValues:
                     delattr(fx.Proxy, name)
                 else:
                     setattr(fx.Proxy, name, method)
+
+
+def branch_taken(value: bool, taken: bool, where: str) -> None:
+    """Call-time check that a branch on the number of samples goes the way it went for the
+    example (``if batch_size != position_ids.shape[0]`` is taken for every batch of two or
+    more samples, not for one)."""
+    if value != taken:
+        raise ValueError("fxcurv: the forward branches on the number of samples at {}, and "
+                         "this batch takes the other way than the example the step was "
+                         "traced on; compile another step with an example of this batch "
+                         "size".format(where))
+
+
+fx.node.has_side_effect(branch_taken)  # (kept by dead-code elimination: it has no readers)
+
+
+def guard_sample_branches(graph: fx.Graph, branches: dict) -> None:
+    """A :func:`branch_taken` check after each branch in ``branches`` (node -> the way it
+    went, whether its value is a bool): the step raises for a batch size whose branch would
+    go the other way."""
+    for node, (taken, is_bool) in branches.items():
+        value = node
+        if not is_bool:  # ``if x.shape[0]:``
+            with graph.inserting_after(node):
+                value = graph.call_function(operator.ne, (node, 0))
+        with graph.inserting_after(value):
+            graph.call_function(branch_taken, (value, taken, describe(node)))
 
 
 @contextlib.contextmanager

@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.overrides import TorchFunctionMode, is_tensor_method_or_property
 from torch.utils import _pytree as pytree
 
-from .example import ExampleValues, example_shapes
+from .example import ExampleValues, example_shapes, guard_sample_branches
 from .errors import CompileError, format_module, user_frame
 from .inputs import join_outputs, structured
 from .passes.analysis import sample_carriers, sample_data
@@ -331,6 +331,8 @@ class CurvatureTracer(fx.Tracer):
         return False
 
     def call_module(self, m, forward, args, kwargs):
+        if not self._in_model(m):
+            return forward(*args, **kwargs)
         lowering = self.lowerings.get(type(m))
         if isinstance(m, SPECTRAL_NORM):
             forward = _lowered_call(m, self._spectral_norm_lowering(m))
@@ -346,6 +348,17 @@ class CurvatureTracer(fx.Tracer):
             if not hasattr(err, "fxcurv_module"):  # the innermost module the error came from
                 err.fxcurv_module = (self.path_of_module(m), type(m))
             raise
+
+    def _in_model(self, m: nn.Module) -> bool:
+        """Whether ``m`` is a submodule of the traced model. A module object the forward calls
+        from outside it (Hugging Face's kernel-hub wrappers of plain functions, such as
+        ``apply_rotary_pos_emb``) is traced through as a function: its own tensors, if any,
+        are constants, as they are not the model's parameters."""
+        try:
+            self.path_of_module(m)
+        except NameError:
+            return False
+        return True
 
     def _spectral_norm_lowering(self, m: nn.Module) -> Callable:
         """``W / σ`` with ``σ = uᵀ W_mat v`` from the stored power-iteration vectors (eval
@@ -397,6 +410,12 @@ class CurvatureTracer(fx.Tracer):
     def to_bool(self, obj: fx.Proxy) -> bool:
         decided = None if self.examples is None else self.examples.decide(obj.node)
         return super().to_bool(obj) if decided is None else decided
+
+    def iter(self, obj: fx.Proxy):
+        """``*x.shape[:-1]`` or ``for size in x.shape``: one item per entry of the example's
+        value (its length fixed by the example, as a branch is)."""
+        count = None if self.examples is None else self.examples.decide(obj.node, len)
+        return super().iter(obj) if count is None else iter([obj[i] for i in range(count)])
 
     def trace(self, root, concrete_args=None) -> fx.Graph:
         if self.example is not None:
@@ -709,6 +728,8 @@ def trace(model: nn.Module, loss_fn: Callable, sequence_length: Optional[int] = 
         raise
     except Exception as err:  # noqa: BLE001 - re-raised with context
         raise _trace_error(err) from err
+    if tracer.examples is not None:
+        guard_sample_branches(graph, tracer.examples.sample_branches)
     x, y = [n for n in graph.nodes if n.op == "placeholder"]
     parts = [structured(graph, x), structured(graph, y)]
     loss, output = _split_output(graph, x)
@@ -799,12 +820,14 @@ def _trace_error(err: Exception) -> CompileError:
     place = ", ".join(([f"module {format_module(*module)}"] if module else [])
                       + ([where] if where else []))
     hint = ("fx traces the forward symbolically, so Python control flow on tensor values "
-            "(if/while on a tensor, data-dependent shapes, int() of a size) cannot be traced. If "
-            "it branches on sizes (x.shape[-1] < k, a padding amount, int(n ** .5)), pass an "
-            "example batch: "
+            "(if/while on a tensor, data-dependent shapes, int() of a size, unpacking a shape) "
+            "cannot be traced. If it branches on sizes (x.shape[-1] < k, a padding amount, "
+            "int(n ** .5)) or unpacks them ((*x.shape[:-1], -1, d), Hugging Face's "
+            "attention), pass an example batch: "
             "fxcurv.compile(..., example=(x, y)). Otherwise make the branch depend on "
             "constructor arguments, use torch.where, or move it out of forward.")
-    if not isinstance(err, fx.proxy.TraceError) and "not 'Proxy'" not in str(err):
+    if not isinstance(err, fx.proxy.TraceError) and "not 'Proxy'" not in str(err) and \
+            "'len' is not supported" not in str(err):
         hint = "Check that model(x) and loss_fn(output, y) run on ordinary tensors."
     if any(f.filename.endswith(os.path.join("nn", "utils", "rnn.py"))
            for f in traceback.extract_tb(err.__traceback__)):

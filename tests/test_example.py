@@ -85,12 +85,12 @@ class TokenGrid(nn.Module):
 
 
 class BatchBranch(nn.Module):
-    def __init__(self):
+    def __init__(self, threshold: int = 2):
         super().__init__()
-        self.fc = nn.Linear(4, 3)
+        self.fc, self.threshold = nn.Linear(4, 3), threshold
 
     def forward(self, x):
-        if x.shape[0] > 2:
+        if x.shape[0] > self.threshold:
             return self.fc(x) * 2
         return self.fc(x)
 
@@ -131,10 +131,30 @@ def test_branches_on_sizes_follow_the_example(build, side):
         step(*data(2, side + 1))
 
 
-def test_a_branch_on_the_number_of_samples_is_refused():
+def test_a_branch_on_the_number_of_samples_is_checked_when_the_step_runs():
+    """``if x.shape[0] > 2`` goes one way for the example (4 samples) and for one more: the
+    step takes that way and raises, naming the branch, for a batch that would go the other
+    (Hugging Face's mask code: ``if batch_size != position_ids.shape[0]``)."""
+    x, y = torch.randn(6, 4, dtype=DTYPE), torch.tensor([0, 1, 2, 0, 1, 2])
+    model = BatchBranch().to(DTYPE)
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_grad"], example=(x[:4], y[:4]))
+    for n in (3, 6):
+        loss, grad, _ = step(x[:n], y[:n])
+        expected = torch.autograd.grad(nn.CrossEntropyLoss()(model(x[:n]), y[:n]),
+                                       list(model.parameters()))
+        torch.testing.assert_close(list(grad.values()), list(expected))
+    with pytest.raises(ValueError, match=r"branches on the number of samples at node 'gt' "
+                                         r"\(op gt, .*line \d+: if x.shape\[0\] > "
+                                         r"self.threshold:\)"):
+        step(x[:2], y[:2])
+    torch.jit.script(step)(x[:3], y[:3])
+
+
+def test_a_branch_that_differs_for_one_more_sample_is_refused():
     x, y = torch.randn(4, 4, dtype=DTYPE), torch.tensor([0, 1, 2, 0])
     with pytest.raises(fxcurv.CompileError, match="branches on the number of samples"):
-        fxcurv.compile(BatchBranch().to(DTYPE), nn.CrossEntropyLoss(), example=(x, y))
+        fxcurv.compile(BatchBranch(threshold=4).to(DTYPE), nn.CrossEntropyLoss(),
+                       example=(x, y))
 
 
 def test_an_example_without_branches_changes_nothing():
@@ -175,3 +195,36 @@ def test_a_stepped_example_keeps_torchscript():
 def test_an_example_that_is_not_a_pair_is_refused(example):
     with pytest.raises(fxcurv.CompileError, match=r"example must be a pair \(x, y\)"):
         fxcurv.compile(BatchBranch().to(DTYPE), nn.CrossEntropyLoss(), example=example)
+
+
+class Unpacked(nn.Module):
+    """Hugging Face's attention reshape, ``(*x.shape[:-1], -1, d)``, and a module object
+    called from outside the model (Hugging Face's kernel-hub wrappers of functions)."""
+
+    def __init__(self, outside: nn.Module):
+        super().__init__()
+        self.fc, self.outside = nn.Linear(4, 4), [outside]  # (a list: not a submodule)
+
+    def forward(self, x):
+        h = self.fc(x)
+        heads = h.view(*h.shape[:-1], -1, 2)                 # [N, T, 2, 2]
+        return self.outside[0](heads).flatten(2).mean(1)
+
+
+class Halves(nn.Module):
+    def forward(self, h):
+        first, second = h.unbind(-1)
+        return torch.tanh(first) * second
+
+
+def test_unpacked_shapes_and_modules_outside_the_model_trace_with_an_example():
+    x, y = torch.randn(3, 5, 4, dtype=DTYPE), torch.tensor([0, 1, 0])
+    model = Unpacked(Halves()).to(DTYPE)
+    with pytest.raises(fxcurv.CompileError, match=r"unpacks them \(\(\*x.shape\[:-1\]"):
+        fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_grad"])
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_grad"], example=(x, y))
+    _, grad, batch_grad = step(x, y)
+    per_sample = per_sample_grads(model, x, y)
+    for name, value in batch_grad.items():
+        torch.testing.assert_close(value, per_sample[name])
+

@@ -31,6 +31,9 @@ from torch import Tensor
 from .errors import CompileError, describe
 
 _MISSING = object()
+# tensor attributes read as the example's values while tracing with an example (the same for
+# any number of samples)
+METADATA = ("dtype", "device", "is_cuda", "layout")
 
 
 def check_example_shapes(x: Tensor, y: Tensor, encoded: List[int]) -> Tensor:
@@ -177,7 +180,8 @@ class ExampleValues:
     def python_numbers(self):
         """While tracing: ``int(proxy)`` / ``operator.index(proxy)`` of a size (ConViT's
         ``int(num_patches ** .5)``) and ``len(proxy)`` of a shape are the example's values,
-        like a branch."""
+        like a branch; so are a tensor's dtype and device (:data:`METADATA`), which the step
+        then assumes (an example in the dtype and on the device it will run with)."""
         def as_int(proxy):
             value = self.decide(proxy.node, int)
             if value is None:
@@ -190,10 +194,17 @@ class ExampleValues:
                 raise RuntimeError(f"len() of the traced value '{proxy.node.name}', which has "
                                    "no value on the example")
             return value
+        attribute = fx.Proxy.__getattr__
+
+        def metadata(proxy, name):  # ``torch.finfo(x.dtype)``, ``autocast(x.device.type)``
+            value = self.values[0].get(proxy.node) if name in METADATA else None
+            return getattr(value, name) if isinstance(value, Tensor) else \
+                attribute(proxy, name)
         saved = {name: getattr(fx.Proxy, name, None)
-                 for name in ("__int__", "__index__", "__len__")}
+                 for name in ("__int__", "__index__", "__len__", "__getattr__")}
         fx.Proxy.__int__ = fx.Proxy.__index__ = as_int
         fx.Proxy.__len__ = as_length
+        fx.Proxy.__getattr__ = metadata
         try:
             yield
         finally:

@@ -41,7 +41,7 @@ from .trace import module_state_kept, without_backpack_hooks
 def install(step: fx.GraphModule, model: nn.Module, loss_fn: Callable, names: list[str],
             verify: bool, skip_reason: Optional[str]) -> None:
     """Attach the guards to ``step`` (``names``: its trainable parameters)."""
-    guard = Guard(model, loss_fn, names, verify, skip_reason)
+    guard = Guard(model, loss_fn, names, verify, skip_reason, lowest_precision(step.graph))
     step.register_forward_pre_hook(guard.before, with_kwargs=True)
     step.register_forward_hook(guard.after, with_kwargs=True)
     type(step).__prepare_scriptable__ = plain_copy  # the step's own class (fx makes one each)
@@ -54,8 +54,11 @@ class Guard:
     check is still to run."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable, names: list[str], verify: bool,
-                 skip_reason: Optional[str]):
+                 skip_reason: Optional[str], precision: Optional[torch.dtype] = None):
+        """``precision``: the float dtype of least precision the step computes in besides
+        its inputs' (:func:`lowest_precision`), which sets the check's tolerance."""
         self.model, self.loss_fn, self.names = model, loss_fn, names
+        self.precision = precision
         self.edges, self.leaves = _locations(model, names)
         self.pending = verify
         self.skip_reason = skip_reason
@@ -63,7 +66,7 @@ class Guard:
 
     def __reduce__(self):
         """A pickled step (``torch.save``) carries an inert guard, not the model."""
-        return Guard, (nn.Module(), None, [], False, None)
+        return Guard, (nn.Module(), None, [], False, None, self.precision)
 
     def before(self, step: nn.Module, args: tuple, kwargs: dict) -> None:
         if torch.compiler.is_compiling():
@@ -91,7 +94,7 @@ class Guard:
                 _note_skipped("autograd cannot run in a process forked after its parent used "
                               "autograd")
             else:
-                compare(output[0], output[1], loss, grads)
+                compare(output[0], output[1], loss, grads, self.precision)
         self.pending = False
 
 
@@ -172,14 +175,34 @@ def tolerance(dtype: torch.dtype) -> float:
     return 8 * math.sqrt(torch.finfo(dtype).eps)
 
 
+# conversions by method name to a float dtype
+_CONVERSIONS = {"float": torch.float32, "half": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def lowest_precision(graph: fx.Graph) -> Optional[torch.dtype]:
+    """The float dtype of least precision named in ``graph``: by a conversion
+    (``v.float()``, ``h.to(torch.float32)``: EfficientViT's attention and LLaMA's RMSNorm
+    compute in float32 whatever the model's dtype) or as a dtype argument; None if none is.
+    Eager autograd rounds in another order there, so the check allows that dtype's
+    tolerance."""
+    found: list = []
+    for node in graph.nodes:
+        if node.op == "call_method" and node.target in _CONVERSIONS:
+            found.append(_CONVERSIONS[node.target])
+        fx.node.map_aggregate((node.args, node.kwargs), lambda a: found.append(a) if
+                              isinstance(a, torch.dtype) and a.is_floating_point else None)
+    return max(found, key=lambda dtype: torch.finfo(dtype).eps, default=None)
+
+
 def compare(loss: Tensor, grad: dict[str, Tensor], eager_loss: Tensor,
-            eager_grad: dict[str, Tensor]) -> None:
+            eager_grad: dict[str, Tensor], precision: Optional[torch.dtype] = None) -> None:
     """Raise :class:`StepError` where the step's loss or gradient differs from eager autograd
-    by more than :func:`tolerance`: relative to each gradient's largest entry, with a floor of
-    1% of the largest entry of the whole gradient (a gradient that is zero up to rounding,
+    by more than :func:`tolerance` (of the loss's dtype, or of ``precision`` where the step
+    computes in a less precise one): relative to each gradient's largest entry, with a floor
+    of 1% of the largest entry of the whole gradient (a gradient that is zero up to rounding,
     e.g. a bias before BatchNorm, is noise in both), plus ``10 eps |loss|`` (a whole gradient
     at rounding level, e.g. of a loss flat in the parameters)."""
-    tol = tolerance(eager_loss.dtype)
+    tol = max(tolerance(eager_loss.dtype), tolerance(precision) if precision else 0.0)
     error, scale = _error(loss, eager_loss), eager_loss.abs().item()
     if not error <= tol * max(scale, loss.abs().item()) + torch.finfo(eager_loss.dtype).eps:
         raise _mismatch("loss", loss.item(), eager_loss.item(), tol)

@@ -422,7 +422,8 @@ class CurvatureTracer(fx.Tracer):
             self.examples = ExampleValues(self.example, root)
         numbers = self.examples.python_numbers() if self.examples else nullcontext()
         with torch.enable_grad(), without_backpack_hooks(root), _ParameterProxies(self, root), \
-                _opaque_functions(self), _weighted_l1_loss(), module_state_kept(root), \
+                _opaque_functions(self), _factories_of_traced_sizes(self), _weighted_l1_loss(), \
+                module_state_kept(root), \
                 _attributes_keep_grad_mode(), numbers:
             graph = super().trace(root, concrete_args)
         _merge_attributes(graph)
@@ -551,6 +552,35 @@ def _lowered_call(m: nn.Module, lowering: Callable) -> Callable:
         finally:
             del m.__dict__["forward"]
     return call
+
+
+# torch factories whose argument parser rejects a Proxy among plain sizes or data
+# (``torch.ones(x.shape[0], T)``, ``torch.tensor(q.size(-1), dtype=torch.float)``)
+FACTORIES = ("ones", "zeros", "empty", "full", "rand", "randn", "tensor", "as_tensor",
+             "scalar_tensor")
+
+
+@contextmanager
+def _factories_of_traced_sizes(tracer: fx.Tracer):
+    """While tracing, a torch factory called with traced values among its arguments (OPT's
+    ``torch.ones(inputs_embeds.shape[0], seq_length)``, DeBERTa's ``torch.tensor(size,
+    dtype=...)``) records one call of the factory; torch's own argument parser would reject
+    the Proxies. Their rules say what they are (new memory, a draw, or no derivative)."""
+    saved = {name: getattr(torch, name) for name in FACTORIES}
+
+    def recorded(factory: Callable) -> Callable:
+        def call(*args, **kwargs):
+            if _has_proxy((args, kwargs)):
+                return tracer.create_proxy("call_function", factory, args, kwargs)
+            return factory(*args, **kwargs)
+        return call
+    for name, factory in saved.items():
+        setattr(torch, name, recorded(factory))
+    try:
+        yield
+    finally:
+        for name, factory in saved.items():
+            setattr(torch, name, factory)
 
 
 @contextmanager

@@ -187,6 +187,8 @@ SHAPES = [
     case("repeat_interleave", lambda x: x.repeat_interleave(2, dim=1), rand(3, 4, 2)),
     case("repeat_interleave_negative", lambda x: torch.repeat_interleave(x, 3, -2),
          rand(3, 2, 2)),
+    case("repeat_interleave_by_a_size",
+         lambda x: x.repeat_interleave(x.size(-1) // 2, dim=1), rand(3, 4, 4)),
     case("sliding_windows", lambda x: x.unfold(1, 3, 2), rand(3, 7, 2)),
     case("sliding_windows_negative", lambda x: x.unfold(-1, 2, 1), rand(3, 2, 5)),
     case("unflatten_function", lambda x: torch.unflatten(x, 1, (2, 3)), rand(3, 6)),
@@ -209,6 +211,9 @@ SHAPES = [
          rand(3, 2, 2, 2), params=("w",)),
     case("cat", lambda x, y: torch.cat([x, y], dim=1), rand(3, 2), rand(3, 4)),
     case("cat_negative_dim", lambda x, y: torch.cat((x, y, x), -1), rand(3, 2), rand(3, 4)),
+    case("cat_after_a_legacy_empty_piece",  # Hugging Face's empty key/value cache
+         lambda e, x: torch.cat([e, x], -2), torch.zeros(0, dtype=torch.float64),
+         rand(3, 4, 2), const=("e",)),
     case("detach", lambda x: x * x.detach(), rand(3, 4)),
     case("clone", lambda x: x.transpose(1, 2).clone(), rand(3, 2, 4)),
     case("clone_alone", lambda x: x.clone(), rand(3, 2)),

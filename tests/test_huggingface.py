@@ -6,7 +6,8 @@ They compile with an example batch (``compile(..., example=(ids, y))``, ``fxcurv
 Hugging Face unpacks shapes (``(*x.shape[:-1], -1, d)``: the example fixes their lengths),
 branches on them (its mask code's ``if batch_size != position_ids.shape[0]``: the way the
 example goes, checked when the step runs), and calls a module object from outside the model
-(``apply_rotary_pos_emb`` wrapped by the kernel hub: traced through as a function).
+(``apply_rotary_pos_emb`` wrapped by the kernel hub: traced through as a function). The
+default call, with its empty key/value cache and grouped-query SDPA, gives the same numbers.
 
 Checked against per-sample brute force with no fxcurv code: per-sample gradients by
 ``torch.func.grad`` of each sample's share of the loss, ``diag_ggn_exact`` as the diagonal of
@@ -71,11 +72,8 @@ def causal_lm_loss(logits, labels):
 MODELS = {"gpt2": (_gpt2, True), "llama": (_llama, True), "bert": (_bert, False)}
 
 
-@functools.lru_cache(maxsize=None)
-def prepared(name: str):
-    make, causal = MODELS[name]
-    torch.manual_seed(0)
-    model = Logits(make(), causal).to(DTYPE).eval()
+def _spread(model: nn.Module) -> None:
+    """Matrices ``N(0, 1/fan_in)``, biases ``0.3 N(0, 1)``, scales ``1 + 0.3 N(0, 1)``."""
     with torch.no_grad():
         for param_name, p in model.named_parameters():
             if p.dim() >= 2:
@@ -84,6 +82,14 @@ def prepared(name: str):
                 p.normal_(0.0, 0.3)
             else:
                 p.normal_(1.0, 0.3)
+
+
+@functools.lru_cache(maxsize=None)
+def prepared(name: str):
+    make, causal = MODELS[name]
+    torch.manual_seed(0)
+    model = Logits(make(), causal).to(DTYPE).eval()
+    _spread(model)
     gen = torch.Generator().manual_seed(1)
     ids = torch.randint(0, VOCAB, (N, T), generator=gen)
     y = torch.randint(0, VOCAB, (N, T), generator=gen) if causal else \
@@ -163,6 +169,31 @@ def test_kfac_runs(name):
         assert all(torch.isfinite(f).all() for f in factors), param
 
 
+class DefaultCall(nn.Module):
+    """``model(input_ids=ids).logits`` with the defaults: an empty key/value cache
+    concatenated with each layer's keys (``cat([tensor([]), k], -2)``), and LLaMA's grouped
+    key/value heads passed to SDPA with ``enable_gqa=True``."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, ids):
+        return self.model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_the_default_call_with_its_cache_gives_the_same_quantities(name):
+    model, loss_fn, ids, y = prepared(name)
+    step = fxcurv.compile(DefaultCall(model.model), loss_fn, ["batch_grad", "diag_ggn_exact"],
+                          example=(ids, y))
+    _, grad, batch_grad, diag_ggn = step(ids, y)
+    _, (_, grad_ref, batch_grad_ref, diag_ggn_ref, _) = compiled(name)
+    torch.testing.assert_close(grad, grad_ref, **TOL)
+    torch.testing.assert_close(batch_grad, batch_grad_ref, **TOL)
+    torch.testing.assert_close(diag_ggn, diag_ggn_ref, **TOL)
+
+
 def test_another_batch_size_runs_and_one_sample_is_checked():
     """The step serves other batch sizes; GPT-2's mask code branches on ``batch_size !=
     position_ids.shape[0]`` (true from two samples on), so one sample raises naming it."""
@@ -176,3 +207,100 @@ def test_another_batch_size_runs_and_one_sample_is_checked():
     torch.testing.assert_close(list(grad.values()), list(expected), **TOL)
     with pytest.raises(ValueError, match="branches on the number of samples at node"):
         step(ids[:1], y[:1])
+
+
+# more families, first-order quantities against per-sample autograd: name -> (config class,
+# model class, config keywords, input kind); "lm": causal LM on token ids, "text": sequence
+# classifier on token ids, "image": image classifier on 16x16 pixels
+SMALL = dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=12,
+             vocab_size=VOCAB, max_position_embeddings=16)
+FAMILIES = {
+    "mistral": ("MistralConfig", "MistralForCausalLM", dict(SMALL, num_key_value_heads=1), "lm"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", dict(SMALL, num_key_value_heads=1), "lm"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(SMALL, num_key_value_heads=1, pad_token_id=0),
+             "lm"),
+    "gpt_neox": ("GPTNeoXConfig", "GPTNeoXForCausalLM", SMALL, "lm"),
+    "opt": ("OPTConfig", "OPTForCausalLM",
+            dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, ffn_dim=12,
+                 vocab_size=VOCAB, max_position_embeddings=16, word_embed_proj_dim=8), "lm"),
+    "falcon": ("FalconConfig", "FalconForCausalLM",
+               dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                    vocab_size=VOCAB), "lm"),
+    "gptj": ("GPTJConfig", "GPTJForCausalLM",
+             dict(n_embd=8, n_layer=1, n_head=2, vocab_size=VOCAB, n_positions=16,
+                  rotary_dim=2), "lm"),
+    "phi": ("PhiConfig", "PhiForCausalLM", SMALL, "lm"),
+    "roberta": ("RobertaConfig", "RobertaForSequenceClassification",
+                dict(SMALL, max_position_embeddings=20, num_labels=3), "text"),
+    "distilbert": ("DistilBertConfig", "DistilBertForSequenceClassification",
+                   dict(dim=8, n_layers=1, n_heads=2, hidden_dim=12, vocab_size=VOCAB,
+                        max_position_embeddings=16, num_labels=3), "text"),
+    "albert": ("AlbertConfig", "AlbertForSequenceClassification",
+               dict(SMALL, embedding_size=8, num_labels=3), "text"),
+    "deberta_v2": ("DebertaV2Config", "DebertaV2ForSequenceClassification",
+                   dict(SMALL, num_labels=3), "text"),
+    "vit": ("ViTConfig", "ViTForImageClassification",
+            dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                 intermediate_size=12, image_size=16, patch_size=4, num_labels=3), "image"),
+    "swin": ("SwinConfig", "SwinForImageClassification",
+             dict(embed_dim=8, depths=[1, 1], num_heads=[2, 2], image_size=16, patch_size=2,
+                  window_size=2, num_labels=3), "image"),
+    "convnext": ("ConvNextConfig", "ConvNextForImageClassification",
+                 dict(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=3),
+                 "image"),
+}
+
+
+class Call(nn.Module):
+    """``model(x).logits``: token ids or pixels as the first argument."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x):
+        return self.model(x).logits
+
+
+def _family(name: str):
+    config, model_class, kwargs, kind = FAMILIES[name]
+    if not hasattr(transformers, model_class):
+        pytest.skip(f"transformers {transformers.__version__} has no {model_class}")
+    torch.manual_seed(0)
+    model = Call(getattr(transformers, model_class)(getattr(transformers, config)(**kwargs)))
+    model = model.to(DTYPE).eval()
+    _spread(model)
+    gen = torch.Generator().manual_seed(1)
+    if kind == "image":
+        x = torch.randn(N, 3, 16, 16, dtype=DTYPE, generator=gen)
+    else:
+        x = torch.randint(1, VOCAB, (N, T), generator=gen)
+    y = torch.randint(0, VOCAB, (N, T), generator=gen) if kind == "lm" else \
+        torch.randint(0, 3, (N,), generator=gen)
+    return model, causal_lm_loss if kind == "lm" else nn.CrossEntropyLoss(), x, y
+
+
+@pytest.mark.parametrize("name", list(FAMILIES))
+def test_first_order_quantities_of_more_families_match_autograd(name):
+    """Swin's window partition gives each sample several rows (``test_merged_rows.py``); OPT
+    builds a mask with ``torch.ones(inputs_embeds.shape[0], T)``, DeBERTa a scale with
+    ``torch.tensor(q.size(-1), dtype=torch.float)`` (recorded as calls) and a fill value
+    ``torch.finfo(q.dtype).min`` (the example's dtype)."""
+    model, loss_fn, x, y = _family(name)
+    step = fxcurv.compile(model, loss_fn, ["batch_grad", "kfac"], example=(x, y))
+    loss, grad, batch_grad, kfac = step(x, y)
+    torch.testing.assert_close(loss, loss_fn(model(x), y), **TOL)
+    params = [p for _, p in model.named_parameters()]
+    for n in range(N):
+        share = torch.autograd.grad(loss_fn(model(x[n:n + 1]), y[n:n + 1]) / N, params,
+                                    allow_unused=True)
+        for (param, value), expected in zip(batch_grad.items(), share):
+            expected = torch.zeros_like(value[n]) if expected is None else expected
+            torch.testing.assert_close(value[n], expected, **TOL, msg=f"{param}, sample {n}")
+    expected = torch.autograd.grad(loss_fn(model(x), y), params, allow_unused=True)
+    for (param, value), reference in zip(grad.items(), expected):
+        if reference is not None:
+            torch.testing.assert_close(value, reference, **TOL, msg=param)
+    for param, factors in kfac.items():
+        assert all(torch.isfinite(f).all() for f in factors), param
+

@@ -171,6 +171,33 @@ def test_first_call_check_compares_gradients():
         step(x, y)
 
 
+class HalfPrecisionInside(nn.Module):
+    """A float64 model whose middle computes in float32, as EfficientViT's attention and
+    LLaMA's RMSNorm do whatever the model's dtype."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, 8), nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x).float()).to(x.dtype))
+
+
+def test_first_call_check_allows_the_precision_the_step_computes_in():
+    from fxcurv.guard import compare, lowest_precision
+    model = HalfPrecisionInside().double()
+    step = fxcurv.compile(model, nn.CrossEntropyLoss())
+    assert lowest_precision(step.graph) == torch.float32
+    assert lowest_precision(fxcurv.compile(mlp(), nn.CrossEntropyLoss()).graph) in \
+        (None, torch.float64)
+    step(torch.randn(5, 4, dtype=torch.float64), torch.randint(0, 3, (5,)))
+    loss, grad = torch.tensor(1.0, dtype=torch.float64), {"w": torch.ones(3, dtype=torch.float64)}
+    near = {"w": grad["w"] * (1 + 1e-5)}
+    compare(loss, near, loss, grad, torch.float32)   # within float32's tolerance
+    with pytest.raises(StepError, match="relative tolerance 1.2e-07"):
+        compare(loss, near, loss, grad)
+
+
 EAGER_RUNS = []
 
 

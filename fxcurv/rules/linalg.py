@@ -531,16 +531,19 @@ affine([sdpa_mask], "sdpa_mask", "mask, dtype",
 def _lower_sdpa(c: Ctx):
     """``softmax(q kᵀ · scale + mask) v`` (:func:`attention`); a boolean ``attn_mask`` (True:
     attend) becomes an additive ``0 / -inf`` mask (:func:`sdpa_mask`); ``dropout_p > 0``
-    draws a dropout mask on the weights (as torch does, in any mode)."""
+    draws a dropout mask on the weights (as torch does, in any mode); ``enable_gqa`` repeats
+    each key/value head for its ``Hq / Hkv`` query heads (``repeat_interleave`` along -3)."""
     b = c.bound
-    if b["enable_gqa"]:
-        raise node_error(c.node, "scaled_dot_product_attention with enable_gqa=True has no "
-                         "rule", "Repeat the key/value heads yourself (repeat_interleave).")
+    key, value = c.args.key, c.args.value
+    if b["enable_gqa"]:  # each key/value head serves its group of query heads
+        groups = c.args.query.size(-3) // key.size(-3)
+        key = key.repeat_interleave(groups, dim=-3)
+        value = value.repeat_interleave(groups, dim=-3)
     mask = c.args.attn_mask
     if mask is not None:
         mask = c.call(sdpa_mask, mask, c.args.query.dtype)
-    return attention(c.args.query, c.args.key, c.args.value, mask, b["dropout_p"],
-                     b["is_causal"], b["scale"])[0]
+    return attention(c.args.query, key, value, mask, b["dropout_p"], b["is_causal"],
+                     b["scale"])[0]
 
 
 register([F.scaled_dot_product_attention], "scaled_dot_product_attention",

@@ -425,11 +425,24 @@ affine([F.pad], "pad", "input, pad, mode='constant', value=None",
        vjp={"input": _pad_vjp}, unsupported=_pad_unsupported, lower=_lower_circular_pad)
 
 
+def cat_sizes(tensors: List[Tensor], dim: int) -> List[int]:
+    """Each piece's size along ``dim`` in ``cat(tensors, dim)``; 0 for a legacy empty piece
+    (1-D of size 0, which ``torch.cat`` skips at any rank: Hugging Face's empty key/value
+    cache, ``cat([torch.tensor([]), k], -2)``)."""
+    rank = 1
+    for t in tensors:
+        rank = max(rank, t.dim())
+    sizes: List[int] = []
+    for t in tensors:
+        sizes.append(0 if t.dim() == 1 and t.numel() == 0 and rank > 1 else t.size(dim))
+    return sizes
+
+
 def _cat_vjp(g, c: Ctx) -> list:
     dim = c.bound["dim"]
-    sizes = [t.size(dim) for t in c.args.tensors]
+    sizes = c.call(cat_sizes, c.args.tensors, dim)
     pieces = c.call(split_back, g, c.lead, dim, sizes)
-    return [pieces[i] for i in range(len(sizes))]
+    return [pieces[i] for i in range(len(c.args.tensors))]
 
 
 def _whole_tuple(b: dict) -> Optional[str]:
@@ -1010,9 +1023,12 @@ def repeat_interleave_back(g: Tensor, repeats: int, dim: int, lead: int) -> Tens
 
 
 def _repeat_interleave_unsupported(b: dict) -> Optional[str]:
-    if not isinstance(b["repeats"], int) or not isinstance(b["dim"], int):
-        return ("repeat_interleave has a rule for an int repeats along a given dim (a tensor "
-                "of repeats, or dim=None, flattens first: use .flatten() then dim=0)")
+    repeats = b["repeats"]
+    if isinstance(repeats, bool) or not (isinstance(repeats, int) or is_scalar_node(repeats)) \
+            or not isinstance(b["dim"], int):
+        return ("repeat_interleave has a rule for an int repeats (a number or one computed "
+                "from sizes) along a given dim (a tensor of repeats, or dim=None, flattens "
+                "first: use .flatten() then dim=0)")
     return None
 
 
@@ -1020,9 +1036,9 @@ affine([torch.repeat_interleave, "repeat_interleave"], "repeat_interleave",
        "input, repeats, dim=None, *, output_size=None",
        doc="y = x with each entry along dim repeated r times;  Jᵀg = g summed over each "
            "entry's r copies.  Linear: zero Hessian.",
-       vjp={"input": lambda g, c: c.call(repeat_interleave_back, g, c.bound["repeats"],
+       vjp={"input": lambda g, c: c.call(repeat_interleave_back, g, c.args.repeats,
                                          c.bound["dim"], c.lead)},
-       jvp={"input": lambda t, c: t.repeat_interleave(c.bound["repeats"],
+       jvp={"input": lambda t, c: t.repeat_interleave(c.args.repeats,
                                                       _shift(c.bound["dim"], 1))},
        unsupported=_repeat_interleave_unsupported,
        mixes_samples=lambda b: "it repeats along the sample axis 0" if b["dim"] == 0 else None)

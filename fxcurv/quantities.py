@@ -109,7 +109,7 @@ _ALL = [
     Quantity("diag_ggn_exact", "ggn", "diagonal of the GGN (p.shape)", GGN_EXACT, SUM_SQUARES,
              Reduction("sum", "hessian"), "exact", coupled=True),
     Quantity("diag_ggn_mc", "ggn", "Monte-Carlo diagonal of the GGN (p.shape)", GGN_MC,
-             SUM_SQUARES, Reduction("sum", "hessian"), "exact"),
+             SUM_SQUARES, Reduction("sum", "hessian"), "exact", coupled=True),
     Quantity("diag_ggn_exact_batch", "ggn", "per-sample GGN diagonals [N, *p.shape]",
              GGN_EXACT, BATCH_SUM_SQUARES, Reduction("gather", "hessian")),
     Quantity("diag_ggn_mc_batch", "ggn", "per-sample MC GGN diagonals [N, *p.shape]", GGN_MC,

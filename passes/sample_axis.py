@@ -61,6 +61,8 @@ def guard_sample_axis(traced, samples: fx.Node, quantities: list) -> None:
         rule = rule_for(node)
         if node in model and rule is not None and rule.has(RESHAPES) and \
                 rule.bind(node)["input"] in carriers:
+            if _rows_from(rule.name, rule.bind(node), samples) is rule.bind(node)["input"]:
+                continue  # leaves axis 0 alone (flatten(1), unsqueeze(1)): nothing to check
             carriers.add(_check_after(traced, node, samples, check))
         if rule is not None and rule.mixes_samples and (node in model or node in rows):
             _check_negative_axes(traced.graph, node, rule, carriers)
@@ -138,7 +140,7 @@ def merged_rows(graph: fx.Graph, carriers: set, samples: fx.Node) -> set:
 def _rows_from(name: str, bound: dict, samples: fx.Node):
     """The value whose rows a reshape's output has (its input where it leaves axis 0 alone,
     the value whose axis-0 size it reads as its first size, ``samples``), None if unknown."""
-    if name in ("flatten", "squeeze", "unsqueeze"):
+    if name in ("flatten", "squeeze", "unsqueeze", "repeat_interleave"):
         axes = _ints(bound.get("start_dim", bound.get("dim")))
         keeps = axes and all(a >= 1 for a in axes) or \
             (name == "flatten" and bound.get("start_dim") == 0 and bound.get("end_dim") == 0)

@@ -229,7 +229,7 @@ def test_monte_carlo_with_a_callable_loss_names_the_loss_node_and_quantity(quant
     assert "cross_entropy" in message                           # what to use instead
 
 
-@pytest.mark.parametrize("quantity", ["diag_ggn_mc", "sqrt_ggn_mc", "diag_ggn_exact_batch"])
+@pytest.mark.parametrize("quantity", ["diag_ggn_mc_batch", "sqrt_ggn_mc", "diag_ggn_exact_batch"])
 def test_batchnorm_train_names_the_node_and_quantity(quantity):
     """Quantities that need the samples apart (``Quantity.coupled`` False) are refused on a
     batch that BatchNorm couples; the message names the ones that are defined there."""

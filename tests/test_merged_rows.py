@@ -1,7 +1,8 @@
 """Samples merged into rows inside the model: a CNN applied to every frame of a clip
 (``x.flatten(0, 1)`` of ``[N, T, C, H, W]``), Swin's window partition (``[N·W, w·w, C]``),
 ``unflatten(0, (N, T))`` back to samples before a recurrent layer, one layer applied to both one
-and two rows per sample.
+and two rows per sample, a per-sample query repeated for each of its windows
+(``repeat_interleave`` along axis 0, GCViT).
 
 Each sample then has ``k`` rows of axis 0 in sample order, and its per-row parameter terms add
 up to its own (``passes/sample_axis.py``, ``merged_rows``; ``passes/per_sample.py``). Every
@@ -118,6 +119,23 @@ class Shared(nn.Module):
         return self.head(h + torch.tanh(self.fc(rows)).view(x.size(0), 2, -1).sum(1))
 
 
+class GlobalQuery(nn.Module):
+    """GCViT's global attention: windows as rows ``[N·W, w, D]`` and a query per sample
+    repeated for each of its windows, ``q.repeat_interleave(rows // N, dim=0)``."""
+
+    def __init__(self):
+        super().__init__()
+        self.query, self.key, self.head = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(8, 3)
+
+    def forward(self, x):                                       # [N, 4, 4]
+        windows = x.view(-1, 2, 4)                              # [N·2, 2, 4]
+        q = self.query(x.mean(1))                               # [N, 4]
+        q = q.repeat_interleave(windows.shape[0] // q.shape[0], dim=0)
+        scores = torch.softmax((self.key(windows) * q[:, None, :]).sum(-1), -1)  # [N·2, 2]
+        pooled = (scores[..., None] * windows).sum(1)           # [N·2, 4]
+        return self.head(torch.tanh(pooled).view(x.size(0), -1))
+
+
 def _data(name: str):
     gen = torch.Generator().manual_seed(3)
     if name == "frames":
@@ -126,6 +144,9 @@ def _data(name: str):
     if name == "windows":
         return torch.randn(3, 4, 4, 3, generator=gen, dtype=DTYPE), \
             torch.randint(0, 3, (3,), generator=gen)
+    if name == "global":
+        return torch.randn(3, 4, 4, generator=gen, dtype=DTYPE), \
+            torch.randint(0, 3, (3,), generator=gen)
     if name == "shared":
         return torch.randn(3, 4, generator=gen, dtype=DTYPE), \
             torch.randint(0, 3, (3,), generator=gen)
@@ -133,7 +154,8 @@ def _data(name: str):
         torch.randint(0, 2, (3,), generator=gen)
 
 
-MODELS = {"frames": Frames, "windows": Windows, "lstm": FramesThenLSTM, "shared": Shared}
+MODELS = {"frames": Frames, "windows": Windows, "lstm": FramesThenLSTM, "shared": Shared,
+          "global": GlobalQuery}
 FIRST_ORDER = ["batch_grad", "batch_l2", "sum_grad_squared", "variance"]
 GGN = ["diag_ggn_exact", "diag_ggn_exact_batch", "sqrt_ggn_exact", "ggnmp", "kflr"]
 

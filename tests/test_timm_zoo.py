@@ -14,7 +14,8 @@ SwiGLU MLP, ``pit`` pooling-based token stages, ``mixer`` token-mixing MLPs, ``c
 LayerNorm over channels-last permutes, ``efficientnet`` (tinynet) squeeze-excitation and
 BatchNorm, ``swin``, ``swinv2`` and ``davit`` window attention on windows partitioned into
 rows of axis 0 (``[N·nW, w·w, C]``: several rows per sample, ``test_merged_rows.py``; before,
-every quantity but ``grad`` raised when the step ran).
+every quantity but ``grad`` raised when the step ran), ``gcvit`` a global query repeated for
+each sample's windows (``repeat_interleave`` along axis 0), with an example batch.
 """
 from __future__ import annotations
 
@@ -51,13 +52,20 @@ FAMILIES = {  # family -> (timm name or builder, keyword arguments, image side)
                32),
     "davit": ("davit_tiny", dict(depths=(1, 1), embed_dims=(8, 16), num_heads=(2, 2),
                                  window_size=2), 32),
+    "gcvit": ("gcvit", dict(img_size=64, depths=(1, 1, 1, 1), num_heads=(2, 2, 2, 2),
+                            embed_dim=8, mlp_ratio=2.0), 64),
 }
+# compiled with an example batch (Python branches on sizes, fxcurv/example.py)
+WITH_EXAMPLE = {"gcvit"}
 
 
 def _build(name: str, kwargs: dict) -> nn.Module:
     if name == "mixer":  # (the registered mixers fix patch_size)
         from timm.models.mlp_mixer import MlpMixer
         return MlpMixer(num_classes=CLASSES, **kwargs)
+    if name == "gcvit":  # (the registered ones fix depths and widths)
+        from timm.models.gcvit import GlobalContextVit
+        return GlobalContextVit(num_classes=CLASSES, **kwargs)
     return timm.create_model(name, pretrained=False, num_classes=CLASSES, **kwargs)
 
 
@@ -92,8 +100,9 @@ def prepared(family: str):
 @lru_cache(maxsize=None)
 def results(family: str) -> tuple:
     model, x, y = prepared(family)
-    return fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_l2", "diag_ggn_exact",
-                                                         "kfac"])(x, y)
+    example = (x, y) if family in WITH_EXAMPLE else None
+    return fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_l2", "diag_ggn_exact", "kfac"],
+                          example=example)(x, y)
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

@@ -1035,13 +1035,14 @@ def _repeat_interleave_unsupported(b: dict) -> Optional[str]:
 affine([torch.repeat_interleave, "repeat_interleave"], "repeat_interleave",
        "input, repeats, dim=None, *, output_size=None",
        doc="y = x with each entry along dim repeated r times;  Jᵀg = g summed over each "
-           "entry's r copies.  Linear: zero Hessian.",
+           "entry's r copies.  Linear: zero Hessian. Along the sample axis 0 each sample "
+           "gets r rows in sample order (GCViT's global query per window): checked when "
+           "the step runs, like a reshape.",
        vjp={"input": lambda g, c: c.call(repeat_interleave_back, g, c.args.repeats,
                                          c.bound["dim"], c.lead)},
        jvp={"input": lambda t, c: t.repeat_interleave(c.args.repeats,
                                                       _shift(c.bound["dim"], 1))},
-       unsupported=_repeat_interleave_unsupported,
-       mixes_samples=lambda b: "it repeats along the sample axis 0" if b["dim"] == 0 else None)
+       unsupported=_repeat_interleave_unsupported, traits=(RESHAPES,))
 
 
 def sliding_windows_back(g: Tensor, x: Tensor, dim: int, size: int, step: int,

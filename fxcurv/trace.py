@@ -422,7 +422,8 @@ class CurvatureTracer(fx.Tracer):
             self.examples = ExampleValues(self.example, root)
         numbers = self.examples.python_numbers() if self.examples else nullcontext()
         with torch.enable_grad(), without_backpack_hooks(root), _ParameterProxies(self, root), \
-                _opaque_functions(self), _factories_of_traced_sizes(self), _weighted_l1_loss(), \
+                _opaque_functions(self), _factories_of_traced_sizes(self), _item_assignment(self), \
+                _weighted_l1_loss(), \
                 module_state_kept(root), \
                 _attributes_keep_grad_mode(), numbers:
             graph = super().trace(root, concrete_args)
@@ -581,6 +582,21 @@ def _factories_of_traced_sizes(tracer: fx.Tracer):
     finally:
         for name, factory in saved.items():
             setattr(torch, name, factory)
+
+
+@contextmanager
+def _item_assignment(tracer: fx.Tracer):
+    """While tracing, ``x[index] = value`` on a traced ``x`` (ConViT's relative indices, a
+    table or mask filled in forward) records an in-place ``operator.setitem`` call, which
+    ``passes/normalize.py`` makes out of place (``rules.shape.assigned``) after the aliasing
+    checks of any in-place op."""
+    def setitem(proxy: fx.Proxy, index: Any, value: Any) -> None:
+        tracer.create_proxy("call_function", operator.setitem, (proxy, index, value), {})
+    fx.Proxy.__setitem__ = setitem
+    try:
+        yield
+    finally:
+        del fx.Proxy.__setitem__
 
 
 @contextmanager

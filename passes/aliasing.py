@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from fxcurv.errors import node_error
 from fxcurv.rules import RULES, VIEW, rule_for
-from fxcurv.rules.shape import is_scalar_node
+from fxcurv.rules.shape import assigned, assigned_number, index_spec, is_scalar_node
 
 # ``x += y`` and friends: every in-place operator (those without a rule are then refused by
 # the invariant check where they depend on the parameters)
@@ -43,6 +43,8 @@ def in_place_twin(node: fx.Node) -> Optional[tuple[Any, tuple, dict]]:
         return None
     if node.op == "call_function" and node.target in OUT_OF_PLACE:
         return OUT_OF_PLACE[node.target], node.args, dict(node.kwargs)
+    if node.op == "call_function" and node.target is operator.setitem:
+        return _assignment_twin(node)
     flag = _inplace_flag(node)
     if flag is not None:
         return flag
@@ -59,6 +61,20 @@ def in_place_twin(node: fx.Node) -> Optional[tuple[Any, tuple, dict]]:
         twins = [getattr(module, name[:-1], None) for module in (torch, F)]
         twin = next((t for t in twins if t is not None and t in RULES), None)
     return twin, node.args, dict(node.kwargs)
+
+
+def _assignment_twin(node: fx.Node) -> tuple[Any, tuple, dict]:
+    """``x[index] = value`` -> ``assigned(x, value, spec)`` (a tensor value) or
+    ``assigned_number`` (a Python number), for a basic index (``index_spec``); target None
+    for any other index or value."""
+    mutated, index, value = node.args
+    spec = index_spec(index)
+    if spec is None or (isinstance(value, fx.Node) and is_scalar_node(value)):
+        return None, node.args, {}
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return assigned_number, (mutated, float(value), spec), {}
+    return (assigned, (mutated, value, spec), {}) if isinstance(value, fx.Node) else \
+        (None, node.args, {})
 
 
 def _inplace_flag(node: fx.Node) -> Optional[tuple[Any, tuple, dict]]:

@@ -281,7 +281,14 @@ def _reach(bound: dict) -> int:
     index = bound.get("idx")
     if isinstance(index, tuple) and Ellipsis in index:
         reach = max(reach, len(index) + 1)
+    for axis in _spec_axes(bound):  # an item assignment's index (``rules.shape.index_spec``)
+        reach = max(reach, -axis)
     return reach
+
+
+def _spec_axes(bound: dict) -> list:
+    spec = bound.get("spec")
+    return list(spec[0::5]) if isinstance(spec, list) else []
 
 
 def _ints(value) -> list:
@@ -306,6 +313,12 @@ def _resolved(bound: dict, axes_rank: int, rank: int):
         if any(v < 0 for v in _ints(value)):
             return None
         resolved[name] = value
+    if _spec_axes(bound):
+        spec = list(bound["spec"])
+        spec[0::5] = [axis + rank if axis < 0 else axis for axis in spec[0::5]]
+        if any(axis < 0 for axis in spec[0::5]):
+            return None
+        resolved["spec"] = spec
     index = bound.get("idx")
     if isinstance(index, tuple) and Ellipsis in index:
         consumed = sum(1 for item in index if item is not None and item is not Ellipsis)

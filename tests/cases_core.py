@@ -9,8 +9,8 @@ from fxcurv.rules.losses import check_scalar_loss
 from fxcurv.rules.recurrent import check_cell_input, check_sequence, lstm_layer
 from fxcurv.rules.linalg import sdpa_mask
 from fxcurv.rules.losses import classes_last
-from fxcurv.rules.shape import (axes_keep_samples, keeps_sample_axis, loss_rows_are_samples,
-                                rows_hold_samples)
+from fxcurv.rules.shape import (assigned, assigned_number, axes_keep_samples, index_spec,
+                                keeps_sample_axis, loss_rows_are_samples, rows_hold_samples)
 from rule_harness import case
 
 torch.fx.wrap("check_scalar_loss")  # traced as a call, as compile emits it
@@ -21,6 +21,8 @@ torch.fx.wrap("lstm_layer")
 torch.fx.wrap("check_cell_input")
 torch.fx.wrap("keeps_sample_axis")
 torch.fx.wrap("rows_hold_samples")
+torch.fx.wrap("assigned")
+torch.fx.wrap("assigned_number")
 torch.fx.wrap("loss_rows_are_samples")
 torch.fx.wrap("axes_keep_samples")
 torch.fx.wrap("classes_last")
@@ -165,6 +167,14 @@ SHAPES = [
     case("keeps_sample_axis",
          lambda x: keeps_sample_axis(x.reshape(x.size(0), -1), x.size(0), "here"),
          rand(3, 2, 4)),
+    case("assigned",  # x[:, 1::2, 0] = v (item assignment, out of place)
+         lambda x, v: assigned(x, v, index_spec((slice(None), slice(1, None, 2), 0))),
+         rand(3, 4, 2), rand(3, 2)),
+    case("assigned_broadcast_from_the_end",  # x[..., 1:3] = v with v broadcast
+         lambda x, v: assigned(x * 1, v, index_spec((Ellipsis, slice(1, 3)))),
+         rand(3, 2, 4), rand(3, 1, 2)),
+    case("assigned_number",
+         lambda x: assigned_number(x, 2.0, index_spec((slice(None), 1))), rand(3, 4)),
     case("rows_hold_samples",
          lambda x: rows_hold_samples(x.reshape(x.size(0), -1), x.size(0), "here"),
          rand(3, 2, 4)),

@@ -92,6 +92,26 @@ def _base_changed_under_view(h):  # the view sees the change in eager: refused
     return torch.cat([v, h[:, 2:]], 1)
 
 
+def _assign_slices(h):  # item assignment into a fresh tensor: out of place, exact
+    g = torch.zeros_like(h)
+    g[:, 1:3] = torch.tanh(h[:, 1:3])
+    g[:, 0] = 2.0
+    g[..., -1] = h[:, 0] * h[:, 1]
+    return g
+
+
+def _assign_table(h):  # a table filled from sizes in forward (no derivative)
+    table = torch.zeros(h.shape[1], dtype=h.dtype)
+    table[1::2] = 1.0
+    return h * table + h
+
+
+def _assign_into_activation(h):  # eager writes into h, read again after: exact, out of place
+    h = h * 1
+    h[:, 2:] = torch.sigmoid(h[:, :2])
+    return h
+
+
 def _attribute_under_no_grad(h):
     """``t = h.mT`` read with grad mode on; fx adds its node where it is first used, under
     no_grad."""
@@ -167,6 +187,10 @@ SHAPE_BLOCKS: dict[str, Callable] = {
     "stack_mean": lambda h: torch.stack([h, torch.tanh(h), h * 2], 0).mean(0),
     "conversions": lambda h: h.to(h.dtype) * h.type_as(h) + h.double(),
     "index_after_slice": lambda h: h[:, torch.tensor([3, 0, 1, 1])] * h,
+    # item assignment (x[index] = value, made out of place)
+    "assign_slices": _assign_slices,
+    "assign_table": _assign_table,
+    "assign_into_activation": _assign_into_activation,
 }
 
 
@@ -378,6 +402,9 @@ REGRESSIONS = {
     "stack_mean": "match",              # was: refused (the stack moves the sample axis)
     "conversions": "match",             # was: no rule for to / type_as / double
     "index_after_slice": "match",       # was: no rule for a tensor index after a slice
+    "assign_slices": "match",           # was: a trace error (Proxy item assignment)
+    "assign_table": "match",            # was: a trace error
+    "assign_into_activation": "match",  # was: a trace error
     "no_grad_gate": "match",            # was: the no_grad region differentiated
     "set_grad_enabled": "match",        # was: the set_grad_enabled(False) region differentiated
     "in_place_slice": "refused",        # was: the slice's change missing from h

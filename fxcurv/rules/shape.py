@@ -271,6 +271,112 @@ register([torch.unflatten, "unflatten"], "unflatten", "input, dim, sizes",
          lower=_lower_unflatten)
 
 
+# -- item assignment ``x[idx] = v`` (basic indexing), out of place -----------------------------
+_TO_THE_END = 2 ** 62  # a slice's stop of None
+
+
+def index_spec(index: Any) -> Optional[List[int]]:
+    """A basic index of ``x[index] = v`` as five ints per indexed axis, ``[axis, kind, a, b,
+    c]``: ``kind`` 0 selects entry ``a``, 1 slices ``a:b:c``; ``axis`` counts from the front,
+    or from the end after an ``...``. Full slices are left out. None for anything else (a
+    tensor or traced index, ``None``, a negative step)."""
+    items = index if isinstance(index, tuple) else (index,)
+    if sum(item is Ellipsis for item in items) > 1:
+        return None
+    end = items.index(Ellipsis) if Ellipsis in items else len(items)
+    spec: List[int] = []
+    for position, item in enumerate(items):
+        axis = position if position < end else position - len(items)
+        if item is Ellipsis or item == slice(None):
+            continue
+        if isinstance(item, int) and not isinstance(item, bool):
+            spec += [axis, 0, item, 0, 0]
+        elif isinstance(item, slice) and all(
+                v is None or (isinstance(v, int) and not isinstance(v, bool))
+                for v in (item.start, item.stop, item.step)) and (item.step or 1) > 0:
+            spec += [axis, 1, item.start or 0,
+                     _TO_THE_END if item.stop is None else item.stop, item.step or 1]
+        else:
+            return None
+    return spec
+
+
+def indexed_region(t: Tensor, spec: List[int], lead: int) -> Tensor:
+    """The view ``t[index]`` of an index encoded by :func:`index_spec` (``lead`` more leading
+    axes in ``t``): slices first, then selections from the last axis inward, so that every
+    axis keeps its number until it is selected."""
+    view = t
+    count = len(spec) // 5
+    for i in range(count):
+        if spec[5 * i + 1] == 1:
+            axis = spec[5 * i] + lead if spec[5 * i] >= 0 else spec[5 * i]
+            view = torch.ops.aten.slice(view, axis, spec[5 * i + 2], spec[5 * i + 3],
+                                        spec[5 * i + 4])
+    chosen: List[int] = []
+    for i in range(count):
+        if spec[5 * i + 1] == 0:
+            chosen.append(i)
+    while len(chosen) > 0:  # positive axes from the largest, then negative ones from the front
+        best = 0
+        for j in range(1, len(chosen)):
+            a, b = spec[5 * chosen[j]], spec[5 * chosen[best]]
+            if (a >= 0 and (b < 0 or a > b)) or (a < 0 and b < 0 and a < b):
+                best = j
+        i = chosen.pop(best)
+        axis = spec[5 * i] + lead if spec[5 * i] >= 0 else spec[5 * i]
+        view = view.select(axis, spec[5 * i + 2])
+    return view
+
+
+def assigned(input: Tensor, value: Tensor, spec: List[int]) -> Tensor:
+    """``y = input.clone(); y[index] = value`` (``index`` as :func:`index_spec`): item
+    assignment out of place."""
+    result = input.clone()
+    indexed_region(result, spec, 0).copy_(value)
+    return result
+
+
+def assigned_number(input: Tensor, value: float, spec: List[int]) -> Tensor:
+    """:func:`assigned` of a Python number (``mask[:, :k] = float("-inf")``)."""
+    result = input.clone()
+    indexed_region(result, spec, 0).fill_(value)
+    return result
+
+
+def region_zeroed(g: Tensor, spec: List[int], lead: int) -> Tensor:
+    """``Jᵀg`` of :func:`assigned` for its input: ``g`` with the assigned region set to 0."""
+    result = g.clone()
+    indexed_region(result, spec, lead).zero_()
+    return result
+
+
+def region_of(g: Tensor, spec: List[int], lead: int, shape: List[int]) -> Tensor:
+    """``Jᵀg`` of :func:`assigned` for its value: ``g[index]`` summed to the value's shape
+    (undoing its broadcast)."""
+    return sum_to_shape(indexed_region(g, spec, lead), lead, shape).clone()
+
+
+def _assigns_samples(b: dict) -> Optional[str]:
+    """Assigning into part of axis 0 replaces some samples' rows (an axis counted from the
+    end is checked where it could be axis 0, ``passes/sample_axis.py``)."""
+    return "it assigns into part of the sample axis 0" if 0 in b["spec"][0::5] else None
+
+
+affine([assigned], "assigned", "input, value, spec", traits=(FRESH,),
+       doc="y = x with y[index] = v (item assignment, basic index);  x̄ = g with the region "
+           "zeroed, v̄ = g[index] summed to v's shape.",
+       mixes_samples=_assigns_samples,
+       vjp={"input": lambda g, c: c.call(region_zeroed, g, c.bound["spec"], c.lead),
+            "value": lambda g, c: c.call(region_of, g, c.bound["spec"], c.lead,
+                                         c.args.value.shape),
+            "spec": None})
+affine([assigned_number], "assigned_number", "input, value, spec", traits=(FRESH,),
+       doc="y = x with y[index] = a number;  x̄ = g with the region zeroed.",
+       mixes_samples=_assigns_samples,
+       vjp={"input": lambda g, c: c.call(region_zeroed, g, c.bound["spec"], c.lead),
+            "value": None, "spec": None})
+
+
 def on_axis(dim: int, item: Any) -> tuple:
     """The basic index that applies ``item`` (an int or a slice) to axis ``dim`` alone."""
     if dim >= 0:

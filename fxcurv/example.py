@@ -123,6 +123,9 @@ class ExampleValues:
             value = self._evaluate(node, which)
             if value is not _MISSING:
                 self.values[which][node] = value
+        value = self.values[0].get(node)
+        if isinstance(value, Tensor):  # (where an axis counted from the end lands)
+            node.meta["example_rank"] = value.dim()
 
     def _evaluate(self, node: fx.Node, which: int) -> Any:
         if node.op == "placeholder":

@@ -72,16 +72,45 @@ def _size_of_a_later_axis(node: fx.Node) -> bool:
         return True
     if node.op == "call_method" and node.target == "size":
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        return isinstance(dim, int) and dim > 0
+        return isinstance(dim, int) and _from_front(dim, node.args[0]) > 0
     if node.op == "call_function" and node.target is operator.getitem:
         whole, index = node.args[0], node.args[1]
-        reads_shape = isinstance(whole, fx.Node) and (
-            (whole.op == "call_method" and whole.target == "size" and len(whole.args) == 1
-             and not whole.kwargs)
-            or (whole.op == "call_function" and whole.target is getattr
-                and whole.args[1] == "shape"))
-        return reads_shape and isinstance(index, int) and index > 0
+        first = _first_axis_of_shape(whole)
+        if first is None or not isinstance(index, int):
+            return False
+        if index < 0:  # ``t.shape[-2]``: where the traced example's rank puts it
+            return first == 0 and _from_front(index, whole.args[0]) > 0
+        return first + index > 0
     return False
+
+
+def _from_front(axis: int, tensor: Any) -> int:
+    """``axis`` of ``tensor`` counted from the front; a negative one by the rank the example
+    batch gave it while tracing (``node.meta["example_rank"]``), else -1 (unknown)."""
+    if axis >= 0:
+        return axis
+    rank = tensor.meta.get("example_rank") if isinstance(tensor, fx.Node) else None
+    return axis + rank if isinstance(rank, int) and axis + rank >= 0 else -1
+
+
+def _first_axis_of_shape(node: Any):
+    """The axis that item 0 of a shape value reads: 0 for ``t.shape`` / ``t.size()``, ``a``
+    for ``t.shape[a:]`` (``a >= 0``, step 1, also of such a slice); None for anything else."""
+    if not isinstance(node, fx.Node):
+        return None
+    if (node.op == "call_method" and node.target == "size" and len(node.args) == 1
+            and not node.kwargs) or \
+            (node.op == "call_function" and node.target is getattr and node.args[1] == "shape"):
+        return 0
+    if node.op == "call_function" and node.target is operator.getitem and \
+            isinstance(node.args[1], slice):
+        part, base = node.args[1], _first_axis_of_shape(node.args[0])
+        start = part.start or 0
+        if base is None or not isinstance(start, int) or start < 0 or \
+                part.step not in (None, 1):
+            return None
+        return base + start
+    return None
 
 
 def sample_data(graph: fx.Graph, data: fx.Node) -> set[fx.Node]:

@@ -228,3 +228,34 @@ def test_unpacked_shapes_and_modules_outside_the_model_trace_with_an_example():
     for name, value in batch_grad.items():
         torch.testing.assert_close(value, per_sample[name])
 
+
+class PositionBias(nn.Module):
+    """A position table sliced by sizes read as ``h.shape[-2]`` (an axis counted from the
+    end: T5's relative position bias) and ``x.shape[:2][1]`` (a slice of a shape: BART)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+        self.table, self.other = nn.Parameter(torch.randn(8, 4)), nn.Parameter(torch.randn(8, 4))
+
+    def forward(self, x):                                       # [N, T, 4]
+        h = self.fc(x)
+        h = h + self.table[:h.shape[-2]] + self.other[:x.shape[:2][1]]
+        return self.head(torch.tanh(h).mean(1))
+
+
+def test_sizes_counted_from_the_end_hold_no_samples_with_an_example():
+    """The example's ranks place ``h.shape[-2]`` on axis 1: the sliced table holds no
+    samples and its per-sample gradients are exact. Without an example the axis could be 0,
+    and the slice is refused as indexing the samples."""
+    torch.manual_seed(0)
+    model = PositionBias().to(DTYPE)
+    x, y = torch.randn(3, 5, 4, dtype=DTYPE), torch.tensor([0, 2, 1])
+    with pytest.raises(fxcurv.CompileError, match="it indexes the sample axis 0"):
+        fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_grad"])
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_grad"], example=(x, y))
+    _, _, batch_grad = step(x, y)
+    per_sample = per_sample_grads(model, x, y)
+    for name, value in batch_grad.items():
+        torch.testing.assert_close(value, per_sample[name])
+

@@ -248,6 +248,15 @@ FAMILIES = {
     "convnext": ("ConvNextConfig", "ConvNextForImageClassification",
                  dict(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=3),
                  "image"),
+    "t5": ("T5Config", "T5ForConditionalGeneration",
+           dict(vocab_size=VOCAB, d_model=8, d_kv=4, d_ff=12, num_layers=1,
+                num_decoder_layers=1, num_heads=2, decoder_start_token_id=0, pad_token_id=0),
+           "seq2seq"),
+    "bart": ("BartConfig", "BartForConditionalGeneration",
+             dict(vocab_size=VOCAB, d_model=8, encoder_layers=1, decoder_layers=1,
+                  encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=12,
+                  decoder_ffn_dim=12, max_position_embeddings=16, pad_token_id=1,
+                  bos_token_id=0, eos_token_id=2, decoder_start_token_id=2), "seq2seq"),
 }
 
 
@@ -262,22 +271,39 @@ class Call(nn.Module):
         return self.model(x).logits
 
 
+class EncoderDecoder(Call):
+    """An encoder-decoder on ``x = {"src": ids, "tgt": decoder ids}`` (a structured input)."""
+
+    def forward(self, x):
+        return self.model(input_ids=x["src"], decoder_input_ids=x["tgt"]).logits
+
+
+def _sample(x, n: int):
+    return {k: v[n:n + 1] for k, v in x.items()} if isinstance(x, dict) else x[n:n + 1]
+
+
 def _family(name: str):
     config, model_class, kwargs, kind = FAMILIES[name]
     if not hasattr(transformers, model_class):
         pytest.skip(f"transformers {transformers.__version__} has no {model_class}")
     torch.manual_seed(0)
-    model = Call(getattr(transformers, model_class)(getattr(transformers, config)(**kwargs)))
+    wrapper = EncoderDecoder if kind == "seq2seq" else Call
+    model = wrapper(getattr(transformers, model_class)(getattr(transformers, config)(**kwargs)))
     model = model.to(DTYPE).eval()
     _spread(model)
     gen = torch.Generator().manual_seed(1)
     if kind == "image":
         x = torch.randn(N, 3, 16, 16, dtype=DTYPE, generator=gen)
+    elif kind == "seq2seq":
+        x = {"src": torch.randint(3, VOCAB, (N, T), generator=gen),
+             "tgt": torch.randint(3, VOCAB, (N, T - 1), generator=gen)}
     else:
         x = torch.randint(1, VOCAB, (N, T), generator=gen)
-    y = torch.randint(0, VOCAB, (N, T), generator=gen) if kind == "lm" else \
-        torch.randint(0, 3, (N,), generator=gen)
-    return model, causal_lm_loss if kind == "lm" else nn.CrossEntropyLoss(), x, y
+    if kind in ("lm", "seq2seq"):
+        y = torch.randint(0, VOCAB, (N, T - (kind == "seq2seq")), generator=gen)
+    else:
+        y = torch.randint(0, 3, (N,), generator=gen)
+    return model, causal_lm_loss if kind in ("lm", "seq2seq") else nn.CrossEntropyLoss(), x, y
 
 
 @pytest.mark.parametrize("name", list(FAMILIES))
@@ -285,22 +311,28 @@ def test_first_order_quantities_of_more_families_match_autograd(name):
     """Swin's window partition gives each sample several rows (``test_merged_rows.py``); OPT
     builds a mask with ``torch.ones(inputs_embeds.shape[0], T)``, DeBERTa a scale with
     ``torch.tensor(q.size(-1), dtype=torch.float)`` (recorded as calls) and a fill value
-    ``torch.finfo(q.dtype).min`` (the example's dtype)."""
+    ``torch.finfo(q.dtype).min`` (the example's dtype). BART's positions are expanded to the
+    number of samples read from ``ids.shape[:2]`` (a slice of a shape: sizes, and the
+    expanded positions one row per sample); T5's relative position bias is built from
+    ``key_states.shape[-2]`` (an axis counted from the end, placed by the example's rank:
+    no samples in it). T5's norm computes in float32 (agreement to 1e-8)."""
     model, loss_fn, x, y = _family(name)
     step = fxcurv.compile(model, loss_fn, ["batch_grad", "kfac"], example=(x, y))
     loss, grad, batch_grad, kfac = step(x, y)
+    tolerance = dict(rtol=1e-6, atol=1e-8) if name == "t5" else TOL
     torch.testing.assert_close(loss, loss_fn(model(x), y), **TOL)
     params = [p for _, p in model.named_parameters()]
     for n in range(N):
-        share = torch.autograd.grad(loss_fn(model(x[n:n + 1]), y[n:n + 1]) / N, params,
+        share = torch.autograd.grad(loss_fn(model(_sample(x, n)), y[n:n + 1]) / N, params,
                                     allow_unused=True)
         for (param, value), expected in zip(batch_grad.items(), share):
             expected = torch.zeros_like(value[n]) if expected is None else expected
-            torch.testing.assert_close(value[n], expected, **TOL, msg=f"{param}, sample {n}")
+            torch.testing.assert_close(value[n], expected, **tolerance,
+                                       msg=f"{param}, sample {n}")
     expected = torch.autograd.grad(loss_fn(model(x), y), params, allow_unused=True)
     for (param, value), reference in zip(grad.items(), expected):
         if reference is not None:
-            torch.testing.assert_close(value, reference, **TOL, msg=param)
+            torch.testing.assert_close(value, reference, **tolerance, msg=param)
     for param, factors in kfac.items():
         assert all(torch.isfinite(f).all() for f in factors), param
 

@@ -644,11 +644,13 @@ _SCALAR_ARITHMETIC = (operator.add, operator.sub, operator.mul, operator.truediv
 
 
 def _is_shape(node: Any) -> bool:
-    """``x.shape`` / ``x.size()``: a tuple of ints."""
+    """``x.shape`` / ``x.size()``, or a slice of one (``x.shape[:2]``): a tuple of ints."""
     return isinstance(node, fx.Node) and (
         (node.op == "call_function" and node.target is getattr and node.args[1] == "shape")
         or (node.op == "call_method" and node.target == "size" and len(node.args) == 1
-            and not node.kwargs))
+            and not node.kwargs)
+        or (node.op == "call_function" and node.target is operator.getitem
+            and isinstance(node.args[1], slice) and _is_shape(node.args[0])))
 
 
 def is_scalar_node(node: Any) -> bool:

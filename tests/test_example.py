@@ -219,13 +219,18 @@ class Halves(nn.Module):
 
 def test_unpacked_shapes_and_modules_outside_the_model_trace_with_an_example():
     x, y = torch.randn(3, 5, 4, dtype=DTYPE), torch.tensor([0, 1, 0])
-    model = Unpacked(Halves()).to(DTYPE)
-    with pytest.raises(fxcurv.CompileError, match=r"unpacks them \(\(\*x.shape\[:-1\]"):
+    assert_exact_with_an_example_only(Unpacked(Halves()).to(DTYPE), x, y,
+                                      r"unpacks them \(\(\*x.shape\[:-1\]")
+
+
+def assert_exact_with_an_example_only(model, x, y, refusal: str) -> None:
+    """Without an example: a ``CompileError`` matching ``refusal``; with one: per-sample
+    gradients equal to ``per_sample_grads``."""
+    with pytest.raises(fxcurv.CompileError, match=refusal):
         fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_grad"])
     step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_grad"], example=(x, y))
-    _, grad, batch_grad = step(x, y)
     per_sample = per_sample_grads(model, x, y)
-    for name, value in batch_grad.items():
+    for name, value in step(x, y)[2].items():
         torch.testing.assert_close(value, per_sample[name])
 
 
@@ -249,13 +254,7 @@ def test_sizes_counted_from_the_end_hold_no_samples_with_an_example():
     samples and its per-sample gradients are exact. Without an example the axis could be 0,
     and the slice is refused as indexing the samples."""
     torch.manual_seed(0)
-    model = PositionBias().to(DTYPE)
     x, y = torch.randn(3, 5, 4, dtype=DTYPE), torch.tensor([0, 2, 1])
-    with pytest.raises(fxcurv.CompileError, match="it indexes the sample axis 0"):
-        fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_grad"])
-    step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_grad"], example=(x, y))
-    _, _, batch_grad = step(x, y)
-    per_sample = per_sample_grads(model, x, y)
-    for name, value in batch_grad.items():
-        torch.testing.assert_close(value, per_sample[name])
+    assert_exact_with_an_example_only(PositionBias().to(DTYPE), x, y,
+                                      "it indexes the sample axis 0")
 

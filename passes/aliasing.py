@@ -22,8 +22,9 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from fxcurv.errors import node_error
-from fxcurv.rules import RULES, VIEW, rule_for
-from fxcurv.rules.shape import assigned, assigned_number, index_spec, is_scalar_node
+from fxcurv.rules import BOOLEAN, RULES, VIEW, rule_for
+from fxcurv.rules.shape import (assigned, assigned_number, index_spec, is_scalar_node,
+                                masked_assign)
 
 # ``x += y`` and friends: every in-place operator (those without a rule are then refused by
 # the invariant check where they depend on the parameters)
@@ -65,13 +66,19 @@ def in_place_twin(node: fx.Node) -> Optional[tuple[Any, tuple, dict]]:
 
 def _assignment_twin(node: fx.Node) -> tuple[Any, tuple, dict]:
     """``x[index] = value`` -> ``assigned(x, value, spec)`` (a tensor value) or
-    ``assigned_number`` (a Python number), for a basic index (``index_spec``); target None
-    for any other index or value."""
+    ``assigned_number`` (a Python number), for a basic index (``index_spec``);
+    ``x[mask] = number`` with a boolean mask -> ``masked_assign``; target None for any other
+    index or value."""
     mutated, index, value = node.args
+    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if isinstance(index, fx.Node) and rule_for(index) is not None and \
+            rule_for(index).has(BOOLEAN):  # ``x[mask] = number``
+        return (masked_assign, (mutated, index, float(value)), {}) if is_number else \
+            (None, node.args, {})
     spec = index_spec(index)
     if spec is None or (isinstance(value, fx.Node) and is_scalar_node(value)):
         return None, node.args, {}
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if is_number:
         return assigned_number, (mutated, float(value), spec), {}
     return (assigned, (mutated, value, spec), {}) if isinstance(value, fx.Node) else \
         (None, node.args, {})

@@ -10,7 +10,8 @@ from fxcurv.rules.recurrent import check_cell_input, check_sequence, lstm_layer
 from fxcurv.rules.linalg import sdpa_mask
 from fxcurv.rules.losses import classes_last
 from fxcurv.rules.shape import (assigned, assigned_number, axes_keep_samples, index_spec,
-                                keeps_sample_axis, loss_rows_are_samples, rows_hold_samples)
+                                keeps_sample_axis, leading_mask, loss_rows_are_samples,
+                                masked_assign, rows_hold_samples)
 from rule_harness import case
 
 torch.fx.wrap("check_scalar_loss")  # traced as a call, as compile emits it
@@ -23,6 +24,8 @@ torch.fx.wrap("keeps_sample_axis")
 torch.fx.wrap("rows_hold_samples")
 torch.fx.wrap("assigned")
 torch.fx.wrap("assigned_number")
+torch.fx.wrap("masked_assign")
+torch.fx.wrap("leading_mask")
 torch.fx.wrap("loss_rows_are_samples")
 torch.fx.wrap("axes_keep_samples")
 torch.fx.wrap("classes_last")
@@ -175,6 +178,9 @@ SHAPES = [
          rand(3, 2, 4), rand(3, 1, 2)),
     case("assigned_number",
          lambda x: assigned_number(x, 2.0, index_spec((slice(None), 1))), rand(3, 4)),
+    case("masked_assign",  # x[mask] = number, the mask over x's leading axes
+         lambda x: masked_assign(x, x[:, :, 0] > 0.3, -1.0), rand(3, 4, 2)),
+    case("leading_mask", lambda x: x * leading_mask(x[:, :, 0] > 0.3, x), rand(3, 4, 2)),
     case("rows_hold_samples",
          lambda x: rows_hold_samples(x.reshape(x.size(0), -1), x.size(0), "here"),
          rand(3, 2, 4)),

@@ -112,6 +112,13 @@ def _assign_into_activation(h):  # eager writes into h, read again after: exact,
     return h
 
 
+def _assign_masked(h):  # x[mask] = number: a masked fill (whole rows for a mask over rows)
+    h = h * 1
+    h[h > 1.0] = 1.0
+    h[h[:, 0] < -0.5] = 0.25
+    return h
+
+
 def _attribute_under_no_grad(h):
     """``t = h.mT`` read with grad mode on; fx adds its node where it is first used, under
     no_grad."""
@@ -191,6 +198,7 @@ SHAPE_BLOCKS: dict[str, Callable] = {
     "assign_slices": _assign_slices,
     "assign_table": _assign_table,
     "assign_into_activation": _assign_into_activation,
+    "assign_masked": _assign_masked,
 }
 
 
@@ -405,6 +413,7 @@ REGRESSIONS = {
     "assign_slices": "match",           # was: a trace error (Proxy item assignment)
     "assign_table": "match",            # was: a trace error
     "assign_into_activation": "match",  # was: a trace error
+    "assign_masked": "match",           # was: a trace error
     "no_grad_gate": "match",            # was: the no_grad region differentiated
     "set_grad_enabled": "match",        # was: the set_grad_enabled(False) region differentiated
     "in_place_slice": "refused",        # was: the slice's change missing from h

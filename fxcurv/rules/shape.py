@@ -356,6 +356,27 @@ def region_of(g: Tensor, spec: List[int], lead: int, shape: List[int]) -> Tensor
     return sum_to_shape(indexed_region(g, spec, lead), lead, shape).clone()
 
 
+def leading_mask(mask: Tensor, input: Tensor) -> Tensor:
+    """A boolean mask over ``input``'s leading axes, with ``input``'s other axes as size 1
+    (``x[mask] = v`` masks whole trailing blocks)."""
+    return mask.reshape(list(mask.shape) + [1] * (input.dim() - mask.dim()))
+
+
+def masked_assign(input: Tensor, mask: Tensor, value: float) -> Tensor:
+    """``y = input.clone(); y[mask] = value`` for a boolean ``mask`` over ``input``'s leading
+    axes and a number ``value`` (lowered to ``masked_fill``)."""
+    return input.masked_fill(leading_mask(mask, input), value)
+
+
+register([leading_mask], "leading_mask", "mask, input", constant=True,
+         doc="A boolean mask reshaped: no derivative.")
+register([masked_assign], "masked_assign", "input, mask, value",
+         doc="y = x with y[mask] = a number (a boolean mask over x's leading axes);  lowered "
+             "to masked_fill of the mask with x's trailing axes as size 1.",
+         lower=lambda c: c.args.input.masked_fill(
+             c.call(leading_mask, c.args.mask, c.args.input), c.bound["value"]))
+
+
 def _assigns_samples(b: dict) -> Optional[str]:
     """Assigning into part of axis 0 replaces some samples' rows (an axis counted from the
     end is checked where it could be axis 0, ``passes/sample_axis.py``)."""

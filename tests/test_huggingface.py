@@ -336,3 +336,15 @@ def test_first_order_quantities_of_more_families_match_autograd(name):
     for param, factors in kfac.items():
         assert all(torch.isfinite(f).all() for f in factors), param
 
+
+
+def test_the_gpt2_step_scripts_with_the_same_outputs():
+    """The generated code of a Hugging Face step (its branch check included) runs under
+    TorchScript. (``torch.export`` of it also matches: 16 s here, so checked outside the
+    suite; ``test_merged_rows.py`` exports a merged-rows step.)"""
+    _, _, ids, y = prepared("gpt2")
+    step, (loss, grad, batch_grad, diag_ggn, _) = compiled("gpt2")
+    loss_again, grad_again, batch_grad_again, diag_ggn_again, _ = torch.jit.script(step)(ids, y)
+    torch.testing.assert_close(loss_again, loss, **TOL)
+    torch.testing.assert_close(batch_grad_again, batch_grad, **TOL)
+    torch.testing.assert_close(diag_ggn_again, diag_ggn, **TOL)

@@ -272,14 +272,16 @@ def test_kflr_of_a_linear_layer_on_frames_counts_frames_as_positions():
                                frames.T @ frames / frames.size(0), **TOL)
 
 
-def test_the_merged_step_scripts_with_the_same_outputs():
+def test_the_merged_step_scripts_and_exports_with_the_same_outputs():
     step, vectors, grad, got = compiled("windows")
     _, x, y = case("windows")
     scripted = torch.jit.script(step)
-    _, grad_scripted, *values = scripted(x, y, vectors)
-    torch.testing.assert_close(grad_scripted, grad, **TOL)
-    torch.testing.assert_close(values[0], got["batch_grad"], **TOL)
-    torch.testing.assert_close(values[4], got["diag_ggn_exact"], **TOL)
+    exported = torch.export.export(step, (x, y, vectors)).module()
+    for program in (scripted, exported):
+        _, grad_again, *values = program(x, y, vectors)
+        torch.testing.assert_close(grad_again, grad, **TOL)
+        torch.testing.assert_close(values[0], got["batch_grad"], **TOL)
+        torch.testing.assert_close(values[4], got["diag_ggn_exact"], **TOL)
 
 
 @pytest.mark.parametrize("quantity", ["diag_h", "hmp", "pchmp_clip"])

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import operator
+from unittest import mock
 from typing import Any, List, Optional
 
 import torch
@@ -203,19 +204,9 @@ class ExampleValues:
             value = self.values[0].get(proxy.node) if name in METADATA else None
             return getattr(value, name) if isinstance(value, Tensor) else \
                 attribute(proxy, name)
-        saved = {name: getattr(fx.Proxy, name, None)
-                 for name in ("__int__", "__index__", "__len__", "__getattr__")}
-        fx.Proxy.__int__ = fx.Proxy.__index__ = as_int
-        fx.Proxy.__len__ = as_length
-        fx.Proxy.__getattr__ = metadata
-        try:
+        with mock.patch.multiple(fx.Proxy, create=True, __int__=as_int, __index__=as_int,
+                                 __len__=as_length, __getattr__=metadata):
             yield
-        finally:
-            for name, method in saved.items():
-                if method is None:
-                    delattr(fx.Proxy, name)
-                else:
-                    setattr(fx.Proxy, name, method)
 
 
 def branch_taken(value: bool, taken: bool, where: str) -> None:

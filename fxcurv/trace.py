@@ -23,6 +23,7 @@ import os
 import sys
 import traceback
 import warnings
+from unittest import mock
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
@@ -567,21 +568,15 @@ def _factories_of_traced_sizes(tracer: fx.Tracer):
     ``torch.ones(inputs_embeds.shape[0], seq_length)``, DeBERTa's ``torch.tensor(size,
     dtype=...)``) records one call of the factory; torch's own argument parser would reject
     the Proxies. Their rules say what they are (new memory, a draw, or no derivative)."""
-    saved = {name: getattr(torch, name) for name in FACTORIES}
-
     def recorded(factory: Callable) -> Callable:
         def call(*args, **kwargs):
             if _has_proxy((args, kwargs)):
                 return tracer.create_proxy("call_function", factory, args, kwargs)
             return factory(*args, **kwargs)
         return call
-    for name, factory in saved.items():
-        setattr(torch, name, recorded(factory))
-    try:
+    with mock.patch.multiple(torch, **{name: recorded(getattr(torch, name))
+                                       for name in FACTORIES}):
         yield
-    finally:
-        for name, factory in saved.items():
-            setattr(torch, name, factory)
 
 
 @contextmanager
@@ -592,11 +587,8 @@ def _item_assignment(tracer: fx.Tracer):
     checks of any in-place op."""
     def setitem(proxy: fx.Proxy, index: Any, value: Any) -> None:
         tracer.create_proxy("call_function", operator.setitem, (proxy, index, value), {})
-    fx.Proxy.__setitem__ = setitem
-    try:
+    with mock.patch.object(fx.Proxy, "__setitem__", setitem, create=True):
         yield
-    finally:
-        del fx.Proxy.__setitem__
 
 
 @contextmanager

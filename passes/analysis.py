@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import operator
 
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 import torch.fx as fx
 
@@ -70,18 +70,31 @@ def _size_of_a_later_axis(node: fx.Node) -> bool:
         return True
     if node.op == "call_method" and node.target in ("dim", "ndimension"):
         return True
+    read = size_read(node)
+    return read is not None and read[1] > 0
+
+
+def size_read(node: Any) -> Optional[tuple]:
+    """``(t, a)`` where ``node`` reads the size of axis ``a`` of tensor ``t``: ``t.size(d)``,
+    ``t.shape[d]``, ``t.size()[d]``, ``t.shape[2:][i]`` (``rules.shape.shape_read``); ``a``
+    counted from the front, a negative ``d`` by the rank the example batch gave ``t`` while
+    tracing (``node.meta["example_rank"]``), -1 where unknown. None where ``node`` reads no
+    single size."""
+    from fxcurv.rules.shape import shape_read  # noqa: PLC0415 (imported by rules users)
+
     if node.op == "call_method" and node.target == "size":
         dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        return isinstance(dim, int) and _from_front(dim, node.args[0]) > 0
-    if node.op == "call_function" and node.target is operator.getitem:
-        whole, index = node.args[0], node.args[1]
-        first = _first_axis_of_shape(whole)
-        if first is None or not isinstance(index, int):
-            return False
-        if index < 0:  # ``t.shape[-2]``: where the traced example's rank puts it
-            return first == 0 and _from_front(index, whole.args[0]) > 0
-        return first + index > 0
-    return False
+        return (node.args[0], _from_front(dim, node.args[0])) if isinstance(dim, int) else None
+    if node.op != "call_function" or node.target is not operator.getitem or \
+            not isinstance(node.args[1], int) or isinstance(node.args[1], bool):
+        return None
+    whole, index = shape_read(node.args[0]), node.args[1]
+    if whole is None:
+        return None
+    tensor, first = whole
+    if index < 0:  # ``t.shape[-2]``: where the traced example's rank puts it
+        return tensor, _from_front(index, tensor) if first == 0 else -1
+    return tensor, first + index if first >= 0 else -1
 
 
 def _from_front(axis: int, tensor: Any) -> int:
@@ -91,26 +104,6 @@ def _from_front(axis: int, tensor: Any) -> int:
         return axis
     rank = tensor.meta.get("example_rank") if isinstance(tensor, fx.Node) else None
     return axis + rank if isinstance(rank, int) and axis + rank >= 0 else -1
-
-
-def _first_axis_of_shape(node: Any):
-    """The axis that item 0 of a shape value reads: 0 for ``t.shape`` / ``t.size()``, ``a``
-    for ``t.shape[a:]`` (``a >= 0``, step 1, also of such a slice); None for anything else."""
-    if not isinstance(node, fx.Node):
-        return None
-    if (node.op == "call_method" and node.target == "size" and len(node.args) == 1
-            and not node.kwargs) or \
-            (node.op == "call_function" and node.target is getattr and node.args[1] == "shape"):
-        return 0
-    if node.op == "call_function" and node.target is operator.getitem and \
-            isinstance(node.args[1], slice):
-        part, base = node.args[1], _first_axis_of_shape(node.args[0])
-        start = part.start or 0
-        if base is None or not isinstance(start, int) or start < 0 or \
-                part.step not in (None, 1):
-            return None
-        return base + start
-    return None
 
 
 def sample_data(graph: fx.Graph, data: fx.Node) -> set[fx.Node]:

@@ -33,6 +33,7 @@ from torch import Tensor
 from fxcurv.emit import Emitter
 from fxcurv.errors import node_error
 from fxcurv.rules import Ctx, OpRule, contraction, rule_for
+from fxcurv.rules.helpers import rows_apart_by_sample
 
 from .analysis import ancestors
 from .backward import joined_use
@@ -412,12 +413,9 @@ def rows_by_sample(terms: Tensor, axis: int, samples: int) -> Tensor:
     """Per-row terms ``[*lead, N·k, *p]`` of an op whose ``k`` rows per sample follow the
     sample order (``passes/sample_axis.merged_rows``) summed by sample, ``[*lead, N, *p]``;
     unchanged at one row per sample."""
-    rows = terms.size(axis)
-    if rows == samples:
+    if terms.size(axis) == samples:
         return terms
-    shape: List[int] = list(terms.shape)
-    return terms.reshape(shape[:axis] + [samples, rows // samples] + shape[axis + 1:]).sum(
-        axis + 1)
+    return rows_apart_by_sample(terms, axis, samples).sum(axis + 1)
 
 
 def _tag_extraction(value: Any, kind: str) -> None:

@@ -30,8 +30,6 @@ data input through :func:`axes_keep_samples`, which raises at those ranks.
 """
 from __future__ import annotations
 
-import operator
-
 import torch
 import torch.fx as fx
 
@@ -42,7 +40,7 @@ from fxcurv.rules.losses import classes_last, targets_of_rows
 from fxcurv.rules.shape import (axes_keep_samples, keeps_sample_axis, loss_rows_are_samples,
                                 rows_hold_samples, varargs)
 
-from .analysis import ancestors, descendants, sample_carriers
+from .analysis import ancestors, descendants, sample_carriers, size_read
 from .curvature.second_order import linear_in
 
 
@@ -153,20 +151,10 @@ def _rows_from(name: str, bound: dict, samples: fx.Node):
 
 
 def _axis0_size_of(node: fx.Node):
-    """``v`` where ``node`` is ``v.size(0)``, ``v.shape[0]`` or ``v.size()[0]``, else None."""
-    if node.op == "call_method" and node.target == "size" and \
-            (node.args[1:] == (0,) or node.kwargs.get("dim") == 0):
-        return node.args[0]
-    if node.op == "call_function" and node.target is operator.getitem and \
-            node.args[1] == 0 and isinstance(node.args[0], fx.Node):
-        sizes = node.args[0]
-        if sizes.op == "call_function" and sizes.target is getattr and \
-                sizes.args[1] == "shape":
-            return sizes.args[0]
-        if sizes.op == "call_method" and sizes.target == "size" and len(sizes.args) == 1 \
-                and not sizes.kwargs:
-            return sizes.args[0]
-    return None
+    """``v`` where ``node`` reads the size of ``v``'s axis 0 (``v.size(0)``, ``v.shape[0]``,
+    ``v.shape[:2][0]``, :func:`~.analysis.size_read`), else None."""
+    read = size_read(node)
+    return read[0] if read is not None and read[1] == 0 else None
 
 
 def _reads_exact_rows(quantity: Quantity) -> bool:

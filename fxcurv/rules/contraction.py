@@ -46,6 +46,7 @@ from typing import Any, Callable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .helpers import rows_apart_by_sample
 from .registry import fresh
 
 
@@ -371,11 +372,9 @@ def rows_into_positions(factor: Tensor, axis: int, samples: int, last: bool) -> 
     ``k`` more positions of it: ``[.., N·k, G, P, F]`` -> ``[.., N, G, k·P, F]``
     (``[.., F, P]`` -> ``[.., F, k·P]`` if ``last``: also an index factor ``[N·k, G, P]``).
     Unchanged at one row per sample."""
-    rows = factor.size(axis)
-    if rows == samples:
+    if factor.size(axis) == samples:
         return factor
-    shape: List[int] = list(factor.shape)
-    split = factor.reshape(shape[:axis] + [samples, rows // samples] + shape[axis + 1:])
+    split = rows_apart_by_sample(factor, axis, samples)
     position = -1 if last else -2
     return split.movedim(axis + 1, position - 1).flatten(position - 1, position)
 

@@ -153,6 +153,13 @@ def block_diagonal(blocks: Tensor) -> Tensor:
     return full.reshape(samples, count * size, count * size)
 
 
+def rows_apart_by_sample(t: Tensor, axis: int, samples: int) -> Tensor:
+    """``t`` with axis ``axis`` of ``N·k`` rows in sample order split into ``[N, k]`` (a
+    reshape inside the model gave each sample ``k`` rows)."""
+    shape: List[int] = list(t.shape)
+    return t.reshape(shape[:axis] + [samples, shape[axis] // samples] + shape[axis + 1:])
+
+
 def concat_positions(tensors: List[Tensor], lead: int) -> Tensor:
     """``[*head, N, *, F]`` tensors (``head``: ``lead`` axes) -> ``[*head, N, P, F]``: their
     middle axes flattened to positions and concatenated (``P`` the total). Tensors with

@@ -229,12 +229,9 @@ affine([axes_keep_samples], "axes_keep_samples", "input, ranks, reasons, where",
        sandwich={"input": "shared"})
 
 
-affine([keeps_sample_axis], "keeps_sample_axis", "output, samples, where",
-       doc="y = the reshape's output (checked to keep one row per sample);  Jᵀg = g.",
-       vjp={"output": lambda g, c: g}, jvp={"output": lambda t, c: t},
-       sandwich={"output": "shared"})
-affine([rows_hold_samples], "rows_hold_samples", "output, samples, where",
-       doc="y = the reshape's output (checked to keep each row within one sample);  Jᵀg = g.",
+affine([keeps_sample_axis, rows_hold_samples], "sample_rows_check", "output, samples, where",
+       doc="y = the reshape's output (checked to keep one row per sample, or each row "
+           "within one sample);  Jᵀg = g.",
        vjp={"output": lambda g, c: g}, jvp={"output": lambda t, c: t},
        sandwich={"output": "shared"})
 permutation([torch.flatten, "flatten"], "flatten", "input, start_dim=0, end_dim=-1",
@@ -664,14 +661,32 @@ _SCALAR_ARITHMETIC = (operator.add, operator.sub, operator.mul, operator.truediv
                       operator.floordiv, operator.pow, operator.mod, operator.neg)
 
 
+def shape_read(node: Any) -> Optional[tuple]:
+    """``(t, a)`` where ``node`` is a shape value of tensor ``t`` whose item 0 is the size of
+    axis ``a``: ``t.shape`` / ``t.size()`` (``a = 0``), a slice of one (``t.shape[2:]``:
+    ``a = 2``; -1 where the slice does not say, a negative start or a step); None for any
+    other value."""
+    if not isinstance(node, fx.Node):
+        return None
+    if (node.op == "call_function" and node.target is getattr and node.args[1] == "shape") \
+            or (node.op == "call_method" and node.target == "size" and len(node.args) == 1
+                and not node.kwargs):
+        return node.args[0], 0
+    if node.op == "call_function" and node.target is operator.getitem and \
+            isinstance(node.args[1], slice):
+        whole = shape_read(node.args[0])
+        if whole is None:
+            return None
+        part, start = node.args[1], node.args[1].start or 0
+        known = whole[1] >= 0 and isinstance(start, int) and start >= 0 and \
+            part.step in (None, 1)
+        return whole[0], whole[1] + start if known else -1
+    return None
+
+
 def _is_shape(node: Any) -> bool:
     """``x.shape`` / ``x.size()``, or a slice of one (``x.shape[:2]``): a tuple of ints."""
-    return isinstance(node, fx.Node) and (
-        (node.op == "call_function" and node.target is getattr and node.args[1] == "shape")
-        or (node.op == "call_method" and node.target == "size" and len(node.args) == 1
-            and not node.kwargs)
-        or (node.op == "call_function" and node.target is operator.getitem
-            and isinstance(node.args[1], slice) and _is_shape(node.args[0])))
+    return shape_read(node) is not None
 
 
 def is_scalar_node(node: Any) -> bool:

@@ -164,6 +164,39 @@ def test_in_place_without_out_of_place_rule_is_refused():
     assert_refused(Body(f), "fill_", "no out-of-place rule")
 
 
+def _assign_by_tensor_index(h):
+    g = torch.zeros_like(h)
+    g[:, torch.tensor([0, 2])] = h[:, :2]
+    return g
+
+
+def _assign_tensor_under_mask(h):
+    g = h * 1
+    g[h > 0] = h[h > 0] * 2
+    return g
+
+
+def _assign_into_a_sample(h):
+    g = h * 1
+    g[0] = 0.0
+    return g
+
+
+@pytest.mark.parametrize("f, fragments", [
+    (_assign_by_tensor_index, ("setitem", "no out-of-place rule")),
+    (_assign_tensor_under_mask, ("setitem", "no out-of-place rule")),
+    (_assign_into_a_sample, ("it assigns into part of the sample axis 0",))],
+    ids=["tensor_index", "tensor_under_mask", "into_a_sample"])
+def test_item_assignments_without_an_exact_form_are_refused_at_compile_time(f, fragments):
+    """An integer tensor index (duplicates make eager's order undefined), a tensor value
+    under a boolean mask (its shape depends on the data), and a write into some samples' rows
+    (for per-sample quantities) are refused, naming the node."""
+    with pytest.raises(fxcurv.CompileError) as info:
+        fxcurv.compile(Body(f), nn.MSELoss(), ["batch_grad"])
+    for fragment in fragments:
+        assert fragment in str(info.value), str(info.value)
+
+
 def test_unaliased_in_place_ops_are_exact():
     def f(h):
         h = h * 1

@@ -19,7 +19,8 @@ from .backend import Backend, resolve_backend, with_backend
 from .emit import Emitter
 from .example import check_example_leaves, check_example_shapes
 from .errors import CompileError, node_error, requesting
-from .passes.analysis import ancestors, descendants, loss_rank, sample_carriers, sample_data
+from .passes.analysis import (ancestors, descendants, loss_rank, mixes_samples, sample_carriers,
+                              sample_data)
 from .passes.backward import backward
 from .passes.chunking import chunk_columns
 from .passes.cleanup import draws_random, finalize, is_random
@@ -430,11 +431,10 @@ def _check_per_sample(traced: Traced, active: dict, requested: list) -> None:
     per_sample = [(name, quantity) for name, quantity in requested if quantity.per_sample]
     for node in active:
         rule = rule_for(node)
-        if rule is None or node not in model_nodes or not rule.mixes_samples or \
-                not any(arg in from_samples for arg in node.all_input_nodes):
-            continue  # (a value computed from sizes only, x.size(1), has no sample axis)
-        reason = rule.mixes_samples(rule.bind(node))
-        if not reason:
+        if rule is None or node not in model_nodes:
+            continue
+        reason = mixes_samples(node, rule, rule.bind(node), from_samples)
+        if not reason:  # (a value computed from sizes only, x.size(1), has no sample axis)
             continue
         couples = rule.has(COUPLES_ROWS)
         if couples:

@@ -18,6 +18,7 @@ are taken off for the trace (:func:`without_backpack_hooks`).
 from __future__ import annotations
 
 import copy
+import inspect
 import operator
 import os
 import sys
@@ -41,7 +42,7 @@ from .errors import CompileError, format_module, user_frame
 from .inputs import join_outputs, structured
 from .passes.analysis import sample_carriers, sample_data
 from .recurrent import CELLS, RECURRENT, lower_cell, lower_recurrent
-from .rules import rule_for
+from .rules import RULES, rule_for
 from .rules.linalg import attention
 from .rules.losses import l1_loss_keeping_weight
 from .rules.shape import is_scalar_node
@@ -422,11 +423,12 @@ class CurvatureTracer(fx.Tracer):
         if self.example is not None:
             self.examples = ExampleValues(self.example, root)
         numbers = self.examples.python_numbers() if self.examples else nullcontext()
+        helpers = _helpers_traced_through() if self.examples else nullcontext()
         with torch.enable_grad(), without_backpack_hooks(root), _ParameterProxies(self, root), \
                 _opaque_functions(self), _factories_of_traced_sizes(self), _item_assignment(self), \
                 _weighted_l1_loss(), \
                 module_state_kept(root), \
-                _attributes_keep_grad_mode(), numbers:
+                _attributes_keep_grad_mode(), numbers, helpers:
             graph = super().trace(root, concrete_args)
         _merge_attributes(graph)
         _detach_no_grad_regions(graph)
@@ -576,6 +578,27 @@ def _factories_of_traced_sizes(tracer: fx.Tracer):
         return call
     with mock.patch.multiple(torch, **{name: recorded(getattr(torch, name))
                                        for name in FACTORIES}):
+        yield
+
+
+@contextmanager
+def _helpers_traced_through():
+    """While tracing with an example: the plain Python helpers a library registered with
+    ``torch.fx.wrap`` (torchvision's ``shifted_window_attention_3d``, MViT's ``_unsqueeze``,
+    which iterate over sizes and branch on ranks) are traced through, their branches decided
+    on the example like the model's own; a wrapped function with a rule
+    (``stochastic_depth``, Swin's ``shifted_window_attention``) or from torch stays one
+    node. Without an example such a helper stays one node and ``passes/expand.py`` tries to
+    inline it."""
+    from torch.fx import _symbolic_trace  # noqa: PLC0415 (fx's private table of wraps)
+
+    def kept(key: tuple, table: dict) -> bool:
+        fn = table.get(key[1])
+        module = (getattr(fn, "__module__", "") or "").split(".")[0]
+        return not inspect.isfunction(fn) or module == "torch" or fn in RULES
+    wrapped = {key: table for key, table in _symbolic_trace._wrapped_fns_to_patch.items()
+               if kept(key, table)}
+    with mock.patch.object(_symbolic_trace, "_wrapped_fns_to_patch", wrapped):
         yield
 
 

@@ -66,20 +66,23 @@ def in_place_twin(node: fx.Node) -> Optional[tuple[Any, tuple, dict]]:
 
 def _assignment_twin(node: fx.Node) -> tuple[Any, tuple, dict]:
     """``x[index] = value`` -> ``assigned(x, value, spec)`` (a tensor value) or
-    ``assigned_number`` (a Python number), for a basic index (``index_spec``);
+    ``assigned_number`` (a Python number, or a traced one: a size), for a basic index (``index_spec``);
     ``x[mask] = number`` with a boolean mask -> ``masked_assign``; target None for any other
     index or value."""
     mutated, index, value = node.args
-    is_number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    traced_number = isinstance(value, fx.Node) and is_scalar_node(value)  # (BEiT's ``n - 3``)
+    is_number = traced_number or (isinstance(value, (int, float)) and
+                                  not isinstance(value, bool))
+    number = value if traced_number else float(value) if is_number else None
     if isinstance(index, fx.Node) and rule_for(index) is not None and \
             rule_for(index).has(BOOLEAN):  # ``x[mask] = number``
-        return (masked_assign, (mutated, index, float(value)), {}) if is_number else \
+        return (masked_assign, (mutated, index, number), {}) if is_number else \
             (None, node.args, {})
     spec = index_spec(index)
-    if spec is None or (isinstance(value, fx.Node) and is_scalar_node(value)):
+    if spec is None:
         return None, node.args, {}
     if is_number:
-        return assigned_number, (mutated, float(value), spec), {}
+        return assigned_number, (mutated, number, spec), {}
     return (assigned, (mutated, value, spec), {}) if isinstance(value, fx.Node) else \
         (None, node.args, {})
 

@@ -118,6 +118,22 @@ def sample_data(graph: fx.Graph, data: fx.Node) -> set[fx.Node]:
     return found
 
 
+def holds_samples(node: fx.Node) -> bool:
+    """Whether ``node`` is in :func:`sample_data` of the graph's first input (the data
+    ``x``), found by walking back from ``node``: MViT's relative positions
+    ``torch.arange(q_h)`` with ``q_h`` a later axis's size hold no samples."""
+    data = next(n for n in node.graph.nodes if n.op == "placeholder")
+    seen, stack = set(), [node]
+    while stack:
+        current = stack.pop()
+        if current is data:
+            return True
+        if current not in seen and not _size_of_a_later_axis(current):
+            seen.add(current)
+            stack.extend(current.all_input_nodes)
+    return False
+
+
 def sample_carriers(graph: fx.Graph, data: fx.Node, through_mixing: bool = False
                     ) -> set[fx.Node]:
     """Nodes whose value still has the sample axis of ``data``: its descendants, up to (not
@@ -137,11 +153,28 @@ def sample_carriers(graph: fx.Graph, data: fx.Node, through_mixing: bool = False
         if rule is not None:
             bound = rule.bind(node)
             reduced_loss = rule.has_sqrt_hessian and bound.get("reduction") != "none"
-            mixes = rule.mixes_samples and rule.mixes_samples(bound)
+            mixes = mixes_samples(node, rule, bound, carriers)
             if reduced_loss or (mixes and not rule.has(COUPLES_ROWS) and not through_mixing):
                 continue
         carriers.add(node)
     return carriers
+
+
+def mixes_samples(node: fx.Node, rule, bound: dict, carriers: set) -> Optional[str]:
+    """Why ``node`` mixes the samples of ``carriers`` (its rule's ``mixes_samples``), or None;
+    only where an argument carries them that is not the number of samples: SigLIP's
+    ``probe.repeat(x.shape[0], 1, 1)`` copies a parameter once per sample. (A size that may
+    be the sample axis's, ``h.shape[-2]`` without an example, still counts.)"""
+    if not rule.mixes_samples or not any(arg in carriers and not _number_of_samples(arg)
+                                         for arg in node.all_input_nodes):
+        return None
+    return rule.mixes_samples(bound)
+
+
+def _number_of_samples(node: fx.Node) -> bool:
+    """Whether ``node`` reads the size of axis 0 (``x.shape[0]``, ``x.size(0)``)."""
+    read = size_read(node)
+    return read is not None and read[1] == 0
 
 
 def loss_rank(graph: fx.Graph, data: fx.Node, output: fx.Node, loss: fx.Node) -> str:

@@ -35,6 +35,8 @@ from fxcurv.rules.indexing import lower_tensor_index, per_sample_take
 from fxcurv.rules.shape import is_scalar_node
 
 UNEXPANDED = "fxcurv_unexpanded"
+_EXAMPLE_HINT = ("; compile with example=(x, y), one batch, to trace through it with its "
+                 "loops and branches on sizes decided on that batch (docs/tracing.md)")
 _ROUNDS = 8  # an inlined helper may call helpers in turn
 # node.meta entries the expansion inherits (not "is_wrapped": fx would emit torch.fx.wrap
 # calls for the new node's target into the generated code)
@@ -190,7 +192,9 @@ def _replace(graph: fx.Graph, node: fx.Node, fn: Callable, how: str,
         raise
     except Exception as err:  # noqa: BLE001 - any failure means "not expandable"
         _erase_new(graph, known)
-        return f"{how} of {_name(node)} failed: {type(err).__name__}: {err}"
+        hint = _EXAMPLE_HINT if how == "inlining" and isinstance(err, fx.proxy.TraceError) \
+            else ""
+        return f"{how} of {_name(node)} failed: {type(err).__name__}: {err}{hint}"
     missing = _first_unruled(graph, known) if strict else None
     if missing is not None:
         _erase_new(graph, known)

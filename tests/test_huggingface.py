@@ -211,7 +211,8 @@ def test_another_batch_size_runs_and_one_sample_is_checked():
 
 # more families, first-order quantities against per-sample autograd: name -> (config class,
 # model class, config keywords, input kind); "lm": causal LM on token ids, "text": sequence
-# classifier on token ids, "image": image classifier on 16x16 pixels
+# classifier on token ids, "image": image classifier on 16x16 pixels, "pooled": an image
+# encoder's pooled output as the logits (SigLIP's attention-pooling head)
 SMALL = dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=12,
              vocab_size=VOCAB, max_position_embeddings=16)
 FAMILIES = {
@@ -248,6 +249,13 @@ FAMILIES = {
     "convnext": ("ConvNextConfig", "ConvNextForImageClassification",
                  dict(hidden_sizes=[8, 16], depths=[1, 1], num_stages=2, num_labels=3),
                  "image"),
+    "beit": ("BeitConfig", "BeitForImageClassification",
+             dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                  intermediate_size=12, image_size=16, patch_size=4, num_labels=3,
+                  use_relative_position_bias=True), "image"),
+    "siglip": ("SiglipVisionConfig", "SiglipVisionModel",
+               dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                    intermediate_size=12, image_size=16, patch_size=4), "pooled"),
     "t5": ("T5Config", "T5ForConditionalGeneration",
            dict(vocab_size=VOCAB, d_model=8, d_kv=4, d_ff=12, num_layers=1,
                 num_decoder_layers=1, num_heads=2, decoder_start_token_id=0, pad_token_id=0),
@@ -271,6 +279,13 @@ class Call(nn.Module):
         return self.model(x).logits
 
 
+class Pooled(Call):
+    """``model(x).pooler_output`` as the logits."""
+
+    def forward(self, x):
+        return self.model(x).pooler_output
+
+
 class EncoderDecoder(Call):
     """An encoder-decoder on ``x = {"src": ids, "tgt": decoder ids}`` (a structured input)."""
 
@@ -287,12 +302,12 @@ def _family(name: str):
     if not hasattr(transformers, model_class):
         pytest.skip(f"transformers {transformers.__version__} has no {model_class}")
     torch.manual_seed(0)
-    wrapper = EncoderDecoder if kind == "seq2seq" else Call
+    wrapper = {"seq2seq": EncoderDecoder, "pooled": Pooled}.get(kind, Call)
     model = wrapper(getattr(transformers, model_class)(getattr(transformers, config)(**kwargs)))
     model = model.to(DTYPE).eval()
     _spread(model)
     gen = torch.Generator().manual_seed(1)
-    if kind == "image":
+    if kind in ("image", "pooled"):
         x = torch.randn(N, 3, 16, 16, dtype=DTYPE, generator=gen)
     elif kind == "seq2seq":
         x = {"src": torch.randint(3, VOCAB, (N, T), generator=gen),
@@ -315,7 +330,10 @@ def test_first_order_quantities_of_more_families_match_autograd(name):
     number of samples read from ``ids.shape[:2]`` (a slice of a shape: sizes, and the
     expanded positions one row per sample); T5's relative position bias is built from
     ``key_states.shape[-2]`` (an axis counted from the end, placed by the example's rank:
-    no samples in it). T5's norm computes in float32 (agreement to 1e-8)."""
+    no samples in it). T5's norm computes in float32 (agreement to 1e-8). BEiT fills its
+    relative position index with ``index[0, 0:] = num_relative_distance - 3``, a number computed
+    from sizes (a traced number assigned); SigLIP's pooling head copies its query parameter
+    once per sample, ``probe.repeat(batch_size, 1, 1)`` (before, both were refused)."""
     model, loss_fn, x, y = _family(name)
     step = fxcurv.compile(model, loss_fn, ["batch_grad", "kfac"], example=(x, y))
     loss, grad, batch_grad, kfac = step(x, y)

@@ -115,10 +115,12 @@ def _params(family: str) -> list:
 ALL = [_params(f) for f in FAMILIES]
 
 
-def calibrate(model: nn.Module, side: int) -> nn.Module:
+def calibrate(model: nn.Module, side) -> nn.Module:
     """Running statistics of every BatchNorm from a batch (cumulative average), then eval mode
     and the last layer scaled so the logits have standard deviation ~1 (drawn at random first
-    where the builder initialises it to zero, as ViT's head)."""
+    where the builder initialises it to zero, as ViT's head). ``side``: an image's side, or
+    the shape of one sample (a video clip's ``(3, T, H, W)``)."""
+    shape = (3, side, side) if isinstance(side, int) else tuple(side)
     gen = torch.Generator().manual_seed(2)
     model.train()
     for m in model.modules():
@@ -126,10 +128,11 @@ def calibrate(model: nn.Module, side: int) -> nn.Module:
             m.reset_running_stats()
             m.momentum = None
     with torch.no_grad():
-        model(torch.randn(8, 3, side, side, dtype=DTYPE, generator=gen))
+        model(torch.randn(8, *shape, dtype=DTYPE, generator=gen))
         model.eval()
-        images = torch.randn(8, 3, side, side, dtype=DTYPE, generator=gen)
-        last = [m for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv2d))][-1]
+        images = torch.randn(8, *shape, dtype=DTYPE, generator=gen)
+        last = [m for m in model.modules()
+                if isinstance(m, (nn.Linear, nn.Conv2d, nn.Conv3d))][-1]
         if not last.weight.any():
             last.weight.normal_(generator=gen)
         logits = model(images)

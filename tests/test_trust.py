@@ -449,6 +449,38 @@ def test_a_reshape_of_the_sample_axis_inside_the_model_raises_when_the_step_runs
         torch.testing.assert_close(grad[name], g, **TOL)
 
 
+class RowsRepeated(nn.Module):
+    """A parameter of two rows tiled over the batch: ``w.repeat(N // 2, 1)`` (sample ``n``
+    meets row ``n % 2``) or, with ``per_sample``, ``w.repeat(N, 1)`` read as ``[N, 2, 3]``
+    (whose rows a per-sample rule cannot tell from a copy per sample)."""
+
+    def __init__(self, per_sample: bool = False):
+        super().__init__()
+        self.lin, self.w = nn.Linear(3, 3), nn.Parameter(torch.randn(2, 3))
+        self.per_sample = per_sample
+
+    def forward(self, x):
+        if self.per_sample:
+            tiled = self.w.repeat(x.shape[0], 1).reshape(x.shape[0], 2, 3).sum(1)
+        else:
+            tiled = self.w.repeat(x.shape[0] // 2, 1)
+        return torch.tanh(self.lin(x) + tiled)
+
+
+def test_a_parameter_tiled_over_the_samples_raises_for_per_sample_quantities():
+    """A parameter copied once per sample (``probe.repeat(N, 1, 1)`` of a ``[1, 1, D]``
+    probe: ``test_zoo.py``'s ``probe_pooling``) has per-sample gradients. Repeats that are
+    not the number of samples are refused at compile time; a parameter of several rows
+    repeated ``N`` times raises when the step runs (its rows' count is a size)."""
+    x, y = torch.randn(4, 3, dtype=DTYPE), torch.tensor([0, 1, 2, 0])
+    with pytest.raises(fxcurv.CompileError, match="'repeat'.*repeats along the sample axis"):
+        fxcurv.compile(RowsRepeated().to(DTYPE), nn.CrossEntropyLoss(), ["batch_grad"])
+    step = fxcurv.compile(RowsRepeated(per_sample=True).to(DTYPE), nn.CrossEntropyLoss(),
+                          ["batch_grad"])
+    with pytest.raises(ValueError, match="along the sample axis of an x with 2 rows"):
+        step(x, y)
+
+
 def test_tokens_merged_into_rows_give_what_the_unmerged_model_gives():
     """Each sample's ``T`` rows add up to its own terms: the per-sample and GGN quantities
     equal those of the same function with the sample axis kept (``kflr`` too: its rows count

@@ -39,6 +39,7 @@ second derivatives of the model's ops: ``diag_h diag_h_batch hmp pchmp_abs pchmp
 | padded         | reflect, replicate and circular padding      | CE        | -                               |
 | patches        | unfold, unflatten, ChannelShuffle, fold      | CE        | -                               |
 | prototypes     | tensor_split, -cdist to prototypes, p = 2, 1 | CE        | -                               |
+| probe_pooling  | probe.repeat(N, 1, 1) as attention query     | CE        | -                               |
 
 (CE: ``CrossEntropyLoss``, MSE: ``MSELoss``, BCE: ``BCEWithLogitsLoss``; mean unless "sum".)
 
@@ -462,6 +463,23 @@ class Prototypes(nn.Module):
         return torch.cdist(h, self.prototypes, p=p)
 
 
+class ProbePooling(nn.Module):
+    """25. Attention pooling by a learned query copied once per sample (SigLIP's head:
+    ``probe.repeat(batch_size, 1, 1)``; before, every quantity but the gradient was refused,
+    the copy taken for a mix of samples): softmax of ``q kᵀ/√d`` over positions, then a head."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed, self.head = nn.Linear(D, D), nn.Linear(D, 3)
+        self.probe = nn.Parameter(torch.randn(1, 1, D))
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x))                                     # [N, T, D]
+        q = self.probe.repeat(x.shape[0], 1, 1)                           # [N, 1, D]
+        weights = torch.softmax(q @ h.transpose(1, 2) / D ** 0.5, dim=-1)  # [N, 1, T]
+        return self.head((weights @ h).squeeze(1))
+
+
 # ------------------------------------------------------------------------------------- specs
 def _randn(gen, *shape):
     return torch.randn(*shape, generator=gen, dtype=DTYPE)
@@ -551,6 +569,9 @@ SPECS: dict[str, Spec] = {
     "prototypes": Spec(Prototypes, nn.CrossEntropyLoss(),
                        lambda g: (_randn(g, 3, 4), _labels(g, 3, 3)),
                        kron_blocks=("prototypes",), pch_reference=False),
+    "probe_pooling": Spec(ProbePooling, nn.CrossEntropyLoss(),
+                          lambda g: (_randn(g, 3, T, D), _labels(g, 3, 3)),
+                          kron_blocks=("probe",)),
 }
 NAMES = list(SPECS)
 

@@ -317,19 +317,11 @@ def _per_sample_subscripts(c: Ctx, inputs: list, output: list, index: int):
 
 
 def _carries_samples(node: Any) -> bool:
-    """True if ``node`` depends on the graph's first input (the data ``x``)."""
-    if not isinstance(node, fx.Node):
-        return False
-    first = next(n for n in node.graph.nodes if n.op == "placeholder")
-    seen, stack = set(), [node]
-    while stack:
-        current = stack.pop()
-        if current is first:
-            return True
-        if current not in seen:
-            seen.add(current)
-            stack.extend(current.all_input_nodes)
-    return False
+    """True if ``node`` is computed from the graph's first input (the data ``x``) other than
+    through the size of a later axis or metadata (``passes.analysis.holds_samples``)."""
+    from fxcurv.passes.analysis import holds_samples  # noqa: PLC0415 (it imports the rules)
+
+    return isinstance(node, fx.Node) and holds_samples(node)
 
 
 def _einsum_mixes(b: dict) -> Optional[str]:

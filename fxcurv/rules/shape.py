@@ -272,30 +272,40 @@ register([torch.unflatten, "unflatten"], "unflatten", "input, dim, sizes",
 _TO_THE_END = 2 ** 62  # a slice's stop of None
 
 
-def index_spec(index: Any) -> Optional[List[int]]:
+def index_spec(index: Any) -> Optional[List[Any]]:
     """A basic index of ``x[index] = v`` as five ints per indexed axis, ``[axis, kind, a, b,
     c]``: ``kind`` 0 selects entry ``a``, 1 slices ``a:b:c``; ``axis`` counts from the front,
-    or from the end after an ``...``. Full slices are left out. None for anything else (a
-    tensor or traced index, ``None``, a negative step)."""
+    or from the end after an ``...``. Full slices are left out. An entry or a slice bound may
+    be a traced size (a node :func:`is_scalar_node` calls a number: torchvision's Swin3D
+    fills its attention mask at ``[-window_size[i]:-shift_size[i]]`` with a window clipped to
+    the input's size); the step stays a constant int. None for anything else (a tensor
+    index, ``None``, a negative or traced step)."""
     items = index if isinstance(index, tuple) else (index,)
     if sum(item is Ellipsis for item in items) > 1:
         return None
     end = items.index(Ellipsis) if Ellipsis in items else len(items)
-    spec: List[int] = []
+    spec: List[Any] = []
     for position, item in enumerate(items):
         axis = position if position < end else position - len(items)
         if item is Ellipsis or item == slice(None):
             continue
-        if isinstance(item, int) and not isinstance(item, bool):
+        if _is_int(item):
             spec += [axis, 0, item, 0, 0]
-        elif isinstance(item, slice) and all(
-                v is None or (isinstance(v, int) and not isinstance(v, bool))
-                for v in (item.start, item.stop, item.step)) and (item.step or 1) > 0:
-            spec += [axis, 1, item.start or 0,
+        elif isinstance(item, slice) and all(v is None or _is_int(v)
+                                             for v in (item.start, item.stop)) and \
+                (item.step is None or (isinstance(item.step, int) and item.step > 0)):
+            spec += [axis, 1, 0 if item.start is None else item.start,
                      _TO_THE_END if item.stop is None else item.stop, item.step or 1]
         else:
             return None
     return spec
+
+
+def _is_int(value: Any) -> bool:
+    """A Python int, or a traced one (a size, arithmetic on sizes); not a bool."""
+    if isinstance(value, fx.Node):
+        return is_scalar_node(value)
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def indexed_region(t: Tensor, spec: List[int], lead: int) -> Tensor:
@@ -333,7 +343,7 @@ def assigned(input: Tensor, value: Tensor, spec: List[int]) -> Tensor:
     return result
 
 
-def assigned_number(input: Tensor, value: float, spec: List[int]) -> Tensor:
+def assigned_number(input: Tensor, value: Union[int, float], spec: List[int]) -> Tensor:
     """:func:`assigned` of a Python number (``mask[:, :k] = float("-inf")``)."""
     result = input.clone()
     indexed_region(result, spec, 0).fill_(value)
@@ -359,7 +369,7 @@ def leading_mask(mask: Tensor, input: Tensor) -> Tensor:
     return mask.reshape(list(mask.shape) + [1] * (input.dim() - mask.dim()))
 
 
-def masked_assign(input: Tensor, mask: Tensor, value: float) -> Tensor:
+def masked_assign(input: Tensor, mask: Tensor, value: Union[int, float]) -> Tensor:
     """``y = input.clone(); y[mask] = value`` for a boolean ``mask`` over ``input``'s leading
     axes and a number ``value`` (lowered to ``masked_fill``)."""
     return input.masked_fill(leading_mask(mask, input), value)
@@ -1022,6 +1032,21 @@ def unrepeat(g: Tensor, lead: int, shape: List[int], repeats: List[int]) -> Tens
     return g.reshape(split).sum(summed).reshape(list(g.shape[:lead]) + list(shape))
 
 
+def unrepeat_per_sample(g: Tensor, lead: int, shape: List[int], repeats: List[int]) -> Tensor:
+    """Per-sample Jacobian-transpose of ``x.repeat(repeats)`` for an ``x`` without a sample
+    axis copied once per sample along axis 0 (SigLIP's ``probe.repeat(batch_size, 1, 1)``):
+    ``[*lead, N, ...]`` -> ``[*lead, N, *shape]``, the copies along the other axes summed.
+    ``x``'s axis 0 (after padding its shape with 1s to the repeats' length) must have size 1:
+    otherwise its rows are not one copy per sample, which raises."""
+    padded = [1] * (len(repeats) - len(shape)) + list(shape)
+    if padded[0] != 1:
+        raise ValueError("fxcurv: x.repeat(n, ...) along the sample axis of an x with {} rows "
+                         "gives each sample a different row; per-sample quantities need one "
+                         "copy of x per sample (a size-1 axis 0)".format(padded[0]))
+    summed = unrepeat(g, lead + 1, padded[1:], repeats[1:])
+    return summed.reshape(list(g.shape[:lead + 1]) + list(shape))
+
+
 def to_batch(t: Tensor, lead: int, shape: List[int]) -> Tensor:
     """Per-sample undo of broadcasting, ``[*lead, N, *broadcast]`` -> ``[*lead, N, *shape]``,
     for an operand of ``shape`` without a sample axis; one as long as ``t``'s per-lead shape
@@ -1051,9 +1076,12 @@ affine(["expand_as"], "expand_as", "input, other", doc=_EXPAND_DOC,
        vjp={"input": _sum_back, "other": None}, batch_grad={"input": _sum_back_per_sample},
        traits=(VIEW,))
 affine(["repeat"], "repeat", "input, *repeats",
-       doc="y = x tiled repeats[i] times along axis i;  Jᵀg sums the copies.",
+       doc="y = x tiled repeats[i] times along axis i;  Jᵀg sums the copies; per sample (an x "
+           "without samples copied once per sample: a size-1 axis 0) all but axis 0.",
        vjp={"input": lambda g, c: c.call(unrepeat, g, c.lead, c.args.input.shape,
                                          varargs(c.args.repeats))},
+       batch_grad={"input": lambda g, c: c.call(unrepeat_per_sample, g, c.lead,
+                                                c.args.input.shape, varargs(c.args.repeats))},
        mixes_samples=lambda b: "it repeats along the sample axis 0 (or adds axes before it)"
        if varargs(b["repeats"])[0] != 1 else None)
 

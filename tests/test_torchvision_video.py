@@ -1,0 +1,141 @@
+"""torchvision's video classifiers (``torchvision.models.video``), small configurations, float64,
+eval mode, cross-entropy on clips ``[N, 3, T, H, W]``.
+
+Checked against brute force with the helpers of ``test_torchvision_zoo.py``: ``grad`` and
+``batch_l2`` against per-sample autograd, ``diag_ggn_exact`` against one VJP per column of
+each sample's loss-Hessian square root; ``kfac`` runs (finite factors).
+
+What each family exercises: ``r3d`` and ``r2plus1d`` 3-D convolutions and BatchNorm3d (the
+(2+1)-D factorisation's mid-planes); ``swin3d`` shifted 3-D window attention whose fx-wrapped
+helpers (``shifted_window_attention_3d``, ``_compute_attention_mask_3d``) iterate over sizes
+and fill a mask by item assignment at slices computed from them, traced through with an
+example batch (``docs/tracing.md``), the windows partitioned into rows of axis 0 (several rows
+per sample); ``mvit_v1`` multiscale attention with pooled keys and values, whose helpers
+(``_unsqueeze``, ``_squeeze``) branch on the rank, also with an example batch. Before: swin3d
+and mvit raised at compile time (the helpers could not be inlined on symbolic values).
+
+MViT v2 (``mvit_v2_s``: relative position embeddings) is refused for every quantity but the
+gradient: its temporal term moves the samples off axis 0 (``r_q.permute(2, 0, 1, 3, 4, 5)
+.reshape(q_t, B * ..., dim)``), which the test asserts. ``s3d`` needs 16 frames of 224×224
+(its final pooling window is fixed): it compiles without an example and its gradient matches
+autograd, checked outside the suite (a float32 sweep: 40 s on two cores).
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+
+import pytest
+import torch
+import torch.nn as nn
+
+import fxcurv
+
+torchvision = pytest.importorskip("torchvision")
+from torchvision.models.video import mvit, resnet  # noqa: E402
+from torchvision.models.video import swin_transformer as swin3d  # noqa: E402
+
+from test_torchvision_zoo import (DTYPE, assert_diag_ggn_matches,  # noqa: E402
+                                  assert_first_order_matches, assert_logits_of_order_one,
+                                  calibrate)
+
+CLASSES = 10
+CLIP = (3, 4, 16, 16)  # one sample: channels, frames, height, width
+
+
+def _video_resnet(conv_maker, stem) -> nn.Module:
+    """Its first two stages (64 and 128 channels: the widths are fixed), its head on 128."""
+    model = resnet.VideoResNet(resnet.BasicBlock, [conv_maker] * 4, [1, 1, 1, 1], stem,
+                               num_classes=CLASSES)
+    model.layer3, model.layer4 = nn.Identity(), nn.Identity()
+    model.fc = nn.Linear(128, CLASSES)
+    return model
+
+
+def _mvit(v2: bool) -> nn.Module:
+    blocks = [mvit.MSBlockConfig(num_heads=1, input_channels=8, output_channels=16,
+                                 kernel_q=[3, 3, 3], kernel_kv=[3, 3, 3], stride_q=[1, 1, 1],
+                                 stride_kv=[1, 2, 2]),
+              mvit.MSBlockConfig(num_heads=2, input_channels=16, output_channels=16,
+                                 kernel_q=[3, 3, 3], kernel_kv=[3, 3, 3], stride_q=[1, 2, 2],
+                                 stride_kv=[1, 1, 1])]
+    version = dict(residual_pool=True, rel_pos_embed=True, proj_after_attn=True) if v2 else {}
+    return mvit._mvit(blocks, 0.0, None, False, spatial_size=CLIP[2:], temporal_size=CLIP[1],
+                      num_classes=CLASSES, patch_embed_kernel=(3, 7, 7),
+                      patch_embed_stride=(2, 4, 4), patch_embed_padding=(1, 3, 3), **version)
+
+
+FAMILIES = {  # family -> builder
+    "r3d": lambda: _video_resnet(resnet.Conv3DSimple, resnet.BasicStem),
+    "r2plus1d": lambda: _video_resnet(resnet.Conv2Plus1D, resnet.R2Plus1dStem),
+    # a 2x2x2 window shifted by 1 on a 2x4x4 feature map: the shifted-window mask is built
+    "swin3d": lambda: swin3d.SwinTransformer3d([2, 4, 4], 8, [2, 2], [1, 2], [2, 2, 2],
+                                               stochastic_depth_prob=0.1,
+                                               num_classes=CLASSES),
+    "mvit_v1": lambda: _mvit(v2=False),
+}
+WITH_EXAMPLE = {"swin3d", "mvit_v1"}
+
+
+@lru_cache(maxsize=None)
+def prepared(family: str):
+    torch.manual_seed(0)
+    model = calibrate(FAMILIES[family]().to(DTYPE), CLIP)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2, *CLIP, dtype=DTYPE, generator=gen)
+    y = torch.tensor([1, 7])
+    assert_logits_of_order_one(model, x, family)
+    return model, x, y
+
+
+@lru_cache(maxsize=None)
+def results(family: str) -> tuple:
+    model, x, y = prepared(family)
+    example = (x, y) if family in WITH_EXAMPLE else None
+    return fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_l2", "diag_ggn_exact", "kfac"],
+                          example=example)(x, y)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_grad_and_batch_l2_match_per_sample_autograd(family):
+    model, x, y = prepared(family)
+    assert_first_order_matches(model, x, y, *results(family)[:3])
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_diag_ggn_exact_matches_square_root_columns(family):
+    model, x, y = prepared(family)
+    assert_diag_ggn_matches(model, x, y, results(family)[3])
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_kfac_runs(family):
+    model, _, _ = prepared(family)
+    kfac = results(family)[4]
+    assert list(kfac) == [name for name, _ in model.named_parameters()]
+    for name, factors in kfac.items():
+        assert all(torch.isfinite(f).all() for f in factors), name
+
+
+def test_swin3d_needs_an_example_and_says_so():
+    """Without an example the helper stays one node whose inlining fails on symbolic sizes:
+    the error names it and what would help."""
+    model, _, _ = prepared("swin3d")
+    with pytest.raises(fxcurv.CompileError, match="shifted_window_attention_3d.*example="):
+        fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_l2"])
+
+
+def test_mvit_v2_relative_positions_refuse_per_sample_quantities():
+    """MViT v2's temporal relative-position term reshapes the samples into axis 1
+    (``[q_t, B·H·q_h·q_w, dim]``): per-sample quantities are refused naming that permute;
+    the gradient matches autograd."""
+    torch.manual_seed(0)
+    model = calibrate(_mvit(v2=True).to(DTYPE), CLIP)
+    x = torch.randn(2, *CLIP, dtype=DTYPE)
+    y = torch.tensor([1, 7])
+    with pytest.raises(fxcurv.CompileError, match="permute.*moves the sample axis 0"):
+        fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_l2"], example=(x, y))
+    loss, grad = fxcurv.compile(model, nn.CrossEntropyLoss(), [], example=(x, y))(x, y)
+    model.zero_grad()
+    nn.functional.cross_entropy(model(x), y).backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grad[name], p.grad, rtol=1e-9, atol=1e-15, msg=name)

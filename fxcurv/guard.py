@@ -10,11 +10,18 @@
   ``loss_fn(model(x), y)`` eagerly with autograd on the same inputs (on copies of the
   buffers, with the train/eval modes of compile time, without the hooks of
   ``backpack.extend``, so an active ``with backpack(...)`` block runs nothing) and compares
-  loss and gradient within the dtype's tolerance: a blind spot of the symbolic trace becomes a loud
+  loss and gradient within the dtype's tolerance (of the least precise dtype the step computes
+  in: a conversion in the model, or an active ``torch.autocast`` region around the call, where
+  eager autograd runs too): a blind spot of the symbolic trace becomes a loud
   :class:`StepError` instead of a silently wrong number. Skipped, with a warning, when the
   forward draws random numbers (train-mode dropout: the eager draws would differ), for a
   data-parallel step (it returns global results), and in a process forked after its parent
   ran autograd (autograd cannot run there).
+
+* **Autocast.** A call inside ``torch.autocast`` (mixed precision) runs the step's matrix
+  products in the autocast dtype, as eager autograd's backward does; each parameter's results
+  come back in the parameter's dtype, as ``p.grad`` does (a TorchScript or exported step,
+  which runs without these hooks, returns them as computed).
 
 The guards are forward hooks of the step. They do nothing while ``torch.compile`` or
 ``torch.export`` traces the step, and ``torch.jit.script(step)`` scripts a plain copy without
@@ -78,9 +85,35 @@ class Guard:
             if owner._parameters.get(key) is not param:
                 raise _replaced(name)
 
-    def after(self, step: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if not self.pending or torch.compiler.is_compiling():
-            return
+    def after(self, step: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        if torch.compiler.is_compiling():
+            return None
+        autocast = _autocast_dtype(_inputs(args, kwargs)[0])
+        if autocast is not None:
+            output = self.in_parameter_dtypes(output)
+        if self.pending:
+            self.first_call_check(args, kwargs, output, autocast)
+        return output if autocast is not None else None
+
+    def in_parameter_dtypes(self, output: tuple) -> tuple:
+        """``output`` with each parameter's results in that parameter's dtype, as autograd
+        gives ``p.grad`` under autocast (the step's matrix products ran in the autocast
+        dtype)."""
+        dtypes = {name: param.dtype for _, _, param, name in self.leaves}
+
+        def cast(value: Any, dtype: torch.dtype) -> Any:
+            return torch.utils._pytree.tree_map(
+                lambda t: t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point()
+                else t, value)
+
+        loss, *per_parameter = output
+        return (loss, *({name: cast(value, dtypes[name]) if name in dtypes else value
+                         for name, value in results.items()} if isinstance(results, dict)
+                        else results for results in per_parameter))
+
+    def first_call_check(self, args: tuple, kwargs: dict, output: Any,
+                         autocast: Optional[torch.dtype]) -> None:
+        """Compare the first call's loss and gradient with eager autograd's."""
         if self.skip_reason:
             _note_skipped(self.skip_reason)
         else:
@@ -94,7 +127,8 @@ class Guard:
                 _note_skipped("autograd cannot run in a process forked after its parent used "
                               "autograd")
             else:
-                compare(output[0], output[1], loss, grads, self.precision)
+                compare(output[0], output[1], loss, grads,
+                        _least_precise(self.precision, autocast))
         self.pending = False
 
 
@@ -191,7 +225,23 @@ def lowest_precision(graph: fx.Graph) -> Optional[torch.dtype]:
             found.append(_CONVERSIONS[node.target])
         fx.node.map_aggregate((node.args, node.kwargs), lambda a: found.append(a) if
                               isinstance(a, torch.dtype) and a.is_floating_point else None)
-    return max(found, key=lambda dtype: torch.finfo(dtype).eps, default=None)
+    return _least_precise(*found)
+
+
+def _autocast_dtype(x: Any) -> Optional[torch.dtype]:
+    """The dtype of an autocast region the call runs in (``torch.autocast("cuda",
+    torch.bfloat16)`` around ``step(x, y)``) on ``x``'s device, else None: the step and eager
+    autograd then both compute matrix products in it, rounding in a different order."""
+    first = next((t for t in torch.utils._pytree.tree_leaves(x) if isinstance(t, Tensor)), None)
+    device = first.device.type if first is not None else "cpu"
+    if device not in ("cpu", "cuda") or not torch.is_autocast_enabled(device):
+        return None
+    return torch.get_autocast_dtype(device)
+
+
+def _least_precise(*dtypes: Optional[torch.dtype]) -> Optional[torch.dtype]:
+    return max((d for d in dtypes if d is not None), key=lambda d: torch.finfo(d).eps,
+               default=None)
 
 
 def compare(loss: Tensor, grad: dict[str, Tensor], eager_loss: Tensor,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every check of issue 17 that needs a GPU, in one go on a CUDA machine (aim: < 8 minutes).
-#   1. the CUDA test items, `pytest -m cuda`: the rule table on CUDA (float64), the BackPACK
+#   1. the CUDA test items, `pytest -m cuda`: the rule table on CUDA (float64), autocast, the BackPACK
 #      comparisons (first order, GGN family) in float32, the quickstart example
 #      -> OUT/pytest_cuda.txt (counts on its last line)
 #   2. the bench's cells of issue 17's targets, --device cuda (fxcurv with its default
@@ -29,7 +29,7 @@ PYEOF
 echo "== 1. pytest -m cuda"
 timeout "${STAGE1_S:-200}" $PY -m pytest -q -m cuda -p no:cacheprovider -rs \
     tests/test_rules.py tests/test_backpack.py tests/test_ggn_backpack.py \
-    tests/test_examples.py > "$OUT/pytest_cuda.txt" 2>&1
+    tests/test_examples.py tests/test_safety.py > "$OUT/pytest_cuda.txt" 2>&1
 echo "exit $?" >> "$OUT/pytest_cuda.txt"
 tail -n 4 "$OUT/pytest_cuda.txt"
 

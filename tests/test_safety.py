@@ -198,16 +198,16 @@ def test_first_call_check_allows_the_precision_the_step_computes_in():
         compare(loss, near, loss, grad)
 
 
-def test_a_call_under_autocast_passes_the_check_and_returns_parameter_dtypes():
+def test_a_call_under_autocast_passes_the_check_and_returns_parameter_dtypes(device):
     """Under ``torch.autocast`` the step's matrix products run in bfloat16, as eager
     autograd's do: the first-call check allows bfloat16's tolerance (before: a StepError on a
     0.3 % difference), and every parameter's results come back in float32, as ``p.grad``
     does (before: the weights' in bfloat16, the biases' in float32)."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 3))
-    x, y = torch.randn(6, 8), torch.randint(0, 3, (6,))
+    model = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 3)).to(device)
+    x, y = torch.randn(6, 8, device=device), torch.randint(0, 3, (6,), device=device)
     step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["diag_ggn_exact", "kfac"])
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(device.type, dtype=torch.bfloat16):
         loss, grad, diag_ggn, kfac = step(x, y)
         eager_loss, eager_grad = eager(model, nn.CrossEntropyLoss(), x, y)
     plain = fxcurv.compile(model, nn.CrossEntropyLoss(), ["diag_ggn_exact"])(x, y)

@@ -38,7 +38,7 @@ from .passes.schedule import schedule_extractions
 from .rules import COUPLES_ROWS, FIRST_ORDER, rule_for
 from .rules.losses import check_scalar_loss
 from .inputs import check_structured_inputs, samples_of
-from .trace import Traced, trace
+from .trace import Traced, trace, unwrapped
 
 DEFAULT_COLUMN_BUDGET = 1 << 30
 
@@ -123,6 +123,7 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
         raise CompileError(f"mc_samples must be a positive int, got {mc_samples!r}.")
     chunk = _column_chunk(column_chunk, column_budget)
     requested = q.resolve(quantities)
+    model = unwrapped(model)
     traced = trace(model, loss_fn, sequence_length, fuse_recurrent=not requested,
                    example=example)
     if not traced.params:

@@ -336,7 +336,10 @@ class CurvatureTracer(fx.Tracer):
         if not self._in_model(m):
             return forward(*args, **kwargs)
         lowering = self.lowerings.get(type(m))
-        if isinstance(m, SPECTRAL_NORM):
+        wrapped = _wrapped_attribute(m)
+        if wrapped is not None:  # a submodule compiled by torch.compile, or DataParallel
+            forward = getattr(m, wrapped)
+        elif isinstance(m, SPECTRAL_NORM):
             forward = _lowered_call(m, self._spectral_norm_lowering(m))
         elif isinstance(m, RECURRENT + CELLS):
             forward = _lowered_call(m, self._recurrent_lowering(m))
@@ -730,6 +733,53 @@ def _merge_attributes(graph: fx.Graph) -> None:
             graph.erase_node(node)
         else:
             first[node.target] = node
+
+
+def _wrapped_attribute(m: nn.Module) -> Optional[str]:
+    """The attribute under which a wrapper module holds the module it runs: ``_orig_mod`` of
+    ``torch.compile``'s ``OptimizedModule``, ``module`` of ``nn.DataParallel``; None for any
+    other module. ``DistributedDataParallel`` raises: its gradients are all-reduced by hooks
+    of autograd, which a step does not run."""
+    if isinstance(m, nn.parallel.DistributedDataParallel):
+        raise CompileError(
+            "the model is wrapped in DistributedDataParallel, whose gradient all-reduce runs in "
+            "autograd hooks that a compiled step does not call. Compile the module it wraps "
+            "(ddp_model.module) with process_group=... (docs/data_parallel.md): the step then "
+            "all-reduces gradients and curvature itself.")
+    if isinstance(m, nn.DataParallel):
+        return "module"
+    if type(m).__name__ == "OptimizedModule" and isinstance(
+            getattr(m, "_orig_mod", None), nn.Module):
+        return "_orig_mod"
+    return None
+
+
+class Unwrapped(nn.Module):
+    """The module a wrapper runs (:func:`_wrapped_attribute`), held under the wrapper's
+    attribute, so that parameter names are the wrapper's (``_orig_mod.fc.weight``,
+    ``module.fc.weight``): the step traces it in plain eager PyTorch (``torch.compile``'s
+    dynamo cannot be traced by fx; ``nn.DataParallel`` only splits the batch over GPUs, which
+    the one-device step does not). The first-call check runs it eagerly too."""
+
+    def __init__(self, wrapper: nn.Module, attribute: str):
+        super().__init__()
+        self.attribute = attribute
+        self.add_module(attribute, getattr(wrapper, attribute))
+        self.training = wrapper.training
+
+    def forward(self, *args, **kwargs):
+        return getattr(self, self.attribute)(*args, **kwargs)
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """``model``, or :class:`Unwrapped` of it where it is a wrapper (inner wrappers too:
+    ``torch.compile(nn.DataParallel(m))`` names ``_orig_mod.module.fc.weight``)."""
+    attribute = _wrapped_attribute(model)
+    if attribute is None:
+        return model
+    outer = Unwrapped(model, attribute)
+    outer.add_module(attribute, unwrapped(getattr(model, attribute)))
+    return outer
 
 
 class _ModelAndLoss(nn.Module):

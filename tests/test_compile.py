@@ -342,6 +342,52 @@ def test_frozen_parameters_are_left_out():
     assert list(grad) == ["2.weight", "2.bias"]
 
 
+class CompiledInside(nn.Module):
+    """A model with a submodule compiled by ``torch.compile`` (``self.body``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.compile(mlp(), backend="eager")  # (dynamo without inductor: fast)
+
+    def forward(self, x):
+        return torch.tanh(self.body(x))
+
+
+WRAPPED = {
+    "torch.compile": lambda: torch.compile(mlp(), backend="eager"),
+    "DataParallel": lambda: nn.DataParallel(mlp()),
+    "torch.compile(DataParallel)": lambda: torch.compile(nn.DataParallel(mlp()),
+                                                         backend="eager"),
+    "compiled submodule": CompiledInside,
+}
+
+
+@pytest.mark.parametrize("wrap", WRAPPED.values(), ids=WRAPPED.keys())
+def test_wrapped_models_compile_the_module_they_run(wrap):
+    """``torch.compile``'s ``OptimizedModule`` (fx cannot trace dynamo) and ``nn.DataParallel``
+    (a batch split the step does not need) are traced through to the module they run, under
+    the wrapper's parameter names (``_orig_mod.0.weight``, ``module.0.weight``); before, a
+    CompileError and a RuntimeError of the first-call check."""
+    model = wrap()
+    x, y = batch()
+    _, grad, diag = fxcurv.compile(model, nn.CrossEntropyLoss(), ["diag_ggn_exact"])(x, y)
+    names, params = zip(*model.named_parameters())
+    assert list(grad) == list(names) and list(diag) == list(names)
+    eager = torch.autograd.grad(nn.CrossEntropyLoss()(model(x), y), params)
+    for name, expected in zip(names, eager):
+        torch.testing.assert_close(grad[name], expected, msg=name)
+
+
+def test_distributed_data_parallel_is_refused_naming_what_to_compile():
+    """DDP all-reduces gradients in autograd hooks, which a step does not run: refused rather
+    than returning the local gradient."""
+    ddp = nn.parallel.DistributedDataParallel.__new__(nn.parallel.DistributedDataParallel)
+    nn.Module.__init__(ddp)
+    ddp.module = mlp()
+    with pytest.raises(fxcurv.CompileError, match=r"DistributedDataParallel.*process_group"):
+        fxcurv.compile(ddp, nn.CrossEntropyLoss())
+
+
 def test_post_loss_arithmetic_and_callable_loss():
     model = mlp()
     x, y = batch()

@@ -66,13 +66,13 @@ def in_place_twin(node: fx.Node) -> Optional[tuple[Any, tuple, dict]]:
 
 def _assignment_twin(node: fx.Node) -> tuple[Any, tuple, dict]:
     """``x[index] = value`` -> ``assigned(x, value, spec)`` (a tensor value) or
-    ``assigned_number`` (a Python number, or a traced one: a size), for a basic index (``index_spec``);
+    ``assigned_number`` (a Python number, a bool, or a traced number: a size), for a basic index
+    (``index_spec``);
     ``x[mask] = number`` with a boolean mask -> ``masked_assign``; target None for any other
     index or value."""
     mutated, index, value = node.args
     traced_number = isinstance(value, fx.Node) and is_scalar_node(value)  # (BEiT's ``n - 3``)
-    is_number = traced_number or (isinstance(value, (int, float)) and
-                                  not isinstance(value, bool))
+    is_number = traced_number or isinstance(value, (bool, int, float))  # (True: a mask's)
     number = value if traced_number else float(value) if is_number else None
     if isinstance(index, fx.Node) and rule_for(index) is not None and \
             rule_for(index).has(BOOLEAN):  # ``x[mask] = number``

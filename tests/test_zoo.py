@@ -23,7 +23,7 @@ second derivatives of the model's ops: ``diag_h diag_h_batch hmp pchmp_abs pchmp
 | gated          | h * sigmoid(h)                               | CE        | -                               |
 | reductions     | [N, T, D]: mean over T, sum over features    | MSE sum   | -                               |
 | functional     | only F.* and raw nn.Parameters               | CE        | -                               |
-| transformer    | layer_norm, MultiheadAttention, GELU MLP     | CE        | -                               |
+| transformer    | layer_norm, masked MultiheadAttention, MLP   | CE        | -                               |
 | hand_attention | softmax(q kᵀ/√d) v by matmul, mean over T    | CE        | -                               |
 | post_loss      | MLP; 2 * cross_entropy + (out ** 2).mean()/2 | callable  | -                               |
 | bilinear       | einsum("ni,kij,nj->nk", a, W, b), W param    | MSE       | -                               |
@@ -228,8 +228,9 @@ D, T, HEADS = 4, 3, 2
 
 
 class Transformer(nn.Module):
-    """9. Pre-norm block on ``[N, T, D]``: layer_norm, ``nn.MultiheadAttention``, GELU MLP,
-    residuals, mean over T, linear head."""
+    """9. Pre-norm block on ``[N, T, D]``: layer_norm, ``nn.MultiheadAttention`` with a key
+    padding mask hiding the last position (built by item assignment of ``True``; before: an
+    in-place op without a rule), GELU MLP, residuals, mean over T, linear head."""
 
     def __init__(self):
         super().__init__()
@@ -240,7 +241,9 @@ class Transformer(nn.Module):
 
     def forward(self, x):
         h = self.ln1(x)
-        x = x + self.attn(h, h, h, need_weights=False)[0]
+        padding = torch.zeros(x.shape[0], x.shape[1], dtype=torch.bool, device=x.device)
+        padding[:, -1] = True
+        x = x + self.attn(h, h, h, key_padding_mask=padding, need_weights=False)[0]
         x = x + self.fc2(F.gelu(self.fc1(self.ln2(x))))
         return self.head(x.mean(1))
 

@@ -198,10 +198,30 @@ def eager_loss_and_grad(model: nn.Module, loss_fn: Callable, names: list[str], x
         x, y = (t.clone() if isinstance(t, Tensor) and t.is_inference() else t for t in (x, y))
         output = torch.func.functional_call(model, buffers, (x,), strict=False)
         loss = loss_fn(output, y)
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        grads = _gradients(loss, params)
     grads = {name: torch.zeros_like(p) if g is None else g
              for name, p, g in zip(names, params, grads)}
     return loss.detach(), grads
+
+
+def _gradients(loss: Tensor, params: list) -> tuple:
+    """``∂loss/∂params`` by ``torch.autograd.grad``, or where the model checkpoints with
+    ``use_reentrant=True`` (which refuses ``grad``) by ``backward``, the parameters' ``.grad``
+    set aside and restored."""
+    try:
+        return torch.autograd.grad(loss, params, allow_unused=True, retain_graph=True)
+    except RuntimeError as err:
+        if "use_reentrant" not in str(err):
+            raise
+    kept = [p.grad for p in params]
+    try:
+        for p in params:
+            p.grad = None
+        loss.backward()
+        return tuple(p.grad for p in params)
+    finally:
+        for p, grad in zip(params, kept):
+            p.grad = grad
 
 
 def tolerance(dtype: torch.dtype) -> float:

@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode, is_tensor_method_or_property
 from torch.utils import _pytree as pytree
+from torch.utils.checkpoint import CheckpointFunction
 
 from .example import ExampleValues, example_shapes, guard_sample_branches
 from .errors import CompileError, format_module, user_frame
@@ -651,11 +652,34 @@ def _opaque_forward(tracer: fx.Tracer, cls: type, forward: Callable) -> Callable
         if not _has_proxy((args, kwargs)):
             return forward(*args, **kwargs)
         inputs = args[1:] if takes_ctx else args
+        if cls is CheckpointFunction and _from_parameters(tracer, inputs[2:]):
+            with torch.enable_grad():  # (apply runs forward under no_grad)
+                return inputs[0](*inputs[2:])
         proxy = tracer.create_proxy("call_function", autograd_function_call(cls), inputs,
                                     kwargs, name=f"{cls.__name__}_apply")
         proxy.node.meta["grad_enabled"] = True  # apply runs forward under no_grad
         return proxy
     return opaque
+
+
+def _from_parameters(tracer: fx.Tracer, values: Any) -> bool:
+    """Whether a Proxy in ``values`` is computed from a trainable parameter of the traced
+    root: a reentrant ``torch.utils.checkpoint`` call on such a value has the derivative of
+    the function it checkpoints (its backward recomputes the forward), and is traced through.
+    On data alone eager gives the checkpointed parameters no gradient (PyTorch warns), and
+    the call stays opaque, which does the same."""
+    trainable = {name for name, p in tracer.root.named_parameters() if p.requires_grad}
+    stack = [v.node for v in pytree.tree_leaves(values) if isinstance(v, fx.Proxy)]
+    seen: set = set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        if node.op == "get_attr" and node.target in trainable:
+            return True
+        stack.extend(node.all_input_nodes)
+    return False
 
 
 def autograd_function_call(cls: type) -> Callable:

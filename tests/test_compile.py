@@ -388,6 +388,40 @@ def test_distributed_data_parallel_is_refused_naming_what_to_compile():
         fxcurv.compile(ddp, nn.CrossEntropyLoss())
 
 
+class Checkpointed(nn.Module):
+    """``mlp()``'s layers behind an embedding, the hidden ones under
+    ``torch.utils.checkpoint.checkpoint`` (``reentrant``: the autograd.Function version), or
+    not at all."""
+
+    def __init__(self, reentrant):
+        super().__init__()
+        self.embed, self.body, self.reentrant = nn.Linear(5, 5), mlp(), reentrant
+
+    def forward(self, x):
+        h = torch.tanh(self.embed(x))
+        if self.reentrant is None:
+            return self.body(h)
+        return torch.utils.checkpoint.checkpoint(self.body, h, use_reentrant=self.reentrant)
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_activation_checkpointing_has_the_derivatives_of_the_checkpointed_function(reentrant):
+    """A checkpointed call's backward recomputes its forward: every quantity is that of the
+    plain model (before, with ``use_reentrant=True``: refused as a custom autograd.Function).
+    The first-call check runs eager autograd by ``backward`` there, as ``grad`` is refused."""
+    torch.manual_seed(0)
+    plain = Checkpointed(None).double()
+    checkpointed = Checkpointed(reentrant).double()
+    checkpointed.load_state_dict(plain.state_dict())
+    quantities = ["batch_grad", "diag_ggn_exact", "diag_h"]
+    expected = fxcurv.compile(plain, nn.CrossEntropyLoss(), quantities)(*batch())
+    got = fxcurv.compile(checkpointed, nn.CrossEntropyLoss(), quantities)(*batch())
+    for value, reference in zip(got[1:], expected[1:]):
+        for name in reference:
+            torch.testing.assert_close(value[name], reference[name], msg=name)
+    assert all(p.grad is None for p in checkpointed.parameters())  # the check left none
+
+
 def test_post_loss_arithmetic_and_callable_loss():
     model = mlp()
     x, y = batch()

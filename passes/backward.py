@@ -121,7 +121,10 @@ def _stacked_uses(source: fx.Node, uses: list, cotangents: dict, emit: Emitter,
 def joined_use(group: list, cotangents: Any, emit: Emitter, lead: int) -> tuple[Any, Ctx]:
     """``(g, ctx)`` of one virtual use standing for ``group`` (``(node, rule, argument)``
     uses of one parameter by one op kind): the uses' cotangents and their data argument
-    (``rule.stack_uses``) concatenated along a position axis."""
+    (``rule.stack_uses``) concatenated along a position axis, in graph order (so that the
+    backward and the per-sample pass build the same concatenation, shared)."""
+    order = {node: i for i, node in enumerate(group[0][0].graph.nodes)}
+    group = sorted(group, key=lambda use: order[use[0]])
     first, rule, name = group[0]
     data = rule.stack_uses[name]
     bound = dict(rule.bind(first))

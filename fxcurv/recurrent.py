@@ -23,8 +23,18 @@ calls it (:func:`lower_cell`).
 
 The graph's structure depends on the number of steps, which a symbolic trace does not know:
 ``compile(..., sequence_length=T)`` fixes it, and the step checks ``T`` when it runs.
-Refused at compile time: ``proj_size > 0``, ``PackedSequence`` inputs, and dropout between
-layers in train mode (its masks would differ per step; ``model.eval()`` removes it).
+Variable lengths: ``pack_padded_sequence(x, lengths, ...)`` is, while tracing, a
+:class:`PaddedSequence` (the padded batch and its lengths), and a recurrent layer given one
+runs on the padded steps with each sample's state carried unchanged past its length
+(``h_t = where(t < length, h_t', h_{t−1})``, so ``h_n`` is each sample's state at its last step
+and the reverse direction starts at it), its padded outputs zero; ``pad_packed_sequence`` of
+the result is that padded output (without ``total_length``, the step checks when it runs that
+the batch's longest sequence has ``sequence_length`` steps). The packed ``data`` and
+``batch_sizes`` themselves (their sizes depend on the lengths' values) are refused.
+
+Refused at compile time: ``proj_size > 0``, a ``PackedSequence`` built any other way, and
+dropout between layers in train mode (its masks would differ per step; ``model.eval()`` removes
+it).
 """
 from __future__ import annotations
 
@@ -32,12 +42,13 @@ import traceback
 from typing import Any, Optional
 
 import torch
+import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.utils.rnn import PackedSequence
 
 from .errors import CompileError, user_frame
-from .rules.recurrent import check_cell_input, check_sequence, lstm_layer
+from .rules.recurrent import check_cell_input, check_padded_steps, check_sequence, lstm_layer
 
 RECURRENT = (nn.RNN, nn.LSTM, nn.GRU)
 CELLS = (nn.RNNCell, nn.LSTMCell, nn.GRUCell)
@@ -46,16 +57,87 @@ CELL_NOTE = ("one step as ops with rules, every quantity but kfra (a cell called
              "runs), given or zero states, bias")
 SUPPORT_NOTE = ("every quantity but kfra (kfac, kflr: weights shared over the steps by the "
                 "expand convention); layers, bidirectional, batch_first, bias, initial "
-                "states; refused: proj_size > 0, PackedSequence input, dropout between layers "
-                "in train mode")
+                "states, pack_padded_sequence (variable lengths); refused: proj_size > 0, "
+                "dropout between layers in train mode")
 GATES = {"RNN_TANH": 1, "RNN_RELU": 1, "LSTM": 4, "GRU": 3}
+
+
+class PaddedSequence:
+    """What ``pack_padded_sequence(padded, lengths, batch_first)`` stands for while tracing:
+    the padded batch ``[N, T, *]`` (batch first) and the lengths ``[N]`` (a traced tensor or a
+    constant). Only a recurrent layer and ``pad_packed_sequence`` read it."""
+
+    def __init__(self, padded: Any, lengths: Any, steps: Optional[int] = None):
+        self.padded, self.lengths, self.steps = padded, lengths, steps  # steps: T, if known
+
+    def __getattr__(self, name: str):
+        raise _read_packed(f"'{name}'")
+
+    def __getitem__(self, index: Any):
+        raise _read_packed(f"[{index!r}]")
+
+    def __iter__(self):
+        raise _read_packed("unpacked")
+
+
+def _read_packed(what: str) -> CompileError:
+    return CompileError(
+        f"a PackedSequence is read ({what}){_caller()}: fxcurv represents a packed batch by its "
+        "padded steps and lengths while tracing, and the packed data's size depends on the "
+        "lengths' values. Read a recurrent layer's output through pad_packed_sequence (or use "
+        "its h_n) instead.")
+
+
+def pack_padded(input: Any, lengths: Any, batch_first: bool = False,
+                enforce_sorted: bool = True) -> PaddedSequence:
+    """``pack_padded_sequence`` while tracing: :class:`PaddedSequence` of ``input`` (made batch
+    first) and ``lengths`` (sorted or not: a padded batch keeps the samples' order, which is
+    the order eager's ``h_n`` and ``pad_packed_sequence`` give back)."""
+    if not isinstance(lengths, fx.Proxy):
+        lengths = torch.as_tensor(lengths, dtype=torch.int64)
+    return PaddedSequence(input if batch_first else input.transpose(0, 1), lengths)
+
+
+def pad_packed(sequence: Any, batch_first: bool = False, padding_value: float = 0.0,
+               total_length: Optional[int] = None) -> tuple:
+    """``pad_packed_sequence`` of a recurrent layer's :class:`PaddedSequence` output:
+    ``(padded, lengths)``, padded positions ``padding_value``; the step checks when it runs
+    that ``total_length`` (if traced) or, without it, the longest length is the number of steps
+    (:func:`~fxcurv.rules.recurrent.check_padded_steps`)."""
+    if not isinstance(sequence, PaddedSequence):
+        raise CompileError(f"pad_packed_sequence{_caller()} got {type(sequence).__name__}, not "
+                           "the output of a recurrent layer run on pack_padded_sequence.")
+    padded, lengths, steps = sequence.padded, sequence.lengths, sequence.steps
+    if isinstance(total_length, int) and total_length != steps:
+        raise CompileError(f"pad_packed_sequence{_caller()}: total_length={total_length} differs "
+                           f"from sequence_length={steps} the recurrent layer was compiled for. "
+                           "Pass total_length=sequence_length (or None).")
+    if not isinstance(total_length, int):  # None, or a traced size: checked when it runs
+        padded = padded.tracer.create_proxy(
+            "call_function", check_padded_steps,
+            (padded, lengths, total_length, steps, f"pad_packed_sequence{_caller()}"), {})
+    if padding_value != 0.0:
+        padded = padded + (_valid_steps(lengths, padded, steps) == 0) * padding_value
+    return (padded if batch_first else padded.transpose(0, 1)), lengths
+
+
+def _valid_steps(lengths: Any, like: Any, steps: int) -> Any:
+    """``[N, T, 1]`` float: 1 at steps ``t < lengths[n]``, 0 past them."""
+    times = torch.arange(steps, device=like.device)
+    return (times.unsqueeze(0) < lengths.to(like.device).unsqueeze(1)).unsqueeze(2).to(
+        like.dtype)
 
 
 def lower_recurrent(m: nn.RNNBase, path: str, length: Optional[int], fused: bool, input: Any,
                     hx: Any = None) -> tuple:
     """``m(input, hx)`` as unrolled ops (with ``fused``, an LSTM's layers as one
     :func:`~fxcurv.rules.recurrent.lstm_layer` node each); returns ``(output, h_n)`` or
-    ``(output, (h_n, c_n))`` as the module does."""
+    ``(output, (h_n, c_n))`` as the module does. On a :class:`PaddedSequence` each sample's
+    states stop at its length, and the output is a :class:`PaddedSequence` again."""
+    lengths = input.lengths if isinstance(input, PaddedSequence) else None
+    if lengths is not None:
+        input = input.padded if m.batch_first else input.padded.transpose(0, 1)
+        fused = False
     _refuse(m, path, length, input)
     prefix = path.replace(".", "_") or type(m).__name__.lower()
     where = f"{type(m).__name__} '{path}'"
@@ -71,13 +153,15 @@ def lower_recurrent(m: nn.RNNBase, path: str, length: Optional[int], fused: bool
             name = f"{prefix}_l{layer}{'_reverse' if reverse else ''}"
             direction = _fused_direction if fused and m.mode == "LSTM" else _direction
             out, h, c = direction(m, name, layer, reverse, length, x,
-                                  _pick(h0, index), _pick(c0, index))
+                                  _pick(h0, index), _pick(c0, index), lengths)
             outputs.append(out)
             finals_h.append(h)
             finals_c.append(c)
         x = outputs[0] if len(outputs) == 1 else _named(torch.cat(outputs, 2),
                                                          f"{prefix}_l{layer}_output")
     output = x if m.batch_first else x.transpose(0, 1)
+    if lengths is not None:
+        output = PaddedSequence(x, lengths, length)
     h_n = _named(torch.stack(finals_h, 0), f"{prefix}_h_n")
     if m.mode != "LSTM":
         return output, h_n
@@ -113,8 +197,9 @@ def _refuse(m: nn.RNNBase, path: str, length: Optional[int], input: Any) -> None
     """CompileError for what the unrolled ops cannot represent exactly."""
     problem = None
     if isinstance(input, PackedSequence):
-        problem = ("its input is a PackedSequence (argument 'input'); variable lengths per "
-                   "sample are not supported", "Pad the sequences to one length instead.")
+        problem = ("its input is a PackedSequence (argument 'input') not made by "
+                   "pack_padded_sequence while tracing", "Pack the padded batch with "
+                   "torch.nn.utils.rnn.pack_padded_sequence inside the model's forward.")
     elif getattr(m, "proj_size", 0) > 0:
         problem = (f"proj_size={m.proj_size} (LSTM projections) is not supported",
                    "Use proj_size=0 (a separate nn.Linear on the output projects it).")
@@ -172,7 +257,7 @@ def _weights(m: nn.RNNBase, layer: int, reverse: int) -> tuple[Any, Any, Any, An
 
 
 def _fused_direction(m: nn.RNNBase, name: str, layer: int, reverse: int, length: int, x: Any,
-                     h: Any, c: Any) -> tuple[Any, Any, Any]:
+                     h: Any, c: Any, lengths: Any = None) -> tuple[Any, Any, Any]:
     """One LSTM layer in one direction as one node: ``([N, T, H], h_T, c_T)``."""
     weights = _weights(m, layer, reverse)
     fused = _named(x.tracer.create_proxy("call_function", lstm_layer,
@@ -182,20 +267,31 @@ def _fused_direction(m: nn.RNNBase, name: str, layer: int, reverse: int, length:
 
 
 def _direction(m: nn.RNNBase, name: str, layer: int, reverse: int, length: int, x: Any,
-               h: Any, c: Any) -> tuple[Any, Any, Any]:
-    """One layer in one direction over ``x`` ``[N, T, I]``: ``([N, T, H], h_T, c_T)``."""
+               h: Any, c: Any, lengths: Any = None) -> tuple[Any, Any, Any]:
+    """One layer in one direction over ``x`` ``[N, T, I]``: ``([N, T, H], h_T, c_T)``. With
+    ``lengths``, a sample's states are carried unchanged at steps ``t >= lengths[n]`` and its
+    outputs there are zero."""
     w_ih, w_hh, b_ih, b_hh = _weights(m, layer, reverse)
     projected = _named(F.linear(x, w_ih, b_ih), f"{name}_x_proj")
     by_step = projected.unbind(1)   # one Jᵀ for all steps (no scatter into [N, T, G·H] each)
     hidden = m.hidden_size
     steps = range(length - 1, -1, -1) if reverse else range(length)
     outputs: list = [None] * length
+    valid = None if lengths is None else _named(lengths.to(x.device).unsqueeze(1),
+                                                f"{name}_lengths")
     for t in steps:
         x_t = _named(by_step[t], f"{name}_t{t}_x")
         h, c = _zeros_if_absent(m.mode, name, x_t, hidden, h, c)
         h_t = _named(F.linear(h, w_hh, b_hh), f"{name}_t{t}_h_proj")
-        h, c = _cell(m.mode, f"{name}_t{t}", x_t, h_t, h, c)
-        outputs[t] = h
+        new_h, new_c = _cell(m.mode, f"{name}_t{t}", x_t, h_t, h, c)
+        if valid is None:
+            h, c = new_h, new_c
+            outputs[t] = h
+            continue
+        running = _named(valid > t, f"{name}_t{t}_running")   # [N, 1]
+        outputs[t] = _named(new_h * running.to(new_h.dtype), f"{name}_t{t}_output")
+        h = _named(torch.where(running, new_h, h), f"{name}_t{t}_h_kept")
+        c = None if c is None else _named(torch.where(running, new_c, c), f"{name}_t{t}_c_kept")
     return _named(torch.stack(outputs, 1), f"{name}_output"), h, c
 
 
@@ -222,6 +318,8 @@ def _pieces(gates: Any, name: str, letters: str) -> list:
 
 
 def _named(proxy: Any, name: str) -> Any:
-    """Give the node behind ``proxy`` a readable name (fx keeps names unique)."""
-    proxy.node._rename(name)
+    """Give the node behind ``proxy`` a readable name (fx keeps names unique); a constant
+    (lengths given as a list) is returned as it is."""
+    if isinstance(proxy, fx.Proxy):
+        proxy.node._rename(name)
     return proxy

@@ -17,6 +17,7 @@ are taken off for the trace (:func:`without_backpack_hooks`).
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import operator
@@ -42,7 +43,7 @@ from .example import ExampleValues, example_shapes, guard_sample_branches
 from .errors import CompileError, format_module, user_frame
 from .inputs import join_outputs, structured
 from .passes.analysis import sample_carriers, sample_data
-from .recurrent import CELLS, RECURRENT, lower_cell, lower_recurrent
+from .recurrent import CELLS, RECURRENT, lower_cell, lower_recurrent, pack_padded, pad_packed
 from .rules import RULES, rule_for
 from .rules.linalg import attention
 from .rules.losses import l1_loss_keeping_weight
@@ -430,7 +431,7 @@ class CurvatureTracer(fx.Tracer):
         helpers = _helpers_traced_through() if self.examples else nullcontext()
         with torch.enable_grad(), without_backpack_hooks(root), _ParameterProxies(self, root), \
                 _opaque_functions(self), _factories_of_traced_sizes(self), _item_assignment(self), \
-                _weighted_l1_loss(), \
+                _weighted_l1_loss(), _packed_sequences(root), \
                 module_state_kept(root), \
                 _attributes_keep_grad_mode(), numbers, helpers:
             graph = super().trace(root, concrete_args)
@@ -660,6 +661,34 @@ def _opaque_forward(tracer: fx.Tracer, cls: type, forward: Callable) -> Callable
         proxy.node.meta["grad_enabled"] = True  # apply runs forward under no_grad
         return proxy
     return opaque
+
+
+@contextmanager
+def _packed_sequences(root: Any):
+    """While tracing, ``pack_padded_sequence`` and ``pad_packed_sequence`` are
+    ``fxcurv.recurrent``'s :func:`~fxcurv.recurrent.pack_padded` and
+    :func:`~fxcurv.recurrent.pad_packed` (a padded batch and its lengths): in
+    ``torch.nn.utils.rnn`` and wherever a module of the model imported them by name."""
+    rnn = torch.nn.utils.rnn
+    lowered = {rnn.pack_padded_sequence: pack_padded, rnn.pad_packed_sequence: pad_packed}
+    functions = [type(m).forward for m in root.modules()] if isinstance(root, nn.Module) \
+        else [root]
+    namespaces = [rnn.__dict__] + [getattr(f, "__globals__", {}) for f in functions]
+    with contextlib.ExitStack() as stack:
+        for namespace in {id(n): n for n in namespaces}.values():
+            patches = {name: lowered[value] for name, value in list(namespace.items())
+                       if _hashable(value) and value in lowered}
+            if patches:
+                stack.enter_context(mock.patch.dict(namespace, patches))
+        yield
+
+
+def _hashable(value: Any) -> bool:
+    try:
+        hash(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _from_parameters(tracer: fx.Tracer, values: Any) -> bool:

@@ -6,7 +6,8 @@ import torch.fx
 import torch.nn.functional as F
 
 from fxcurv.rules.losses import check_scalar_loss
-from fxcurv.rules.recurrent import check_cell_input, check_sequence, lstm_layer
+from fxcurv.rules.recurrent import (check_cell_input, check_padded_steps, check_sequence,
+                                   lstm_layer)
 from fxcurv.rules.linalg import sdpa_mask
 from fxcurv.rules.losses import classes_last
 from fxcurv.rules.shape import (assigned, assigned_number, axes_keep_samples, index_spec,
@@ -20,6 +21,7 @@ g = torch.Generator().manual_seed(0)
 torch.fx.wrap("check_sequence")  # a leaf call when cases are traced
 torch.fx.wrap("lstm_layer")
 torch.fx.wrap("check_cell_input")
+torch.fx.wrap("check_padded_steps")
 torch.fx.wrap("keeps_sample_axis")
 torch.fx.wrap("rows_hold_samples")
 torch.fx.wrap("assigned")
@@ -248,6 +250,8 @@ SHAPES = [
     case("topk_method_smallest", lambda x: x.topk(3, largest=False)[0], rand(3, 2, 5)),
     case("check_sequence", lambda x: check_sequence(x, 2, 1, "a test"), rand(3, 2, 4)),
     case("check_cell_input", lambda x: check_cell_input(x, "a test"), rand(3, 4)),
+    case("check_padded_steps", lambda x, n: check_padded_steps(x, n, None, 2, "a test"),
+         rand(3, 2, 4), torch.tensor([2, 1, 2])),
 ]
 
 

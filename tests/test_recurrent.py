@@ -398,8 +398,95 @@ def test_unsupported_arguments_are_refused(rnn, packed, argument):
                        sequence_length=T)
     message = str(info.value)
     assert argument in message and "test_recurrent.py" in message, message
-    if not packed:  # (packing itself fails to trace, before the layer)
+    if not packed:  # (the packed output is refused where it is read: out[:, -1])
         assert f"{type(rnn).__name__} at 'rnn'" in message and "self.rnn(x)" in message
+
+
+# -- variable lengths: pack_padded_sequence ---------------------------------------------------
+LENGTHS = torch.tensor([2, 3, 1])  # (N = 3 samples of up to T = 3 steps)
+
+
+class Packed(nn.Module):
+    """``x`` ``[N, T, I]`` with ``lengths``, packed time-major (unsorted) through a two-layer
+    recurrent body; the head reads ``h_n`` (both directions' last layer) or, with ``padded``,
+    the output through ``pad_packed_sequence`` (batch first; the mean over each sample's
+    steps)."""
+
+    def __init__(self, kind: str, bidirectional: bool, padded: bool = False,
+                 total_length: bool = True):
+        super().__init__()
+        cls, extra = KINDS[kind]
+        self.rnn = cls(I, H, num_layers=2, bidirectional=bidirectional, batch_first=False,
+                       **extra)
+        self.head = nn.Linear(H * (2 if bidirectional else 1), C)
+        self.padded, self.total_length = padded, total_length
+
+    def forward(self, inputs):
+        x, lengths = inputs
+        packed = nn.utils.rnn.pack_padded_sequence(x.transpose(0, 1), lengths.cpu(),
+                                                   enforce_sorted=False)
+        out, state = self.rnn(packed)
+        if self.padded:
+            total = x.shape[1] if self.total_length else None
+            steps, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True,
+                                                        total_length=total)
+            return self.head(steps.sum(1) / lengths.unsqueeze(1).to(steps.dtype))
+        h_n = state[0] if isinstance(state, tuple) else state
+        return self.head(torch.cat([h_n[-2], h_n[-1]], 1) if self.rnn.bidirectional
+                         else h_n[-1])
+
+
+def each_sample_alone(model: nn.Module, x, y) -> tuple[dict, dict]:
+    """Per-sample gradients and the GGN diagonal, each sample run alone on its own steps
+    (``torch.autograd.functional.jacobian`` of its logits in the flat parameters, the
+    cross-entropy's Hessian)."""
+    flat = Flat(model)
+    grads, ggn_diag = [], 0
+    for n in range(N):
+        inputs = (x[n:n + 1, :int(LENGTHS[n])], LENGTHS[n:n + 1])
+        jac = jacobian(lambda v: flat.out(v, inputs)[0], flat.vec)            # [C, P]
+        prob = flat.out(flat.vec, inputs)[0].detach().softmax(0)
+        h_out = (torch.diag(prob) - torch.outer(prob, prob)) / N
+        grads.append((prob - F.one_hot(y[n], C).to(DTYPE)) / N @ jac)
+        ggn_diag = ggn_diag + torch.einsum("cd,cp,dp->p", h_out, jac, jac)
+    return flat.blocks(torch.stack(grads)), flat.blocks(ggn_diag)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["h_n", "pad_packed"])
+@pytest.mark.parametrize("bidirectional", [False, True], ids=["uni", "bi"])
+@pytest.mark.parametrize("kind", ["rnn_tanh", "lstm", "gru"])
+def test_packed_sequences_match_each_sample_run_alone(kind, bidirectional, padded, one_thread):
+    """Each sample's states stop at its length (the reverse direction starts there), so
+    per-sample gradients and the GGN equal those of each sample run alone on its own steps
+    (before: a PackedSequence was refused); a gradient-only step (unrolled, not fused) too."""
+    torch.manual_seed(0)
+    model = Packed(kind, bidirectional, padded).to(DTYPE)
+    x, y = torch.randn(N, T, I, dtype=DTYPE), torch.tensor([0, 2, 1])
+    per_sample, diag = each_sample_alone(model, x, y)
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_grad", "diag_ggn_exact"],
+                          sequence_length=T)
+    _, grad, batch_grad, diag_ggn = step((x, LENGTHS), y)
+    assert_dicts(batch_grad, per_sample, "batch_grad")
+    assert_dicts(grad, {k: v.sum(0) for k, v in per_sample.items()}, "grad")
+    assert_dicts(diag_ggn, diag, "diag_ggn_exact")
+    _, alone = fxcurv.compile(model, nn.CrossEntropyLoss(), sequence_length=T)((x, LENGTHS), y)
+    assert_dicts(alone, grad, "gradient-only grad")
+
+
+def test_pad_packed_without_total_length_checks_the_longest_length():
+    """Without ``total_length`` eager pads to the batch's longest sequence: the step checks
+    that it is ``sequence_length`` when it runs (an exported step too; a step of a tuple
+    input does not script, ``fxcurv/backend.py``)."""
+    model = Packed("lstm", False, padded=True, total_length=False).to(DTYPE)
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_grad"], sequence_length=T)
+    x, y = torch.randn(N, T, I, dtype=DTYPE), torch.tensor([0, 2, 1])
+    loss = step((x, LENGTHS), y)[0]
+    with pytest.raises(ValueError, match="longest sequence of the batch, 2 steps.*total_length"):
+        step((x, torch.tensor([2, 1, 2])), y)
+    exported = torch.export.export(step, ((x, LENGTHS), y)).module()
+    torch.testing.assert_close(exported((x, LENGTHS), y)[0], loss)
+    with pytest.raises(RuntimeError, match="longest sequence"):  # an assertion op there
+        exported((x, torch.tensor([2, 1, 2])), y)
 
 
 def test_dropout_in_eval_mode_and_the_sequence_length():

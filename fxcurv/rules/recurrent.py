@@ -53,6 +53,35 @@ affine([check_sequence], "check_sequence", "input, length, time_dim, where",
        vjp={"input": lambda g, c: g}, sandwich=SHARED)
 
 
+def check_padded_steps(output: Tensor, lengths: Tensor, total_length: Optional[int], length: int,
+                       where: str) -> Tensor:
+    """``output`` unchanged, after checking that ``pad_packed_sequence`` pads to ``length``
+    steps, as the step's output has: to ``total_length`` where given, else to the batch's
+    longest length (a data-dependent check: an assertion op in an exported program)."""
+    if total_length is not None:
+        if total_length != length:
+            raise ValueError("fxcurv: {} pads to total_length={}, but the step was compiled "
+                             "for sequence_length={}".format(where, total_length, length))
+        return output
+    if not torch.jit.is_scripting() and torch.compiler.is_compiling():  # torch.export
+        torch._assert_async(lengths.max() == length, "fxcurv: {} pads to the longest sequence "
+                            "of the batch, which is not sequence_length={}".format(where, length))
+        return output
+    longest = int(lengths.max())
+    if longest != length:
+        raise ValueError("fxcurv: {} pads to the longest sequence of the batch, {} steps, but "
+                         "the step was compiled for sequence_length={}; pass "
+                         "total_length={} to pad_packed_sequence (or trim the batch's padding "
+                         "to its longest sequence)".format(where, longest, length, length))
+    return output
+
+
+affine([check_padded_steps], "check_padded_steps",
+       "output, lengths, total_length, length, where",
+       doc="y = output (the number of steps pad_packed_sequence pads to checked);  Jᵀg = g.",
+       vjp={"output": lambda g, c: g, "lengths": None}, sandwich=SHARED)
+
+
 def check_cell_input(input: Tensor, where: str) -> Tensor:
     """``input`` unchanged, after checking that it is a batch ``[N, F]`` (a recurrent cell's
     1-D unbatched input has no sample axis)."""

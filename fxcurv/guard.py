@@ -88,7 +88,7 @@ class Guard:
     def after(self, step: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
         if torch.compiler.is_compiling():
             return None
-        autocast = _autocast_dtype(_inputs(args, kwargs)[0])
+        autocast = _autocast_dtype(args[0] if args else kwargs.get("x"))
         if autocast is not None:
             output = self.in_parameter_dtypes(output)
         if self.pending:

@@ -194,10 +194,12 @@ def contraction_sum_squares(left: Tensor, right: Tensor, weight: Tensor, lead: i
 
 
 def square_sums_by_vector(flat: Tensor, right: Tensor, weight: Tensor, last: bool,
-                          index: bool) -> Tensor:
+                          index: bool, chunk_entries: int = 2097152) -> Tensor:
     """``Σ_{k,n} q_kn²`` ``[G, A, B]``, ``flat`` ``[K, N, G, ., .]``: a batched matmul over
-    ``(sample, group)`` per lead vector that reads ``L`` in place and writes one reused
-    ``[N·G, A, B]`` buffer, squared in place and summed over the samples."""
+    ``(lead vector, sample, group)`` that reads ``L`` in place, for as many lead vectors at
+    once as fit ``chunk_entries`` entries of ``q`` (16 MiB in float64: thousands of residual
+    columns of a depthwise convolution in a few products, not one each), squared in place
+    and summed over the vectors and samples."""
     if index:
         total = outer(flat[0], right, weight, 0, last, index).square().sum(0)
         for vector in range(1, flat.size(0)):
@@ -209,12 +211,12 @@ def square_sums_by_vector(flat: Tensor, right: Tensor, weight: Tensor, last: boo
     lhs = positions_middle(flat.reshape([flat.size(0), samples * groups, flat.size(3), -1]),
                            not last)                                  # [K, N·G, A, P] (view)
     rhs = positions_middle(right.reshape([samples * groups, right.size(2), -1]), last)
-    buffer = torch.empty([samples * groups, features, rows], dtype=flat.dtype,
-                         device=flat.device)
+    vectors = lhs.size(0)
+    chunk = max(1, min(vectors, chunk_entries // (samples * groups * features * rows)))
     total = torch.zeros([groups, features, rows], dtype=flat.dtype, device=flat.device)
-    for vector in range(lhs.size(0)):
-        torch.bmm(lhs[vector], rhs, out=buffer)
-        total += buffer.square_().view([samples, groups, features, rows]).sum(0)
+    for start in range(0, vectors, chunk):
+        terms = torch.matmul(lhs[start:start + chunk], rhs)            # [k, N·G, A, B]
+        total += terms.square_().view([-1, samples, groups, features, rows]).sum([0, 1])
     return total
 
 

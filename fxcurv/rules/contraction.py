@@ -205,19 +205,31 @@ def square_sums_by_vector(flat: Tensor, right: Tensor, weight: Tensor, last: boo
         for vector in range(1, flat.size(0)):
             total += outer(flat[vector], right, weight, 0, last, index).square().sum(0)
         return total
-    samples, groups = flat.size(1), flat.size(2)
-    features = flat.size(3) if last else flat.size(4)
-    rows = right_width(flat[0], weight, 0, last)
-    lhs = positions_middle(flat.reshape([flat.size(0), samples * groups, flat.size(3), -1]),
-                           not last)                                  # [K, N·G, A, P] (view)
-    rhs = positions_middle(right.reshape([samples * groups, right.size(2), -1]), last)
-    vectors = lhs.size(0)
-    chunk = max(1, min(vectors, chunk_entries // (samples * groups * features * rows)))
+    lhs, rhs, chunk = _vector_chunks(flat, right, weight, last, chunk_entries)
+    samples, groups, features, rows = _term_shape(flat, weight, last)
     total = torch.zeros([groups, features, rows], dtype=flat.dtype, device=flat.device)
-    for start in range(0, vectors, chunk):
+    for start in range(0, lhs.size(0), chunk):
         terms = torch.matmul(lhs[start:start + chunk], rhs)            # [k, N·G, A, B]
         total += terms.square_().view([-1, samples, groups, features, rows]).sum([0, 1])
     return total
+
+
+def _term_shape(flat: Tensor, weight: Tensor, last: bool) -> List[int]:
+    """``[N, G, A, B]``: the shape of one lead vector's per-sample terms ``q``."""
+    return [flat.size(1), flat.size(2), flat.size(3) if last else flat.size(4),
+            right_width(flat[0], weight, 0, last)]
+
+
+def _vector_chunks(flat: Tensor, right: Tensor, weight: Tensor, last: bool,
+                   chunk_entries: int) -> Tuple[Tensor, Tensor, int]:
+    """``(lhs [K, N·G, A, P], rhs [N·G, P, B], k)``: ``lhs[v] @ rhs`` is lead vector ``v``'s
+    terms ``q``, and ``k`` vectors' terms together hold at most ``chunk_entries`` entries."""
+    samples, groups, features, rows = _term_shape(flat, weight, last)
+    lhs = positions_middle(flat.reshape([flat.size(0), samples * groups, flat.size(3), -1]),
+                           not last)                                  # [K, N·G, A, P] (view)
+    rhs = positions_middle(right.reshape([samples * groups, right.size(2), -1]), last)
+    chunk = max(1, min(flat.size(0), chunk_entries // (samples * groups * features * rows)))
+    return lhs, rhs, chunk
 
 
 def contraction_total(left: Tensor, right: Tensor, weight: Tensor, swap: bool, last: bool,
@@ -287,17 +299,27 @@ def contraction_batch_total(left: Tensor, right: Tensor, weight: Tensor, swap: b
 def contraction_batch_sum_squares(left: Tensor, right: Tensor, weight: Tensor, lead: int,
                                   swap: bool, last: bool, index: bool) -> Tensor:
     """``Σ_lead q²`` ``[N, *w.shape]``, never ``[*lead, N, *w]``: one position
-    ``(Σ_k L²) ⊗ R²``; else accumulated one lead vector at a time."""
+    ``(Σ_k L²) ⊗ R²``; else accumulated over chunks of lead vectors
+    (:func:`square_sums_by_vector`'s products)."""
     flat = left.reshape([-1] + list(left.shape[lead:]))
     axis = -1 if last else -2
     if flat.size(axis) == 1 and not index:
         squares = flat.select(axis, 0).square().sum(0).unsqueeze(-1)   # [N, G, A, 1]
         total = squares * right.select(axis, 0).square().unsqueeze(-2)
         return as_parameter(total, 1, weight, swap)
-    total = outer(flat[0], right, weight, 0, last, index).square()
-    for vector in range(1, flat.size(0)):
-        term = outer(flat[vector], right, weight, 0, last, index)
-        total.addcmul_(term, term)
+    if index:
+        total = outer(flat[0], right, weight, 0, last, index).square()
+        for vector in range(1, flat.size(0)):
+            term = outer(flat[vector], right, weight, 0, last, index)
+            total.addcmul_(term, term)
+        return as_parameter(total, 1, weight, swap)
+    lhs, rhs, chunk = _vector_chunks(flat, right, weight, last, 2097152)
+    samples, groups, features, rows = _term_shape(flat, weight, last)
+    total = torch.zeros([samples, groups, features, rows], dtype=flat.dtype,
+                        device=flat.device)
+    for start in range(0, lhs.size(0), chunk):
+        terms = torch.matmul(lhs[start:start + chunk], rhs)            # [k, N·G, A, B]
+        total += terms.square_().view([-1, samples, groups, features, rows]).sum(0)
     return as_parameter(total, 1, weight, swap)
 
 

@@ -49,7 +49,8 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
             column_chunk: Union[int, str, None] = "auto",
             column_budget: int = DEFAULT_COLUMN_BUDGET,
             sequence_length: Optional[int] = None,
-            example: Optional[tuple] = None) -> fx.GraphModule:
+            example: Optional[tuple] = None,
+            custom_functions: str = "refuse") -> fx.GraphModule:
     """Compile ``loss_fn(model(x), y)`` into one step returning loss, gradient and quantities.
 
     Args:
@@ -103,6 +104,14 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
             number of samples (else a ``CompileError``), and the step then checks that it is
             called with the example's shapes past axis 0 (``fxcurv/example.py``). Not needed
             (and without effect on the step) for a forward without such branches.
+        custom_functions: what a custom ``torch.autograd.Function`` on a derivative path
+            becomes. ``"refuse"`` (default): a ``CompileError`` naming it (its own backward is
+            invisible to the trace). ``"forward"``: its forward is traced as plain ops and
+            differentiated like the rest; this assumes its backward is the exact derivative
+            of its forward (memory-efficient activations such as a hand-written Swish, Bloom's
+            GELU), which the first-call check tests on the first batch, where eager autograd
+            runs the custom backward (a straight-through estimator or a gradient reversal
+            fails it). A Function applied to data only runs as it is either way.
 
     ``x`` and ``y`` may be tensors or tuples, lists or dicts of tensors, each with the samples
     along axis 0, and the model may return several tensors (``fxcurv/inputs.py``).
@@ -121,11 +130,14 @@ def compile(model: nn.Module, loss_fn: Callable, quantities: Sequence[str] = (),
     """
     if not isinstance(mc_samples, int) or mc_samples < 1:
         raise CompileError(f"mc_samples must be a positive int, got {mc_samples!r}.")
+    if custom_functions not in ("refuse", "forward"):
+        raise CompileError("custom_functions must be 'refuse' or 'forward', got "
+                           f"{custom_functions!r}.")
     chunk = _column_chunk(column_chunk, column_budget)
     requested = q.resolve(quantities)
     model = unwrapped(model)
     traced = trace(model, loss_fn, sequence_length, fuse_recurrent=not requested,
-                   example=example)
+                   example=example, custom_functions=custom_functions)
     if not traced.params:
         raise CompileError("the model has no trainable parameters (requires_grad=True) that the "
                            "loss depends on; there is nothing to differentiate.")

@@ -320,9 +320,10 @@ class CurvatureTracer(fx.Tracer):
     ``example`` batch, Python branches on sizes take the example's (``fxcurv/example.py``)."""
 
     def __init__(self, sequence_length: Optional[int] = None, fuse_recurrent: bool = False,
-                 example: Optional[tuple] = None):
+                 example: Optional[tuple] = None, custom_functions: str = "refuse"):
         super().__init__()
         self.example, self.examples = example, None
+        self.custom_functions = custom_functions
         self.record_stack_traces = True
         # buffers read in forward become get_attr Proxies, so slicing one by a traced size
         # (nanoGPT's causal mask ``self.bias[:, :, :T, :T]``) is recorded, not evaluated
@@ -656,6 +657,10 @@ def _opaque_forward(tracer: fx.Tracer, cls: type, forward: Callable) -> Callable
         if cls is CheckpointFunction and _from_parameters(tracer, inputs[2:]):
             with torch.enable_grad():  # (apply runs forward under no_grad)
                 return inputs[0](*inputs[2:])
+        if tracer.custom_functions == "forward":  # its backward taken to be the derivative
+            with torch.enable_grad():
+                return forward(_TracedContext(len(inputs)), *inputs, **kwargs) if takes_ctx \
+                    else forward(*inputs, **kwargs)
         proxy = tracer.create_proxy("call_function", autograd_function_call(cls), inputs,
                                     kwargs, name=f"{cls.__name__}_apply")
         proxy.node.meta["grad_enabled"] = True  # apply runs forward under no_grad
@@ -689,6 +694,31 @@ def _hashable(value: Any) -> bool:
     except TypeError:
         return False
     return True
+
+
+class _TracedContext:
+    """The ``ctx`` of a custom Function's forward traced as plain ops
+    (``compile(..., custom_functions="forward")``): what it saves or marks for its own backward
+    is dropped, as fxcurv derives the backward from the forward."""
+
+    def __init__(self, inputs: int):
+        self.needs_input_grad = (True,) * inputs
+        self.materialize_grads = True
+
+    def save_for_backward(self, *tensors: Any) -> None:
+        pass
+
+    def save_for_forward(self, *tensors: Any) -> None:
+        pass
+
+    def mark_dirty(self, *tensors: Any) -> None:
+        pass
+
+    def mark_non_differentiable(self, *tensors: Any) -> None:
+        pass
+
+    def set_materialize_grads(self, value: bool) -> None:
+        self.materialize_grads = value
 
 
 def _from_parameters(tracer: fx.Tracer, values: Any) -> bool:
@@ -873,7 +903,8 @@ class Traced:
 
 
 def trace(model: nn.Module, loss_fn: Callable, sequence_length: Optional[int] = None,
-          fuse_recurrent: bool = False, example: Optional[tuple] = None) -> Traced:
+          fuse_recurrent: bool = False, example: Optional[tuple] = None,
+          custom_functions: str = "refuse") -> Traced:
     """Trace ``loss_fn(model(x), y)`` into one graph; parameter nodes named like the model's;
     recurrent layers unrolled over ``sequence_length`` steps (with ``fuse_recurrent``, for a
     gradient-only step, an LSTM layer is one node per direction); Python branches on sizes
@@ -885,7 +916,7 @@ def trace(model: nn.Module, loss_fn: Callable, sequence_length: Optional[int] = 
         raise CompileError("loss_fn must be a torch loss module or a callable "
                            f"(output, target) -> scalar, got {type(loss_fn).__name__}.")
     root = _ModelAndLoss(model, loss_fn)
-    tracer = CurvatureTracer(sequence_length, fuse_recurrent, example)
+    tracer = CurvatureTracer(sequence_length, fuse_recurrent, example, custom_functions)
     try:
         graph = tracer.trace(root)
     except CompileError:

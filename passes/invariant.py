@@ -26,9 +26,11 @@ from .expand import unexpanded_reason
 
 _NO_RULE_HINT = ("Rewrite it with supported ops (see `python -m fxcurv.support`), register a "
                  "rule in fxcurv/rules/, or .detach() its input if it should have no derivative.")
-_FUNCTION_HINT = ("Write its forward with supported torch ops (fxcurv derives the exact "
-                  "backward and curvature itself), or call it on .detach()'d inputs if it "
-                  "should have no derivative.")
+_FUNCTION_HINT = ("If its backward is the exact derivative of its forward (a memory-efficient "
+                  "activation), compile with custom_functions='forward' (its forward is then "
+                  "differentiated, and the first call checks the gradient against its "
+                  "backward); else write its forward with supported torch ops, or call it on "
+                  ".detach()'d inputs if it should have no derivative.")
 _HOOK_HINT = ("Remove the hook before compiling (fxcurv's backward is explicit code, so a hook "
               "would not run), or compile a model without it.")
 # tensor methods whose effect is on eager autograd's backward, which the explicit step never runs

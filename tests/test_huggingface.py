@@ -336,8 +336,13 @@ def test_first_order_quantities_of_more_families_match_autograd(name):
     once per sample, ``probe.repeat(batch_size, 1, 1)`` (before, both were refused)."""
     model, loss_fn, x, y = _family(name)
     step = fxcurv.compile(model, loss_fn, ["batch_grad", "kfac"], example=(x, y))
-    loss, grad, batch_grad, kfac = step(x, y)
-    tolerance = dict(rtol=1e-6, atol=1e-8) if name == "t5" else TOL
+    assert_first_order_and_kfac(model, loss_fn, x, y, *step(x, y),
+                                dict(rtol=1e-6, atol=1e-8) if name == "t5" else TOL)
+
+
+def assert_first_order_and_kfac(model, loss_fn, x, y, loss, grad, batch_grad, kfac,
+                                tolerance) -> None:
+    """Loss, gradient and per-sample gradients against autograd; finite ``kfac`` factors."""
     torch.testing.assert_close(loss, loss_fn(model(x), y), **TOL)
     params = [p for _, p in model.named_parameters()]
     for n in range(N):
@@ -354,6 +359,30 @@ def test_first_order_quantities_of_more_families_match_autograd(name):
     for param, factors in kfac.items():
         assert all(torch.isfinite(f).all() for f in factors), param
 
+
+
+def test_bloom_in_train_mode_differentiates_its_custom_gelu_when_asked():
+    """Bloom's MLP applies its GELU through a custom ``autograd.Function`` in train mode:
+    refused by default, and with ``custom_functions="forward"`` its forward is differentiated
+    (its backward is that derivative: the first call checks it). Its attention's softmax in
+    ``dtype=torch.float32`` of float64 scores hands its cotangent back in float64 (before: a
+    dtype error in the next product); that float32 softmax sets the tolerance."""
+    if not hasattr(transformers, "BloomForSequenceClassification"):
+        pytest.skip(f"transformers {transformers.__version__} has no Bloom")
+    torch.manual_seed(0)
+    config = transformers.BloomConfig(vocab_size=VOCAB, hidden_size=8, n_layer=1, n_head=2,
+                                      hidden_dropout=0.0, attention_dropout=0.0, num_labels=3,
+                                      pad_token_id=0)
+    model = Call(transformers.BloomForSequenceClassification(config)).to(DTYPE).train()
+    _spread(model)
+    gen = torch.Generator().manual_seed(1)
+    x, y = torch.randint(1, VOCAB, (N, T), generator=gen), torch.tensor([0, 2, 1])[:N]
+    loss_fn = nn.CrossEntropyLoss()
+    with pytest.raises(fxcurv.CompileError, match="GeLUFunction.*custom_functions='forward'"):
+        fxcurv.compile(model, loss_fn, ["batch_grad"], example=(x, y))
+    step = fxcurv.compile(model, loss_fn, ["batch_grad", "kfac"], example=(x, y),
+                          custom_functions="forward")
+    assert_first_order_and_kfac(model, loss_fn, x, y, *step(x, y), dict(rtol=1e-6, atol=1e-7))
 
 
 def test_the_gpt2_step_scripts_with_the_same_outputs():

@@ -304,6 +304,42 @@ def test_custom_function_on_data_only_runs_as_is():
     assert_matches_eager(model)
 
 
+class MemoryEfficientSwish(torch.autograd.Function):
+    """``x σ(x)`` saving only ``x``, its backward the exact derivative (efficientnet_pytorch's
+    and timm's memory-efficient activations)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        x, = ctx.saved_tensors
+        s = torch.sigmoid(x)
+        return g * s * (1 + x * (1 - s))
+
+
+def test_custom_function_differentiated_by_its_forward_when_asked():
+    """``custom_functions="forward"``: every quantity is that of the forward's ops (here
+    ``F.silu``); the refusal names the option; a backward that is not the forward's
+    derivative fails the first-call check, where eager autograd runs it."""
+    quantities = ["batch_grad", "diag_ggn_exact", "diag_h"]
+    custom, plain = Body(MemoryEfficientSwish.apply), Body(F.silu)
+    assert_refused(custom, "MemoryEfficientSwish", "custom_functions='forward'")
+    x, y = batch()
+    got = fxcurv.compile(custom, nn.MSELoss(), quantities, custom_functions="forward")(x, y)
+    expected = fxcurv.compile(plain, nn.MSELoss(), quantities)(x, y)
+    for value, reference in zip(got[1:], expected[1:]):
+        for name in reference:
+            torch.testing.assert_close(value[name], reference[name], **TOL, msg=name)
+    step = fxcurv.compile(Body(ScaledGradient.apply), nn.MSELoss(), custom_functions="forward")
+    with pytest.raises(fxcurv.StepError, match="first-call check"):
+        step(x, y)
+    with pytest.raises(fxcurv.CompileError, match="custom_functions must be"):
+        fxcurv.compile(plain, nn.MSELoss(), custom_functions="trust")
+
+
 # -- hooks -----------------------------------------------------------------------------------
 @pytest.mark.parametrize("register", [
     lambda m: m.register_full_backward_hook(lambda mod, gi, go: (gi[0] * 3,)),

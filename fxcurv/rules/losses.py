@@ -180,14 +180,20 @@ def _log_softmax_vjp(g, c: Ctx):
     if _fused_backward(c):
         return torch.ops.aten._log_softmax_backward_data(g, c.out, c.bound["dim"], c.out.dtype)
     dim = _shift(c.bound["dim"], c.lead)
-    return g - torch.exp(c.out) * g.sum(dim, keepdim=True)
+    return _in_input_dtype(g - torch.exp(c.out) * g.sum(dim, keepdim=True), c)
 
 
 def _softmax_vjp(g, c: Ctx):
     if _fused_backward(c):
         return torch.ops.aten._softmax_backward_data(g, c.out, c.bound["dim"], c.out.dtype)
     dim = _shift(c.bound["dim"], c.lead)
-    return c.out * (g - (g * c.out).sum(dim, keepdim=True))
+    return _in_input_dtype(c.out * (g - (g * c.out).sum(dim, keepdim=True)), c)
+
+
+def _in_input_dtype(t, c: Ctx):
+    """``Jᵀg`` of a softmax computed in ``dtype=`` (Bloom's ``softmax(x, dtype=float32)`` of
+    a float64 ``x``) back in the input's dtype, as autograd's cast back gives it."""
+    return t if c.bound.get("dtype") is None else t.to(c.args.input.dtype)
 
 
 def softmax_residual_block(g: Tensor, y: Tensor, dim: int, log: bool) -> Tensor:

@@ -223,11 +223,15 @@ def _term_shape(flat: Tensor, weight: Tensor, last: bool) -> List[int]:
 def _vector_chunks(flat: Tensor, right: Tensor, weight: Tensor, last: bool,
                    chunk_entries: int) -> Tuple[Tensor, Tensor, int]:
     """``(lhs [K, N·G, A, P], rhs [N·G, P, B], k)``: ``lhs[v] @ rhs`` is lead vector ``v``'s
-    terms ``q``, and ``k`` vectors' terms together hold at most ``chunk_entries`` entries."""
+    terms ``q``, and ``k`` vectors' terms together hold at most ``chunk_entries`` entries (all
+    vectors at once under ``torch.compile`` / ``torch.export``, where ``k`` would otherwise
+    depend on the batch size)."""
     samples, groups, features, rows = _term_shape(flat, weight, last)
     lhs = positions_middle(flat.reshape([flat.size(0), samples * groups, flat.size(3), -1]),
                            not last)                                  # [K, N·G, A, P] (view)
     rhs = positions_middle(right.reshape([samples * groups, right.size(2), -1]), last)
+    if not torch.jit.is_scripting() and torch.compiler.is_compiling():
+        return lhs, rhs, max(1, flat.size(0))  # one product (no guard on the batch size)
     chunk = max(1, min(flat.size(0), chunk_entries // (samples * groups * features * rows)))
     return lhs, rhs, chunk
 

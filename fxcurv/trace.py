@@ -42,6 +42,7 @@ from torch.utils.checkpoint import CheckpointFunction
 from .example import ExampleValues, example_shapes, guard_sample_branches
 from .errors import CompileError, format_module, user_frame
 from .inputs import join_outputs, structured
+from .library import replaced_helpers
 from .passes.analysis import sample_carriers, sample_data
 from .recurrent import CELLS, RECURRENT, lower_cell, lower_recurrent, pack_padded, pad_packed
 from .rules import RULES, rule_for
@@ -432,7 +433,7 @@ class CurvatureTracer(fx.Tracer):
         helpers = _helpers_traced_through() if self.examples else nullcontext()
         with torch.enable_grad(), without_backpack_hooks(root), _ParameterProxies(self, root), \
                 _opaque_functions(self), _factories_of_traced_sizes(self), _item_assignment(self), \
-                _weighted_l1_loss(), _packed_sequences(root), \
+                _weighted_l1_loss(), _packed_sequences(root), replaced_helpers(), \
                 module_state_kept(root), \
                 _attributes_keep_grad_mode(), numbers, helpers:
             graph = super().trace(root, concrete_args)

@@ -14,9 +14,12 @@ per sample); ``mvit_v1`` multiscale attention with pooled keys and values, whose
 (``_unsqueeze``, ``_squeeze``) branch on the rank, also with an example batch. Before: swin3d
 and mvit raised at compile time (the helpers could not be inlined on symbolic values).
 
-MViT v2 (``mvit_v2_s``: relative position embeddings) is refused for every quantity but the
-gradient: its temporal term moves the samples off axis 0 (``r_q.permute(2, 0, 1, 3, 4, 5)
-.reshape(q_t, B * ..., dim)``), which the test asserts. ``s3d`` needs 16 frames of 224×224
+MViT v2 (``mvit_v2_s``: relative position embeddings, residual pooling) with an example:
+torchvision's ``_add_rel_pos`` computes its temporal term by moving the samples to axis 1
+(``r_q.permute(2, 0, 1, 3, 4, 5).reshape(q_t, B * ..., dim)``, a matmul, ``.transpose(0, 1)``);
+while tracing it is ``fxcurv.library.mvit_relative_positions``, the same value as an einsum
+over the samples' axis (before: every quantity but the gradient refused at that permute).
+``s3d`` needs 16 frames of 224×224
 (its final pooling window is fixed): it compiles without an example and its gradient matches
 autograd, checked outside the suite (a float32 sweep: 40 s on two cores).
 """
@@ -72,8 +75,9 @@ FAMILIES = {  # family -> builder
                                                stochastic_depth_prob=0.1,
                                                num_classes=CLASSES),
     "mvit_v1": lambda: _mvit(v2=False),
+    "mvit_v2": lambda: _mvit(v2=True),
 }
-WITH_EXAMPLE = {"swin3d", "mvit_v1"}
+WITH_EXAMPLE = {"swin3d", "mvit_v1", "mvit_v2"}
 
 
 @lru_cache(maxsize=None)
@@ -124,18 +128,18 @@ def test_swin3d_needs_an_example_and_says_so():
         fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_l2"])
 
 
-def test_mvit_v2_relative_positions_refuse_per_sample_quantities():
-    """MViT v2's temporal relative-position term reshapes the samples into axis 1
-    (``[q_t, B·H·q_h·q_w, dim]``): per-sample quantities are refused naming that permute;
-    the gradient matches autograd."""
-    torch.manual_seed(0)
-    model = calibrate(_mvit(v2=True).to(DTYPE), CLIP)
-    x = torch.randn(2, *CLIP, dtype=DTYPE)
-    y = torch.tensor([1, 7])
-    with pytest.raises(fxcurv.CompileError, match="permute.*moves the sample axis 0"):
-        fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_l2"], example=(x, y))
-    loss, grad = fxcurv.compile(model, nn.CrossEntropyLoss(), [], example=(x, y))(x, y)
-    model.zero_grad()
-    nn.functional.cross_entropy(model(x), y).backward()
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(grad[name], p.grad, rtol=1e-9, atol=1e-15, msg=name)
+@pytest.mark.parametrize("q_thw,k_thw", [((2, 4, 4), (2, 2, 2)), ((1, 2, 3), (2, 4, 3))])
+def test_mvit_relative_positions_equal_torchvisions(q_thw, k_thw):
+    """The replacement of ``_add_rel_pos`` gives torchvision's value, also for queries and keys
+    of different sizes (pooled keys; tables interpolated to ``2·max - 1`` rows)."""
+    from fxcurv.library import mvit_relative_positions
+    gen = torch.Generator().manual_seed(0)
+    heads, dim = 2, 3
+    queries, keys = 1 + q_thw[0] * q_thw[1] * q_thw[2], 1 + k_thw[0] * k_thw[1] * k_thw[2]
+    attn = torch.randn(2, heads, queries, keys, dtype=DTYPE, generator=gen)
+    q = torch.randn(2, heads, queries, dim, dtype=DTYPE, generator=gen)
+    tables = [torch.randn(2 * max(a, b) - 1, dim, dtype=DTYPE, generator=gen)
+              for a, b in zip(q_thw[1:] + q_thw[:1], k_thw[1:] + k_thw[:1])]  # h, w, t
+    expected = mvit._add_rel_pos(attn.clone(), q, q_thw, k_thw, *tables)
+    torch.testing.assert_close(mvit_relative_positions(attn.clone(), q, q_thw, k_thw, *tables),
+                               expected, rtol=1e-12, atol=1e-12)

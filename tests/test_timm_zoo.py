@@ -26,11 +26,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-import fxcurv
-
 timm = pytest.importorskip("timm")
-from test_torchvision_zoo import (assert_diag_ggn_matches, assert_first_order_matches,  # noqa: E402
-                                  assert_logits_of_order_one)
+from family_checks import family_checks  # noqa: E402
+from test_torchvision_zoo import assert_logits_of_order_one  # noqa: E402
 
 CLASSES = 5
 VIT = dict(img_size=32, patch_size=8, depth=2, embed_dim=16, num_heads=2)
@@ -97,30 +95,6 @@ def prepared(family: str):
     return model, x, y
 
 
-@lru_cache(maxsize=None)
-def results(family: str) -> tuple:
-    model, x, y = prepared(family)
-    example = (x, y) if family in WITH_EXAMPLE else None
-    return fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_l2", "diag_ggn_exact", "kfac"],
-                          example=example)(x, y)
-
-
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_grad_and_batch_l2_match_per_sample_autograd(family):
-    model, x, y = prepared(family)
-    assert_first_order_matches(model, x, y, *results(family)[:3])
-
-
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_diag_ggn_exact_matches_square_root_columns(family):
-    model, x, y = prepared(family)
-    assert_diag_ggn_matches(model, x, y, results(family)[3])
-
-
-@pytest.mark.parametrize("family", list(FAMILIES))
-def test_kfac_runs(family):
-    model, _, _ = prepared(family)
-    kfac = results(family)[4]
-    assert list(kfac) == [name for name, _ in model.named_parameters()]
-    for name, factors in kfac.items():
-        assert all(torch.isfinite(f).all() for f in factors), name
+(test_grad_and_batch_l2_match_per_sample_autograd,
+ test_diag_ggn_exact_matches_square_root_columns,
+ test_kfac_runs) = family_checks(list(FAMILIES), prepared, WITH_EXAMPLE)

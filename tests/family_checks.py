@@ -15,10 +15,10 @@ import fxcurv
 from test_torchvision_zoo import assert_diag_ggn_matches, assert_first_order_matches
 
 
-def family_checks(families: list, prepared: Callable, with_example: set) -> tuple:
-    """``(test_first_order, test_diag_ggn, test_kfac)`` over ``families``, each family's
-    ``(model, x, y) = prepared(family)`` compiled once (with ``example=(x, y)`` for those in
-    ``with_example``); a test module binds them to ``test_*`` names."""
+def family_checks(namespace: dict, families: list, prepared: Callable, with_example: set) -> None:
+    """Put the three tests over ``families`` into a test module's ``namespace``
+    (``globals()``), each family's ``(model, x, y) = prepared(family)`` compiled once (with
+    ``example=(x, y)`` for those in ``with_example``)."""
 
     @lru_cache(maxsize=None)
     def results(family: str) -> tuple:
@@ -45,5 +45,6 @@ def family_checks(families: list, prepared: Callable, with_example: set) -> tupl
         for name, factors in kfac.items():
             assert all(torch.isfinite(f).all() for f in factors), name
 
-    return (test_grad_and_batch_l2_match_per_sample_autograd,
-            test_diag_ggn_exact_matches_square_root_columns, test_kfac_runs)
+    for test in (test_grad_and_batch_l2_match_per_sample_autograd,
+                 test_diag_ggn_exact_matches_square_root_columns, test_kfac_runs):
+        namespace[test.__name__] = test

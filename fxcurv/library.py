@@ -14,6 +14,7 @@ module calls it, and the generated step shows the replacement's ops.
 """
 from __future__ import annotations
 
+import sys
 from contextlib import ExitStack, contextmanager
 from typing import Callable, Iterator, List
 from unittest import mock
@@ -60,14 +61,19 @@ def mvit_relative_positions(attn: Tensor, q: Tensor, q_thw: List[int], k_thw: Li
     return attn
 
 
+REPLACED = {  # module -> {helper's name: replacement}
+    "torchvision.models.video.mvit": {"_add_rel_pos": mvit_relative_positions},
+}
+
+
 def _replacements() -> Iterator[tuple[object, str, Callable]]:
-    """``(module, name, replacement)`` for each installed library with a replaced helper."""
-    try:
-        from torchvision.models.video import mvit  # noqa: PLC0415 (optional dependency)
-    except ImportError:
-        return
-    if hasattr(mvit, "_add_rel_pos"):
-        yield mvit, "_add_rel_pos", mvit_relative_positions
+    """``(module, name, replacement)`` for each module of :data:`REPLACED` already imported
+    (a model using the helper has imported it; nothing is imported here)."""
+    for module_name, helpers in REPLACED.items():
+        module = sys.modules.get(module_name)
+        for name, replacement in helpers.items():
+            if module is not None and hasattr(module, name):
+                yield module, name, replacement
 
 
 @contextmanager

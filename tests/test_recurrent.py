@@ -402,6 +402,41 @@ def test_unsupported_arguments_are_refused(rnn, packed, argument):
         assert f"{type(rnn).__name__} at 'rnn'" in message and "self.rnn(x)" in message
 
 
+class LearnedStart(nn.Module):
+    """A two-layer bidirectional body whose initial states are parameters ``[L·D, 1, H]``
+    expanded over the samples (``h0.expand(-1, N, -1).contiguous()``), head on the last step."""
+
+    def __init__(self, kind: str):
+        super().__init__()
+        cls, extra = KINDS[kind]
+        self.rnn = cls(I, H, num_layers=2, bidirectional=True, batch_first=True, **extra)
+        self.h0, self.c0 = nn.Parameter(torch.randn(4, 1, H)), nn.Parameter(torch.randn(4, 1, H))
+        self.head = nn.Linear(2 * H, C)
+
+    def forward(self, x):
+        h0 = self.h0.expand(-1, x.shape[0], -1).contiguous()
+        c0 = self.c0.expand(-1, x.shape[0], -1).contiguous()
+        out, _ = self.rnn(x, (h0, c0) if isinstance(self.rnn, nn.LSTM) else h0)
+        return self.head(out[:, -1])
+
+
+@pytest.mark.parametrize("kind", ["lstm", "gru"])
+def test_learned_initial_states_expanded_over_the_samples(kind, one_thread):
+    """The layer picks its states by layer and direction, ``h0[k]`` of an expand that keeps
+    axis 0, rewritten to ``h0_param[k].expand(N, H)`` (before: refused as an index of the
+    sample axis): per-sample gradients of the states too, and the GGN, against brute force."""
+    torch.manual_seed(0)
+    model = LearnedStart(kind).to(DTYPE)
+    x, y = batch()
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_grad", "diag_ggn_exact"],
+                          sequence_length=T)
+    _, _, batch_grad, diag_ggn = step(x, y[:, 0])
+    ref = brute_force(model, x, y[:, 0])
+    flat = ref["flat"]
+    assert_dicts(batch_grad, flat.blocks(ref["grads"]), "batch_grad")
+    assert_dicts(diag_ggn, diagonal_blocks(flat, ref["ggn"].sum(0)), "diag_ggn_exact")
+
+
 # -- variable lengths: pack_padded_sequence ---------------------------------------------------
 LENGTHS = torch.tensor([2, 3, 1])  # (N = 3 samples of up to T = 3 steps)
 

@@ -108,7 +108,8 @@ def _pick_back(c: Ctx):
     0]`` -> ``a`` (stacked final states ``[L, N, H]`` picked by layer); a piece ``k`` of a
     moved tensor, ``x.permute(p)[k]`` or ``x.permute(p).unbind(0)[k]`` (timm's attention:
     ``qkv.permute(2, 0, 3, 1, 4).unbind(0)``) -> ``x.select(p[0], k)`` with the other axes in
-    ``p``'s order (:func:`_select_moved`); else None."""
+    ``p``'s order (:func:`_select_moved`); a pick of an expand that keeps axis 0, also through
+    ``contiguous`` (:func:`_pick_before_expand`); else None."""
     axis, position = _picked(c.bound["idx"])
     source, inner, inner_bound = _source(c, "obj") if position is not None else \
         (None, None, None)
@@ -123,7 +124,24 @@ def _pick_back(c: Ctx):
         inner_bound = inner.bind(source) if inner is not None else None
     if inner is not None and inner.name in ("permute", "transpose") and axis == 0:
         return _select_moved(c, inner.name, inner_bound, position)
+    if inner is not None and inner.name == "identity" and axis == 0:  # x.contiguous()[k]
+        source = inner_bound["input"]
+        inner = rule_for(source) if isinstance(source, fx.Node) else None
+        inner_bound = inner.bind(source) if inner is not None else None
+    if inner is not None and inner.name == "expand" and axis == 0:
+        return _pick_before_expand(c, inner_bound, position)
     return None
+
+
+def _pick_before_expand(c: Ctx, bound: dict, position: int):
+    """``x.expand(-1, s1, ..)[k]`` -> ``x[k].expand(s1, ..)``: axis 0 kept by the expand
+    (a learned initial state ``h0.expand(-1, N, -1)`` of a recurrent layer, picked by layer,
+    whose samples are the expanded axis 1); None for any other expand."""
+    sizes = varargs(bound["sizes"])
+    if not sizes or sizes[0] != -1:
+        return None
+    return c.emit.proxy(bound["input"])[position].expand(
+        fx.node.map_arg(list(sizes[1:]), c.emit.proxy))
 
 
 def _select_moved(c: Ctx, name: str, bound: dict, position: int):

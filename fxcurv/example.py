@@ -34,7 +34,10 @@ from .errors import CompileError, describe
 _MISSING = object()
 # tensor attributes read as the example's values while tracing with an example (the same for
 # any number of samples)
-METADATA = ("dtype", "device", "is_cuda", "layout")
+METADATA = ("dtype", "device", "is_cuda", "layout",
+            "is_floating_point", "is_complex")  # (methods: the example's bound method)
+# read as the example's values too, and then checked: the step checks the example's shapes
+RANKS = ("ndim",)
 
 
 def check_example_shapes(x: Tensor, y: Tensor, encoded: List[int]) -> Tensor:
@@ -200,10 +203,15 @@ class ExampleValues:
             return value
         attribute = fx.Proxy.__getattr__
 
-        def metadata(proxy, name):  # ``torch.finfo(x.dtype)``, ``autocast(x.device.type)``
-            value = self.values[0].get(proxy.node) if name in METADATA else None
-            return getattr(value, name) if isinstance(value, Tensor) else \
-                attribute(proxy, name)
+        # ``torch.finfo(x.dtype)``, ``autocast(x.device.type)``, Hugging Face's parameter
+        # dtype ``next(p.dtype for p in self.parameters() if p.is_floating_point())``
+        def metadata(proxy, name):
+            value = self.values[0].get(proxy.node) if name in METADATA + RANKS else None
+            if not isinstance(value, Tensor):
+                return attribute(proxy, name)
+            if name in RANKS:  # (Funnel's ``axis %= x.ndim``: a rank the step then checks)
+                self.decisions += 1
+            return getattr(value, name)
         with mock.patch.multiple(fx.Proxy, create=True, __int__=as_int, __index__=as_int,
                                  __len__=as_length, __getattr__=metadata):
             yield

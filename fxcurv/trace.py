@@ -411,6 +411,7 @@ class CurvatureTracer(fx.Tracer):
 
     def create_node(self, kind, target, args, kwargs, name=None, type_expr=None):
         node = super().create_node(kind, target, args, kwargs, name, type_expr)
+        _axis_as_dim(node)
         node.meta["grad_enabled"] = torch.is_grad_enabled()
         if self.examples is not None:
             self.examples.record(node)
@@ -695,6 +696,16 @@ def _hashable(value: Any) -> bool:
     except TypeError:
         return False
     return True
+
+
+def _axis_as_dim(node: fx.Node) -> None:
+    """``torch.cat(xs, axis=1)``, ``x.sum(axis=-1)``: NumPy's keyword, which torch accepts
+    for ``dim`` (Funnel Transformer), recorded as ``dim`` where the op's rule names it so."""
+    rule = rule_for(node)
+    if rule is not None and "axis" in node.kwargs and "dim" not in node.kwargs and \
+            "dim" in rule.signature.parameters and "axis" not in rule.signature.parameters:
+        node.kwargs = {("dim" if key == "axis" else key): value
+                       for key, value in node.kwargs.items()}
 
 
 class _TracedContext:

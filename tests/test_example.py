@@ -258,3 +258,35 @@ def test_sizes_counted_from_the_end_hold_no_samples_with_an_example():
     assert_exact_with_an_example_only(PositionBias().to(DTYPE), x, y,
                                       "it indexes the sample axis 0")
 
+
+
+class StridePool(nn.Module):
+    """Funnel Transformer's stride pooling: ``axis %= x.ndim`` builds the index, ``torch.cat``
+    takes NumPy's ``axis=`` keyword."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.head = nn.Linear(4, 4), nn.Linear(4, 3)
+
+    def forward(self, x):                                       # [N, T, 4]
+        h = torch.tanh(self.fc(x))
+        axis = -2
+        axis %= h.ndim
+        first = tuple([slice(None)] * axis + [slice(None, 1)])
+        h = torch.cat([h[first], h], axis=axis)
+        return self.head(h[tuple([slice(None)] * axis + [slice(None, None, 2)])].mean(1))
+
+
+def test_a_rank_read_as_the_example_and_numpys_axis_keyword():
+    """``x.ndim`` is the example's rank (the step then checks the example's shapes) and
+    ``axis=`` is ``dim=``: per-sample gradients exact (before: a trace error, then a rule
+    that could not bind ``axis``); a batch of another rank raises."""
+    torch.manual_seed(0)
+    x, y = torch.randn(3, 5, 4, dtype=DTYPE), torch.tensor([0, 2, 1])
+    model = StridePool().to(DTYPE)
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_grad"], example=(x, y))
+    per_sample = per_sample_grads(model, x, y)
+    for name, value in step(x, y)[2].items():
+        torch.testing.assert_close(value, per_sample[name])
+    with pytest.raises(ValueError, match="shape"):
+        step(torch.randn(3, 5, 2, 4, dtype=DTYPE), y)

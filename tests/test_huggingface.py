@@ -240,6 +240,9 @@ FAMILIES = {
                dict(SMALL, embedding_size=8, num_labels=3), "text"),
     "deberta_v2": ("DebertaV2Config", "DebertaV2ForSequenceClassification",
                    dict(SMALL, num_labels=3), "text"),
+    "funnel": ("FunnelConfig", "FunnelForSequenceClassification",
+               dict(vocab_size=VOCAB, d_model=8, block_sizes=[1, 1], n_head=2, d_head=4,
+                    d_inner=12, num_labels=3), "text"),
     "vit": ("ViTConfig", "ViTForImageClassification",
             dict(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
                  intermediate_size=12, image_size=16, patch_size=4, num_labels=3), "image"),
@@ -333,7 +336,11 @@ def test_first_order_quantities_of_more_families_match_autograd(name):
     no samples in it). T5's norm computes in float32 (agreement to 1e-8). BEiT fills its
     relative position index with ``index[0, 0:] = num_relative_distance - 3``, a number computed
     from sizes (a traced number assigned); SigLIP's pooling head copies its query parameter
-    once per sample, ``probe.repeat(batch_size, 1, 1)`` (before, both were refused)."""
+    once per sample, ``probe.repeat(batch_size, 1, 1)`` (before, both were refused). Funnel
+    pools with ``axis %= x.ndim`` (the example's rank, then checked) and
+    ``torch.cat(..., axis=axis)`` (NumPy's keyword), and reads its dtype as
+    ``next(p.dtype for p in self.parameters() if p.is_floating_point())`` (before: a trace
+    error, a rule-less call)."""
     model, loss_fn, x, y = _family(name)
     step = fxcurv.compile(model, loss_fn, ["batch_grad", "kfac"], example=(x, y))
     assert_first_order_and_kfac(model, loss_fn, x, y, *step(x, y),

@@ -43,7 +43,7 @@ from .example import ExampleValues, example_shapes, guard_sample_branches
 from .errors import CompileError, format_module, user_frame
 from .inputs import join_outputs, structured
 from .library import replaced_helpers
-from .passes.analysis import sample_carriers, sample_data
+from .passes.analysis import ancestors, sample_carriers, sample_data
 from .recurrent import CELLS, RECURRENT, lower_cell, lower_recurrent, pack_padded, pad_packed
 from .rules import RULES, rule_for
 from .rules.linalg import attention
@@ -684,18 +684,10 @@ def _packed_sequences(root: Any):
     with contextlib.ExitStack() as stack:
         for namespace in {id(n): n for n in namespaces}.values():
             patches = {name: lowered[value] for name, value in list(namespace.items())
-                       if _hashable(value) and value in lowered}
+                       if inspect.isfunction(value) and value in lowered}
             if patches:
                 stack.enter_context(mock.patch.dict(namespace, patches))
         yield
-
-
-def _hashable(value: Any) -> bool:
-    try:
-        hash(value)
-    except TypeError:
-        return False
-    return True
 
 
 def _axis_as_dim(node: fx.Node) -> None:
@@ -715,22 +707,12 @@ class _TracedContext:
 
     def __init__(self, inputs: int):
         self.needs_input_grad = (True,) * inputs
-        self.materialize_grads = True
 
-    def save_for_backward(self, *tensors: Any) -> None:
+    def _dropped(self, *args: Any) -> None:
         pass
 
-    def save_for_forward(self, *tensors: Any) -> None:
-        pass
-
-    def mark_dirty(self, *tensors: Any) -> None:
-        pass
-
-    def mark_non_differentiable(self, *tensors: Any) -> None:
-        pass
-
-    def set_materialize_grads(self, value: bool) -> None:
-        self.materialize_grads = value
+    save_for_backward = save_for_forward = mark_dirty = mark_non_differentiable = \
+        set_materialize_grads = _dropped
 
 
 def _from_parameters(tracer: fx.Tracer, values: Any) -> bool:
@@ -739,18 +721,10 @@ def _from_parameters(tracer: fx.Tracer, values: Any) -> bool:
     the function it checkpoints (its backward recomputes the forward), and is traced through.
     On data alone eager gives the checkpointed parameters no gradient (PyTorch warns), and
     the call stays opaque, which does the same."""
+    nodes = [v.node for v in pytree.tree_leaves(values) if isinstance(v, fx.Proxy)]
     trainable = {name for name, p in tracer.root.named_parameters() if p.requires_grad}
-    stack = [v.node for v in pytree.tree_leaves(values) if isinstance(v, fx.Proxy)]
-    seen: set = set()
-    while stack:
-        node = stack.pop()
-        if node in seen:
-            continue
-        seen.add(node)
-        if node.op == "get_attr" and node.target in trainable:
-            return True
-        stack.extend(node.all_input_nodes)
-    return False
+    return bool(nodes) and any(n.op == "get_attr" and n.target in trainable
+                               for n in ancestors(*nodes))
 
 
 def autograd_function_call(cls: type) -> Callable:
@@ -856,11 +830,11 @@ class Unwrapped(nn.Module):
     dynamo cannot be traced by fx; ``nn.DataParallel`` only splits the batch over GPUs, which
     the one-device step does not). The first-call check runs it eagerly too."""
 
-    def __init__(self, wrapper: nn.Module, attribute: str):
+    def __init__(self, attribute: str, inner: nn.Module, training: bool):
         super().__init__()
         self.attribute = attribute
-        self.add_module(attribute, getattr(wrapper, attribute))
-        self.training = wrapper.training
+        self.add_module(attribute, inner)
+        self.training = training
 
     def forward(self, *args, **kwargs):
         return getattr(self, self.attribute)(*args, **kwargs)
@@ -872,9 +846,7 @@ def unwrapped(model: nn.Module) -> nn.Module:
     attribute = _wrapped_attribute(model)
     if attribute is None:
         return model
-    outer = Unwrapped(model, attribute)
-    outer.add_module(attribute, unwrapped(getattr(model, attribute)))
-    return outer
+    return Unwrapped(attribute, unwrapped(getattr(model, attribute)), model.training)
 
 
 class _ModelAndLoss(nn.Module):

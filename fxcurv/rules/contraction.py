@@ -194,46 +194,42 @@ def contraction_sum_squares(left: Tensor, right: Tensor, weight: Tensor, lead: i
 
 
 def square_sums_by_vector(flat: Tensor, right: Tensor, weight: Tensor, last: bool,
-                          index: bool, chunk_entries: int = 2097152) -> Tensor:
-    """``Σ_{k,n} q_kn²`` ``[G, A, B]``, ``flat`` ``[K, N, G, ., .]``: a batched matmul over
-    ``(lead vector, sample, group)`` that reads ``L`` in place, for as many lead vectors at
-    once as fit ``chunk_entries`` entries of ``q`` (16 MiB in float64: thousands of residual
-    columns of a depthwise convolution in a few products, not one each), squared in place
-    and summed over the vectors and samples."""
+                          index: bool) -> Tensor:
+    """``Σ_{k,n} q_kn²`` ``[G, A, B]``, ``flat`` ``[K, N, G, ., .]``: chunks of lead vectors
+    per batched product (:func:`_chunked_squares`: thousands of residual columns of a
+    depthwise convolution in a few products, not one each)."""
     if index:
         total = outer(flat[0], right, weight, 0, last, index).square().sum(0)
         for vector in range(1, flat.size(0)):
             total += outer(flat[vector], right, weight, 0, last, index).square().sum(0)
         return total
-    lhs, rhs, chunk = _vector_chunks(flat, right, weight, last, chunk_entries)
-    samples, groups, features, rows = _term_shape(flat, weight, last)
-    total = torch.zeros([groups, features, rows], dtype=flat.dtype, device=flat.device)
-    for start in range(0, lhs.size(0), chunk):
-        terms = torch.matmul(lhs[start:start + chunk], rhs)            # [k, N·G, A, B]
-        total += terms.square_().view([-1, samples, groups, features, rows]).sum([0, 1])
-    return total
+    return _chunked_squares(flat, right, weight, last, False)
 
 
-def _term_shape(flat: Tensor, weight: Tensor, last: bool) -> List[int]:
-    """``[N, G, A, B]``: the shape of one lead vector's per-sample terms ``q``."""
-    return [flat.size(1), flat.size(2), flat.size(3) if last else flat.size(4),
-            right_width(flat[0], weight, 0, last)]
-
-
-def _vector_chunks(flat: Tensor, right: Tensor, weight: Tensor, last: bool,
-                   chunk_entries: int) -> Tuple[Tensor, Tensor, int]:
-    """``(lhs [K, N·G, A, P], rhs [N·G, P, B], k)``: ``lhs[v] @ rhs`` is lead vector ``v``'s
-    terms ``q``, and ``k`` vectors' terms together hold at most ``chunk_entries`` entries (all
-    vectors at once under ``torch.compile`` / ``torch.export``, where ``k`` would otherwise
-    depend on the batch size)."""
-    samples, groups, features, rows = _term_shape(flat, weight, last)
+def _chunked_squares(flat: Tensor, right: Tensor, weight: Tensor, last: bool,
+                     per_sample: bool, chunk_entries: int = 2097152) -> Tensor:
+    """``Σ_k q_k²`` over the lead vectors of ``flat`` ``[K, N, G, ., .]``, ``[N, G, A, B]``
+    (``per_sample``) or summed over the samples ``[G, A, B]``: a batched matmul over
+    ``(lead vector, sample, group)`` that reads ``L`` in place, for as many lead vectors at
+    once as fit ``chunk_entries`` entries of ``q`` (16 MiB in float64; all at once under
+    ``torch.compile`` / ``torch.export``, where the chunk would depend on the batch size),
+    squared in place."""
+    samples, groups = flat.size(1), flat.size(2)
+    features = flat.size(3) if last else flat.size(4)
+    rows = right_width(flat[0], weight, 0, last)
     lhs = positions_middle(flat.reshape([flat.size(0), samples * groups, flat.size(3), -1]),
                            not last)                                  # [K, N·G, A, P] (view)
     rhs = positions_middle(right.reshape([samples * groups, right.size(2), -1]), last)
-    if not torch.jit.is_scripting() and torch.compiler.is_compiling():
-        return lhs, rhs, max(1, flat.size(0))  # one product (no guard on the batch size)
-    chunk = max(1, min(flat.size(0), chunk_entries // (samples * groups * features * rows)))
-    return lhs, rhs, chunk
+    chunk = max(1, flat.size(0))
+    if torch.jit.is_scripting() or not torch.compiler.is_compiling():
+        chunk = max(1, min(chunk, chunk_entries // (samples * groups * features * rows)))
+    summed = [0] if per_sample else [0, 1]
+    total = torch.zeros([samples, groups, features, rows] if per_sample
+                        else [groups, features, rows], dtype=flat.dtype, device=flat.device)
+    for start in range(0, lhs.size(0), chunk):
+        terms = torch.matmul(lhs[start:start + chunk], rhs)            # [k, N·G, A, B]
+        total += terms.square_().view([-1, samples, groups, features, rows]).sum(summed)
+    return total
 
 
 def contraction_total(left: Tensor, right: Tensor, weight: Tensor, swap: bool, last: bool,
@@ -304,7 +300,7 @@ def contraction_batch_sum_squares(left: Tensor, right: Tensor, weight: Tensor, l
                                   swap: bool, last: bool, index: bool) -> Tensor:
     """``Σ_lead q²`` ``[N, *w.shape]``, never ``[*lead, N, *w]``: one position
     ``(Σ_k L²) ⊗ R²``; else accumulated over chunks of lead vectors
-    (:func:`square_sums_by_vector`'s products)."""
+    (:func:`_chunked_squares`)."""
     flat = left.reshape([-1] + list(left.shape[lead:]))
     axis = -1 if last else -2
     if flat.size(axis) == 1 and not index:
@@ -317,14 +313,7 @@ def contraction_batch_sum_squares(left: Tensor, right: Tensor, weight: Tensor, l
             term = outer(flat[vector], right, weight, 0, last, index)
             total.addcmul_(term, term)
         return as_parameter(total, 1, weight, swap)
-    lhs, rhs, chunk = _vector_chunks(flat, right, weight, last, 2097152)
-    samples, groups, features, rows = _term_shape(flat, weight, last)
-    total = torch.zeros([samples, groups, features, rows], dtype=flat.dtype,
-                        device=flat.device)
-    for start in range(0, lhs.size(0), chunk):
-        terms = torch.matmul(lhs[start:start + chunk], rhs)            # [k, N·G, A, B]
-        total += terms.square_().view([-1, samples, groups, features, rows]).sum(0)
-    return as_parameter(total, 1, weight, swap)
+    return as_parameter(_chunked_squares(flat, right, weight, last, True), 1, weight, swap)
 
 
 def contraction_product(left: Tensor, right: Tensor, weight: Tensor, vectors: Tensor,

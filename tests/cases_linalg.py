@@ -72,6 +72,10 @@ INDEXING = [
     case("broadcast_to", lambda x: torch.broadcast_to(x, (3, 2, 4)), rand(3, 1, 4)),
     case("repeat", lambda x: x.repeat(1, 2, 3), rand(3, 2, 2)),
     case("repeat_new_axes", lambda x: x.repeat(2, 1, 1, 2), rand(3, 2, 2)),
+    case("repeat_param_over_samples", lambda x, p: x * p.repeat(x.size(0), 2, 1),
+         rand(3, 4, 2), rand(1, 2, 2), params=("p",)),
+    case("repeat_param_new_axis", lambda x, p: x * p.repeat(x.size(0), 1, 3), rand(3, 2, 6),
+         rand(2, 2), params=("p",)),
     case("masked_fill", lambda x: x.masked_fill(x > 0.5, 0.25), rand(3, 4)),
     case("masked_fill_causal_softmax", _causal_mask_fill, rand(3, 4, 4)),
 ]

@@ -105,8 +105,10 @@ def pad_packed(sequence: Any, batch_first: bool = False, padding_value: float = 
     that ``total_length`` (if traced) or, without it, the longest length is the number of steps
     (:func:`~fxcurv.rules.recurrent.check_padded_steps`)."""
     if not isinstance(sequence, PaddedSequence):
-        raise CompileError(f"pad_packed_sequence{_caller()} got {type(sequence).__name__}, not "
-                           "the output of a recurrent layer run on pack_padded_sequence.")
+        got = "a tensor" if isinstance(sequence, (fx.Proxy, torch.Tensor)) else \
+            type(sequence).__name__
+        raise CompileError(f"pad_packed_sequence{_caller()} got {got}, not the output of a "
+                           "recurrent layer run on pack_padded_sequence.")
     padded, lengths, steps = sequence.padded, sequence.lengths, sequence.steps
     if isinstance(total_length, int) and total_length != steps:
         raise CompileError(f"pad_packed_sequence{_caller()}: total_length={total_length} differs "

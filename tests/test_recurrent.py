@@ -514,6 +514,47 @@ def test_packed_sequences_match_each_sample_run_alone(kind, bidirectional, padde
     assert_dicts(alone, grad, "gradient-only grad")
 
 
+class PaddedReadOut(nn.Module):
+    """An LSTM on a packed batch read back by ``pad_packed_sequence(out, batch_first=True,
+    padding_value=..., total_length=...)``, or by ``pad_packed_sequence`` of ``what``
+    (``"tensor"``: the padded input itself, not a packed output)."""
+
+    def __init__(self, padding_value: float = 0.0, total_length: int = T, what: str = "output"):
+        super().__init__()
+        self.rnn, self.head = nn.LSTM(I, H, batch_first=True), nn.Linear(H, C)
+        self.padding_value, self.total_length, self.what = padding_value, total_length, what
+
+    def forward(self, inputs):
+        x, lengths = inputs
+        out, _ = self.rnn(nn.utils.rnn.pack_padded_sequence(x, lengths, batch_first=True,
+                                                            enforce_sorted=False))
+        steps, _ = nn.utils.rnn.pad_packed_sequence(
+            x if self.what == "tensor" else out, batch_first=True,
+            padding_value=self.padding_value, total_length=self.total_length)
+        return self.head(torch.tanh(steps).sum(1))
+
+
+def test_pad_packed_padding_value_and_its_refusals():
+    """A padding value fills the padded steps as eager does (each sample alone, padded to the
+    same total length, gives the same per-sample gradients). A ``total_length`` other than
+    ``sequence_length`` and ``pad_packed_sequence`` of something not packed by a recurrent
+    layer are refused at compile time, naming the call."""
+    torch.manual_seed(0)
+    model = PaddedReadOut(padding_value=-2.0).to(DTYPE)
+    x, y = torch.randn(N, T, I, dtype=DTYPE), torch.tensor([0, 2, 1])
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_grad"], sequence_length=T)
+    loss, _, batch_grad = step((x, LENGTHS), y)
+    torch.testing.assert_close(loss, F.cross_entropy(model((x, LENGTHS)), y))
+    per_sample, _ = each_sample_alone(model, x, y)
+    assert_dicts(batch_grad, per_sample, "batch_grad")
+    for bad, match in [(PaddedReadOut(total_length=T + 1), "total_length=4 differs"),
+                       (PaddedReadOut(what="tensor"), "got a tensor, not the output")]:
+        with pytest.raises(fxcurv.CompileError, match=match) as info:
+            fxcurv.compile(bad.to(DTYPE), nn.CrossEntropyLoss(), ["batch_grad"],
+                           sequence_length=T)
+        assert "test_recurrent.py" in str(info.value)
+
+
 def test_pad_packed_without_total_length_checks_the_longest_length():
     """Without ``total_length`` eager pads to the batch's longest sequence: the step checks
     that it is ``sequence_length`` when it runs (an exported step too; a step of a tuple

@@ -431,6 +431,7 @@ def test_learned_initial_states_expanded_over_the_samples(kind, one_thread):
     step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["batch_grad", "diag_ggn_exact"],
                           sequence_length=T)
     _, _, batch_grad, diag_ggn = step(x, y[:, 0])
+    assert_dicts(torch.jit.script(step)(x, y[:, 0])[2], batch_grad, "scripted batch_grad")
     ref = brute_force(model, x, y[:, 0])
     flat = ref["flat"]
     assert_dicts(batch_grad, flat.blocks(ref["grads"]), "batch_grad")

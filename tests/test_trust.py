@@ -328,8 +328,11 @@ def test_custom_function_differentiated_by_its_forward_when_asked():
     custom, plain = Body(MemoryEfficientSwish.apply), Body(F.silu)
     assert_refused(custom, "MemoryEfficientSwish", "custom_functions='forward'")
     x, y = batch()
-    got = fxcurv.compile(custom, nn.MSELoss(), quantities, custom_functions="forward")(x, y)
-    expected = fxcurv.compile(plain, nn.MSELoss(), quantities)(x, y)
+    step = fxcurv.compile(custom, nn.MSELoss(), quantities, custom_functions="forward")
+    got, expected = step(x, y), fxcurv.compile(plain, nn.MSELoss(), quantities)(x, y)
+    scripted = torch.jit.script(step)(x, y)
+    for name in got[3]:
+        torch.testing.assert_close(scripted[3][name], got[3][name], msg=name)
     for value, reference in zip(got[1:], expected[1:]):
         for name in reference:
             torch.testing.assert_close(value[name], reference[name], **TOL, msg=name)

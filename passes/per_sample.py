@@ -473,20 +473,43 @@ def _signed_squares(kind: str, name: str, full: str, terms: list, base: Any) -> 
     1) of the parameter, by its one use's ``signed_squares`` formulas (each propagation's
     share where its factor is, one product with the data for all of them, added to ``base``
     in the same pass), or None where it has none."""
-    if kind not in SQUARES_KINDS or len(terms) < 2:
+    if kind not in SQUARES_KINDS or len(terms) < 2 or any(term.lead != 1 for term, _ in terms):
         return None
-    uses = [term.shortcut_use(name, "signed_squares") for term, _ in terms]
-    if any(use is None or use[:3:2] != uses[0][:3:2] for use in uses) or \
-            any(term.lead != 1 for term, _ in terms):
+    for field in ("signed_squares", "contraction", "batch_grad"):
+        uses = [term.shortcut_use(name, field) for term, _ in terms]
+        if all(use is not None and use[:3:2] == uses[0][:3:2] for use in uses):
+            break
+    else:
         return None
     node, rule, arg = uses[0]
     first = terms[0][0]
-    part, total = rule.signed_squares[arg]
+    if node in first.merged:
+        return None
+    per_sample = kind == "batch_sum_squares"
     with first.emit.naming(full, pass_="per_sample", param=name):
         ctx = Ctx.of(node, rule, first.emit, 1)
         factors, weights = _weighted_factors(first.emit, node, terms)
+        if field == "contraction":  # the weighted squares of each factor's form, summed
+            forms = [rule.contraction[arg](factor, ctx) for factor in factors]
+            if any(form is None for form in forms):
+                return None
+            return base + _sum([contraction.weighted_squares(form, ctx, weight, per_sample)
+                                for form, weight in zip(forms, weights)])
+        if field == "batch_grad":  # the per-sample terms of each factor, squared, weighted
+            return base + _sum([first.emit.call(weighted_term_squares,
+                                                rule.batch_grad[arg](factor, ctx), weight,
+                                                per_sample)
+                                for factor, weight in zip(factors, weights)])
+        part, total = rule.signed_squares[arg]
         shares = _sum([part(factor, weight, ctx) for factor, weight in zip(factors, weights)])
-        return total(shares, ctx, kind == "batch_sum_squares", base)
+        return total(shares, ctx, per_sample, base)
+
+
+def weighted_term_squares(terms: Tensor, weights: Tensor, per_sample: bool) -> Tensor:
+    """``Σ_k w_kn q_kn²`` of per-sample terms ``q`` ``[K, N, *p]`` with column weights ``w``
+    (``[K, N]`` or ``[1, 1]``): ``[N, *p]`` per sample, else summed over the samples."""
+    squares = terms.square() * weights.reshape(list(weights.shape) + [1] * (terms.dim() - 2))
+    return squares.sum(0) if per_sample else squares.sum([0, 1])
 
 
 def _weighted_factors(emit: Emitter, node: fx.Node, terms: list) -> tuple[list, list]:
@@ -562,14 +585,17 @@ class SignedSum:
             reached = [(term, sign) for term, sign in self.terms[1:] if term.reaches(name)]
             parts = [(getattr(first, kind)(name, f"{label}_part", *args), 1.0)]
             full = f"{first.params[name].name}_{label}"
-            total = _signed_squares(kind, name, full, reached, parts[0][0])
+            factored = [(term, sign) for term, sign in reached if term.lead == 1]
+            total = _signed_squares(kind, name, full, factored, parts[0][0])
             if total is None:
-                parts += [(getattr(term, kind)(name, f"{label}_part", *args), sign)
-                          for term, sign in reached]
-                with first.emit.naming(full, pass_="per_sample", param=name):
-                    total = parts[0][0]
-                    for value, sign in parts[1:]:
-                        total = total + value if sign > 0 else total - value
+                factored, total = [], parts[0][0]
+            parts = [(total, 1.0)] + [
+                (getattr(term, kind)(name, f"{label}_part", *args), sign)
+                for term, sign in reached if not any(term is done for done, _ in factored)]
+            with first.emit.naming(full, pass_="per_sample", param=name):
+                total = parts[0][0]
+                for value, sign in parts[1:]:
+                    total = total + value if sign > 0 else total - value
             first.emit.rename(total, full)
             self._memo[key] = total
         return self._memo[key]

@@ -111,7 +111,37 @@ def _shortcuts(emit: Emitter, param: fx.Node, cts: dict, lead: int) -> dict:
             value = contraction.derive(kind, declare, cts[user], Ctx.of(user, rule, emit, lead))
             if value is not None:
                 found[kind] = value
+    if arg in rule.diagonal_squares and lead == 0:  # the cotangent as a diagonal curvature
+        ctx = Ctx.of(user, rule, emit, 0)
+        vectors = emit.call(torch.ones_like, emit.proxy(param)).unsqueeze(0)
+        vectors = torch.cat([vectors, vectors.cumsum(-1)], 0)  # [2, *w]
+        found["diagonal_vectors"] = vectors
+        for kind in ("sum_squares", "batch_sum_squares", "product"):
+            extra = (vectors,) if kind == "product" else ()
+            found[f"diagonal_{kind}"] = contraction.diagonal_curvature(
+                kind, rule, arg, cts[user], ctx, *extra)
     return found
+
+
+def reference_diagonal_curvature(c: Case, ct: torch.Tensor, name: str,
+                                 vectors: torch.Tensor) -> dict:
+    """``Σ_d ct_d (∂y_d/∂w)²`` (summed and per sample) and ``Jᵀ diag(ct) J V`` for parameter
+    ``name``, from the Jacobian ``∂y/∂w`` by ``torch.func.jacrev``."""
+    index = c.names.index(name)
+
+    def of_param(w):
+        args = list(c.inputs)
+        args[index] = w
+        return c.fn(*args)
+
+    param = c.inputs[index]
+    jacobian = torch.func.jacrev(of_param)(param).reshape(ct.shape[0], -1, param.numel())
+    weights = ct.reshape(ct.shape[0], -1, 1)
+    per_sample = (weights * jacobian.square()).sum(1).reshape(ct.shape[:1] + param.shape)
+    tangents = jacobian @ vectors.reshape(vectors.shape[0], -1).T         # [N, D, V]
+    product = torch.einsum("ndw,nd,ndv->vw", jacobian, weights[..., 0], tangents)
+    return {"diagonal_sum_squares": per_sample.sum(0), "diagonal_batch_sum_squares": per_sample,
+            "diagonal_product": product.reshape(vectors.shape)}
 
 
 def cotangent(c: Case, lead: int, generator: torch.Generator) -> torch.Tensor:

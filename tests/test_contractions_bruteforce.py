@@ -86,3 +86,40 @@ def test_first_order_matches_per_sample_autograd(name):
     expected = reference_first_order(SimpleNamespace(model=model, loss_fn=loss_fn), x, y)
     for quantity, actual in zip(QUANTITIES, ours):
         assert_dicts_close(actual, expected[quantity], quantity)
+
+
+def _embedding_tanh(positions: int) -> nn.Module:
+    """A smooth activation right after the lookup: its residual reaches the table through
+    the index form (weighted per column)."""
+    return nn.Sequential(nn.Embedding(7, 4), nn.Tanh(), nn.Flatten(), nn.Linear(4 * positions, 3))
+
+
+HESSIAN_CASES = {**{name: CASES[name] for name in CASES if name != "einsum_three_operands"},
+                 "embedding_tanh": lambda: (_embedding_tanh(3), torch.randint(0, 7, (6, 3)),
+                                            True)}
+
+
+@pytest.mark.parametrize("name", list(HESSIAN_CASES))
+def test_hessian_diagonal_matches_autograd(name):
+    """``diag_h`` and ``diag_h_batch``: the residuals' signed square sums, column-weighted in
+    one pass over each propagated factor (``contraction.weighted_squares``, or the
+    per-sample terms), or pulled back at the residual's producer, against the Hessian of
+    the mean loss (and of each sample's share) by ``torch.func.hessian``."""
+    torch.manual_seed(0)
+    model, x, _ = HESSIAN_CASES[name]()
+    model = model.double()
+    x = x.double() if x.is_floating_point() else x
+    y = torch.randint(0, 3, (x.shape[0],))
+    _, _, diag_h, diag_h_batch = fxcurv.compile(model, nn.CrossEntropyLoss(),
+                                                ["diag_h", "diag_h_batch"])(x, y)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    for name_, value in params.items():
+        def loss(p, rows=slice(None)):
+            logits = torch.func.functional_call(model, {**params, name_: p}, (x[rows],))
+            return nn.functional.cross_entropy(logits, y[rows], reduction="sum") / x.shape[0]
+        expected = torch.func.hessian(loss)(value).reshape(value.numel(), -1).diagonal()
+        torch.testing.assert_close(diag_h[name_].reshape(-1), expected, msg=name_)
+        per_sample = [torch.func.hessian(lambda p, n=n: loss(p, slice(n, n + 1)))(value)
+                      .reshape(value.numel(), -1).diagonal() for n in range(x.shape[0])]
+        torch.testing.assert_close(diag_h_batch[name_].reshape(x.shape[0], -1),
+                                   torch.stack(per_sample), msg=name_)

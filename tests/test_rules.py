@@ -17,7 +17,8 @@ from fxcurv.rules import (AFFINE, CONCATENATION, ELEMENTWISE, FIRST_ORDER, FRESH
                           PERMUTATION, REDUCTION, RULES, WINDOW_MAX)
 from fxcurv.rules.helpers import block_diagonal
 from rule_cases import CASES
-from rule_harness import build, cotangent, reference_batch_grads, reference_vjps
+from rule_harness import (build, cotangent, reference_batch_grads, reference_diagonal_curvature,
+                          reference_vjps)
 
 IDS = [c.id for c in CASES]
 
@@ -45,6 +46,10 @@ def test_vjp_and_batch_rules(case, lead):
                    f"sum_grad_squared of {name} from its contraction")
         if "batch_l2" in quick:
             _close(quick["batch_l2"], expected.square().flatten(1).sum(1), f"batch_l2 of {name}")
+        if "diagonal_vectors" in quick:  # OpRule.diagonal_squares
+            reference = reference_diagonal_curvature(case, ct, name, quick["diagonal_vectors"])
+            for kind, value in reference.items():
+                _close(quick[kind], value, f"{kind} of {name} (diagonal_squares)")
 
 
 def _to(value, device):

@@ -133,6 +133,15 @@ def mlp(widths=(512, 256), activation=nn.ReLU, num_classes: int = 10) -> nn.Modu
     return nn.Sequential(*layers, nn.Linear(previous, num_classes))
 
 
+def cnn_tanh() -> nn.Module:
+    """A small tanh CNN for 20x20 images: every convolution feeds a smooth activation, so
+    every layer has a Hessian residual (the Hessian family on convolutions)."""
+    return nn.Sequential(
+        nn.Conv2d(1, 8, 3), nn.Tanh(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 16, 3), nn.Tanh(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(3 * 3 * 16, 10))
+
+
 def c3d3() -> nn.Module:
     """DeepOBS' CIFAR-10 3c3d. TensorFlow's 'same' max-pooling (3x3, stride 2) pads one zero
     after; ``padding=1`` pads one before and after, which gives the same shapes
@@ -205,6 +214,10 @@ WORKLOADS = {w.name: w for w in [
              quantities=HESSIAN_QUANTITIES),
     Workload("mlp_tanh_c100", lambda: mlp((256, 128), nn.Tanh, 100), (784,), 64,
              "MLP 784-256-128-100 with tanh, 100 classes", num_classes=100,
+             quantities=HESSIAN_QUANTITIES),
+    Workload("cnn_tanh", cnn_tanh, (1, 20, 20), 8,
+             "CNN for 20x20 images: conv 8 3x3, tanh, maxpool 2, conv 16 3x3, tanh, maxpool 2, "
+             "linear 10 (the Hessian family on convolutions with a smooth activation)",
              quantities=HESSIAN_QUANTITIES),
     Workload("c100_cnn", c100_cnn, (3, 32, 32), 32,
              "CIFAR-100 CNN: conv 32, 64, 128 3x3 'same', each with relu and maxpool 2, "

@@ -130,6 +130,7 @@ register(
         "bias": (lambda g, w, c: c.call(linear_bias_squares_part, g, w),
                  lambda s, c, per_sample, base: c.call(linear_bias_squares_total, s,
                                                         per_sample, base))},
+    diagonal_squares={"weight": "form", "bias": "unit"},
     jvp={"input": lambda t, c: torch.matmul(t, c.args.weight.t()),
          "weight": lambda v, c: c.call(linear_weight_tangent, c.args.input, v),
          "bias": lambda v, c: c.call(linear_bias_tangent, v, c.out)},

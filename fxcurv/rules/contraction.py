@@ -178,40 +178,55 @@ def contraction_l2(left: Tensor, right: Tensor, weight: Tensor, swap: bool, last
 
 @fresh
 def contraction_sum_squares(left: Tensor, right: Tensor, weight: Tensor, lead: int,
-                            swap: bool, last: bool, index: bool) -> Tensor:
+                            swap: bool, last: bool, index: bool,
+                            weights: Optional[Tensor] = None) -> Tensor:
     """``Σ_{lead, n} q²`` ``w.shape`` without ``[*lead, N, *w]``: one position
-    ``Σ_n (Σ_k L²)ᵀ R²`` (a batched matmul over the groups); else one lead vector at a time
-    (:func:`square_sums_by_vector`)."""
+    ``Σ_n (Σ_k L²)ᵀ R²`` (a batched matmul over the groups); else chunks of lead vectors
+    (:func:`square_sums_by_vector`). ``weights`` (lead 1): each column's ``q_kn²`` times
+    ``weights[k, n]`` (``[K, N]``, or ``[1, 1]``: one weight)."""
     flat = left.reshape([-1] + list(left.shape[lead:]))                # [K, N, G, ., .]
     axis = -1 if last else -2
     if flat.size(axis) == 1 and not index:
-        squares = flat.select(axis, 0).square().sum(0)                  # [N, G, A]
+        squares = _weighted(flat.select(axis, 0).square(), weights).sum(0)  # [N, G, A]
         total = torch.matmul(squares.permute(1, 2, 0),
                              right.select(axis, 0).square().transpose(0, 1))
         return as_parameter(total, 0, weight, swap)
-    return as_parameter(square_sums_by_vector(flat, right, weight, last, index), 0, weight,
-                        swap)
+    return as_parameter(square_sums_by_vector(flat, right, weight, last, index, weights), 0,
+                        weight, swap)
+
+
+def _weighted(squares: Tensor, weights: Optional[Tensor]) -> Tensor:
+    """``squares`` ``[K, N, ...]`` times ``weights`` ``[K, N]`` (None: unweighted)."""
+    if weights is None:
+        return squares
+    return squares * weights.reshape(list(weights.shape) + [1] * (squares.dim() - 2))
 
 
 def square_sums_by_vector(flat: Tensor, right: Tensor, weight: Tensor, last: bool,
-                          index: bool) -> Tensor:
-    """``Σ_{k,n} q_kn²`` ``[G, A, B]``, ``flat`` ``[K, N, G, ., .]``: chunks of lead vectors
-    per batched product (:func:`_chunked_squares`: thousands of residual columns of a
-    depthwise convolution in a few products, not one each)."""
+                          index: bool, weights: Optional[Tensor] = None) -> Tensor:
+    """``Σ_{k,n} q_kn²`` ``[G, A, B]`` (weighted by ``weights[k, n]``), ``flat``
+    ``[K, N, G, ., .]``: chunks of lead vectors per batched product
+    (:func:`_chunked_squares`: thousands of residual columns of a depthwise convolution in a
+    few products, not one each)."""
     if index:
-        total = outer(flat[0], right, weight, 0, last, index).square().sum(0)
-        for vector in range(1, flat.size(0)):
-            total += outer(flat[vector], right, weight, 0, last, index).square().sum(0)
+        total = torch.zeros(0, dtype=flat.dtype, device=flat.device)
+        for vector in range(flat.size(0)):
+            row = None if weights is None else weights[min(vector, weights.size(0) - 1)]
+            term = _weighted(outer(flat[vector], right, weight, 0, last, index).square()
+                             .unsqueeze(0), None if row is None else row.unsqueeze(0))
+            total = term.sum([0, 1]) if vector == 0 else total + term.sum([0, 1])
         return total
-    return _chunked_squares(flat, right, weight, last, False)
+    return _chunked_squares(flat, right, weight, last, False, weights)
 
 
 def _chunked_squares(flat: Tensor, right: Tensor, weight: Tensor, last: bool,
-                     per_sample: bool, chunk_entries: int = 2097152) -> Tensor:
-    """``Σ_k q_k²`` over the lead vectors of ``flat`` ``[K, N, G, ., .]``, ``[N, G, A, B]``
-    (``per_sample``) or summed over the samples ``[G, A, B]``: a batched matmul over
-    ``(lead vector, sample, group)`` that reads ``L`` in place, for as many lead vectors at
-    once as fit ``chunk_entries`` entries of ``q`` (16 MiB in float64; all at once under
+                     per_sample: bool, weights: Optional[Tensor] = None,
+                     chunk_entries: int = 2097152) -> Tensor:
+    """``Σ_k q_k²`` over the lead vectors of ``flat`` ``[K, N, G, ., .]`` (weighted by
+    ``weights[k, n]``), ``[N, G, A, B]`` (``per_sample``) or summed over the samples
+    ``[G, A, B]``: per chunk of lead vectors one batched matmul over ``(sample, group)``,
+    ``[k·A, P] @ [P, B]`` (``R`` read once, not once per vector), for as many lead vectors
+    at once as fit ``chunk_entries`` entries of ``q`` (16 MiB in float64; all at once under
     ``torch.compile`` / ``torch.export``, where the chunk would depend on the batch size),
     squared in place."""
     samples, groups = flat.size(1), flat.size(2)
@@ -223,12 +238,18 @@ def _chunked_squares(flat: Tensor, right: Tensor, weight: Tensor, last: bool,
     chunk = max(1, flat.size(0))
     if torch.jit.is_scripting() or not torch.compiler.is_compiling():
         chunk = max(1, min(chunk, chunk_entries // (samples * groups * features * rows)))
-    summed = [0] if per_sample else [0, 1]
     total = torch.zeros([samples, groups, features, rows] if per_sample
                         else [groups, features, rows], dtype=flat.dtype, device=flat.device)
     for start in range(0, lhs.size(0), chunk):
-        terms = torch.matmul(lhs[start:start + chunk], rhs)            # [k, N·G, A, B]
-        total += terms.square_().view([-1, samples, groups, features, rows]).sum(summed)
+        part = lhs[start:start + chunk]
+        count = part.size(0)
+        by_sample = part.transpose(0, 1).reshape([samples * groups, -1, part.size(-1)])
+        terms = torch.bmm(by_sample, rhs)                              # [N·G, k·A, B]
+        squares = terms.square_().view([samples, groups, count, features, rows])
+        if weights is not None:
+            rows_of = weights[start:start + count] if weights.size(0) > 1 else weights
+            squares = squares * rows_of.t().reshape([-1, 1, rows_of.size(0), 1, 1])
+        total += squares.sum(2) if per_sample else squares.sum([0, 2])
     return total
 
 
@@ -297,23 +318,27 @@ def contraction_batch_total(left: Tensor, right: Tensor, weight: Tensor, swap: b
 
 
 def contraction_batch_sum_squares(left: Tensor, right: Tensor, weight: Tensor, lead: int,
-                                  swap: bool, last: bool, index: bool) -> Tensor:
+                                  swap: bool, last: bool, index: bool,
+                                  weights: Optional[Tensor] = None) -> Tensor:
     """``Σ_lead q²`` ``[N, *w.shape]``, never ``[*lead, N, *w]``: one position
     ``(Σ_k L²) ⊗ R²``; else accumulated over chunks of lead vectors
-    (:func:`_chunked_squares`)."""
+    (:func:`_chunked_squares`); ``weights`` as for :func:`contraction_sum_squares`."""
     flat = left.reshape([-1] + list(left.shape[lead:]))
     axis = -1 if last else -2
     if flat.size(axis) == 1 and not index:
-        squares = flat.select(axis, 0).square().sum(0).unsqueeze(-1)   # [N, G, A, 1]
-        total = squares * right.select(axis, 0).square().unsqueeze(-2)
+        squares = _weighted(flat.select(axis, 0).square(), weights).sum(0).unsqueeze(-1)
+        total = squares * right.select(axis, 0).square().unsqueeze(-2)  # [N, G, A, B]
         return as_parameter(total, 1, weight, swap)
     if index:
-        total = outer(flat[0], right, weight, 0, last, index).square()
-        for vector in range(1, flat.size(0)):
-            term = outer(flat[vector], right, weight, 0, last, index)
-            total.addcmul_(term, term)
+        total = torch.zeros(0, dtype=flat.dtype, device=flat.device)
+        for vector in range(flat.size(0)):
+            row = None if weights is None else weights[min(vector, weights.size(0) - 1)]
+            term = _weighted(outer(flat[vector], right, weight, 0, last, index).square()
+                             .unsqueeze(0), None if row is None else row.unsqueeze(0))[0]
+            total = term if vector == 0 else total + term
         return as_parameter(total, 1, weight, swap)
-    return as_parameter(_chunked_squares(flat, right, weight, last, True), 1, weight, swap)
+    return as_parameter(_chunked_squares(flat, right, weight, last, True, weights), 1, weight,
+                        swap)
 
 
 def contraction_product(left: Tensor, right: Tensor, weight: Tensor, vectors: Tensor,
@@ -322,16 +347,40 @@ def contraction_product(left: Tensor, right: Tensor, weight: Tensor, vectors: Te
     (:func:`apply_right`), projections ``w_nkv = ⟨L_kn, u_vn⟩``, ``r_vn = Σ_k w_nkv L_kn``,
     then ``Σ_{n,p} r ⊗ R``. Batched matmuls over the samples read ``L`` in place."""
     samples, groups = left.size(lead), left.size(lead + 1)
-    features = left.size(-2) if last else left.size(-1)
     rows = right_width(left, weight, lead, last)
     count = vectors.size(0)
-    by_group = vectors.reshape([count, groups, rows, features]).transpose(-1, -2) if swap \
-        else vectors.reshape([count, groups, features, rows])           # [V, G, A, B]
-    u = apply_right(right, by_group, last, index)                       # [N, V, G, ., .]
+    u = apply_right(right, _by_group(vectors, left, rows, last, swap), last, index)
     by_sample = left.reshape([-1, samples, u[0, 0].numel()]).transpose(0, 1)  # [N, K, S]
     projections = torch.matmul(by_sample, u.reshape([samples, count, -1]).transpose(1, 2))
     r = torch.matmul(projections.transpose(1, 2), by_sample).reshape(u.shape)
     return as_parameter(apply_right_t(r, right, groups, rows, last, index), 1, weight, swap)
+
+
+def _by_group(vectors: Tensor, left: Tensor, rows: int, last: bool, swap: bool) -> Tensor:
+    """Vectors ``[V, *w.shape]`` as ``[V, G, A, B]`` (``G`` and ``A`` read off ``left``'s
+    last three axes)."""
+    groups = left.size(-3)
+    features = left.size(-2) if last else left.size(-1)
+    if swap:
+        return vectors.reshape([vectors.size(0), groups, rows, features]).transpose(-1, -2)
+    return vectors.reshape([vectors.size(0), groups, features, rows])
+
+
+def diagonal_product(left: Tensor, right: Tensor, weight: Tensor, vectors: Tensor, swap: bool,
+                     last: bool, index: bool) -> Tensor:
+    """``Jᵀ diag(r) J V`` ``[V, *w.shape]`` for a diagonal curvature ``r`` at the output, with
+    ``left`` the form of ``r`` (lead 0): ``u = J V`` in ``L``'s layout (:func:`apply_right`),
+    weighted by ``r``, then ``Σ_{n,p} ⊗ R`` (:func:`apply_right_t`)."""
+    groups = left.size(1)
+    rows = right_width(left, weight, 0, last)
+    u = apply_right(right, _by_group(vectors, left, rows, last, swap), last, index)
+    return as_parameter(apply_right_t(u * left.unsqueeze(1), right, groups, rows, last, index),
+                        1, weight, swap)
+
+
+def squared_right(right: Tensor, index: bool) -> Tensor:
+    """``R ⊙ R`` (an index factor stands for one-hot rows, its own square)."""
+    return right if index else right.square()
 
 
 # -- emitting the derived quantities -----------------------------------------------------------
@@ -355,6 +404,12 @@ def sum_squares(form: Contraction, c) -> Any:
 def batch_sum_squares(form: Contraction, c) -> Any:
     return c.call(contraction_batch_sum_squares, form.left, form.right, form.param, c.lead,
                   *_flags(form))
+
+
+def weighted_squares(form: Contraction, c, weights: Any, per_sample: bool) -> Any:
+    """``Σ_{k,n} weights[k, n] q_kn²`` of a factor's form (lead 1), per sample or summed."""
+    helper = contraction_batch_sum_squares if per_sample else contraction_sum_squares
+    return c.call(helper, form.left, form.right, form.param, c.lead, *_flags(form), weights)
 
 
 def product(form: Contraction, c, vectors: Any) -> Any:
@@ -381,6 +436,31 @@ DERIVED: dict[str, Callable] = {"batch_l2": batch_l2, "sum_squares": sum_squares
                                 "batch_total": _total_of(contraction_batch_total),
                                 "batch_l2_total": _total_of(contraction_l2_total),
                                 "sum_squares_total": _total_of(contraction_sum_squares_total)}
+
+
+def diagonal_curvature(kind: str, rule, arg: str, r: Any, c, *extra: Any) -> Any:
+    """A diagonal curvature ``diag(r)`` at the output (``r`` ``[N, *y.shape]``, ``c`` at lead
+    0) pulled back to the parameter argument ``arg`` by ``rule.diagonal_squares[arg]``:
+    ``Σ_{n,d} r_nd (∂y_nd/∂w)²`` (``kind`` "sum_squares", ``w.shape``), the same per sample
+    ("batch_sum_squares", ``[N, *w.shape]``) or ``Jᵀ diag(r) J V`` ("product", vectors ``V``
+    ``[V, *w.shape]``). "form": ``∂y_d/∂w`` is one entry of the right factor ``R``, so the
+    squares are the form with ``g = r`` and ``R²``; "unit": ``J`` has 0/1 entries, one per
+    output entry, so ``Jᵀ diag(r) J = diag(Jᵀ r)``."""
+    if rule.diagonal_squares[arg] == "unit":
+        if kind == "sum_squares":
+            return rule.vjp[arg](r, c)
+        if kind == "batch_sum_squares":
+            return rule.batch_grad[arg](r, c)
+        return rule.vjp[arg](r, c) * extra[0]
+    form = rule.contraction[arg](r, c)
+    if kind == "product":
+        return c.call(diagonal_product, form.left, form.right, form.param, extra[0],
+                      *_flags(form))
+    squared = replace(form, right=c.call(squared_right, form.right, form.index))
+    if kind == "sum_squares":
+        return c.call(contraction_total, squared.left, squared.right, squared.param,
+                      *_flags(form))
+    return batch(squared, c)
 
 
 def rows_into_positions(factor: Tensor, axis: int, samples: int, last: bool) -> Tensor:

@@ -70,6 +70,39 @@ def conv_input_vjp(g: Tensor, x: Tensor, weight: Tensor, lead: int, stride: List
     return pad_spatial(full, crop).reshape(list(g.shape[:lead]) + list(x.shape))
 
 
+def conv_input_tangent(t: Tensor, weight: Tensor, lead: int, stride: List[int],
+                       pads: List[int], dilation: List[int], groups: int) -> Tensor:
+    """``J_x t = conv(t, W)`` (no bias): ``[*lead, N, Cin, *in] -> [*lead, N, Cout, *out]``,
+    the lead axes joining the batch."""
+    d = len(stride)
+    y = torch.convolution(pad_spatial(t.flatten(0, lead), pads), weight, None, stride, [0] * d,
+                          dilation, False, [0] * d, groups)
+    return y.reshape(list(t.shape[:lead + 1]) + list(y.shape[1:]))
+
+
+def conv_weight_tangent(x: Tensor, vectors: Tensor, stride: List[int], pads: List[int],
+                        dilation: List[int], groups: int) -> Tensor:
+    """``J_W V = conv(x, V_v)`` for each vector ``V_v`` ``[Cout, Cin/G, *k]`` as one
+    convolution with the vectors' output channels side by side within each group:
+    ``[V, N, Cout, *out]``."""
+    d, count = len(stride), vectors.size(0)
+    per_group = vectors.size(1) // groups
+    stacked = vectors.reshape([count, groups, per_group] + list(vectors.shape[2:]))
+    stacked = stacked.transpose(0, 1).reshape([groups * count * per_group]
+                                              + list(vectors.shape[2:]))
+    y = torch.convolution(pad_spatial(x, pads), stacked, None, stride, [0] * d, dilation,
+                          False, [0] * d, groups)                 # [N, G·V·Cout/G, *out]
+    y = y.reshape([x.size(0), groups, count, per_group] + list(y.shape[2:]))
+    return y.transpose(1, 2).flatten(2, 3).transpose(0, 1)
+
+
+def channel_bias_tangent(vectors: Tensor, out: Tensor) -> Tensor:
+    """``J_b v``: each vector ``[C]`` at every sample and position of ``out`` ``[N, C, *s]``,
+    ``[V, *out.shape]``."""
+    shape = [vectors.size(0), 1, vectors.size(1)] + [1] * (out.dim() - 2)
+    return vectors.reshape(shape).expand([vectors.size(0)] + list(out.shape))
+
+
 def depthwise_input_vjp(g: Tensor, x: Tensor, weight: Tensor, stride: List[int],
                         pads: List[int], dilation: List[int]) -> Tensor:
     """:func:`conv_input_vjp` of a depthwise convolution (one input channel per group, ``m``
@@ -411,6 +444,22 @@ def _conv_patches(c: Ctx):
                   s.groups)
 
 
+def _conv_jvp() -> dict:
+    """Forward tangents of a convolution (block products, ``passes/curvature/products.py``)."""
+    def input_tangent(t, c: Ctx):
+        s = Setting(c)
+        return c.call(conv_input_tangent, t, c.args.weight, c.lead, s.stride, s.pads,
+                      s.dilation, s.groups)
+
+    def weight_tangent(vectors, c: Ctx):
+        s = Setting(c)
+        return c.call(conv_weight_tangent, c.args.input, vectors, s.stride, s.pads, s.dilation,
+                      s.groups)
+
+    return {"input": input_tangent, "weight": weight_tangent,
+            "bias": lambda v, c: c.call(channel_bias_tangent, v, c.out)}
+
+
 def _transpose_input(g, c: Ctx):
     s = Setting(c)
     return c.call(conv_transpose_input_vjp, g, c.args.input, c.args.weight, c.lead, s.stride,
@@ -527,6 +576,7 @@ _RULES = {
             "x̄ = conv_transpose(g, W) cropped to x;  W̄[o,c,k] = Σ_{n,p} g[n,o,p] U(x)[n,c,k,p] "
             "within each group (per sample: Σ_p only);  b̄ = Σ_{n,p} g[n,:,p]." + KRON_DOC,
         params="input, weight, bias=None, stride=1, padding=0, dilation=1, groups=1",
+        diagonal_squares={"weight": "form", "bias": "unit"}, jvp=_conv_jvp(),
         **_fields(False, _conv_input, _conv_weight, _conv_contraction, _conv_input_factor)),
     "conv_transpose": dict(
         doc="y = convᵀ(x, W) + b, the adjoint of conv's input map: ⟨g, convᵀ(x, W)⟩ = "

@@ -63,6 +63,15 @@ def max_pool_vjp(g: Tensor, input_shape: List[int], argmax: Tensor, lead: int,
     return routed.reshape(list(g.shape[:lead]) + list(input_shape))
 
 
+def max_pool_tangent(t: Tensor, argmax: Tensor, lead: int, spatial: int) -> Tensor:
+    """``J t``: each window's entry of ``t`` ``[*lead, (N,) C, *in]`` at the forward's argmax
+    ``[(N,) C, *out]`` (indices into the ``spatial`` flattened last axes) ->
+    ``[*lead, (N,) C, *out]``."""
+    flat = t.flatten(t.dim() - spatial)
+    index = argmax.flatten(argmax.dim() - spatial).expand(list(flat.shape[:-1]) + [-1])
+    return flat.gather(-1, index).reshape(list(t.shape[:lead]) + list(argmax.shape))
+
+
 def adaptive_max_pool_with_indices(x: Tensor,
                                    output_size: List[int]) -> Tuple[Tensor, Tensor]:
     """The adaptively pooled values and each window's argmax (a flat index into the input's
@@ -278,6 +287,14 @@ def _max_pool_vjp(g, c: Ctx):
                   dilation, ceil_mode)
 
 
+def _max_pool_jvp(t, c: Ctx):
+    kernel, stride, padding = _window(c)
+    dilation, ceil_mode = ints(c.bound["dilation"], len(kernel)), c.bound["ceil_mode"]
+    argmax = c.call(max_pool_argmax, c.out, c.args.input, kernel, stride, padding, dilation,
+                    ceil_mode)
+    return c.call(max_pool_tangent, t, argmax, c.lead, len(kernel))
+
+
 def _max_pool_sandwich(m, c: Ctx):
     kernel, stride, padding = _window(c)
     dilation = ints(c.bound["dilation"], len(kernel))
@@ -317,7 +334,8 @@ _AVG_POOL = "input, kernel_size, stride=None, padding=0, ceil_mode=False, " \
 
 for _d in (1, 2, 3):
     register([getattr(F, f"max_pool{_d}d"), getattr(F, f"max_pool{_d}d_with_indices")],
-             f"max_pool{_d}d", _MAX_POOL, vjp={"input": _max_pool_vjp}, hessian_is_zero=True,
+             f"max_pool{_d}d", _MAX_POOL, vjp={"input": _max_pool_vjp},
+             jvp={"input": _max_pool_jvp}, hessian_is_zero=True,
              sandwich={"input": _max_pool_sandwich}, traits=(WINDOW_MAX,),
              unsupported=_returns_indices,
              doc="y[p] = max_{i ∈ window(p)} x[i];  x̄[i] = Σ_{p: argmax(p) = i} g[p] "

@@ -173,6 +173,15 @@ class OpRule:
     # ``total(Σ shares, c, per_sample, base)`` ``base +`` the result (one product with the
     # data for all of them: the Hessian's residual parts added to its GGN part)
     signed_squares: dict[str, tuple] = field(default_factory=dict)
+    # a diagonal curvature ``diag(r)`` at the output (an elementwise op's residual right
+    # after this op), ``Σ_d r_d (∂y_d/∂arg)²`` without a square-root factor
+    # (``fxcurv/rules/contraction.py``, :func:`diagonal_curvature`): "form", the declared
+    # ``contraction`` of ``arg`` always exists and its left factor is a rearrangement of the
+    # output's entries, each parameter entry meeting an output entry at one position at most,
+    # so ``∂y_d/∂w`` is one entry of the right factor ``R`` (the form with ``g = r`` and
+    # ``R²``); "unit", each output entry depends on at most one entry of ``arg``, with
+    # coefficient 1 (a bias): ``Jᵀ diag(r) J = diag(Jᵀ r)``
+    diagonal_squares: dict[str, str] = field(default_factory=dict)
     # forward tangents (block curvature products, passes/curvature/products.py):
     # ``jvp[arg](t, c)``: ``J_arg t`` for a tangent ``t`` ``[V, *arg.shape]`` of any argument
     # (a data argument's ``[V, N, *x]``, a parameter's vectors ``[V, *p.shape]``) ->

@@ -24,6 +24,11 @@ def _reshape_back(g, c: Ctx):
     return c.call(reshape_lead, g, c.lead, c.args.input.shape)
 
 
+def _reshape_forward(t, c: Ctx):
+    """``J t`` of the same ops: the tangent reshaped to the output."""
+    return c.call(reshape_lead, t, c.lead, c.out.shape)
+
+
 def _shift(dim: int, lead: int) -> int:
     """An axis index of the op's operand, counted in a tensor with ``lead`` leading axes."""
     return dim + lead if dim >= 0 else dim
@@ -166,7 +171,9 @@ def _moves_axis0(dims: list) -> Optional[str]:
     return "it moves the sample axis 0" if dims and dims[0] != 0 else None
 
 
-RESHAPE = dict(vjp={"input": _reshape_back}, traits=(VIEW, RESHAPES))  # Jᵀg = g reshaped to x
+# Jᵀg = g reshaped to x, J t = t reshaped to y
+RESHAPE = dict(vjp={"input": _reshape_back}, jvp={"input": _reshape_forward},
+               traits=(VIEW, RESHAPES))
 
 
 def keeps_sample_axis(output: Tensor, samples: int, where: str) -> Tensor:

@@ -40,6 +40,7 @@ from torch import Tensor
 from fxcurv.emit import Emitter
 from fxcurv.errors import node_error
 from fxcurv.rules import Ctx, rule_for
+from fxcurv.rules.contraction import diagonal_curvature
 from fxcurv.rules.registry import Args
 
 from ..analysis import (ancestors, depends_on, descendants, differentiable_inputs, sample_data,
@@ -71,6 +72,7 @@ def residual_propagations(emit: Emitter, traced, gradient: dict,
     per_sample = sample_data(traced.graph, traced.inputs[0])  # values with a sample axis
     carriers = sample_carriers(traced.graph, traced.inputs[0])
     terms, pending = [], []
+    local = _LocalProducers(emit, traced, depends, per_sample)
     negative = loss_negative_factor(emit, traced, gradient)
     if negative is not None:  # a non-convex loss: its negative curvature, subtracted
         node, factor = negative
@@ -89,27 +91,34 @@ def residual_propagations(emit: Emitter, traced, gradient: dict,
         op = _Op(node, rule, ctx, dict(active), gradient[node],
                  classify(rule, ctx.bound, [name for name, _ in active]))
         with emit.naming(f"{node.name}_residual", pass_="diag_hessian", node=node.name):
-            seed_sets = _diagonal_seeds(emit, op)
+            seed_sets = _diagonal_seeds(emit, op, local, terms)
             seed_sets += _parameter_cross_seeds(emit, op, depends, carriers)
             seed_sets += _cross_seeds(emit, op, depends, carriers)
             seed_sets += _block_seeds(emit, op, depends, carriers)
-        for seeds, sign, tag, *direct in seed_sets:
+        for seeds, sign, tag, *rest in seed_sets:
             for arg in seeds:
                 _check_sample_axis(node, rule, arg, per_sample)
             pending.append((seeds, sign, f"{node.name}_residual_{tag}",
-                            direct[0] if direct else {}))
+                            rest[0] if rest else {}, rest[1] if len(rest) > 1 else None))
     if len(pending) > MAX_SEPARATE_PROPAGATIONS:
         return terms + _combined_propagations(emit, pending, params, make_source)
     return terms + _separate_propagations(emit, pending, params, make_source)
 
 
 def _separate_propagations(emit, pending, params, make_source) -> list:
-    """One backward pass per seed set."""
+    """One backward pass per seed set; a diagonal residual's producer's own parameters
+    (``own``: ``(LocalProducers, z, R)``) are left out of its pass and pulled back at the
+    producer (:class:`LocalResidual`)."""
     terms = []
-    for seeds, sign, tag, direct in pending:
+    for seeds, sign, tag, direct, own in pending:
         with emit.naming(tag, pass_="diag_hessian"):
             columns = next(iter(seeds.values())).size(0)
-        cotangents = backward(emit, seeds, params, lead=1, tag=tag)
+        targets = params
+        if own is not None:
+            local, z, residual = own
+            kept = local.add_terms(z, residual, terms)
+            targets = [param for param in params if param not in kept]
+        cotangents = backward(emit, seeds, targets, lead=1, tag=tag)
         terms += _signed_terms(emit, cotangents, columns, sign, direct, make_source)
     return terms
 
@@ -131,7 +140,7 @@ def _combined_propagations(emit, pending, params, make_source) -> list:
     set (``O(T²)`` for ``T`` unrolled steps), at up to ``R`` columns everywhere."""
     terms = []
     for sign, tag in ((1.0, "plus"), (-1.0, "minus"), (None, "both")):
-        group = [(seeds, direct, s) for seeds, s, _, direct in pending
+        group = [(seeds, direct, s) for seeds, s, _, direct, _ in pending
                  if (s == sign if isinstance(s, float) else sign is None)]
         if not group:
             continue
@@ -184,9 +193,11 @@ class _Op:
     terms: list
 
 
-def _diagonal_seeds(emit, op: _Op) -> list:
+def _diagonal_seeds(emit, op: _Op, local: "_LocalProducers", terms: list) -> list:
     """``({arg: √|R|}, (mask₊, mask₋), tag)`` for each argument with a diagonal residual
-    ``R``: both parts in one factor, its columns of either sign masked (:func:`column_mask`)."""
+    ``R``: both parts in one factor, its columns of either sign masked (:func:`column_mask`);
+    where the argument's producer holds all the parameters it depends on, ``R``'s signed
+    parts are added to ``terms`` as they are (:class:`LocalResidual`) instead."""
     found = []
     for term in op.terms:
         if len(term.names) != 1 or term.kind in (ZERO, BLOCK):
@@ -197,12 +208,111 @@ def _diagonal_seeds(emit, op: _Op) -> list:
                              f"its argument '{name}' but no diagonal residual rule",
                              "Request the GGN (diag_ggn_exact) instead, or add a residual "
                              "rule to this op.")
-        residual = term.fn(op.g, op.ctx)
+        residual, z = term.fn(op.g, op.ctx), op.values[name]
+        if local.complete(z):
+            local.add_terms(z, residual, terms)
+            continue
         factor = emit.call(residual_sqrt, residual, 0.0, _where(op.node, op.rule),
                            factors.MAX_RESIDUAL_FACTOR_BYTES)
         masks = tuple(emit.call(column_mask, residual, sign) for sign in (1.0, -1.0))
-        found.append(({op.values[name]: factor}, masks, name))
+        own = (local, z, residual) if local.arguments(z) else None
+        found.append(({z: factor}, masks, name, {}, own))
     return found
+
+
+class _LocalProducers:
+    """Finds the diagonal residuals seeded on ``z = P(x, θ, ...)`` whose parameters are
+    ``P``'s own arguments: nothing else ``z`` depends on depends on a parameter (a first
+    layer), and ``P``'s rule pulls a diagonal curvature back to each of them
+    (``diagonal_squares``). ``J_θᵀ diag(R) J_θ`` is then computed at ``P`` directly: no
+    factor ``diag(√|R|)`` ``[D, N, D]`` (``D`` the entries of one sample's ``z``) is built and
+    propagated (not where ``P``'s rows may be merged, or the samples are coupled)."""
+
+    def __init__(self, emit: Emitter, traced, depends: dict, per_sample) -> None:
+        self.emit, self.depends, self.per_sample = emit, depends, per_sample
+        self.params = traced.params
+        self.names = {node: name for name, node in traced.params.items()}
+        self.merged = traced.memo.get("merged_rows", frozenset())
+        self.coupled = bool(traced.memo.get("coupled"))
+
+    def arguments(self, z: fx.Node) -> dict:
+        """``{parameter name: P's argument}``: the parameters that are ``P``'s own arguments,
+        declared in its ``diagonal_squares`` and not reaching its other arguments."""
+        rule = rule_for(z)
+        if rule is None or not rule.diagonal_squares or self.coupled or \
+                z not in self.per_sample:
+            return {}
+        bound = {arg: value for arg, value in rule.bind(z).items()
+                 if isinstance(value, fx.Node)}
+        if any(value in self.merged for value in bound.values()):
+            return {}
+        found = {}
+        for arg, value in bound.items():
+            name = self.names.get(value)
+            if name is not None and arg in rule.diagonal_squares and not any(
+                    name in self.depends.get(other, ()) for other in bound.values()
+                    if other is not value):
+                found[name] = arg
+        return found
+
+    def complete(self, z: fx.Node) -> bool:
+        """Whether every parameter ``z`` depends on is one of :meth:`arguments` (no
+        propagation is needed)."""
+        own = self.arguments(z)
+        return bool(own) and self.depends.get(z, frozenset()) <= frozenset(own)
+
+    def add_terms(self, z: fx.Node, residual: Any, terms: list) -> set:
+        """Append ``(LocalResidual, ±1)`` of ``residual``'s positive and negative parts at
+        ``P``'s own parameters to ``terms``; their nodes."""
+        arguments, rule = self.arguments(z), rule_for(z)
+        for sign in (1.0, -1.0):
+            part = self.emit.call(signed_part, residual, sign)
+            terms.append((LocalResidual(self.emit, self.params, z, rule, arguments, part), sign))
+        return {self.params[name] for name in arguments}
+
+
+def signed_part(residual: Tensor, sign: float) -> Tensor:
+    """``max(sign · R, 0)``: the positive or the negative part of a diagonal residual."""
+    return (residual * sign).clamp(min=0.0)
+
+
+class LocalResidual:
+    """One signed part ``r`` ``[N, *z.shape]`` of a diagonal residual at the output ``z`` of
+    ``P`` (:class:`_LocalProducers`), as the terms :class:`~passes.per_sample.SignedSum`
+    reads: ``Σ_d r_d (∂z_d/∂θ)²`` summed or per sample, and ``J_θᵀ diag(r) J_θ V``, by ``P``'s
+    rule (:func:`fxcurv.rules.contraction.diagonal_curvature`)."""
+
+    lead = 0  # not a propagated factor: never combined by the ops' ``signed_squares``
+
+    def __init__(self, emit: Emitter, params: dict, node: fx.Node, rule, arguments: dict,
+                 part: Any) -> None:
+        self.emit, self.params, self.node, self.rule = emit, params, node, rule
+        self.arguments, self.part = arguments, part
+        self._memo: dict = {}
+
+    def reaches(self, name: str) -> bool:
+        return name in self.arguments
+
+    def shortcut_use(self, name: str, field: str) -> None:
+        return None
+
+    def _quantity(self, kind: str, name: str, label: str, *extra: Any) -> Any:
+        if (kind, name) not in self._memo:
+            with self.emit.naming(f"{self.params[name].name}_{label}", pass_="per_sample",
+                                  param=name):
+                ctx = Ctx.of(self.node, self.rule, self.emit, 0)
+                self._memo[kind, name] = diagonal_curvature(
+                    kind, self.rule, self.arguments[name], self.part, ctx, *extra)
+        return self._memo[kind, name]
+
+    def sum_squares(self, name: str, label: str) -> Any:
+        return self._quantity("sum_squares", name, label)
+
+    def batch_sum_squares(self, name: str, label: str) -> Any:
+        return self._quantity("batch_sum_squares", name, label)
+
+    def product(self, name: str, label: str, vectors: Any) -> Any:
+        return self._quantity("product", name, label, vectors)
 
 
 def _where(node: fx.Node, rule) -> str:

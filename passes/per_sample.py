@@ -468,41 +468,64 @@ def _sum(parts: list) -> Any:
 SQUARES_KINDS = ("sum_squares", "batch_sum_squares")
 
 
-def _signed_squares(kind: str, name: str, full: str, terms: list, base: Any) -> Optional[Any]:
-    """``base + Σ_k sign_k`` of the squared quantity ``kind`` of several propagations (lead
-    1) of the parameter, by its one use's ``signed_squares`` formulas (each propagation's
-    share where its factor is, one product with the data for all of them, added to ``base``
-    in the same pass), or None where it has none."""
-    if kind not in SQUARES_KINDS or len(terms) < 2 or any(term.lead != 1 for term, _ in terms):
-        return None
-    for field in ("signed_squares", "contraction", "batch_grad"):
-        uses = [term.shortcut_use(name, field) for term, _ in terms]
-        if all(use is not None and use[:3:2] == uses[0][:3:2] for use in uses):
-            break
-    else:
-        return None
-    node, rule, arg = uses[0]
-    first = terms[0][0]
-    if node in first.merged:
-        return None
-    per_sample = kind == "batch_sum_squares"
-    with first.emit.naming(full, pass_="per_sample", param=name):
-        ctx = Ctx.of(node, rule, first.emit, 1)
-        factors, weights = _weighted_factors(first.emit, node, terms)
+def _signed_squares(kind: str, name: str, full: str, terms: list, base: Any,
+                    first: "PerSample") -> tuple[Any, list]:
+    """``(base + Σ_k sign_k ·`` the squared quantity ``kind`` of the terms it can fold, those
+    terms)``: the propagations (lead 1) whose factors meet the parameter at its one use, in
+    one pass by that use's ``signed_squares`` formulas (each factor's share where it is, one
+    product with the data for all), else one column-weighted pass per factor (its
+    contraction form, or its per-sample terms); and residuals pulled back at that use
+    (:class:`~passes.curvature.diag_hessian.LocalResidual`, lead 0) as the formulas'
+    ``diagonal`` shares. ``(base, [])`` where nothing folds (``first``: the GGN part's
+    propagation, for the emitter and the merged rows)."""
+    if kind not in SQUARES_KINDS:
+        return base, []
+    factored = [(term, sign) for term, sign in terms if term.lead == 1]
+    field, use = _common_use(name, factored)
+    local = [(term, sign) for term, sign in terms if term.lead == 0]
+    if use is None and local:  # no factor to fold: the residuals' own use
+        field, use, factored = "signed_squares", local[0][0].use(name), []
+    if use is None or use[0] in first.merged:
+        return base, []
+    node, rule, arg = use
+    formulas = rule.signed_squares.get(arg, ()) if field == "signed_squares" else ()
+    local = [(term, sign) for term, sign in local
+             if len(formulas) == 3 and term.use(name)[0::2] == (node, arg)]
+    if not factored and not local:
+        return base, []
+    emit, per_sample = first.emit, kind == "batch_sum_squares"
+    with emit.naming(full, pass_="per_sample", param=name):
+        ctx = Ctx.of(node, rule, emit, 1)
+        factors, weights = _weighted_factors(emit, node, factored) if factored else ([], [])
         if field == "contraction":  # the weighted squares of each factor's form, summed
             forms = [rule.contraction[arg](factor, ctx) for factor in factors]
             if any(form is None for form in forms):
-                return None
-            return base + _sum([contraction.weighted_squares(form, ctx, weight, per_sample)
-                                for form, weight in zip(forms, weights)])
-        if field == "batch_grad":  # the per-sample terms of each factor, squared, weighted
-            return base + _sum([first.emit.call(weighted_term_squares,
-                                                rule.batch_grad[arg](factor, ctx), weight,
-                                                per_sample)
-                                for factor, weight in zip(factors, weights)])
-        part, total = rule.signed_squares[arg]
-        shares = _sum([part(factor, weight, ctx) for factor, weight in zip(factors, weights)])
-        return total(shares, ctx, per_sample, base)
+                return base, []
+            total = base + _sum([contraction.weighted_squares(form, ctx, weight, per_sample)
+                                 for form, weight in zip(forms, weights)])
+        elif field == "batch_grad":  # the per-sample terms of each factor, squared, weighted
+            total = base + _sum([emit.call(weighted_term_squares,
+                                           rule.batch_grad[arg](factor, ctx), weight,
+                                           per_sample)
+                                 for factor, weight in zip(factors, weights)])
+        else:
+            shares = [formulas[0](factor, weight, ctx)
+                      for factor, weight in zip(factors, weights)]
+            diagonal = Ctx.of(node, rule, emit, 0)
+            shares += [formulas[2](term.part, diagonal) * sign for term, sign in local]
+            total = formulas[1](_sum(shares), ctx, per_sample, base)
+    return total, [term for term, _ in factored + local]
+
+
+def _common_use(name: str, terms: list) -> tuple[Optional[str], Optional[tuple]]:
+    """``(field, (node, rule, arg))``: the parameter's one use, the same in every term, with
+    the most specific formula its rule has (``signed_squares``, a ``contraction`` form, a
+    per-sample rule); ``(None, None)`` without terms or such a use."""
+    for field in ("signed_squares", "contraction", "batch_grad") if terms else ():
+        uses = [term.shortcut_use(name, field) for term, _ in terms]
+        if all(use is not None and use[:3:2] == uses[0][:3:2] for use in uses):
+            return field, uses[0]
+    return None, None
 
 
 def weighted_term_squares(terms: Tensor, weights: Tensor, per_sample: bool) -> Tensor:
@@ -585,13 +608,10 @@ class SignedSum:
             reached = [(term, sign) for term, sign in self.terms[1:] if term.reaches(name)]
             parts = [(getattr(first, kind)(name, f"{label}_part", *args), 1.0)]
             full = f"{first.params[name].name}_{label}"
-            factored = [(term, sign) for term, sign in reached if term.lead == 1]
-            total = _signed_squares(kind, name, full, factored, parts[0][0])
-            if total is None:
-                factored, total = [], parts[0][0]
+            total, folded = _signed_squares(kind, name, full, reached, parts[0][0], first)
             parts = [(total, 1.0)] + [
                 (getattr(term, kind)(name, f"{label}_part", *args), sign)
-                for term, sign in reached if not any(term is done for done, _ in factored)]
+                for term, sign in reached if not any(term is done for done in folded)]
             with first.emit.naming(full, pass_="per_sample", param=name):
                 total = parts[0][0]
                 for value, sign in parts[1:]:

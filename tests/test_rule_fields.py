@@ -17,7 +17,9 @@ every rule case (``rule_cases.py``) whose op declares the field, in float64:
 * ``samples``: ``REDUCED`` outputs are 0-dim; ``KEPT`` outputs keep the data's sample axis 0
   and sample ``n`` of the output depends on sample ``n`` of the data only.
 * ``signed_squares``: ``base + Σ_k Σ_l w_k[l, n] q_{k,l,n}²`` (summed over ``n``, or per
-  sample) for several weighted factors, against autograd's per-sample gradients.
+  sample) for several weighted factors, minus a diagonal curvature's share
+  (``Σ_d r_d (∂y_d/∂w)²``, the optional ``diagonal`` formula), against autograd's per-sample
+  gradients and the Jacobian.
 * ``mixes_samples``: an op that gives no reason keeps the samples of its data apart.
 * ``stack_uses``: two calls on one parameter act like one call on their data concatenated
   along positions (Jacobian-transpose and per-sample term).
@@ -37,7 +39,7 @@ from fxcurv.passes.normalize import normalize
 from fxcurv.rules import KEPT, REDUCED, Ctx, rule_for
 from fxcurv.trace import CurvatureTracer
 from rule_cases import CASES
-from rule_harness import Case, case, reference_batch_grads
+from rule_harness import Case, case, reference_batch_grads, reference_diagonal_curvature
 
 gen = torch.Generator().manual_seed(23)
 
@@ -365,18 +367,27 @@ def test_signed_squares_equal_weighted_squared_terms(c, arg, name, per_sample):
     param = c.inputs[c.names.index(name)]
     base = rand(*([samples] if per_sample else []), *param.shape)
 
-    def emit_fn(e, node, rule, f0, f1, w0, w1, b):
-        part, total = rule.signed_squares[arg]
-        ctx = Ctx.of(node, rule, e, 1)
-        return total(part(f0, w0, ctx) + part(f1, w1, ctx), ctx, per_sample, b)
+    diagonal = rand(*out.shape)  # a diagonal curvature at the output, subtracted
 
-    actual = _run(c, emit_fn, *factors, *weights, base)
+    def emit_fn(e, node, rule, f0, f1, w0, w1, r, b):
+        formulas = rule.signed_squares[arg]
+        ctx = Ctx.of(node, rule, e, 1)
+        shares = formulas[0](f0, w0, ctx) + formulas[0](f1, w1, ctx)
+        if len(formulas) == 3:
+            shares = shares - formulas[2](r, Ctx.of(node, rule, e, 0))
+        return formulas[1](shares, ctx, per_sample, b)
+
+    actual = _run(c, emit_fn, *factors, *weights, diagonal, base)
     expected = base.clone()
     for g, w in zip(factors, weights):
         q = reference_batch_grads(c, g, 1)[c.params.index(name)]          # [L, N, *p]
         w = w.expand(g.size(0), samples).reshape(g.size(0), samples, *[1] * param.dim())
         squares = (w * q.square()).sum(0)
         expected = expected + (squares if per_sample else squares.sum(0))
+    if len(_single_op(c)[2].signed_squares[arg]) == 3:
+        squares = reference_diagonal_curvature(c, diagonal, name, rand(1, *param.shape))[
+            "diagonal_batch_sum_squares"]
+        expected = expected - (squares if per_sample else squares.sum(0))
     torch.testing.assert_close(actual, expected, rtol=1e-10, atol=1e-12)
 
 

@@ -44,14 +44,19 @@ def linear_weight_squares_part(g: Tensor, weight: Tensor, x: Tensor, param: Tens
     if xm.size(1) == 1:
         squares = g.reshape(-1, xm.size(0), g.size(-1)).square()             # [L, N, O]
         return (squares * weight.unsqueeze(-1)).sum(0)
-    shape = list(weight.shape) + [1] * (g.dim() - 2)
-    parts: List[Tensor] = []
-    for sign in (1.0, -1.0):
-        left, right = linear_factors(g * (weight * sign).clamp(min=0.0).sqrt().reshape(shape),
-                                     x, 1)
-        parts.append(contraction_batch_sum_squares(left, right, param, 1, False, False, False))
-    return parts[0] - parts[1]
+    left, right = linear_factors(g, x, 1)
+    return contraction_batch_sum_squares(left, right, param, 1, False, False, False, weight)
 
+
+def linear_weight_diagonal_share(r: Tensor, x: Tensor) -> Tensor:
+    """The share (:func:`linear_weight_squares_part`'s shape) of a diagonal curvature ``r``
+    ``[N, *, O]`` at the output: ``Σ_d r_d (∂y_d/∂W)²`` per sample is ``r ⊗ x²``, for one
+    position ``r`` ``[N, O]`` itself; with positions ``Σ_t r_t x_t²ᵀ`` ``[N, O, I]``."""
+    xm = merge_middle(x, 1)
+    rm = merge_middle(r, 1)
+    if xm.size(1) == 1:
+        return rm[:, 0]
+    return torch.matmul(rm.transpose(1, 2), xm.square())
 
 def linear_weight_squares_total(partial: Tensor, x: Tensor, per_sample: bool,
                                 base: Tensor) -> Tensor:
@@ -69,6 +74,12 @@ def linear_weight_squares_total(partial: Tensor, x: Tensor, per_sample: bool,
 def linear_bias_squares_part(g: Tensor, weight: Tensor) -> Tensor:
     """``Σ_l w_l (Σ_t g_lt)²`` ``[N, O]`` of ``g`` ``[L, N, *, O]`` with column weights."""
     return (sum_middle(g, 2).square() * weight.unsqueeze(-1)).sum(0)
+
+
+def linear_bias_diagonal_share(r: Tensor) -> Tensor:
+    """The share of a diagonal curvature ``r`` ``[N, *, O]`` at the output for the bias
+    (coefficient 1 at every position): ``Σ_t r_t`` ``[N, O]``."""
+    return sum_middle(r, 1)
 
 
 def linear_bias_squares_total(partial: Tensor, per_sample: bool, base: Tensor) -> Tensor:
@@ -126,10 +137,12 @@ register(
         "weight": (lambda g, w, c: c.call(linear_weight_squares_part, g, w, c.args.input,
                                                   c.args.weight),
                    lambda s, c, per_sample, base: c.call(
-                       linear_weight_squares_total, s, c.args.input, per_sample, base)),
+                       linear_weight_squares_total, s, c.args.input, per_sample, base),
+                   lambda r, c: c.call(linear_weight_diagonal_share, r, c.args.input)),
         "bias": (lambda g, w, c: c.call(linear_bias_squares_part, g, w),
                  lambda s, c, per_sample, base: c.call(linear_bias_squares_total, s,
-                                                        per_sample, base))},
+                                                        per_sample, base),
+                 lambda r, c: c.call(linear_bias_diagonal_share, r))},
     diagonal_squares={"weight": "form", "bias": "unit"},
     jvp={"input": lambda t, c: torch.matmul(t, c.args.weight.t()),
          "weight": lambda v, c: c.call(linear_weight_tangent, c.args.input, v),

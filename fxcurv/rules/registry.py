@@ -171,7 +171,10 @@ class OpRule:
     # weighted (``[L, N]``, or ``[1, 1]``: a sign), in two steps: ``part(g, w, c)`` each
     # factor's share (right after its propagation, a small ``[N, O]`` for a linear layer),
     # ``total(Σ shares, c, per_sample, base)`` ``base +`` the result (one product with the
-    # data for all of them: the Hessian's residual parts added to its GGN part)
+    # data for all of them: the Hessian's residual parts added to its GGN part); an optional
+    # third ``diagonal(r, c)`` (lead 0): the share, in ``part``'s shape, of a diagonal
+    # curvature ``r`` at the output (a residual pulled back at its producer,
+    # ``diagonal_squares``), added to the others before the one product
     signed_squares: dict[str, tuple] = field(default_factory=dict)
     # a diagonal curvature ``diag(r)`` at the output (an elementwise op's residual right
     # after this op), ``Σ_d r_d (∂y_d/∂arg)²`` without a square-root factor

@@ -296,6 +296,10 @@ class LocalResidual:
     def shortcut_use(self, name: str, field: str) -> None:
         return None
 
+    def use(self, name: str) -> tuple:
+        """``(P, its rule, the argument)`` where parameter ``name`` meets ``P``."""
+        return self.node, self.rule, self.arguments[name]
+
     def _quantity(self, kind: str, name: str, label: str, *extra: Any) -> Any:
         if (kind, name) not in self._memo:
             with self.emit.naming(f"{self.params[name].name}_{label}", pass_="per_sample",

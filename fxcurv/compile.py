@@ -246,13 +246,25 @@ def _extract(emit: Emitter, traced: Traced, requested: list, cotangents: dict, g
         the factors)."""
         if traced.memo["coupled"]:
             return source(quantity.source).product(name, quantity.name, vectors[name])
-        if quantity.source not in tangents:
-            tangents[quantity.source] = TangentProducts(emit, traced, cotangents,
-                                                        quantity.source)
-        value = tangents[quantity.source].product(name, vectors[name])
+        value = tangents_of(quantity.source).product(name, vectors[name])
         if value is None:
             value = source(quantity.source).product(name, quantity.name, vectors[name])
         return value
+
+    def tangents_of(propagation: q.Propagation) -> TangentProducts:
+        if propagation not in tangents:
+            tangents[propagation] = TangentProducts(emit, traced, cotangents, propagation)
+        return tangents[propagation]
+
+    def diagonal(quantity, name: str, method) -> Any:
+        """The Hessian's diagonal (summed or per sample) of a parameter with few entries on
+        a chain by its entries' forward tangents (passes/curvature/products.py), else from
+        the propagated factors."""
+        value = None
+        if quantity.source is q.HESSIAN and not traced.memo["coupled"]:
+            value = tangents_of(quantity.source).diagonal(
+                name, quantity.extract.method == "batch_sum_squares")
+        return method(name, quantity.name) if value is None else value
 
     inputs = {"grad": grads, "vectors": vectors}
     results = []
@@ -260,6 +272,9 @@ def _extract(emit: Emitter, traced: Traced, requested: list, cotangents: dict, g
         with emit.requesting(label):
             if quantity.extract.method == "product":
                 values = {name: product(quantity, name) for name in traced.params}
+            elif quantity.source is q.HESSIAN:
+                method = getattr(source(quantity.source), quantity.extract.method)
+                values = {name: diagonal(quantity, name, method) for name in traced.params}
             else:
                 method = getattr(source(quantity.source), quantity.extract.method)
                 reads = [inputs[kind] for kind in quantity.extract.reads]

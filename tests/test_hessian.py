@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch.func import functional_call, grad, hessian, jacrev, vmap
 
 import fxcurv
+from fxcurv.passes.curvature import products
 from setups import (FunctionalWithScale, Gated, LayerNormNet, ResidualMLP, default_dtype,
                     make_batch, randomize_bn, with_head)
 
@@ -479,6 +480,57 @@ def test_products_by_forward_tangents_on_chains():
     assert "residual_sqrt" not in code and "sqrt_ggn" not in code
     model, loss_fn, _, _ = build_case("residual_tanh_mse")
     assert "residual_sqrt" in fxcurv.compile(model, loss_fn, ["hmp"]).code
+
+
+@pytest.fixture
+def residual_factors_only(monkeypatch):
+    """Every parameter's Hessian diagonal from the residual factors (no parameter is small
+    enough for its entries' forward tangents)."""
+    monkeypatch.setattr(products, "MAX_DIAGONAL_TANGENTS", 0)
+
+
+@pytest.mark.parametrize("case", list(BRUTE_CASES))
+def test_diag_h_by_residual_factors_equals_brute_force(case, residual_factors_only):
+    """The factor path that the chains' small parameters now skip, on every brute-force
+    case (the default run takes those parameters' diagonals from tangents)."""
+    model, loss_fn, x, y = build_case(case)
+    ours = run_fxcurv(model, loss_fn, x, y, ("diag_h", "diag_h_batch"))
+    _, ref = brute_case(case)
+    for quantity in ("diag_h", "diag_h_batch"):
+        assert_dicts_close(ours[quantity], ref[quantity], f"{case} {quantity} (factors)")
+
+
+@pytest.mark.parametrize("layer", [name for name, (_, _, supported) in LAYERS.items()
+                                   if "diag_h" in supported])
+def test_diag_h_by_residual_factors_equals_backpack(layer, residual_factors_only,
+                                                    float64_default):
+    _, in_shape, _ = LAYERS[layer]
+    x, y = make_batch(in_shape, None, "ce_mean", N)
+    compare_backpack(make_model(layer), LOSSES["ce_mean"](), x, y, DIAG)
+
+
+def test_diag_h_of_small_parameters_on_a_chain_by_forward_tangents():
+    """Convolutions, tanh, max pooling, flatten and linear up to the loss: the first layer
+    has 10 entries, fewer than the 12 channels of the sigmoid above the next layer, so its
+    Hessian diagonal comes from its entries' tangents; the layers above pull their own
+    residuals back (no residual factor at all). Where the first layer has more entries than
+    that lower bound, or there is a residual connection, the factors."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(1, 2, 2), nn.Tanh(), nn.MaxPool2d(2), nn.Conv2d(2, 12, 2),
+                          nn.Sigmoid(), nn.Flatten(), nn.Linear(48, 3)).to(DTYPE)
+    step = fxcurv.compile(model, nn.CrossEntropyLoss(), ["diag_h", "diag_h_batch"])
+    assert "tangent_diagonal" in step.code and "residual_sqrt" not in step.code
+    x, y = torch.randn(5, 1, 7, 7, dtype=DTYPE), torch.tensor([0, 2, 1, 1, 0])
+    _, _, diag_h, diag_h_batch = step(x, y)
+    ref = brute_force(model, nn.CrossEntropyLoss(), x, y, random_vectors(model))
+    assert_dicts_close(diag_h, ref["diag_h"], "diag_h by tangents")
+    assert_dicts_close(diag_h_batch, ref["diag_h_batch"], "diag_h_batch by tangents")
+    model[0] = nn.Conv2d(1, 4, 2).to(DTYPE)  # 20 entries > 12
+    model[3] = nn.Conv2d(4, 12, 2).to(DTYPE)
+    assert "tangent_diagonal" not in fxcurv.compile(model, nn.CrossEntropyLoss(),
+                                                    ["diag_h"]).code
+    model, loss_fn, _, _ = build_case("residual_tanh_mse")
+    assert "residual_sqrt" in fxcurv.compile(model, loss_fn, ["diag_h"]).code
 
 
 @pytest.mark.parametrize("case", list(BRUTE_CASES))

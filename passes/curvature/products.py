@@ -17,6 +17,11 @@ propagations of ``diag_hessian.py`` square, without the ``[C, N, …]`` and ``[D
 factors: ``O(V·K)`` layer products per parameter, exact. A parameter whose path is not such
 a chain (several uses, branches, ops without tangent rules, a loss without a factor) gets
 ``None``; the caller then multiplies with the propagated factors.
+
+With ``v`` the unit vectors of a small parameter's ``P`` entries, the same sweep gives the
+Hessian's diagonal (``diag_h``, per sample ``diag_h_batch``): ``diag(H_pp)_j =
+Σ_n [Σ_c (s_nc · t_K,jn)² + Σ_i Σ_d R_i,nd t_{i-1},jnd²]``, ``O(P·K)`` layer calls instead of
+the residual factors' ``Σ_i D_i`` columns (:meth:`TangentProducts.diagonal`).
 """
 from __future__ import annotations
 
@@ -27,10 +32,13 @@ import torch.fx as fx
 from torch import Tensor
 
 from fxcurv.emit import Emitter
-from fxcurv.rules import Ctx, rule_for
+from fxcurv.rules import ELEMENTWISE, RESHAPES, WINDOW_MAX, Ctx, rule_for
 
 from ..analysis import depends_on, sample_carriers
 
+# the most entries of a parameter whose Hessian diagonal is taken from its entries' tangents
+# (one forward sweep per entry along its chain) rather than from the residual factors
+MAX_DIAGONAL_TANGENTS = 1024
 # how the residuals enter, by the propagation's signs of their positive and negative parts
 RESIDUAL_MODES = {(1.0, -1.0): "identity", (1.0, 1.0): "abs", (1.0, 0.0): "clip"}
 
@@ -42,6 +50,32 @@ def output_hessian_product(factor: Tensor, tangent: Tensor) -> Tensor:
     t = tangent.flatten(2).transpose(0, 1)               # [N, V, D]
     projections = torch.matmul(t, s.transpose(1, 2))     # [N, V, C]
     return torch.matmul(projections, s).transpose(0, 1).reshape(tangent.shape)
+
+
+def output_squares(factor: Tensor, tangent: Tensor) -> Tensor:
+    """``Σ_c (s_nc · t_kn)²`` ``[K, N]``: ``factor`` ``[C, N, *out]``, ``tangent``
+    ``[K, N, *out]`` (the GGN's diagonal entries from the tangents of unit vectors)."""
+    s = factor.flatten(2).transpose(0, 1)                # [N, C, D]
+    t = tangent.flatten(2).transpose(0, 1)               # [N, K, D]
+    return torch.matmul(t, s.transpose(1, 2)).square().sum(-1).t()
+
+
+def residual_squares(residual: Tensor, tangent: Tensor) -> Tensor:
+    """``Σ_d R_nd t_knd²`` ``[K, N]``: ``residual`` ``[N, *x]``, ``tangent`` ``[K, N, *x]``."""
+    return (tangent.square() * residual).flatten(2).sum(-1)
+
+
+def unit_vectors(param: Tensor) -> Tensor:
+    """``[P, *p.shape]``: the ``P = p.numel()`` unit vectors of the parameter's entries."""
+    eye = torch.eye(param.numel(), dtype=param.dtype, device=param.device)
+    return eye.reshape([param.numel()] + list(param.shape))
+
+
+def entries_as_parameter(squares: Tensor, param: Tensor, per_sample: bool) -> Tensor:
+    """``[P, N]`` -> ``[N, *p.shape]`` per sample, else summed over the samples."""
+    if per_sample:
+        return squares.t().reshape([squares.size(1)] + list(param.shape))
+    return squares.sum(1).reshape(param.shape)
 
 
 def modified_residual(residual: Tensor, mode: str) -> Tensor:
@@ -86,6 +120,61 @@ class TangentProducts:
                 if residual is not None:
                     g = g + residual * t_in
             return rule.vjp[arg](g, Ctx.of(u, rule, self.emit, 1))
+
+    def diagonal(self, name: str, per_sample: bool) -> Optional[Any]:
+        """The Hessian's diagonal for parameter ``name`` (``[N, *p]`` per sample, else
+        ``p.shape``) from the tangents of its ``P`` entries' unit vectors along its chain:
+        ``Σ_c (s_c·t_K)²`` at the loss plus ``Σ_d R_d t_d²`` at every op with a residual.
+        ``O(P·K)`` layer calls in place of the residual factors' ``O(Σ D)`` columns: only where
+        the parameter's layer has at most :data:`MAX_DIAGONAL_TANGENTS` entries in all and no
+        more than the factors would have columns there (:meth:`_columns_above`, else the
+        factors are cheaper); None where it does not apply."""
+        param = self.traced.params[name]
+        found = self._chain(name) if self.mode == "identity" else None
+        if found is None or (per_sample and self.traced.memo.get("merged_rows")):
+            return None
+        (u, rule, arg), chain = found
+        params = set(self.traced.params.values())  # the layer's parameters, together: the
+        entries = sum(self.traced.attrs[v.target].numel()  # factors reach it for any one
+                      for v in rule.bind(u).values() if isinstance(v, fx.Node) and v in params)
+        if entries > min(MAX_DIAGONAL_TANGENTS, self._columns_above(chain)):
+            return None
+        with self.emit.naming(f"{param.name}_tangent_diagonal", pass_="products"):
+            vectors = self.emit.call(unit_vectors, self.emit.proxy(param))
+            tangent = rule.jvp[arg](vectors, Ctx.of(u, rule, self.emit, 1))
+            squares = []
+            for node, node_rule, node_arg in chain:
+                residual = self._residual(node, node_rule, node_arg)
+                if residual is not None:
+                    squares.append(self.emit.call(residual_squares, residual, tangent))
+                fn = node_rule.jvp.get(node_arg) or node_rule.vjp[node_arg]
+                tangent = fn(tangent, Ctx.of(node, node_rule, self.emit, 1))
+            total = self.emit.call(output_squares, self._loss_factor(), tangent)
+            for part in squares:
+                total = total + part
+            return self.emit.call(entries_as_parameter, total, self.emit.proxy(param),
+                                  per_sample)
+
+    def _columns_above(self, chain: list) -> int:
+        """A lower bound of the residual factors' columns the parameter's diagonal would need
+        (``Σ D`` of the residuals past the next layer on the chain; its own layer's residual
+        needs no factor, ``diag_hessian.LocalResidual``): each residual's per-sample entries
+        are at least the output features (``shape[0]`` of the parameter) of the last layer
+        before it that pulls a diagonal back (``diagonal_squares``: linear, convolutions);
+        0 where an op in between may change the width otherwise."""
+        params = set(self.traced.params.values())
+        total, width, past_layer = 0, 0, False
+        for node, rule, arg in chain:
+            others = [v for k, v in rule.bind(node).items()
+                      if k != arg and isinstance(v, fx.Node) and v in params]
+            if others and rule.diagonal_squares:
+                width = max(self.traced.attrs[v.target].shape[0] for v in others)
+                past_layer = True
+            elif not (rule.has(ELEMENTWISE) or rule.has(RESHAPES) or rule.has(WINDOW_MAX)):
+                width = 0
+            if past_layer and not rule.zero_hessian(arg, rule.bind(node)):
+                total += width
+        return total
 
     def _loss_factor(self) -> Any:
         if self._factor is None:

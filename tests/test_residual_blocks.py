@@ -300,11 +300,18 @@ def test_oversized_block_is_refused_when_the_step_runs(monkeypatch):
 
 
 def test_oversized_elementwise_residual_factor_is_refused(monkeypatch):
+    """A residual that must travel past its own layer needs the factor ``[D, N, D]``: over
+    the limit, refused when the step runs. One that only reaches its own layer's weight and
+    bias is pulled back there and needs none (``diag_hessian.LocalResidual``)."""
     from fxcurv.passes.curvature import factors  # noqa: PLC0415
     monkeypatch.setattr(factors, "MAX_RESIDUAL_FACTOR_BYTES", 6 * 6 * 4 - 1)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 3))
     x, y = torch.randn(5, 4), torch.randint(0, 3, (5,))
+    first_layer_only = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(),
+                                           torch.nn.Linear(6, 3))
+    fxcurv.compile(first_layer_only, torch.nn.CrossEntropyLoss(), ["diag_h"])(x, y)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 6), torch.nn.Tanh(), torch.nn.Linear(6, 6),
+                                torch.nn.Tanh(), torch.nn.Linear(6, 3))
     step = fxcurv.compile(model, torch.nn.CrossEntropyLoss(), ["diag_h"])
-    with pytest.raises(RuntimeError, match=r"node .\w*tanh\w*. \(tanh\).*D = 6 and N = 5"
+    with pytest.raises(RuntimeError, match=r"node .tanh_1. \(tanh\).*D = 6 and N = 5"
                        r".*diag_ggn_exact"):
         step(x, y)

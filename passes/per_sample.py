@@ -478,7 +478,7 @@ def _signed_squares(kind: str, name: str, full: str, terms: list, base: Any,
     (:class:`~passes.curvature.diag_hessian.LocalResidual`, lead 0) as the formulas'
     ``diagonal`` shares. ``(base, [])`` where nothing folds (``first``: the GGN part's
     propagation, for the emitter and the merged rows)."""
-    if kind not in SQUARES_KINDS:
+    if kind not in SQUARES_KINDS or first.coupled:  # (coupled: squares of column totals)
         return base, []
     factored = [(term, sign) for term, sign in terms if term.lead == 1]
     field, use = _common_use(name, factored)

@@ -221,12 +221,13 @@ def _diagonal_seeds(emit, op: _Op, local: "_LocalProducers", terms: list) -> lis
 
 
 class _LocalProducers:
-    """Finds the diagonal residuals seeded on ``z = P(x, θ, ...)`` whose parameters are
-    ``P``'s own arguments: nothing else ``z`` depends on depends on a parameter (a first
-    layer), and ``P``'s rule pulls a diagonal curvature back to each of them
-    (``diagonal_squares``). ``J_θᵀ diag(R) J_θ`` is then computed at ``P`` directly: no
-    factor ``diag(√|R|)`` ``[D, N, D]`` (``D`` the entries of one sample's ``z``) is built and
-    propagated (not where ``P``'s rows may be merged, or the samples are coupled)."""
+    """For a diagonal residual ``R`` seeded on ``z = P(x, θ, ...)``: the parameters ``θ``
+    that are ``P``'s own arguments, which ``P``'s rule pulls a diagonal curvature back to
+    (``diagonal_squares``) and which reach no other argument of ``P``. Their part
+    ``J_θᵀ diag(R) J_θ`` is computed at ``P`` directly, and the factor ``diag(√|R|)``
+    ``[D, N, D]`` (``D`` the entries of one sample's ``z``) is propagated only to the
+    parameters further up; where ``z`` depends on no other parameter (a first layer), no
+    factor is built at all. Not where ``P``'s rows may be merged, or the samples coupled."""
 
     def __init__(self, emit: Emitter, traced, depends: dict, per_sample) -> None:
         self.emit, self.depends, self.per_sample = emit, depends, per_sample

@@ -98,7 +98,9 @@ class ExampleValues:
                                f"it, got {type(example).__name__}.")
         self.mode = FakeTensorMode(allow_non_fake_inputs=True)
         self.root = root
-        self.fakes: dict[int, Tensor] = {}
+        # id -> (the tensor, its fake): the tensor is kept so that its id is not reused by
+        # another one (a temporary attribute, the one-more-sample batch) while it is a key
+        self.fakes: dict[int, tuple[Tensor, Tensor]] = {}
         # (before tracing: while it runs, parameters dispatch to Proxies)
         self.states = {name: self._fake(t) for name, t in
                        [*root.named_parameters(remove_duplicate=False),
@@ -115,10 +117,11 @@ class ExampleValues:
         def convert(t):
             if not isinstance(t, Tensor):
                 return t
-            if id(t) not in self.fakes:
+            known = self.fakes.get(id(t))
+            if known is None or known[0] is not t:
                 with torch._C.DisableTorchFunction():  # (no tracer dispatch)
-                    self.fakes[id(t)] = self.mode.from_tensor(t)
-            return self.fakes[id(t)]
+                    known = self.fakes[id(t)] = (t, self.mode.from_tensor(t))
+            return known[1]
         return pytree.tree_map(convert, value)
 
     def record(self, node: fx.Node) -> None:

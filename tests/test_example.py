@@ -290,3 +290,18 @@ def test_a_rank_read_as_the_example_and_numpys_axis_keyword():
         torch.testing.assert_close(value, per_sample[name])
     with pytest.raises(ValueError, match="shape"):
         step(torch.randn(3, 5, 2, 4, dtype=DTYPE), y)
+
+
+def test_a_fake_value_is_never_one_of_another_tensor_with_a_reused_id():
+    """The example's fake values are looked up by ``id``: a tensor freed while tracing (the
+    one-more-sample batch, a temporary attribute) may leave its id to a new one, which must
+    get its own fake value, not the freed tensor's. (A constant the tracer creates for the
+    forward, such as Funnel's, could take the id of the freed one-more-sample batch: its
+    fake value then had the wrong shape, later ops had none, and a branch on a size failed
+    to trace, in one full suite run of several.)"""
+    from fxcurv.example import ExampleValues  # noqa: PLC0415
+    values = ExampleValues((torch.randn(2, 3), torch.zeros(2)), nn.Linear(3, 1))
+    freed, new = torch.randn(5), torch.randn(4, 4)
+    values.fakes[id(new)] = (freed, values._fake(freed))  # as if ``new`` had freed's old id
+    assert values._fake(new).shape == (4, 4)
+    assert values._fake(new) is values._fake(new)  # (one fake per live tensor)

@@ -256,15 +256,16 @@ def _extract(emit: Emitter, traced: Traced, requested: list, cotangents: dict, g
             tangents[propagation] = TangentProducts(emit, traced, cotangents, propagation)
         return tangents[propagation]
 
-    def diagonal(quantity, name: str, method) -> Any:
+    def diagonal(quantity, name: str) -> Any:
         """The Hessian's diagonal (summed or per sample) of a parameter with few entries on
         a chain by its entries' forward tangents (passes/curvature/products.py), else from
         the propagated factors."""
-        value = None
-        if quantity.source is q.HESSIAN and not traced.memo["coupled"]:
-            value = tangents_of(quantity.source).diagonal(
-                name, quantity.extract.method == "batch_sum_squares")
-        return method(name, quantity.name) if value is None else value
+        value = None if traced.memo["coupled"] else tangents_of(quantity.source).diagonal(
+            name, quantity.extract.method == "batch_sum_squares")
+        if value is None:
+            value = getattr(source(quantity.source), quantity.extract.method)(name,
+                                                                              quantity.name)
+        return value
 
     inputs = {"grad": grads, "vectors": vectors}
     results = []
@@ -273,8 +274,7 @@ def _extract(emit: Emitter, traced: Traced, requested: list, cotangents: dict, g
             if quantity.extract.method == "product":
                 values = {name: product(quantity, name) for name in traced.params}
             elif quantity.source is q.HESSIAN:
-                method = getattr(source(quantity.source), quantity.extract.method)
-                values = {name: diagonal(quantity, name, method) for name in traced.params}
+                values = {name: diagonal(quantity, name) for name in traced.params}
             else:
                 method = getattr(source(quantity.source), quantity.extract.method)
                 reads = [inputs[kind] for kind in quantity.extract.reads]

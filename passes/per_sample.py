@@ -33,7 +33,7 @@ from torch import Tensor
 from fxcurv.emit import Emitter
 from fxcurv.errors import node_error
 from fxcurv.rules import Ctx, OpRule, contraction, rule_for
-from fxcurv.rules.helpers import rows_apart_by_sample
+from fxcurv.rules.helpers import column_scaled, rows_apart_by_sample
 
 from .analysis import ancestors
 from .backward import joined_use
@@ -531,7 +531,7 @@ def _common_use(name: str, terms: list) -> tuple[Optional[str], Optional[tuple]]
 def weighted_term_squares(terms: Tensor, weights: Tensor, per_sample: bool) -> Tensor:
     """``Σ_k w_kn q_kn²`` of per-sample terms ``q`` ``[K, N, *p]`` with column weights ``w``
     (``[K, N]`` or ``[1, 1]``): ``[N, *p]`` per sample, else summed over the samples."""
-    squares = terms.square() * weights.reshape(list(weights.shape) + [1] * (terms.dim() - 2))
+    squares = column_scaled(terms.square(), weights)
     return squares.sum(0) if per_sample else squares.sum([0, 1])
 
 

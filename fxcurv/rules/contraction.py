@@ -46,7 +46,7 @@ from typing import Any, Callable, List, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .helpers import rows_apart_by_sample
+from .helpers import column_scaled, rows_apart_by_sample
 from .registry import fresh
 
 
@@ -196,10 +196,9 @@ def contraction_sum_squares(left: Tensor, right: Tensor, weight: Tensor, lead: i
 
 
 def _weighted(squares: Tensor, weights: Optional[Tensor]) -> Tensor:
-    """``squares`` ``[K, N, ...]`` times ``weights`` ``[K, N]`` (None: unweighted)."""
-    if weights is None:
-        return squares
-    return squares * weights.reshape(list(weights.shape) + [1] * (squares.dim() - 2))
+    """``squares`` ``[K, N, ...]`` times ``weights`` (``[K, N]`` or ``[1, 1]``; None:
+    unweighted)."""
+    return squares if weights is None else column_scaled(squares, weights)
 
 
 def square_sums_by_vector(flat: Tensor, right: Tensor, weight: Tensor, last: bool,
@@ -209,14 +208,21 @@ def square_sums_by_vector(flat: Tensor, right: Tensor, weight: Tensor, last: boo
     (:func:`_chunked_squares`: thousands of residual columns of a depthwise convolution in a
     few products, not one each)."""
     if index:
-        total = torch.zeros(0, dtype=flat.dtype, device=flat.device)
-        for vector in range(flat.size(0)):
-            row = None if weights is None else weights[min(vector, weights.size(0) - 1)]
-            term = _weighted(outer(flat[vector], right, weight, 0, last, index).square()
-                             .unsqueeze(0), None if row is None else row.unsqueeze(0))
-            total = term.sum([0, 1]) if vector == 0 else total + term.sum([0, 1])
-        return total
+        return _indexed_squares(flat, right, weight, last, weights).sum(0)
     return _chunked_squares(flat, right, weight, last, False, weights)
+
+
+def _indexed_squares(flat: Tensor, right: Tensor, weight: Tensor, last: bool,
+                     weights: Optional[Tensor]) -> Tensor:
+    """``Σ_k w_kn q_kn²`` ``[N, G, A, B]`` of an index factor, one lead vector at a time."""
+    columns = None if weights is None else weights.expand(flat.size(0), flat.size(1))
+    total = torch.zeros(0, dtype=flat.dtype, device=flat.device)
+    for vector in range(flat.size(0)):
+        term = outer(flat[vector], right, weight, 0, last, True).square()
+        if columns is not None:
+            term = column_scaled(term.unsqueeze(0), columns[vector:vector + 1])[0]
+        total = term if vector == 0 else total + term
+    return total
 
 
 def _chunked_squares(flat: Tensor, right: Tensor, weight: Tensor, last: bool,
@@ -246,9 +252,9 @@ def _chunked_squares(flat: Tensor, right: Tensor, weight: Tensor, last: bool,
         by_sample = part.transpose(0, 1).reshape([samples * groups, -1, part.size(-1)])
         terms = torch.bmm(by_sample, rhs)                              # [N·G, k·A, B]
         squares = terms.square_().view([samples, groups, count, features, rows])
-        if weights is not None:
-            rows_of = weights[start:start + count] if weights.size(0) > 1 else weights
-            squares = squares * rows_of.t().reshape([-1, 1, rows_of.size(0), 1, 1])
+        if weights is not None:  # (columns [k, N] -> [N, 1, k, 1, 1])
+            columns = weights.expand(flat.size(0), samples)[start:start + count]
+            squares = squares * columns.t().reshape([samples, 1, count, 1, 1])
         total += squares.sum(2) if per_sample else squares.sum([0, 2])
     return total
 
@@ -330,13 +336,8 @@ def contraction_batch_sum_squares(left: Tensor, right: Tensor, weight: Tensor, l
         total = squares * right.select(axis, 0).square().unsqueeze(-2)  # [N, G, A, B]
         return as_parameter(total, 1, weight, swap)
     if index:
-        total = torch.zeros(0, dtype=flat.dtype, device=flat.device)
-        for vector in range(flat.size(0)):
-            row = None if weights is None else weights[min(vector, weights.size(0) - 1)]
-            term = _weighted(outer(flat[vector], right, weight, 0, last, index).square()
-                             .unsqueeze(0), None if row is None else row.unsqueeze(0))[0]
-            total = term if vector == 0 else total + term
-        return as_parameter(total, 1, weight, swap)
+        return as_parameter(_indexed_squares(flat, right, weight, last, weights), 1, weight,
+                            swap)
     return as_parameter(_chunked_squares(flat, right, weight, last, True, weights), 1, weight,
                         swap)
 

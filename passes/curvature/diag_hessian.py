@@ -50,7 +50,8 @@ from ..per_sample import MaskedColumns
 from . import factors
 from .factors import (broadcast_cross_sqrt, checked_cross, checked_parameter_cross,
                       column_mask, cross_sqrt, parameter_cross_sqrt,
-                      per_sample_block, repeat_samples, residual_sqrt, sample_basis)
+                      per_sample_block, repeat_samples, residual_sqrt, sample_basis,
+                      signed_part)
 from .loss_hessian import block_sqrt, loss_negative_factor, symmetric_eigh
 from .second_order import BILINEAR, BLOCK, CROSS, MISSING, RESIDUAL, ZERO, Term, classify
 
@@ -270,11 +271,6 @@ class _LocalProducers:
             part = self.emit.call(signed_part, residual, sign)
             terms.append((LocalResidual(self.emit, self.params, z, rule, arguments, part), sign))
         return {self.params[name] for name in arguments}
-
-
-def signed_part(residual: Tensor, sign: float) -> Tensor:
-    """``max(sign · R, 0)``: the positive or the negative part of a diagonal residual."""
-    return (residual * sign).clamp(min=0.0)
 
 
 class LocalResidual:

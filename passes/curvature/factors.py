@@ -8,6 +8,8 @@ from typing import List
 import torch
 from torch import Tensor
 
+from fxcurv.rules.helpers import column_scaled
+
 
 # the largest residual factor ``[D, N, D]`` built, in bytes per sample (``D²`` entries); beyond
 # it the step refuses (elementwise residuals on wide activations: request the GGN instead).
@@ -28,14 +30,16 @@ def residual_sqrt(residual: Tensor, sign: float, where: str, limit: int) -> Tens
                            "square-root factor [D, N, D] with D = {} and N = {} ({} bytes per "
                            "sample > {}); request the GGN (diag_ggn_exact, ggnmp) for this "
                            "model".format(where, width, samples, size, limit))
-    if sign == 0.0:
-        part = residual.abs().sqrt()
-    else:
-        part = (residual * sign).clamp(min=0.0).sqrt()
+    part = (residual.abs() if sign == 0.0 else signed_part(residual, sign)).sqrt()
     flat = part.reshape(samples, -1)
     eye = torch.eye(flat.size(1), dtype=part.dtype, device=part.device)
     factor = eye.unsqueeze(1) * flat.unsqueeze(0)                     # [D, N, D]
     return factor.reshape([flat.size(1)] + list(part.shape))
+
+
+def signed_part(residual: Tensor, sign: float) -> Tensor:
+    """``max(sign · R, 0)``: the positive or the negative part of a diagonal residual."""
+    return (residual * sign).clamp(min=0.0)
 
 
 def column_mask(residual: Tensor, sign: float) -> Tensor:
@@ -48,7 +52,7 @@ def column_mask(residual: Tensor, sign: float) -> Tensor:
 def mask_columns(factor: Tensor, mask: Tensor) -> Tensor:
     """``factor`` ``[D, N, ...]`` with its columns ``(d, n)`` scaled by ``mask`` ``[D, N]``
     (a propagated factor's column ``(d, n)`` stays the image of seed column ``(d, n)``)."""
-    return factor * mask.reshape(list(mask.shape) + [1] * (factor.dim() - 2))
+    return column_scaled(factor, mask)
 
 
 def checked_parameter_cross(g: Tensor, data: Tensor, side: Tensor, limit: int,

@@ -108,10 +108,7 @@ class TangentProducts:
             return None
         (u, rule, arg), chain = found
         with self.emit.naming(f"{self.traced.params[name].name}_tangent", pass_="products"):
-            tangents = [rule.jvp[arg](vectors, Ctx.of(u, rule, self.emit, 1))]
-            for node, node_rule, node_arg in chain:
-                fn = node_rule.jvp.get(node_arg) or node_rule.vjp[node_arg]
-                tangents.append(fn(tangents[-1], Ctx.of(node, node_rule, self.emit, 1)))
+            tangents = self._sweep(found, vectors)
             g = self.emit.call(output_hessian_product, self._loss_factor(), tangents[-1])
             for (node, node_rule, node_arg), t_in in zip(reversed(chain),
                                                           reversed(tangents[:-1])):
@@ -120,6 +117,16 @@ class TangentProducts:
                 if residual is not None:
                     g = g + residual * t_in
             return rule.vjp[arg](g, Ctx.of(u, rule, self.emit, 1))
+
+    def _sweep(self, found: tuple, vectors: Any) -> list:
+        """The tangents ``[t_0, …, t_K]`` of ``vectors`` along the chain: ``t_0 = J_p v`` at
+        the use's output, then one per chain op (``t_{i-1}`` is op ``i``'s input)."""
+        (u, rule, arg), chain = found
+        tangents = [rule.jvp[arg](vectors, Ctx.of(u, rule, self.emit, 1))]
+        for node, node_rule, node_arg in chain:
+            fn = node_rule.jvp.get(node_arg) or node_rule.vjp[node_arg]
+            tangents.append(fn(tangents[-1], Ctx.of(node, node_rule, self.emit, 1)))
+        return tangents
 
     def diagonal(self, name: str, per_sample: bool) -> Optional[Any]:
         """The Hessian's diagonal for parameter ``name`` (``[N, *p]`` per sample, else
@@ -141,17 +148,12 @@ class TangentProducts:
             return None
         with self.emit.naming(f"{param.name}_tangent_diagonal", pass_="products"):
             vectors = self.emit.call(unit_vectors, self.emit.proxy(param))
-            tangent = rule.jvp[arg](vectors, Ctx.of(u, rule, self.emit, 1))
-            squares = []
-            for node, node_rule, node_arg in chain:
-                residual = self._residual(node, node_rule, node_arg)
+            tangents = self._sweep(found, vectors)
+            total = self.emit.call(output_squares, self._loss_factor(), tangents[-1])
+            for step, t_in in zip(chain, tangents):
+                residual = self._residual(*step)
                 if residual is not None:
-                    squares.append(self.emit.call(residual_squares, residual, tangent))
-                fn = node_rule.jvp.get(node_arg) or node_rule.vjp[node_arg]
-                tangent = fn(tangent, Ctx.of(node, node_rule, self.emit, 1))
-            total = self.emit.call(output_squares, self._loss_factor(), tangent)
-            for part in squares:
-                total = total + part
+                    total = total + self.emit.call(residual_squares, residual, t_in)
             return self.emit.call(entries_as_parameter, total, self.emit.proxy(param),
                                   per_sample)
 

@@ -525,6 +525,9 @@ def test_diag_h_of_small_parameters_on_a_chain_by_forward_tangents():
     ref = brute_force(model, nn.CrossEntropyLoss(), x, y, random_vectors(model))
     assert_dicts_close(diag_h, ref["diag_h"], "diag_h by tangents")
     assert_dicts_close(diag_h_batch, ref["diag_h_batch"], "diag_h_batch by tangents")
+    scripted = torch.jit.script(step)(x[:3], y[:3])  # (another batch size)
+    for got, expected in zip(scripted[1:], step(x[:3], y[:3])[1:]):
+        assert_dicts_close(got, expected, "scripted", tol=SAME)
     model[0] = nn.Conv2d(1, 4, 2).to(DTYPE)  # 20 entries > 12
     model[3] = nn.Conv2d(4, 12, 2).to(DTYPE)
     assert "tangent_diagonal" not in fxcurv.compile(model, nn.CrossEntropyLoss(),

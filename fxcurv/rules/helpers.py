@@ -77,12 +77,12 @@ def sum_middle(t: Tensor, start: int) -> Tensor:
     return merge_middle(t, start).sum(-2)
 
 
-@reshaping
 def column_scaled(t: Tensor, weights: Tensor) -> Tensor:
     """``t`` ``[K, N, ...]`` with each column ``(k, n)`` scaled by ``weights[k, n]``."""
     return t * weights.reshape(list(weights.shape) + [1] * (t.dim() - 2))
 
 
+@reshaping
 def reshape_lead(t: Tensor, lead: int, shape: List[int]) -> Tensor:
     """Keep the first ``lead`` axes of ``t`` and reshape the rest to ``shape``."""
     head: List[int] = list(t.shape[:lead])
